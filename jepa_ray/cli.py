@@ -1,0 +1,162 @@
+"""`jepa-ray` command line: thin wrappers over the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jepa_ray.config import Config, load_config
+from jepa_ray.errors import JepaRayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal JEPA pretraining on Ray.")
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides: section.key=value ...")]
+
+
+def _setup(config: Path | None, overrides: list[str] | None) -> Config:
+    cfg = load_config(config, overrides or [])
+    logging.basicConfig(
+        level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return cfg
+
+
+def _fail(e: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {e}", highlight=False)
+    return typer.Exit(2)
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to the configured cluster, or start a local Ray (reused when already running)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Output directory of the cohort.")],
+    subjects: Annotated[int | None, typer.Option(help="Number of subjects.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Write a synthetic cohort: DICOM files, MEDS parquet, static, outcome and latent tables."""
+    from jepa_ray.data.synth import write_cohort
+
+    try:
+        cfg = _setup(config, overrides)
+        scfg = cfg.synth.model_copy(
+            update={k: v for k, v in {"subjects": subjects, "seed": seed}.items() if v is not None}
+        )
+        scfg = type(scfg).model_validate(scfg.model_dump())
+        summary = write_cohort(out, scfg)
+    except (JepaRayError, ValueError) as e:
+        raise _fail(e) from None
+    console.print(f"cohort written to {out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+@app.command()
+def prepare(
+    out: Annotated[str, typer.Option(help="Output: a local directory or s3://bucket/prefix.")],
+    dicom: Annotated[
+        str | None, typer.Option(help="Directory of DICOM files (searched recursively).")
+    ] = None,
+    meds: Annotated[
+        str | None, typer.Option(help="MEDS root (with data/*.parquet) or a parquet file.")
+    ] = None,
+    static: Annotated[
+        str | None, typer.Option(help="Static table (parquet or CSV) keyed by subject_id.")
+    ] = None,
+    outcomes: Annotated[str | None, typer.Option(help="Outcome table (labels, time-to-event).")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Ingest DICOM + MEDS into de-identified webdataset shards and a manifest (resumable)."""
+    from jepa_ray.data.prepare import prepare as run_prepare
+
+    try:
+        cfg = _setup(config, overrides)
+        init_ray(cfg.ray_address)
+        result = run_prepare(
+            out, cfg.prepare, dicom=dicom, meds=meds, static=static, outcomes=outcomes, show_progress=True
+        )
+    except JepaRayError as e:
+        raise _fail(e) from None
+    console.print(f"shards written: {result.written}, already complete: {result.skipped}")
+    _print_summary(result.manifest)
+    if not result.ok:
+        for p in result.problems:
+            err.print(f"[bold red]prepare failed:[/] {p}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    url: Annotated[str, typer.Argument(help="Shard set: local directory or s3://bucket/prefix.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Re-check every shard's sha256.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Summarise a shard set (splits, modality pairing, quarantine); --verify checks sha256."""
+    from jepa_ray.data.manifest import read_manifest, verify_shards
+    from jepa_ray.data.storage import Store
+
+    try:
+        cfg = _setup(config, overrides)
+        store = Store(url, cfg.prepare.storage)
+        manifest = read_manifest(store)
+        problems = verify_shards(store, manifest) if verify else []
+    except JepaRayError as e:
+        raise _fail(e) from None
+    if as_json:
+        keys = ("counts", "splits", "sites", "quarantine")
+        summary = {k: manifest[k] for k in keys}
+        summary["quarantine"] = {k: v for k, v in manifest["quarantine"].items() if k != "items"}
+        console.print_json(json.dumps(summary))
+    else:
+        _print_summary(manifest)
+    if verify:
+        if problems:
+            for p in problems:
+                err.print(f"[bold red]verify:[/] {p}")
+            raise typer.Exit(1)
+        console.print(f"verify: all {len(manifest['shards'])} shards match their sha256")
+
+
+def _print_summary(manifest: dict) -> None:
+    table = Table(title="samples per split")
+    for col in ("split", "shards", "samples", "image+ehr", "image only", "ehr only"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split, s in manifest["splits"].items():
+        table.add_row(
+            split,
+            str(len(s["shards"])),
+            str(s["samples"]),
+            str(s["paired"]),
+            str(s["image_only"]),
+            str(s["ehr_only"]),
+        )
+    console.print(table)
+    q = manifest["quarantine"]
+    if q["count"]:
+        qt = Table(title=f"quarantined inputs: {q['count']}")
+        qt.add_column("reason")
+        qt.add_column("count", justify="right")
+        for reason, n in q["by_reason"].items():
+            qt.add_row(reason, str(n))
+        console.print(qt)
+    else:
+        console.print("quarantined inputs: 0")

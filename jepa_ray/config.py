@@ -1,0 +1,230 @@
+"""Typed configuration: YAML in, `key.path=value` overrides on the command line, clear errors.
+
+Every key a user can set is a field of one of the models below; its docstring-style
+`description` is the documentation. Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jepa_ray.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Strict):
+    """The synthetic cohort written by `jepa-ray synth`."""
+
+    subjects: int = Field(200, ge=1, description="Number of subjects.")
+    seed: int = Field(0, description="Random seed; the same seed writes the same cohort.")
+    sites: int = Field(3, ge=1, le=8, description="Acquisition sites, each with its own intensity profile.")
+    image_only_fraction: float = Field(
+        0.15, ge=0, le=1, description="Fraction of subjects with DICOM studies but no EHR."
+    )
+    ehr_only_fraction: float = Field(
+        0.15, ge=0, le=1, description="Fraction of subjects with EHR but no DICOM study."
+    )
+    max_studies: int = Field(3, ge=1, le=10, description="Studies per imaged subject: 1..max_studies.")
+    compressed_fraction: float = Field(
+        0.2, ge=0, le=1, description="Fraction of images stored with a compressed transfer syntax."
+    )
+    min_size: int = Field(320, ge=64, description="Smallest image side in pixels.")
+    max_size: int = Field(640, ge=64, description="Largest image side in pixels.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SynthConfig:
+        if self.image_only_fraction + self.ehr_only_fraction > 1:
+            raise ValueError("image_only_fraction + ehr_only_fraction must be at most 1")
+        if self.min_size > self.max_size:
+            raise ValueError("min_size must not exceed max_size")
+        return self
+
+
+class ImageConfig(_Strict):
+    """How DICOM pixels become the fixed-size, single-channel image stored in a shard."""
+
+    size: int = Field(224, ge=16, le=4096, description="Output side length; aspect is kept, rest padded.")
+    clip_percentiles: tuple[float, float] = Field(
+        (0.5, 99.5), description="Robust intensity range mapped to [0, 1] after the LUTs."
+    )
+    use_voi_lut: bool = Field(True, description="Apply the VOI LUT / window from the header when present.")
+
+    @field_validator("clip_percentiles")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0 <= lo < hi <= 100:
+            raise ValueError("need 0 <= low < high <= 100")
+        return v
+
+
+class EhrConfig(_Strict):
+    """How MEDS events and static tables become a sample's EHR arrays."""
+
+    max_events: int = Field(256, ge=1, description="Keep the last K events strictly before the index time.")
+    min_code_count: int = Field(
+        1, ge=1, description="Codes seen fewer times in the training split map to the unknown id."
+    )
+    id_map: str | None = Field(
+        None,
+        description="Parquet with columns patient_id (DICOM PatientID) and subject_id (MEDS); "
+        "default: PatientID equals str(subject_id).",
+    )
+
+
+class SplitConfig(_Strict):
+    """Subject-level splits: deterministic from the pseudonymous subject id."""
+
+    val: float = Field(0.1, ge=0, lt=1, description="Fraction of subjects in the validation split.")
+    test: float = Field(0.1, ge=0, lt=1, description="Fraction of subjects in the test split.")
+    external_sites: list[str] = Field(
+        default_factory=list,
+        description="Sites held out as the `external` split, named by InstitutionName (or by the "
+        "site pseudonym shown by `jepa-ray inspect`). Only pseudonyms are written out.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if self.val + self.test >= 1:
+            raise ValueError("val + test must leave room for a training split")
+        return self
+
+
+class ShardConfig(_Strict):
+    """Size of the webdataset shards."""
+
+    max_samples: int = Field(1000, ge=1, description="Samples per shard at most.")
+    max_bytes: int = Field(256 * 2**20, ge=2**16, description="Bytes per shard at most (estimated).")
+
+
+class DeidConfig(_Strict):
+    """De-identification. The salt keys the HMAC pseudonyms and is never written out."""
+
+    salt_env: str = Field("JEPA_RAY_SALT", description="Environment variable holding the salt.")
+    salt_file: str | None = Field(None, description="File holding the salt (first line).")
+
+    def resolve_salt(self) -> bytes:
+        """The salt from the file or the environment; a clear error when there is none."""
+        if self.salt_file:
+            path = Path(self.salt_file).expanduser()
+            try:
+                salt = path.read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"deid.salt_file {path}: cannot read the salt: {e.strerror}") from e
+        else:
+            salt = os.environ.get(self.salt_env, "").strip()
+        if len(salt) < 8:
+            raise ConfigError(
+                f"no de-identification salt: set the environment variable {self.salt_env} (or "
+                "deid.salt_file) to a secret of at least 8 characters, kept outside the output; "
+                "the same salt gives the same pseudonyms on every run"
+            )
+        return salt.encode()
+
+
+class StorageConfig(_Strict):
+    """Where shards go when the output is `s3://...` (credentials come from the usual AWS env)."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. a MinIO URL.")
+    region: str | None = Field(None, description="S3 region.")
+    anon: bool = Field(False, description="Anonymous access (public buckets).")
+
+
+class PrepareConfig(_Strict):
+    """`jepa-ray prepare`: DICOM + MEDS into de-identified webdataset shards."""
+
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    ehr: EhrConfig = Field(default_factory=EhrConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+    deid: DeidConfig = Field(default_factory=DeidConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    max_quarantine_fraction: float = Field(
+        0.2, ge=0, le=1, description="Exit non-zero when more than this fraction of inputs is quarantined."
+    )
+    files_per_task: int = Field(16, ge=1, description="DICOM files read per Ray task during the scan.")
+
+
+class Config(_Strict):
+    """Root of a jepa-ray config file; each command reads its own section."""
+
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    ray_address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse `a.b=value` strings; values are read as YAML scalars/lists (`x=3`, `y=[a, b]`)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply overrides, validate; `ConfigError` on any problem."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"config file {path}: cannot read it: {e.strerror}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        data = loaded
+    for key, value in parse_overrides(overrides or []):
+        _set_path(data, key, value)
+        source += f" + {key}={value!r}"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None

@@ -1,0 +1,534 @@
+"""EHR inputs: MEDS event parquet, a static table and an outcome table, read into per-subject arrays.
+
+MEDS core columns: `subject_id` (int64), `time` (timestamp; null = static measurement such as
+`GENDER//F`), `code` (string), `numeric_value` (float, null = no value). Bad rows are quarantined
+with their file, row numbers and reason; the rest is kept.
+
+Outcome table conventions: `subject_id`; optional `index_time` (the index date of subjects without
+an image); boolean or 0/1 columns are binary labels; column pairs `<name>_time` + `<name>_event`
+are time-to-event outcomes. Other columns are ignored and listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+US_PER_DAY = 86_400 * 1_000_000
+PAD_ID = 0
+UNK_ID = 1
+
+
+@dataclass
+class Quarantined:
+    """One rejected input (a file, or some rows of a file) with the reason."""
+
+    input: str
+    kind: str
+    reason: str
+    detail: str
+    rows: list[int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "input": self.input,
+            "kind": self.kind,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+        if self.rows is not None:
+            d["rows"] = self.rows
+            d["count"] = len(self.rows)
+        return d
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) if self.rows is not None else 1
+
+
+@dataclass
+class SubjectEvents:
+    """A subject's MEDS events: timed ones sorted by time, plus static (null-time) codes."""
+
+    times: np.ndarray  # (n,) int64 microseconds since the epoch
+    codes: np.ndarray  # (n,) int32 index into EhrTables.code_names
+    values: np.ndarray  # (n,) float32, NaN where the event has no value
+    static_codes: np.ndarray  # (m,) int32 index into EhrTables.code_names
+
+
+@dataclass
+class Outcome:
+    """A subject's outcome row: index time, binary labels, time-to-event pairs."""
+
+    index_time: int | None  # microseconds since the epoch
+    labels: dict[str, bool | None]
+    tte: dict[str, tuple[int | None, bool | None]]
+
+
+@dataclass
+class EhrTables:
+    """Everything read from the EHR inputs, keyed by subject key (str of the MEDS subject_id)."""
+
+    code_names: list[str] = field(default_factory=list)
+    events: dict[str, SubjectEvents] = field(default_factory=dict)
+    static: dict[str, dict[str, Any]] = field(default_factory=dict)
+    static_numeric: list[str] = field(default_factory=list)
+    static_categorical: list[str] = field(default_factory=list)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    label_names: list[str] = field(default_factory=list)
+    tte_names: list[str] = field(default_factory=list)
+    ignored_columns: dict[str, list[str]] = field(default_factory=dict)
+    quarantine: list[Quarantined] = field(default_factory=list)
+    event_rows: int = 0
+    event_files: int = 0
+
+    def subjects(self) -> set[str]:
+        """Subjects with any EHR (events or a static row)."""
+        return set(self.events) | set(self.static)
+
+
+def _rel(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            pass
+    return path.name
+
+
+def meds_files(meds: str | Path) -> list[Path]:
+    """The event parquet files of a MEDS root (`data/**/*.parquet`), a data dir, or one file."""
+    p = Path(meds)
+    if p.is_file():
+        return [p]
+    data = p / "data" if (p / "data").is_dir() else p
+    files = sorted(data.rglob("*.parquet"))
+    return files
+
+
+def _key_strings(col: pa.ChunkedArray) -> np.ndarray:
+    """Subject ids as strings (the join key with DICOM PatientID); None for nulls."""
+    if pa.types.is_floating(col.type):
+        arr = col.to_numpy(zero_copy_only=False)
+        return np.array(
+            [None if not np.isfinite(v) or v != int(v) else str(int(v)) for v in arr], dtype=object
+        )
+    return np.array([None if v is None else str(v).strip() or None for v in col.to_pylist()], dtype=object)
+
+
+def _parse_times(raw: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(microseconds since the epoch, NaT as int64 min; bool mask of unparsable non-null values)."""
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        ser = raw
+        bad = np.zeros(len(ser), dtype=bool)
+    else:
+        raw = raw.astype(object)
+        present = (raw.notna() & (raw.astype(str).str.strip() != "")).to_numpy()
+        ser = pd.to_datetime(raw.where(present, None), errors="coerce", format="mixed")
+        bad = present & ser.isna().to_numpy()
+    if getattr(ser.dt, "tz", None) is not None:
+        ser = ser.dt.tz_convert("UTC").dt.tz_localize(None)
+    us = ser.astype("datetime64[us]").to_numpy().astype(np.int64)
+    return us, bad
+
+
+_NAT = np.iinfo(np.int64).min
+
+
+def read_meds(meds: str | Path, tables: EhrTables | None = None) -> EhrTables:
+    """Read MEDS event files into per-subject arrays; bad files and rows are quarantined."""
+    tables = tables or EhrTables()
+    root = Path(meds) if Path(meds).is_dir() else Path(meds).parent
+    files = meds_files(meds)
+    if not files:
+        tables.quarantine.append(Quarantined(str(meds), "ehr_file", "no_meds_files", "no *.parquet found"))
+        return tables
+    keys_all, times_all, codes_all, values_all = [], [], [], []
+    for path in files:
+        rel = _rel(path, root)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # corrupt footer, not parquet, truncated ...
+            tables.quarantine.append(
+                Quarantined(
+                    rel, "ehr_file", "unreadable_parquet", f"cannot read parquet ({type(e).__name__})"
+                )
+            )
+            continue
+        missing = [c for c in ("subject_id", "time", "code") if c not in table.column_names]
+        if missing:
+            tables.quarantine.append(
+                Quarantined(rel, "ehr_file", "missing_columns", f"MEDS columns missing: {', '.join(missing)}")
+            )
+            continue
+        tables.event_files += 1
+        n = table.num_rows
+        tables.event_rows += n
+        keys = _key_strings(table["subject_id"])
+        times, bad_time = _parse_times(table["time"].to_pandas())
+        code_col = table["code"].cast(pa.string())
+        codes = np.array(code_col.to_pylist(), dtype=object)
+        if "numeric_value" in table.column_names:
+            vcol = table["numeric_value"].cast(pa.float64())
+            values = vcol.to_numpy(zero_copy_only=False).astype(np.float64)
+            is_null = pc.is_null(vcol).to_numpy(zero_copy_only=False)
+            non_finite = ~is_null & ~np.isfinite(values)
+            values = np.where(is_null, np.nan, values)
+        else:
+            values = np.full(n, np.nan)
+            non_finite = np.zeros(n, dtype=bool)
+        checks = [
+            (np.array([k is None for k in keys], dtype=bool), "missing_subject", "subject_id is null"),
+            (bad_time, "unparsable_time", "time is not a parsable date-time"),
+            (
+                np.array([c is None or not str(c).strip() for c in codes], dtype=bool),
+                "missing_code",
+                "code is null or empty",
+            ),
+            (non_finite, "non_finite_value", "numeric_value is NaN or infinite (use null for no value)"),
+        ]
+        keep = np.ones(n, dtype=bool)
+        for mask, reason, detail in checks:
+            mask = mask & keep
+            if mask.any():
+                rows = np.flatnonzero(mask).tolist()
+                tables.quarantine.append(Quarantined(rel, "ehr_rows", reason, detail, rows))
+                keep &= ~mask
+        keys_all.append(keys[keep])
+        times_all.append(times[keep])
+        codes_all.append(codes[keep])
+        values_all.append(values[keep].astype(np.float32))
+    if not keys_all:
+        return tables
+    keys = np.concatenate(keys_all)
+    times = np.concatenate(times_all)
+    values = np.concatenate(values_all)
+    code_index, code_names = pd.factorize(pd.Series(np.concatenate(codes_all), dtype=object), sort=True)
+    offset = len(tables.code_names)
+    tables.code_names.extend(str(c) for c in code_names)
+    code_index = code_index.astype(np.int32) + offset
+    order = np.lexsort((times, keys.astype(str)))
+    keys, times, values, code_index = keys[order], times[order], values[order], code_index[order]
+    uniq, starts = np.unique(keys.astype(str), return_index=True)
+    bounds = [*starts.tolist(), len(keys)]
+    for i, key in enumerate(uniq):
+        sl = slice(bounds[i], bounds[i + 1])
+        t = times[sl]
+        timed = t != _NAT
+        tables.events[str(key)] = SubjectEvents(
+            times=t[timed],
+            codes=code_index[sl][timed],
+            values=values[sl][timed],
+            static_codes=code_index[sl][~timed],
+        )
+    logger.info("read %d MEDS rows for %d subjects from %d files", len(keys), len(uniq), len(files))
+    return tables
+
+
+def _read_table(path: Path, kind: str, tables: EhrTables) -> pd.DataFrame | None:
+    try:
+        df = pd.read_csv(path) if path.suffix == ".csv" else pq.read_table(path).to_pandas()
+    except Exception as e:
+        tables.quarantine.append(
+            Quarantined(
+                path.name, f"{kind}_file", "unreadable_table", f"cannot read table ({type(e).__name__})"
+            )
+        )
+        return None
+    if "subject_id" not in df.columns:
+        tables.quarantine.append(
+            Quarantined(path.name, f"{kind}_file", "missing_columns", "no subject_id column")
+        )
+        return None
+    keys = _key_strings(pa.chunked_array([pa.array(df["subject_id"].tolist())]))
+    df = df.drop(columns=["subject_id"])
+    df.index = pd.Index(keys, dtype=object)
+    bad = df.index.isna()
+    if bad.any():
+        tables.quarantine.append(
+            Quarantined(
+                path.name,
+                f"{kind}_rows",
+                "missing_subject",
+                "subject_id is null",
+                np.flatnonzero(bad).tolist(),
+            )
+        )
+    dup = df.index.duplicated(keep="first") & ~bad
+    if dup.any():
+        tables.quarantine.append(
+            Quarantined(
+                path.name,
+                f"{kind}_rows",
+                "duplicate_subject",
+                "subject appears more than once; the first row is kept",
+                np.flatnonzero(dup).tolist(),
+            )
+        )
+    df["_row"] = np.arange(len(df))
+    return df[~bad & ~dup]
+
+
+def read_static(path: str | Path, tables: EhrTables) -> EhrTables:
+    """Read the static table: numeric columns → numeric features, text/bool → categorical."""
+    path = Path(path)
+    df = _read_table(path, "static", tables)
+    if df is None:
+        return tables
+    ignored = []
+    for col in df.columns:
+        if col == "_row":
+            continue
+        s = df[col]
+        if (
+            pd.api.types.is_bool_dtype(s)
+            or pd.api.types.is_object_dtype(s)
+            or isinstance(s.dtype, pd.CategoricalDtype | pd.StringDtype)
+        ):
+            tables.static_categorical.append(col)
+        elif pd.api.types.is_numeric_dtype(s):
+            vals = s.to_numpy(dtype=np.float64, na_value=np.nan)
+            inf = np.isinf(vals)
+            if inf.any():
+                tables.quarantine.append(
+                    Quarantined(
+                        path.name,
+                        "static_values",
+                        "non_finite_value",
+                        f"column {col}: infinite value treated as missing",
+                        df["_row"].to_numpy()[inf].tolist(),
+                    )
+                )
+                df.loc[inf, col] = np.nan
+            tables.static_numeric.append(col)
+        else:  # dates and the like: identifying or not meaningful as a static feature
+            ignored.append(col)
+    if ignored:
+        tables.ignored_columns["static"] = ignored
+    for key, row in df.iterrows():
+        rec = {}
+        for c in tables.static_numeric:
+            v = row[c]
+            rec[c] = float(v) if pd.notna(v) else float("nan")
+        for c in tables.static_categorical:
+            v = row[c]
+            rec[c] = None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else str(v)
+        rec["_row"] = int(row["_row"])
+        tables.static[str(key)] = rec
+    return tables
+
+
+def read_outcomes(path: str | Path, tables: EhrTables) -> EhrTables:
+    """Read the outcome table (labels, time-to-event pairs, optional index_time)."""
+    path = Path(path)
+    df = _read_table(path, "outcome", tables)
+    if df is None:
+        return tables
+    cols = [c for c in df.columns if c != "_row"]
+    tte = sorted(c[: -len("_time")] for c in cols if c.endswith("_time") and f"{c[:-5]}_event" in cols)
+    used = {"index_time"} | {f"{n}_time" for n in tte} | {f"{n}_event" for n in tte}
+    labels, ignored = [], []
+    for c in cols:
+        if c in used:
+            continue
+        s = df[c]
+        vals = set(pd.unique(s.dropna()))
+        if pd.api.types.is_bool_dtype(s) or (pd.api.types.is_numeric_dtype(s) and vals <= {0, 1}):
+            labels.append(c)
+        else:
+            ignored.append(c)
+    if ignored:
+        tables.ignored_columns["outcomes"] = ignored
+    tables.label_names, tables.tte_names = labels, tte
+    times = {}
+    for name in ["index_time", *[f"{n}_time" for n in tte]]:
+        if name in df.columns:
+            us, bad = _parse_times(df[name])
+            if bad.any():
+                tables.quarantine.append(
+                    Quarantined(
+                        path.name,
+                        "outcome_values",
+                        "unparsable_time",
+                        f"column {name} is not a parsable date-time; the value is dropped",
+                        df["_row"].to_numpy()[bad].tolist(),
+                    )
+                )
+            times[name] = us
+    for n in tte:
+        missing = (times[f"{n}_time"] == _NAT) & df[f"{n}_event"].notna().to_numpy()
+        if missing.any():
+            tables.quarantine.append(
+                Quarantined(
+                    path.name,
+                    "outcome_values",
+                    "missing_event_time",
+                    f"{n}_event is set but {n}_time is missing; this outcome is dropped for the row",
+                    df["_row"].to_numpy()[missing].tolist(),
+                )
+            )
+    for i, key in enumerate(df.index):
+        row = df.iloc[i]
+
+        def t(name: str, i: int = i) -> int | None:
+            v = times[name][i] if name in times else _NAT
+            return None if v == _NAT else int(v)
+
+        tables.outcomes[str(key)] = Outcome(
+            index_time=t("index_time"),
+            labels={c: None if pd.isna(row[c]) else bool(row[c]) for c in labels},
+            tte={
+                n: (t(f"{n}_time"), None if pd.isna(row[f"{n}_event"]) else bool(row[f"{n}_event"]))
+                for n in tte
+            },
+        )
+    return tables
+
+
+def read_id_map(path: str | Path) -> dict[str, str]:
+    """DICOM PatientID → MEDS subject_id, from a parquet/CSV with columns patient_id, subject_id."""
+    path = Path(path)
+    df = pd.read_csv(path, dtype=str) if path.suffix == ".csv" else pq.read_table(path).to_pandas()
+    missing = {"patient_id", "subject_id"} - set(df.columns)
+    if missing:
+        from jepa_ray.errors import InvalidEhrError
+
+        raise InvalidEhrError(str(path), "missing_columns", f"id map needs columns {sorted(missing)}")
+    return {
+        str(p).strip(): str(s).strip()
+        for p, s in zip(df["patient_id"], df["subject_id"], strict=True)
+        if pd.notna(p) and pd.notna(s)
+    }
+
+
+# --------------------------------------------------------------------------- vocab and statistics
+
+
+@dataclass
+class Vocab:
+    """Code vocabulary and normalisation statistics, fit on the training split only."""
+
+    codes: list[str]  # id -> code; ids 0 and 1 are <pad> and <unk>
+    code_stats: dict[str, dict[str, float]]  # code -> mean, std, count of numeric values
+    static_numeric: list[dict[str, Any]]  # name, mean, std, missing_fraction
+    static_categorical: list[dict[str, Any]]  # name, values (id = index + 2; 0 missing, 1 unknown)
+
+    def __post_init__(self) -> None:
+        self._code_id = {c: i for i, c in enumerate(self.codes)}
+        self._cat_ids = [{v: i + 2 for i, v in enumerate(f["values"])} for f in self.static_categorical]
+
+    def code_id(self, code: str) -> int:
+        return self._code_id.get(code, UNK_ID)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "codes": self.codes,
+            "pad_id": PAD_ID,
+            "unk_id": UNK_ID,
+            "code_stats": self.code_stats,
+            "static_numeric": self.static_numeric,
+            "static_categorical": self.static_categorical,
+        }
+
+
+def fit_vocab(tables: EhrTables, train_subjects: set[str], min_count: int = 1) -> Vocab:
+    """Fit the code vocabulary and value statistics on the training subjects' EHR."""
+    counts: Counter[int] = Counter()
+    sums: dict[int, list[np.ndarray]] = {}
+    for key in train_subjects:
+        ev = tables.events.get(key)
+        if ev is None:
+            continue
+        counts.update(ev.codes.tolist())
+        counts.update(ev.static_codes.tolist())
+        has = ~np.isnan(ev.values)
+        for c in np.unique(ev.codes[has]):
+            sums.setdefault(int(c), []).append(ev.values[has][ev.codes[has] == c])
+    kept = sorted(
+        (c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], tables.code_names[c])
+    )
+    codes = ["<pad>", "<unk>", *[tables.code_names[c] for c in kept]]
+    code_stats = {}
+    for c, parts in sums.items():
+        if counts[c] < min_count:
+            continue
+        v = np.concatenate(parts).astype(np.float64)
+        code_stats[tables.code_names[c]] = {
+            "mean": float(v.mean()),
+            "std": float(v.std()),
+            "count": int(v.size),
+        }
+    static_rows = [tables.static[k] for k in train_subjects if k in tables.static]
+    numeric = []
+    for name in tables.static_numeric:
+        v = np.array([r[name] for r in static_rows], dtype=np.float64)
+        ok = v[~np.isnan(v)]
+        numeric.append(
+            {
+                "name": name,
+                "mean": float(ok.mean()) if ok.size else 0.0,
+                "std": float(ok.std()) if ok.size else 1.0,
+                "missing_fraction": float(1 - ok.size / max(len(v), 1)),
+            }
+        )
+    categorical = []
+    for name in tables.static_categorical:
+        c = Counter(r[name] for r in static_rows if r[name] is not None)
+        categorical.append({"name": name, "values": sorted(c, key=lambda x: (-c[x], x))})
+    return Vocab(codes, code_stats, numeric, categorical)
+
+
+def subject_ehr(
+    tables: EhrTables, vocab: Vocab, key: str, index_time: int | None, max_events: int
+) -> dict[str, np.ndarray] | None:
+    """A sample's EHR arrays: static features and the last K events strictly before `index_time`.
+
+    Returns None when the subject has no EHR or nothing of it precedes the index time. Event
+    times are in days relative to the index time (all negative). Values stay raw; the manifest's
+    statistics normalise them downstream.
+    """
+    ev = tables.events.get(key)
+    st = tables.static.get(key)
+    if (ev is None and st is None) or index_time is None:
+        return None
+    out: dict[str, np.ndarray] = {}
+    if ev is not None:
+        n = int(np.searchsorted(ev.times, index_time, side="left"))  # strictly before the index
+        lo = max(0, n - max_events)
+        ids = np.array([vocab.code_id(tables.code_names[c]) for c in ev.codes[lo:n]], dtype=np.int32)
+        out["event_code"] = ids
+        out["event_time"] = ((ev.times[lo:n] - index_time) / US_PER_DAY).astype(np.float32)
+        out["event_value"] = ev.values[lo:n].astype(np.float32)
+        out["static_code"] = np.array(
+            [vocab.code_id(tables.code_names[c]) for c in ev.static_codes], dtype=np.int32
+        )
+    else:
+        out["event_code"] = np.zeros(0, np.int32)
+        out["event_time"] = np.zeros(0, np.float32)
+        out["event_value"] = np.zeros(0, np.float32)
+        out["static_code"] = np.zeros(0, np.int32)
+    num = np.full(len(vocab.static_numeric), np.nan, dtype=np.float32)
+    cat = np.zeros(len(vocab.static_categorical), dtype=np.int32)
+    if st is not None:
+        for i, f in enumerate(vocab.static_numeric):
+            num[i] = st.get(f["name"], np.nan)
+        for i, f in enumerate(vocab.static_categorical):
+            v = st.get(f["name"])
+            cat[i] = PAD_ID if v is None else vocab._cat_ids[i].get(v, UNK_ID)
+    out["static_num"] = num
+    out["static_cat"] = cat
+    tokens = (
+        out["event_code"].size + out["static_code"].size + int((~np.isnan(num)).sum()) + int((cat > 0).sum())
+    )
+    return out if tokens else None

@@ -1,0 +1,144 @@
+"""Local directories and `s3://` prefixes behind one small interface (fsspec underneath).
+
+Writes are atomic at the file level: a local file is written beside its target and renamed; an S3
+object appears only when its upload completes. A reader therefore never sees half a shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from jepa_ray.config import StorageConfig
+from jepa_ray.errors import ShardError
+
+
+def is_remote(url: str) -> bool:
+    """True for `s3://...` style URLs."""
+    return "://" in url and not url.startswith("file://")
+
+
+def make_filesystem(url: str, cfg: StorageConfig | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for a URL; S3 endpoint/region/anon come from `cfg`."""
+    cfg = cfg or StorageConfig()
+    if url.startswith("s3://"):
+        import s3fs
+
+        client_kwargs = {}
+        if cfg.endpoint_url:
+            client_kwargs["endpoint_url"] = cfg.endpoint_url
+        if cfg.region:
+            client_kwargs["region_name"] = cfg.region
+        # No instance cache: listings must reflect objects written moments ago by other processes.
+        return s3fs.S3FileSystem(anon=cfg.anon, client_kwargs=client_kwargs, skip_instance_cache=True)
+    if is_remote(url):
+        protocol = url.split("://", 1)[0]
+        raise ShardError(f"{url}: unsupported storage scheme {protocol!r}; use a local path or s3://")
+    return fsspec.filesystem("file")
+
+
+def pyarrow_filesystem(url: str, cfg: StorageConfig | None = None):
+    """A pyarrow filesystem for Ray Data readers (s3fs wrapped through FSSpecHandler)."""
+    import pyarrow.fs as pafs
+
+    if url.startswith("s3://"):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(make_filesystem(url, cfg)))
+    return pafs.LocalFileSystem()
+
+
+@dataclass
+class Store:
+    """A root URL (local dir or s3 prefix) and the filesystem that reaches it."""
+
+    url: str
+    cfg: StorageConfig
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.fs = make_filesystem(self.url, self.cfg)
+        if self.url.startswith("s3://"):
+            self.root = self.url[len("s3://") :]
+        else:
+            self.root = str(Path(self.url.removeprefix("file://")).resolve())
+
+    def path(self, name: str) -> str:
+        """Filesystem path of `name` under the root."""
+        return f"{self.root}/{name}"
+
+    def uri(self, name: str) -> str:
+        """Full URL of `name` (what users and Ray Data see)."""
+        return f"s3://{self.path(name)}" if self.url.startswith("s3://") else self.path(name)
+
+    def makedirs(self, name: str = "") -> None:
+        """Create a directory (a no-op on object stores)."""
+        if not is_remote(self.url):
+            os.makedirs(self.path(name) if name else self.root, exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        """Whether `name` exists under the root."""
+        return self.fs.exists(self.path(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        """Whole content of `name`."""
+        try:
+            return self.fs.cat_file(self.path(name))
+        except FileNotFoundError as e:
+            raise ShardError(f"{self.uri(name)}: not found") from e
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write `name` atomically."""
+        if is_remote(self.url):
+            self.fs.pipe_file(self.path(name), data)
+            return
+        target = Path(self.path(name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+
+    def put_file(self, local_path: str, name: str) -> None:
+        """Move/upload a finished local file to `name` atomically."""
+        if is_remote(self.url):
+            self.fs.put_file(local_path, self.path(name))
+            os.remove(local_path)
+            return
+        target = Path(self.path(name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local_path, target)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names (relative to the root) of the files directly under `prefix`."""
+        base = self.path(prefix) if prefix else self.root
+        try:
+            entries = self.fs.ls(base, detail=True, refresh=True) if is_remote(self.url) else None
+        except FileNotFoundError:
+            return []
+        if entries is None:
+            if not os.path.isdir(base):
+                return []
+            return sorted(
+                f"{prefix}/{n}" if prefix else n
+                for n in os.listdir(base)
+                if os.path.isfile(os.path.join(base, n))
+            )
+        names = []
+        for e in entries:
+            if e.get("type") == "file":
+                rel = e["name"][len(self.root) + 1 :]
+                names.append(rel)
+        return sorted(names)
+
+    def remove(self, name: str) -> None:
+        """Delete `name` if it exists."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(name))
+
+    def open(self, name: str, mode: str = "rb"):
+        """An open file object for `name`."""
+        return self.fs.open(self.path(name), mode)

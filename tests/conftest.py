@@ -1,0 +1,66 @@
+"""Shared fixtures: one local Ray for the whole session, a moto S3 server on 127.0.0.1, a cohort."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# Set before Ray starts so that its worker processes inherit them.
+os.environ.setdefault("JEPA_RAY_SALT", "test-salt-not-secret")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster shared by every test that needs it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto, server mode) on 127.0.0.1; stopped after the session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket on the moto server; returns (endpoint, bucket name)."""
+    import boto3
+
+    name = "jepa-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return s3_endpoint, name
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory):
+    """A small synthetic cohort written once per session (tests must not modify it)."""
+    from jepa_ray.data.synth import write_cohort
+
+    from jepa_ray.config import SynthConfig
+
+    out = tmp_path_factory.mktemp("cohort")
+    write_cohort(out, SynthConfig(subjects=40, seed=7, min_size=96, max_size=160))
+    return out

@@ -1,0 +1,82 @@
+"""EHR reading: strict-before-index windows, vocabulary from training subjects, static features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jepa_ray.data import ehr
+
+
+def _write_meds(tmp_path):
+    d = tmp_path / "meds" / "data"
+    d.mkdir(parents=True)
+    t = pd.to_datetime
+    table = pa.table({
+        "subject_id": pa.array([1, 1, 1, 1, 2, 2], pa.int64()),
+        "time": pa.array([None, t("2020-01-01"), t("2020-01-10"), t("2020-01-20"), t("2020-01-05"),
+                          t("2020-02-01")], pa.timestamp("us")),
+        "code": ["GENDER//F", "LAB//A", "LAB//B", "LAB//A", "LAB//C", "LAB//A"],
+        "numeric_value": pa.array([None, 1.0, 2.0, 3.0, None, 5.0], pa.float32()),
+    })
+    pq.write_table(table, d / "0.parquet")
+    return tmp_path / "meds"
+
+
+def test_window_is_strictly_before_the_index_and_keeps_the_last_k(tmp_path):
+    tables = ehr.read_meds(_write_meds(tmp_path))
+    vocab = ehr.fit_vocab(tables, {"1", "2"})
+    idx = int(np.datetime64("2020-01-20T00:00:00", "us").astype(np.int64))
+    out = ehr.subject_ehr(tables, vocab, "1", idx, max_events=10)
+    # the event exactly at the index time is excluded
+    assert [vocab.codes[i] for i in out["event_code"]] == ["LAB//A", "LAB//B"]
+    np.testing.assert_allclose(out["event_time"], [-19.0, -10.0])
+    np.testing.assert_allclose(out["event_value"], [1.0, 2.0])
+    assert [vocab.codes[i] for i in out["static_code"]] == ["GENDER//F"]
+    last1 = ehr.subject_ehr(tables, vocab, "1", idx, max_events=1)
+    assert [vocab.codes[i] for i in last1["event_code"]] == ["LAB//B"]
+    early = int(np.datetime64("2019-01-01", "us").astype(np.int64))
+    assert ehr.subject_ehr(tables, vocab, "2", early, 10) is None  # nothing precedes the index
+
+
+def test_vocab_and_stats_come_from_training_subjects_only(tmp_path):
+    tables = ehr.read_meds(_write_meds(tmp_path))
+    vocab = ehr.fit_vocab(tables, {"1"})
+    assert "LAB//C" not in vocab.codes and vocab.code_id("LAB//C") == ehr.UNK_ID
+    assert vocab.codes[2] == "LAB//A"  # most frequent first
+    assert vocab.code_stats["LAB//A"]["mean"] == 2.0  # subject 2's value 5.0 is not counted
+    assert vocab.code_stats["LAB//A"]["count"] == 2
+
+
+def test_static_table_types_and_missingness(tmp_path):
+    tables = ehr.read_meds(_write_meds(tmp_path))
+    static = pd.DataFrame({"subject_id": [1, 2], "age": [60.0, None], "sex": ["F", None],
+                           "visit": pd.to_datetime(["2020-01-01", "2020-01-02"])})
+    static.to_parquet(tmp_path / "static.parquet")
+    ehr.read_static(tmp_path / "static.parquet", tables)
+    assert tables.static_numeric == ["age"] and tables.static_categorical == ["sex"]
+    assert tables.ignored_columns["static"] == ["visit"]
+    vocab = ehr.fit_vocab(tables, {"1", "2"})
+    idx = int(np.datetime64("2021-01-01", "us").astype(np.int64))
+    a, b = (ehr.subject_ehr(tables, vocab, k, idx, 8) for k in ("1", "2"))
+    assert a["static_num"][0] == 60.0 and np.isnan(b["static_num"][0])
+    assert a["static_cat"][0] == 2 and b["static_cat"][0] == ehr.PAD_ID
+
+
+def test_outcome_conventions(tmp_path):
+    tables = ehr.read_meds(_write_meds(tmp_path))
+    oc = pd.DataFrame({
+        "subject_id": [1, 2], "index_time": pd.to_datetime(["2020-01-15", None]),
+        "sick": [True, False], "death_time": pd.to_datetime(["2021-01-01", None]),
+        "death_event": [True, True], "note": ["x", "y"],
+    })
+    oc.to_parquet(tmp_path / "outcomes.parquet")
+    ehr.read_outcomes(tmp_path / "outcomes.parquet", tables)
+    assert tables.label_names == ["sick"] and tables.tte_names == ["death"]
+    assert tables.ignored_columns["outcomes"] == ["note"]
+    assert tables.outcomes["1"].labels == {"sick": True}
+    assert tables.outcomes["2"].tte["death"] == (None, True)
+    q = [x for x in tables.quarantine if x.reason == "missing_event_time"]
+    assert q and q[0].rows == [1]

@@ -1,0 +1,60 @@
+"""Config: YAML + overrides, and clear errors naming the bad key."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from jepa_ray.cli import app
+from jepa_ray.config import load_config
+from jepa_ray.errors import ConfigError
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("prepare:\n  image:\n    size: 128\n  split:\n    external_sites: [A]\n")
+    cfg = load_config(p, ["prepare.shards.max_samples=7", "prepare.split.val=0.2"])
+    assert cfg.prepare.image.size == 128
+    assert cfg.prepare.shards.max_samples == 7
+    assert cfg.prepare.split.val == 0.2
+    assert cfg.prepare.split.external_sites == ["A"]
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("prepare:\n  image:\n    sise: 128\n")
+    with pytest.raises(ConfigError, match=r"prepare\.image\.sise: unknown key"):
+        load_config(p)
+
+
+def test_ill_typed_value_is_named():
+    with pytest.raises(ConfigError, match=r"prepare\.image\.size: .*integer.*'big'"):
+        load_config(overrides=["prepare.image.size=big"])
+    with pytest.raises(ConfigError, match=r"prepare\.split: .*val \+ test"):
+        load_config(overrides=["prepare.split.val=0.5", "prepare.split.test=0.5"])
+
+
+def test_bad_override_syntax_and_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
+        load_config(overrides=["prepare.image.size"])
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prepare: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_reports_config_errors_and_exits_2(tmp_path):
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path), "prepare.nope=1"])
+    assert r.exit_code == 2
+    assert "prepare.nope: unknown key" in r.output
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+    assert configs
+    for c in configs:
+        load_config(c)
