@@ -1,0 +1,626 @@
+"""Read DICOM files: an allowlisted header and a fixed-size, normalised single-channel image.
+
+Every failure raises `InvalidDicomError(path, reason, detail)`; `reason` is one of:
+
+- `unreadable_file`: the file cannot be opened (missing, permissions, a directory).
+- `not_dicom`: empty, or neither a DICOM Part 10 file ('DICM' at byte 128) nor a raw dataset.
+- `truncated`: the file ends before the dataset or its pixel data does.
+- `unreadable_header`: pydicom cannot parse the header (corrupt, not truncated).
+- `no_pixel_data`: no (Float/DoubleFloat) PixelData element, e.g. an RT plan or a structured report.
+- `bad_geometry`: Rows/Columns/BitsAllocated missing or zero, or NumberOfFrames not an integer.
+- `multi_frame`: NumberOfFrames > 1; 3-D volumes and cine are a later feature.
+- `unsupported_photometric`: not MONOCHROME1/MONOCHROME2 (RGB, YBR_*, PALETTE COLOR): grey only.
+- `decode_failed`: no codec for the transfer syntax, a corrupt stream, or an unexpected decoder error.
+- `empty_image`: constant or all-NaN pixels.
+
+PHI: `DicomHeader.safe`, image metadata and error details hold only values of `ALLOWED_KEYWORDS`;
+decoder messages are included only after removing every non-allowlisted text value of the header,
+and pydicom's own warnings (which can echo element values) are kept out of logs and stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+import os
+import re
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.errors
+import torch
+import torch.nn.functional as F
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from jepa_ray.config import ImageConfig
+from jepa_ray.errors import InvalidDicomError
+
+logger = logging.getLogger(__name__)
+
+# DICOM keyword -> (key in `DicomHeader.safe`, kind of value).
+_SAFE_FIELDS: dict[str, tuple[str, str]] = {
+    "Modality": ("modality", "cs"),
+    "ViewPosition": ("view", "cs"),
+    "BodyPartExamined": ("body_part", "cs"),
+    "ImageLaterality": ("laterality", "enum"),
+    "PatientSex": ("sex", "enum"),
+    "PhotometricInterpretation": ("photometric", "enum"),
+    "PresentationIntentType": ("presentation_intent", "enum"),
+    "ImageType": ("image_type", "cs_list"),
+    "SamplesPerPixel": ("samples_per_pixel", "int"),
+    "BitsAllocated": ("bits_allocated", "int"),
+    "BitsStored": ("bits_stored", "int"),
+    "PixelRepresentation": ("pixel_representation", "int"),
+    "Rows": ("rows", "int"),
+    "Columns": ("columns", "int"),
+    "NumberOfFrames": ("number_of_frames", "int"),
+    "PixelSpacing": ("pixel_spacing_mm", "spacing"),
+    "ImagerPixelSpacing": ("imager_pixel_spacing_mm", "spacing"),
+    "SliceThickness": ("slice_thickness_mm", "float"),
+    "Manufacturer": ("manufacturer", "lo"),
+    "SOPClassUID": ("sop_class", "uid_name"),
+    "TransferSyntaxUID": ("transfer_syntax", "uid_name"),
+}
+ALLOWED_KEYWORDS: tuple[str, ...] = tuple(_SAFE_FIELDS)
+# Enumerated values (PS3.3): anything else is dropped, so a misplaced identifier cannot pass.
+_ENUMS = {
+    "ImageLaterality": {"R", "L", "U", "B"},
+    "PatientSex": {"M", "F", "O"},
+    "PresentationIntentType": {"FOR PRESENTATION", "FOR PROCESSING"},
+    "PhotometricInterpretation": {
+        "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "XYB", "YBR_FULL",
+        "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+    },
+}  # fmt: skip
+
+_DATE_PAIRS = (
+    ("StudyDate", "StudyTime"),
+    ("SeriesDate", "SeriesTime"),
+    ("AcquisitionDate", "AcquisitionTime"),
+    ("AcquisitionDateTime", None),
+    ("ContentDate", "ContentTime"),
+)
+_CS_RE = re.compile(r"[A-Z0-9 _\-/.]{1,16}")
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_MAX_PIXELS = 2**27  # ~134 M pixels: larger is a corrupt header or not a 2-D image
+_PERCENTILE_SAMPLES = 2**16
+
+# pydicom's warnings and log records can quote element values (e.g. "Invalid value for VR DA: '...'"):
+# while one of our reads runs in this context, they are captured instead of shown.
+_IN_READ: contextvars.ContextVar[bool] = contextvars.ContextVar("jepa_ray_dicom_read", default=False)
+for _name in ("pydicom", "pydicom.pixels.decoders.base", "pydicom.pixels.utils"):
+    logging.getLogger(_name).addFilter(lambda record: not _IN_READ.get())
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """Identifiers (kept in memory only, never written) and the allowlisted `safe` metadata of a file."""
+
+    path: str
+    patient_id: str | None
+    study_uid: str | None
+    series_uid: str | None
+    sop_uid: str | None
+    study_time: datetime | None
+    institution: str | None
+    safe: dict[str, Any]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Capture pydicom's warnings and log records for the duration of one read."""
+    token = _IN_READ.set(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        if caught:
+            logger.debug(
+                "pydicom emitted %d warning(s) (not shown: they can quote header values)", len(caught)
+            )
+    finally:
+        _IN_READ.reset(token)
+
+
+def _looks_like_raw_dataset(head: bytes) -> bool:
+    """True when a file without preamble starts with a group 0002/0008 element (old raw datasets)."""
+    if len(head) < 8:
+        return False
+    for end in "<>":
+        group, elem = struct.unpack(end + "HH", head[:4])
+        if group in (0x0002, 0x0008) and elem < 0x0100:
+            vr = head[4:6]
+            if (vr.isalpha() and vr.isupper()) or struct.unpack(end + "I", head[4:8])[0] < 1024:
+                return True
+    return False
+
+
+def _is_cut(ds: Dataset, size: int) -> bool:
+    """True when a top-level element's value runs past the end of the file (pydicom reads it short)."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    groups = [meta] if meta is not None else []
+    if not (ts is not None and UID(ts).is_deflated):  # deflated positions refer to the inflated stream
+        groups.append(ds)
+    for group in groups:
+        for elem in group.elements():
+            length, tell = getattr(elem, "length", None), getattr(elem, "value_tell", None)
+            if length is None or tell is None or length == 0xFFFFFFFF:
+                continue
+            if tell + length > size:
+                return True
+    return False
+
+
+def _read(path: str, pixels: bool) -> Dataset:
+    """dcmread `path` once (with or without pixels); every failure becomes InvalidDicomError."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; the size check needs the handle
+    except OSError as e:
+        raise InvalidDicomError(path, "unreadable_file", f"cannot open the file: {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise InvalidDicomError(path, "not_dicom", "the file is empty (0 bytes)")
+        head = f.read(132)
+        f.seek(0)
+        force = False
+        if head[128:132] != b"DICM":
+            if not _looks_like_raw_dataset(head):
+                raise InvalidDicomError(
+                    path,
+                    "not_dicom",
+                    "no 'DICM' marker at byte 128 and the file does not start with a DICOM element: "
+                    "not a DICOM file",
+                )
+            force = True  # a dataset without preamble/file meta, as old archives wrote them
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ds = pydicom.dcmread(f, force=force, stop_before_pixels=not pixels)
+        except pydicom.errors.InvalidDicomError:
+            raise InvalidDicomError(path, "not_dicom", "pydicom does not recognise a DICOM file") from None
+        except Exception as e:  # pydicom raises OSError/struct.error/ValueError/... on bad bytes
+            if f.tell() >= size:
+                raise InvalidDicomError(
+                    path, "truncated", f"the file ends inside the header ({type(e).__name__})"
+                ) from None
+            raise InvalidDicomError(
+                path,
+                "unreadable_header",
+                f"pydicom cannot parse the header ({type(e).__name__}); the file is corrupt",
+            ) from None
+        try:
+            cut = any("End of file" in str(w.message) for w in caught) or _is_cut(ds, size)
+        except Exception as e:  # e.g. an unknown VR or a TransferSyntaxUID that is no transfer syntax
+            raise InvalidDicomError(
+                path, "unreadable_header", f"the header is corrupt ({type(e).__name__})"
+            ) from None
+        if cut:
+            raise InvalidDicomError(
+                path,
+                "truncated",
+                f"the file ends ({size} bytes) before its dataset does: cut short, or a corrupt length field",
+            )
+    return ds
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    """The element's value, or None when absent, empty or unconvertible."""
+    try:
+        value = ds.get(keyword, None)
+    except Exception:  # a corrupt raw value can fail its VR conversion
+        return None
+    if value is None or value == "" or (isinstance(value, list | MultiValue) and len(value) == 0):
+        return None
+    return value
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = _value(ds, keyword)
+    return (str(value).strip() or None) if value is not None else None
+
+
+def _to_int(value: Any) -> int | None:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        number = _to_float(value)  # "1.0" is a valid IS for pydicom
+        return int(number) if number is not None and number.is_integer() else None
+
+
+def _to_float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _safe_value(value: Any, kind: str, keyword: str = "") -> Any:
+    """Sanitise an allowlisted value to a plain JSON value; None when it does not look valid."""
+    if value is None:
+        return None
+    if kind == "enum":
+        text = str(value).strip().upper()
+        return text if text in _ENUMS[keyword] else None
+    if kind == "cs":
+        text = str(value).strip().upper()
+        return text if _CS_RE.fullmatch(text) else None
+    if kind == "cs_list":
+        items = value if isinstance(value, list | tuple | MultiValue) else [value]
+        cleaned = [_safe_value(v, "cs") for v in items]
+        return [v for v in cleaned if v] or None
+    if kind == "lo":
+        text = str(value).strip()
+        return text if text and len(text) <= 64 and text.isprintable() else None
+    if kind == "int":
+        return _to_int(value)
+    if kind == "float":
+        return _to_float(value)
+    if kind == "spacing":
+        items = [_to_float(v) for v in value] if isinstance(value, list | MultiValue) else []
+        return items if len(items) == 2 and all(v is not None and v > 0 for v in items) else None
+    if kind == "uid_name":
+        uid = UID(str(value).strip())
+        return uid.name if uid.name != str(uid) else None
+    raise ValueError(f"unknown safe-field kind {kind!r}")
+
+
+def _parse_date(text: str) -> date | None:
+    digits = text.strip().replace(".", "").replace("-", "")  # ACR-NEMA wrote YYYY.MM.DD
+    if len(digits) < 8 or not digits[:8].isdigit():
+        return None
+    try:
+        return date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
+    except ValueError:
+        return None
+
+
+def _parse_time(text: str) -> time | None:
+    main, _, frac = text.strip().replace(":", "").partition(".")
+    main = main[:6]
+    if len(main) not in (2, 4, 6) or not main.isdigit():
+        return None
+    h, m, s = int(main[:2]), int(main[2:4] or 0), min(int(main[4:6] or 0), 59)  # 60 = leap second
+    micro = int((frac[:6] + "000000")[:6]) if frac[:6].isdigit() else 0
+    try:
+        return time(h, m, s, micro)
+    except ValueError:
+        return None
+
+
+def _study_time(ds: Dataset) -> datetime | None:
+    """StudyDate+StudyTime, else the series/acquisition/content date (+ time); naive, None if unusable."""
+    for date_kw, time_kw in _DATE_PAIRS:
+        raw = _text(ds, date_kw)
+        day = _parse_date(raw) if raw else None
+        if day is None:
+            continue
+        if time_kw is None:  # a DT: YYYYMMDDHHMMSS.FFFFFF&ZZXX
+            tod = _parse_time(re.split(r"[+&-]", raw.strip()[8:])[0]) if len(raw.strip()) > 8 else None
+        else:
+            raw_time = _text(ds, time_kw)
+            tod = _parse_time(raw_time) if raw_time else None
+        return datetime.combine(day, tod or time())
+    return None
+
+
+def _header(ds: Dataset, path: str) -> DicomHeader:
+    meta = getattr(ds, "file_meta", None)
+    safe: dict[str, Any] = {}
+    for keyword, (key, kind) in _SAFE_FIELDS.items():
+        source = meta if keyword == "TransferSyntaxUID" else ds
+        safe[key] = _safe_value(_value(source, keyword) if source is not None else None, kind, keyword)
+    if safe["number_of_frames"] is None and safe["rows"] is not None and "NumberOfFrames" not in ds:
+        safe["number_of_frames"] = 1
+    return DicomHeader(
+        path=path,
+        patient_id=_text(ds, "PatientID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        study_time=_study_time(ds),
+        institution=_text(ds, "InstitutionName"),
+        safe=safe,
+    )
+
+
+def read_header(path: str | os.PathLike) -> DicomHeader:
+    """Read the header only (no pixels); InvalidDicomError when the file is not a readable DICOM."""
+    path = os.fspath(path)
+    with _quiet():
+        ds = _read(path, pixels=False)
+        try:
+            return _header(ds, path)
+        except Exception as e:  # defensive: _header tolerates bad values one by one
+            raise InvalidDicomError(
+                path, "unreadable_header", f"header values unusable ({type(e).__name__})"
+            ) from None
+
+
+def _scrub(text: str, ds: Dataset) -> str:
+    """Remove every text value of non-allowlisted header elements from a (decoder) message."""
+    secrets: set[str] = set()
+    try:
+        for elem in ds.iterall():
+            if elem.VR in _TEXT_VRS and elem.keyword not in _SAFE_FIELDS:
+                values = elem.value if isinstance(elem.value, list | MultiValue) else [elem.value]
+                secrets.update(s for v in values if len(s := str(v).strip()) >= 3)
+    except Exception:  # an unparsable element: nothing can be vouched for
+        return "<message withheld>"
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 6:
+            text = text.replace(secret, "<redacted>")
+        else:  # short values only as whole tokens: "DCM" must not mangle "GDCM"
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "<redacted>", text)
+    return " ".join(text.split())[:300]
+
+
+def _check_pixel_module(ds: Dataset, path: str, header: DicomHeader) -> tuple[int, int]:
+    """Raise for what `read_image` cannot use; return (rows, cols)."""
+    safe = header.safe
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        kind = f" (Modality {safe['modality']})" if safe["modality"] else ""
+        raise InvalidDicomError(
+            path, "no_pixel_data", f"the file has no PixelData element{kind}: not an image"
+        )
+    rows, cols, bits = safe["rows"], safe["columns"], safe["bits_allocated"]
+    if not rows or not cols or not bits or rows < 1 or cols < 1:
+        raise InvalidDicomError(
+            path,
+            "bad_geometry",
+            "Rows, Columns or BitsAllocated is missing or zero; the pixels cannot be laid out",
+        )
+    if rows * cols > _MAX_PIXELS:
+        raise InvalidDicomError(path, "bad_geometry", f"{rows}x{cols} pixels is beyond any 2-D image")
+    if (
+        "NumberOfFrames" in ds
+        and _value(ds, "NumberOfFrames") is not None
+        and safe["number_of_frames"] is None
+    ):
+        raise InvalidDicomError(path, "bad_geometry", "NumberOfFrames is not an integer")
+    photometric = safe["photometric"]
+    if _value(ds, "PhotometricInterpretation") is None and (safe["samples_per_pixel"] or 1) == 1:
+        photometric = "MONOCHROME2"  # absent in old ACR-NEMA style files
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or (safe["samples_per_pixel"] or 1) != 1:
+        raise InvalidDicomError(
+            path,
+            "unsupported_photometric",
+            f"PhotometricInterpretation {photometric or 'unrecognised'} with {safe['samples_per_pixel']} "
+            "samples per pixel: only single-channel MONOCHROME1/MONOCHROME2 images are supported",
+        )
+    if "PhotometricInterpretation" not in ds:
+        ds.PhotometricInterpretation = photometric
+    frames = safe["number_of_frames"] or 1
+    if frames > 1:
+        raise InvalidDicomError(
+            path,
+            "multi_frame",
+            f"{frames} frames: multi-frame images (3-D volumes, cine) are a later feature; "
+            "only single-frame 2-D images are read today",
+        )
+    return rows, cols
+
+
+def _decode(ds: Dataset, path: str, rows: int, cols: int) -> np.ndarray:
+    """The stored pixel values, (rows, cols), decoded with whichever plugin pydicom finds."""
+    meta = ds.file_meta if hasattr(ds, "file_meta") else None
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    pixel = next(ds[k] for k in _PIXEL_KEYWORDS if k in ds)
+    if ts is None:
+        if pixel.is_undefined_length:
+            raise InvalidDicomError(
+                path, "decode_failed", "compressed pixel data but no TransferSyntaxUID in the file meta"
+            )
+        # A native dataset without file meta: the encoding pydicom parsed it with tells the syntax.
+        implicit, little = ds.original_encoding
+        ts = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        if meta is None:
+            ds.file_meta = meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ts
+    ts = UID(ts)
+    name = ts.name if ts.name != str(ts) else "an unrecognised transfer syntax"
+    if pixel.keyword == "PixelData" and not ts.is_encapsulated and not pixel.is_undefined_length:
+        bits = _value(ds, "BitsAllocated")
+        expected = (rows * cols * bits + 7) // 8
+        if len(pixel.value or b"") < expected:
+            raise InvalidDicomError(
+                path,
+                "truncated",
+                f"PixelData holds {len(pixel.value or b'')} bytes but {rows}x{cols}x{bits} bits need "
+                f"{expected}: the pixel data was cut short",
+            )
+    try:
+        decoder = get_decoder(ts) if ts.is_encapsulated else None
+    except NotImplementedError:
+        raise InvalidDicomError(path, "decode_failed", f"pydicom has no pixel decoder for {name}") from None
+    if decoder is not None and not decoder.is_available:
+        need = "; ".join(decoder.missing_dependencies)
+        raise InvalidDicomError(
+            path, "decode_failed", f"no decoder installed for {name}; install one of: {need}"
+        )
+    try:
+        arr = ds.pixel_array
+    except BaseException as e:  # anything from struct.error to a Rust PanicException (a BaseException)
+        if isinstance(e, KeyboardInterrupt | SystemExit):
+            raise
+        hint = ""
+        if decoder is not None and decoder.missing_dependencies:
+            hint = "; if the stream is valid, another plugin may read it: " + "; ".join(
+                decoder.missing_dependencies
+            )
+        raise InvalidDicomError(
+            path,
+            "decode_failed",
+            f"{name} pixel data failed to decode ({type(e).__name__}: {_scrub(str(e), ds)}){hint}",
+        ) from None
+    if arr.shape != (rows, cols):
+        raise InvalidDicomError(
+            path, "decode_failed", f"decoded pixels have shape {arr.shape}, the header says {rows}x{cols}"
+        )
+    return arr
+
+
+def _percentiles(x: np.ndarray, cfg: ImageConfig) -> tuple[float, float]:
+    lo, hi = np.percentile(x, cfg.clip_percentiles)
+    return float(lo), float(hi)
+
+
+def _window(ds: Dataset) -> tuple[str, float, float] | None:
+    """The first VOI window as (function, center, width), None when absent or unusable."""
+    center, width = _value(ds, "WindowCenter"), _value(ds, "WindowWidth")
+    if center is None or width is None:
+        return None
+    c = _to_float(center[0] if isinstance(center, MultiValue) else center)
+    w = _to_float(width[0] if isinstance(width, MultiValue) else width)
+    func = (_text(ds, "VOILUTFunction") or "LINEAR").upper()
+    if c is None or w is None or w <= (1 if func == "LINEAR" else 0):  # PS3.3 C.11.2.1.2: width >= 1
+        return None
+    return func, c, w
+
+
+def _intensity(
+    raw: np.ndarray, ds: Dataset, cfg: ImageConfig, path: str
+) -> tuple[np.ndarray, float, float, bool, list[float]]:
+    """Full-resolution values `v` (float32) and the values (a, b) that map to 0 and 1, plus VOI info.
+
+    Rescale and linear windows are affine/clipping, so they are folded into (a, b) and the clip
+    instead of being applied to every pixel; only a VOI LUT or a sigmoid window touches all pixels.
+    """
+    base = raw
+    slope, intercept = 1.0, 0.0
+    if _value(ds, "ModalityLUTSequence"):
+        base = apply_modality_lut(raw, ds)
+    elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        slope = _to_float(_value(ds, "RescaleSlope")) or 1.0  # absent, zero or junk: identity
+        intercept = _to_float(_value(ds, "RescaleIntercept")) or 0.0
+    if base.dtype.kind == "f":
+        finite = np.isfinite(base)
+        if not finite.any():
+            raise InvalidDicomError(path, "empty_image", "every pixel is NaN or infinite")
+        if not finite.all():
+            base = np.where(finite, base, base[finite].min())
+    step = max(1, int(math.sqrt(base.size / _PERCENTILE_SAMPLES)))
+    sub = base[::step, ::step].astype(np.float32) * slope + intercept  # modality units
+
+    window = _window(ds) if cfg.use_voi_lut else None
+    if cfg.use_voi_lut and _value(ds, "VOILUTSequence"):
+        try:  # a VOI LUT takes integer modality values (PS3.3 C.11.2.1.1)
+            sub_voi = apply_voi(np.rint(sub).astype(np.int64), ds).astype(np.float32)
+            lo, hi = _percentiles(sub_voi, cfg)
+            if lo < hi:
+                full = np.rint(base.astype(np.float32) * slope + intercept).astype(np.int64)
+                v = apply_voi(full, ds).astype(np.float32)
+                # Modality values just inside the LUT's unsaturated span (exact for monotone LUTs).
+                above, below = sub[sub_voi > lo], sub[sub_voi < hi]
+                span = [(above if above.size else sub).min(), (below if below.size else sub).max()]
+                return v, lo, hi, True, [float(x) for x in span]
+        except Exception as e:  # a malformed LUT: fall back to the window or to none
+            logger.debug("VOI LUT unusable (%s); falling back", type(e).__name__)
+    if window is not None and window[0] == "SIGMOID":
+        _, c, w = window
+        sub_voi = 1 / (1 + np.exp(-4 * (sub - c) / w))
+        lo, hi = _percentiles(sub_voi, cfg)
+        if lo < hi:
+            v = 1 / (1 + np.exp(-4 * ((base.astype(np.float32) * slope + intercept) - c) / w))
+            inv = [c - w / 4 * math.log(1 / min(max(p, 1e-7), 1 - 1e-7) - 1) for p in (lo, hi)]
+            return v.astype(np.float32), lo, hi, True, inv
+    voi = False
+    lo = hi = 0.0
+    if window is not None and window[0] in ("LINEAR", "LINEAR_EXACT"):
+        func, c, w = window
+        half = w / 2 if func == "LINEAR_EXACT" else (w - 1) / 2
+        center = c if func == "LINEAR_EXACT" else c - 0.5
+        lo, hi = _percentiles(np.clip(sub, center - half, center + half), cfg)
+        voi = lo < hi  # a window that flattens the image is ignored
+    if not voi:
+        lo, hi = _percentiles(sub, cfg)
+        if not lo < hi:  # mostly-constant image: fall back to the full range
+            lo, hi = sorted((float(base.min()) * slope + intercept, float(base.max()) * slope + intercept))
+        if not lo < hi:
+            raise InvalidDicomError(path, "empty_image", "every pixel has the same value")
+    a, b = (lo - intercept) / slope, (hi - intercept) / slope  # back to stored units
+    return base.astype(np.float32), a, b, voi, [lo, hi]
+
+
+def _inverted(ds: Dataset) -> bool:
+    """True when low values display bright (MONOCHROME1, or MONOCHROME2 with an INVERSE presentation LUT)."""
+    photometric = (_text(ds, "PhotometricInterpretation") or "").upper()
+    shape = (_text(ds, "PresentationLUTShape") or "").upper()
+    return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
+
+
+def _to_square(v: np.ndarray, a: float, b: float, inverted: bool, size: int) -> tuple[np.ndarray, list[int]]:
+    """Clip `v` to [a, b], resize (longer side = size, aspect kept), map a..b to 0..65535, pad centred."""
+    rows, cols = v.shape
+    scale = size / max(rows, cols)
+    h, w = max(1, min(size, round(rows * scale))), max(1, min(size, round(cols * scale)))
+    np.clip(v, min(a, b), max(a, b), out=v)  # before resizing, so outliers do not bleed into neighbours
+    if (h, w) != (rows, cols):
+        t = torch.from_numpy(np.ascontiguousarray(v))[None, None]  # (1, 1, rows, cols)
+        v = F.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+    y = (v - a) / (b - a)  # affine, so it commutes with the resize and runs on the small image
+    if inverted:
+        y = 1.0 - y
+    image = np.zeros((1, size, size), dtype=np.uint16)  # (C=1, H, W)
+    y0, x0 = (size - h) // 2, (size - w) // 2
+    image[0, y0 : y0 + h, x0 : x0 + w] = np.rint(np.clip(y, 0.0, 1.0) * 65535.0)
+    return image, [y0, x0, y0 + h, x0 + w]
+
+
+def read_image(path: str | os.PathLike, cfg: ImageConfig) -> tuple[DicomHeader, np.ndarray, dict[str, Any]]:
+    """Read a file once: header, uint16 image (1, size, size) with high = dense, and image metadata."""
+    path = os.fspath(path)
+    with _quiet():
+        ds = _read(path, pixels=True)
+        try:
+            header = _header(ds, path)
+        except Exception as e:  # defensive: _header tolerates bad values one by one
+            raise InvalidDicomError(
+                path, "unreadable_header", f"header values unusable ({type(e).__name__})"
+            ) from None
+        try:
+            rows, cols = _check_pixel_module(ds, path, header)
+            raw = _decode(ds, path, rows, cols)
+            v, a, b, voi, intensity_range = _intensity(raw, ds, cfg, path)
+            inverted = _inverted(ds)
+            image, box = _to_square(v, a, b, inverted, cfg.size)
+        except InvalidDicomError:
+            raise
+        except Exception as e:  # a LUT or value pydicom accepted but numpy cannot use, out of memory, ...
+            raise InvalidDicomError(
+                path, "decode_failed", f"the pixels could not be turned into an image ({type(e).__name__})"
+            ) from None
+    h, w = box[2] - box[0], box[3] - box[1]
+    spacing_in, spacing_source = None, None
+    for key, source in (
+        ("pixel_spacing_mm", "PixelSpacing"),
+        ("imager_pixel_spacing_mm", "ImagerPixelSpacing"),
+    ):
+        if header.safe[key]:
+            spacing_in, spacing_source = header.safe[key], source
+            break
+    meta = {
+        "orig_shape": [rows, cols],
+        "spacing_in_mm": spacing_in,
+        "spacing_out_mm": [spacing_in[0] * rows / h, spacing_in[1] * cols / w] if spacing_in else None,
+        "spacing_source": spacing_source,  # ImagerPixelSpacing: at the detector, not magnification-corrected
+        "valid_box": box,
+        "voi_applied": bool(voi),
+        "inverted": inverted,
+        "intensity_range": [float(x) for x in intensity_range],
+    }
+    return header, image, meta
