@@ -1,0 +1,488 @@
+"""`prepare`: DICOM studies + MEDS EHR → de-identified, paired webdataset shards and a manifest.
+
+Steps: read the EHR tables (driver) · scan DICOM headers (Ray tasks) · link images to subjects and
+group them into studies · assign subject-level splits · fit the EHR vocabulary on the training
+split · plan shards · decode images and write shards (Ray tasks, skipping finished shards) ·
+write `manifest.json`. Every rejected input is recorded with its reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jepa_ray.config import PrepareConfig
+from jepa_ray.data import ehr as ehrlib
+from jepa_ray.data.deid import Pseudonymizer
+from jepa_ray.data.manifest import MANIFEST, build_manifest, read_manifest
+from jepa_ray.data.shards import (
+    PARTS_DIR,
+    SampleSpec,
+    decode_images,
+    dumps,
+    encode_npz,
+    read_sidecar,
+    shard_fingerprint,
+    write_shard,
+)
+from jepa_ray.data.storage import Store
+from jepa_ray.errors import PrepareError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test", "external")
+_FRONTAL = {"PA": 0, "AP": 1}
+_EST_EHR_BYTES = 8_192
+
+
+@dataclass
+class PrepareResult:
+    """What `prepare` did: the manifest it wrote and whether the run counts as a success."""
+
+    manifest: dict[str, Any]
+    written: int
+    skipped: int
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+
+def _to_us(t: datetime | None) -> int | None:
+    return None if t is None else int(np.datetime64(t, "us").astype(np.int64))
+
+
+def _list_dicom_files(root: Path) -> list[Path]:
+    """Every regular file under `root` except hidden ones (hospital exports often lack `.dcm`)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return files
+
+
+def _scan_chunk(paths: list[str]) -> list[Any]:
+    """Read the headers of some files: a DicomHeader or a quarantine record per path."""
+    from jepa_ray.data.dicom import read_header
+    from jepa_ray.errors import InvalidDicomError
+
+    out: list[Any] = []
+    for p in paths:
+        try:
+            out.append(read_header(p))
+        except InvalidDicomError as e:
+            out.append({"path": p, "reason": e.reason, "detail": e.detail})
+    return out
+
+
+def _ray_map(fn, chunks: list[Any], desc: str, show_progress: bool, max_in_flight: int = 64) -> list[Any]:
+    """Run `fn(chunk)` as Ray tasks with bounded concurrency; results in chunk order."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    results: list[Any] = [None] * len(chunks)
+    pending: dict[Any, int] = {}
+    it = iter(enumerate(chunks))
+    with _progress(desc, len(chunks), show_progress) as advance:
+        for i, chunk in it:
+            pending[remote.remote(chunk)] = i
+            if len(pending) >= max_in_flight:
+                break
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            results[i] = ray.get(done[0])
+            advance()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending[remote.remote(nxt[1])] = nxt[0]
+    return results
+
+
+class _progress:
+    """A rich progress bar when wanted, a no-op otherwise."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        self.desc, self.total, self.enabled = desc, total, enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+
+        self._p = Progress(transient=False)
+        self._p.start()
+        task = self._p.add_task(self.desc, total=self.total)
+        return lambda: self._p.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._p.stop()
+
+
+def _rank_images(headers: list[Any]) -> list[Any]:
+    """A study's images in order of preference: frontal (PA, then AP), then by path."""
+    return sorted(headers, key=lambda h: (_FRONTAL.get(h.safe.get("view") or "", 9), h.path))
+
+
+def prepare(
+    out: str,
+    cfg: PrepareConfig,
+    *,
+    dicom: str | None = None,
+    meds: str | None = None,
+    static: str | None = None,
+    outcomes: str | None = None,
+    show_progress: bool = False,
+) -> PrepareResult:
+    """Ingest DICOM + MEDS into shards under `out` (local dir or s3://); resumable and idempotent."""
+
+    if dicom is None and meds is None:
+        raise PrepareError("nothing to ingest: give --dicom and/or --meds")
+    for label, path in (("--dicom", dicom), ("--meds", meds), ("--static", static), ("--outcomes", outcomes)):
+        if path is not None and not Path(path).exists():
+            raise PrepareError(f"{label} {path}: no such file or directory")
+    pz = Pseudonymizer(cfg.deid.resolve_salt())
+    store = Store(out, cfg.storage)
+    store.makedirs()
+    previous = read_manifest(store, missing_ok=True)
+    if previous is not None and previous.get("salt_fingerprint") != pz.fingerprint():
+        raise PrepareError(
+            f"{out}: holds shards pseudonymised with another salt; use a new output location "
+            "(mixing salts would give one subject two ids)"
+        )
+    quarantine: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+
+    # -- EHR tables (driver) ----------------------------------------------------------------------
+    tables = ehrlib.EhrTables()
+    if meds is not None:
+        ehrlib.read_meds(meds, tables)
+    if static is not None:
+        ehrlib.read_static(static, tables)
+    if outcomes is not None:
+        ehrlib.read_outcomes(outcomes, tables)
+    id_map = ehrlib.read_id_map(cfg.ehr.id_map) if cfg.ehr.id_map else None
+
+    # -- DICOM header scan (Ray tasks) -----------------------------------------------------------
+    dicom_root = Path(dicom).resolve() if dicom else None
+    headers: list[Any] = []
+    n_dicom_files = 0
+    if dicom_root is not None:
+        files = [str(p) for p in _list_dicom_files(dicom_root)] if dicom_root.is_dir() else [str(dicom_root)]
+        n_dicom_files = len(files)
+        step = cfg.files_per_task
+        chunks = [files[i : i + step] for i in range(0, len(files), step)]
+        for item in (
+            x for chunk in _ray_map(_scan_chunk, chunks, "scan DICOM", show_progress) for x in chunk
+        ):
+            if isinstance(item, dict):
+                quarantine.append(
+                    {
+                        "input": _rel(item["path"], dicom_root),
+                        "kind": "dicom",
+                        "reason": item["reason"],
+                        "detail": item["detail"],
+                    }
+                )
+            else:
+                headers.append(item)
+
+    # -- link images to subjects, group into studies ----------------------------------------------
+    studies: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for h in headers:
+        if not h.patient_id:
+            quarantine.append(
+                {
+                    "input": _rel(h.path, dicom_root),
+                    "kind": "dicom",
+                    "reason": "no_patient_id",
+                    "detail": "PatientID is empty: the image cannot be given a subject-level split",
+                }
+            )
+            continue
+        subject = id_map.get(h.patient_id, h.patient_id) if id_map is not None else h.patient_id
+        studies[(subject, h.study_uid or h.sop_uid or h.path)].append(h)
+    # each study's images, the preferred one first; the shard task uses the first that decodes
+    chosen: dict[tuple[str, str], list[Any]] = {sk: _rank_images(hs) for sk, hs in studies.items()}
+
+    imaged_subjects = {sk[0] for sk in chosen}
+    _quarantine_unknown(tables, imaged_subjects | set(tables.events), quarantine)
+    ehr_subjects = tables.subjects()
+    known = imaged_subjects | ehr_subjects
+
+    # -- splits -----------------------------------------------------------------------------------
+    external = {pz.site(s) if not s.startswith("site-") else s for s in cfg.split.external_sites}
+    subject_sites: dict[str, set[str]] = defaultdict(set)
+    for (subject, _), hs in chosen.items():
+        subject_sites[subject].add(pz.site(hs[0].institution))
+    subject_split: dict[str, str] = {}
+    for subject in sorted(known):
+        if subject_sites.get(subject, set()) & external:
+            subject_split[subject] = "external"
+            continue
+        u = pz.unit(pz.subject(subject))
+        subject_split[subject] = (
+            "test" if u < cfg.split.test else "val" if u < cfg.split.test + cfg.split.val else "train"
+        )
+    train = {s for s, sp in subject_split.items() if sp == "train"}
+    vocab = ehrlib.fit_vocab(tables, train, cfg.ehr.min_code_count)
+
+    # -- samples ----------------------------------------------------------------------------------
+    samples: list[SampleSpec] = []
+    stats = defaultdict(int)
+    for (subject, _), hs in sorted(chosen.items(), key=lambda kv: kv[1][0].path):
+        h = hs[0]
+        t = _to_us(h.study_time)
+        stats["undated_studies"] += t is None
+        arrays = ehrlib.subject_ehr(tables, vocab, subject, t, cfg.ehr.max_events)
+        meta = _sample_meta(
+            pz, subject, subject_split[subject], tables.outcomes.get(subject), t, "study", stats
+        )
+        meta["site"] = pz.site(h.institution)
+        samples.append(
+            SampleSpec(
+                key=pz.study(subject, h.study_uid or h.sop_uid or h.path),
+                split=subject_split[subject],
+                dicoms=[(x.path, _rel(x.path, dicom_root)) for x in hs],
+                ehr=encode_npz(arrays) if arrays is not None else None,
+                meta=meta,
+            )
+        )
+    for subject in sorted(ehr_subjects - {s for s, _ in chosen}):
+        t, how = _ehr_only_index(tables, subject)
+        arrays = ehrlib.subject_ehr(tables, vocab, subject, t, cfg.ehr.max_events)
+        if arrays is None:
+            skipped.append(
+                {
+                    "input": "ehr",
+                    "reason": "no_ehr_before_index",
+                    "detail": "an EHR-only subject with no event before its index time",
+                }
+            )
+            continue
+        meta = _sample_meta(pz, subject, subject_split[subject], tables.outcomes.get(subject), t, how, stats)
+        meta["site"] = "site-unknown"
+        samples.append(
+            SampleSpec(
+                key="x" + pz.subject(subject)[1:],
+                split=subject_split[subject],
+                dicoms=[],
+                ehr=encode_npz(arrays),
+                meta=meta,
+            )
+        )
+    ehr_info = {
+        "event_files": tables.event_files,
+        "event_rows": tables.event_rows,
+        "subjects": len(ehr_subjects),
+        "labels": tables.label_names,
+        "time_to_event": tables.tte_names,
+        "ignored_columns": tables.ignored_columns,
+    }
+    quarantine.extend(q.to_json() for q in tables.quarantine)
+    del tables, chosen, studies, headers  # raw identifiers stay in memory no longer than needed
+
+    # -- plan shards ------------------------------------------------------------------------------
+    per_sample = 2 * cfg.image.size**2 + _EST_EHR_BYTES
+    per_shard = max(1, min(cfg.shards.max_samples, cfg.shards.max_bytes // per_sample))
+    context = {
+        "image": cfg.image.model_dump(mode="json"),
+        "max_events": cfg.ehr.max_events,
+        "vocab": vocab.to_json(),
+        "salt": pz.fingerprint(),
+    }
+    plan: list[tuple[str, str, list[SampleSpec]]] = []
+    for split in SPLITS:
+        part = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
+        for i in range(0, len(part), per_shard):
+            plan.append((f"{split}-{i // per_shard:06d}", split, part[i : i + per_shard]))
+
+    todo, records = [], {}
+    for name, split, specs in plan:
+        fp = shard_fingerprint(name, specs, context)
+        side = read_sidecar(store, name)
+        if side is not None and side.get("fingerprint") == fp and store.exists(f"{name}.tar"):
+            records[name] = side
+        else:
+            todo.append((name, split, fp, specs))
+    logger.info("%d shards planned, %d already written, %d to write", len(plan), len(records), len(todo))
+
+    # -- decode + write (Ray tasks) ---------------------------------------------------------------
+    failures = _write_shards(todo, cfg, out, records, show_progress)
+    _remove_stale(store, {name for name, _, _ in plan})
+    if failures:
+        raise PrepareError(
+            f"{len(failures)} shard(s) failed: "
+            + "; ".join(f"{n}: {e}" for n, e in failures[:5])
+            + f". The other shards are kept: rerun the same command to resume ({out})."
+        )
+
+    # -- manifest ---------------------------------------------------------------------------------
+    ordered = [records[name] for name, _, _ in plan]
+    for r in ordered:
+        quarantine.extend(r["quarantine"])
+        skipped.extend(r["skipped"])
+    manifest = build_manifest(
+        shards=ordered,
+        vocab=vocab,
+        cfg=cfg,
+        salt_fingerprint=pz.fingerprint(),
+        quarantine=quarantine,
+        skipped=skipped,
+        inputs={"dicom_files": n_dicom_files, "ehr": ehr_info},
+        extra=dict(stats),
+    )
+    store.write_bytes(MANIFEST, dumps(manifest))
+    return _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
+
+
+def _rel(path: str, root: Path | None) -> str:
+    """Path relative to the input root (what manifests record; never an absolute path)."""
+    if root is not None:
+        try:
+            return str(Path(path).resolve().relative_to(root))
+        except ValueError:
+            pass
+    return Path(path).name
+
+
+def _quarantine_unknown(tables: ehrlib.EhrTables, known: set[str], quarantine: list[dict[str, Any]]) -> None:
+    """Static and outcome rows of subjects with neither MEDS events nor images are quarantined."""
+    orphan_static = sorted(k for k in tables.static if k not in known)
+    if orphan_static:
+        quarantine.append(
+            {
+                "input": "static",
+                "kind": "static_rows",
+                "reason": "unknown_subject",
+                "detail": "static rows of subjects found in neither the DICOM nor the MEDS input",
+                "rows": sorted(tables.static[k]["_row"] for k in orphan_static),
+                "count": len(orphan_static),
+            }
+        )
+        for k in orphan_static:
+            del tables.static[k]
+    orphan = sorted(k for k in tables.outcomes if k not in known)
+    if orphan:
+        quarantine.append(
+            {
+                "input": "outcomes",
+                "kind": "outcome_rows",
+                "reason": "unknown_subject",
+                "detail": "outcome rows of subjects found in neither the DICOM nor the MEDS input",
+                "count": len(orphan),
+            }
+        )
+        for k in orphan:
+            del tables.outcomes[k]
+
+
+def _ehr_only_index(tables: ehrlib.EhrTables, subject: str) -> tuple[int | None, str]:
+    """Index time of a subject without an image: the outcome table's `index_time`, else just after the
+    subject's last event (so the whole record is context)."""
+    oc = tables.outcomes.get(subject)
+    if oc is not None and oc.index_time is not None:
+        return oc.index_time, "outcome_index_time"
+    ev = tables.events.get(subject)
+    if ev is not None and ev.times.size:
+        return int(ev.times[-1]) + 1_000_000, "after_last_event"
+    return 0, "static_only"
+
+
+def _sample_meta(
+    pz: Pseudonymizer,
+    subject: str,
+    split: str,
+    oc: ehrlib.Outcome | None,
+    t: int | None,
+    how: str,
+    stats: dict[str, int],
+) -> dict[str, Any]:
+    """Safe per-sample metadata: pseudonyms, split, labels, time-to-event in days from the index."""
+    meta: dict[str, Any] = {"subject": pz.subject(subject), "split": split, "index": how}
+    if oc is None:
+        return meta
+    meta["labels"] = {k: v for k, v in oc.labels.items() if v is not None}
+    tte = {}
+    for name, (when, event) in oc.tte.items():
+        if when is None or event is None or t is None:
+            continue
+        days = (when - t) / ehrlib.US_PER_DAY
+        if days < 0:
+            stats["tte_before_index"] += 1
+            continue
+        tte[name] = {"days": round(days, 4), "event": event}
+    meta["tte"] = tte
+    return meta
+
+
+def _write_shards(
+    todo: list[tuple[str, str, str, list[SampleSpec]]],
+    cfg: PrepareConfig,
+    out: str,
+    records: dict[str, dict[str, Any]],
+    show_progress: bool,
+) -> list[tuple[str, str]]:
+    """Decode and write the shards still to do; returns (shard, error) for those that failed."""
+    import ray
+
+    decode = ray.remote(num_cpus=1, max_retries=2)(decode_images)
+    write = ray.remote(num_cpus=0.25, max_retries=2)(_write_from_chunks)
+    max_shards = max(2, int(ray.available_resources().get("CPU", 2)) * 2)
+    failures: list[tuple[str, str]] = []
+    pending: dict[Any, str] = {}
+    queue = list(todo)
+    step = cfg.files_per_task
+    with _progress("write shards", len(todo), show_progress) as advance:
+        while queue or pending:
+            while queue and len(pending) < max_shards:
+                name, split, fp, specs = queue.pop(0)
+                chunks = [specs[i : i + step] for i in range(0, len(specs), step)]
+                refs = [decode.remote(c, cfg.image) for c in chunks]
+                pending[write.remote(name, split, fp, specs, out, cfg.storage, *refs)] = name
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            try:
+                records[name] = ray.get(done[0])
+            except Exception as e:  # a task that failed after its retries: report it, keep the rest
+                cause = getattr(e, "cause", None) or e
+                failures.append((name, f"{type(cause).__name__}: {cause}"[:300]))
+            advance()
+    return failures
+
+
+def _write_from_chunks(name, split, fp, specs, out, storage, *chunks):
+    decoded = [d for chunk in chunks for d in chunk]
+    return write_shard(name, split, fp, specs, decoded, out, storage)
+
+
+def _remove_stale(store: Store, planned: set[str]) -> None:
+    """Delete shards and sidecars that a previous run wrote but the current plan does not contain."""
+    for name in store.list():
+        if name.endswith(".tar") and name[: -len(".tar")] not in planned and name.split("-")[0] in SPLITS:
+            store.remove(name)
+    for name in store.list(PARTS_DIR):
+        stem = name.rsplit("/", 1)[-1][: -len(".json")]
+        if stem not in planned:
+            store.remove(name)
+
+
+def _judge(manifest: dict[str, Any], cfg: PrepareConfig, written: int, skipped: int) -> PrepareResult:
+    """Success unless nothing usable remains or too much was quarantined."""
+    problems = []
+    total = manifest["counts"]["samples"]
+    if total == 0:
+        problems.append("no usable sample remains")
+    for kind, frac in manifest["quarantine"]["fractions"].items():
+        if frac > cfg.max_quarantine_fraction:
+            problems.append(
+                f"{frac:.1%} of {kind} inputs quarantined (limit max_quarantine_fraction="
+                f"{cfg.max_quarantine_fraction:.0%})"
+            )
+    return PrepareResult(manifest, written, skipped, ok=not problems, problems=problems)

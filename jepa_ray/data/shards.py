@@ -1,0 +1,204 @@
+"""Shard writing: one webdataset `.tar` per planned shard, byte-for-byte deterministic.
+
+A sample is `<key>.image.npy` (uint16, shape (1, S, S)), `<key>.ehr.npz` (EHR arrays) and
+`<key>.meta.json` (safe metadata), any of the first two absent when the modality is missing.
+Each finished shard gets a sidecar `_parts/<shard>.json` (counts, sha256, fingerprint of what went
+in, quarantined inputs); `prepare` skips a shard whose sidecar fingerprint matches on a rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jepa_ray.config import ImageConfig, StorageConfig
+from jepa_ray.data.storage import Store
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+PARTS_DIR = "_parts"
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass
+class SampleSpec:
+    """Everything a shard task needs to write one sample (no raw identifier inside but the paths)."""
+
+    key: str
+    split: str
+    # (absolute path to read, path relative to the input root for records), in order of preference:
+    # the first image of the study that decodes is used. Absolute paths are never written out.
+    dicoms: list[tuple[str, str]]
+    ehr: bytes | None  # encoded ehr.npz
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz archive with fixed timestamps, so equal arrays give equal bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_FIXED_ZIP_TIME)
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def decode_npz(data: bytes) -> dict[str, np.ndarray]:
+    """Inverse of `encode_npz`."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """A .npy file in memory."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def dumps(obj: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys), so equal metadata gives equal bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def shard_fingerprint(shard: str, samples: list[SampleSpec], context: dict[str, Any]) -> str:
+    """Hash of everything that decides a shard's bytes, except the pixels (file size + mtime stand in)."""
+    h = hashlib.sha256(dumps({"schema": SCHEMA_VERSION, "shard": shard, "context": context}))
+    for s in samples:
+        h.update(s.key.encode())
+        for path, source in s.dicoms:
+            st = os.stat(path)
+            h.update(f"{source}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(hashlib.sha256(s.ehr or b"").digest())
+        h.update(dumps(s.meta))
+    return h.hexdigest()
+
+
+def decode_images(samples: list[SampleSpec], image_cfg: ImageConfig) -> list[dict[str, Any]]:
+    """Decode each sample's image: the first of its study's DICOMs that decodes.
+
+    Per sample: {"image": .npy bytes or None, "meta": image metadata, "quarantine": records of the
+    files that failed, "skipped": records of the study's other images, left out}.
+    """
+    from jepa_ray.data.dicom import read_image
+    from jepa_ray.errors import InvalidDicomError
+
+    out: list[dict[str, Any]] = []
+    for s in samples:
+        res: dict[str, Any] = {"image": None, "meta": {}, "quarantine": [], "skipped": []}
+        for path, source in s.dicoms:
+            if res["image"] is not None:
+                res["skipped"].append(
+                    {
+                        "input": source,
+                        "reason": "extra_image_in_study",
+                        "detail": "one image per study is kept (frontal view preferred)",
+                    }
+                )
+                continue
+            try:
+                header, image, image_meta = read_image(path, image_cfg)
+            except InvalidDicomError as e:
+                res["quarantine"].append(
+                    {"input": source, "kind": "dicom", "reason": e.reason, "detail": e.detail}
+                )
+                continue
+            res["image"] = encode_npy(image)
+            res["meta"] = {"image": image_meta, "dicom": header.safe}
+        out.append(res)
+    return out
+
+
+def write_shard(
+    name: str,
+    split: str,
+    fingerprint: str,
+    samples: list[SampleSpec],
+    decoded: list[dict[str, Any]],
+    out_url: str,
+    storage: StorageConfig,
+) -> dict[str, Any]:
+    """Write one shard atomically and its sidecar; return the sidecar record."""
+    import webdataset as wds
+
+    store = Store(out_url, storage)
+    counts: Counter[str] = Counter()
+    quarantine: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    labels: Counter[str] = Counter()
+    sites: Counter[str] = Counter()
+    fd, tmp = tempfile.mkstemp(prefix=f"jepa-ray-{name}.", suffix=".tar")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = wds.TarWriter(f, user="jepa-ray", group="jepa-ray", mode=0o444, encoder=False, mtime=0.0)
+            for spec, dec in zip(samples, decoded, strict=True):
+                image = dec["image"]
+                quarantine.extend(dec["quarantine"])
+                skipped.extend(dec["skipped"])
+                if image is None and spec.ehr is None:
+                    continue  # the image was all this sample had, and it is quarantined
+                meta = dict(spec.meta)
+                meta["has_image"] = image is not None
+                meta["has_ehr"] = spec.ehr is not None
+                meta.update(dec["meta"])
+                sample: dict[str, Any] = {"__key__": spec.key, "meta.json": dumps(meta)}
+                if image is not None:
+                    sample["image.npy"] = image
+                if spec.ehr is not None:
+                    sample["ehr.npz"] = spec.ehr
+                writer.write(sample)
+                counts["samples"] += 1
+                counts["image"] += image is not None
+                counts["ehr"] += spec.ehr is not None
+                counts["paired"] += image is not None and spec.ehr is not None
+                sites[meta.get("site", "site-unknown")] += 1
+                for label, value in (meta.get("labels") or {}).items():
+                    labels[label] += bool(value)
+            writer.close()
+        sha = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+        size = os.path.getsize(tmp)
+        store.put_file(tmp, f"{name}.tar")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    record = {
+        "name": f"{name}.tar",
+        "split": split,
+        "fingerprint": fingerprint,
+        "samples": counts["samples"],
+        "image": counts["image"],
+        "ehr": counts["ehr"],
+        "paired": counts["paired"],
+        "bytes": size,
+        "sha256": sha.hexdigest(),
+        "sites": dict(sites),
+        "label_positives": dict(labels),
+        "quarantine": quarantine,
+        "skipped": skipped,
+    }
+    store.write_bytes(f"{PARTS_DIR}/{name}.json", dumps(record))
+    return record
+
+
+def read_sidecar(store: Store, name: str) -> dict[str, Any] | None:
+    """A shard's sidecar, or None when missing or unreadable (the shard is then rewritten)."""
+    try:
+        return json.loads(store.read_bytes(f"{PARTS_DIR}/{name}.json"))
+    except Exception:
+        return None
