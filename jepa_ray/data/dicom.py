@@ -36,8 +36,6 @@ from typing import Any
 import numpy as np
 import pydicom
 import pydicom.errors
-import torch
-import torch.nn.functional as F
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
@@ -570,6 +568,9 @@ def _to_square(v: np.ndarray, a: float, b: float, inverted: bool, size: int) -> 
     h, w = max(1, min(size, round(rows * scale))), max(1, min(size, round(cols * scale)))
     np.clip(v, min(a, b), max(a, b), out=v)  # before resizing, so outliers do not bleed into neighbours
     if (h, w) != (rows, cols):
+        import torch  # imported here: a header scan should not pay for torch
+        import torch.nn.functional as F
+
         t = torch.from_numpy(np.ascontiguousarray(v))[None, None]  # (1, 1, rows, cols)
         v = F.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
     y = (v - a) / (b - a)  # affine, so it commutes with the resize and runs on the small image

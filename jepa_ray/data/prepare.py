@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,14 +26,13 @@ from jepa_ray.data.manifest import MANIFEST, build_manifest, read_manifest
 from jepa_ray.data.shards import (
     PARTS_DIR,
     SampleSpec,
-    decode_images,
     dumps,
     encode_npz,
     read_sidecar,
     shard_fingerprint,
-    write_shard,
 )
 from jepa_ray.data.storage import Store
+from jepa_ray.data.tasks import ray_map, scan_headers, write_shards
 from jepa_ray.errors import PrepareError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,18 @@ class PrepareResult:
     skipped: int
     ok: bool
     problems: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._t
+        self._t = now
 
 
 def _to_us(t: datetime | None) -> int | None:
@@ -64,65 +76,6 @@ def _list_dicom_files(root: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
     return files
-
-
-def _scan_chunk(paths: list[str]) -> list[Any]:
-    """Read the headers of some files: a DicomHeader or a quarantine record per path."""
-    from jepa_ray.data.dicom import read_header
-    from jepa_ray.errors import InvalidDicomError
-
-    out: list[Any] = []
-    for p in paths:
-        try:
-            out.append(read_header(p))
-        except InvalidDicomError as e:
-            out.append({"path": p, "reason": e.reason, "detail": e.detail})
-    return out
-
-
-def _ray_map(fn, chunks: list[Any], desc: str, show_progress: bool, max_in_flight: int = 64) -> list[Any]:
-    """Run `fn(chunk)` as Ray tasks with bounded concurrency; results in chunk order."""
-    import ray
-
-    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
-    results: list[Any] = [None] * len(chunks)
-    pending: dict[Any, int] = {}
-    it = iter(enumerate(chunks))
-    with _progress(desc, len(chunks), show_progress) as advance:
-        for i, chunk in it:
-            pending[remote.remote(chunk)] = i
-            if len(pending) >= max_in_flight:
-                break
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done[0])
-            results[i] = ray.get(done[0])
-            advance()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending[remote.remote(nxt[1])] = nxt[0]
-    return results
-
-
-class _progress:
-    """A rich progress bar when wanted, a no-op otherwise."""
-
-    def __init__(self, desc: str, total: int, enabled: bool) -> None:
-        self.desc, self.total, self.enabled = desc, total, enabled
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-
-        self._p = Progress(transient=False)
-        self._p.start()
-        task = self._p.add_task(self.desc, total=self.total)
-        return lambda: self._p.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._p.stop()
 
 
 def _rank_images(headers: list[Any]) -> list[Any]:
@@ -159,6 +112,7 @@ def prepare(
     quarantine: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
 
+    clock = _Clock()
     # -- EHR tables (driver) ----------------------------------------------------------------------
     tables = ehrlib.EhrTables()
     if meds is not None:
@@ -169,6 +123,7 @@ def prepare(
         ehrlib.read_outcomes(outcomes, tables)
     id_map = ehrlib.read_id_map(cfg.ehr.id_map) if cfg.ehr.id_map else None
 
+    clock.lap("ehr")
     # -- DICOM header scan (Ray tasks) -----------------------------------------------------------
     dicom_root = Path(dicom).resolve() if dicom else None
     headers: list[Any] = []
@@ -179,7 +134,7 @@ def prepare(
         step = cfg.files_per_task
         chunks = [files[i : i + step] for i in range(0, len(files), step)]
         for item in (
-            x for chunk in _ray_map(_scan_chunk, chunks, "scan DICOM", show_progress) for x in chunk
+            x for chunk in ray_map(scan_headers, chunks, "scan DICOM", show_progress) for x in chunk
         ):
             if isinstance(item, dict):
                 quarantine.append(
@@ -193,6 +148,7 @@ def prepare(
             else:
                 headers.append(item)
 
+    clock.lap("scan")
     # -- link images to subjects, group into studies ----------------------------------------------
     studies: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for h in headers:
@@ -313,8 +269,9 @@ def prepare(
             todo.append((name, split, fp, specs))
     logger.info("%d shards planned, %d already written, %d to write", len(plan), len(records), len(todo))
 
+    clock.lap("plan")
     # -- decode + write (Ray tasks) ---------------------------------------------------------------
-    failures = _write_shards(todo, cfg, out, records, show_progress)
+    failures = write_shards(todo, cfg, out, records, show_progress)
     _remove_stale(store, {name for name, _, _ in plan})
     if failures:
         raise PrepareError(
@@ -323,6 +280,7 @@ def prepare(
             + f". The other shards are kept: rerun the same command to resume ({out})."
         )
 
+    clock.lap("write")
     # -- manifest ---------------------------------------------------------------------------------
     ordered = [records[name] for name, _, _ in plan]
     for r in ordered:
@@ -339,7 +297,11 @@ def prepare(
         extra=dict(stats),
     )
     store.write_bytes(MANIFEST, dumps(manifest))
-    return _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
+    clock.lap("manifest")
+    logger.info("prepare phases (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in clock.laps.items()))
+    result = _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
+    result.seconds = clock.laps
+    return result
 
 
 def _rel(path: str, root: Path | None) -> str:
@@ -420,46 +382,6 @@ def _sample_meta(
         tte[name] = {"days": round(days, 4), "event": event}
     meta["tte"] = tte
     return meta
-
-
-def _write_shards(
-    todo: list[tuple[str, str, str, list[SampleSpec]]],
-    cfg: PrepareConfig,
-    out: str,
-    records: dict[str, dict[str, Any]],
-    show_progress: bool,
-) -> list[tuple[str, str]]:
-    """Decode and write the shards still to do; returns (shard, error) for those that failed."""
-    import ray
-
-    decode = ray.remote(num_cpus=1, max_retries=2)(decode_images)
-    write = ray.remote(num_cpus=0.25, max_retries=2)(_write_from_chunks)
-    max_shards = max(2, int(ray.available_resources().get("CPU", 2)) * 2)
-    failures: list[tuple[str, str]] = []
-    pending: dict[Any, str] = {}
-    queue = list(todo)
-    step = cfg.files_per_task
-    with _progress("write shards", len(todo), show_progress) as advance:
-        while queue or pending:
-            while queue and len(pending) < max_shards:
-                name, split, fp, specs = queue.pop(0)
-                chunks = [specs[i : i + step] for i in range(0, len(specs), step)]
-                refs = [decode.remote(c, cfg.image) for c in chunks]
-                pending[write.remote(name, split, fp, specs, out, cfg.storage, *refs)] = name
-            done, _ = ray.wait(list(pending), num_returns=1)
-            name = pending.pop(done[0])
-            try:
-                records[name] = ray.get(done[0])
-            except Exception as e:  # a task that failed after its retries: report it, keep the rest
-                cause = getattr(e, "cause", None) or e
-                failures.append((name, f"{type(cause).__name__}: {cause}"[:300]))
-            advance()
-    return failures
-
-
-def _write_from_chunks(name, split, fp, specs, out, storage, *chunks):
-    decoded = [d for chunk in chunks for d in chunk]
-    return write_shard(name, split, fp, specs, decoded, out, storage)
 
 
 def _remove_stale(store: Store, planned: set[str]) -> None:
