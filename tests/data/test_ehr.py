@@ -14,13 +14,17 @@ def _write_meds(tmp_path):
     d = tmp_path / "meds" / "data"
     d.mkdir(parents=True)
     t = pd.to_datetime
-    table = pa.table({
-        "subject_id": pa.array([1, 1, 1, 1, 2, 2], pa.int64()),
-        "time": pa.array([None, t("2020-01-01"), t("2020-01-10"), t("2020-01-20"), t("2020-01-05"),
-                          t("2020-02-01")], pa.timestamp("us")),
-        "code": ["GENDER//F", "LAB//A", "LAB//B", "LAB//A", "LAB//C", "LAB//A"],
-        "numeric_value": pa.array([None, 1.0, 2.0, 3.0, None, 5.0], pa.float32()),
-    })
+    table = pa.table(
+        {
+            "subject_id": pa.array([1, 1, 1, 1, 2, 2], pa.int64()),
+            "time": pa.array(
+                [None, t("2020-01-01"), t("2020-01-10"), t("2020-01-20"), t("2020-01-05"), t("2020-02-01")],
+                pa.timestamp("us"),
+            ),
+            "code": ["GENDER//F", "LAB//A", "LAB//B", "LAB//A", "LAB//C", "LAB//A"],
+            "numeric_value": pa.array([None, 1.0, 2.0, 3.0, None, 5.0], pa.float32()),
+        }
+    )
     pq.write_table(table, d / "0.parquet")
     return tmp_path / "meds"
 
@@ -52,8 +56,14 @@ def test_vocab_and_stats_come_from_training_subjects_only(tmp_path):
 
 def test_static_table_types_and_missingness(tmp_path):
     tables = ehr.read_meds(_write_meds(tmp_path))
-    static = pd.DataFrame({"subject_id": [1, 2], "age": [60.0, None], "sex": ["F", None],
-                           "visit": pd.to_datetime(["2020-01-01", "2020-01-02"])})
+    static = pd.DataFrame(
+        {
+            "subject_id": [1, 2],
+            "age": [60.0, None],
+            "sex": ["F", None],
+            "visit": pd.to_datetime(["2020-01-01", "2020-01-02"]),
+        }
+    )
     static.to_parquet(tmp_path / "static.parquet")
     ehr.read_static(tmp_path / "static.parquet", tables)
     assert tables.static_numeric == ["age"] and tables.static_categorical == ["sex"]
@@ -67,11 +77,16 @@ def test_static_table_types_and_missingness(tmp_path):
 
 def test_outcome_conventions(tmp_path):
     tables = ehr.read_meds(_write_meds(tmp_path))
-    oc = pd.DataFrame({
-        "subject_id": [1, 2], "index_time": pd.to_datetime(["2020-01-15", None]),
-        "sick": [True, False], "death_time": pd.to_datetime(["2021-01-01", None]),
-        "death_event": [True, True], "note": ["x", "y"],
-    })
+    oc = pd.DataFrame(
+        {
+            "subject_id": [1, 2],
+            "index_time": pd.to_datetime(["2020-01-15", None]),
+            "sick": [True, False],
+            "death_time": pd.to_datetime(["2021-01-01", None]),
+            "death_event": [True, True],
+            "note": ["x", "y"],
+        }
+    )
     oc.to_parquet(tmp_path / "outcomes.parquet")
     ehr.read_outcomes(tmp_path / "outcomes.parquet", tables)
     assert tables.label_names == ["sick"] and tables.tte_names == ["death"]

@@ -117,7 +117,9 @@ def test_sample_content(prepared):
 def test_no_phi_in_any_output_byte(prepared, small_cohort, caplog):
     out, _ = prepared
     planted = json.loads((small_cohort / "phi_planted.json").read_text())
-    values = sorted({str(v) for v in (planted if isinstance(planted, list) else _flatten(planted)) if len(str(v)) >= 4})
+    values = sorted(
+        {str(v) for v in (planted if isinstance(planted, list) else _flatten(planted)) if len(str(v)) >= 4}
+    )
     assert len(values) > 20
     subject_ids = pd.read_parquet(small_cohort / "latents.parquet")["subject_id"].astype(str)
     values += list(subject_ids)
@@ -192,7 +194,9 @@ def test_vocab_is_fit_on_the_training_split_only(ray_session, small_cohort, tmp_
     f = files[0]
     t = pq.read_table(f)
     df = t.to_pandas()
-    non_train = [s for s in df.subject_id.unique() if pz.unit(pz.subject(str(s))) < cfg.split.test + cfg.split.val]
+    non_train = [
+        s for s in df.subject_id.unique() if pz.unit(pz.subject(str(s))) < cfg.split.test + cfg.split.val
+    ]
     assert non_train, "the cohort has no validation/test subject with events"
     row = df[df.subject_id == non_train[0]].iloc[[0]].copy()
     row["code"] = "SECRET//ONLY_IN_TEST"
@@ -229,7 +233,9 @@ def test_rerun_skips_everything(ray_session, prepared, small_cohort):
     out, _ = prepared
     before = tree_digest(out)
     result = prepare(str(out), _cfg(), **_inputs(small_cohort))
-    assert result.written == 0 and result.skipped == len(json.loads((out / "manifest.json").read_text())["shards"])
+    assert result.written == 0 and result.skipped == len(
+        json.loads((out / "manifest.json").read_text())["shards"]
+    )
     assert tree_digest(out) == before
 
 
@@ -268,7 +274,9 @@ def test_cli_prepare_and_inspect(ray_session, small_cohort, prepared, tmp_path):
     assert "all" in r.output and "match their sha256" in r.output
     r = runner.invoke(app, ["inspect", str(out), "--json"])
     summary = json.loads(r.output)
-    assert summary["counts"]["samples"] == json.loads((out / "manifest.json").read_text())["counts"]["samples"]
+    assert (
+        summary["counts"]["samples"] == json.loads((out / "manifest.json").read_text())["counts"]["samples"]
+    )
     # a corrupted shard is caught by --verify
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
@@ -294,7 +302,10 @@ def test_s3_end_to_end(ray_session, small_cohort, s3_bucket, prepared):
     m = json.loads(fs.cat_file(f"{bucket}/cohort/v1/manifest.json"))
     # same inputs, same salt: the same shards, whether local or on S3
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in local_m["shards"]]
-    assert fs.cat_file(f"{bucket}/cohort/v1/{m['shards'][0]['name']}") == (local / m["shards"][0]["name"]).read_bytes()
+    assert (
+        fs.cat_file(f"{bucket}/cohort/v1/{m['shards'][0]['name']}")
+        == (local / m["shards"][0]["name"]).read_bytes()
+    )
     r = CliRunner().invoke(app, ["inspect", url, "--verify", f"prepare.storage.endpoint_url={endpoint}"])
     assert r.exit_code == 0, r.output
     # rerun on S3 skips every finished shard
