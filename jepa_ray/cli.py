@@ -62,7 +62,7 @@ def synth(
         )
         scfg = type(scfg).model_validate(scfg.model_dump())
         summary = write_cohort(out, scfg)
-    except (JepaRayError, ValueError) as e:
+    except (JepaRayError, ValueError, FileExistsError) as e:
         raise _fail(e) from None
     console.print(f"cohort written to {out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 

@@ -474,14 +474,26 @@ def _write_truth(out: Path, co: _Cohort, rng: np.random.Generator) -> None:
 def write_cohort(out: Path, cfg: SynthConfig, *, workers: int = 1) -> dict[str, float]:
     """Write a synthetic cohort under `out` (which must be empty or absent); returns a summary.
 
+    When `out` already holds a complete cohort written with the same config, nothing is written
+    and its summary is returned, so that a demo script can be rerun.
+
     With `workers` > 1 the images are drawn in that many spawned processes (the caller's main
     module must then be import-safe, as for any `multiprocessing` use); the files are
     byte-identical for any number of workers.
     """
     t0 = time.perf_counter()
     out = Path(out)
+    record = out / "synth.json"
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"synthetic cohort output {out}: directory is not empty; choose a new one")
+        if record.exists():
+            done = json.loads(record.read_text())
+            if done.get("config") == cfg.model_dump(mode="json"):
+                logger.info("synthetic cohort already complete in %s (same config): nothing to do", out)
+                return done["summary"]
+        raise FileExistsError(
+            f"synthetic cohort output {out}: directory is not empty (and holds no cohort of this config); "
+            "choose a new one"
+        )
     out.mkdir(parents=True, exist_ok=True)
     seed = cfg.seed % 2**64  # SeedSequence wants non-negative entropy; negative seeds stay distinct
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
@@ -504,5 +516,8 @@ def write_cohort(out: Path, cfg: SynthConfig, *, workers: int = 1) -> dict[str, 
         "both": int((co.has_image & co.has_ehr).sum()),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    # written last: its presence marks a complete cohort
+    stable = {k: v for k, v in summary.items() if k != "seconds"}  # the cohort's bytes stay deterministic
+    record.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "summary": stable}, indent=1) + "\n")
     logger.info("synthetic cohort written: %s", summary)
     return summary

@@ -406,4 +406,16 @@ def test_bad_config_and_occupied_output_are_rejected(cohort):
     with pytest.raises(ValidationError, match="min_size"):
         SynthConfig(min_size=512, max_size=256)
     with pytest.raises(FileExistsError, match="not empty"):
-        write_cohort(cohort[0], CFG)
+        write_cohort(cohort[0], CFG.model_copy(update={"seed": CFG.seed + 1}))
+
+
+def test_rerun_with_the_same_config_is_a_no_op_and_another_config_is_refused(tmp_path):
+    cfg = SynthConfig(subjects=6, seed=3, min_size=64, max_size=80)
+    out = tmp_path / "c"
+    first = write_cohort(out, cfg)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = write_cohort(out, cfg)
+    assert again["images"] == first["images"] and "seconds" not in again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_cohort(out, SynthConfig(subjects=7, seed=3, min_size=64, max_size=80))
