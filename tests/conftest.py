@@ -57,9 +57,8 @@ def s3_bucket(s3_endpoint, request):
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory):
     """A small synthetic cohort written once per session (tests must not modify it)."""
-    from jepa_ray.data.synth import write_cohort
-
     from jepa_ray.config import SynthConfig
+    from jepa_ray.data.synth import write_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     write_cohort(out, SynthConfig(subjects=40, seed=7, min_size=96, max_size=160))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -16,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from typer.testing import CliRunner
 
 from jepa_ray.cli import app
@@ -114,7 +116,7 @@ def test_sample_content(prepared):
         assert s["__shard__"].decode().startswith(meta["split"] + "-")
 
 
-def test_no_phi_in_any_output_byte(prepared, small_cohort, caplog):
+def test_no_phi_in_any_output_byte(ray_session, prepared, small_cohort, caplog):
     out, _ = prepared
     planted = json.loads((small_cohort / "phi_planted.json").read_text())
     values = sorted(
@@ -124,6 +126,14 @@ def test_no_phi_in_any_output_byte(prepared, small_cohort, caplog):
     subject_ids = pd.read_parquet(small_cohort / "latents.parquet")["subject_id"].astype(str)
     values += list(subject_ids)
     blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
+    # the logs too: Ray's worker logs of this session (decoders, pydicom warnings) ...
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    blobs += [p.read_bytes() for p in logs.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
+    # ... and the driver's, for a rerun at DEBUG level
+    with caplog.at_level(logging.DEBUG):
+        prepare(str(out), _cfg(), **_inputs(small_cohort))
+    blobs.append(caplog.text.encode())
+    assert b"shards planned" in blobs[-1], f"the driver logged nothing: {caplog.text[:300]!r}"
     for tar in out.glob("*.tar"):  # also the decoded member names and contents
         with tarfile.open(tar) as tf:
             blobs.append("\n".join(tf.getnames()).encode())
