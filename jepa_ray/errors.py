@@ -11,8 +11,8 @@ class ConfigError(JepaRayError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
 
 
-class InvalidDicomError(JepaRayError):
-    """A DICOM input cannot be used; `reason` is a short machine-readable category."""
+class InvalidInputError(JepaRayError):
+    """An input file cannot be used; `reason` is a short machine-readable category."""
 
     def __init__(self, path: str, reason: str, detail: str) -> None:
         self.path = str(path)
@@ -21,14 +21,12 @@ class InvalidDicomError(JepaRayError):
         super().__init__(f"{self.path}: {reason}: {detail}")
 
 
-class InvalidEhrError(JepaRayError):
+class InvalidDicomError(InvalidInputError):
+    """A DICOM input cannot be used."""
+
+
+class InvalidEhrError(InvalidInputError):
     """An EHR input (MEDS parquet, static or outcome table) cannot be used."""
-
-    def __init__(self, path: str, reason: str, detail: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{self.path}: {reason}: {detail}")
 
 
 class PrepareError(JepaRayError):

@@ -63,3 +63,18 @@ def small_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
     write_cohort(out, SynthConfig(subjects=40, seed=7, min_size=96, max_size=160))
     return out
+
+
+def _cohort_inputs(root) -> dict[str, str]:
+    return {
+        "dicom": str(root / "dicom"),
+        "meds": str(root / "meds"),
+        "static": str(root / "static.parquet"),
+        "outcomes": str(root / "outcomes.parquet"),
+    }
+
+
+@pytest.fixture(scope="session")
+def cohort_inputs():
+    """A function: cohort directory → the keyword arguments `prepare` takes for it."""
+    return _cohort_inputs

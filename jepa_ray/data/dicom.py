@@ -39,7 +39,14 @@ import pydicom.errors
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+)
 
 from jepa_ray.config import ImageConfig
 from jepa_ray.errors import InvalidDicomError
@@ -413,6 +420,9 @@ def _check_pixel_module(ds: Dataset, path: str, header: DicomHeader) -> tuple[in
     return rows, cols
 
 
+_J2K_SYNTAXES = {JPEG2000Lossless, JPEG2000}
+
+
 def _decode(ds: Dataset, path: str, rows: int, cols: int) -> np.ndarray:
     """The stored pixel values, (rows, cols), decoded with whichever plugin pydicom finds."""
     meta = ds.file_meta if hasattr(ds, "file_meta") else None
@@ -450,8 +460,19 @@ def _decode(ds: Dataset, path: str, rows: int, cols: int) -> np.ndarray:
         raise InvalidDicomError(
             path, "decode_failed", f"no decoder installed for {name}; install one of: {need}"
         )
+    preferred = decoder is not None and ts in _J2K_SYNTAXES and "pylibjpeg" in decoder.available_plugins
+    if preferred:
+        # openjpeg through pylibjpeg is single-threaded and, per core, faster than gdcm's threaded
+        # decoder: the right choice when every core already runs a decoding worker
+        ds.pixel_array_options(decoding_plugin="pylibjpeg")
     try:
-        arr = ds.pixel_array
+        try:
+            arr = ds.pixel_array
+        except Exception:
+            if not preferred:
+                raise
+            ds.pixel_array_options(decoding_plugin="")  # any other installed plugin may still read it
+            arr = ds.pixel_array
     except BaseException as e:  # anything from struct.error to a Rust PanicException (a BaseException)
         if isinstance(e, KeyboardInterrupt | SystemExit):
             raise

@@ -78,7 +78,9 @@ def write_shards(
     import ray
 
     decode = ray.remote(num_cpus=1, max_retries=2)(decode_images)
-    write = ray.remote(num_cpus=0.25, max_retries=2)(_write_from_chunks)
+    # a whole CPU: writers then reuse the decode workers instead of starting (and importing into)
+    # extra worker processes that would compete with decoding
+    write = ray.remote(num_cpus=1, max_retries=2)(_write_from_chunks)
     max_shards = max(2, int(ray.available_resources().get("CPU", 2)) * 2)
     failures: list[tuple[str, str]] = []
     pending: dict[Any, str] = {}

@@ -35,15 +35,6 @@ def _cfg(**overrides) -> PrepareConfig:
     return load_config(overrides=base + [f"prepare.{k}={v}" for k, v in overrides.items()]).prepare
 
 
-def _inputs(cohort: Path) -> dict[str, str]:
-    return {
-        "dicom": str(cohort / "dicom"),
-        "meds": str(cohort / "meds"),
-        "static": str(cohort / "static.parquet"),
-        "outcomes": str(cohort / "outcomes.parquet"),
-    }
-
-
 def read_samples(out: Path) -> dict[str, dict[str, bytes]]:
     """Every sample of every shard under `out`, grouped by key."""
     samples: dict[str, dict[str, bytes]] = defaultdict(dict)
@@ -65,9 +56,9 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_session, small_cohort, tmp_path_factory):
+def prepared(ray_session, small_cohort, tmp_path_factory, cohort_inputs):
     out = tmp_path_factory.mktemp("shards")
-    result = prepare(str(out), _cfg(), **_inputs(small_cohort))
+    result = prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
     return out, result
 
 
@@ -116,7 +107,7 @@ def test_sample_content(prepared):
         assert s["__shard__"].decode().startswith(meta["split"] + "-")
 
 
-def test_no_phi_in_any_output_byte(ray_session, prepared, small_cohort, caplog):
+def test_no_phi_in_any_output_byte(ray_session, prepared, small_cohort, caplog, cohort_inputs):
     out, _ = prepared
     planted = json.loads((small_cohort / "phi_planted.json").read_text())
     values = sorted(
@@ -131,7 +122,7 @@ def test_no_phi_in_any_output_byte(ray_session, prepared, small_cohort, caplog):
     blobs += [p.read_bytes() for p in logs.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
     # ... and the driver's, for a rerun at DEBUG level
     with caplog.at_level(logging.DEBUG):
-        prepare(str(out), _cfg(), **_inputs(small_cohort))
+        prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
     blobs.append(caplog.text.encode())
     assert b"shards planned" in blobs[-1], f"the driver logged nothing: {caplog.text[:300]!r}"
     for tar in out.glob("*.tar"):  # also the decoded member names and contents
@@ -194,7 +185,7 @@ def test_splits_never_share_a_subject(prepared):
     assert len(subject_splits) > 30
 
 
-def test_vocab_is_fit_on_the_training_split_only(ray_session, small_cohort, tmp_path):
+def test_vocab_is_fit_on_the_training_split_only(ray_session, small_cohort, tmp_path, cohort_inputs):
     """A code that only non-training subjects have must map to <unk>, not get an id."""
     cohort = tmp_path / "cohort"
     shutil.copytree(small_cohort, cohort)
@@ -212,20 +203,22 @@ def test_vocab_is_fit_on_the_training_split_only(ray_session, small_cohort, tmp_
     row["code"] = "SECRET//ONLY_IN_TEST"
     pq.write_table(pa.Table.from_pandas(pd.concat([df, row]), schema=t.schema, preserve_index=False), f)
     out = tmp_path / "out"
-    prepare(str(out), cfg, **_inputs(cohort))
+    prepare(str(out), cfg, **cohort_inputs(cohort))
     m = json.loads((out / "manifest.json").read_text())
     assert "SECRET//ONLY_IN_TEST" not in m["ehr"]["codes"]
     assert m["ehr"]["static_numeric"][0]["name"] in ("age", "bmi")
 
 
-def test_interrupted_prepare_resumes_to_identical_shards(ray_session, small_cohort, prepared, tmp_path):
+def test_interrupted_prepare_resumes_to_identical_shards(
+    ray_session, small_cohort, prepared, tmp_path, cohort_inputs
+):
     full, _ = prepared
     out = tmp_path / "out"
     # A directory where a shard must go makes that shard's task fail, as a crash would.
     blocked = sorted(p.name for p in full.glob("train-*.tar"))[1]
     (out / blocked).mkdir(parents=True)
     with pytest.raises(PrepareError, match="rerun the same command"):
-        prepare(str(out), _cfg(), **_inputs(small_cohort))
+        prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
     assert not (out / "manifest.json").exists()
     written = sorted(p.name for p in out.glob("*.tar") if p.is_file())
     assert written and blocked not in written
@@ -233,30 +226,30 @@ def test_interrupted_prepare_resumes_to_identical_shards(ray_session, small_coho
     # also lose one finished shard, and leave a stale one from an older plan behind
     (out / written[0]).unlink()
     (out / "train-999999.tar").write_bytes(b"stale")
-    result = prepare(str(out), _cfg(), **_inputs(small_cohort))
+    result = prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
     assert result.ok
     assert result.skipped == len(written) - 1
     assert tree_digest(out) == tree_digest(full)
 
 
-def test_rerun_skips_everything(ray_session, prepared, small_cohort):
+def test_rerun_skips_everything(ray_session, prepared, small_cohort, cohort_inputs):
     out, _ = prepared
     before = tree_digest(out)
-    result = prepare(str(out), _cfg(), **_inputs(small_cohort))
+    result = prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
     assert result.written == 0 and result.skipped == len(
         json.loads((out / "manifest.json").read_text())["shards"]
     )
     assert tree_digest(out) == before
 
 
-def test_another_salt_is_refused(ray_session, prepared, small_cohort, monkeypatch):
+def test_another_salt_is_refused(ray_session, prepared, small_cohort, monkeypatch, cohort_inputs):
     out, _ = prepared
     monkeypatch.setenv("JEPA_RAY_SALT", "a-different-salt")
     with pytest.raises(PrepareError, match="another salt"):
-        prepare(str(out), _cfg(), **_inputs(small_cohort))
+        prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
 
 
-def test_external_site_split(ray_session, small_cohort, tmp_path):
+def test_external_site_split(ray_session, small_cohort, tmp_path, cohort_inputs):
     import pydicom
 
     first = next((small_cohort / "dicom").rglob("*.dcm"))
@@ -264,7 +257,7 @@ def test_external_site_split(ray_session, small_cohort, tmp_path):
     out = tmp_path / "out"
     cfg = _cfg()
     cfg.split.external_sites = [site]
-    prepare(str(out), cfg, **_inputs(small_cohort))
+    prepare(str(out), cfg, **cohort_inputs(small_cohort))
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["external"]["samples"] > 0
     assert site.encode() not in (out / "manifest.json").read_bytes()
@@ -298,13 +291,13 @@ def test_cli_prepare_and_inspect(ray_session, small_cohort, prepared, tmp_path):
     assert r.exit_code == 1 and "sha256 mismatch" in r.output and shard.name in r.output
 
 
-def test_s3_end_to_end(ray_session, small_cohort, s3_bucket, prepared):
+def test_s3_end_to_end(ray_session, small_cohort, s3_bucket, prepared, cohort_inputs):
     import s3fs
 
     endpoint, bucket = s3_bucket
     url = f"s3://{bucket}/cohort/v1"
     cfg = _cfg(**{"storage.endpoint_url": endpoint})
-    result = prepare(url, cfg, **_inputs(small_cohort))
+    result = prepare(url, cfg, **cohort_inputs(small_cohort))
     assert result.ok
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
     local, _ = prepared
@@ -319,5 +312,5 @@ def test_s3_end_to_end(ray_session, small_cohort, s3_bucket, prepared):
     r = CliRunner().invoke(app, ["inspect", url, "--verify", f"prepare.storage.endpoint_url={endpoint}"])
     assert r.exit_code == 0, r.output
     # rerun on S3 skips every finished shard
-    again = prepare(url, cfg, **_inputs(small_cohort))
+    again = prepare(url, cfg, **cohort_inputs(small_cohort))
     assert again.written == 0

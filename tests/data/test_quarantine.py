@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -60,17 +59,10 @@ def dirty_cohort(small_cohort, tmp_path_factory):
     return root
 
 
-def _inputs(root: Path) -> dict[str, str]:
-    return {
-        "dicom": str(root / "dicom"),
-        "meds": str(root / "meds"),
-        "static": str(root / "static.parquet"),
-        "outcomes": str(root / "outcomes.parquet"),
-    }
-
-
-def test_each_bad_input_is_quarantined_with_its_reason(ray_session, dirty_cohort, small_cohort, tmp_path):
-    result = prepare(str(tmp_path / "out"), _cfg(), **_inputs(dirty_cohort))
+def test_each_bad_input_is_quarantined_with_its_reason(
+    ray_session, dirty_cohort, small_cohort, tmp_path, cohort_inputs
+):
+    result = prepare(str(tmp_path / "out"), _cfg(), **cohort_inputs(dirty_cohort))
     m = result.manifest
     items = m["quarantine"]["items"]
     by_input = {q["input"]: q for q in items}
@@ -97,9 +89,9 @@ def test_each_bad_input_is_quarantined_with_its_reason(ray_session, dirty_cohort
     assert m["ehr"]["event_rows"] >= 5
 
 
-def test_too_much_quarantine_fails_with_a_summary(ray_session, dirty_cohort, tmp_path):
+def test_too_much_quarantine_fails_with_a_summary(ray_session, dirty_cohort, tmp_path, cohort_inputs):
     args = ["prepare", "--out", str(tmp_path / "out")]
-    for k, v in _inputs(dirty_cohort).items():
+    for k, v in cohort_inputs(dirty_cohort).items():
         args += [f"--{k}", v]
     r = CliRunner().invoke(app, [*args, "prepare.image.size=64", "prepare.max_quarantine_fraction=0.01"])
     assert r.exit_code == 1, r.output
