@@ -92,6 +92,12 @@ class EhrTables:
     quarantine: list[Quarantined] = field(default_factory=list)
     event_rows: int = 0
     event_files: int = 0
+    # every kept MEDS row, sorted by subject then time, for vectorised statistics
+    row_keys: list[str] = field(default_factory=list)  # subject key per subject ordinal
+    row_subject: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # ordinal per row
+    row_code: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    row_value: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    vocab_ids: np.ndarray | None = None  # vocabulary id per code_names entry, set by fit_vocab
 
     def subjects(self) -> set[str]:
         """Subjects with any EHR (events or a static row)."""
@@ -117,14 +123,13 @@ def meds_files(meds: str | Path) -> list[Path]:
     return files
 
 
-def _key_strings(col: pa.ChunkedArray) -> np.ndarray:
-    """Subject ids as strings (the join key with DICOM PatientID); None for nulls."""
-    if pa.types.is_floating(col.type):
-        arr = col.to_numpy(zero_copy_only=False)
-        return np.array(
-            [None if not np.isfinite(v) or v != int(v) else str(int(v)) for v in arr], dtype=object
-        )
-    return np.array([None if v is None else str(v).strip() or None for v in col.to_pylist()], dtype=object)
+def _key_strings(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Subject ids as trimmed strings (the join key with DICOM PatientID); null where unusable."""
+    if pa.types.is_floating(col.type):  # ids that went through a float column: keep whole numbers only
+        whole = pc.and_(pc.is_finite(col), pc.equal(col, pc.floor(col)))
+        col = pc.if_else(whole, pc.cast(pc.floor(col), pa.int64(), safe=False), pa.scalar(None, pa.int64()))
+    text = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
 
 
 def _parse_times(raw: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -146,15 +151,49 @@ def _parse_times(raw: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 _NAT = np.iinfo(np.int64).min
 
 
-def read_meds(meds: str | Path, tables: EhrTables | None = None) -> EhrTables:
-    """Read MEDS event files into per-subject arrays; bad files and rows are quarantined."""
-    tables = tables or EhrTables()
+def _event_columns(table: pa.Table, rel: str, tables: EhrTables) -> pa.Table:
+    """One file's rows as (subject, time_us, code, value), bad rows quarantined with their numbers."""
+    n = table.num_rows
+    keys = _key_strings(table["subject_id"])
+    times, bad_time = _parse_times(table["time"].to_pandas())
+    code = pc.utf8_trim_whitespace(table["code"].cast(pa.string()))
+    if "numeric_value" in table.column_names:
+        value64 = table["numeric_value"].cast(pa.float64())
+        non_finite = pc.fill_null(pc.invert(pc.is_finite(value64)), False)
+        value = value64.cast(pa.float32(), safe=False)
+    else:
+        value = pa.nulls(n, pa.float32())
+        non_finite = pa.array(np.zeros(n, dtype=bool))
+    checks = [
+        (pc.is_null(keys), "missing_subject", "subject_id is null"),
+        (bad_time, "unparsable_time", "time is not a parsable date-time"),
+        (pc.fill_null(pc.equal(code, ""), True), "missing_code", "code is null or empty"),
+        (non_finite, "non_finite_value", "numeric_value is NaN or infinite (use null for no value)"),
+    ]
+    keep = np.ones(n, dtype=bool)
+    for mask, reason, detail in checks:
+        bad = np.asarray(mask, dtype=bool) & keep
+        if bad.any():
+            tables.quarantine.append(
+                Quarantined(rel, "ehr_rows", reason, detail, np.flatnonzero(bad).tolist())
+            )
+            keep &= ~bad
+    out = pa.table({"subject": keys, "time": pa.array(times), "code": code, "value": value})
+    return out.filter(pa.array(keep))
+
+
+def read_meds(meds: str | Path) -> EhrTables:
+    """Read MEDS event files into per-subject arrays; bad files and rows are quarantined.
+
+    Columnar throughout (pyarrow compute, numpy), so large extracts read at C speed.
+    """
+    tables = EhrTables()
     root = Path(meds) if Path(meds).is_dir() else Path(meds).parent
     files = meds_files(meds)
     if not files:
         tables.quarantine.append(Quarantined(str(meds), "ehr_file", "no_meds_files", "no *.parquet found"))
         return tables
-    keys_all, times_all, codes_all, values_all = [], [], [], []
+    parts = []
     for path in files:
         rel = _rel(path, root)
         try:
@@ -173,66 +212,41 @@ def read_meds(meds: str | Path, tables: EhrTables | None = None) -> EhrTables:
             )
             continue
         tables.event_files += 1
-        n = table.num_rows
-        tables.event_rows += n
-        keys = _key_strings(table["subject_id"])
-        times, bad_time = _parse_times(table["time"].to_pandas())
-        code_col = table["code"].cast(pa.string())
-        codes = np.array(code_col.to_pylist(), dtype=object)
-        if "numeric_value" in table.column_names:
-            vcol = table["numeric_value"].cast(pa.float64())
-            values = vcol.to_numpy(zero_copy_only=False).astype(np.float64)
-            is_null = pc.is_null(vcol).to_numpy(zero_copy_only=False)
-            non_finite = ~is_null & ~np.isfinite(values)
-            values = np.where(is_null, np.nan, values)
-        else:
-            values = np.full(n, np.nan)
-            non_finite = np.zeros(n, dtype=bool)
-        checks = [
-            (np.array([k is None for k in keys], dtype=bool), "missing_subject", "subject_id is null"),
-            (bad_time, "unparsable_time", "time is not a parsable date-time"),
-            (
-                np.array([c is None or not str(c).strip() for c in codes], dtype=bool),
-                "missing_code",
-                "code is null or empty",
-            ),
-            (non_finite, "non_finite_value", "numeric_value is NaN or infinite (use null for no value)"),
-        ]
-        keep = np.ones(n, dtype=bool)
-        for mask, reason, detail in checks:
-            mask = mask & keep
-            if mask.any():
-                rows = np.flatnonzero(mask).tolist()
-                tables.quarantine.append(Quarantined(rel, "ehr_rows", reason, detail, rows))
-                keep &= ~mask
-        keys_all.append(keys[keep])
-        times_all.append(times[keep])
-        codes_all.append(codes[keep])
-        values_all.append(values[keep].astype(np.float32))
-    if not keys_all:
+        tables.event_rows += table.num_rows
+        parts.append(_event_columns(table, rel, tables))
+    if not parts:
         return tables
-    keys = np.concatenate(keys_all)
-    times = np.concatenate(times_all)
-    values = np.concatenate(values_all)
-    code_index, code_names = pd.factorize(pd.Series(np.concatenate(codes_all), dtype=object), sort=True)
-    offset = len(tables.code_names)
-    tables.code_names.extend(str(c) for c in code_names)
-    code_index = code_index.astype(np.int32) + offset
-    order = np.lexsort((times, keys.astype(str)))
-    keys, times, values, code_index = keys[order], times[order], values[order], code_index[order]
-    uniq, starts = np.unique(keys.astype(str), return_index=True)
-    bounds = [*starts.tolist(), len(keys)]
-    for i, key in enumerate(uniq):
-        sl = slice(bounds[i], bounds[i + 1])
+    rows = pa.concat_tables(parts)
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[("subject", "ascending"), ("time", "ascending")]))
+    subjects = rows["subject"].combine_chunks().dictionary_encode()
+    codes = rows["code"].combine_chunks().dictionary_encode()
+    # code names sorted, so that ids do not depend on the order rows arrive in
+    names = np.array(codes.dictionary.to_pylist(), dtype=object)
+    order = np.argsort(names)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    tables.code_names = [str(x) for x in names[order]]
+    code_index = rank[codes.indices.to_numpy()].astype(np.int32)
+    times = rows["time"].to_numpy()
+    values = rows["value"].to_numpy(zero_copy_only=False).astype(np.float32)  # nulls become NaN
+    subject_index = subjects.indices.to_numpy()
+    starts = np.flatnonzero(np.r_[True, subject_index[1:] != subject_index[:-1]])
+    bounds = [*starts.tolist(), len(subject_index)]
+    keys = subjects.dictionary.to_pylist()
+    for i, start in enumerate(starts):
+        sl = slice(start, bounds[i + 1])
         t = times[sl]
         timed = t != _NAT
-        tables.events[str(key)] = SubjectEvents(
+        tables.events[keys[subject_index[start]]] = SubjectEvents(
             times=t[timed],
             codes=code_index[sl][timed],
             values=values[sl][timed],
             static_codes=code_index[sl][~timed],
         )
-    logger.info("read %d MEDS rows for %d subjects from %d files", len(keys), len(uniq), len(files))
+    tables.row_subject = np.repeat(np.arange(len(starts)), np.diff(bounds))
+    tables.row_keys = [keys[subject_index[st]] for st in starts]
+    tables.row_code, tables.row_value = code_index, values
+    logger.info("read %d MEDS rows for %d subjects from %d files", len(times), len(starts), len(files))
     return tables
 
 
@@ -431,6 +445,10 @@ class Vocab:
     def code_id(self, code: str) -> int:
         return self._code_id.get(code, UNK_ID)
 
+    def ids_for(self, code_names: list[str]) -> np.ndarray:
+        """Vocabulary id of each raw code name (<unk> for codes outside the vocabulary)."""
+        return np.array([self.code_id(c) for c in code_names], dtype=np.int32)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "codes": self.codes,
@@ -444,31 +462,29 @@ class Vocab:
 
 def fit_vocab(tables: EhrTables, train_subjects: set[str], min_count: int = 1) -> Vocab:
     """Fit the code vocabulary and value statistics on the training subjects' EHR."""
-    counts: Counter[int] = Counter()
-    sums: dict[int, list[np.ndarray]] = {}
-    for key in train_subjects:
-        ev = tables.events.get(key)
-        if ev is None:
-            continue
-        counts.update(ev.codes.tolist())
-        counts.update(ev.static_codes.tolist())
-        has = ~np.isnan(ev.values)
-        for c in np.unique(ev.codes[has]):
-            sums.setdefault(int(c), []).append(ev.values[has][ev.codes[has] == c])
+    in_train = np.array([k in train_subjects for k in tables.row_keys], dtype=bool)
+    rows = in_train[tables.row_subject] if in_train.size else np.zeros(0, dtype=bool)
+    n_codes = len(tables.code_names)
+    counts = np.bincount(tables.row_code[rows], minlength=n_codes)
+    has = rows & ~np.isnan(tables.row_value)
+    c, v = tables.row_code[has], tables.row_value[has].astype(np.float64)
+    n = np.bincount(c, minlength=n_codes)
+    total = np.bincount(c, weights=v, minlength=n_codes)
+    total_sq = np.bincount(c, weights=v * v, minlength=n_codes)
     kept = sorted(
-        (c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], tables.code_names[c])
+        (int(i) for i in np.flatnonzero(counts >= min_count)),
+        key=lambda i: (-counts[i], tables.code_names[i]),
     )
-    codes = ["<pad>", "<unk>", *[tables.code_names[c] for c in kept]]
+    codes = ["<pad>", "<unk>", *[tables.code_names[i] for i in kept]]
     code_stats = {}
-    for c, parts in sums.items():
-        if counts[c] < min_count:
-            continue
-        v = np.concatenate(parts).astype(np.float64)
-        code_stats[tables.code_names[c]] = {
-            "mean": float(v.mean()),
-            "std": float(v.std()),
-            "count": int(v.size),
-        }
+    for i in kept:
+        if n[i]:
+            mean = total[i] / n[i]
+            code_stats[tables.code_names[i]] = {
+                "mean": float(mean),
+                "std": float(np.sqrt(max(total_sq[i] / n[i] - mean * mean, 0.0))),
+                "count": int(n[i]),
+            }
     static_rows = [tables.static[k] for k in train_subjects if k in tables.static]
     numeric = []
     for name in tables.static_numeric:
@@ -486,7 +502,9 @@ def fit_vocab(tables: EhrTables, train_subjects: set[str], min_count: int = 1) -
     for name in tables.static_categorical:
         c = Counter(r[name] for r in static_rows if r[name] is not None)
         categorical.append({"name": name, "values": sorted(c, key=lambda x: (-c[x], x))})
-    return Vocab(codes, code_stats, numeric, categorical)
+    vocab = Vocab(codes, code_stats, numeric, categorical)
+    tables.vocab_ids = vocab.ids_for(tables.code_names)
+    return vocab
 
 
 def subject_ehr(
@@ -506,13 +524,11 @@ def subject_ehr(
     if ev is not None:
         n = int(np.searchsorted(ev.times, index_time, side="left"))  # strictly before the index
         lo = max(0, n - max_events)
-        ids = np.array([vocab.code_id(tables.code_names[c]) for c in ev.codes[lo:n]], dtype=np.int32)
-        out["event_code"] = ids
+        ids = tables.vocab_ids if tables.vocab_ids is not None else vocab.ids_for(tables.code_names)
+        out["event_code"] = ids[ev.codes[lo:n]]
         out["event_time"] = ((ev.times[lo:n] - index_time) / US_PER_DAY).astype(np.float32)
         out["event_value"] = ev.values[lo:n].astype(np.float32)
-        out["static_code"] = np.array(
-            [vocab.code_id(tables.code_names[c]) for c in ev.static_codes], dtype=np.int32
-        )
+        out["static_code"] = ids[ev.static_codes]
     else:
         out["event_code"] = np.zeros(0, np.int32)
         out["event_time"] = np.zeros(0, np.float32)

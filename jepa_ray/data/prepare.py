@@ -114,9 +114,7 @@ def prepare(
 
     clock = _Clock()
     # -- EHR tables (driver) ----------------------------------------------------------------------
-    tables = ehrlib.EhrTables()
-    if meds is not None:
-        ehrlib.read_meds(meds, tables)
+    tables = ehrlib.read_meds(meds) if meds is not None else ehrlib.EhrTables()
     if static is not None:
         ehrlib.read_static(static, tables)
     if outcomes is not None:

@@ -52,6 +52,29 @@ def test_vocab_and_stats_come_from_training_subjects_only(tmp_path):
     assert vocab.codes[2] == "LAB//A"  # most frequent first
     assert vocab.code_stats["LAB//A"]["mean"] == 2.0  # subject 2's value 5.0 is not counted
     assert vocab.code_stats["LAB//A"]["count"] == 2
+    assert vocab.code_stats["LAB//A"]["std"] == 1.0  # of [1, 3]
+    assert "GENDER//F" not in vocab.code_stats  # a code without values has a count but no statistics
+
+
+def test_subject_ids_from_a_float_column_and_padded_strings(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    t = pd.Timestamp("2020-01-01")
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array([1.0, 2.5, float("nan"), 3.0]),
+                "time": pa.array([t, t, t, t], pa.timestamp("us")),
+                "code": [" LAB//A ", "LAB//A", "LAB//A", "   "],
+            }
+        ),
+        d / "0.parquet",
+    )
+    tables = ehr.read_meds(tmp_path)
+    assert set(tables.events) == {"1"}  # 1.0 joins a DICOM PatientID "1"
+    assert tables.code_names == ["LAB//A"]  # codes are trimmed
+    reasons = {q.reason: q.rows for q in tables.quarantine}
+    assert reasons == {"missing_subject": [1, 2], "missing_code": [3]}
 
 
 def test_static_table_types_and_missingness(tmp_path):
