@@ -17,7 +17,7 @@ from jepa_ray.errors import JepaRayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal JEPA pretraining on Ray.")
 console = Console(stderr=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error messages carry paths: never wrap them
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides: section.key=value ...")]
