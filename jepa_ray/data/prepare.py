@@ -27,7 +27,6 @@ from jepa_ray.data.shards import (
     PARTS_DIR,
     SampleSpec,
     dumps,
-    encode_npz,
     read_sidecar,
     shard_fingerprint,
 )
@@ -204,7 +203,7 @@ def prepare(
                 key=pz.study(subject, h.study_uid or h.sop_uid or h.path),
                 split=subject_split[subject],
                 dicoms=[(x.path, _rel(x.path, dicom_root)) for x in hs],
-                ehr=encode_npz(arrays) if arrays is not None else None,
+                ehr=arrays,
                 meta=meta,
             )
         )
@@ -227,7 +226,7 @@ def prepare(
                 key="x" + pz.subject(subject)[1:],
                 split=subject_split[subject],
                 dicoms=[],
-                ehr=encode_npz(arrays),
+                ehr=arrays,
                 meta=meta,
             )
         )
@@ -305,6 +304,9 @@ def prepare(
 def _rel(path: str, root: Path | None) -> str:
     """Path relative to the input root (what manifests record; never an absolute path)."""
     if root is not None:
+        prefix = f"{root}{os.sep}"
+        if path.startswith(prefix):  # the usual case: listed under the resolved root
+            return path[len(prefix) :]
         try:
             return str(Path(path).resolve().relative_to(root))
         except ValueError:

@@ -40,7 +40,7 @@ class SampleSpec:
     # (absolute path to read, path relative to the input root for records), in order of preference:
     # the first image of the study that decodes is used. Absolute paths are never written out.
     dicoms: list[tuple[str, str]]
-    ehr: bytes | None  # encoded ehr.npz
+    ehr: dict[str, np.ndarray] | None  # the ehr.npz arrays (encoded by the shard task)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,7 +82,9 @@ def shard_fingerprint(shard: str, samples: list[SampleSpec], context: dict[str, 
         for path, source in s.dicoms:
             st = os.stat(path)
             h.update(f"{source}|{st.st_size}|{st.st_mtime_ns}".encode())
-        h.update(hashlib.sha256(s.ehr or b"").digest())
+        for name, arr in sorted((s.ehr or {}).items()):
+            h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
         h.update(dumps(s.meta))
     return h.hexdigest()
 
@@ -158,7 +160,7 @@ def write_shard(
                 if image is not None:
                     sample["image.npy"] = image
                 if spec.ehr is not None:
-                    sample["ehr.npz"] = spec.ehr
+                    sample["ehr.npz"] = encode_npz(spec.ehr)
                 writer.write(sample)
                 counts["samples"] += 1
                 counts["image"] += image is not None
