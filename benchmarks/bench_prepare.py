@@ -4,7 +4,8 @@ System: `prepare` end to end (header scan, EHR join, decode, resize, shard writi
 synthetic cohort, on a local Ray with `--cpus` CPUs, started before the clock.
 Baseline: a plain single-process loop of `pydicom.dcmread` + `pixel_array` + the same resize on the
 same files, one core, run once before and once after `prepare` (this VM's speed drifts; the mean is
-used); the decode limit is that rate times the cores prepare used.
+used), after a discarded warm-up run on every core; the decode limit is that rate times the cores
+prepare used.
 
 ratio = prepare images/s ÷ (baseline images/s × cores). Higher is better; target ≥ 0.7.
 
@@ -136,6 +137,9 @@ def main() -> int:
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - t0
 
+    # Warm-up, discarded: on this VM the first seconds of load after idling run ~25% slower
+    # (the host ramps the CPU up), which would penalise whichever measurement comes first.
+    baseline_all_cores(cohort / "dicom", args.size)
     base_before = baseline_one_core(cohort / "dicom", args.size)
 
     cfg = load_config(overrides=[f"prepare.image.size={args.size}", "prepare.shards.max_samples=128"]).prepare

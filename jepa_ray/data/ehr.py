@@ -74,6 +74,7 @@ class Outcome:
     index_time: int | None  # microseconds since the epoch
     labels: dict[str, bool | None]
     tte: dict[str, tuple[int | None, bool | None]]
+    row: int = -1  # row number in the outcome table, for quarantine records
 
 
 @dataclass
@@ -406,6 +407,7 @@ def read_outcomes(path: str | Path, tables: EhrTables) -> EhrTables:
                 n: (t(f"{n}_time"), None if pd.isna(row[f"{n}_event"]) else bool(row[f"{n}_event"]))
                 for n in tte
             },
+            row=int(row["_row"]),
         )
     return tables
 

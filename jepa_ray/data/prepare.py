@@ -316,33 +316,25 @@ def _rel(path: str, root: Path | None) -> str:
 
 def _quarantine_unknown(tables: ehrlib.EhrTables, known: set[str], quarantine: list[dict[str, Any]]) -> None:
     """Static and outcome rows of subjects with neither MEDS events nor images are quarantined."""
-    orphan_static = sorted(k for k in tables.static if k not in known)
-    if orphan_static:
+    for name, rows, row_of in (
+        ("static", tables.static, lambda r: r["_row"]),
+        ("outcome", tables.outcomes, lambda r: r.row),
+    ):
+        orphans = sorted(k for k in rows if k not in known)
+        if not orphans:
+            continue
         quarantine.append(
             {
-                "input": "static",
-                "kind": "static_rows",
+                "input": name,
+                "kind": f"{name}_rows",
                 "reason": "unknown_subject",
-                "detail": "static rows of subjects found in neither the DICOM nor the MEDS input",
-                "rows": sorted(tables.static[k]["_row"] for k in orphan_static),
-                "count": len(orphan_static),
+                "detail": f"{name} rows of subjects found in neither the DICOM nor the MEDS input",
+                "rows": sorted(row_of(rows[k]) for k in orphans),
+                "count": len(orphans),
             }
         )
-        for k in orphan_static:
-            del tables.static[k]
-    orphan = sorted(k for k in tables.outcomes if k not in known)
-    if orphan:
-        quarantine.append(
-            {
-                "input": "outcomes",
-                "kind": "outcome_rows",
-                "reason": "unknown_subject",
-                "detail": "outcome rows of subjects found in neither the DICOM nor the MEDS input",
-                "count": len(orphan),
-            }
-        )
-        for k in orphan:
-            del tables.outcomes[k]
+        for k in orphans:
+            del rows[k]
 
 
 def _ehr_only_index(tables: ehrlib.EhrTables, subject: str) -> tuple[int | None, str]:

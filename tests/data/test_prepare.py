@@ -314,3 +314,31 @@ def test_s3_end_to_end(ray_session, small_cohort, s3_bucket, prepared, cohort_in
     # rerun on S3 skips every finished shard
     again = prepare(url, cfg, **cohort_inputs(small_cohort))
     assert again.written == 0
+
+
+def test_id_map_joins_dicom_patient_ids_to_meds_subjects(ray_session, small_cohort, tmp_path):
+    """Hospital exports often key DICOM by MRN and MEDS by another id: an id map joins them."""
+    import pydicom
+
+    lat = pd.read_parquet(small_cohort / "latents.parquet")
+    both = set(lat[lat.has_image & lat.has_ehr].subject_id.astype(str))
+    dicom = tmp_path / "dicom"
+    mapping = {}
+    for i, path in enumerate(sorted((small_cohort / "dicom").rglob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        if ds.PatientID not in both:
+            continue
+        mapping[f"MRN-{ds.PatientID[::-1]}"] = ds.PatientID
+        ds.PatientID = f"MRN-{ds.PatientID[::-1]}"
+        (dicom / str(i)).mkdir(parents=True)
+        ds.save_as(dicom / str(i) / "1.dcm")
+    id_map = tmp_path / "ids.parquet"
+    pd.DataFrame({"patient_id": list(mapping), "subject_id": list(mapping.values())}).to_parquet(id_map)
+    inputs = {"dicom": str(dicom), "meds": str(small_cohort / "meds")}
+    unmapped = prepare(str(tmp_path / "a"), _cfg(), **inputs).manifest
+    mapped = prepare(str(tmp_path / "b"), _cfg(**{"ehr.id_map": str(id_map)}), **inputs).manifest
+    n = sum(1 for _ in dicom.rglob("*.dcm"))
+    assert n > 5
+    assert unmapped["counts"]["paired"] == 0  # MRNs match no MEDS subject_id
+    assert mapped["counts"]["paired"] == n  # every study now has its subject's EHR
+    assert mapped["counts"]["samples"] < unmapped["counts"]["samples"]  # no separate EHR-only samples

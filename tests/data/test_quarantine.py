@@ -56,6 +56,10 @@ def dirty_cohort(small_cohort, tmp_path_factory):
     orphan = static.iloc[[0]].copy()
     orphan["subject_id"] = 4242
     pd.concat([static, orphan]).to_parquet(root / "static.parquet", index=False)
+    outcomes = pd.read_parquet(root / "outcomes.parquet")
+    orphan = outcomes.iloc[[0]].copy()
+    orphan["subject_id"] = 4343
+    pd.concat([outcomes, orphan]).to_parquet(root / "outcomes.parquet", index=False)
     return root
 
 
@@ -77,8 +81,12 @@ def test_each_bad_input_is_quarantined_with_its_reason(
     assert rows[("data/zz_bad_rows.parquet", "non_finite_value")]["rows"] == [3]
     assert rows[("data/zz_bad_rows.parquet", "missing_code")]["rows"] == [4]
     assert by_input["data/zz_corrupt.parquet"]["reason"] == "unreadable_parquet"
+    n_static = len(pd.read_parquet(small_cohort / "static.parquet"))
+    n_outcomes = len(pd.read_parquet(small_cohort / "outcomes.parquet"))
     static_q = next(q for q in items if q["kind"] == "static_rows")
-    assert static_q["reason"] == "unknown_subject" and static_q["count"] == 1
+    assert static_q["reason"] == "unknown_subject" and static_q["rows"] == [n_static]  # the appended row
+    outcome_q = next(q for q in items if q["kind"] == "outcome_rows")
+    assert outcome_q["reason"] == "unknown_subject" and outcome_q["rows"] == [n_outcomes]
     for q in items:
         assert q["detail"], q
     # nothing else is lost: every good study and subject is still there
