@@ -69,9 +69,23 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _rounded(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.7g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
 def dumps(obj: Any) -> bytes:
-    """Canonical JSON bytes (sorted keys), so equal metadata gives equal bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    """Canonical JSON bytes (sorted keys, floats to 7 significant digits): equal metadata, equal bytes.
+
+    Seven digits are more than any statistic or spacing here needs, and keep long digit runs (in
+    which an 8-digit date could appear by chance) out of the metadata.
+    """
+    return json.dumps(_rounded(obj), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def shard_fingerprint(shard: str, samples: list[SampleSpec], context: dict[str, Any]) -> str:
