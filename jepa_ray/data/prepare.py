@@ -31,7 +31,7 @@ from jepa_ray.data.shards import (
     shard_fingerprint,
 )
 from jepa_ray.data.storage import Store
-from jepa_ray.data.tasks import ray_map, scan_headers, write_shards
+from jepa_ray.data.tasks import TaskMap, scan_headers, write_shards
 from jepa_ray.errors import PrepareError
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,16 @@ def prepare(
     skipped: list[dict[str, Any]] = []
 
     clock = _Clock()
+    # -- DICOM header scan (Ray tasks), started first so that it runs while the driver reads the EHR
+    dicom_root = Path(dicom).resolve() if dicom else None
+    files: list[str] = []
+    if dicom_root is not None:
+        files = [str(p) for p in _list_dicom_files(dicom_root)] if dicom_root.is_dir() else [str(dicom_root)]
+    step = cfg.files_per_task
+    scan = TaskMap(
+        scan_headers, [files[i : i + step] for i in range(0, len(files), step)], "scan DICOM", show_progress
+    )
+
     # -- EHR tables (driver) ----------------------------------------------------------------------
     tables = ehrlib.read_meds(meds) if meds is not None else ehrlib.EhrTables()
     if static is not None:
@@ -119,32 +129,21 @@ def prepare(
     if outcomes is not None:
         ehrlib.read_outcomes(outcomes, tables)
     id_map = ehrlib.read_id_map(cfg.ehr.id_map) if cfg.ehr.id_map else None
-
     clock.lap("ehr")
-    # -- DICOM header scan (Ray tasks) -----------------------------------------------------------
-    dicom_root = Path(dicom).resolve() if dicom else None
-    headers: list[Any] = []
-    n_dicom_files = 0
-    if dicom_root is not None:
-        files = [str(p) for p in _list_dicom_files(dicom_root)] if dicom_root.is_dir() else [str(dicom_root)]
-        n_dicom_files = len(files)
-        step = cfg.files_per_task
-        chunks = [files[i : i + step] for i in range(0, len(files), step)]
-        for item in (
-            x for chunk in ray_map(scan_headers, chunks, "scan DICOM", show_progress) for x in chunk
-        ):
-            if isinstance(item, dict):
-                quarantine.append(
-                    {
-                        "input": _rel(item["path"], dicom_root),
-                        "kind": "dicom",
-                        "reason": item["reason"],
-                        "detail": item["detail"],
-                    }
-                )
-            else:
-                headers.append(item)
 
+    headers: list[Any] = []
+    for item in (x for chunk in scan.results() for x in chunk):
+        if isinstance(item, dict):
+            quarantine.append(
+                {
+                    "input": _rel(item["path"], dicom_root),
+                    "kind": "dicom",
+                    "reason": item["reason"],
+                    "detail": item["detail"],
+                }
+            )
+        else:
+            headers.append(item)
     clock.lap("scan")
     # -- link images to subjects, group into studies ----------------------------------------------
     studies: dict[tuple[str, str], list[Any]] = defaultdict(list)
@@ -290,7 +289,7 @@ def prepare(
         salt_fingerprint=pz.fingerprint(),
         quarantine=quarantine,
         skipped=skipped,
-        inputs={"dicom_files": n_dicom_files, "ehr": ehr_info},
+        inputs={"dicom_files": len(files), "ehr": ehr_info},
         extra=dict(stats),
     )
     store.write_bytes(MANIFEST, dumps(manifest))

@@ -138,6 +138,21 @@ def decode_images(samples: list[SampleSpec], image_cfg: ImageConfig) -> list[dic
     return out
 
 
+class _Hashing:
+    """A write-only file wrapper that hashes what passes through (no second read of the shard)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 def write_shard(
     name: str,
     split: str,
@@ -158,7 +173,8 @@ def write_shard(
     sites: Counter[str] = Counter()
     fd, tmp = tempfile.mkstemp(prefix=f"jepa-ray-{name}.", suffix=".tar")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as raw:
+            f = _Hashing(raw)
             writer = wds.TarWriter(f, user="jepa-ray", group="jepa-ray", mode=0o444, encoder=False, mtime=0.0)
             for spec, dec in zip(samples, decoded, strict=True):
                 image = dec["image"]
@@ -184,11 +200,7 @@ def write_shard(
                 for label, value in (meta.get("labels") or {}).items():
                     labels[label] += bool(value)
             writer.close()
-        sha = hashlib.sha256()
-        with open(tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
-        size = os.path.getsize(tmp)
+        sha, size = f.sha, f.size
         store.put_file(tmp, f"{name}.tar")
     finally:
         if os.path.exists(tmp):

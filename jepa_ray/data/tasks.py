@@ -22,28 +22,41 @@ def scan_headers(paths: list[str]) -> list[Any]:
     return out
 
 
-def ray_map(fn, chunks: list[Any], desc: str, show_progress: bool, max_in_flight: int = 64) -> list[Any]:
-    """Run `fn(chunk)` as Ray tasks with bounded concurrency; results in chunk order."""
-    import ray
+class TaskMap:
+    """`fn(chunk)` for every chunk as Ray tasks with bounded concurrency.
 
-    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
-    results: list[Any] = [None] * len(chunks)
-    pending: dict[Any, int] = {}
-    it = iter(enumerate(chunks))
-    with progress(desc, len(chunks), show_progress) as advance:
-        for i, chunk in it:
-            pending[remote.remote(chunk)] = i
-            if len(pending) >= max_in_flight:
+    The first tasks are submitted on construction, so the caller can do driver-side work while
+    they run, then collect with `results()` (in chunk order).
+    """
+
+    def __init__(
+        self, fn, chunks: list[Any], desc: str, show_progress: bool, max_in_flight: int = 64
+    ) -> None:
+        import ray
+
+        self._remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+        self._chunks, self._desc, self._show = chunks, desc, show_progress
+        self._it = iter(enumerate(chunks))
+        self._pending: dict[Any, int] = {}
+        for i, chunk in self._it:
+            self._pending[self._remote.remote(chunk)] = i
+            if len(self._pending) >= max_in_flight:
                 break
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done[0])
-            results[i] = ray.get(done[0])
-            advance()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending[remote.remote(nxt[1])] = nxt[0]
-    return results
+
+    def results(self) -> list[Any]:
+        import ray
+
+        results: list[Any] = [None] * len(self._chunks)
+        with progress(self._desc, len(self._chunks), self._show) as advance:
+            while self._pending:
+                done, _ = ray.wait(list(self._pending), num_returns=1)
+                i = self._pending.pop(done[0])
+                results[i] = ray.get(done[0])
+                advance()
+                nxt = next(self._it, None)
+                if nxt is not None:
+                    self._pending[self._remote.remote(nxt[1])] = nxt[0]
+        return results
 
 
 class progress:
