@@ -140,7 +140,11 @@ def _print_summary(manifest: dict) -> None:
     table = Table(title="samples per split")
     for col in ("split", "shards", "samples", "image+ehr", "image only", "ehr only"):
         table.add_column(col, justify="right" if col != "split" else "left")
-    for split, s in manifest["splits"].items():
+    order = ["train", "val", "test", "external"]
+    splits = sorted(
+        manifest["splits"].items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 9, kv[0])
+    )
+    for split, s in splits:
         table.add_row(
             split,
             str(len(s["shards"])),
