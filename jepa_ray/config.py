@@ -110,6 +110,12 @@ class DeidConfig(_Strict):
 
     salt_env: str = Field("JEPA_RAY_SALT", description="Environment variable holding the salt.")
     salt_file: str | None = Field(None, description="File holding the salt (first line).")
+    input_paths: Literal["relative", "hashed"] = Field(
+        "relative",
+        description="How rejected inputs are named in the manifest: their path relative to the input "
+        "root, or a salted hash of it. Use `hashed` when folder or file names carry identifiers "
+        "(PACS exports often name folders after the patient).",
+    )
 
     def resolve_salt(self) -> bytes:
         """The salt from the file or the environment; a clear error when there is none."""

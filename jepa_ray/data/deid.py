@@ -34,6 +34,10 @@ class Pseudonymizer:
             return "site-unknown"
         return "site-" + self._digest("site", institution.strip().casefold())[:8]
 
+    def path(self, relative_path: str) -> str:
+        """Pseudonym of an input path, for manifests whose paths may carry identifiers."""
+        return "path-" + self._digest("path", relative_path)[:16]
+
     def unit(self, subject_pseudonym: str) -> float:
         """A uniform number in [0, 1) per subject, for deterministic split assignment."""
         return int(self._digest("split", subject_pseudonym)[:13], 16) / 16**13

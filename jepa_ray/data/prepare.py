@@ -110,6 +110,7 @@ def prepare(
         )
     quarantine: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
+    name_input = pz.path if cfg.deid.input_paths == "hashed" else (lambda rel: rel)
 
     clock = _Clock()
     # -- DICOM header scan (Ray tasks), started first so that it runs while the driver reads the EHR
@@ -136,7 +137,7 @@ def prepare(
         if isinstance(item, dict):
             quarantine.append(
                 {
-                    "input": _rel(item["path"], dicom_root),
+                    "input": name_input(_rel(item["path"], dicom_root)),
                     "kind": "dicom",
                     "reason": item["reason"],
                     "detail": item["detail"],
@@ -151,7 +152,7 @@ def prepare(
         if not h.patient_id:
             quarantine.append(
                 {
-                    "input": _rel(h.path, dicom_root),
+                    "input": name_input(_rel(h.path, dicom_root)),
                     "kind": "dicom",
                     "reason": "no_patient_id",
                     "detail": "PatientID is empty: the image cannot be given a subject-level split",
@@ -201,7 +202,7 @@ def prepare(
             SampleSpec(
                 key=pz.study(subject, h.study_uid or h.sop_uid or h.path),
                 split=subject_split[subject],
-                dicoms=[(x.path, _rel(x.path, dicom_root)) for x in hs],
+                dicoms=[(x.path, name_input(_rel(x.path, dicom_root))) for x in hs],
                 ehr=arrays,
                 meta=meta,
             )
@@ -237,7 +238,10 @@ def prepare(
         "time_to_event": tables.tte_names,
         "ignored_columns": tables.ignored_columns,
     }
-    quarantine.extend(q.to_json() for q in tables.quarantine)
+    for q in tables.quarantine:
+        record = q.to_json()
+        record["input"] = name_input(record["input"])
+        quarantine.append(record)
     del tables, chosen, studies, headers  # raw identifiers stay in memory no longer than needed
 
     # -- plan shards ------------------------------------------------------------------------------

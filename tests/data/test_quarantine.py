@@ -154,3 +154,21 @@ def test_pydicom_test_files_decode_or_are_quarantined(ray_session, tmp_path):
     assert "MR_truncated.dcm" in quarantined | skipped
     assert m["counts"]["image"] >= 3  # several files share one study (MR_small*)
     json.dumps(m)  # the manifest stays valid JSON whatever the input
+
+
+def test_hashed_input_paths_keep_identifying_folder_names_out(ray_session, small_cohort, tmp_path):
+    """PACS exports often name folders after the patient: `deid.input_paths=hashed` keeps them out."""
+    d = tmp_path / "dicom" / "DOE^JOHN_MRN0042"
+    d.mkdir(parents=True)
+    shutil.copy(next((small_cohort / "dicom").rglob("*.dcm")), d / "good.dcm")
+    (d / "broken.dcm").write_bytes(b"not a dicom file")
+    outputs = {}
+    for mode in ("relative", "hashed"):
+        out = tmp_path / mode
+        prepare(str(out), _cfg(f"prepare.deid.input_paths={mode}"), dicom=str(tmp_path / "dicom"))
+        outputs[mode] = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["quarantine"]["by_reason"] == {"not_dicom": 1} and m["counts"]["image"] == 1
+    assert b"DOE^JOHN" in outputs["relative"]  # the default names the file, so it can be found
+    assert b"DOE^JOHN" not in outputs["hashed"] and b"MRN0042" not in outputs["hashed"]
+    assert b'"input":"path-' in outputs["hashed"]
