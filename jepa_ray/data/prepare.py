@@ -380,9 +380,12 @@ def _sample_meta(
 
 
 def _remove_stale(store: Store, planned: set[str]) -> None:
-    """Delete shards and sidecars that a previous run wrote but the current plan does not contain."""
+    """Delete shards and sidecars that a previous run wrote but the current plan does not contain,
+    and half-written files that a killed run left behind."""
     for name in store.list():
-        if name.endswith(".tar") and name[: -len(".tar")] not in planned and name.split("-")[0] in SPLITS:
+        stale_shard = name.endswith(".tar") and name[: -len(".tar")] not in planned
+        half_written = name.startswith(".") and name.endswith(".tmp")
+        if (stale_shard and name.split("-")[0] in SPLITS) or half_written:
             store.remove(name)
     for name in store.list(PARTS_DIR):
         stem = name.rsplit("/", 1)[-1][: -len(".json")]

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -171,7 +170,7 @@ def write_shard(
     skipped: list[dict[str, Any]] = []
     labels: Counter[str] = Counter()
     sites: Counter[str] = Counter()
-    fd, tmp = tempfile.mkstemp(prefix=f"jepa-ray-{name}.", suffix=".tar")
+    fd, tmp = store.staging_file(f"{name}.tar")
     try:
         with os.fdopen(fd, "wb") as raw:
             f = _Hashing(raw)

@@ -102,6 +102,15 @@ class Store:
             f.write(data)
         os.replace(tmp, target)
 
+    def staging_file(self, name: str) -> tuple[int, str]:
+        """An open (fd, path) to write `name` into before `put_file`: beside the target for a local
+        store (so the final rename stays on one filesystem and is atomic), in the temp dir for S3."""
+        if is_remote(self.url):
+            return tempfile.mkstemp(prefix=f"jepa-ray-{Path(name).name}.", suffix=".tmp")
+        target = Path(self.path(name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+
     def put_file(self, local_path: str, name: str) -> None:
         """Move/upload a finished local file to `name` atomically."""
         if is_remote(self.url):

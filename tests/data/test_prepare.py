@@ -226,6 +226,7 @@ def test_interrupted_prepare_resumes_to_identical_shards(
     # also lose one finished shard, and leave a stale one from an older plan behind
     (out / written[0]).unlink()
     (out / "train-999999.tar").write_bytes(b"stale")
+    (out / ".train-000000.tar.k1ll3d.tmp").write_bytes(b"half a shard, left by a killed writer")
     result = prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
     assert result.ok
     assert result.skipped == len(written) - 1
