@@ -146,43 +146,21 @@ def prepare(
         else:
             headers.append(item)
     clock.lap("scan")
-    # -- link images to subjects, group into studies ----------------------------------------------
-    studies: dict[tuple[str, str], list[Any]] = defaultdict(list)
-    for h in headers:
-        if not h.patient_id:
-            quarantine.append(
-                {
-                    "input": name_input(_rel(h.path, dicom_root)),
-                    "kind": "dicom",
-                    "reason": "no_patient_id",
-                    "detail": "PatientID is empty: the image cannot be given a subject-level split",
-                }
-            )
-            continue
-        subject = id_map.get(h.patient_id, h.patient_id) if id_map is not None else h.patient_id
-        studies[(subject, h.study_uid or h.sop_uid or h.path)].append(h)
-    # each study's images, the preferred one first; the shard task uses the first that decodes
-    chosen: dict[tuple[str, str], list[Any]] = {sk: _rank_images(hs) for sk, hs in studies.items()}
-
+    # -- link images to subjects, group into studies, split by subject ---------------------------
+    for h in (h for h in headers if not h.patient_id):
+        quarantine.append(
+            {
+                "input": name_input(_rel(h.path, dicom_root)),
+                "kind": "dicom",
+                "reason": "no_patient_id",
+                "detail": "PatientID is empty: the image cannot be given a subject-level split",
+            }
+        )
+    chosen = _group_studies([h for h in headers if h.patient_id], id_map)
     imaged_subjects = {sk[0] for sk in chosen}
     _quarantine_unknown(tables, imaged_subjects | set(tables.events), quarantine)
     ehr_subjects = tables.subjects()
-    known = imaged_subjects | ehr_subjects
-
-    # -- splits -----------------------------------------------------------------------------------
-    external = {pz.site(s) if not s.startswith("site-") else s for s in cfg.split.external_sites}
-    subject_sites: dict[str, set[str]] = defaultdict(set)
-    for (subject, _), hs in chosen.items():
-        subject_sites[subject].add(pz.site(hs[0].institution))
-    subject_split: dict[str, str] = {}
-    for subject in sorted(known):
-        if subject_sites.get(subject, set()) & external:
-            subject_split[subject] = "external"
-            continue
-        u = pz.unit(pz.subject(subject))
-        subject_split[subject] = (
-            "test" if u < cfg.split.test else "val" if u < cfg.split.test + cfg.split.val else "train"
-        )
+    subject_split = _assign_splits(pz, cfg, chosen, imaged_subjects | ehr_subjects)
     train = {s for s, sp in subject_split.items() if sp == "train"}
     vocab = ehrlib.fit_vocab(tables, train, cfg.ehr.min_code_count)
 
@@ -242,23 +220,16 @@ def prepare(
         record = q.to_json()
         record["input"] = name_input(record["input"])
         quarantine.append(record)
-    del tables, chosen, studies, headers  # raw identifiers stay in memory no longer than needed
+    del tables, chosen, headers  # raw identifiers stay in memory no longer than needed
 
-    # -- plan shards ------------------------------------------------------------------------------
-    per_sample = 2 * cfg.image.size**2 + _EST_EHR_BYTES
-    per_shard = max(1, min(cfg.shards.max_samples, cfg.shards.max_bytes // per_sample))
+    # -- plan shards; find those a previous run finished ---------------------------------------
+    plan = _plan_shards(samples, cfg)
     context = {
         "image": cfg.image.model_dump(mode="json"),
         "max_events": cfg.ehr.max_events,
         "vocab": vocab.to_json(),
         "salt": pz.fingerprint(),
     }
-    plan: list[tuple[str, str, list[SampleSpec]]] = []
-    for split in SPLITS:
-        part = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
-        for i in range(0, len(part), per_shard):
-            plan.append((f"{split}-{i // per_shard:06d}", split, part[i : i + per_shard]))
-
     todo, records = [], {}
     for name, split, specs in plan:
         fp = shard_fingerprint(name, specs, context)
@@ -302,6 +273,51 @@ def prepare(
     result = _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
     result.seconds = clock.laps
     return result
+
+
+def _group_studies(headers: list[Any], id_map: dict[str, str] | None) -> dict[tuple[str, str], list[Any]]:
+    """(subject, study) → the study's images, preferred first (the shard task uses the first that
+    decodes). The subject is the MEDS subject_id a PatientID maps to, or the PatientID itself."""
+    studies: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for h in headers:
+        subject = id_map.get(h.patient_id, h.patient_id) if id_map is not None else h.patient_id
+        studies[(subject, h.study_uid or h.sop_uid or h.path)].append(h)
+    return {sk: _rank_images(hs) for sk, hs in studies.items()}
+
+
+def _assign_splits(
+    pz: Pseudonymizer, cfg: PrepareConfig, studies: dict[tuple[str, str], list[Any]], subjects: set[str]
+) -> dict[str, str]:
+    """Subject → split: `external` if any of its studies is at a held-out site, else by a uniform
+    number drawn from the subject's pseudonym (deterministic for a salt)."""
+    external = {pz.site(s) if not s.startswith("site-") else s for s in cfg.split.external_sites}
+    subject_sites: dict[str, set[str]] = defaultdict(set)
+    for (subject, _), hs in studies.items():
+        subject_sites[subject].add(pz.site(hs[0].institution))
+    splits = {}
+    for subject in sorted(subjects):
+        u = pz.unit(pz.subject(subject))
+        if subject_sites.get(subject, set()) & external:
+            splits[subject] = "external"
+        elif u < cfg.split.test:
+            splits[subject] = "test"
+        elif u < cfg.split.test + cfg.split.val:
+            splits[subject] = "val"
+        else:
+            splits[subject] = "train"
+    return splits
+
+
+def _plan_shards(samples: list[SampleSpec], cfg: PrepareConfig) -> list[tuple[str, str, list[SampleSpec]]]:
+    """Shards per split, samples sorted by key, at most `max_samples` and about `max_bytes` each."""
+    per_sample = 2 * cfg.image.size**2 + _EST_EHR_BYTES
+    per_shard = max(1, min(cfg.shards.max_samples, cfg.shards.max_bytes // per_sample))
+    plan = []
+    for split in SPLITS:
+        part = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
+        for i in range(0, len(part), per_shard):
+            plan.append((f"{split}-{i // per_shard:06d}", split, part[i : i + per_shard]))
+    return plan
 
 
 def _rel(path: str, root: Path | None) -> str:
