@@ -32,6 +32,7 @@ from jepa_ray.data.shards import (
 )
 from jepa_ray.data.storage import Store
 from jepa_ray.data.tasks import TaskMap, scan_headers, write_shards
+from jepa_ray.data.vocab import fit_vocab, subject_ehr
 from jepa_ray.errors import PrepareError
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def prepare(
     ehr_subjects = tables.subjects()
     subject_split = _assign_splits(pz, cfg, chosen, imaged_subjects | ehr_subjects)
     train = {s for s, sp in subject_split.items() if sp == "train"}
-    vocab = ehrlib.fit_vocab(tables, train, cfg.ehr.min_code_count)
+    vocab = fit_vocab(tables, train, cfg.ehr.min_code_count)
 
     # -- samples ----------------------------------------------------------------------------------
     samples: list[SampleSpec] = []
@@ -171,7 +172,7 @@ def prepare(
         h = hs[0]
         t = _to_us(h.study_time)
         stats["undated_studies"] += t is None
-        arrays = ehrlib.subject_ehr(tables, vocab, subject, t, cfg.ehr.max_events)
+        arrays = subject_ehr(tables, vocab, subject, t, cfg.ehr.max_events)
         meta = _sample_meta(
             pz, subject, subject_split[subject], tables.outcomes.get(subject), t, "study", stats
         )
@@ -187,7 +188,7 @@ def prepare(
         )
     for subject in sorted(ehr_subjects - {s for s, _ in chosen}):
         t, how = _ehr_only_index(tables, subject)
-        arrays = ehrlib.subject_ehr(tables, vocab, subject, t, cfg.ehr.max_events)
+        arrays = subject_ehr(tables, vocab, subject, t, cfg.ehr.max_events)
         if arrays is None:
             skipped.append(
                 {

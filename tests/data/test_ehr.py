@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jepa_ray.data import ehr
+from jepa_ray.data import vocab as vocab_mod
 
 
 def _write_meds(tmp_path):
@@ -31,23 +32,23 @@ def _write_meds(tmp_path):
 
 def test_window_is_strictly_before_the_index_and_keeps_the_last_k(tmp_path):
     tables = ehr.read_meds(_write_meds(tmp_path))
-    vocab = ehr.fit_vocab(tables, {"1", "2"})
+    vocab = vocab_mod.fit_vocab(tables, {"1", "2"})
     idx = int(np.datetime64("2020-01-20T00:00:00", "us").astype(np.int64))
-    out = ehr.subject_ehr(tables, vocab, "1", idx, max_events=10)
+    out = vocab_mod.subject_ehr(tables, vocab, "1", idx, max_events=10)
     # the event exactly at the index time is excluded
     assert [vocab.codes[i] for i in out["event_code"]] == ["LAB//A", "LAB//B"]
     np.testing.assert_allclose(out["event_time"], [-19.0, -10.0])
     np.testing.assert_allclose(out["event_value"], [1.0, 2.0])
     assert [vocab.codes[i] for i in out["static_code"]] == ["GENDER//F"]
-    last1 = ehr.subject_ehr(tables, vocab, "1", idx, max_events=1)
+    last1 = vocab_mod.subject_ehr(tables, vocab, "1", idx, max_events=1)
     assert [vocab.codes[i] for i in last1["event_code"]] == ["LAB//B"]
     early = int(np.datetime64("2019-01-01", "us").astype(np.int64))
-    assert ehr.subject_ehr(tables, vocab, "2", early, 10) is None  # nothing precedes the index
+    assert vocab_mod.subject_ehr(tables, vocab, "2", early, 10) is None  # nothing precedes the index
 
 
 def test_vocab_and_stats_come_from_training_subjects_only(tmp_path):
     tables = ehr.read_meds(_write_meds(tmp_path))
-    vocab = ehr.fit_vocab(tables, {"1"})
+    vocab = vocab_mod.fit_vocab(tables, {"1"})
     assert "LAB//C" not in vocab.codes and vocab.code_id("LAB//C") == ehr.UNK_ID
     assert vocab.codes[2] == "LAB//A"  # most frequent first
     assert vocab.code_stats["LAB//A"]["mean"] == 2.0  # subject 2's value 5.0 is not counted
@@ -91,9 +92,9 @@ def test_static_table_types_and_missingness(tmp_path):
     ehr.read_static(tmp_path / "static.parquet", tables)
     assert tables.static_numeric == ["age"] and tables.static_categorical == ["sex"]
     assert tables.ignored_columns["static"] == ["visit"]
-    vocab = ehr.fit_vocab(tables, {"1", "2"})
+    vocab = vocab_mod.fit_vocab(tables, {"1", "2"})
     idx = int(np.datetime64("2021-01-01", "us").astype(np.int64))
-    a, b = (ehr.subject_ehr(tables, vocab, k, idx, 8) for k in ("1", "2"))
+    a, b = (vocab_mod.subject_ehr(tables, vocab, k, idx, 8) for k in ("1", "2"))
     assert a["static_num"][0] == 60.0 and np.isnan(b["static_num"][0])
     assert a["static_cat"][0] == 2 and b["static_cat"][0] == ehr.PAD_ID
 
