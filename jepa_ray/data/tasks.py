@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from jepa_ray.config import PrepareConfig
@@ -94,15 +95,16 @@ def write_shards(
     # a whole CPU: writers then reuse the decode workers instead of starting (and importing into)
     # extra worker processes that would compete with decoding
     write = ray.remote(num_cpus=1, max_retries=2)(_write_from_chunks)
-    max_shards = max(2, int(ray.available_resources().get("CPU", 2)) * 2)
+    # enough shards in flight to keep every CPU of the cluster busy, few enough to bound memory
+    max_shards = max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
     failures: list[tuple[str, str]] = []
     pending: dict[Any, str] = {}
-    queue = list(todo)
+    queue = deque(todo)
     step = cfg.files_per_task
     with progress("write shards", len(todo), show_progress) as advance:
         while queue or pending:
             while queue and len(pending) < max_shards:
-                name, split, fp, specs = queue.pop(0)
+                name, split, fp, specs = queue.popleft()
                 chunks = [specs[i : i + step] for i in range(0, len(specs), step)]
                 refs = [decode.remote(c, cfg.image) for c in chunks]
                 pending[write.remote(name, split, fp, specs, out, cfg.storage, *refs)] = name
