@@ -55,11 +55,7 @@ def build_manifest(
         fractions["dicom"] = dicom_bad / inputs["dicom_files"]
     if ehr_rows:
         fractions["ehr_rows"] = ehr_bad / ehr_rows
-    config = cfg.model_dump(mode="json")
-    # external sites may be given by institution name: only their pseudonyms are written out
-    config["split"]["external_sites"] = sorted(
-        {k for k in sites if k.startswith("site-")} & _external(shards)
-    )
+    config = cfg.model_dump(mode="json")  # the caller has replaced external site names by pseudonyms
     return {
         "schema_version": SCHEMA_VERSION,
         "created_by": f"jepa-ray {jepa_ray.__version__}",
@@ -95,10 +91,6 @@ def build_manifest(
         },
         "skipped": skipped,
     }
-
-
-def _external(shards: list[dict[str, Any]]) -> set[str]:
-    return {site for r in shards if r["split"] == "external" for site in r["sites"]}
 
 
 def read_manifest(store: Store, missing_ok: bool = False) -> dict[str, Any] | None:

@@ -258,10 +258,13 @@ def prepare(
     for r in ordered:
         quarantine.extend(r["quarantine"])
         skipped.extend(r["skipped"])
+    # external sites may be given by institution name: only their pseudonyms are written out
+    safe_cfg = cfg.model_copy(deep=True)
+    safe_cfg.split.external_sites = sorted(_external_sites(pz, cfg))
     manifest = build_manifest(
         shards=ordered,
         vocab=vocab,
-        cfg=cfg,
+        cfg=safe_cfg,
         salt_fingerprint=pz.fingerprint(),
         quarantine=quarantine,
         skipped=skipped,
@@ -291,7 +294,7 @@ def _assign_splits(
 ) -> dict[str, str]:
     """Subject → split: `external` if any of its studies is at a held-out site, else by a uniform
     number drawn from the subject's pseudonym (deterministic for a salt)."""
-    external = {pz.site(s) if not s.startswith("site-") else s for s in cfg.split.external_sites}
+    external = _external_sites(pz, cfg)
     subject_sites: dict[str, set[str]] = defaultdict(set)
     for (subject, _), hs in studies.items():
         subject_sites[subject].add(pz.site(hs[0].institution))
@@ -307,6 +310,11 @@ def _assign_splits(
         else:
             splits[subject] = "train"
     return splits
+
+
+def _external_sites(pz: Pseudonymizer, cfg: PrepareConfig) -> set[str]:
+    """The held-out sites as pseudonyms (they may be configured by InstitutionName or pseudonym)."""
+    return {s if s.startswith("site-") else pz.site(s) for s in cfg.split.external_sites}
 
 
 def _plan_shards(samples: list[SampleSpec], cfg: PrepareConfig) -> list[tuple[str, str, list[SampleSpec]]]:
