@@ -330,16 +330,14 @@ def read_static(path: str | Path, tables: EhrTables) -> EhrTables:
             ignored.append(col)
     if ignored:
         tables.ignored_columns["static"] = ignored
-    for key, row in df.iterrows():
-        rec = {}
-        for c in tables.static_numeric:
-            v = row[c]
-            rec[c] = float(v) if pd.notna(v) else float("nan")
-        for c in tables.static_categorical:
-            v = row[c]
-            rec[c] = None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else str(v)
-        rec["_row"] = int(row["_row"])
-        tables.static[str(key)] = rec
+    columns: dict[str, list[Any]] = {"_row": df["_row"].astype(int).tolist()}
+    for c in tables.static_numeric:
+        columns[c] = df[c].to_numpy(dtype=np.float64, na_value=np.nan).tolist()
+    for c in tables.static_categorical:
+        columns[c] = [None if pd.isna(v) else str(v) for v in df[c].astype(object)]
+    names = list(columns)
+    for key, values in zip(df.index, zip(*columns.values(), strict=True), strict=True):
+        tables.static[str(key)] = dict(zip(names, values, strict=True))
     return tables
 
 

@@ -102,7 +102,7 @@ def shard_fingerprint(shard: str, samples: list[SampleSpec], context: dict[str, 
     return h.hexdigest()
 
 
-def decode_images(samples: list[SampleSpec], image_cfg: ImageConfig) -> list[dict[str, Any]]:
+def decode_images(samples: list[list[tuple[str, str]]], image_cfg: ImageConfig) -> list[dict[str, Any]]:
     """Decode each sample's image: the first of its study's DICOMs that decodes.
 
     Per sample: {"image": .npy bytes or None, "meta": image metadata, "quarantine": records of the
@@ -112,9 +112,9 @@ def decode_images(samples: list[SampleSpec], image_cfg: ImageConfig) -> list[dic
     from jepa_ray.errors import InvalidDicomError
 
     out: list[dict[str, Any]] = []
-    for s in samples:
+    for dicoms in samples:
         res: dict[str, Any] = {"image": None, "meta": {}, "quarantine": [], "skipped": []}
-        for path, source in s.dicoms:
+        for path, source in dicoms:
             if res["image"] is not None:
                 res["skipped"].append(
                     {

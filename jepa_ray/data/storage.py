@@ -95,12 +95,10 @@ class Store:
         if is_remote(self.url):
             self.fs.pipe_file(self.path(name), data)
             return
-        target = Path(self.path(name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        fd, tmp = self.staging_file(name)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, target)
+        self.put_file(tmp, name)
 
     def staging_file(self, name: str) -> tuple[int, str]:
         """An open (fd, path) to write `name` into before `put_file`: beside the target for a local
