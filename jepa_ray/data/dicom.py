@@ -100,7 +100,7 @@ _CS_RE = re.compile(r"[A-Z0-9 _\-/.]{1,16}")
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _MAX_PIXELS = 2**27  # ~134 M pixels: larger is a corrupt header or not a 2-D image
-_PERCENTILE_SAMPLES = 2**16
+_PERCENTILE_SAMPLES = 2**14
 
 # pydicom's warnings and log records can quote element values (e.g. "Invalid value for VR DA: '...'"):
 # while one of our reads runs in this context, they are captured instead of shown.
