@@ -159,11 +159,116 @@ class PrepareConfig(_Strict):
     files_per_task: int = Field(16, ge=1, description="DICOM files read per Ray task during the scan.")
 
 
+class PolicyConfig(_Strict):
+    """Weights of the masking policies (renormalised over those a sample allows)."""
+
+    image_intra: float = Field(
+        0.5, ge=0, description="Context: an image block (+ EHR); predict image blocks."
+    )
+    ehr_intra: float = Field(0.25, ge=0, description="Context: image + some EHR tokens; predict the others.")
+    cross_modal: float = Field(
+        0.25, ge=0, description="Context: one whole modality; predict the other (paired samples only)."
+    )
+    hide_image: float = Field(
+        0.5, ge=0, le=1, description="Within cross_modal: probability that the image is the hidden modality."
+    )
+
+
+class MaskConfig(_Strict):
+    """What the predictor must predict. `mask_ratio` is the one knob to sweep; the rest is for experts."""
+
+    mask_ratio: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Fraction of a modality's tokens to predict, under every policy: the image target "
+        "blocks cover ~mask_ratio of the patches, mask_ratio of the EHR tokens are targets.",
+    )
+    num_target_blocks: int = Field(4, ge=1, le=16, description="Image target blocks per sample (M).")
+    target_scale: tuple[float, float] | None = Field(
+        None,
+        description="Per-block scale range (fraction of the patches); default: derived from mask_ratio "
+        "(about 0.16-0.21 of a 14x14 grid at 0.5 with 4 blocks, as in I-JEPA).",
+    )
+    target_aspect: tuple[float, float] = Field((0.75, 1.5), description="Target block aspect range (h/w).")
+    context_scale: tuple[float, float] = Field(
+        (0.85, 1.0), description="Context block scale range, before the targets are removed from it."
+    )
+    min_context_patches: int = Field(10, ge=1, description="Fewest patches the image context may keep.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+    @field_validator("target_scale", "context_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("need 0 < low <= high <= 1")
+        return v
+
+    @field_validator("target_aspect")
+    @classmethod
+    def _aspect(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("need 0 < low <= high")
+        return v
+
+
+class PipelineConfig(_Strict):
+    """The Ray Data pipeline from shards to masked, batched training inputs."""
+
+    image_size: int = Field(224, ge=16, description="Side of the model's input image (a crop resized).")
+    patch_size: int = Field(16, ge=1, description="ViT patch side; image_size must be a multiple.")
+    crop_scale: tuple[float, float] = Field(
+        (0.8, 1.0), description="Random resized crop: area range, as a fraction of the stored image."
+    )
+    crop_aspect: tuple[float, float] = Field((0.9, 1.1), description="Random resized crop: aspect range.")
+    contrast: float = Field(0.1, ge=0, lt=1, description="Contrast jitter: factor in [1-c, 1+c].")
+    brightness: float = Field(0.05, ge=0, lt=1, description="Brightness jitter: offset in [-b, b].")
+    gamma: float = Field(0.1, ge=0, lt=1, description="Gamma jitter: exponent in [1/(1+g), 1+g].")
+    hflip: bool = Field(False, description="Random horizontal flips (off: anatomy is lateralised).")
+    normalize: tuple[float, float] = Field(
+        (0.5, 0.25), description="(mean, std) applied to the [0, 1] image."
+    )
+    max_events: int = Field(64, ge=1, description="EHR events per sample (the last K before the index).")
+    max_static_codes: int = Field(8, ge=0, description="Static (time-less) EHR codes kept per sample.")
+    batch_size: int = Field(32, ge=1, description="Samples per batch, per training worker.")
+    prefetch_batches: int = Field(2, ge=0, description="Batches prepared ahead of the trainer.")
+    shuffle_buffer: int = Field(
+        0,
+        ge=0,
+        description="Samples in a local shuffle buffer on the trainer side (0: off). Shard order is "
+        "shuffled every epoch anyway; a buffer mixes samples across shards at some cost in speed.",
+    )
+    max_bad_samples: int = Field(
+        100,
+        ge=0,
+        description="Samples that may be skipped (truncated or corrupt shards, missing fields) per "
+        "epoch before the epoch fails.",
+    )
+    seed: int = Field(0, description="Seed of the file order, crops and masks (combined with the epoch).")
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        grid = (self.image_size // self.patch_size) ** 2
+        if self.mask.min_context_patches >= grid:
+            raise ValueError(f"mask.min_context_patches must be below the {grid} patches of the image")
+        for name in ("crop_scale", "crop_aspect"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi or (name == "crop_scale" and hi > 1):
+                raise ValueError(f"{name}: need 0 < low <= high" + (" <= 1" if name == "crop_scale" else ""))
+        return self
+
+
 class Config(_Strict):
     """Root of a jepa-ray config file; each command reads its own section."""
 
     synth: SynthConfig = Field(default_factory=SynthConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     ray_address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

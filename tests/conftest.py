@@ -78,3 +78,15 @@ def _cohort_inputs(root) -> dict[str, str]:
 def cohort_inputs():
     """A function: cohort directory → the keyword arguments `prepare` takes for it."""
     return _cohort_inputs
+
+
+@pytest.fixture(scope="session")
+def small_shards(small_cohort, tmp_path_factory, ray_session):
+    """The small cohort prepared once: 64 px images, 8 samples per shard (tests must not modify it)."""
+    from jepa_ray.config import load_config
+    from jepa_ray.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards")
+    cfg = load_config(overrides=["prepare.image.size=64", "prepare.shards.max_samples=8"]).prepare
+    prepare(str(out), cfg, **_cohort_inputs(small_cohort))
+    return out

@@ -318,12 +318,17 @@ def _external_sites(pz: Pseudonymizer, cfg: PrepareConfig) -> set[str]:
 
 
 def _plan_shards(samples: list[SampleSpec], cfg: PrepareConfig) -> list[tuple[str, str, list[SampleSpec]]]:
-    """Shards per split, samples sorted by key, at most `max_samples` and about `max_bytes` each."""
+    """Shards per split, at most `max_samples` and about `max_bytes` each.
+
+    Samples are ordered by the hash part of their key, ignoring the kind prefix (`s` study, `x`
+    EHR-only), so EHR-only samples spread over every shard instead of filling the last ones:
+    a shuffle of shard order alone then gives batches with the cohort's mix of modalities.
+    """
     per_sample = 2 * cfg.image.size**2 + _EST_EHR_BYTES
     per_shard = max(1, min(cfg.shards.max_samples, cfg.shards.max_bytes // per_sample))
     plan = []
     for split in SPLITS:
-        part = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
+        part = sorted((s for s in samples if s.split == split), key=lambda s: (s.key[1:], s.key))
         for i in range(0, len(part), per_shard):
             plan.append((f"{split}-{i // per_shard:06d}", split, part[i : i + per_shard]))
     return plan

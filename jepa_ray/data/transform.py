@@ -1,0 +1,386 @@
+"""Raw shard samples to training inputs, one batch at a time (numpy + torch on the CPU).
+
+`transform_batch` is the whole per-batch work of the pipeline: decode the stored arrays, crop,
+resize and jitter the images as a batch, turn the EHR into fixed-size token arrays, and draw each
+sample's masks. Ray Data runs it inside `map_batches`; the `webdataset` + `DataLoader` baseline of
+`benchmarks/bench_ingest.py` runs the very same function, so the two differ only in how bytes move.
+
+A batch in: `key`, `shard` (str), `image` (.npy bytes or None), `ehr` (.npz bytes or None), `meta`
+(.json bytes). A batch out (B samples, S = image_size, N = (S/patch)^2 patches, L = 1 + max_events):
+
+    key (B,) str · meta (B,) str (the sample's meta.json)
+    image (B, 1, S, S) float32, normalised; zeros where has_image is False
+    has_image, has_ehr (B,) bool
+    ehr_num (B, n_num) float32 standardised, 0 where missing · ehr_num_present (B, n_num) bool
+    ehr_cat (B, n_cat) int64 (0 missing, 1 unknown) · ehr_static_code (B, max_static_codes) int64
+    ehr_code, ehr_time, ehr_value, ehr_value_present, ehr_valid (B, L): token 0 is the static token
+        (code 0), tokens 1.. the last events, oldest first; time = days before the index (>= 0);
+        value standardised per code and clipped to ±5
+    policy (B,) int8 (see masking.py) · img_ctx (B, N) bool · img_tgt (B, M, N) bool
+    ehr_ctx, ehr_tgt (B, L) bool
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import io
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jepa_ray.config import PipelineConfig
+from jepa_ray.data.masking import sample_masks
+from jepa_ray.errors import ShardError
+
+_VALUE_CLIP = 5.0
+
+
+@dataclass
+class FeatureSpec:
+    """What the manifest says about the features: sizes for the model, statistics for normalising."""
+
+    stored_size: int  # side of the images in the shards
+    vocab_size: int
+    code_mean: np.ndarray  # (V,) per code id; 0 for codes without numeric values
+    code_std: np.ndarray  # (V,) per code id; 1 for codes without numeric values
+    num_names: list[str]
+    num_mean: np.ndarray  # (n_num,)
+    num_std: np.ndarray  # (n_num,)
+    cat_names: list[str]
+    cat_sizes: list[int]  # embedding rows per categorical feature (missing + unknown + values)
+    label_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> FeatureSpec:
+        vocab = manifest["ehr"]
+        codes = vocab["codes"]
+        mean, std = np.zeros(len(codes), np.float32), np.ones(len(codes), np.float32)
+        for i, code in enumerate(codes):
+            stats = vocab["code_stats"].get(code)
+            if stats:
+                mean[i], std[i] = stats["mean"], stats["std"] if stats["std"] > 1e-6 else 1.0
+        num = vocab["static_numeric"]
+        return cls(
+            stored_size=int(manifest["image"]["size"]),
+            vocab_size=len(codes),
+            code_mean=mean,
+            code_std=std,
+            num_names=[f["name"] for f in num],
+            num_mean=np.array([f["mean"] for f in num], np.float32),
+            num_std=np.array([f["std"] if f["std"] > 1e-6 else 1.0 for f in num], np.float32),
+            cat_names=[f["name"] for f in vocab["static_categorical"]],
+            cat_sizes=[len(f["values"]) + 2 for f in vocab["static_categorical"]],
+            label_names=list(vocab.get("labels", [])),
+        )
+
+    def model_dims(self, cfg: PipelineConfig) -> dict[str, Any]:
+        """The input sizes a model needs to consume this pipeline's batches."""
+        return {
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "vocab_size": self.vocab_size,
+            "n_num": len(self.num_names),
+            "cat_sizes": list(self.cat_sizes),
+            "ehr_tokens": 1 + cfg.max_events,
+            "max_static_codes": cfg.max_static_codes,
+            "num_target_blocks": cfg.mask.num_target_blocks,
+        }
+
+
+class BadSample(Exception):
+    """A sample that cannot be used (missing or undecodable field); carries the reason."""
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The generator of one sample's crops, jitter and masks: the same for the same seed/epoch/key."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return np.random.default_rng([seed, epoch, int.from_bytes(digest[:4]), int.from_bytes(digest[4:])])
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    d = ast.literal_eval(header.decode("latin1"))
+    dtype = np.dtype(d["descr"])
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    return dtype, tuple(d["shape"]), bool(d["fortran_order"])
+
+
+def _npy(data: bytes, offset: int = 0, size: int | None = None) -> np.ndarray:
+    """A .npy payload as an array viewing `data` (headers parsed once per distinct header)."""
+    if data[offset : offset + 6] != b"\x93NUMPY":
+        raise ValueError("not a .npy payload")
+    major = data[offset + 6]
+    n = 2 if major == 1 else 4
+    hlen = int.from_bytes(data[offset + 8 : offset + 8 + n], "little")
+    start = offset + 8 + n + hlen
+    dtype, shape, fortran = _npy_header(bytes(data[offset + 8 + n : start]))
+    count = math.prod(shape)
+    if size is not None and start + count * dtype.itemsize > offset + size:
+        raise ValueError("truncated .npy payload")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def _npz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed .npz (as `prepare` writes them), straight from the zip entries."""
+    out: dict[str, np.ndarray] = {}
+    pos = 0
+    while data[pos : pos + 4] == b"PK\x03\x04":
+        flags, method = struct.unpack_from("<HH", data, pos + 6)
+        size, name_len, extra_len = (
+            struct.unpack_from("<IHH", data, pos + 22)[0],
+            *struct.unpack_from("<HH", data, pos + 26),
+        )
+        if method != 0 or flags & 0x08:  # compressed, or sizes in a trailing descriptor: the slow path
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        name = data[pos + 30 : pos + 30 + name_len].decode()
+        body = pos + 30 + name_len + extra_len
+        out[name.removesuffix(".npy")] = _npy(data, body, size)
+        pos = body + size
+    if not out:
+        raise ValueError("not an .npz archive")
+    return out
+
+
+def decode_sample(image: bytes | None, ehr: bytes | None, meta: bytes | None, stored_size: int):
+    """(image (S0, S0) uint16 or None, ehr dict or None, meta dict); BadSample when unusable."""
+    if meta is None:
+        raise BadSample("no meta.json")
+    try:
+        m = json.loads(meta)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadSample(f"meta.json is not valid JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise BadSample("meta.json is not an object")
+    img = None
+    if m.get("has_image"):
+        if image is None:
+            raise BadSample("meta says has_image but image.npy is missing")
+        try:
+            arr = _npy(image)
+        except Exception as e:
+            raise BadSample(f"image.npy does not decode ({type(e).__name__})") from None
+        if arr.shape != (1, stored_size, stored_size) or arr.dtype != np.uint16:
+            raise BadSample(
+                f"image.npy has shape {arr.shape} {arr.dtype}, expected (1, {stored_size}, {stored_size}) uint16"
+            )
+        img = arr[0]
+    arrays = None
+    if m.get("has_ehr"):
+        if ehr is None:
+            raise BadSample("meta says has_ehr but ehr.npz is missing")
+        try:
+            arrays = _npz(ehr)
+        except Exception as e:
+            raise BadSample(f"ehr.npz does not decode ({type(e).__name__})") from None
+        need = {"event_code", "event_time", "event_value", "static_code", "static_num", "static_cat"}
+        if not need <= arrays.keys():
+            raise BadSample(f"ehr.npz lacks {sorted(need - arrays.keys())}")
+    if img is None and arrays is None:
+        raise BadSample("the sample has neither an image nor EHR")
+    return img, arrays, m
+
+
+def _crop_boxes(rng: np.random.Generator, cfg: PipelineConfig, size: int, train: bool) -> tuple[float, ...]:
+    """(y0, x0, h, w, flip) of the crop in stored pixels."""
+    if not train:
+        return 0.0, 0.0, float(size), float(size), 0.0
+    area = rng.uniform(*cfg.crop_scale)
+    aspect = math.exp(rng.uniform(*(math.log(a) for a in cfg.crop_aspect)))
+    h = min(size * math.sqrt(area * aspect), size)
+    w = min(size * math.sqrt(area / aspect), size)
+    y0, x0 = rng.uniform(0, size - h), rng.uniform(0, size - w)
+    flip = float(cfg.hflip and rng.random() < 0.5)
+    return y0, x0, h, w, flip
+
+
+def _images(
+    raw: np.ndarray, boxes: np.ndarray, jitter: np.ndarray, valid: np.ndarray, cfg: PipelineConfig
+) -> np.ndarray:
+    """Crop + resize (+ flip), intensity jitter and normalisation of a batch, with torch.
+
+    raw (B, S0, S0) uint16; boxes (B, 5) y0, x0, h, w, flip in stored pixels; jitter (B, 3) gamma,
+    contrast, brightness; valid (B, 4) the image area in output pixels (outside it is padding,
+    which stays at the value of 0). Each crop is resized on its own (antialiased bilinear: the
+    crops differ in size); the intensity steps run on the whole batch, folded into one affine.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, s = raw.shape[0], cfg.image_size
+    x = torch.from_numpy(raw.astype(np.float32))  # (B, S0, S0), stored units 0..65535
+    out = torch.empty(b, 1, s, s)
+    for i in range(b):
+        y0, x0, h, w, flip = (round(float(v)) for v in boxes[i])
+        crop = x[i, y0 : y0 + max(h, 1), x0 : x0 + max(w, 1)][None, None]
+        if crop.shape[-2:] != (s, s):
+            crop = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        out[i] = crop[0].flip(-1) if flip else crop[0]
+    gamma, contrast, brightness = (torch.from_numpy(jitter[:, k].astype(np.float32)) for k in range(3))
+    mean, std = cfg.normalize
+    scale = torch.full((b,), 1 / 65535.0)
+    if bool((gamma != 1).any()):
+        out.pow_(gamma[:, None, None, None])
+        scale = scale**gamma  # (v / 65535)^g = v^g x 65535^-g
+    # clamp((v x scale - 0.5) x c + 0.5 + b, 0, 1), normalised: one multiply, one add, one clamp
+    mul = scale * contrast / std
+    add = (0.5 - 0.5 * contrast + brightness - mean) / std
+    out.mul_(mul[:, None, None, None]).add_(add[:, None, None, None])
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    out.clamp_(lo, hi)
+    for i in range(b):  # padding back to the value of black
+        t, left, bottom, right = (round(float(v)) for v in valid[i])
+        out[i, :, :t], out[i, :, bottom:] = lo, lo
+        out[i, :, :, :left], out[i, :, :, right:] = lo, lo
+    return out.numpy()
+
+
+def _valid_out(box: list[int] | None, crop: tuple[float, ...], size: int, out: int) -> tuple[float, ...]:
+    """The stored image's valid box (y0, x0, y1, x1) in output pixels after the crop (and flip)."""
+    y0, x0, h, w, flip = crop
+    vy0, vx0, vy1, vx1 = box if box else (0, 0, size, size)
+    ty0, ty1 = (vy0 - y0) * out / h, (vy1 - y0) * out / h
+    tx0, tx1 = (vx0 - x0) * out / w, (vx1 - x0) * out / w
+    if flip:
+        tx0, tx1 = out - tx1, out - tx0
+    return max(ty0, 0.0), max(tx0, 0.0), min(ty1, out), min(tx1, out)
+
+
+def _patch_region(valid: tuple[float, ...], patch: int, grid: int) -> tuple[tuple[int, int], ...]:
+    """Patches at least half inside the valid box, per axis [lo, hi); never empty."""
+    out = []
+    for lo, hi in ((valid[0], valid[2]), (valid[1], valid[3])):
+        a = min(max(math.floor(lo / patch + 0.5), 0), grid - 1)
+        b = max(min(math.ceil(hi / patch - 0.5), grid), a + 1)
+        out.append((a, b))
+    return tuple(out)
+
+
+def _ehr_arrays(arrays: dict[str, np.ndarray], spec: FeatureSpec, cfg: PipelineConfig, row: dict) -> None:
+    """Fill one sample's EHR rows in `row` (views into the batch arrays)."""
+    code = arrays["event_code"][-cfg.max_events :].astype(np.int64)
+    n = code.size
+    value = arrays["event_value"][-cfg.max_events :].astype(np.float32)
+    time = -arrays["event_time"][-cfg.max_events :].astype(np.float32)  # days before the index
+    code = np.clip(code, 0, spec.vocab_size - 1)
+    present = ~np.isnan(value)
+    norm = (np.where(present, value, 0) - spec.code_mean[code]) / spec.code_std[code]
+    row["ehr_code"][1 : n + 1] = code
+    row["ehr_time"][1 : n + 1] = np.maximum(time, 0)
+    row["ehr_value"][1 : n + 1] = np.where(present, np.clip(norm, -_VALUE_CLIP, _VALUE_CLIP), 0)
+    row["ehr_value_present"][1 : n + 1] = present
+    row["ehr_valid"][: n + 1] = True  # the static token and the events
+    num = arrays["static_num"].astype(np.float32)
+    if num.size == spec.num_mean.size:
+        ok = ~np.isnan(num)
+        row["ehr_num"][:] = np.where(ok, (np.where(ok, num, 0) - spec.num_mean) / spec.num_std, 0)
+        row["ehr_num_present"][:] = ok
+    cat = arrays["static_cat"].astype(np.int64)
+    if cat.size == len(spec.cat_sizes):
+        row["ehr_cat"][:] = np.clip(cat, 0, np.array(spec.cat_sizes) - 1)
+    sc = arrays["static_code"][: cfg.max_static_codes].astype(np.int64)
+    row["ehr_static_code"][: sc.size] = np.clip(sc, 0, spec.vocab_size - 1)
+
+
+def empty_batch(b: int, spec: FeatureSpec, cfg: PipelineConfig) -> dict[str, np.ndarray]:
+    """Zero-filled output arrays for b samples."""
+    s, L, m = cfg.image_size, 1 + cfg.max_events, cfg.mask.num_target_blocks
+    n = (s // cfg.patch_size) ** 2
+    return {
+        "key": np.empty(b, dtype=object),
+        "meta": np.empty(b, dtype=object),
+        "image": np.zeros((b, 1, s, s), np.float32),
+        "has_image": np.zeros(b, bool),
+        "has_ehr": np.zeros(b, bool),
+        "ehr_num": np.zeros((b, len(spec.num_names)), np.float32),
+        "ehr_num_present": np.zeros((b, len(spec.num_names)), bool),
+        "ehr_cat": np.zeros((b, len(spec.cat_sizes)), np.int64),
+        "ehr_static_code": np.zeros((b, cfg.max_static_codes), np.int64),
+        "ehr_code": np.zeros((b, L), np.int64),
+        "ehr_time": np.zeros((b, L), np.float32),
+        "ehr_value": np.zeros((b, L), np.float32),
+        "ehr_value_present": np.zeros((b, L), bool),
+        "ehr_valid": np.zeros((b, L), bool),
+        "policy": np.zeros(b, np.int8),
+        "img_ctx": np.zeros((b, n), bool),
+        "img_tgt": np.zeros((b, m, n), bool),
+        "ehr_ctx": np.zeros((b, L), bool),
+        "ehr_tgt": np.zeros((b, L), bool),
+    }
+
+
+def transform_batch(
+    batch: dict[str, Any],
+    spec: FeatureSpec,
+    cfg: PipelineConfig,
+    *,
+    train: bool,
+    epoch: int,
+    on_bad=None,
+) -> dict[str, np.ndarray]:
+    """Decode, augment and mask a batch of raw samples (see the module docstring for the layout).
+
+    A sample that cannot be used is left out and reported as `on_bad(shard, key, reason)`.
+    """
+    keys = [str(k) for k in batch["key"]]
+    decoded, kept = [], []
+    for i, key in enumerate(keys):
+        try:
+            decoded.append(
+                decode_sample(batch["image"][i], batch["ehr"][i], batch["meta"][i], spec.stored_size)
+            )
+            kept.append(i)
+        except BadSample as e:
+            if on_bad is None:
+                raise ShardError(f"shard {batch['shard'][i]}, sample {key}: {e}") from None
+            on_bad(str(batch["shard"][i]), key, str(e))
+    out = empty_batch(len(kept), spec, cfg)
+    s0, s, p = spec.stored_size, cfg.image_size, cfg.patch_size
+    g = s // p
+    boxes = np.zeros((len(kept), 5))
+    jitter = np.tile([1.0, 1.0, 0.0], (len(kept), 1))
+    valid = np.zeros((len(kept), 4))
+    with_image = []
+    for j, (i, (img, arrays, meta)) in enumerate(zip(kept, decoded, strict=True)):
+        key = keys[i]
+        out["key"][j] = key
+        out["meta"][j] = (
+            batch["meta"][i].decode() if isinstance(batch["meta"][i], bytes) else batch["meta"][i]
+        )
+        rng = sample_rng(cfg.seed, epoch, key)
+        row = {name: out[name][j] for name in out if name.startswith("ehr_")}
+        region = None
+        if img is not None:
+            out["has_image"][j] = True
+            with_image.append(j)
+            crop = _crop_boxes(rng, cfg, s0, train)
+            boxes[j] = crop
+            if train:
+                gamma = math.exp(rng.uniform(-1, 1) * math.log1p(cfg.gamma))
+                jitter[j] = (
+                    gamma,
+                    rng.uniform(1 - cfg.contrast, 1 + cfg.contrast),
+                    rng.uniform(-cfg.brightness, cfg.brightness),
+                )
+            valid[j] = _valid_out((meta.get("image") or {}).get("valid_box"), crop, s0, s)
+            region = _patch_region(valid[j], p, g)
+        if arrays is not None:
+            out["has_ehr"][j] = True
+            _ehr_arrays(arrays, spec, cfg, row)
+        masks = sample_masks(rng, (g, g), out["ehr_valid"][j], img is not None, cfg.mask, region)
+        out["policy"][j] = masks.policy
+        out["img_ctx"][j], out["img_tgt"][j] = masks.img_ctx, masks.img_tgt
+        out["ehr_ctx"][j], out["ehr_tgt"][j] = masks.ehr_ctx, masks.ehr_tgt
+    if with_image:
+        idx = np.array(with_image)
+        raw = np.stack([decoded[j][0] for j in with_image])
+        out["image"][idx] = _images(raw, boxes[idx], jitter[idx], valid[idx], cfg)
+    return out
