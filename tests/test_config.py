@@ -58,3 +58,23 @@ def test_example_configs_load():
     assert configs
     for c in configs:
         load_config(c)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["pipeline.image_size=100"], r"pipeline: .*image_size 100 is not a multiple of patch_size 16"),
+        (["pipeline.crop_scale=[0.9, 1.2]"], r"pipeline: .*crop_scale: need 0 < low <= high <= 1"),
+        (["pipeline.image_size=32", "pipeline.mask.min_context_patches=4"], r"min_context_patches must be below the 4"),
+        (["pipeline.mask.mask_ratio=1.5"], r"pipeline\.mask\.mask_ratio: .*less than 1"),
+        (["pipeline.mask.policy.cross_modl=1"], r"pipeline\.mask\.policy\.cross_modl: unknown key"),
+    ],
+)
+def test_pipeline_settings_are_checked_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=override)
+
+
+def test_mask_ratio_is_one_override_away():
+    cfg = load_config(overrides=["pipeline.mask.mask_ratio=0.7"]).pipeline
+    assert cfg.mask.mask_ratio == 0.7 and cfg.mask.target_scale is None

@@ -201,3 +201,10 @@ def iter_training_batches(
         if device is not None:
             batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
         yield batch
+
+
+def skipped_samples(ledger, epoch: int | None = None) -> dict[str, Any]:
+    """What the pipeline skipped: {"skipped": n, "records": [...]} for `epoch`, or per epoch."""
+    import ray
+
+    return ray.get(ledger.summary.remote(epoch))
