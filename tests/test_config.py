@@ -65,7 +65,10 @@ def test_example_configs_load():
     [
         (["pipeline.image_size=100"], r"pipeline: .*image_size 100 is not a multiple of patch_size 16"),
         (["pipeline.crop_scale=[0.9, 1.2]"], r"pipeline: .*crop_scale: need 0 < low <= high <= 1"),
-        (["pipeline.image_size=32", "pipeline.mask.min_context_patches=4"], r"min_context_patches must be below the 4"),
+        (
+            ["pipeline.image_size=32", "pipeline.mask.min_context_patches=4"],
+            r"min_context_patches must be below the 4",
+        ),
         (["pipeline.mask.mask_ratio=1.5"], r"pipeline\.mask\.mask_ratio: .*less than 1"),
         (["pipeline.mask.policy.cross_modl=1"], r"pipeline\.mask\.policy\.cross_modl: unknown key"),
     ],

@@ -6,7 +6,6 @@ import io
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 
@@ -111,6 +110,16 @@ def test_two_workers_see_disjoint_data_that_covers_the_split(ray_session, split,
     assert set(first) | set(second) == all_keys and len(first) + len(second) == len(all_keys)
 
 
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write(path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def _copy(small_shards, tmp_path):
     out = tmp_path / "shards"
     shutil.copytree(small_shards, out)
@@ -125,10 +134,9 @@ def _middle_train_shard(root):
 def test_truncated_shard_in_the_middle_is_skipped_and_counted(ray_session, small_shards, tmp_path, all_keys):
     root = _copy(small_shards, tmp_path)
     split, path = _middle_train_shard(root)
-    data = open(path, "rb").read()
+    data = _read(path)
     kept = raw_samples(path)
-    with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
+    _write(path, data[: len(data) // 2])
     cfg = _cfg()
     ledger = new_ledger(cfg.max_bad_samples)
     seen = _epoch(build_dataset(split, cfg, train=False, ledger=ledger), cfg)
@@ -145,9 +153,7 @@ def test_truncated_shard_in_the_middle_is_skipped_and_counted(ray_session, small
 def test_too_many_skipped_samples_fail_the_epoch_naming_the_shard(ray_session, small_shards, tmp_path):
     root = _copy(small_shards, tmp_path)
     split, path = _middle_train_shard(root)
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
-        f.write(data[:1000])
+    _write(path, _read(path)[:1000])
     cfg = _cfg("pipeline.max_bad_samples=2")
     with pytest.raises(Exception, match=r"max_bad_samples=2.*" + path.rsplit("/", 1)[-1]):
         _epoch(build_dataset(split, cfg, train=False), cfg)
@@ -156,10 +162,11 @@ def test_too_many_skipped_samples_fail_the_epoch_naming_the_shard(ray_session, s
 def test_corrupt_header_mid_tar_is_counted_not_silent(ray_session, small_shards, tmp_path, all_keys):
     root = _copy(small_shards, tmp_path)
     split, path = _middle_train_shard(root)
-    data = bytearray(open(path, "rb").read())
-    offsets = [m.offset for m in tarfile.open(path)]
-    data[offsets[len(offsets) // 2] : offsets[len(offsets) // 2] + 512] = b"\xff" * 512  # a garbled header
-    open(path, "wb").write(bytes(data))
+    data = bytearray(_read(path))
+    with tarfile.open(path) as tar:
+        middle = [m.offset for m in tar][len(tar.getmembers()) // 2]
+    data[middle : middle + 512] = b"\xff" * 512  # a garbled header
+    _write(path, bytes(data))
     cfg = _cfg()
     ledger = new_ledger(cfg.max_bad_samples)
     seen = _epoch(build_dataset(split, cfg, train=False, ledger=ledger), cfg)
@@ -178,7 +185,7 @@ def test_a_sample_missing_a_field_is_skipped_and_counted(ray_session, small_shar
         for m in src:
             if m.name != f"{victim}.image.npy":
                 dst.addfile(m, src.extractfile(m))
-    open(path, "wb").write(buf.getvalue())
+    _write(path, buf.getvalue())
     cfg = _cfg()
     ledger = new_ledger(cfg.max_bad_samples)
     seen = _epoch(build_dataset(split, cfg, train=False, ledger=ledger), cfg)
@@ -198,7 +205,10 @@ def test_s3_gives_the_same_samples_as_the_local_copy(ray_session, small_shards, 
     cfg = _cfg()
     remote = open_split(f"s3://{bucket}/cohort", "val", StorageConfig(endpoint_url=endpoint))
     local = open_split(str(small_shards), "val")
-    r, loc = _epoch(build_dataset(remote, cfg, train=False), cfg), _epoch(build_dataset(local, cfg, train=False), cfg)
+    r, loc = (
+        _epoch(build_dataset(remote, cfg, train=False), cfg),
+        _epoch(build_dataset(local, cfg, train=False), cfg),
+    )
     assert r.keys() == loc.keys() and len(r) == local.samples
     for key in r:
         for name, value in r[key].items():
@@ -206,14 +216,16 @@ def test_s3_gives_the_same_samples_as_the_local_copy(ray_session, small_shards, 
 
 
 def test_open_split_names_what_is_wrong(small_shards, tmp_path):
-    with pytest.raises(ShardError, match="no split 'tarin'.*test, train, val"):
+    with pytest.raises(ShardError, match=r"no split 'tarin'.*test, train, val"):
         open_split(str(small_shards), "tarin")
     with pytest.raises(ShardError, match="no manifest"):
         open_split(str(tmp_path), "train")
     root = _copy(small_shards, tmp_path)
     _, path = _middle_train_shard(root)
     (root / path.rsplit("/", 1)[-1]).unlink()
-    with pytest.raises(ShardError, match=r"1 shard\(s\) of split 'train'.*missing.*" + path.rsplit("/", 1)[-1]):
+    with pytest.raises(
+        ShardError, match=r"1 shard\(s\) of split 'train'.*missing.*" + path.rsplit("/", 1)[-1]
+    ):
         open_split(str(root), "train")
 
 
