@@ -15,8 +15,8 @@ What a sample hides is chosen by a policy (see DESIGN.md):
 the union of the image target blocks covers ~mask_ratio of the image patches, and mask_ratio of the
 EHR tokens are targets. A policy that needs a modality the sample lacks is never chosen.
 
-Masks are boolean arrays over a flat token index (patches in row-major order; EHR token 0 is the
-static token, 1.. the events); `jepa_ray.data.pipeline.mask_indices` turns a batch of them into
+Masks are boolean arrays over a flat token index (patches in row-major order; EHR tokens as laid
+out by `transform.EhrLayout`); `jepa_ray.data.pipeline.mask_indices` turns a batch of them into
 the padded index tensors the model gathers with. Unlike the reference collator, block scale and
 aspect ratio are drawn independently per block, the last patch row and column can be sampled, and
 blocks stay inside the part of the grid that holds image (not the padding).

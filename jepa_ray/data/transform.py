@@ -6,16 +6,17 @@ sample's masks. Ray Data runs it inside `map_batches`; the `webdataset` + `DataL
 `benchmarks/bench_ingest.py` runs the very same function, so the two differ only in how bytes move.
 
 A batch in: `key`, `shard` (str), `image` (.npy bytes or None), `ehr` (.npz bytes or None), `meta`
-(.json bytes). A batch out (B samples, S = image_size, N = (S/patch)^2 patches, L = 1 + max_events):
+(.json bytes). A batch out (B samples, S = image_size, N = (S/patch)^2 patches, L EHR tokens):
 
     key (B,) str · meta (B,) str (the sample's meta.json)
     image (B, 1, S, S) float32, normalised; zeros where has_image is False
     has_image, has_ehr (B,) bool
-    ehr_num (B, n_num) float32 standardised, 0 where missing · ehr_num_present (B, n_num) bool
-    ehr_cat (B, n_cat) int64 (0 missing, 1 unknown) · ehr_static_code (B, max_static_codes) int64
-    ehr_code, ehr_time, ehr_value, ehr_value_present, ehr_valid (B, L): token 0 is the static token
-        (code 0), tokens 1.. the last events, oldest first; time = days before the index (>= 0);
-        value standardised per code and clipped to ±5
+    ehr_code, ehr_time, ehr_value, ehr_value_present, ehr_valid (B, L): one token per static
+        numeric feature, per static categorical feature, per static code and per event, in that
+        order (`EhrLayout`); code = vocabulary id (events, static codes) or category id (0 missing,
+        1 unknown); value = standardised (numeric features; event values per code, clipped to ±5),
+        0 where absent; time = days before the index (events; >= 0). A missing numeric value is
+        still a token (value_present False); absent static codes and events are padding.
     policy (B,) int8 (see masking.py) · img_ctx (B, N) bool · img_tgt (B, M, N) bool
     ehr_ctx, ehr_tgt (B, L) bool
 """
@@ -87,10 +88,45 @@ class FeatureSpec:
             "vocab_size": self.vocab_size,
             "n_num": len(self.num_names),
             "cat_sizes": list(self.cat_sizes),
-            "ehr_tokens": 1 + cfg.max_events,
             "max_static_codes": cfg.max_static_codes,
+            "max_events": cfg.max_events,
+            "ehr_tokens": len(self.num_names) + len(self.cat_sizes) + cfg.max_static_codes + cfg.max_events,
             "num_target_blocks": cfg.mask.num_target_blocks,
         }
+
+
+@dataclass(frozen=True)
+class EhrLayout:
+    """Where each kind of EHR token sits along the token axis: [numeric | categorical | codes | events]."""
+
+    n_num: int
+    n_cat: int
+    n_static_codes: int
+    n_events: int
+
+    @classmethod
+    def of(cls, spec: FeatureSpec, cfg: PipelineConfig) -> EhrLayout:
+        return cls(len(spec.num_names), len(spec.cat_sizes), cfg.max_static_codes, cfg.max_events)
+
+    @property
+    def num(self) -> slice:
+        return slice(0, self.n_num)
+
+    @property
+    def cat(self) -> slice:
+        return slice(self.n_num, self.n_num + self.n_cat)
+
+    @property
+    def static_codes(self) -> slice:
+        return slice(self.cat.stop, self.cat.stop + self.n_static_codes)
+
+    @property
+    def events(self) -> slice:
+        return slice(self.static_codes.stop, self.static_codes.stop + self.n_events)
+
+    @property
+    def tokens(self) -> int:
+        return self.events.stop
 
 
 class BadSample(Exception):
@@ -264,35 +300,38 @@ def _patch_region(valid: tuple[float, ...], patch: int, grid: int) -> tuple[tupl
     return tuple(out)
 
 
-def _ehr_arrays(arrays: dict[str, np.ndarray], spec: FeatureSpec, cfg: PipelineConfig, row: dict) -> None:
-    """Fill one sample's EHR rows in `row` (views into the batch arrays)."""
-    code = arrays["event_code"][-cfg.max_events :].astype(np.int64)
-    n = code.size
-    value = arrays["event_value"][-cfg.max_events :].astype(np.float32)
-    time = -arrays["event_time"][-cfg.max_events :].astype(np.float32)  # days before the index
-    code = np.clip(code, 0, spec.vocab_size - 1)
+def _ehr_arrays(arrays: dict[str, np.ndarray], spec: FeatureSpec, lay: EhrLayout, row: dict) -> None:
+    """Fill one sample's EHR tokens in `row` (views into the batch arrays)."""
+    num = arrays["static_num"].astype(np.float32)
+    if num.size == lay.n_num:
+        ok = ~np.isnan(num)
+        row["ehr_value"][lay.num] = np.where(ok, (np.where(ok, num, 0) - spec.num_mean) / spec.num_std, 0)
+        row["ehr_value_present"][lay.num] = ok
+    row["ehr_valid"][lay.num] = True  # a missing value is a token too (value_present False)
+    cat = arrays["static_cat"].astype(np.int64)
+    if cat.size == lay.n_cat:
+        row["ehr_code"][lay.cat] = np.clip(cat, 0, np.array(spec.cat_sizes) - 1)
+    row["ehr_valid"][lay.cat] = True
+    sc = np.clip(arrays["static_code"][: lay.n_static_codes].astype(np.int64), 0, spec.vocab_size - 1)
+    start = lay.static_codes.start
+    row["ehr_code"][start : start + sc.size] = sc
+    row["ehr_valid"][start : start + sc.size] = True
+    code = np.clip(arrays["event_code"][-lay.n_events :].astype(np.int64), 0, spec.vocab_size - 1)
+    value = arrays["event_value"][-lay.n_events :].astype(np.float32)
+    time = -arrays["event_time"][-lay.n_events :].astype(np.float32)  # days before the index
     present = ~np.isnan(value)
     norm = (np.where(present, value, 0) - spec.code_mean[code]) / spec.code_std[code]
-    row["ehr_code"][1 : n + 1] = code
-    row["ehr_time"][1 : n + 1] = np.maximum(time, 0)
-    row["ehr_value"][1 : n + 1] = np.where(present, np.clip(norm, -_VALUE_CLIP, _VALUE_CLIP), 0)
-    row["ehr_value_present"][1 : n + 1] = present
-    row["ehr_valid"][: n + 1] = True  # the static token and the events
-    num = arrays["static_num"].astype(np.float32)
-    if num.size == spec.num_mean.size:
-        ok = ~np.isnan(num)
-        row["ehr_num"][:] = np.where(ok, (np.where(ok, num, 0) - spec.num_mean) / spec.num_std, 0)
-        row["ehr_num_present"][:] = ok
-    cat = arrays["static_cat"].astype(np.int64)
-    if cat.size == len(spec.cat_sizes):
-        row["ehr_cat"][:] = np.clip(cat, 0, np.array(spec.cat_sizes) - 1)
-    sc = arrays["static_code"][: cfg.max_static_codes].astype(np.int64)
-    row["ehr_static_code"][: sc.size] = np.clip(sc, 0, spec.vocab_size - 1)
+    ev = slice(lay.events.start, lay.events.start + code.size)  # oldest first, padding after
+    row["ehr_code"][ev] = code
+    row["ehr_time"][ev] = np.maximum(time, 0)
+    row["ehr_value"][ev] = np.where(present, np.clip(norm, -_VALUE_CLIP, _VALUE_CLIP), 0)
+    row["ehr_value_present"][ev] = present
+    row["ehr_valid"][ev] = True
 
 
 def empty_batch(b: int, spec: FeatureSpec, cfg: PipelineConfig) -> dict[str, np.ndarray]:
     """Zero-filled output arrays for b samples."""
-    s, L, m = cfg.image_size, 1 + cfg.max_events, cfg.mask.num_target_blocks
+    s, L, m = cfg.image_size, EhrLayout.of(spec, cfg).tokens, cfg.mask.num_target_blocks
     n = (s // cfg.patch_size) ** 2
     return {
         "key": np.empty(b, dtype=object),
@@ -300,10 +339,6 @@ def empty_batch(b: int, spec: FeatureSpec, cfg: PipelineConfig) -> dict[str, np.
         "image": np.zeros((b, 1, s, s), np.float32),
         "has_image": np.zeros(b, bool),
         "has_ehr": np.zeros(b, bool),
-        "ehr_num": np.zeros((b, len(spec.num_names)), np.float32),
-        "ehr_num_present": np.zeros((b, len(spec.num_names)), bool),
-        "ehr_cat": np.zeros((b, len(spec.cat_sizes)), np.int64),
-        "ehr_static_code": np.zeros((b, cfg.max_static_codes), np.int64),
         "ehr_code": np.zeros((b, L), np.int64),
         "ehr_time": np.zeros((b, L), np.float32),
         "ehr_value": np.zeros((b, L), np.float32),
@@ -343,6 +378,7 @@ def transform_batch(
                 raise ShardError(f"shard {batch['shard'][i]}, sample {key}: {e}") from None
             on_bad(str(batch["shard"][i]), key, str(e))
     out = empty_batch(len(kept), spec, cfg)
+    layout = EhrLayout.of(spec, cfg)
     s0, s, p = spec.stored_size, cfg.image_size, cfg.patch_size
     g = s // p
     boxes = np.zeros((len(kept), 5))
@@ -374,7 +410,7 @@ def transform_batch(
             region = _patch_region(valid[j], p, g)
         if arrays is not None:
             out["has_ehr"][j] = True
-            _ehr_arrays(arrays, spec, cfg, row)
+            _ehr_arrays(arrays, spec, layout, row)
         masks = sample_masks(rng, (g, g), out["ehr_valid"][j], img is not None, cfg.mask, region)
         out["policy"][j] = masks.policy
         out["img_ctx"][j], out["img_tgt"][j] = masks.img_ctx, masks.img_tgt

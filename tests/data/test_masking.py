@@ -135,7 +135,7 @@ def test_policies_never_need_a_missing_modality():
     ehr_only = Counter(sample_masks(rng, (8, 8), _valid(9), False, cfg).policy for _ in range(200))
     assert set(image_only) == {IMAGE_INTRA}
     assert set(ehr_only) == {EHR_INTRA}
-    lone = sample_masks(rng, (8, 8), _valid(1), False, cfg)  # only the static token: nothing to predict
+    lone = sample_masks(rng, (8, 8), _valid(1), False, cfg)  # a single EHR token: nothing to predict
     assert lone.policy == NO_POLICY and not lone.ehr_tgt.any() and not lone.img_tgt.any()
 
 

@@ -14,7 +14,7 @@ from jepa_ray.config import load_config
 from jepa_ray.data.masking import NO_POLICY
 from jepa_ray.data.pipeline import open_split
 from jepa_ray.data.shards import encode_npz
-from jepa_ray.data.transform import _npz, transform_batch
+from jepa_ray.data.transform import EhrLayout, _npz, transform_batch
 from jepa_ray.errors import ShardError
 
 
@@ -60,16 +60,15 @@ def samples(split):
 def test_fields_shapes_dtypes_ranges_and_presence(split, samples):
     cfg = _cfg("pipeline.max_events=16", "pipeline.max_static_codes=4")
     out = transform_batch(raw_batch(samples), split.spec, cfg, train=True, epoch=0)
-    b, L, n = len(samples), 17, 64
     spec = split.spec
+    lay = EhrLayout.of(spec, cfg)
+    b, n = len(samples), 64
+    L = len(spec.num_names) + len(spec.cat_sizes) + 4 + 16
+    assert lay.tokens == L and spec.model_dims(cfg)["ehr_tokens"] == L
     expected = {
         "image": ((b, 1, 64, 64), np.float32),
         "has_image": ((b,), np.bool_),
         "has_ehr": ((b,), np.bool_),
-        "ehr_num": ((b, len(spec.num_names)), np.float32),
-        "ehr_num_present": ((b, len(spec.num_names)), np.bool_),
-        "ehr_cat": ((b, len(spec.cat_sizes)), np.int64),
-        "ehr_static_code": ((b, 4), np.int64),
         "ehr_code": ((b, L), np.int64),
         "ehr_time": ((b, L), np.float32),
         "ehr_value": ((b, L), np.float32),
@@ -94,23 +93,32 @@ def test_fields_shapes_dtypes_ranges_and_presence(split, samples):
     img = out["image"][out["has_image"]]
     assert img.min() >= lo - 1e-5 and img.max() <= hi + 1e-5 and img.std() > 0.3
     assert (out["image"][~out["has_image"]] == 0).all()
-    assert (out["ehr_code"] >= 0).all() and (out["ehr_code"] < spec.vocab_size).all()
-    assert (out["ehr_time"] >= 0).all() and np.abs(out["ehr_value"]).max() <= 5
-    assert (out["ehr_cat"] >= 0).all() and (out["ehr_cat"] < np.array(spec.cat_sizes)).all()
-    # token 0 is the static token; the events follow without gaps; nothing where has_ehr is False
-    valid = out["ehr_valid"]
-    assert (valid[:, 0] == out["has_ehr"]).all()
-    assert (np.diff(valid.astype(int), axis=1) <= 0).all()
-    assert (out["ehr_code"][:, 0] == 0).all() and not valid[~out["has_ehr"]].any()
+    codes, valid = out["ehr_code"], out["ehr_valid"]
+    assert (codes[:, lay.cat] < np.array(spec.cat_sizes)).all()
+    assert (codes >= 0).all() and (codes < spec.vocab_size).all()
+    assert (out["ehr_time"] >= 0).all() and (out["ehr_time"][:, : lay.events.start] == 0).all()
+    assert np.abs(out["ehr_value"][:, lay.events]).max() <= 5
+    # static feature tokens exist exactly when the sample has EHR; events are contiguous from the start
+    assert (valid[:, : lay.static_codes.start] == out["has_ehr"][:, None]).all()
+    assert (np.diff(valid[:, lay.events].astype(int), axis=1) <= 0).all() and not valid[~out["has_ehr"]].any()
     for j, key in enumerate(out["key"]):
         if out["has_ehr"][j]:
-            events = _npz(samples[key]["ehr"])["event_code"]
-            assert valid[j].sum() == 1 + min(events.size, 16)
-            assert (out["ehr_code"][j, 1 : 1 + min(events.size, 16)] == events[-16:]).all()
+            arrays = _npz(samples[key]["ehr"])
+            events = arrays["event_code"]
+            k = min(events.size, 16)
+            assert valid[j, lay.events].sum() == k
+            assert (codes[j, lay.events][:k] == events[-16:]).all()
+            num = arrays["static_num"]
+            assert (out["ehr_value_present"][j, lay.num] == ~np.isnan(num)).all()
+            expect = (num - spec.num_mean) / spec.num_std
+            np.testing.assert_allclose(
+                out["ehr_value"][j, lay.num][~np.isnan(num)], expect[~np.isnan(num)], rtol=1e-5
+            )
+            assert (codes[j, lay.cat] == arrays["static_cat"]).all()
     # masks only cover what exists
     assert not (out["ehr_ctx"] & ~valid).any() and not (out["ehr_tgt"] & ~valid).any()
     assert not out["img_ctx"][~out["has_image"]].any() and not out["img_tgt"][~out["has_image"]].any()
-    assert (out["policy"] != NO_POLICY).sum() >= b - 2
+    assert (out["policy"] != NO_POLICY).all()
 
 
 def test_eval_mode_keeps_the_stored_image(split, samples):
