@@ -263,12 +263,47 @@ class PipelineConfig(_Strict):
         return self
 
 
+class ModelConfig(_Strict):
+    """The multimodal JEPA: a shared encoder trunk over image patches and EHR tokens, a predictor."""
+
+    preset: Literal["tiny", "small", "base", "large", "huge"] = Field(
+        "tiny", description="Encoder size: tiny (CPU tests, 64 wide, 2 deep) or ViT-S/B/L/H."
+    )
+    width: int | None = Field(None, ge=8, description="Encoder width; default from the preset.")
+    depth: int | None = Field(None, ge=1, description="Encoder depth; default from the preset.")
+    heads: int | None = Field(None, ge=1, description="Attention heads; default from the preset.")
+    predictor_width: int | None = Field(
+        None, ge=8, description="Predictor width; default: half the encoder's."
+    )
+    predictor_depth: int | None = Field(
+        None,
+        ge=1,
+        description="Predictor depth (swept by Ray Tune); default: a third of the encoder's, at least 2.",
+    )
+    predictor_heads: int | None = Field(None, ge=1, description="Predictor heads; default: the encoder's.")
+    mlp_ratio: float = Field(4.0, gt=0, description="Hidden width of the MLPs, as a multiple of the width.")
+    loss: Literal["l2", "smooth_l1"] = Field(
+        "l2", description="Distance between predicted and target latents."
+    )
+    ema: tuple[float, float] = Field(
+        (0.996, 1.0), description="EMA momentum of the target encoder: linear from the first to the second."
+    )
+
+    @field_validator("ema")
+    @classmethod
+    def _ema(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError("need 0 <= start <= end <= 1")
+        return v
+
+
 class Config(_Strict):
     """Root of a jepa-ray config file; each command reads its own section."""
 
     synth: SynthConfig = Field(default_factory=SynthConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
     ray_address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

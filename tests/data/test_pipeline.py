@@ -8,6 +8,7 @@ import tarfile
 
 import pytest
 import torch
+from shardkit import raw_samples
 
 from jepa_ray.config import StorageConfig, load_config
 from jepa_ray.data.pipeline import (
@@ -19,8 +20,6 @@ from jepa_ray.data.pipeline import (
     skipped_samples,
 )
 from jepa_ray.errors import ShardError
-
-from .test_transform import raw_samples
 
 
 def _cfg(*overrides: str):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import zipfile
 
 import numpy as np
 import pytest
+from shardkit import raw_batch, raw_samples
 
 from jepa_ray.config import load_config
 from jepa_ray.data.masking import NO_POLICY
@@ -16,28 +16,6 @@ from jepa_ray.data.pipeline import open_split
 from jepa_ray.data.shards import encode_npz
 from jepa_ray.data.transform import EhrLayout, _npz, transform_batch
 from jepa_ray.errors import ShardError
-
-
-def raw_samples(path) -> dict[str, dict[str, bytes]]:
-    """key -> {field: bytes} of one shard, as the reader sees it."""
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for m in tar:
-            key, _, rest = m.name.partition(".")
-            out.setdefault(key, {})[rest.split(".")[0]] = tar.extractfile(m).read()
-    return out
-
-
-def raw_batch(samples: dict[str, dict[str, bytes]], shard: str = "train-000000.tar") -> dict[str, np.ndarray]:
-    keys = list(samples)
-    col = lambda f: np.array([samples[k].get(f) for k in keys], dtype=object)  # noqa: E731
-    return {
-        "key": np.array(keys, dtype=object),
-        "shard": np.array([shard] * len(keys), dtype=object),
-        "image": col("image"),
-        "ehr": col("ehr"),
-        "meta": col("meta"),
-    }
 
 
 def _cfg(*overrides: str):

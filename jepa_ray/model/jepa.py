@@ -1,0 +1,238 @@
+"""The multimodal JEPA: context encoder, EMA target encoder, predictor, loss, monitors.
+
+    context = Encoder(visible image patches + visible EHR tokens)          # (B, Tc, D)
+    target  = LayerNorm(EMA-Encoder(every patch + every EHR token))       # no gradient
+    pred    = Predictor(context, mask tokens at the target positions)     # (B, Tq, D)
+    loss    = mean over target tokens of ||pred - target||^2 (or smooth-L1)
+
+One trunk embeds image and EHR tokens together, so each attends to the other when both are
+visible; with one modality hidden (cross-modal policy) the context holds only the other. The EMA
+update is a method of the module (`update_target`), so a sharded wrapper can call it where the
+parameters live. Input batches are those of `jepa_ray.data.pipeline` (after collation).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jepa_ray.config import ModelConfig
+from jepa_ray.model.tokenizers import EhrTokenizer, ImageTokenizer, InputDims
+from jepa_ray.model.vit import PRESETS, Trunk, init_weights, sincos_grid
+
+POLICIES = {0: "image_intra", 1: "ehr_intra", 2: "hide_image", 3: "hide_ehr"}
+
+
+def true_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) bool -> (idx, keep) (B, K): the True positions in order, padded, K the largest count."""
+    counts = mask.sum(-1)
+    k = max(int(counts.max()) if counts.numel() else 0, 1)
+    idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :k]
+    keep = torch.arange(k, device=mask.device) < counts.unsqueeze(-1)
+    return torch.where(keep, idx, torch.zeros_like(idx)), keep
+
+
+def gather(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """tokens (B, T, D), idx (B, K) -> (B, K, D)."""
+    return torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+class Encoder(nn.Module):
+    """Image and EHR tokenizers feeding one transformer trunk, behind a always-visible global token."""
+
+    def __init__(self, dims: InputDims, width: int, depth: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.dims = dims
+        self.image = ImageTokenizer(dims, width)
+        self.ehr = EhrTokenizer(dims, width)
+        self.global_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.trunk = Trunk(width, depth, heads, mlp_ratio)
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        img_idx: torch.Tensor | None = None,
+        img_keep: torch.Tensor | None = None,
+        ehr_visible: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode the visible tokens only.
+
+        img_idx/img_keep (B, K): visible patches (default: every patch of the samples that have an
+        image); ehr_visible (B, L) bool (default: every valid EHR token). Returns tokens
+        (B, 1 + K + E, D) = [global | patches | EHR], their keep mask, and the index tensors used.
+        """
+        image = batch["image"]
+        b = image.shape[0]
+        if img_idx is None:
+            n = self.dims.patches
+            img_idx = torch.arange(n, device=image.device).expand(b, n)
+            img_keep = batch["has_image"].unsqueeze(-1).expand(b, n)
+        patches = gather(self.image(image), img_idx)  # (B, K, D): only visible patches are computed on
+        ehr_visible = batch["ehr_valid"] if ehr_visible is None else ehr_visible
+        ehr_idx, ehr_keep = true_indices(ehr_visible)
+        ehr = gather(self.ehr(batch), ehr_idx)  # (B, E, D)
+        x = torch.cat([self.global_token.expand(b, -1, -1), patches, ehr], dim=1)
+        keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=image.device), img_keep, ehr_keep], dim=1)
+        return {
+            "tokens": self.trunk(x, keep),
+            "keep": keep,
+            "img_idx": img_idx,
+            "img_keep": img_keep,
+            "ehr_idx": ehr_idx,
+            "ehr_keep": ehr_keep,
+        }
+
+
+class Predictor(nn.Module):
+    """Context tokens + mask tokens at the target positions -> predicted target latents.
+
+    All targets of a sample are predicted in one pass (image blocks and EHR tokens together); the
+    mask tokens carry only positions (patch place, EHR slot identity and time), never content.
+    """
+
+    def __init__(self, dims: InputDims, enc_width: int, width: int, depth: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.embed = nn.Linear(enc_width, width)
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.register_buffer("img_pos", sincos_grid(dims.grid, width), persistent=False)
+        self.img_modality = nn.Parameter(torch.zeros(width))
+        self.ehr_pos = nn.Linear(enc_width, width)
+        self.trunk = Trunk(width, depth, heads, mlp_ratio)
+        self.proj = nn.Linear(width, enc_width)
+
+    def forward(
+        self,
+        context: torch.Tensor,
+        context_keep: torch.Tensor,
+        img_idx: torch.Tensor,
+        img_keep: torch.Tensor,
+        ehr_positions: torch.Tensor,
+        ehr_keep: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (B, Tc, De); img_idx/img_keep (B, Qi) patch targets; ehr_positions (B, Qe, De) with
+        ehr_keep (B, Qe) EHR targets. Returns predictions (B, Qi, De) and (B, Qe, De)."""
+        qi = self.mask_token + self.img_pos[img_idx] + self.img_modality
+        qe = self.mask_token + self.ehr_pos(ehr_positions)
+        x = torch.cat([self.embed(context), qi, qe], dim=1)
+        keep = torch.cat([context_keep, img_keep, ehr_keep], dim=1)
+        out = self.proj(self.trunk(x, keep)[:, context.shape[1] :])
+        return out[:, : qi.shape[1]], out[:, qi.shape[1] :]
+
+
+def momentum_at(step: int, total: int, ema: tuple[float, float]) -> float:
+    """EMA momentum, linear from ema[0] at step 0 to ema[1] at `total`."""
+    return ema[0] + (ema[1] - ema[0]) * min(step / max(total, 1), 1.0)
+
+
+class JEPA(nn.Module):
+    """Context encoder, EMA target encoder and predictor, with the loss in `forward`."""
+
+    def __init__(self, dims: InputDims | dict, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        dims = dims if isinstance(dims, InputDims) else InputDims.from_dict(dims)
+        cfg = cfg or ModelConfig()
+        width, depth, heads = PRESETS[cfg.preset]
+        width, depth, heads = cfg.width or width, cfg.depth or depth, cfg.heads or heads
+        p_width = cfg.predictor_width or max(width // 2, 8)
+        p_depth = cfg.predictor_depth or max(depth // 3, 2)
+        p_heads = cfg.predictor_heads or heads
+        while p_width % p_heads:
+            p_heads -= 1
+        self.dims, self.cfg, self.width = dims, cfg, width
+        self.context = Encoder(dims, width, depth, heads, cfg.mlp_ratio)
+        self.predictor = Predictor(dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio)
+        init_weights(self)
+        self.target = copy.deepcopy(self.context)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * context, parameter by parameter."""
+        for t, c in zip(self.target.parameters(), self.context.parameters(), strict=True):
+            t.mul_(momentum).add_(c.detach(), alpha=1 - momentum)
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer-normed target-encoder latents of every patch (B, N, D) and EHR slot (B, L, D)."""
+        self.target.eval()
+        out = self.target(batch, ehr_visible=torch.ones_like(batch["ehr_valid"]))
+        z = F.layer_norm(out["tokens"], (self.width,))
+        n = self.dims.patches
+        return z[:, 1 : 1 + n], z[:, 1 + n :]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The JEPA loss of a batch, and its parts: per policy, target counts."""
+        ctx = self.context(batch, batch["img_ctx_idx"], batch["img_ctx_keep"], batch["ehr_ctx"])
+        z_img, z_ehr = self.targets(batch)
+        b, m, k = batch["img_tgt_idx"].shape
+        img_idx, img_keep = batch["img_tgt_idx"].reshape(b, m * k), batch["img_tgt_keep"].reshape(b, m * k)
+        ehr_idx, ehr_keep = true_indices(batch["ehr_tgt"])
+        ehr_positions = gather(self.context.ehr.positions(batch["ehr_time"]), ehr_idx)
+        pred_img, pred_ehr = self.predictor(
+            ctx["tokens"], ctx["keep"], img_idx, img_keep, ehr_positions, ehr_keep
+        )
+        per_token = torch.cat(
+            [
+                self._distance(pred_img, gather(z_img, img_idx)),
+                self._distance(pred_ehr, gather(z_ehr, ehr_idx)),
+            ],
+            dim=1,
+        )  # (B, Qi + Qe)
+        keep = torch.cat([img_keep, ehr_keep], dim=1).to(per_token.dtype)
+        count = keep.sum()
+        loss = (per_token * keep).sum() / count.clamp(min=1)
+        out = {"loss": loss, "targets": count.detach()}
+        per_sample = ((per_token * keep).sum(1) / keep.sum(1).clamp(min=1)).detach()
+        for code, name in POLICIES.items():
+            chosen = batch["policy"] == code
+            if chosen.any():
+                out[f"loss_{name}"] = per_sample[chosen].mean()
+        return out
+
+    def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.cfg.loss == "smooth_l1":
+            return F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
+        return (pred - target).pow(2).mean(-1)
+
+    @torch.no_grad()
+    def encode(
+        self, batch: dict[str, torch.Tensor], modality: str = "both", encoder: str = "target"
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings for downstream use: tokens (B, T, D), keep (B, T), pooled (B, D).
+
+        modality: "image", "ehr" or "both" (what the encoder sees); encoder: "target" (the EMA
+        encoder, which the reference evaluates) or "context". pooled = mean of the visible patch
+        and EHR tokens (not the global token); zeros for a sample with nothing visible.
+        """
+        if modality not in ("image", "ehr", "both"):
+            raise ValueError(f"modality must be image, ehr or both, not {modality!r}")
+        enc = self.target if encoder == "target" else self.context
+        b, n = batch["image"].shape[0], self.dims.patches
+        img_idx = torch.arange(n, device=batch["image"].device).expand(b, n)
+        img_keep = batch["has_image"].unsqueeze(-1).expand(b, n) & (modality != "ehr")
+        ehr_visible = batch["ehr_valid"] & (modality != "image")
+        out = enc(batch, img_idx, img_keep, ehr_visible)
+        tokens, keep = out["tokens"], out["keep"].clone()
+        keep[:, 0] = False
+        weights = keep.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return {"tokens": tokens, "keep": out["keep"], "pooled": pooled, "global": tokens[:, 0]}
+
+
+def embedding_stats(z: torch.Tensor) -> dict[str, float]:
+    """Collapse monitors of a batch of embeddings (B, D): mean per-dimension std and RankMe.
+
+    RankMe (Garrido et al., 2023) = exp(entropy of the normalised singular values): ~D for
+    well-spread embeddings, ~1 when they collapse to a line.
+    """
+    z = z.float()
+    std = z.std(0).mean().item() if z.shape[0] > 1 else 0.0
+    s = torch.linalg.svdvals(z - z.mean(0))
+    p = s / s.sum().clamp(min=1e-12) + 1e-12
+    rankme = math.exp(float(-(p * p.log()).sum()))
+    return {"std": std, "rankme": rankme}

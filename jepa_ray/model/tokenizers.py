@@ -1,0 +1,127 @@
+"""Modality tokenizers: image patches and EHR tokens to (B, T, D) embeddings, plus position codes.
+
+Each tokenizer also gives the *position* of every token without its content: the patch's place in
+the grid, or the EHR slot's identity (which static feature; a static code; an event and its time).
+The predictor's mask tokens carry exactly that, so it knows what it must predict but not its value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from jepa_ray.model.vit import sincos_1d, sincos_grid
+
+
+@dataclass(frozen=True)
+class InputDims:
+    """What the batches look like (see `FeatureSpec.model_dims` in the data pipeline)."""
+
+    image_size: int
+    patch_size: int
+    vocab_size: int
+    n_num: int
+    cat_sizes: tuple[int, ...]
+    max_static_codes: int
+    max_events: int
+    num_target_blocks: int = 4
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputDims:
+        keys = cls.__dataclass_fields__
+        return cls(**{k: tuple(v) if k == "cat_sizes" else v for k, v in d.items() if k in keys})
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return (g, g)
+
+    @property
+    def patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def ehr_tokens(self) -> int:
+        return self.n_num + len(self.cat_sizes) + self.max_static_codes + self.max_events
+
+
+class ImageTokenizer(nn.Module):
+    """Patch embedding (a strided convolution) + fixed sin-cos positions + an image modality vector."""
+
+    def __init__(self, dims: InputDims, width: int) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, width, dims.patch_size, stride=dims.patch_size)
+        self.register_buffer("pos", sincos_grid(dims.grid, width), persistent=False)  # (N, D)
+        self.modality = nn.Parameter(torch.zeros(width))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) -> (B, N, D) patch tokens."""
+        x = self.patch(image).flatten(2).transpose(1, 2)
+        return x + self.pos + self.modality
+
+    def positions(self) -> torch.Tensor:
+        """(N, D) what a mask token at each patch carries."""
+        return self.pos + self.modality
+
+
+class EhrTokenizer(nn.Module):
+    """One token per static numeric feature, categorical feature, static code and event.
+
+    numeric: feature vector + value x a learned direction, or a learned missing vector;
+    categorical: feature vector + the category's embedding (one table per feature);
+    static code: code embedding + a static-code vector; event: code embedding + value (or a no-value
+    vector) + sin-cos of log days before the index. Every token also gets the EHR modality vector.
+    """
+
+    def __init__(self, dims: InputDims, width: int) -> None:
+        super().__init__()
+        self.dims = dims
+        n_num, n_cat = dims.n_num, len(dims.cat_sizes)
+        self.feature = nn.Parameter(torch.zeros(n_num + n_cat, width))  # static feature identities
+        self.value = nn.Parameter(torch.zeros(width))  # direction a standardised value moves along
+        self.missing = nn.Parameter(torch.zeros(width))
+        self.no_value = nn.Parameter(torch.zeros(width))
+        self.cat_offsets = [0]
+        for size in dims.cat_sizes:
+            self.cat_offsets.append(self.cat_offsets[-1] + size)
+        self.categories = nn.Embedding(max(self.cat_offsets[-1], 1), width)
+        self.codes = nn.Embedding(dims.vocab_size, width, padding_idx=0)
+        self.kind = nn.Parameter(torch.zeros(4, width))  # numeric, categorical, static code, event
+        self.slot = nn.Parameter(torch.zeros(dims.ehr_tokens, width))  # which position in the layout
+        self.time = nn.Linear(32, width)
+        self.modality = nn.Parameter(torch.zeros(width))
+        kinds = [0] * n_num + [1] * n_cat + [2] * dims.max_static_codes + [3] * dims.max_events
+        self.register_buffer("kinds", torch.tensor(kinds), persistent=False)
+
+    def _time(self, days: torch.Tensor) -> torch.Tensor:
+        return self.time(sincos_1d(torch.log1p(days.clamp(min=0)) * 8.0, 32))
+
+    def positions(self, time: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) what a mask token at each EHR slot carries: its kind, slot, feature and time."""
+        n_static = self.dims.n_num + len(self.dims.cat_sizes)
+        pos = self.kind[self.kinds] + self.slot + self.modality  # (L, D)
+        pos = pos.unsqueeze(0).expand(time.shape[0], -1, -1).clone()
+        pos[:, :n_static] += self.feature
+        ev = slice(self.dims.ehr_tokens - self.dims.max_events, None)
+        pos[:, ev] += self._time(time[:, ev])
+        return pos
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's EHR arrays -> (B, L, D) tokens (padding slots get position only)."""
+        code, value = batch["ehr_code"], batch["ehr_value"]
+        present = batch["ehr_value_present"].unsqueeze(-1).to(value.dtype)
+        x = self.positions(batch["ehr_time"])
+        n_num, n_cat = self.dims.n_num, len(self.dims.cat_sizes)
+        num = slice(0, n_num)
+        x[:, num] += present[:, num] * value[:, num, None] * self.value + (1 - present[:, num]) * self.missing
+        cat = slice(n_num, n_num + n_cat)
+        if n_cat:
+            offsets = torch.tensor(self.cat_offsets[:-1], device=code.device)
+            x[:, cat] += self.categories(code[:, cat] + offsets)
+        rest = slice(n_num + n_cat, None)
+        x[:, rest] += self.codes(code[:, rest])
+        ev = slice(self.dims.ehr_tokens - self.dims.max_events, None)
+        x[:, ev] += present[:, ev] * value[:, ev, None] * self.value + (1 - present[:, ev]) * self.no_value
+        return x

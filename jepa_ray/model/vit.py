@@ -1,0 +1,103 @@
+"""Transformer pieces shared by the encoders and the predictor (plain PyTorch, any device).
+
+Pre-norm blocks on `scaled_dot_product_attention` with a key-padding mask, so that a batch of
+token sets of different sizes (visible patches, EHR tokens) runs as one padded tensor; fixed
+sin-cos positional embeddings written for any number of spatial axes (2-D radiographs today,
+3-D CT volumes later).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name: (width, depth, heads); the predictor defaults to half the width and a third of the depth
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (64, 2, 4),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(...,) float positions -> (..., dim) sin-cos features (dim even), frequencies 1 .. 1/10000."""
+    half = dim // 2
+    freq = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=positions.device) / half
+    )
+    angle = positions.float().unsqueeze(-1) * freq
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+
+
+def sincos_grid(grid: tuple[int, ...], dim: int) -> torch.Tensor:
+    """(prod(grid), dim) fixed embedding of a patch grid with any number of axes (row-major order)."""
+    axes = len(grid)
+    per_axis = 2 * (dim // (2 * axes))
+    coords = torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij")
+    parts = [sincos_1d(c.reshape(-1), per_axis) for c in coords]
+    out = torch.cat(parts, dim=-1)
+    return F.pad(out, (0, dim - out.shape[-1]))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape  # (B, T, D)
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = keep[:, None, None, :] if keep is not None else None  # (B, 1, 1, T): attend to kept keys
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), keep)
+        return x + self.mlp(self.norm2(x))
+
+
+class Trunk(nn.Module):
+    """A stack of blocks and a final norm over (B, T, D) tokens with a (B, T) keep mask."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.norm(x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated-normal linear/conv weights (std 0.02), zero biases, unit LayerNorm, as in ViT/I-JEPA."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d | nn.Conv3d | nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

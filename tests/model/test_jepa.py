@@ -1,0 +1,220 @@
+"""The JEPA model on real pipeline batches: shapes per policy, stop-gradient, EMA, no leakage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from shardkit import raw_batch, raw_samples
+
+from jepa_ray.config import ModelConfig, load_config
+from jepa_ray.data.pipeline import collate, open_split
+from jepa_ray.data.transform import transform_batch
+from jepa_ray.model.jepa import JEPA, embedding_stats, momentum_at
+
+
+def _pipeline_cfg(*overrides: str):
+    return load_config(
+        overrides=["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_events=12", *overrides]
+    ).pipeline
+
+
+@pytest.fixture(scope="module")
+def split(small_shards):
+    return open_split(str(small_shards), "train")
+
+
+@pytest.fixture(scope="module")
+def samples(split):
+    out = {}
+    for p in split.paths[:3]:
+        out.update(raw_samples(p))
+    return out
+
+
+def make_batch(split, samples, *overrides: str, drop: str | None = None, epoch: int = 0) -> dict:
+    """A collated batch; drop="image" or "ehr" turns every sample into a one-modality one."""
+    chosen = {}
+    for key, fields in samples.items():
+        if drop and drop not in fields:
+            continue
+        if drop:
+            meta = json.loads(fields["meta"])
+            meta[f"has_{drop}"] = False
+            other = "ehr" if drop == "image" else "image"
+            if other not in fields:
+                continue
+            fields = {k: v for k, v in fields.items() if k != drop} | {"meta": json.dumps(meta).encode()}
+        chosen[key] = fields
+    cfg = _pipeline_cfg(*overrides)
+    return collate(transform_batch(raw_batch(chosen), split.spec, cfg, train=True, epoch=epoch))
+
+
+def _model(split, **model):
+    torch.manual_seed(0)
+    return JEPA(split.spec.model_dims(_pipeline_cfg()), ModelConfig(**model))
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        ("image_intra=1 ehr_intra=0 cross_modal=0", {"image_intra", "ehr_intra"}),
+        ("image_intra=0 ehr_intra=1 cross_modal=0", {"ehr_intra", "image_intra"}),
+        ("image_intra=0 ehr_intra=0 cross_modal=1", {"hide_image", "hide_ehr", "image_intra", "ehr_intra"}),
+    ],
+)
+def test_loss_for_every_policy(split, samples, weights, expected):
+    overrides = [f"pipeline.mask.policy.{w}" for w in weights.split()]
+    batch = make_batch(split, samples, *overrides)
+    out = _model(split)(batch)
+    assert out["loss"].shape == () and torch.isfinite(out["loss"]) and out["loss"] > 0
+    parts = {k.removeprefix("loss_") for k in out if k.startswith("loss_")}
+    assert parts and parts <= expected  # samples lacking a modality fall back to what they allow
+    assert out["targets"] == batch["img_tgt_keep"].sum() + batch["ehr_tgt"].sum()
+
+
+@pytest.mark.parametrize("drop", ["image", "ehr"])
+def test_one_modality_batches(split, samples, drop):
+    batch = make_batch(split, samples, drop=drop)
+    assert not batch[f"has_{drop}"].any() and len(batch["key"]) >= 3
+    model = _model(split)
+    out = model(batch)
+    assert torch.isfinite(out["loss"])
+    assert set(k for k in out if k.startswith("loss_")) == {
+        "loss_ehr_intra" if drop == "image" else "loss_image_intra"
+    }
+    enc = model.encode(batch, "ehr" if drop == "image" else "image")
+    assert enc["pooled"].shape == (len(batch["key"]), model.width) and torch.isfinite(enc["pooled"]).all()
+
+
+def test_encode_modalities_and_shapes(split, samples):
+    batch = make_batch(split, samples)
+    model = _model(split)
+    b, n, L = len(batch["key"]), model.dims.patches, model.dims.ehr_tokens
+    both, image, ehr = (model.encode(batch, m) for m in ("both", "image", "ehr"))
+    assert both["tokens"].shape[0] == b and both["pooled"].shape == (b, model.width)
+    assert image["keep"][:, 1 + n :].sum() == 0 and ehr["keep"][:, 1 : 1 + n].sum() == 0
+    assert image["keep"][:, 1 : 1 + n].sum() == n * batch["has_image"].sum()
+    assert both["keep"][:, 1 + n :].sum() == batch["ehr_valid"].sum() and both["tokens"].shape[1] <= 1 + n + L
+    paired = batch["has_image"] & batch["has_ehr"]
+    assert not torch.allclose(image["pooled"][paired], both["pooled"][paired])
+    with pytest.raises(ValueError, match="modality"):
+        model.encode(batch, "text")
+
+
+def test_no_gradient_reaches_the_target_and_ema_follows_the_rule(split, samples):
+    batch = make_batch(split, samples)
+    model = _model(split)
+    model(batch)["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.target.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.context.parameters())
+    with torch.no_grad():
+        for p in model.context.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    before_t = [p.clone() for p in model.target.parameters()]
+    ctx = [p.clone() for p in model.context.parameters()]
+    model.update_target(0.9)
+    for t0, c, t1 in zip(before_t, ctx, model.target.parameters(), strict=True):
+        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * c)
+    assert momentum_at(0, 100, (0.996, 1.0)) == 0.996 and momentum_at(50, 100, (0.996, 1.0)) == pytest.approx(
+        0.998
+    )
+    assert momentum_at(500, 100, (0.996, 1.0)) == 1.0
+
+
+def test_hidden_content_does_not_reach_the_context_encoder(split, samples):
+    batch = make_batch(split, samples, "pipeline.mask.policy.cross_modal=0.5")
+    model = _model(split)
+    model.eval()
+    args = (batch["img_ctx_idx"], batch["img_ctx_keep"], batch["ehr_ctx"])
+    before = model.context(batch, *args)
+    changed = dict(batch)
+    p, g = model.dims.patch_size, model.dims.grid
+    hidden = ~batch["img_ctx"].reshape(-1, *g)  # (B, gh, gw) patches not in the context
+    pixel_hidden = hidden.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
+    changed["image"] = torch.where(pixel_hidden, torch.randn_like(batch["image"]) * 5, batch["image"])
+    ehr_hidden = ~batch["ehr_ctx"]
+    new_codes = torch.randint_like(batch["ehr_code"], 2, model.dims.vocab_size)
+    n_static = model.dims.n_num + len(model.dims.cat_sizes)
+    new_codes[:, :n_static] = 1  # a categorical slot takes ids below its feature's size; 1 = unknown
+    changed["ehr_code"] = torch.where(ehr_hidden, new_codes, batch["ehr_code"])
+    changed["ehr_value"] = torch.where(ehr_hidden, torch.randn_like(batch["ehr_value"]), batch["ehr_value"])
+    changed["ehr_time"] = torch.where(ehr_hidden, batch["ehr_time"] + 100, batch["ehr_time"])
+    after = model.context(changed, *args)
+    keep = before["keep"]
+    assert pixel_hidden.any() and ehr_hidden.any() and (changed["image"] != batch["image"]).any()
+    torch.testing.assert_close(after["tokens"][keep], before["tokens"][keep])
+    # ...while the same change does move the target encoder, which sees everything
+    assert not torch.allclose(model.targets(changed)[0], model.targets(batch)[0])
+
+
+def test_smooth_l1_option_and_predictor_depth(split, samples):
+    batch = make_batch(split, samples)
+    l2 = _model(split)(batch)["loss"]
+    sl1 = _model(split, loss="smooth_l1")(batch)["loss"]
+    assert torch.isfinite(sl1) and sl1 < l2  # smooth-L1 is below L2/2*2 for small errors
+    deep = _model(split, predictor_depth=5)
+    assert len(deep.predictor.trunk.blocks) == 5
+
+
+def test_embedding_stats_see_collapse():
+    rng = np.random.default_rng(0)
+    spread = torch.tensor(rng.normal(size=(64, 32)), dtype=torch.float32)
+    collapsed = torch.tensor(rng.normal(size=(64, 1)) @ rng.normal(size=(1, 32)), dtype=torch.float32)
+    s, c = embedding_stats(spread), embedding_stats(collapsed)
+    assert s["rankme"] > 20 and c["rankme"] < 1.5
+    assert embedding_stats(torch.ones(8, 4))["std"] == 0
+
+
+def test_the_model_package_imports_neither_ray_nor_deepspeed():
+    code = (
+        "import sys, jepa_ray.model.jepa; print(sorted(m for m in ('ray', 'deepspeed') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_schedules_and_parameter_groups(split):
+    from jepa_ray.model.optim import Schedule, param_groups
+
+    s = Schedule(total_steps=100, lr=1e-3, warmup_steps=10, final_lr=1e-6)
+    assert s.lr_at(0) == pytest.approx(1e-4) and s.lr_at(9) == pytest.approx(1e-3)
+    assert s.lr_at(100) == pytest.approx(1e-6) and s.lr_at(55) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert s.weight_decay_at(0) == pytest.approx(0.04) and s.weight_decay_at(100) == pytest.approx(0.4)
+    assert s.momentum_at(0) == 0.996 and s.momentum_at(100) == 1.0
+    decay, no_decay = param_groups(_model(split))
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    model = _model(split)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == n_trainable
+
+
+def test_a_few_hundred_cpu_steps_lower_the_loss_without_collapse(split, small_shards):
+    from jepa_ray.model.optim import Schedule, make_optimizer, train_step
+
+    samples = {}
+    for p in split.paths:
+        samples.update(raw_samples(p))
+    keys = list(samples)
+    cfg = _pipeline_cfg()
+    model = _model(split)
+    schedule = Schedule(total_steps=150, lr=1e-3, warmup_steps=15)
+    optimizer = make_optimizer(model, schedule)
+    rng = np.random.default_rng(0)
+    losses = []
+    for step in range(schedule.total_steps):
+        chosen = rng.choice(len(keys), 16, replace=False)
+        raw = raw_batch({keys[i]: samples[keys[i]] for i in chosen})
+        batch = collate(transform_batch(raw, split.spec, cfg, train=True, epoch=step))
+        metrics = train_step(model, optimizer, batch, step, schedule)
+        assert np.isfinite(metrics["loss"])
+        losses.append(metrics["loss"])
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:10])
+    evaluation = collate(transform_batch(raw_batch(samples), split.spec, cfg, train=False, epoch=0))
+    stats = embedding_stats(model.encode(evaluation, "both")["pooled"])
+    assert stats["std"] > 0.05 and stats["rankme"] > 3
