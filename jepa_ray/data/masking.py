@@ -16,7 +16,7 @@ the union of the image target blocks covers ~mask_ratio of the image patches, an
 EHR tokens are targets. A policy that needs a modality the sample lacks is never chosen.
 
 Masks are boolean arrays over a flat token index (patches in row-major order; EHR tokens as laid
-out by `transform.EhrLayout`); `jepa_ray.data.pipeline.mask_indices` turns a batch of them into
+out by `transform.EhrLayout`); `mask_indices` (torch, on the trainer side) turns a batch of them into
 the padded index tensors the model gathers with. Unlike the reference collator, block scale and
 aspect ratio are drawn independently per block, the last patch row and column can be sampled, and
 blocks stay inside the part of the grid that holds image (not the padding).
@@ -212,3 +212,18 @@ def sample_masks(
         if ehr_valid.sum() >= 2:  # predict mask_ratio of the hidden tokens, as in ehr_intra
             _, ehr_tgt = ehr_masks(rng, ehr_valid, cfg.mask_ratio)
     return SampleMasks(policy, img_ctx, img_tgt, ehr_ctx, ehr_tgt)
+
+
+def mask_indices(mask):
+    """(..., N) bool -> (idx, keep), both (..., K) with K the batch's largest count.
+
+    idx lists each row's True positions in increasing order, padded with 0; keep marks the real
+    entries. Padding (instead of the reference's trimming to the smallest count) loses no target.
+    """
+    import torch
+
+    counts = mask.sum(-1)
+    k = max(int(counts.max()) if counts.numel() else 0, 1)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :k]
+    keep = torch.arange(k, device=mask.device) < counts.unsqueeze(-1)
+    return torch.where(keep, order, torch.zeros_like(order)), keep

@@ -22,6 +22,7 @@ import numpy as np
 
 from jepa_ray.config import PipelineConfig, StorageConfig
 from jepa_ray.data.manifest import read_manifest
+from jepa_ray.data.masking import mask_indices
 from jepa_ray.data.storage import Store, pyarrow_filesystem
 from jepa_ray.data.transform import FeatureSpec, transform_batch
 from jepa_ray.errors import ShardError
@@ -145,21 +146,6 @@ def _bytes_per_sample(spec: FeatureSpec, cfg: PipelineConfig) -> int:
     n = (cfg.image_size // cfg.patch_size) ** 2
     tokens = 1 + cfg.max_events
     return 4 * cfg.image_size**2 + n * (1 + cfg.mask.num_target_blocks) + 16 * tokens + 4096
-
-
-def mask_indices(mask):
-    """(..., N) bool -> (idx, keep), both (..., K) with K the batch's largest count.
-
-    idx lists each row's True positions in increasing order, padded with 0; keep marks the real
-    entries. Padding (instead of the reference's trimming to the smallest count) loses no target.
-    """
-    import torch
-
-    counts = mask.sum(-1)
-    k = max(int(counts.max()) if counts.numel() else 0, 1)
-    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :k]
-    keep = torch.arange(k) < counts.unsqueeze(-1)
-    return torch.where(keep, order, torch.zeros_like(order)), keep
 
 
 def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -21,19 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from jepa_ray.config import ModelConfig
+from jepa_ray.data.masking import mask_indices
 from jepa_ray.model.tokenizers import EhrTokenizer, ImageTokenizer, InputDims
 from jepa_ray.model.vit import PRESETS, Trunk, init_weights, sincos_grid
 
 POLICIES = {0: "image_intra", 1: "ehr_intra", 2: "hide_image", 3: "hide_ehr"}
-
-
-def true_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) bool -> (idx, keep) (B, K): the True positions in order, padded, K the largest count."""
-    counts = mask.sum(-1)
-    k = max(int(counts.max()) if counts.numel() else 0, 1)
-    idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :k]
-    keep = torch.arange(k, device=mask.device) < counts.unsqueeze(-1)
-    return torch.where(keep, idx, torch.zeros_like(idx)), keep
 
 
 def gather(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -73,7 +65,7 @@ class Encoder(nn.Module):
             img_keep = batch["has_image"].unsqueeze(-1).expand(b, n)
         patches = gather(self.image(image), img_idx)  # (B, K, D): only visible patches are computed on
         ehr_visible = batch["ehr_valid"] if ehr_visible is None else ehr_visible
-        ehr_idx, ehr_keep = true_indices(ehr_visible)
+        ehr_idx, ehr_keep = mask_indices(ehr_visible)
         ehr = gather(self.ehr(batch), ehr_idx)  # (B, E, D)
         x = torch.cat([self.global_token.expand(b, -1, -1), patches, ehr], dim=1)
         keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=image.device), img_keep, ehr_keep], dim=1)
@@ -171,7 +163,7 @@ class JEPA(nn.Module):
         z_img, z_ehr = self.targets(batch)
         b, m, k = batch["img_tgt_idx"].shape
         img_idx, img_keep = batch["img_tgt_idx"].reshape(b, m * k), batch["img_tgt_keep"].reshape(b, m * k)
-        ehr_idx, ehr_keep = true_indices(batch["ehr_tgt"])
+        ehr_idx, ehr_keep = mask_indices(batch["ehr_tgt"])
         ehr_positions = gather(self.context.ehr.positions(batch["ehr_time"]), ehr_idx)
         pred_img, pred_ehr = self.predictor(
             ctx["tokens"], ctx["keep"], img_idx, img_keep, ehr_positions, ehr_keep
