@@ -84,7 +84,13 @@ def measure(preset: str, image_size: int, batch: int, repeats: int, device: str,
                 model.zero_grad(set_to_none=True)
                 model(b)["loss"].backward()
 
-            rows.append({"visible": f, "forward_s": timed(forward, repeats, device), "step_s": timed(step, repeats, device)})
+            rows.append(
+                {
+                    "visible": f,
+                    "forward_s": timed(forward, repeats, device),
+                    "step_s": timed(step, repeats, device),
+                }
+            )
     full = rows[0]
     for r in rows:
         r["forward_vs_full"] = r["forward_s"] / full["forward_s"]
@@ -117,7 +123,10 @@ def main() -> int:
     report = {
         "name": "model",
         "hardware": hardware(),
-        "config": {"runs": [{"preset": p, "image_size": s, "batch": b} for p, s, b, _, _ in runs], "quick": args.quick},
+        "config": {
+            "runs": [{"preset": p, "image_size": s, "batch": b} for p, s, b, _, _ in runs],
+            "quick": args.quick,
+        },
         "results": results,
         "ratio": ratio,
         "target": 2.0,

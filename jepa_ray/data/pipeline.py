@@ -98,7 +98,9 @@ def _transform(batch, spec, cfg, train, ledger):
     def on_bad(shard: str, key: str, reason: str) -> None:
         report_bad(ledger, cfg.max_bad_samples, shard, key, reason)
 
-    return transform_batch(batch, spec, cfg, train=train, epoch=current_epoch(), on_bad=on_bad)
+    # evaluation draws the same masks on every pass, so validation losses compare across epochs
+    epoch = current_epoch() if train else 0
+    return transform_batch(batch, spec, cfg, train=train, epoch=epoch, on_bad=on_bad)
 
 
 def build_dataset(shards: ShardSet, cfg: PipelineConfig, *, train: bool, ledger: Any = None):

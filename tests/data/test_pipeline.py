@@ -89,6 +89,9 @@ def test_same_seed_same_epoch_same_samples_and_masks_new_epoch_new_masks(ray_ses
             assert torch.equal(a1[key][name], b1[key][name]), (key, name)
     changed = sum(not torch.equal(a0[k]["img_tgt"], a1[k]["img_tgt"]) for k in a0 if a0[k]["has_image"])
     assert changed > 0.8 * sum(bool(a0[k]["has_image"]) for k in a0)
+    evaluation = build_dataset(split, cfg, train=False)
+    e0, e1 = _epoch(evaluation, cfg), _epoch(evaluation, cfg)
+    assert all(torch.equal(e0[k]["img_tgt"], e1[k]["img_tgt"]) for k in e0)  # evaluation masks stay put
     c0 = _epoch(build_dataset(split, _cfg("pipeline.seed=5"), train=True), cfg)
     assert any(not torch.equal(a0[k]["img_tgt"], c0[k]["img_tgt"]) for k in a0 if a0[k]["has_image"])
 
