@@ -55,7 +55,8 @@ class Encoder(nn.Module):
 
         img_idx/img_keep (B, K): visible patches (default: every patch of the samples that have an
         image); ehr_visible (B, L) bool (default: every valid EHR token). Returns tokens
-        (B, 1 + K + E, D) = [global | patches | EHR], their keep mask, and the index tensors used.
+        (B, 1 + K + E, D) = [global | patches | EHR], their keep mask, and the index tensors used;
+        EHR slots that are padding (`ehr_valid` False) are never attended to.
         """
         image = batch["image"]
         b = image.shape[0]
@@ -66,6 +67,8 @@ class Encoder(nn.Module):
         patches = gather(self.image(image), img_idx)  # (B, K, D): only visible patches are computed on
         ehr_visible = batch["ehr_valid"] if ehr_visible is None else ehr_visible
         ehr_idx, ehr_keep = mask_indices(ehr_visible)
+        # padding slots never take part, even when every slot is laid out (the target encoder)
+        ehr_keep = ehr_keep & torch.gather(batch["ehr_valid"], 1, ehr_idx)
         ehr = gather(self.ehr(batch), ehr_idx)  # (B, E, D)
         x = torch.cat([self.global_token.expand(b, -1, -1), patches, ehr], dim=1)
         keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=image.device), img_keep, ehr_keep], dim=1)

@@ -218,3 +218,17 @@ def test_a_few_hundred_cpu_steps_lower_the_loss_without_collapse(split, small_sh
     evaluation = collate(transform_batch(raw_batch(samples), split.spec, cfg, train=False, epoch=0))
     stats = embedding_stats(model.encode(evaluation, "both")["pooled"])
     assert stats["std"] > 0.05 and stats["rankme"] > 3
+
+
+def test_padding_ehr_slots_do_not_reach_the_target_encoder(split, samples):
+    batch = make_batch(split, samples)
+    model = _model(split)
+    padding = ~batch["ehr_valid"]
+    assert padding.any()
+    changed = dict(batch)
+    changed["ehr_time"] = torch.where(padding, batch["ehr_time"] + 50, batch["ehr_time"])
+    changed["ehr_code"] = torch.where(padding & (torch.arange(padding.shape[1]) >= 4), 5, batch["ehr_code"])
+    z_img, z_ehr = model.targets(batch)
+    c_img, c_ehr = model.targets(changed)
+    torch.testing.assert_close(c_img[batch["has_image"]], z_img[batch["has_image"]])
+    torch.testing.assert_close(c_ehr[batch["ehr_valid"]], z_ehr[batch["ehr_valid"]])
