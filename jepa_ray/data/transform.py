@@ -23,13 +23,9 @@ A batch in: `key`, `shard` (str), `image` (.npy bytes or None), `ehr` (.npz byte
 
 from __future__ import annotations
 
-import ast
-import functools
 import hashlib
-import io
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +33,7 @@ import numpy as np
 
 from jepa_ray.config import PipelineConfig
 from jepa_ray.data.masking import sample_masks
+from jepa_ray.data.shards import decode_npy, decode_npz
 from jepa_ray.errors import ShardError
 
 _VALUE_CLIP = 5.0
@@ -139,53 +136,6 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, int.from_bytes(digest[:4]), int.from_bytes(digest[4:])])
 
 
-@functools.lru_cache(maxsize=4096)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
-    d = ast.literal_eval(header.decode("latin1"))
-    dtype = np.dtype(d["descr"])
-    if dtype.hasobject:
-        raise ValueError("object arrays are not allowed")
-    return dtype, tuple(d["shape"]), bool(d["fortran_order"])
-
-
-def _npy(data: bytes, offset: int = 0, size: int | None = None) -> np.ndarray:
-    """A .npy payload as an array viewing `data` (headers parsed once per distinct header)."""
-    if data[offset : offset + 6] != b"\x93NUMPY":
-        raise ValueError("not a .npy payload")
-    major = data[offset + 6]
-    n = 2 if major == 1 else 4
-    hlen = int.from_bytes(data[offset + 8 : offset + 8 + n], "little")
-    start = offset + 8 + n + hlen
-    dtype, shape, fortran = _npy_header(bytes(data[offset + 8 + n : start]))
-    count = math.prod(shape)
-    if size is not None and start + count * dtype.itemsize > offset + size:
-        raise ValueError("truncated .npy payload")
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
-    return arr.reshape(shape, order="F" if fortran else "C")
-
-
-def _npz(data: bytes) -> dict[str, np.ndarray]:
-    """The arrays of an uncompressed .npz (as `prepare` writes them), straight from the zip entries."""
-    out: dict[str, np.ndarray] = {}
-    pos = 0
-    while data[pos : pos + 4] == b"PK\x03\x04":
-        flags, method = struct.unpack_from("<HH", data, pos + 6)
-        size, name_len, extra_len = (
-            struct.unpack_from("<IHH", data, pos + 22)[0],
-            *struct.unpack_from("<HH", data, pos + 26),
-        )
-        if method != 0 or flags & 0x08:  # compressed, or sizes in a trailing descriptor: the slow path
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        name = data[pos + 30 : pos + 30 + name_len].decode()
-        body = pos + 30 + name_len + extra_len
-        out[name.removesuffix(".npy")] = _npy(data, body, size)
-        pos = body + size
-    if not out:
-        raise ValueError("not an .npz archive")
-    return out
-
-
 def decode_sample(image: bytes | None, ehr: bytes | None, meta: bytes | None, stored_size: int):
     """(image (S0, S0) uint16 or None, ehr dict or None, meta dict); BadSample when unusable."""
     if meta is None:
@@ -201,7 +151,7 @@ def decode_sample(image: bytes | None, ehr: bytes | None, meta: bytes | None, st
         if image is None:
             raise BadSample("meta says has_image but image.npy is missing")
         try:
-            arr = _npy(image)
+            arr = decode_npy(image)
         except Exception as e:
             raise BadSample(f"image.npy does not decode ({type(e).__name__})") from None
         if arr.shape != (1, stored_size, stored_size) or arr.dtype != np.uint16:
@@ -214,7 +164,7 @@ def decode_sample(image: bytes | None, ehr: bytes | None, meta: bytes | None, st
         if ehr is None:
             raise BadSample("meta says has_ehr but ehr.npz is missing")
         try:
-            arrays = _npz(ehr)
+            arrays = decode_npz(ehr)
         except Exception as e:
             raise BadSample(f"ehr.npz does not decode ({type(e).__name__})") from None
         need = {"event_code", "event_time", "event_value", "static_code", "static_num", "static_cat"}

@@ -13,8 +13,8 @@ from shardkit import raw_batch, raw_samples
 from jepa_ray.config import load_config
 from jepa_ray.data.masking import NO_POLICY
 from jepa_ray.data.pipeline import open_split
-from jepa_ray.data.shards import encode_npz
-from jepa_ray.data.transform import EhrLayout, _npz, transform_batch
+from jepa_ray.data.shards import decode_npz, encode_npz
+from jepa_ray.data.transform import EhrLayout, transform_batch
 from jepa_ray.errors import ShardError
 
 
@@ -81,7 +81,7 @@ def test_fields_shapes_dtypes_ranges_and_presence(split, samples):
     assert (np.diff(valid[:, lay.events].astype(int), axis=1) <= 0).all() and not valid[~out["has_ehr"]].any()
     for j, key in enumerate(out["key"]):
         if out["has_ehr"][j]:
-            arrays = _npz(samples[key]["ehr"])
+            arrays = decode_npz(samples[key]["ehr"])
             events = arrays["event_code"]
             k = min(events.size, 16)
             assert valid[j, lay.events].sum() == k
@@ -185,7 +185,7 @@ def test_npz_fast_path_matches_numpy_and_falls_back_for_compressed_archives():
         "event_value": np.array([1.5, np.nan], np.float32),
         "static_num": np.zeros(0, np.float32),
     }
-    fast = _npz(encode_npz(arrays))
+    fast = decode_npz(encode_npz(arrays))
     assert fast.keys() == arrays.keys()
     for k in arrays:
         np.testing.assert_array_equal(fast[k], arrays[k])
@@ -193,6 +193,6 @@ def test_npz_fast_path_matches_numpy_and_falls_back_for_compressed_archives():
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     assert zipfile.ZipFile(io.BytesIO(buf.getvalue())).infolist()[0].compress_type != 0
-    slow = _npz(buf.getvalue())
+    slow = decode_npz(buf.getvalue())
     for k in arrays:
         np.testing.assert_array_equal(slow[k], arrays[k])
