@@ -123,8 +123,58 @@ def momentum_at(step: int, total: int, ema: tuple[float, float]) -> float:
     return ema[0] + (ema[1] - ema[0]) * min(step / max(total, 1), 1.0)
 
 
+class Student(nn.Module):
+    """The trained part of the JEPA: context encoder + predictor. Its forward is the loss, given the
+    target latents, so that a distributed wrapper (DeepSpeed) can own exactly these parameters while
+    the EMA target encoder stays outside it."""
+
+    def __init__(self, context: Encoder, predictor: Predictor, loss: str) -> None:
+        super().__init__()
+        self.context = context
+        self.predictor = predictor
+        self.loss = loss
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], z_img: torch.Tensor, z_ehr: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The JEPA loss of a batch against target latents z_img (B, N, D) and z_ehr (B, L, D)."""
+        ctx = self.context(batch, batch["img_ctx_idx"], batch["img_ctx_keep"], batch["ehr_ctx"])
+        b, m, k = batch["img_tgt_idx"].shape
+        img_idx, img_keep = batch["img_tgt_idx"].reshape(b, m * k), batch["img_tgt_keep"].reshape(b, m * k)
+        ehr_idx, ehr_keep = mask_indices(batch["ehr_tgt"])
+        ehr_positions = gather(self.context.ehr.positions(batch["ehr_time"]), ehr_idx)
+        pred_img, pred_ehr = self.predictor(
+            ctx["tokens"], ctx["keep"], img_idx, img_keep, ehr_positions, ehr_keep
+        )
+        per_token = torch.cat(
+            [
+                self._distance(pred_img, gather(z_img, img_idx).to(pred_img.dtype)),
+                self._distance(pred_ehr, gather(z_ehr, ehr_idx).to(pred_ehr.dtype)),
+            ],
+            dim=1,
+        ).float()  # (B, Qi + Qe)
+        keep = torch.cat([img_keep, ehr_keep], dim=1).to(per_token.dtype)
+        count = keep.sum()
+        loss = (per_token * keep).sum() / count.clamp(min=1)
+        out = {"loss": loss, "targets": count.detach()}
+        per_sample = ((per_token * keep).sum(1) / keep.sum(1).clamp(min=1)).detach()
+        for code, name in POLICIES.items():
+            chosen = batch["policy"] == code
+            if chosen.any():
+                out[f"loss_{name}"] = per_sample[chosen].mean()
+        return out
+
+    def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss == "smooth_l1":
+            return F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
+        return (pred - target).pow(2).mean(-1)
+
+
 class JEPA(nn.Module):
-    """Context encoder, EMA target encoder and predictor, with the loss in `forward`."""
+    """The student (context encoder + predictor, trained) and the EMA target encoder.
+
+    `forward(batch)` is the loss; `update_target(m)` the EMA step; `encode` the downstream API.
+    """
 
     def __init__(self, dims: InputDims | dict, cfg: ModelConfig | None = None) -> None:
         super().__init__()
@@ -138,12 +188,21 @@ class JEPA(nn.Module):
         while p_width % p_heads:
             p_heads -= 1
         self.dims, self.cfg, self.width = dims, cfg, width
-        self.context = Encoder(dims, width, depth, heads, cfg.mlp_ratio)
-        self.predictor = Predictor(dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio)
-        init_weights(self)
-        self.target = copy.deepcopy(self.context)
+        context = Encoder(dims, width, depth, heads, cfg.mlp_ratio)
+        predictor = Predictor(dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio)
+        self.student = Student(context, predictor, cfg.loss)
+        init_weights(self.student)
+        self.target = copy.deepcopy(context)
         for p in self.target.parameters():
             p.requires_grad_(False)
+
+    @property
+    def context(self) -> Encoder:
+        return self.student.context
+
+    @property
+    def predictor(self) -> Predictor:
+        return self.student.predictor
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
@@ -156,43 +215,13 @@ class JEPA(nn.Module):
         """Layer-normed target-encoder latents of every patch (B, N, D) and EHR slot (B, L, D)."""
         self.target.eval()
         out = self.target(batch, ehr_visible=torch.ones_like(batch["ehr_valid"]))
-        z = F.layer_norm(out["tokens"], (self.width,))
+        z = F.layer_norm(out["tokens"].float(), (self.width,))
         n = self.dims.patches
         return z[:, 1 : 1 + n], z[:, 1 + n :]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The JEPA loss of a batch, and its parts: per policy, target counts."""
-        ctx = self.context(batch, batch["img_ctx_idx"], batch["img_ctx_keep"], batch["ehr_ctx"])
-        z_img, z_ehr = self.targets(batch)
-        b, m, k = batch["img_tgt_idx"].shape
-        img_idx, img_keep = batch["img_tgt_idx"].reshape(b, m * k), batch["img_tgt_keep"].reshape(b, m * k)
-        ehr_idx, ehr_keep = mask_indices(batch["ehr_tgt"])
-        ehr_positions = gather(self.context.ehr.positions(batch["ehr_time"]), ehr_idx)
-        pred_img, pred_ehr = self.predictor(
-            ctx["tokens"], ctx["keep"], img_idx, img_keep, ehr_positions, ehr_keep
-        )
-        per_token = torch.cat(
-            [
-                self._distance(pred_img, gather(z_img, img_idx)),
-                self._distance(pred_ehr, gather(z_ehr, ehr_idx)),
-            ],
-            dim=1,
-        )  # (B, Qi + Qe)
-        keep = torch.cat([img_keep, ehr_keep], dim=1).to(per_token.dtype)
-        count = keep.sum()
-        loss = (per_token * keep).sum() / count.clamp(min=1)
-        out = {"loss": loss, "targets": count.detach()}
-        per_sample = ((per_token * keep).sum(1) / keep.sum(1).clamp(min=1)).detach()
-        for code, name in POLICIES.items():
-            chosen = batch["policy"] == code
-            if chosen.any():
-                out[f"loss_{name}"] = per_sample[chosen].mean()
-        return out
-
-    def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.cfg.loss == "smooth_l1":
-            return F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
-        return (pred - target).pow(2).mean(-1)
+        return self.student(batch, *self.targets(batch))
 
     @torch.no_grad()
     def encode(
