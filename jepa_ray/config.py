@@ -297,6 +297,54 @@ class ModelConfig(_Strict):
         return v
 
 
+class TrainConfig(_Strict):
+    """`jepa-ray pretrain`: Ray Train workers running the JEPA step under DeepSpeed ZeRO."""
+
+    shards: str | None = Field(
+        None, description="Prepared shards (local path or s3://...); its train and val splits are read."
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    name: str | None = Field(
+        None, description="Run name; rerunning with the same name and storage_path resumes the run."
+    )
+    storage_path: str = Field(
+        "./runs", description="Where runs (checkpoints, metrics, plots) are kept: a directory or s3://..."
+    )
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process per GPU, or per CPU slot).")
+    use_gpu: bool = Field(False, description="One GPU per worker; bf16 then.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 0 data parallel, 1 optimizer state, 2 + gradients, 3 + parameters."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU."
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state and step on the CPU.")
+    offload_params: bool = Field(False, description="ZeRO-3 only: parameters kept on the CPU.")
+    steps: int = Field(1000, ge=1, description="Optimizer steps of the whole run (the schedules' length).")
+    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (per global batch as configured).")
+    final_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine decay.")
+    weight_decay: tuple[float, float] = Field(
+        (0.04, 0.4), description="Weight decay, cosine from the first to the second (none on biases/1-D)."
+    )
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    log_every: int = Field(10, ge=1, description="Steps between metric reports.")
+    checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (and one at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest).")
+    max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit).")
+    val_batches: int = Field(2, ge=0, description="Validation batches per report (fixed masks; 0: none).")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
 class Config(_Strict):
     """Root of a jepa-ray config file; each command reads its own section."""
 
@@ -304,6 +352,7 @@ class Config(_Strict):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     ray_address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

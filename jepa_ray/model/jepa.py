@@ -55,7 +55,8 @@ class Encoder(nn.Module):
 
         img_idx/img_keep (B, K): visible patches (default: every patch of the samples that have an
         image); ehr_visible (B, L) bool (default: every valid EHR token). Returns tokens
-        (B, 1 + K + E, D) = [global | patches | EHR], their keep mask, and the index tensors used;
+        (B, 1 + K + E, D) = [global | patches | EHR], their keep mask, the index tensors used and the
+        positions of every EHR slot (B, L, D), which the predictor's mask tokens carry;
         EHR slots that are padding (`ehr_valid` False) are never attended to.
         """
         image = batch["image"]
@@ -69,7 +70,8 @@ class Encoder(nn.Module):
         ehr_idx, ehr_keep = mask_indices(ehr_visible)
         # padding slots never take part, even when every slot is laid out (the target encoder)
         ehr_keep = ehr_keep & torch.gather(batch["ehr_valid"], 1, ehr_idx)
-        ehr = gather(self.ehr(batch), ehr_idx)  # (B, E, D)
+        ehr_tokens, ehr_positions = self.ehr(batch)
+        ehr = gather(ehr_tokens, ehr_idx)  # (B, E, D)
         x = torch.cat([self.global_token.expand(b, -1, -1), patches, ehr], dim=1)
         keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=image.device), img_keep, ehr_keep], dim=1)
         return {
@@ -79,6 +81,7 @@ class Encoder(nn.Module):
             "img_keep": img_keep,
             "ehr_idx": ehr_idx,
             "ehr_keep": ehr_keep,
+            "ehr_positions": ehr_positions,
         }
 
 
@@ -142,7 +145,7 @@ class Student(nn.Module):
         b, m, k = batch["img_tgt_idx"].shape
         img_idx, img_keep = batch["img_tgt_idx"].reshape(b, m * k), batch["img_tgt_keep"].reshape(b, m * k)
         ehr_idx, ehr_keep = mask_indices(batch["ehr_tgt"])
-        ehr_positions = gather(self.context.ehr.positions(batch["ehr_time"]), ehr_idx)
+        ehr_positions = gather(ctx["ehr_positions"], ehr_idx)
         pred_img, pred_ehr = self.predictor(
             ctx["tokens"], ctx["keep"], img_idx, img_keep, ehr_positions, ehr_keep
         )

@@ -108,11 +108,17 @@ class EhrTokenizer(nn.Module):
         pos[:, ev] += self._time(time[:, ev])
         return pos
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The batch's EHR arrays -> (B, L, D) tokens (padding slots get position only)."""
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's EHR arrays -> (B, L, D) tokens (padding slots get position only) and the
+        (B, L, D) positions alone (what a mask token at each slot carries).
+
+        Both come out of one forward so that a parameter-sharded wrapper (ZeRO-3), which gathers a
+        module's parameters around its forward only, sees every parameter used.
+        """
         code, value = batch["ehr_code"], batch["ehr_value"]
         present = batch["ehr_value_present"].unsqueeze(-1).to(value.dtype)
-        x = self.positions(batch["ehr_time"])
+        pos = self.positions(batch["ehr_time"])
+        x = pos.clone()
         n_num, n_cat = self.dims.n_num, len(self.dims.cat_sizes)
         num = slice(0, n_num)
         x[:, num] += present[:, num] * value[:, num, None] * self.value + (1 - present[:, num]) * self.missing
@@ -124,4 +130,4 @@ class EhrTokenizer(nn.Module):
         x[:, rest] += self.codes(code[:, rest])
         ev = slice(self.dims.ehr_tokens - self.dims.max_events, None)
         x[:, ev] += present[:, ev] * value[:, ev, None] * self.value + (1 - present[:, ev]) * self.no_value
-        return x
+        return x, pos

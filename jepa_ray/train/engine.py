@@ -1,0 +1,127 @@
+"""The JEPA step under DeepSpeed: its config, the EMA target under every ZeRO stage, checkpoints.
+
+Who owns what: the DeepSpeed engine owns the *student* (context encoder + predictor) with its
+optimizer state, partitioned as the ZeRO stage says. The EMA target encoder stays outside the
+engine, as an fp32 module complete on every rank: it has no gradients or optimizer state (4 bytes a
+parameter, against 16 for the student under mixed precision), and keeping it out of the engine
+keeps it in fp32 when the engine runs bf16 — an EMA step of (1 - 0.999) x difference would be
+rounded away in bf16. The EMA reads the student's context encoder, gathering its parameters group
+by group under ZeRO-3, so every rank applies the same update to the same full target.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jepa_ray.config import TrainConfig
+
+ENGINE_TAG = "engine"  # the tag of the DeepSpeed checkpoint inside each of our checkpoint directories
+TARGET_FILE = "target.pt"
+STATE_FILE = "state.json"
+GATHER_NUMEL = 50_000_000  # parameters gathered at once by the ZeRO-3 EMA update
+
+
+def deepspeed_config(tc: TrainConfig, micro_batch: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config for a run: ZeRO stage, precision, clipping, accumulation, AdamW, offload.
+
+    The learning rate and weight decay are set by `apply_schedule` every step (warm-up + cosine,
+    cosine weight decay), so no DeepSpeed scheduler is configured.
+    """
+    zero: dict[str, Any] = {"stage": tc.zero_stage}
+    if tc.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if tc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": tc.use_gpu}
+    if tc.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": tc.use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": tc.lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": tc.weight_decay[0],
+                # the fused CPU Adam of ZeRO-Offload is a JIT build; plain torch AdamW otherwise
+                "torch_adam": not tc.offload_optimizer,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def apply_schedule(optimizer: Any, lr: float, weight_decay: float) -> None:
+    """Set this step's learning rate everywhere and its weight decay on the decayed group.
+
+    `param_groups` of every ZeRO optimizer wrapper are the base optimizer's groups; the first group
+    is the decayed one (see `jepa_ray.model.optim.param_groups`), the second never decays.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay if group.get("apply_wd", i == 0) else 0.0
+
+
+def _chunks(params: list[torch.nn.Parameter], limit: int):
+    chunk, size = [], 0
+    for p in params:
+        n = getattr(p, "ds_numel", p.numel())
+        if chunk and size + n > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += n
+    if chunk:
+        yield chunk
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, context: torch.nn.Module, momentum: float, zero3: bool) -> None:
+    """target <- momentum * target + (1 - momentum) * context, in fp32, on every rank.
+
+    Under ZeRO-3 the context parameters are partitioned: they are gathered (read-only, a bounded
+    number at a time) so that the full target sees the full context. Every rank must call this.
+    """
+    pairs = list(zip(target.parameters(), context.parameters(), strict=True))
+    if not zero3:
+        for t, c in pairs:
+            t.mul_(momentum).add_(c.detach().to(t.dtype), alpha=1 - momentum)
+        return
+    import deepspeed
+
+    by_param = {id(c): t for t, c in pairs}
+    for chunk in _chunks([c for _, c in pairs], GATHER_NUMEL):
+        with deepspeed.zero.GatheredParameters(chunk, modifier_rank=None):
+            for c in chunk:
+                t = by_param[id(c)]
+                t.mul_(momentum).add_(c.detach().to(t.dtype), alpha=1 - momentum)
+
+
+def save_checkpoint(engine: Any, target: torch.nn.Module, state: dict, directory: Path, rank: int) -> None:
+    """Write this rank's part of a checkpoint: its DeepSpeed shard; rank 0 also the target and state.
+
+    Ray Train merges the ranks' directories into one checkpoint once every rank has reported, so a
+    crash while writing leaves the previous checkpoint the latest one.
+    """
+    engine.save_checkpoint(str(directory), tag=ENGINE_TAG)
+    if rank == 0:
+        torch.save(target.state_dict(), directory / TARGET_FILE)
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path) -> dict:
+    """Restore the engine (weights, optimizer, DeepSpeed counters) and the target; return the state."""
+    path, _ = engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
+    if path is None:
+        raise RuntimeError(f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}")
+    target.load_state_dict(torch.load(directory / TARGET_FILE, map_location="cpu", weights_only=True))
+    return json.loads((directory / STATE_FILE).read_text())

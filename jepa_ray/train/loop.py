@@ -1,0 +1,298 @@
+"""`train_loop_per_worker`: the JEPA step on each Ray Train worker, inside a DeepSpeed engine.
+
+Per optimizer step: schedules (LR warm-up + cosine, cosine weight decay) -> `grad_accum`
+micro-batches (target latents under no_grad, student loss, backward) -> DeepSpeed step (clipping,
+ZeRO reduction) -> EMA update of the target. Every `log_every` steps the metrics (averaged over
+ranks) are reported to Ray Train and written by rank 0; every `checkpoint_every` steps and at the
+end, every rank writes its part of a checkpoint and reports it.
+
+Data position (what a resumed run guarantees): the checkpoint records the step, the epoch and the
+number of batches that epoch had delivered. A resumed run ends at exactly the configured number of
+optimizer steps; it never repeats a finished epoch; the interrupted epoch goes on for the batches
+it had left, drawn from a freshly shuffled pass over that epoch's shards (Ray Data cannot restart
+an iterator mid-stream), so within that one epoch some samples may come twice and others not at
+all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jepa_ray.config import Config
+from jepa_ray.model.jepa import JEPA, POLICIES, embedding_stats
+from jepa_ray.model.optim import Schedule, param_groups
+from jepa_ray.train.engine import apply_schedule, deepspeed_config, ema_update, load_checkpoint, save_checkpoint
+
+log = logging.getLogger("jepa_ray.train")
+
+BatchSource = Callable[[int, int, int], Iterable[dict]]  # (rank, world, epoch) -> batches
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def _ray_batches(cfg: Config) -> BatchSource:
+    import ray.train
+
+    from jepa_ray.data.pipeline import iter_training_batches
+
+    shard = ray.train.get_dataset_shard("train")
+
+    def batches(rank: int, world: int, epoch: int) -> Iterable[dict]:
+        return iter_training_batches(shard, cfg.pipeline, train=True)
+
+    return batches
+
+
+def _val_batches(cfg: Config, source: BatchSource | None, rank: int, world: int) -> list[dict]:
+    n = cfg.train.val_batches
+    if n == 0:
+        return []
+    if source is not None:
+        it = iter(source(rank, world, -1))
+    else:
+        import ray.train
+
+        from jepa_ray.data.pipeline import iter_training_batches
+
+        shard = ray.train.get_dataset_shard("val")
+        if shard is None:
+            return []
+        it = iter(iter_training_batches(shard, cfg.pipeline, train=False))
+    out = []
+    for batch in it:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _all_mean(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _all_min(value: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+class _Window:
+    """Sums over one logging interval (per rank), averaged across ranks when reported."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.micro = self.samples = 0.0
+        self.policy_sum = [0.0] * len(POLICIES)
+        self.policy_n = [0.0] * len(POLICIES)
+        self.wait = self.busy = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, out: dict, samples: int, wait: float, busy: float) -> None:
+        self.loss += float(out["loss"])
+        self.micro += 1
+        self.samples += samples
+        self.wait += wait
+        self.busy += busy
+        for i, name in enumerate(POLICIES.values()):
+            if f"loss_{name}" in out:
+                self.policy_sum[i] += float(out[f"loss_{name}"])
+                self.policy_n[i] += 1
+
+    def report(self, device: torch.device) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.t0
+        loss, wait_frac = _all_mean([self.loss / max(self.micro, 1), self.wait / max(self.wait + self.busy, 1e-9)], device)
+        sums = _all_sum([self.samples, *self.policy_sum, *self.policy_n], device)
+        k = len(POLICIES)
+        out = {"loss": loss, "samples_per_s": sums[0] / max(elapsed, 1e-9), "data_wait": wait_frac}
+        for i, name in enumerate(POLICIES.values()):
+            if sums[1 + k + i]:
+                out[f"loss_{name}"] = sums[1 + i] / sums[1 + k + i]
+        return out
+
+
+@torch.no_grad()
+def _validate(model: JEPA, student: Any, batches: list[dict], device: torch.device, rank: int) -> dict:
+    """Validation loss (all ranks take part: under ZeRO-3 a forward gathers parameters collectively)
+    and collapse monitors of the target encoder's pooled embeddings of rank 0's first batch."""
+    n = _all_min(len(batches), device)
+    if n == 0:
+        return {}
+    student.eval()
+    losses = []
+    for batch in batches[:n]:
+        b = _to(batch, device)
+        losses.append(float(student(b, *model.targets(b))["loss"]))
+    student.train()
+    out = {"val_loss": _all_mean([sum(losses) / n], device)[0]}
+    if rank == 0:
+        stats = embedding_stats(model.encode(_to(batches[0], device), "both")["pooled"])
+        out.update(val_std=stats["std"], val_rankme=stats["rankme"])
+    return out
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. loop_config: config (a Config as a dict), dims (model input dims),
+    run_url (the run directory); tests may add batches (a BatchSource replacing Ray Data) and
+    kill_at_step (rank 1 kills its own process there, once, to exercise fault tolerance)."""
+    import deepspeed
+    import ray.train
+
+    from jepa_ray.train.metrics import MetricsLog
+
+    cfg = Config.model_validate(loop_config["config"])
+    tc, pc = cfg.train, cfg.pipeline
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if tc.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and tc.use_gpu)
+
+    torch.manual_seed(pc.seed)  # the same initial weights on every rank
+    model = JEPA(loop_config["dims"], cfg.model)
+    student = model.student
+    engine, _, _, _ = deepspeed.initialize(
+        model=student,
+        model_parameters=param_groups(student),
+        config=deepspeed_config(tc, pc.batch_size, bf16),
+    )
+    target = model.target.to(device)
+    schedule = Schedule(
+        total_steps=tc.steps,
+        lr=tc.lr,
+        warmup_steps=tc.warmup_steps,
+        final_lr=tc.final_lr,
+        weight_decay=tc.weight_decay,
+        ema=cfg.model.ema,
+    )
+    zero3 = tc.zero_stage == 3
+
+    step, epoch, in_epoch, seen = 0, 0, 0, 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = load_checkpoint(engine, target, Path(d))
+        step, epoch, in_epoch, seen = state["step"], state["epoch"], state["batches_in_epoch"], state["samples"]
+        log.info("rank %d: resumed at step %d (epoch %d, batch %d of it)", rank, step, epoch, in_epoch)
+
+    source: BatchSource = loop_config.get("batches") or _ray_batches(cfg)
+    val = _val_batches(cfg, loop_config.get("batches"), rank, world)
+    metrics_log = MetricsLog(loop_config["run_url"], tc.storage, step) if rank == 0 else None
+    epoch_len = loop_config.get("epoch_batches")  # batches per rank per epoch, when known
+    window = _Window()
+    kill_at = loop_config.get("kill_at_step")
+    last: dict[str, float] = {}
+
+    def finish_report(with_checkpoint: bool) -> None:
+        nonlocal last
+        metrics = {"step": step, "epoch": epoch, "samples": seen, **window.report(device)}
+        metrics.update(lr=schedule.lr_at(step - 1), weight_decay=schedule.weight_decay_at(step - 1))
+        metrics.update(momentum=schedule.momentum_at(step - 1))
+        metrics.update(_validate(model, engine.module, val, device, rank))
+        last = metrics
+        if metrics_log is not None:
+            metrics_log.log(step, metrics)
+            log.info(
+                "step %d/%d  loss %.4f  val %.4f  %.1f samples/s  data wait %.0f%%",
+                step,
+                tc.steps,
+                metrics["loss"],
+                metrics.get("val_loss", float("nan")),
+                metrics["samples_per_s"],
+                100 * metrics["data_wait"],
+            )
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            window.reset()
+            return
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "batches_in_epoch": in_epoch,
+            "samples": seen,
+            "world_size": world,
+            "zero_stage": tc.zero_stage,
+            "dims": loop_config["dims"],
+            "config": cfg.model_dump(mode="json"),
+        }
+        with tempfile.TemporaryDirectory(prefix="jepa-ckpt-") as d:
+            save_checkpoint(engine, target, state, Path(d), rank)
+            if metrics_log is not None:
+                metrics_log.sync()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        window.reset()  # the next interval's throughput excludes validation and checkpointing
+
+    engine.train()
+    while step < tc.steps:
+        batches = iter(source(rank, world, epoch))
+        remaining = None if epoch_len is None else max(epoch_len - in_epoch, 0)
+        while step < tc.steps and remaining != 0:
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            if engine.is_gradient_accumulation_boundary():
+                apply_schedule(engine.optimizer, schedule.lr_at(step), schedule.weight_decay_at(step))
+            batch = _to(batch, device)
+            z_img, z_ehr = model.targets(batch)
+            out = engine(batch, z_img, z_ehr)
+            engine.backward(out["loss"])
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            in_epoch += 1
+            remaining = None if remaining is None else remaining - 1
+            seen += len(batch["key"]) * world
+            if boundary:
+                ema_update(target, engine.module.context, schedule.momentum_at(step), zero3)
+                step += 1
+            window.add(out, len(batch["key"]), t1 - t0, time.perf_counter() - t1)
+            if not boundary:
+                continue
+            if kill_at is not None and step == kill_at and rank == 1 and restored is None:
+                os.kill(os.getpid(), signal.SIGKILL)
+            ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
+            if ckpt or step % tc.log_every == 0:
+                finish_report(ckpt)
+        if step < tc.steps:
+            epoch += 1
+            in_epoch = 0
+    if metrics_log is not None:
+        metrics_log.plot()
+        metrics_log.close()
+    log.info("rank %d: finished at step %d; last metrics %s", rank, step, last)

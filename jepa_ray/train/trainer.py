@@ -1,0 +1,153 @@
+"""`pretrain`: a Ray Train `TorchTrainer` over the shards, running `train_loop_per_worker`.
+
+Everything that can be wrong with a config is checked here, on the driver, before any worker
+starts: shards present with train (and val) splits, enough CPUs/GPUs in the cluster for the
+workers plus the data pipeline, a run name that is a plain name.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from jepa_ray.config import Config
+from jepa_ray.errors import ConfigError
+
+log = logging.getLogger("jepa_ray.train")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass
+class RunInfo:
+    """Where a run lives and how it ended."""
+
+    name: str
+    run_url: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+
+
+def run_url(cfg: Config, name: str) -> str:
+    base = cfg.train.storage_path
+    if "://" not in base:
+        from pathlib import Path
+
+        base = str(Path(base).expanduser().resolve())
+    return base.rstrip("/") + "/" + name
+
+
+def check_resources(cfg: Config) -> None:
+    """ConfigError when the connected Ray cluster cannot hold the workers and the data pipeline."""
+    import ray
+
+    tc = cfg.train
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    need = tc.num_workers * tc.cpus_per_worker
+    if need > cpus:
+        raise ConfigError(
+            f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker} needs {need:g} "
+            f"CPUs; the Ray cluster has {cpus:g}"
+        )
+    if cfg.train.shards is not None and need + 1 > cpus:
+        raise ConfigError(
+            f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker} takes all {cpus:g} "
+            "CPUs of the Ray cluster and leaves none for the data pipeline: lower train.cpus_per_worker "
+            "(fractions are fine) or add CPUs"
+        )
+    if tc.use_gpu and tc.num_workers > gpus:
+        raise ConfigError(f"train.num_workers={tc.num_workers} with use_gpu needs as many GPUs; the cluster has {gpus:g}")
+
+
+def _datasets(cfg: Config) -> tuple[dict, dict, int]:
+    """Ray datasets (train, val when present), the model input dims, batches per rank per epoch."""
+    from jepa_ray.data.pipeline import build_dataset, new_ledger, open_split
+    from jepa_ray.errors import ShardError
+
+    tc = cfg.train
+    train = open_split(tc.shards, "train", tc.storage)
+    ledger = new_ledger(cfg.pipeline.max_bad_samples)
+    datasets = {"train": build_dataset(train, cfg.pipeline, train=True, ledger=ledger)}
+    if tc.val_batches:
+        try:
+            val = open_split(tc.shards, "val", tc.storage)
+            datasets["val"] = build_dataset(val, cfg.pipeline, train=False, ledger=ledger)
+        except ShardError as e:
+            log.warning("no validation split (%s): validation metrics are off", e)
+    per_rank = train.samples // tc.num_workers
+    if per_rank < cfg.pipeline.batch_size:
+        raise ConfigError(
+            f"{tc.shards}: {train.samples} training samples over {tc.num_workers} workers is less than one "
+            f"batch of pipeline.batch_size={cfg.pipeline.batch_size} per worker"
+        )
+    return datasets, train.spec.model_dims(cfg.pipeline), per_rank // cfg.pipeline.batch_size
+
+
+def build_trainer(cfg: Config, *, name: str | None = None, extra: dict[str, Any] | None = None):
+    """The TorchTrainer of a run (not started). `extra` goes into the loop config (tests' hooks)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jepa_ray.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    name = name or tc.name or time.strftime("jepa-%Y%m%d-%H%M%S")
+    if not _NAME.match(name):
+        raise ConfigError(f"train.name {name!r}: use letters, digits, '.', '_' and '-' only")
+    extra = dict(extra or {})
+    if "batches" in extra:
+        datasets, dims, epoch_batches = {}, extra.pop("dims"), extra.pop("epoch_batches", None)
+    else:
+        if tc.shards is None:
+            raise ConfigError("train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)")
+        datasets, dims, epoch_batches = _datasets(cfg)
+    check_resources(cfg)
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "dims": dims,
+        "run_url": run_url(cfg, name),
+        "epoch_batches": epoch_batches,
+        **extra,
+    }
+    storage_path = run_url(cfg, name).rsplit("/", 1)[0]
+    storage_filesystem = None
+    if "://" in storage_path:
+        from jepa_ray.data.storage import pyarrow_filesystem
+
+        storage_filesystem = pyarrow_filesystem(storage_path, tc.storage)
+        storage_path = storage_path.split("://", 1)[1]
+    resources = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+
+
+def pretrain(cfg: Config, *, name: str | None = None, extra: dict[str, Any] | None = None) -> RunInfo:
+    """Run (or resume, when `name` already has checkpoints under storage_path) a pretraining run."""
+    trainer = build_trainer(cfg, name=name, extra=extra)
+    result = trainer.fit()
+    ckpt = result.checkpoint
+    return RunInfo(
+        name=trainer.run_config.name,
+        run_url=run_url(cfg, trainer.run_config.name),
+        checkpoint=ckpt.path if ckpt is not None else None,
+        metrics=dict(result.metrics or {}),
+    )
