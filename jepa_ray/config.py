@@ -314,11 +314,10 @@ class TrainConfig(_Strict):
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 then.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker.")
     zero_stage: Literal[0, 1, 2, 3] = Field(
-        2, description="DeepSpeed ZeRO stage: 0 data parallel, 1 optimizer state, 2 + gradients, 3 + parameters."
+        2,
+        description="DeepSpeed ZeRO stage: 0 data parallel, 1 optimizer state, 2 + gradients, 3 + parameters.",
     )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 on GPU, fp32 on CPU."
-    )
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state and step on the CPU.")
     offload_params: bool = Field(False, description="ZeRO-3 only: parameters kept on the CPU.")
     steps: int = Field(1000, ge=1, description="Optimizer steps of the whole run (the schedules' length).")
@@ -333,7 +332,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (and one at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest).")
-    max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit).")
+    max_failures: int = Field(
+        1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
+    )
     val_batches: int = Field(2, ge=0, description="Validation batches per report (fixed masks; 0: none).")
 
     @model_validator(mode="after")

@@ -122,6 +122,8 @@ def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path) -> di
     """Restore the engine (weights, optimizer, DeepSpeed counters) and the target; return the state."""
     path, _ = engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
     if path is None:
-        raise RuntimeError(f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}")
+        raise RuntimeError(
+            f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}"
+        )
     target.load_state_dict(torch.load(directory / TARGET_FILE, map_location="cpu", weights_only=True))
     return json.loads((directory / STATE_FILE).read_text())

@@ -30,11 +30,31 @@ import torch
 from jepa_ray.config import Config
 from jepa_ray.model.jepa import JEPA, POLICIES, embedding_stats
 from jepa_ray.model.optim import Schedule, param_groups
-from jepa_ray.train.engine import apply_schedule, deepspeed_config, ema_update, load_checkpoint, save_checkpoint
+from jepa_ray.train.engine import (
+    apply_schedule,
+    deepspeed_config,
+    ema_update,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 log = logging.getLogger("jepa_ray.train")
 
 BatchSource = Callable[[int, int, int], Iterable[dict]]  # (rank, world, epoch) -> batches
+
+
+class FixedBatches:
+    """A BatchSource over in-memory batches, the same every epoch: per_rank[rank] is rank's list
+    (the validation batches are its first ones). Replaces Ray Data where the exact data of every
+    step must be known, e.g. to compare ZeRO stages step for step."""
+
+    def __init__(self, per_rank: list[list[dict]]) -> None:
+        self.per_rank = per_rank
+
+    def __call__(self, rank: int, world: int, epoch: int) -> Iterable[dict]:
+        if len(self.per_rank) != world:
+            raise ValueError(f"FixedBatches holds batches for {len(self.per_rank)} ranks, the run has {world}")
+        return iter(self.per_rank[rank])
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -131,7 +151,9 @@ class _Window:
 
     def report(self, device: torch.device) -> dict[str, float]:
         elapsed = time.perf_counter() - self.t0
-        loss, wait_frac = _all_mean([self.loss / max(self.micro, 1), self.wait / max(self.wait + self.busy, 1e-9)], device)
+        loss, wait_frac = _all_mean(
+            [self.loss / max(self.micro, 1), self.wait / max(self.wait + self.busy, 1e-9)], device
+        )
         sums = _all_sum([self.samples, *self.policy_sum, *self.policy_n], device)
         k = len(POLICIES)
         out = {"loss": loss, "samples_per_s": sums[0] / max(elapsed, 1e-9), "data_wait": wait_frac}
@@ -161,10 +183,22 @@ def _validate(model: JEPA, student: Any, batches: list[dict], device: torch.devi
     return out
 
 
+@torch.no_grad()
+def _save_probe(model: JEPA, student: Any, batch: dict, device: torch.device, rank: int, path: str) -> None:
+    """Rank 0 saves a batch and both encoders' outputs on it (every rank runs the context encoder:
+    under ZeRO-3 its forward gathers parameters collectively). Lets a test compare an export."""
+    b = _to(batch, device)
+    student.eval()
+    context = student.context(b)["tokens"].float().cpu()
+    if rank == 0:
+        torch.save({"batch": batch, "context": context, "target": model.target(b)["tokens"].cpu()}, path)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: config (a Config as a dict), dims (model input dims),
-    run_url (the run directory); tests may add batches (a BatchSource replacing Ray Data) and
-    kill_at_step (rank 1 kills its own process there, once, to exercise fault tolerance)."""
+    run_url (the run directory), epoch_batches (batches per rank per epoch, or None); tests may add
+    batches (a BatchSource replacing Ray Data), kill_at_step (rank 1 kills its own process there,
+    unless resumed, to exercise fault tolerance) and probe_path (see `_save_probe`)."""
     import deepspeed
     import ray.train
 
@@ -206,7 +240,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             state = load_checkpoint(engine, target, Path(d))
-        step, epoch, in_epoch, seen = state["step"], state["epoch"], state["batches_in_epoch"], state["samples"]
+        step, epoch, in_epoch, seen = (
+            state["step"],
+            state["epoch"],
+            state["batches_in_epoch"],
+            state["samples"],
+        )
         log.info("rank %d: resumed at step %d (epoch %d, batch %d of it)", rank, step, epoch, in_epoch)
 
     source: BatchSource = loop_config.get("batches") or _ray_batches(cfg)
@@ -285,6 +324,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if not boundary:
                 continue
             if kill_at is not None and step == kill_at and rank == 1 and restored is None:
+                # Ray Train's controller collects reported checkpoints when it polls the workers
+                # (every 2 s): let it see the last one, as it would in any run with real step times.
+                time.sleep(5)
                 os.kill(os.getpid(), signal.SIGKILL)
             ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
             if ckpt or step % tc.log_every == 0:
@@ -292,6 +334,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if step < tc.steps:
             epoch += 1
             in_epoch = 0
+    if loop_config.get("probe_path") and val:
+        _save_probe(model, engine.module, val[0], device, rank, loop_config["probe_path"])
     if metrics_log is not None:
         metrics_log.plot()
         metrics_log.close()

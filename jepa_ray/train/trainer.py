@@ -60,7 +60,9 @@ def check_resources(cfg: Config) -> None:
             "(fractions are fine) or add CPUs"
         )
     if tc.use_gpu and tc.num_workers > gpus:
-        raise ConfigError(f"train.num_workers={tc.num_workers} with use_gpu needs as many GPUs; the cluster has {gpus:g}")
+        raise ConfigError(
+            f"train.num_workers={tc.num_workers} with use_gpu needs as many GPUs; the cluster has {gpus:g}"
+        )
 
 
 def _datasets(cfg: Config) -> tuple[dict, dict, int]:
@@ -98,14 +100,16 @@ def build_trainer(cfg: Config, *, name: str | None = None, extra: dict[str, Any]
     name = name or tc.name or time.strftime("jepa-%Y%m%d-%H%M%S")
     if not _NAME.match(name):
         raise ConfigError(f"train.name {name!r}: use letters, digits, '.', '_' and '-' only")
+    check_resources(cfg)
     extra = dict(extra or {})
     if "batches" in extra:
         datasets, dims, epoch_batches = {}, extra.pop("dims"), extra.pop("epoch_batches", None)
     else:
         if tc.shards is None:
-            raise ConfigError("train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)")
+            raise ConfigError(
+                "train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)"
+            )
         datasets, dims, epoch_batches = _datasets(cfg)
-    check_resources(cfg)
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "dims": dims,

@@ -1,0 +1,75 @@
+"""`jepa-ray export`: consolidated fp32 encoder weights from a checkpoint of any ZeRO stage.
+
+Writes `<out>.safetensors` with `context.*` (the trained context encoder) and `target.*` (the EMA
+target encoder, the one the reference evaluates) and `<out>.json` with what rebuilds the model
+(input dims, model config, the pipeline's image settings, the step). `jepa_ray.model.io` loads
+them without Ray or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from jepa_ray.errors import ConfigError
+from jepa_ray.train.engine import ENGINE_TAG, STATE_FILE, TARGET_FILE
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest checkpoint of a run directory."""
+    p = Path(path)
+    if (p / STATE_FILE).exists():
+        return p
+    if not p.is_dir():
+        raise ConfigError(f"{path}: not a run or checkpoint directory")
+    found = sorted(c for c in p.glob("checkpoint_*") if (c / STATE_FILE).exists())
+    if not found:
+        raise ConfigError(f"{path}: no checkpoint in this run directory (nothing with a {STATE_FILE})")
+    return found[-1]
+
+
+def student_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The student's full fp32 weights, gathered from the ZeRO partitions when there are any."""
+    engine_dir = ckpt / ENGINE_TAG
+    if any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ENGINE_TAG)
+    else:  # ZeRO-0 in fp32: the module's weights are whole in the model-states file
+        sd = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+            "module"
+        ]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def export(path: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Export a run's (or a checkpoint's) encoders; returns the safetensors and JSON paths."""
+    from safetensors.torch import save_file
+
+    ckpt = find_checkpoint(path)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    student = student_state_dict(ckpt)
+    context = {k: v for k, v in student.items() if k.startswith("context.")}
+    target = torch.load(ckpt / TARGET_FILE, map_location="cpu", weights_only=True)
+    tensors = dict(context)
+    tensors.update({f"target.{k}": v.float() for k, v in target.items()})
+    out = Path(out)
+    weights = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
+    pipeline = state["config"]["pipeline"]
+    meta = {
+        "dims": state["dims"],
+        "model": state["config"]["model"],
+        "pipeline": {
+            k: pipeline[k]
+            for k in ("image_size", "patch_size", "normalize", "max_events", "max_static_codes")
+        },
+        "step": state["step"],
+        "checkpoint": str(ckpt),
+    }
+    info = weights.with_suffix(".json")
+    info.write_text(json.dumps(meta, indent=2))
+    return weights, info

@@ -1,0 +1,170 @@
+"""Distributed pretraining on the shared local Ray: 2 CPU workers, DeepSpeed ZeRO 0-3, tiny model.
+
+Each run is a few optimizer steps; what is checked is what a user relies on: the loss falls, the
+checkpoint and metrics exist, the EMA target is the same under every stage, a killed worker or a
+rerun resumes exactly, an export reproduces the trained encoder, bad configs fail before workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from shardkit import raw_batch, raw_samples
+
+from jepa_ray.config import load_config
+from jepa_ray.data.pipeline import collate, open_split
+from jepa_ray.data.transform import transform_batch
+from jepa_ray.errors import ConfigError
+from jepa_ray.train.engine import STATE_FILE, TARGET_FILE
+from jepa_ray.train.loop import FixedBatches
+from jepa_ray.train.trainer import build_trainer, pretrain
+
+SMALL = [
+    "pipeline.image_size=32",
+    "pipeline.patch_size=8",
+    "pipeline.max_events=12",
+    "pipeline.batch_size=4",
+    "train.cpus_per_worker=0.5",  # two workers on a 2-CPU Ray, one CPU left for the data pipeline
+    "train.lr=0.002",
+    "train.warmup_steps=2",
+    "train.log_every=2",
+    "train.checkpoint_every=3",
+    "train.val_batches=1",
+]
+
+
+def _cfg(shards, tmp_path, *overrides: str):
+    return load_config(
+        overrides=[f"train.shards={shards}", f"train.storage_path={tmp_path / 'runs'}", *SMALL, *overrides]
+    )
+
+
+def _rows(run_url: str) -> list[dict]:
+    with (Path(run_url) / "metrics" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _checkpoints(run_url: str) -> list[Path]:
+    return sorted(p for p in Path(run_url).glob("checkpoint_*") if (p / STATE_FILE).exists())
+
+
+@pytest.fixture(scope="module")
+def fixed(small_shards):
+    """Two ranks' worth of fixed batches (4 each) and the model input dims."""
+    split = open_split(str(small_shards), "train")
+    cfg = _cfg(small_shards, Path("/unused")).pipeline
+    samples = {}
+    for p in split.paths:
+        samples.update(raw_samples(p))
+    keys = sorted(samples)
+    per_rank = []
+    for rank in range(2):
+        batches = []
+        for i in range(4):
+            chosen = keys[(rank * 4 + i) * 4 : (rank * 4 + i) * 4 + 4]
+            raw = raw_batch({k: samples[k] for k in chosen})
+            batches.append(collate(transform_batch(raw, split.spec, cfg, train=True, epoch=i)))
+        per_rank.append(batches)
+    return FixedBatches(per_rank), split.spec.model_dims(cfg)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_trains_checkpoints_and_reports(stage, small_shards, tmp_path, ray_session):
+    cfg = _cfg(small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=6")
+    info = pretrain(cfg, name=f"zero{stage}")
+    assert info.metrics["step"] == 6 and np.isfinite(info.metrics["loss"])
+    assert {"loss_image_intra", "lr", "momentum", "samples_per_s", "data_wait", "val_loss", "val_rankme"} <= set(
+        info.metrics
+    )
+    rows = _rows(info.run_url)
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    ckpts = _checkpoints(info.run_url)
+    assert len(ckpts) == 2  # steps 3 and 6, keep_checkpoints=2
+    state = json.loads((ckpts[-1] / STATE_FILE).read_text())
+    assert state["step"] == 6 and state["zero_stage"] == stage
+    assert (ckpts[-1] / TARGET_FILE).exists() and any((ckpts[-1] / "engine").iterdir())
+    assert (Path(info.run_url) / "metrics" / "loss.png").stat().st_size > 1000
+    assert any((Path(info.run_url) / "metrics" / "tensorboard").iterdir())
+
+
+def test_ema_target_is_the_same_under_zero3_as_under_zero0(fixed, small_shards, tmp_path, ray_session):
+    source, dims = fixed
+    targets, contexts = {}, {}
+    for stage in (0, 3):
+        cfg = _cfg(small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=4", "model.ema=[0.9,0.95]")
+        info = pretrain(cfg, name=f"ema{stage}", extra={"batches": source, "dims": dims})
+        ckpt = _checkpoints(info.run_url)[-1]
+        targets[stage] = torch.load(ckpt / TARGET_FILE, weights_only=True)
+        from jepa_ray.train.export import student_state_dict
+
+        contexts[stage] = {k: v for k, v in student_state_dict(ckpt).items() if k.startswith("context.")}
+    moved = 0.0
+    for name, t0 in targets[0].items():
+        torch.testing.assert_close(targets[3][name], t0, rtol=1e-4, atol=1e-5)
+        moved = max(moved, float((contexts[0]["context." + name] - t0).abs().max()))
+    assert moved > 0  # the target is not trivially equal to the context (the EMA really lags)
+
+
+def test_export_reproduces_the_trained_encoders(fixed, small_shards, tmp_path, ray_session):
+    from jepa_ray.model.io import load_jepa
+    from jepa_ray.train.export import export
+
+    source, dims = fixed
+    probe = tmp_path / "probe.pt"
+    cfg = _cfg(small_shards, tmp_path, "train.zero_stage=3", "train.steps=3")
+    info = pretrain(cfg, name="export3", extra={"batches": source, "dims": dims, "probe_path": str(probe)})
+    weights, meta = export(info.run_url, tmp_path / "encoder")
+    assert weights.suffix == ".safetensors" and json.loads(meta.read_text())["step"] == 3
+    model = load_jepa(weights)
+    saved = torch.load(probe, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model.context(saved["batch"])["tokens"], saved["context"])
+        torch.testing.assert_close(model.target(saved["batch"])["tokens"], saved["target"])
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(small_shards, tmp_path, ray_session):
+    cfg = _cfg(small_shards, tmp_path, "train.zero_stage=2", "train.steps=6", "train.max_failures=1")
+    info = pretrain(cfg, name="killed", extra={"kill_at_step": 4})
+    assert info.metrics["step"] == 6
+    steps = [int(r["step"]) for r in _rows(info.run_url)]
+    assert steps == sorted(set(steps)) and steps[-1] == 6 and 3 in steps
+    assert json.loads((_checkpoints(info.run_url)[-1] / STATE_FILE).read_text())["step"] == 6
+
+
+def test_rerunning_the_same_name_continues_from_its_checkpoint(small_shards, tmp_path, ray_session):
+    import ray.train
+
+    cfg = _cfg(small_shards, tmp_path, "train.zero_stage=1", "train.steps=6", "train.max_failures=0")
+    with pytest.raises(ray.train.TrainingFailedError):
+        pretrain(cfg, name="rerun", extra={"kill_at_step": 4})
+    run = Path(cfg.train.storage_path) / "rerun"
+    assert [json.loads((c / STATE_FILE).read_text())["step"] for c in _checkpoints(str(run))] == [3]
+    info = pretrain(cfg, name="rerun")
+    assert info.metrics["step"] == 6
+    state = json.loads((_checkpoints(info.run_url)[-1] / STATE_FILE).read_text())
+    assert state["step"] == 6 and state["samples"] == 6 * 4 * 2
+    steps = [int(r["step"]) for r in _rows(info.run_url)]
+    assert steps == [2, 3, 4, 6]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.zero_stage=4"], "train.zero_stage"),
+        (["train.batch=3"], "train.batch: unknown key"),
+        (["train.num_workers=5"], "needs 2.5 CPUs; the Ray cluster has 2"),
+        (["train.cpus_per_worker=1"], "leaves none for the data pipeline"),
+        (["train.offload_params=true"], "offload_params needs zero_stage 3"),
+        (["pipeline.batch_size=64"], "less than one batch"),
+    ],
+)
+def test_bad_configs_fail_before_any_worker_starts(overrides, message, small_shards, tmp_path, ray_session):
+    with pytest.raises(ConfigError, match=message):
+        build_trainer(_cfg(small_shards, tmp_path, *overrides), name="bad")
+    assert not (tmp_path / "runs" / "bad").exists()
