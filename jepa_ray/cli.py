@@ -164,3 +164,109 @@ def _print_summary(manifest: dict) -> None:
         console.print(qt)
     else:
         console.print("quarantined inputs: 0")
+
+
+def _run_pretrain(cfg: Config, name: str | None):
+    from jepa_ray.train.trainer import pretrain as run_pretrain
+
+    init_ray(cfg.ray_address)
+    return run_pretrain(cfg, name=name)
+
+
+@app.command()
+def pretrain(
+    name: Annotated[
+        str | None, typer.Option(help="Run name (default train.name, else a timestamp); reuse it to resume.")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Pretrain the JEPA on Ray Train workers under DeepSpeed ZeRO (resumes a run of the same name)."""
+    try:
+        cfg = _setup(config, overrides)
+        info = _run_pretrain(cfg, name)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    _print_run(info)
+
+
+def _print_run(info) -> None:
+    m = info.metrics
+    console.print(
+        f"run {info.name}: step {m.get('step')}, loss {m.get('loss', float('nan')):.4f}, "
+        f"val loss {m.get('val_loss', float('nan')):.4f}, RankMe {m.get('val_rankme', float('nan')):.1f}"
+    )
+    console.print(f"  run directory: {info.run_url}")
+    console.print(f"  last checkpoint: {info.checkpoint}")
+    console.print(
+        f"  metrics: {info.run_url}/metrics/metrics.csv (TensorBoard: {info.run_url}/metrics/tensorboard)"
+    )
+    console.print(f"  loss curve: {info.run_url}/metrics/loss.png")
+
+
+@app.command()
+def export(
+    run: Annotated[
+        str, typer.Argument(help="A run directory (its newest checkpoint) or a checkpoint directory.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output weights, e.g. encoder.safetensors (+ a .json beside).")],
+) -> None:
+    """Consolidated fp32 context and target encoder weights from any ZeRO stage (safetensors + JSON)."""
+    from jepa_ray.train.export import export as run_export
+
+    try:
+        weights, info = run_export(run, out)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    console.print(f"encoder weights: {weights}\nmodel description: {info}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for the cohort, shards, run and export.")] = Path(
+        "demo"
+    ),
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config.")] = Path(
+        "jobs/configs/demo-cpu.yaml"
+    ),
+    overrides: Overrides = None,
+) -> None:
+    """synth -> prepare -> pretrain (2 workers, ZeRO-2, tiny model) -> export, on a local Ray."""
+    import os
+    import time
+
+    from jepa_ray.data.prepare import prepare as run_prepare
+    from jepa_ray.data.synth import write_cohort
+    from jepa_ray.train.export import export as run_export
+
+    try:
+        os.environ.setdefault("JEPA_RAY_SALT", "demo-salt-change-me")
+        cfg = _setup(config, [f"train.storage_path={out / 'runs'}", *(overrides or [])])
+        cohort, shards = out / "cohort", out / "shards"
+        if not (cohort / "latents.parquet").exists():
+            console.print(f"[bold]1/4 synth[/] {cfg.synth.subjects} subjects -> {cohort}")
+            write_cohort(cohort, cfg.synth)
+        init_ray(cfg.ray_address)
+        console.print(f"[bold]2/4 prepare[/] -> {shards}")
+        result = run_prepare(
+            str(shards),
+            cfg.prepare,
+            dicom=str(cohort / "dicom"),
+            meds=str(cohort / "meds"),
+            static=str(cohort / "static.parquet"),
+            outcomes=str(cohort / "outcomes.parquet"),
+        )
+        if not result.ok:
+            raise JepaRayError("prepare failed: " + "; ".join(result.problems))
+        cfg.train.shards = str(shards)
+        console.print(
+            f"[bold]3/4 pretrain[/] {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.steps} steps"
+        )
+        info = _run_pretrain(cfg, time.strftime("demo-%Y%m%d-%H%M%S"))
+        console.print("[bold]4/4 export[/]")
+        weights, meta = run_export(info.run_url, out / "encoder.safetensors")
+    except JepaRayError as e:
+        raise _fail(e) from None
+    console.print(f"shards: {shards}")
+    _print_run(info)
+    console.print(f"  encoder: {weights} ({meta})")

@@ -53,7 +53,9 @@ class FixedBatches:
 
     def __call__(self, rank: int, world: int, epoch: int) -> Iterable[dict]:
         if len(self.per_rank) != world:
-            raise ValueError(f"FixedBatches holds batches for {len(self.per_rank)} ranks, the run has {world}")
+            raise ValueError(
+                f"FixedBatches holds batches for {len(self.per_rank)} ranks, the run has {world}"
+            )
         return iter(self.per_rank[rank])
 
 

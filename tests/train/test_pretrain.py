@@ -78,9 +78,15 @@ def test_every_zero_stage_trains_checkpoints_and_reports(stage, small_shards, tm
     cfg = _cfg(small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=6")
     info = pretrain(cfg, name=f"zero{stage}")
     assert info.metrics["step"] == 6 and np.isfinite(info.metrics["loss"])
-    assert {"loss_image_intra", "lr", "momentum", "samples_per_s", "data_wait", "val_loss", "val_rankme"} <= set(
-        info.metrics
-    )
+    assert {
+        "loss_image_intra",
+        "lr",
+        "momentum",
+        "samples_per_s",
+        "data_wait",
+        "val_loss",
+        "val_rankme",
+    } <= set(info.metrics)
     rows = _rows(info.run_url)
     assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
@@ -97,7 +103,9 @@ def test_ema_target_is_the_same_under_zero3_as_under_zero0(fixed, small_shards, 
     source, dims = fixed
     targets, contexts = {}, {}
     for stage in (0, 3):
-        cfg = _cfg(small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=4", "model.ema=[0.9,0.95]")
+        cfg = _cfg(
+            small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=4", "model.ema=[0.9,0.95]"
+        )
         info = pretrain(cfg, name=f"ema{stage}", extra={"batches": source, "dims": dims})
         ckpt = _checkpoints(info.run_url)[-1]
         targets[stage] = torch.load(ckpt / TARGET_FILE, weights_only=True)
@@ -168,3 +176,18 @@ def test_bad_configs_fail_before_any_worker_starts(overrides, message, small_sha
     with pytest.raises(ConfigError, match=message):
         build_trainer(_cfg(small_shards, tmp_path, *overrides), name="bad")
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].joinpath("jobs", "configs").glob("*.yaml")))
+def test_every_shipped_job_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.train.zero_stage in (0, 1, 2, 3)
+
+
+def test_export_names_what_is_not_a_run(tmp_path):
+    from jepa_ray.train.export import export
+
+    with pytest.raises(ConfigError, match=f"{tmp_path}: no checkpoint in this run directory"):
+        export(tmp_path, tmp_path / "encoder.safetensors")
+    with pytest.raises(ConfigError, match="not a run or checkpoint directory"):
+        export(tmp_path / "missing", tmp_path / "encoder.safetensors")
