@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from jepa_ray.config import Config
@@ -34,8 +35,6 @@ class RunInfo:
 def run_url(cfg: Config, name: str) -> str:
     base = cfg.train.storage_path
     if "://" not in base:
-        from pathlib import Path
-
         base = str(Path(base).expanduser().resolve())
     return base.rstrip("/") + "/" + name
 
