@@ -121,6 +121,13 @@ class Predictor(nn.Module):
         return out[:, : qi.shape[1]], out[:, qi.shape[1] :]
 
 
+@torch.no_grad()
+def ema_(target: list[torch.Tensor], context: list[torch.Tensor], momentum: float) -> None:
+    """In place: target <- momentum * target + (1 - momentum) * context (context cast to target's dtype)."""
+    for t, c in zip(target, context, strict=True):
+        t.mul_(momentum).add_(c.detach().to(t.dtype), alpha=1 - momentum)
+
+
 def momentum_at(step: int, total: int, ema: tuple[float, float]) -> float:
     """EMA momentum, linear from ema[0] at step 0 to ema[1] at `total`."""
     return ema[0] + (ema[1] - ema[0]) * min(step / max(total, 1), 1.0)
@@ -210,8 +217,7 @@ class JEPA(nn.Module):
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """target <- momentum * target + (1 - momentum) * context, parameter by parameter."""
-        for t, c in zip(self.target.parameters(), self.context.parameters(), strict=True):
-            t.mul_(momentum).add_(c.detach(), alpha=1 - momentum)
+        ema_(list(self.target.parameters()), list(self.context.parameters()), momentum)
 
     @torch.no_grad()
     def targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

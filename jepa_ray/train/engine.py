@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from jepa_ray.config import TrainConfig
+from jepa_ray.model.jepa import ema_
 
 ENGINE_TAG = "engine"  # the tag of the DeepSpeed checkpoint inside each of our checkpoint directories
 TARGET_FILE = "target.pt"
@@ -91,19 +92,16 @@ def ema_update(target: torch.nn.Module, context: torch.nn.Module, momentum: floa
     Under ZeRO-3 the context parameters are partitioned: they are gathered (read-only, a bounded
     number at a time) so that the full target sees the full context. Every rank must call this.
     """
-    pairs = list(zip(target.parameters(), context.parameters(), strict=True))
+    targets, contexts = list(target.parameters()), list(context.parameters())
     if not zero3:
-        for t, c in pairs:
-            t.mul_(momentum).add_(c.detach().to(t.dtype), alpha=1 - momentum)
+        ema_(targets, contexts, momentum)
         return
     import deepspeed
 
-    by_param = {id(c): t for t, c in pairs}
-    for chunk in _chunks([c for _, c in pairs], GATHER_NUMEL):
+    by_param = {id(c): t for t, c in zip(targets, contexts, strict=True)}
+    for chunk in _chunks(contexts, GATHER_NUMEL):
         with deepspeed.zero.GatheredParameters(chunk, modifier_rank=None):
-            for c in chunk:
-                t = by_param[id(c)]
-                t.mul_(momentum).add_(c.detach().to(t.dtype), alpha=1 - momentum)
+            ema_([by_param[id(c)] for c in chunk], chunk, momentum)
 
 
 def save_checkpoint(engine: Any, target: torch.nn.Module, state: dict, directory: Path, rank: int) -> None:

@@ -99,32 +99,14 @@ def _val_batches(cfg: Config, source: BatchSource | None, rank: int, world: int)
     return out
 
 
-def _all_mean(values: list[float], device: torch.device) -> list[float]:
+def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op: str = "sum") -> list[float]:
+    """Sum (or min) a few numbers over the ranks in one collective; as they are on one process."""
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.as_tensor(values, dtype=torch.float64).to(device)
     if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
     return t.tolist()
-
-
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _all_min(value: int, device: torch.device) -> int:
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
 
 
 class _Window:
@@ -134,34 +116,40 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.loss = self.micro = self.samples = 0.0
-        self.policy_sum = [0.0] * len(POLICIES)
-        self.policy_n = [0.0] * len(POLICIES)
+        # [loss, micro-batches, samples, per-policy loss sums, per-policy counts], kept on the device
+        # and read once per report: no step waits for the accelerator to hand back a number
+        self.sums: torch.Tensor | None = None
         self.wait = self.busy = 0.0
         self.t0 = time.perf_counter()
 
     def add(self, out: dict, samples: int, wait: float, busy: float) -> None:
-        self.loss += float(out["loss"])
-        self.micro += 1
-        self.samples += samples
+        loss = out["loss"].detach().double()
+        zero = loss.new_zeros(())
+        names = [f"loss_{n}" for n in POLICIES.values()]
+        row = [loss, zero + 1, zero + samples]
+        row += [out[n].detach().double() if n in out else zero for n in names]
+        row += [zero + (n in out) for n in names]
+        self.sums = torch.stack(row) if self.sums is None else self.sums + torch.stack(row)
         self.wait += wait
         self.busy += busy
-        for i, name in enumerate(POLICIES.values()):
-            if f"loss_{name}" in out:
-                self.policy_sum[i] += float(out[f"loss_{name}"])
-                self.policy_n[i] += 1
 
     def report(self, device: torch.device) -> dict[str, float]:
+        """Rank-averaged loss and data-wait fraction, summed samples/s, per-policy means (one collective)."""
         elapsed = time.perf_counter() - self.t0
-        loss, wait_frac = _all_mean(
-            [self.loss / max(self.micro, 1), self.wait / max(self.wait + self.busy, 1e-9)], device
-        )
-        sums = _all_sum([self.samples, *self.policy_sum, *self.policy_n], device)
         k = len(POLICIES)
-        out = {"loss": loss, "samples_per_s": sums[0] / max(elapsed, 1e-9), "data_wait": wait_frac}
+        local = self.sums.cpu().tolist() if self.sums is not None else [0.0] * (3 + 2 * k)
+        mean_loss = local[0] / max(local[1], 1)
+        wait = self.wait / max(self.wait + self.busy, 1e-9)
+        sums = _all_reduce([*local, mean_loss, wait, 1.0], device)
+        world = sums[-1]
+        out = {
+            "loss": sums[-3] / world,
+            "samples_per_s": sums[2] / max(elapsed, 1e-9),
+            "data_wait": sums[-2] / world,
+        }
         for i, name in enumerate(POLICIES.values()):
-            if sums[1 + k + i]:
-                out[f"loss_{name}"] = sums[1 + i] / sums[1 + k + i]
+            if sums[3 + k + i]:
+                out[f"loss_{name}"] = sums[3 + i] / sums[3 + k + i]
         return out
 
 
@@ -169,7 +157,7 @@ class _Window:
 def _validate(model: JEPA, student: Any, batches: list[dict], device: torch.device, rank: int) -> dict:
     """Validation loss (all ranks take part: under ZeRO-3 a forward gathers parameters collectively)
     and collapse monitors of the target encoder's pooled embeddings of rank 0's first batch."""
-    n = _all_min(len(batches), device)
+    n = int(_all_reduce([len(batches)], device, op="min")[0])
     if n == 0:
         return {}
     student.eval()
@@ -178,7 +166,8 @@ def _validate(model: JEPA, student: Any, batches: list[dict], device: torch.devi
         b = _to(batch, device)
         losses.append(float(student(b, *model.targets(b))["loss"]))
     student.train()
-    out = {"val_loss": _all_mean([sum(losses) / n], device)[0]}
+    total, world = _all_reduce([sum(losses) / n, 1.0], device)
+    out = {"val_loss": total / world}
     if rank == 0:
         stats = embedding_stats(model.encode(_to(batches[0], device), "both")["pooled"])
         out.update(val_std=stats["std"], val_rankme=stats["rankme"])
