@@ -24,17 +24,39 @@ ENGINE_TAG = "engine"  # the tag of the DeepSpeed checkpoint inside each of our 
 TARGET_FILE = "target.pt"
 STATE_FILE = "state.json"
 GATHER_NUMEL = 50_000_000  # parameters gathered at once by the ZeRO-3 EMA update
+BUCKET_NUMEL = 500_000_000  # DeepSpeed's default communication bucket, the most we ever ask for
 
 
-def deepspeed_config(tc: TrainConfig, micro_batch: int, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed config for a run: ZeRO stage, precision, clipping, accumulation, AdamW, offload.
+def zero_buckets(params: int, width: int) -> dict[str, int]:
+    """Communication buckets and the ZeRO-3 persistence threshold sized to the model.
+
+    DeepSpeed's defaults suit billion-parameter models: a 5e8-element reduce bucket is allocated
+    whole (2 GB per rank in fp32, even for a 1M-parameter model), and ZeRO-3 keeps every tensor
+    under 1e5 elements unpartitioned (all of a narrow model). Here a bucket is 1/16 of the student
+    (at least 64k elements, at most the default), so it costs ~1/16 of a gradient copy, and only
+    vectors (biases, norms: under 10 x width elements) stay whole on every rank.
+    """
+    bucket = int(min(BUCKET_NUMEL, max(params // 16, 65_536)))
+    return {
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "stage3_prefetch_bucket_size": bucket,
+        "stage3_param_persistence_threshold": 10 * width,
+    }
+
+
+def deepspeed_config(
+    tc: TrainConfig, micro_batch: int, bf16: bool, params: int, width: int
+) -> dict[str, Any]:
+    """The DeepSpeed config for a run: ZeRO stage, precision, clipping, accumulation, AdamW, offload;
+    `params` (the student's parameter count) and `width` (the encoder's) size the ZeRO buckets.
 
     The learning rate and weight decay are set by `apply_schedule` every step (warm-up + cosine,
     cosine weight decay), so no DeepSpeed scheduler is configured.
     """
     zero: dict[str, Any] = {"stage": tc.zero_stage}
     if tc.zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True)
+        zero.update(overlap_comm=False, contiguous_gradients=True, **zero_buckets(params, width))
     if tc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": tc.use_gpu}
     if tc.offload_params:

@@ -213,7 +213,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=student,
         model_parameters=param_groups(student),
-        config=deepspeed_config(tc, pc.batch_size, bf16),
+        config=deepspeed_config(
+            tc, pc.batch_size, bf16, sum(p.numel() for p in student.parameters()), model.width
+        ),
     )
     target = model.target.to(device)
     schedule = Schedule(
