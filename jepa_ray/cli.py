@@ -210,12 +210,17 @@ def export(
         str, typer.Argument(help="A run directory (its newest checkpoint) or a checkpoint directory.")
     ],
     out: Annotated[Path, typer.Option(help="Output weights, e.g. encoder.safetensors (+ a .json beside).")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (train.storage reaches an s3:// run).")
+    ] = None,
+    overrides: Overrides = None,
 ) -> None:
     """Consolidated fp32 context and target encoder weights from any ZeRO stage (safetensors + JSON)."""
     from jepa_ray.train.export import export as run_export
 
     try:
-        weights, info = run_export(run, out)
+        cfg = _setup(config, overrides)
+        weights, info = run_export(run, out, cfg.train.storage)
     except JepaRayError as e:
         raise _fail(e) from None
     console.print(f"encoder weights: {weights}\nmodel description: {info}")

@@ -3,16 +3,22 @@
 Writes `<out>.safetensors` with `context.*` (the trained context encoder) and `target.*` (the EMA
 target encoder, the one the reference evaluates) and `<out>.json` with what rebuilds the model
 (input dims, model config, the pipeline's image settings, the step). `jepa_ray.model.io` loads
-them without Ray or DeepSpeed.
+them without Ray or DeepSpeed. A run on S3 (`train.storage_path=s3://...`) is read through the same
+storage settings as training; its newest checkpoint is downloaded to a temporary directory first.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from jepa_ray.config import StorageConfig
+from jepa_ray.data.storage import is_remote, make_filesystem
 from jepa_ray.errors import ConfigError
 from jepa_ray.train.engine import ENGINE_TAG, STATE_FILE, TARGET_FILE
 
@@ -30,6 +36,30 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+@contextmanager
+def local_checkpoint(path: str | Path, storage: StorageConfig | None = None) -> Iterator[tuple[Path, str]]:
+    """(local directory, its URL) of a checkpoint, or of a run's newest one; an s3:// one is
+    downloaded to a temporary directory, removed on exit."""
+    url = str(path).rstrip("/")
+    if not is_remote(url):
+        ckpt = find_checkpoint(url)
+        yield ckpt, str(ckpt)
+        return
+    fs = make_filesystem(url, storage)
+    root = url.split("://", 1)[1]
+    if fs.exists(f"{root}/{STATE_FILE}"):
+        chosen = root
+    else:
+        found = sorted(fs.glob(f"{root}/checkpoint_*/{STATE_FILE}"))
+        if not found:
+            raise ConfigError(f"{url}: no checkpoint in this run directory (nothing with a {STATE_FILE})")
+        chosen = found[-1].rsplit("/", 1)[0]
+    with tempfile.TemporaryDirectory(prefix="jepa-export-") as d:
+        local = Path(d) / "checkpoint"
+        fs.get(chosen + "/", str(local) + "/", recursive=True)
+        yield local, "s3://" + chosen
+
+
 def student_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """The student's full fp32 weights, gathered from the ZeRO partitions when there are any."""
     engine_dir = ckpt / ENGINE_TAG
@@ -44,18 +74,22 @@ def student_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items()}
 
 
-def export(path: str | Path, out: str | Path) -> tuple[Path, Path]:
-    """Export a run's (or a checkpoint's) encoders; returns the safetensors and JSON paths."""
+def export(path: str | Path, out: str | Path, storage: StorageConfig | None = None) -> tuple[Path, Path]:
+    """Export a run's (or a checkpoint's) encoders; returns the safetensors and JSON paths.
+    `storage` reaches an s3:// run (endpoint, region), as in training."""
+    with local_checkpoint(path, storage) as (ckpt, url):
+        return _export(ckpt, url, Path(out))
+
+
+def _export(ckpt: Path, url: str, out: Path) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
-    ckpt = find_checkpoint(path)
     state = json.loads((ckpt / STATE_FILE).read_text())
     student = student_state_dict(ckpt)
     context = {k: v for k, v in student.items() if k.startswith("context.")}
     target = torch.load(ckpt / TARGET_FILE, map_location="cpu", weights_only=True)
     tensors = dict(context)
     tensors.update({f"target.{k}": v.float() for k, v in target.items()})
-    out = Path(out)
     weights = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
@@ -68,7 +102,7 @@ def export(path: str | Path, out: str | Path) -> tuple[Path, Path]:
             for k in ("image_size", "patch_size", "normalize", "max_events", "max_static_codes")
         },
         "step": state["step"],
-        "checkpoint": str(ckpt),
+        "checkpoint": url,
     }
     info = weights.with_suffix(".json")
     info.write_text(json.dumps(meta, indent=2))

@@ -191,3 +191,47 @@ def test_export_names_what_is_not_a_run(tmp_path):
         export(tmp_path, tmp_path / "encoder.safetensors")
     with pytest.raises(ConfigError, match="not a run or checkpoint directory"):
         export(tmp_path / "missing", tmp_path / "encoder.safetensors")
+
+
+def test_a_run_on_s3_checkpoints_resumes_and_exports_there(small_shards, s3_bucket, tmp_path, ray_session):
+    """storage_path=s3://...: checkpoints and metrics land in the bucket, a rerun resumes from the
+    bucket's checkpoint, and export reads it back."""
+    import ray.train
+    import s3fs
+
+    from jepa_ray.model.io import load_jepa
+    from jepa_ray.train.export import export
+
+    endpoint, bucket = s3_bucket
+    cfg = _cfg(
+        small_shards,
+        tmp_path,
+        f"train.storage_path=s3://{bucket}/runs",
+        f"train.storage.endpoint_url={endpoint}",
+        "train.zero_stage=2",
+        "train.steps=6",
+        "train.max_failures=0",
+    )
+    with pytest.raises(ray.train.TrainingFailedError):
+        pretrain(cfg, name="on-s3", extra={"kill_at_step": 4})
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    run = f"{bucket}/runs/on-s3"
+    states = [json.loads(fs.cat(p)) for p in sorted(fs.glob(f"{run}/checkpoint_*/{STATE_FILE}"))]
+    assert [s["step"] for s in states] == [3]
+    assert not (tmp_path / "runs").exists()  # nothing of the run went to the local disk
+
+    info = pretrain(cfg, name="on-s3")
+    assert info.run_url == f"s3://{run}" and info.metrics["step"] == 6
+    states = [json.loads(fs.cat(p)) for p in sorted(fs.glob(f"{run}/checkpoint_*/{STATE_FILE}"))]
+    assert [s["step"] for s in states] == [3, 6] and states[-1]["samples"] == 6 * 4 * 2
+    rows = list(csv.DictReader(fs.cat(f"{run}/metrics/{'metrics.csv'}").decode().splitlines()))
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
+    assert fs.size(f"{run}/metrics/loss.png") > 1000 and fs.glob(f"{run}/metrics/tensorboard/*")
+
+    weights, meta = export(info.run_url, tmp_path / "encoder", cfg.train.storage)
+    assert json.loads(meta.read_text())["checkpoint"].startswith(f"s3://{run}/checkpoint_")
+    assert json.loads(meta.read_text())["step"] == 6
+    model = load_jepa(weights)
+    assert sum(p.numel() for p in model.context.parameters()) > 0
+    with pytest.raises(ConfigError, match=f"s3://{bucket}/runs/missing: no checkpoint"):
+        export(f"s3://{bucket}/runs/missing", tmp_path / "x", cfg.train.storage)
