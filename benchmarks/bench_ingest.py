@@ -86,7 +86,7 @@ def main() -> int:
     from jepa_ray.config import SynthConfig, load_config
     from jepa_ray.data.pipeline import build_dataset, iter_training_batches, open_split
     from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import write_cohort
+    from jepa_ray.data.synth import cohort_inputs, write_cohort
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     cohort, shards = work / "cohort", work / "shards"
@@ -94,10 +94,7 @@ def main() -> int:
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     prep = load_config(overrides=["prepare.shards.max_samples=128"]).prepare
-    prepare(
-        str(shards), prep, dicom=str(cohort / "dicom"), meds=str(cohort / "meds"),
-        static=str(cohort / "static.parquet"), outcomes=str(cohort / "outcomes.parquet"),
-    )  # fmt: skip
+    prepare(str(shards), prep, **cohort_inputs(cohort))
     cfg = load_config(
         overrides=[f"pipeline.image_size={args.image_size}", f"pipeline.batch_size={args.batch_size}"]
     ).pipeline

@@ -169,18 +169,11 @@ def measure_throughput(cfg, stage: int) -> dict:
 
 def _prepare(workdir: Path, cfg) -> str:
     from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import write_cohort
+    from jepa_ray.data.synth import cohort_inputs, write_cohort
 
     cohort, shards = workdir / "cohort", workdir / "shards"
     write_cohort(cohort, cfg.synth)
-    result = prepare(
-        str(shards),
-        cfg.prepare,
-        dicom=str(cohort / "dicom"),
-        meds=str(cohort / "meds"),
-        static=str(cohort / "static.parquet"),
-        outcomes=str(cohort / "outcomes.parquet"),
-    )
+    result = prepare(str(shards), cfg.prepare, **cohort_inputs(cohort))
     if not result.ok:
         raise SystemExit("prepare failed: " + "; ".join(result.problems))
     return str(shards)

@@ -241,7 +241,7 @@ def demo(
     import time
 
     from jepa_ray.data.prepare import prepare as run_prepare
-    from jepa_ray.data.synth import write_cohort
+    from jepa_ray.data.synth import cohort_inputs, write_cohort
     from jepa_ray.train.export import export as run_export
 
     try:
@@ -253,14 +253,7 @@ def demo(
             write_cohort(cohort, cfg.synth)
         init_ray(cfg.ray_address)
         console.print(f"[bold]2/4 prepare[/] -> {shards}")
-        result = run_prepare(
-            str(shards),
-            cfg.prepare,
-            dicom=str(cohort / "dicom"),
-            meds=str(cohort / "meds"),
-            static=str(cohort / "static.parquet"),
-            outcomes=str(cohort / "outcomes.parquet"),
-        )
+        result = run_prepare(str(shards), cfg.prepare, **cohort_inputs(cohort))
         if not result.ok:
             raise JepaRayError("prepare failed: " + "; ".join(result.problems))
         cfg.train.shards = str(shards)

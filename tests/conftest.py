@@ -65,19 +65,12 @@ def small_cohort(tmp_path_factory):
     return out
 
 
-def _cohort_inputs(root) -> dict[str, str]:
-    return {
-        "dicom": str(root / "dicom"),
-        "meds": str(root / "meds"),
-        "static": str(root / "static.parquet"),
-        "outcomes": str(root / "outcomes.parquet"),
-    }
-
-
 @pytest.fixture(scope="session")
 def cohort_inputs():
     """A function: cohort directory → the keyword arguments `prepare` takes for it."""
-    return _cohort_inputs
+    from jepa_ray.data.synth import cohort_inputs
+
+    return cohort_inputs
 
 
 @pytest.fixture(scope="session")
@@ -85,8 +78,9 @@ def small_shards(small_cohort, tmp_path_factory, ray_session):
     """The small cohort prepared once: 64 px images, 8 samples per shard (tests must not modify it)."""
     from jepa_ray.config import load_config
     from jepa_ray.data.prepare import prepare
+    from jepa_ray.data.synth import cohort_inputs
 
     out = tmp_path_factory.mktemp("shards")
     cfg = load_config(overrides=["prepare.image.size=64", "prepare.shards.max_samples=8"]).prepare
-    prepare(str(out), cfg, **_cohort_inputs(small_cohort))
+    prepare(str(out), cfg, **cohort_inputs(small_cohort))
     return out

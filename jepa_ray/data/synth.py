@@ -471,6 +471,16 @@ def _write_truth(out: Path, co: _Cohort, rng: np.random.Generator) -> None:
     pq.write_table(latents, out / "latents.parquet")
 
 
+def cohort_inputs(root: Path) -> dict[str, str]:
+    """A cohort written by `write_cohort` as the keyword arguments `prepare` takes for it."""
+    return {
+        "dicom": str(root / "dicom"),
+        "meds": str(root / "meds"),
+        "static": str(root / "static.parquet"),
+        "outcomes": str(root / "outcomes.parquet"),
+    }
+
+
 def write_cohort(out: Path, cfg: SynthConfig, *, workers: int = 1) -> dict[str, float]:
     """Write a synthetic cohort under `out` (which must be empty or absent); returns a summary.
 

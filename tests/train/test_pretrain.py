@@ -224,7 +224,7 @@ def test_a_run_on_s3_checkpoints_resumes_and_exports_there(small_shards, s3_buck
     assert info.run_url == f"s3://{run}" and info.metrics["step"] == 6
     states = [json.loads(fs.cat(p)) for p in sorted(fs.glob(f"{run}/checkpoint_*/{STATE_FILE}"))]
     assert [s["step"] for s in states] == [3, 6] and states[-1]["samples"] == 6 * 4 * 2
-    rows = list(csv.DictReader(fs.cat(f"{run}/metrics/{'metrics.csv'}").decode().splitlines()))
+    rows = list(csv.DictReader(fs.cat(f"{run}/metrics/metrics.csv").decode().splitlines()))
     assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
     assert fs.size(f"{run}/metrics/loss.png") > 1000 and fs.glob(f"{run}/metrics/tensorboard/*")
 
