@@ -1,6 +1,6 @@
 """Load exported encoders (`jepa-ray export`) into plain PyTorch: no Ray, no DeepSpeed.
 
-model = load_jepa("encoder.safetensors")          # context + target loaded, predictor fresh
+model = load_jepa("encoder.safetensors")          # context, target and predictor loaded
 out = model.encode(batch, modality="image")       # pooled target-encoder embeddings
 """
 
@@ -23,6 +23,28 @@ def load_jepa(path: str | Path) -> JEPA:
     tensors = load_file(str(weights))
     context = {k[len("context.") :]: v for k, v in tensors.items() if k.startswith("context.")}
     target = {k[len("target.") :]: v for k, v in tensors.items() if k.startswith("target.")}
+    predictor = {k[len("predictor.") :]: v for k, v in tensors.items() if k.startswith("predictor.")}
     model.context.load_state_dict(context)
     model.target.load_state_dict(target)
+    model.predictor.load_state_dict(predictor)
     return model.eval()
+
+
+def save_jepa(model: JEPA, path: str | Path, pipeline: dict, step: int = 0) -> Path:
+    """Write a model in the export format (for models trained outside `jepa-ray pretrain`, e.g. in
+    a notebook): `path` (.safetensors) and its .json; `pipeline` holds the image and EHR settings
+    the model was trained with (image_size, patch_size, normalize, max_events, max_static_codes)."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    weights = Path(path).with_suffix(".safetensors")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"context.{k}": v for k, v in model.context.state_dict().items()}
+    tensors |= {f"predictor.{k}": v for k, v in model.predictor.state_dict().items()}
+    tensors |= {f"target.{k}": v for k, v in model.target.state_dict().items()}
+    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(weights))
+    dims = asdict(model.dims) | {"ehr_tokens": model.dims.ehr_tokens}
+    meta = {"dims": dims, "model": model.cfg.model_dump(mode="json"), "pipeline": pipeline, "step": step}
+    weights.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return weights

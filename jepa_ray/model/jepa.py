@@ -236,7 +236,8 @@ class JEPA(nn.Module):
     def encode(
         self, batch: dict[str, torch.Tensor], modality: str = "both", encoder: str = "target"
     ) -> dict[str, torch.Tensor]:
-        """Embeddings for downstream use: tokens (B, T, D), keep (B, T), pooled (B, D).
+        """Embeddings for downstream use: tokens (B, T, D), keep (B, T), pooled (B, D), and
+        ehr_idx (B, E): the layout slot of each EHR token (tokens are [global | patches | EHR]).
 
         modality: "image", "ehr" or "both" (what the encoder sees); encoder: "target" (the EMA
         encoder, which the reference evaluates) or "context". pooled = mean of the visible patch
@@ -254,7 +255,13 @@ class JEPA(nn.Module):
         keep[:, 0] = False
         weights = keep.unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return {"tokens": tokens, "keep": out["keep"], "pooled": pooled, "global": tokens[:, 0]}
+        return {
+            "tokens": tokens,
+            "keep": out["keep"],
+            "pooled": pooled,
+            "global": tokens[:, 0],
+            "ehr_idx": out["ehr_idx"],
+        }
 
 
 def embedding_stats(z: torch.Tensor) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """`jepa-ray export`: consolidated fp32 encoder weights from a checkpoint of any ZeRO stage.
 
-Writes `<out>.safetensors` with `context.*` (the trained context encoder) and `target.*` (the EMA
-target encoder, the one the reference evaluates) and `<out>.json` with what rebuilds the model
+Writes `<out>.safetensors` with `context.*` (the trained context encoder), `target.*` (the EMA
+target encoder, the one the reference evaluates) and `predictor.*` (cross-modal retrieval uses its
+predictions), and `<out>.json` with what rebuilds the model
 (input dims, model config, the pipeline's image settings, the step). `jepa_ray.model.io` loads
 them without Ray or DeepSpeed. A run on S3 (`train.storage_path=s3://...`) is read through the same
 storage settings as training; its newest checkpoint is downloaded to a temporary directory first.
@@ -86,9 +87,8 @@ def _export(ckpt: Path, url: str, out: Path) -> tuple[Path, Path]:
 
     state = json.loads((ckpt / STATE_FILE).read_text())
     student = student_state_dict(ckpt)
-    context = {k: v for k, v in student.items() if k.startswith("context.")}
     target = torch.load(ckpt / TARGET_FILE, map_location="cpu", weights_only=True)
-    tensors = dict(context)
+    tensors = {k: v for k, v in student.items() if k.startswith(("context.", "predictor."))}
     tensors.update({f"target.{k}": v.float() for k, v in target.items()})
     weights = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")
     weights.parent.mkdir(parents=True, exist_ok=True)

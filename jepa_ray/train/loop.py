@@ -176,13 +176,18 @@ def _validate(model: JEPA, student: Any, batches: list[dict], device: torch.devi
 
 @torch.no_grad()
 def _save_probe(model: JEPA, student: Any, batch: dict, device: torch.device, rank: int, path: str) -> None:
-    """Rank 0 saves a batch and both encoders' outputs on it (every rank runs the context encoder:
+    """Rank 0 saves a batch, both encoders' outputs and the loss on it (every rank runs the student:
     under ZeRO-3 its forward gathers parameters collectively). Lets a test compare an export."""
     b = _to(batch, device)
     student.eval()
-    context = student.context(b)["tokens"].float().cpu()
+    with torch.no_grad():
+        context = student.context(b)["tokens"].float().cpu()
+        loss = float(student(b, *model.targets(b))["loss"])
     if rank == 0:
-        torch.save({"batch": batch, "context": context, "target": model.target(b)["tokens"].cpu()}, path)
+        torch.save(
+            {"batch": batch, "context": context, "target": model.target(b)["tokens"].cpu(), "loss": loss},
+            path,
+        )
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

@@ -134,6 +134,8 @@ def test_export_reproduces_the_trained_encoders(fixed, small_shards, tmp_path, r
     with torch.no_grad():
         torch.testing.assert_close(model.context(saved["batch"])["tokens"], saved["context"])
         torch.testing.assert_close(model.target(saved["batch"])["tokens"], saved["target"])
+        # the predictor came along too: the same loss on the same batch
+        assert float(model(saved["batch"])["loss"]) == pytest.approx(saved["loss"], rel=1e-5)
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(small_shards, tmp_path, ray_session):
