@@ -227,6 +227,46 @@ def export(
 
 
 @app.command()
+def evaluate(
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help="Exported encoder (.safetensors), or a run / checkpoint directory (local or s3://)."
+        ),
+    ],
+    data: Annotated[str, typer.Option(help="Prepared shards (local or s3://) with the evaluation splits.")],
+    out: Annotated[Path, typer.Option(help="Output directory: metrics.json, report.md, plots, embeddings.")],
+    latents: Annotated[
+        str | None,
+        typer.Option(help="Ground-truth latents.parquet of a synthetic cohort (latent-factor R²)."),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Probes, kNN, cross-modal retrieval and time-to-event heads (four fusion strategies) on frozen
+    embeddings, beside a random-init encoder and a classical Cox model on raw EHR features."""
+    from jepa_ray.eval.evaluate import evaluate as run_evaluate
+
+    try:
+        cfg = _setup(config, overrides)
+        init_ray(cfg.ray_address)
+        metrics = run_evaluate(encoder, data, cfg, out, latents=latents)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    _print_evaluation(metrics, out)
+
+
+def _print_evaluation(metrics: dict, out: Path) -> None:
+    from jepa_ray.eval.report import summary_rows
+
+    table = Table(title="evaluation", show_header=False, box=None)
+    for what, value in summary_rows(metrics):
+        table.add_row(what, value)
+    console.print(table)
+    console.print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the cohort, shards, run and export.")] = Path(
         "demo"
@@ -236,12 +276,13 @@ def demo(
     ),
     overrides: Overrides = None,
 ) -> None:
-    """synth -> prepare -> pretrain (2 workers, ZeRO-2, tiny model) -> export, on a local Ray."""
+    """synth -> prepare -> pretrain (2 workers, ZeRO-2, tiny model) -> export -> evaluate, on a local Ray."""
     import os
     import time
 
     from jepa_ray.data.prepare import prepare as run_prepare
     from jepa_ray.data.synth import cohort_inputs, write_cohort
+    from jepa_ray.eval.evaluate import evaluate as run_evaluate
     from jepa_ray.train.export import export as run_export
 
     try:
@@ -249,22 +290,27 @@ def demo(
         cfg = _setup(config, [f"train.storage_path={out / 'runs'}", *(overrides or [])])
         cohort, shards = out / "cohort", out / "shards"
         if not (cohort / "latents.parquet").exists():
-            console.print(f"[bold]1/4 synth[/] {cfg.synth.subjects} subjects -> {cohort}")
+            console.print(f"[bold]1/5 synth[/] {cfg.synth.subjects} subjects -> {cohort}")
             write_cohort(cohort, cfg.synth)
         init_ray(cfg.ray_address)
-        console.print(f"[bold]2/4 prepare[/] -> {shards}")
+        console.print(f"[bold]2/5 prepare[/] -> {shards}")
         result = run_prepare(str(shards), cfg.prepare, **cohort_inputs(cohort))
         if not result.ok:
             raise JepaRayError("prepare failed: " + "; ".join(result.problems))
         cfg.train.shards = str(shards)
         console.print(
-            f"[bold]3/4 pretrain[/] {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.steps} steps"
+            f"[bold]3/5 pretrain[/] {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.steps} steps"
         )
         info = _run_pretrain(cfg, time.strftime("demo-%Y%m%d-%H%M%S"))
-        console.print("[bold]4/4 export[/]")
+        console.print("[bold]4/5 export[/]")
         weights, meta = run_export(info.run_url, out / "encoder.safetensors")
+        console.print(f"[bold]5/5 evaluate[/] -> {out / 'eval'}")
+        metrics = run_evaluate(
+            str(weights), str(shards), cfg, out / "eval", latents=str(cohort / "latents.parquet")
+        )
     except JepaRayError as e:
         raise _fail(e) from None
     console.print(f"shards: {shards}")
     _print_run(info)
     console.print(f"  encoder: {weights} ({meta})")
+    _print_evaluation(metrics, out / "eval")

@@ -346,6 +346,35 @@ class TrainConfig(_Strict):
         return self
 
 
+class EvalConfig(_Strict):
+    """`jepa-ray evaluate`: frozen embeddings -> probes, kNN, retrieval, time-to-event heads."""
+
+    fit_split: str = Field("train", description="Split the probes and heads are fit on.")
+    val_split: str = Field("val", description="Split that stops the training of the time-to-event heads.")
+    report_splits: list[str] = Field(
+        ["test", "external"], description="Splits reported: internal test and held-out sites."
+    )
+    batch_size: int = Field(64, ge=1, description="Samples per embedding batch.")
+    actors: int = Field(
+        1, ge=1, description="Embedding actors (each holds one encoder; one GPU each with use_gpu)."
+    )
+    use_gpu: bool = Field(False, description="Embed on GPUs.")
+    regions: int = Field(
+        4,
+        ge=1,
+        description="Image tokens kept for fusion heads: patch tokens average-pooled to a regions x regions grid.",
+    )
+    bootstrap: int = Field(200, ge=0, description="Bootstrap resamples for the 95% intervals (0: none).")
+    knn_k: int = Field(10, ge=1, description="Neighbours of the kNN probe (cosine).")
+    recall_at: list[int] = Field([1, 5, 10], description="k of the retrieval recall@k.")
+    random_baseline: bool = Field(True, description="Also evaluate a random-init encoder of the same shape.")
+    endpoint: str | None = Field(
+        None, description="Time-to-event outcome of the survival heads; default: death, else the first."
+    )
+    survival_epochs: int = Field(300, ge=1, description="Training steps of each time-to-event head.")
+    seed: int = Field(0, description="Seed of heads, probes and bootstrap.")
+
+
 class Config(_Strict):
     """Root of a jepa-ray config file; each command reads its own section."""
 
@@ -354,6 +383,7 @@ class Config(_Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     ray_address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -1,0 +1,290 @@
+"""Frozen embeddings of the evaluation splits: Ray Data batch inference, cached as parquet.
+
+    open_split(data, split) -> build_dataset(train=False)      # the training pipeline, no augmentation
+      -> map_batches(Embedder, concurrency=eval.actors)        # an actor pool, each holding the encoder
+      -> <out>/embeddings/<encoder>/<split>.parquet            # streamed to disk batch by batch
+
+Per sample (one row): the key and safe metadata, pooled embeddings of the target encoder seeing the
+image only, the EHR only and both; its image tokens average-pooled to a coarse grid and its EHR
+tokens (for the fusion heads); the raw EHR arrays (for the classical baseline); and four vectors
+for cross-modal retrieval, pooled over fixed query slots:
+
+    q_img2ehr  predictor(context encoder on the image alone) at the static EHR slots
+    g_ehr      layer-normed target encoder on the EHR alone, at the same slots
+    q_ehr2img  predictor(context encoder on the EHR alone) at every patch position
+    g_img      layer-normed target encoder on the image alone, every patch
+
+The query slots carry no content of the hidden modality: static-feature slots and patch positions
+are the same for every sample (event slots would carry event times, so they are used only when a
+data set has no static features).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jepa_ray.config import Config, PipelineConfig
+from jepa_ray.errors import ConfigError
+
+log = logging.getLogger("jepa_ray.eval")
+
+POOLED = ("emb_image", "emb_ehr", "emb_joint", "q_img2ehr", "g_ehr", "q_ehr2img", "g_img")
+EHR_ARRAYS = ("ehr_code", "ehr_value", "ehr_value_present", "ehr_valid")
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """Which weights an `Embedder` holds: an exported file, or a seeded random init of a shape."""
+
+    name: str  # "pretrained" or "random_init": the cache folder and the report's label
+    weights: str | None  # exported .safetensors (its .json beside), or None for a random init
+    info: dict[str, Any]  # the export's JSON: dims, model config, pipeline settings
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.info, sort_keys=True).encode())
+        if self.weights is not None:
+            with open(self.weights, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(f"random:{self.seed}".encode())
+        return h.hexdigest()[:16]
+
+    def build(self):
+        """The JEPA in eval mode (plain PyTorch)."""
+        import torch
+
+        from jepa_ray.config import ModelConfig
+        from jepa_ray.model.io import load_jepa
+        from jepa_ray.model.jepa import JEPA
+
+        if self.weights is not None:
+            return load_jepa(self.weights)
+        torch.manual_seed(self.seed)
+        return JEPA(self.info["dims"], ModelConfig.model_validate(self.info["model"])).eval()
+
+
+def eval_pipeline(cfg: Config, info: dict[str, Any]) -> PipelineConfig:
+    """The pipeline settings the encoder was trained with (image size, patches, EHR lengths)."""
+    return cfg.pipeline.model_copy(update=info["pipeline"])
+
+
+class Embedder:
+    """Ray Data actor: one encoder, transformed numpy batches in, embedding columns out."""
+
+    def __init__(self, source: EncoderSource, regions: int, use_gpu: bool) -> None:
+        import torch
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = source.build().to(self.device)
+        self.regions = regions
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from jepa_ray.data.pipeline import collate
+
+        b = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in collate(batch).items()}
+        with torch.no_grad():
+            out = embed_batch(self.model, b, self.regions)
+        out = {k: v.cpu().numpy() for k, v in out.items()}
+        out["key"], out["meta"] = batch["key"], batch["meta"]
+        for name in EHR_ARRAYS:
+            out[name] = batch[name]
+        return out
+
+
+def embed_batch(model, b: dict[str, Any], regions: int) -> dict[str, Any]:
+    """Every embedding column of one collated batch (torch, no grad)."""
+    import torch
+    import torch.nn.functional as F
+
+    from jepa_ray.model.jepa import gather
+
+    dims, width = model.dims, model.width
+    n, bsz = dims.patches, b["image"].shape[0]
+    image, ehr, joint = (model.encode(b, m) for m in ("image", "ehr", "both"))
+    patches = image["tokens"][:, 1 : 1 + n]  # (B, N, D)
+    grid = patches.transpose(1, 2).reshape(bsz, width, *dims.grid)
+    r = min(regions, *dims.grid)
+    img_tokens = F.adaptive_avg_pool2d(grid, r).flatten(2).transpose(1, 2)  # (B, r*r, D)
+    ehr_tokens = _ehr_slots(model, b, ehr)  # (B, L, D), zeros at padding
+    ehr_keep = b["ehr_valid"] & b["has_ehr"].unsqueeze(-1)
+
+    # retrieval: fixed query slots, predictions from the context encoder + predictor
+    n_static = dims.n_num + len(dims.cat_sizes)
+    slots = torch.zeros_like(ehr_keep)
+    slots[:, :n_static] = True
+    slots = slots & ehr_keep if n_static else ehr_keep
+    all_patches = torch.arange(n, device=b["image"].device).expand(bsz, n)
+    none = torch.zeros(bsz, 0, dtype=torch.long, device=b["image"].device)
+    no_keep = none.bool()
+
+    ctx = model.context(
+        b, all_patches, b["has_image"].unsqueeze(-1).expand(bsz, n), torch.zeros_like(ehr_keep)
+    )
+    q_idx = torch.arange(slots.shape[1], device=slots.device).expand_as(slots)
+    _, pred_ehr = model.predictor(
+        ctx["tokens"], ctx["keep"], none, no_keep, gather(ctx["ehr_positions"], q_idx), slots
+    )
+    ctx = model.context(b, all_patches, torch.zeros(bsz, n, dtype=torch.bool, device=slots.device), ehr_keep)
+    pred_img, _ = model.predictor(
+        ctx["tokens"], ctx["keep"], all_patches, torch.ones(bsz, n, dtype=torch.bool, device=slots.device),
+        ctx["ehr_positions"][:, :0], no_keep,
+    )  # fmt: skip
+    g_ehr = F.layer_norm(ehr_tokens, (width,))
+    g_img = F.layer_norm(patches, (width,))
+    return {
+        "has_image": b["has_image"],
+        "has_ehr": b["has_ehr"],
+        "emb_image": image["pooled"],
+        "emb_ehr": ehr["pooled"],
+        "emb_joint": joint["pooled"],
+        "img_tokens": img_tokens.half(),
+        "ehr_tokens": ehr_tokens.half(),
+        "ehr_keep": ehr_keep,
+        "q_img2ehr": _masked_mean(pred_ehr, slots),
+        "g_ehr": _masked_mean(g_ehr, slots),
+        "q_ehr2img": pred_img.mean(1),
+        "g_img": g_img.mean(1),
+    }
+
+
+def _ehr_slots(model, b: dict[str, Any], out: dict[str, Any]):
+    """The encoder's EHR outputs scattered back to their layout slots: (B, L, D), zeros elsewhere."""
+    import torch
+
+    n = model.dims.patches
+    tokens = out["tokens"][:, 1 + n :] * out["keep"][:, 1 + n :].unsqueeze(-1)  # (B, E, D), gathered order
+    slots = torch.zeros(*b["ehr_valid"].shape, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
+    idx = out["ehr_idx"].unsqueeze(-1).expand_as(tokens)
+    return slots.scatter_add(1, idx, tokens)
+
+
+def _masked_mean(x, keep):
+    w = keep.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def extract(source: EncoderSource, data: str, splits: list[str], cfg: Config, out: Path) -> dict[str, Path]:
+    """Embed each split with a Ray Data actor pool; reuse a cache made from the same encoder,
+    data and settings. Returns split -> parquet path (splits the data lacks are left out, logged)."""
+    import ray.data
+
+    from jepa_ray.data.pipeline import build_dataset, open_split
+    from jepa_ray.errors import ShardError
+
+    pcfg = eval_pipeline(cfg, source.info)
+    folder = out / "embeddings" / source.name
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for split in splits:
+        try:
+            shards = open_split(data, split, cfg.train.storage)
+        except ShardError as e:
+            log.warning("%s", e)
+            continue
+        _check_dims(source, shards.spec.model_dims(pcfg), data)
+        path = folder / f"{split}.parquet"
+        key = {
+            "encoder": source.fingerprint(),
+            "data": data,
+            "shards": sorted(shards.expected.items()),
+            "pipeline": pcfg.model_dump(mode="json"),
+            "regions": cfg.eval.regions,
+        }
+        stamp = folder / f"{split}.json"
+        if path.exists() and stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(key)):
+            log.info("%s/%s: cached embeddings %s", source.name, split, path)
+            paths[split] = path
+            continue
+        ds = build_dataset(shards, pcfg, train=False).map_batches(
+            Embedder,
+            fn_constructor_kwargs={
+                "source": source,
+                "regions": cfg.eval.regions,
+                "use_gpu": cfg.eval.use_gpu,
+            },
+            batch_size=cfg.eval.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),
+            num_gpus=1 if cfg.eval.use_gpu else 0,
+        )
+        ds.context.enable_progress_bars = False  # one log line per split instead (below)
+        rows = _write_parquet(ds.iter_batches(batch_format="numpy", batch_size=None), path)
+        stamp.write_text(json.dumps(key))
+        log.info("%s/%s: %d samples embedded -> %s", source.name, split, rows, path)
+        paths[split] = path
+    return paths
+
+
+def _check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> None:
+    """The encoder must have been trained on shards with the same EHR vocabulary and features."""
+    model_dims = source.info["dims"]
+    for k in (
+        "vocab_size",
+        "n_num",
+        "cat_sizes",
+        "image_size",
+        "patch_size",
+        "max_events",
+        "max_static_codes",
+    ):
+        if list(np.atleast_1d(model_dims[k])) != list(np.atleast_1d(data_dims[k])):
+            raise ConfigError(
+                f"{data}: its {k} is {data_dims[k]} but the encoder was trained with {model_dims[k]}; "
+                "evaluate on shards prepared with the same vocabulary and settings as the pretraining data"
+            )
+
+
+def _write_parquet(batches: Iterator[dict[str, np.ndarray]], path: Path) -> int:
+    """Stream numpy batches into one parquet file (fixed-size list columns); the row count."""
+    tmp = path.with_suffix(".parquet.tmp")
+    writer, rows = None, 0
+    try:
+        for batch in batches:
+            table = pa.table({k: _column(v) for k, v in batch.items()})
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ConfigError(f"{path}: no sample to embed")
+    tmp.replace(path)
+    return rows
+
+
+def _column(v: np.ndarray) -> pa.Array:
+    if v.dtype == object:
+        return pa.array([str(x) for x in v])
+    if v.ndim == 1:
+        return pa.array(v)
+    flat = pa.array(np.ascontiguousarray(v).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, int(np.prod(v.shape[1:])))
+
+
+def read_embeddings(path: Path) -> dict[str, np.ndarray]:
+    """A cached split as numpy: (n,) scalars and strings, (n, ...) arrays flattened per sample."""
+    table = pq.read_table(path)
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out

@@ -1,0 +1,268 @@
+"""`jepa-ray evaluate`: what a pretrained encoder is worth downstream, beside a random-init one.
+
+    encoder (export, run or checkpoint) ─> embeddings per split (Ray Data actor pool, parquet cache)
+      ─> linear and kNN probes on the binary labels (AUROC, bootstrap 95% CI)
+      ─> latent-factor R² (synthetic cohorts: the ground truth the images were drawn from)
+      ─> cross-modal retrieval (recall@k, chance beside it)
+      ─> time-to-event heads under four fusion strategies (Harrell's and Uno's c-index)
+      ─> metrics.json, report.md, plots
+
+One sample per subject is evaluated: its first study (the one with the longest follow-up), so
+that no subject counts twice in a split; the later studies are counted in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jepa_ray.config import Config
+from jepa_ray.errors import ConfigError
+from jepa_ray.eval import probes
+from jepa_ray.eval.embed import EncoderSource, extract, read_embeddings
+
+log = logging.getLogger("jepa_ray.eval")
+
+INPUTS = {"image": "emb_image", "ehr": "emb_ehr", "joint": "emb_joint"}
+LATENTS = ("cardiac", "lung", "frailty")
+
+
+@dataclass
+class Split:
+    """The evaluated samples of one split (one per subject), as arrays."""
+
+    cols: dict[str, np.ndarray]
+    meta: list[dict[str, Any]]
+    dropped_later_studies: int
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    @property
+    def subjects(self) -> np.ndarray:
+        return np.array([m["subject"] for m in self.meta])
+
+    def label(self, name: str) -> np.ndarray:
+        """(n,) float: 1/0, NaN where the label is not given."""
+        return np.array([float(m.get("labels", {}).get(name, np.nan)) for m in self.meta])
+
+    def tte(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(days, event): NaN days where the subject has no follow-up for `name`."""
+        days = np.array([m.get("tte", {}).get(name, {}).get("days", np.nan) for m in self.meta], float)
+        event = np.array([bool(m.get("tte", {}).get(name, {}).get("event", False)) for m in self.meta])
+        return days, event
+
+
+def resolve_encoder(encoder: str, cfg: Config, out: Path) -> EncoderSource:
+    """An exported `.safetensors`, or a run / checkpoint (local or s3://) exported into `out`."""
+    if encoder.endswith(".safetensors"):
+        weights = Path(encoder)
+        if not weights.exists() or not weights.with_suffix(".json").exists():
+            raise ConfigError(f"{encoder}: no such exported encoder (need it and its .json beside)")
+    else:
+        from jepa_ray.train.export import export
+
+        weights, _ = export(encoder, out / "encoder.safetensors", cfg.train.storage)
+    info = json.loads(weights.with_suffix(".json").read_text())
+    return EncoderSource("pretrained", str(weights), info)
+
+
+def load_split(path: Path) -> Split:
+    """A cached split, reduced to one sample per subject (its earliest study)."""
+    cols = read_embeddings(path)
+    meta = [json.loads(m) for m in cols["meta"]]
+    # earliest study = the longest follow-up of any endpoint; ties by key, for determinism
+    order = sorted(
+        range(len(meta)),
+        key=lambda i: (-max([t["days"] for t in meta[i].get("tte", {}).values()] or [0]), cols["key"][i]),
+    )
+    seen, keep = set(), []
+    for i in order:
+        if meta[i]["subject"] not in seen:
+            seen.add(meta[i]["subject"])
+            keep.append(i)
+    keep.sort()
+    idx = np.array(keep, dtype=np.intp)
+    return Split({k: v[idx] for k, v in cols.items()}, [meta[i] for i in keep], len(meta) - len(keep))
+
+
+def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | None = None) -> dict[str, Any]:
+    """Run every evaluation; writes metrics.json, report.md and plots into `out`; the metrics."""
+    from jepa_ray.data.manifest import read_manifest
+    from jepa_ray.data.storage import Store
+    from jepa_ray.eval.report import write_report
+
+    ec = cfg.eval
+    out.mkdir(parents=True, exist_ok=True)
+    pretrained = resolve_encoder(encoder, cfg, out)
+    sources = [pretrained]
+    if ec.random_baseline:
+        sources.append(EncoderSource("random_init", None, pretrained.info, seed=ec.seed))
+    wanted = list(dict.fromkeys([ec.fit_split, ec.val_split, *ec.report_splits]))
+    manifest = read_manifest(Store(data, cfg.train.storage))
+    label_names = list(manifest["ehr"].get("labels", []))
+    tables: dict[str, dict[str, Split]] = {}
+    for source in sources:
+        paths = extract(source, data, wanted, cfg, out)
+        tables[source.name] = {s: load_split(p) for s, p in paths.items()}
+    splits = tables["pretrained"]
+    if ec.fit_split not in splits:
+        raise ConfigError(f"{data}: no {ec.fit_split!r} split to fit the probes on")
+    reports = [s for s in ec.report_splits if s in splits]
+    metrics: dict[str, Any] = {
+        "encoder": {"weights": pretrained.weights, "step": pretrained.info.get("step")},
+        "data": data,
+        "counts": _counts(splits),
+        "probe": {},
+        "retrieval": {},
+        "latent_r2": {},
+    }
+    z = _latents(latents, cfg, splits) if latents else None
+    for name, by_split in tables.items():
+        metrics["probe"][name] = _probes(by_split, label_names, reports, cfg)
+        metrics["retrieval"][name] = {s: _retrieval(by_split[s], ec.recall_at) for s in reports}
+        if z is not None:
+            metrics["latent_r2"][name] = _latent_r2(by_split, z, reports, cfg)
+    metrics.update(_survival(tables, manifest, reports, cfg))
+    write_report(metrics, out)
+    return metrics
+
+
+def _counts(splits: dict[str, Split]) -> dict[str, Any]:
+    out = {}
+    for name, s in splits.items():
+        img, ehr = s.cols["has_image"].astype(bool), s.cols["has_ehr"].astype(bool)
+        out[name] = {
+            "subjects": len(s),
+            "with_image": int(img.sum()),
+            "with_ehr": int(ehr.sum()),
+            "both": int((img & ehr).sum()),
+            "later_studies_not_evaluated": s.dropped_later_studies,
+        }
+    return out
+
+
+def _available(s: Split, inp: str) -> np.ndarray:
+    img, ehr = s.cols["has_image"].astype(bool), s.cols["has_ehr"].astype(bool)
+    return {"image": img, "ehr": ehr, "joint": img | ehr}[inp]
+
+
+def _probes(splits: dict[str, Split], labels: list[str], reports: list[str], cfg: Config) -> dict:
+    """{input: {label: {"linear"|"knn": {split: auroc dict}, "excluded": {split: n}}}}: samples
+    lacking the input's modality or the label are excluded and counted."""
+    ec = cfg.eval
+    fit = splits[cfg.eval.fit_split]
+    out: dict[str, Any] = {}
+    for inp, col in INPUTS.items():
+        out[inp] = {}
+        for label in labels:
+
+            def rows(s: Split) -> np.ndarray:
+                return _available(s, inp) & ~np.isnan(s.label(label))  # noqa: B023
+
+            f = rows(fit)
+            y = fit.label(label)[f].astype(int)
+            if not probes._two_classes(y):
+                out[inp][label] = {"note": f"one class only in {ec.fit_split}"}
+                continue
+            score = probes.logistic_probe(fit.cols[col][f], y)
+            res: dict[str, Any] = {"linear": {}, "knn": {}, "excluded": {}}
+            for split in reports:
+                s = splits[split]
+                r = rows(s)
+                ys, x = s.label(label)[r], s.cols[col][r]
+                res["excluded"][split] = int((~r).sum())
+                res["linear"][split] = probes.auroc(ys, score(x), ec.bootstrap, ec.seed)
+                knn = probes.knn_scores(fit.cols[col][f], y, x, ec.knn_k)
+                res["knn"][split] = probes.auroc(ys, knn, ec.bootstrap, ec.seed)
+            out[inp][label] = res
+    return out
+
+
+def _retrieval(s: Split, ks: list[int]) -> dict:
+    both = s.cols["has_image"].astype(bool) & s.cols["has_ehr"].astype(bool)
+    return {
+        "image_to_ehr": probes.recall_at(s.cols["q_img2ehr"][both], s.cols["g_ehr"][both], ks),
+        "ehr_to_image": probes.recall_at(s.cols["q_ehr2img"][both], s.cols["g_img"][both], ks),
+    }
+
+
+def _latents(path: str, cfg: Config, splits: dict[str, Split]) -> dict[str, np.ndarray]:
+    """Ground-truth factors per pseudonymous subject (the cohort's latents.parquet, raw ids
+    pseudonymised with the data's salt, which must be the one `prepare` used)."""
+    import pandas as pd
+
+    from jepa_ray.data.deid import Pseudonymizer
+
+    try:
+        table = pd.read_parquet(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--latents {path}: cannot read it as parquet ({e})") from e
+    missing = [c for c in ("subject_id", *LATENTS) if c not in table.columns]
+    if missing:
+        raise ConfigError(f"--latents {path}: missing column(s) {', '.join(missing)}")
+    pz = Pseudonymizer(cfg.prepare.deid.resolve_salt())
+    z = {
+        pz.subject(r.subject_id): np.array([getattr(r, f) for f in LATENTS], float)
+        for r in table.itertuples()
+    }
+    known = sum(subject in z for s in splits.values() for subject in s.subjects)
+    if known == 0:
+        raise ConfigError(
+            f"--latents {path}: no subject matches the shards; is {cfg.prepare.deid.salt_env} the salt "
+            "the shards were prepared with?"
+        )
+    return z
+
+
+def _latent_r2(splits: dict[str, Split], z: dict[str, np.ndarray], reports: list[str], cfg: Config) -> dict:
+    def xz(s: Split) -> tuple[np.ndarray, np.ndarray]:
+        keep = s.cols["has_image"].astype(bool) & np.array([subj in z for subj in s.subjects])
+        return s.cols["emb_image"][keep], np.stack([z[subj] for subj in s.subjects[keep]])
+
+    res = probes.latent_r2(*xz(splits[cfg.eval.fit_split]), {s: xz(splits[s]) for s in reports})
+    return {
+        split: {"r2": dict(zip(LATENTS, r["r2"], strict=True)), "n": r["n"], "alpha": r["alpha"]}
+        for split, r in res.items()
+    }
+
+
+def _survival(tables: dict[str, dict[str, Split]], manifest: dict, reports: list[str], cfg: Config) -> dict:
+    """Time-to-event heads on every encoder's embeddings (random init under a `random_init:` prefix)
+    and the classical Cox model on raw EHR features."""
+    from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
+    from jepa_ray.eval.survival import evaluate_survival
+
+    endpoints = sorted({k for s in tables["pretrained"].values() for m in s.meta for k in m.get("tte", {})})
+    if not endpoints:
+        return {"cindex": {}, "survival": {"note": "no time-to-event outcome in the shards"}}
+    endpoint = cfg.eval.endpoint or ("death" if "death" in endpoints else endpoints[0])
+    if endpoint not in endpoints:
+        raise ConfigError(f"eval.endpoint {endpoint!r}: the shards carry {', '.join(endpoints)}")
+    ec = cfg.eval
+    kwargs = dict(
+        fit_split=ec.fit_split,
+        val_split=ec.val_split,
+        report_splits=tuple(reports),
+        bootstrap=ec.bootstrap,
+        seed=ec.seed,
+        epochs=ec.survival_epochs,
+    )
+    splits = tables["pretrained"]
+    raw = raw_ehr_features(splits, manifest, ec.fit_split)
+    res = evaluate_survival({k: fusion_inputs(s, endpoint) for k, s in splits.items()}, raw=raw, **kwargs)
+    cindex, counts = res["cindex"], {"pretrained": res["counts"]}
+    for name, by_split in tables.items():
+        if name == "pretrained":
+            continue
+        other = evaluate_survival(
+            {k: fusion_inputs(s, endpoint) for k, s in by_split.items()}, prefix=f"{name}:", **kwargs
+        )
+        cindex.update(other["cindex"])
+        counts[name] = other["counts"]
+    return {"cindex": cindex, "survival": {"endpoint": endpoint, "counts": counts}}

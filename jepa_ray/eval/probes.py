@@ -1,0 +1,115 @@
+"""Probes on frozen embeddings: logistic regression and kNN (AUROC with bootstrap 95% CIs), the
+ground-truth check (R² of latent factors from a ridge on pooled image embeddings) and cross-modal
+retrieval (recall@k beside its chance level).
+
+Everything is fit on the fit split only, regularisation chosen by cross-validation inside it; the
+reported splits are never seen before scoring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
+from sklearn.metrics import r2_score, roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength of the logistic probe
+ALPHA_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # ridge strength of the latent probe
+
+
+def bootstrap_ci(metric, arrays: tuple[np.ndarray, ...], n: int, seed: int, valid=None) -> list[float] | None:
+    """Percentile 95% interval of metric(*resampled arrays) over n resamples (those where
+    `valid(*arrays)` is False, e.g. one class only, are redrawn at most n times); None if n == 0."""
+    if n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    size, values, tries = len(arrays[0]), [], 0
+    while len(values) < n and tries < 2 * n:
+        tries += 1
+        idx = rng.integers(0, size, size)
+        sample = tuple(a[idx] for a in arrays)
+        if valid is None or valid(*sample):
+            values.append(metric(*sample))
+    if not values:
+        return None
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _two_classes(y: np.ndarray, _score: np.ndarray | None = None) -> bool:
+    return 0 < int(y.sum()) < len(y)
+
+
+def auroc(y: np.ndarray, score: np.ndarray, bootstrap: int, seed: int) -> dict:
+    """AUROC with its bootstrap CI and counts; None where a split holds one class only."""
+    y = y.astype(bool)
+    out = {"n": len(y), "positives": int(y.sum())}
+    if not _two_classes(y):
+        return out | {"auroc": None, "ci95": None, "note": "one class only"}
+    return out | {
+        "auroc": float(roc_auc_score(y, score)),
+        "ci95": bootstrap_ci(roc_auc_score, (y, score), bootstrap, seed, _two_classes),
+    }
+
+
+def logistic_probe(x_fit: np.ndarray, y_fit: np.ndarray):
+    """Standardised L2 logistic regression, C chosen by stratified k-fold AUROC on the fit split
+    (k = 5, fewer when a class has fewer samples). Returns score(x) -> (n,)."""
+    folds = min(5, int(y_fit.sum()), int(len(y_fit) - y_fit.sum()))
+    model = make_pipeline(
+        StandardScaler(),
+        LogisticRegressionCV(
+            Cs=C_GRID,
+            l1_ratios=(0.0,),
+            cv=folds,
+            scoring="roc_auc",
+            max_iter=2000,
+            use_legacy_attributes=False,
+        )
+        if folds >= 2
+        else LogisticRegression(max_iter=2000),
+    ).fit(x_fit, y_fit)
+    return model.decision_function
+
+
+def knn_scores(x_fit: np.ndarray, y_fit: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """Fraction of positive labels among the k nearest fit samples (cosine), per row of x."""
+    a = x_fit / np.linalg.norm(x_fit, axis=1, keepdims=True).clip(min=1e-12)
+    b = x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    k = min(k, len(a))
+    nearest = np.argpartition(-(b @ a.T), k - 1, axis=1)[:, :k]
+    return y_fit[nearest].mean(1)
+
+
+def latent_r2(x_fit: np.ndarray, z_fit: np.ndarray, reports: dict[str, tuple]) -> dict:
+    """Ridge from standardised embeddings to each latent factor (alpha by leave-one-out on the fit
+    split); R² per factor on each reported split: {split: {"r2": [per factor], "n", "alpha"}}."""
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHA_GRID)).fit(x_fit, z_fit)
+    out = {}
+    for split, (x, z) in reports.items():
+        pred = model.predict(x)
+        out[split] = {
+            "r2": [float(r2_score(z[:, j], pred[:, j])) for j in range(z.shape[1])],
+            "n": len(z),
+            "alpha": float(model[-1].alpha_),
+        }
+    return out
+
+
+def recall_at(query: np.ndarray, gallery: np.ndarray, ks: list[int]) -> dict:
+    """Recall@k of retrieving row i of `gallery` with row i of `query`, and chance k/n.
+
+    Cosine similarity after centring each side on its own mean: predictions share a large
+    position-only component (the mask tokens carry positions) that would otherwise dominate."""
+    n = len(query)
+    q, g = query - query.mean(0), gallery - gallery.mean(0)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(min=1e-12)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True).clip(min=1e-12)
+    sim = q @ g.T
+    rank = (sim > np.diag(sim)[:, None]).sum(1)  # how many gallery items beat the true partner
+    out = {"n": int(n)}
+    for k in ks:
+        out[f"recall@{k}"] = float((rank < k).mean()) if n else None
+        out[f"chance@{k}"] = min(k / n, 1.0) if n else None
+    return out

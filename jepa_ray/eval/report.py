@@ -1,0 +1,202 @@
+"""The evaluation's outputs: metrics.json, report.md, PNG plots, and a one-screen console summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+PLOTS = ("cindex.png", "probe.png", "retrieval.png")
+
+
+def write_report(metrics: dict[str, Any], out: Path) -> None:
+    """metrics.json, report.md and the plots into `out`."""
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable))
+    _plots(metrics, out)
+    (out / "report.md").write_text(report_markdown(metrics))
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _fmt(v: float | None, ci: list[float] | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what, value) lines of the headline numbers: the console summary and the report's top."""
+    rows: list[tuple[str, str]] = []
+    for name, by_split in metrics.get("latent_r2", {}).items():
+        for split, r in by_split.items():
+            rows.append(
+                (f"latent R² {name} ({split})", "  ".join(f"{k} {v:.2f}" for k, v in r["r2"].items()))
+            )
+    for name, inputs in metrics.get("probe", {}).items():
+        for label, res in inputs.get("joint", {}).items():
+            for split, r in res.get("linear", {}).items():
+                rows.append(
+                    (f"probe AUROC {name} joint {label} ({split})", _fmt(r.get("auroc"), r.get("ci95")))
+                )
+    for strategy, by_split in metrics.get("cindex", {}).items():
+        for split, r in by_split.items():
+            if "harrell" in r:
+                rows.append(
+                    (f"c-index {strategy} ({split})", f"{_fmt(r['harrell'])} Uno {_fmt(r.get('uno'))}")
+                )
+    for name, by_split in metrics.get("retrieval", {}).items():
+        for split, r in by_split.items():
+            for direction, v in r.items():
+                rows.append((
+                    f"retrieval {name} {direction} ({split}, n={v['n']})",
+                    f"R@1 {_fmt(v.get('recall@1'))} (chance {_fmt(v.get('chance@1'))})",
+                ))  # fmt: skip
+    return rows
+
+
+def report_markdown(metrics: dict[str, Any]) -> str:
+    lines = ["# jepa-ray evaluation", ""]
+    enc = metrics.get("encoder", {})
+    lines += [f"Encoder: `{enc.get('weights')}` (step {enc.get('step')}); data: `{metrics.get('data')}`.", ""]
+    lines += [
+        "## Samples",
+        "",
+        "| split | subjects | with image | with EHR | both | later studies not evaluated |",
+    ]
+    lines += ["|---|---|---|---|---|---|"]
+    for split, c in metrics.get("counts", {}).items():
+        lines.append(
+            f"| {split} | {c['subjects']} | {c['with_image']} | {c['with_ehr']} | {c['both']} "
+            f"| {c['later_studies_not_evaluated']} |"
+        )
+    lines += ["", "## Time-to-event (c-index, bootstrap 95% CI)", ""]
+    surv = metrics.get("survival", {})
+    if surv.get("endpoint"):
+        lines += [f"Endpoint: `{surv['endpoint']}`.", ""]
+    lines += ["| strategy | split | n | events | Harrell | Uno |", "|---|---|---|---|---|---|"]
+    for strategy, by_split in metrics.get("cindex", {}).items():
+        for split, r in by_split.items():
+            if "harrell" not in r:
+                lines.append(f"| {strategy} | {split} | – | – | {r.get('note', '–')} | |")
+                continue
+            ci = r.get("ci95") or {}
+            lines.append(
+                f"| {strategy} | {split} | {r.get('n')} | {r.get('events')} | {_fmt(r['harrell'], ci.get('harrell'))} "
+                f"| {_fmt(r.get('uno'), ci.get('uno'))} |"
+            )
+    lines += ["", "## Probes (AUROC, bootstrap 95% CI)", ""]
+    lines += [
+        "| encoder | input | label | method | split | n | positives | AUROC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, inputs in metrics.get("probe", {}).items():
+        for inp, labels in inputs.items():
+            for label, res in labels.items():
+                for method in ("linear", "knn"):
+                    for split, r in res.get(method, {}).items():
+                        lines.append(
+                            f"| {name} | {inp} | {label} | {method} | {split} | {r['n']} | {r['positives']} "
+                            f"| {_fmt(r.get('auroc'), r.get('ci95'))} |"
+                        )
+    if metrics.get("latent_r2"):
+        lines += ["", "## Ground truth: latent factors from pooled image embeddings (ridge R²)", ""]
+        lines += ["| encoder | split | n | cardiac | lung | frailty |", "|---|---|---|---|---|---|"]
+        for name, by_split in metrics["latent_r2"].items():
+            for split, r in by_split.items():
+                vals = " | ".join(f"{r['r2'][k]:.3f}" for k in ("cardiac", "lung", "frailty"))
+                lines.append(f"| {name} | {split} | {r['n']} | {vals} |")
+    lines += ["", "## Cross-modal retrieval (recall@k; chance = k/n)", ""]
+    lines += ["| encoder | split | direction | n | recall@k (chance) |", "|---|---|---|---|---|"]
+    for name, by_split in metrics.get("retrieval", {}).items():
+        for split, r in by_split.items():
+            for direction, v in r.items():
+                ks = sorted(int(k.split("@")[1]) for k in v if k.startswith("recall@"))
+                vals = ", ".join(f"@{k} {_fmt(v[f'recall@{k}'])} ({_fmt(v[f'chance@{k}'])})" for k in ks)
+                lines.append(f"| {name} | {split} | {direction} | {v['n']} | {vals} |")
+    lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), ""]
+    return "\n".join(lines)
+
+
+def _plots(metrics: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # c-index per strategy with CIs, one marker per split
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    strategies = list(metrics.get("cindex", {}))
+    splits = sorted({s for v in metrics.get("cindex", {}).values() for s in v})
+    for j, split in enumerate(splits):
+        xs, ys, err = [], [], [[], []]
+        for i, strategy in enumerate(strategies):
+            r = metrics["cindex"][strategy].get(split, {})
+            if r.get("harrell") is None:
+                continue
+            ci = (r.get("ci95") or {}).get("harrell") or [r["harrell"], r["harrell"]]
+            xs.append(i + 0.15 * (j - (len(splits) - 1) / 2))
+            ys.append(r["harrell"])
+            err[0].append(r["harrell"] - ci[0])
+            err[1].append(ci[1] - r["harrell"])
+        ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=split)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(strategies)), strategies, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("Harrell's c-index (95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "cindex.png", dpi=100)
+    plt.close(fig)
+
+    # linear-probe AUROC per encoder/input/label on each split
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names, vals, errs = [], [], [[], []]
+    for enc, inputs in metrics.get("probe", {}).items():
+        for inp, labels in inputs.items():
+            for label, res in labels.items():
+                for split, r in res.get("linear", {}).items():
+                    if r.get("auroc") is None:
+                        continue
+                    ci = r.get("ci95") or [r["auroc"], r["auroc"]]
+                    names.append(f"{enc} {inp} {label} {split}")
+                    vals.append(r["auroc"])
+                    errs[0].append(r["auroc"] - ci[0])
+                    errs[1].append(ci[1] - r["auroc"])
+    ax.barh(range(len(vals)), vals, xerr=errs, capsize=2)
+    ax.set_yticks(range(len(vals)), names, fontsize=6)
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("linear-probe AUROC (95% CI)")
+    fig.tight_layout()
+    fig.savefig(out / "probe.png", dpi=100)
+    plt.close(fig)
+
+    # retrieval recall@k against chance
+    fig, ax = plt.subplots(figsize=(7, 4))
+    chance: dict[int, float] = {}
+    for enc, by_split in metrics.get("retrieval", {}).items():
+        for split, r in by_split.items():
+            for direction, v in r.items():
+                ks = sorted(int(k.split("@")[1]) for k in v if k.startswith("recall@") and v[k] is not None)
+                ax.plot(ks, [v[f"recall@{k}"] for k in ks], marker="o", label=f"{enc} {direction} {split}")
+                for k in ks:
+                    chance[k] = max(chance.get(k, 0.0), v[f"chance@{k}"])
+    if chance:
+        ax.plot(
+            sorted(chance),
+            [chance[k] for k in sorted(chance)],
+            color="grey",
+            ls="--",
+            label="chance (smallest split)",
+        )
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "retrieval.png", dpi=100)
+    plt.close(fig)

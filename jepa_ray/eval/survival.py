@@ -1,0 +1,425 @@
+"""Time-to-event heads on frozen embeddings under four fusion strategies, and their c-indices.
+
+Every head is a Cox model trained with the partial likelihood of torchsurv (Efron ties) on the fit
+split, stopped early on the validation split; Harrell's and Uno's c-index come from
+scikit-survival, with percentile-bootstrap 95% intervals. Strategies and missing modalities:
+
+    image            Cox on the pooled image embedding      samples without an image: excluded, counted
+    ehr              Cox on the pooled EHR embedding        samples without EHR: excluded, counted
+    late_fusion      Cox on the two unimodal risks          a missing modality's risk is its training mean
+    contrastive      InfoNCE-aligned projections, averaged  a missing modality: the present one's projection
+    cross_attention  EHR tokens attend to image tokens      no image: attention to a learned null token only;
+                                                            no EHR: a learned query token attends
+    co_attention     both directions, pooled, concatenated  as cross_attention, each direction
+    raw_ehr_cox      classical Cox (ridge) on raw EHR       samples without EHR: excluded, counted
+                     features, missing values imputed
+
+Samples without follow-up for the endpoint (no time) are excluded from every strategy and counted.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from sksurv.linear_model import CoxPHSurvivalAnalysis
+from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
+from sksurv.util import Surv
+from torch import nn
+from torchsurv.loss.cox import neg_partial_log_likelihood
+
+from jepa_ray.eval.probes import bootstrap_ci
+
+STRATEGIES = ("image", "ehr", "late_fusion", "contrastive", "cross_attention", "co_attention")
+HIDDEN = 32  # width of projections and attention in the fusion heads
+
+
+@dataclass
+class FusionInputs:
+    """One split, n samples: what the heads see."""
+
+    img_tokens: np.ndarray  # (n, Ti, D) image tokens (a coarse grid of pooled patch tokens)
+    ehr_tokens: np.ndarray  # (n, Te, D) EHR tokens
+    ehr_keep: np.ndarray  # (n, Te) bool: valid EHR slots
+    has_image: np.ndarray  # (n,) bool
+    has_ehr: np.ndarray  # (n,) bool
+    img_pooled: np.ndarray  # (n, D)
+    ehr_pooled: np.ndarray  # (n, D)
+    time: np.ndarray  # (n,) days from the index; NaN without follow-up
+    event: np.ndarray  # (n,) bool
+
+    def check(self, split: str) -> None:
+        """ValueError naming the field and split when shapes disagree."""
+        n = len(self.time)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if len(v) != n:
+                raise ValueError(f"{split}: {f.name} has {len(v)} rows, time has {n}")
+        ndim = {"img_tokens": 3, "ehr_tokens": 3, "ehr_keep": 2, "img_pooled": 2, "ehr_pooled": 2}
+        for name, d in ndim.items():
+            if getattr(self, name).ndim != d:
+                raise ValueError(
+                    f"{split}: {name} must have {d} dimensions, has shape {getattr(self, name).shape}"
+                )
+        if self.ehr_keep.shape != self.ehr_tokens.shape[:2]:
+            raise ValueError(
+                f"{split}: ehr_keep {self.ehr_keep.shape} does not match ehr_tokens {self.ehr_tokens.shape}"
+            )
+
+    def take(self, idx: np.ndarray) -> FusionInputs:
+        return FusionInputs(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+def harrell(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's c-index (higher risk = earlier event; tied risks count one half)."""
+    return float(concordance_index_censored(event.astype(bool), time, risk)[0])
+
+
+def uno(
+    train_time: np.ndarray, train_event: np.ndarray, time: np.ndarray, event: np.ndarray, risk: np.ndarray,
+    tau: float | None = None,
+) -> float:  # fmt: skip
+    """Uno's IPCW c-index over events before `tau` (default: the 90th percentile of the training
+    follow-up, where the censoring distribution estimated on the training split is defined)."""
+    tau = float(np.quantile(train_time, 0.9)) if tau is None else tau
+    y_train = Surv.from_arrays(train_event.astype(bool), train_time)
+    y = Surv.from_arrays(event.astype(bool), time)
+    return float(concordance_index_ipcw(y_train, y, risk, tau=tau)[0])
+
+
+# ---- heads -----------------------------------------------------------------------------------------
+
+
+class _Linear(nn.Module):
+    """Cox head on one standardised vector."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor, *_) -> torch.Tensor:
+        return self.out(x).squeeze(-1)
+
+
+class _Attend(nn.Module):
+    """Queries attend to keys plus a learned null key (so a sample without keys attends to nothing)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(HIDDEN, 2, batch_first=True)
+        self.null = nn.Parameter(torch.zeros(1, 1, HIDDEN))
+        self.norm = nn.LayerNorm(HIDDEN)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, k_keep: torch.Tensor) -> torch.Tensor:
+        k = torch.cat([self.null.expand(len(k), -1, -1), k], 1)
+        keep = torch.cat([torch.ones_like(k_keep[:, :1]), k_keep], 1)
+        out, _ = self.attn(q, k, k, key_padding_mask=~keep)
+        return self.norm(q + out)
+
+
+class _CrossAttention(nn.Module):
+    """EHR tokens (and a learned query token) attend to image tokens; masked mean; Cox."""
+
+    def __init__(self, dim: int, both: bool = False) -> None:
+        super().__init__()
+        self.img, self.ehr = nn.Linear(dim, HIDDEN), nn.Linear(dim, HIDDEN)
+        self.query = nn.Parameter(torch.zeros(1, 1, HIDDEN))
+        self.e2i = _Attend(dim)
+        self.i2e = _Attend(dim) if both else None
+        self.out = nn.Linear(HIDDEN * (2 if both else 1), 1)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = len(x["has_image"])
+        img, ehr = self.img(x["img_tokens"]), self.ehr(x["ehr_tokens"])
+        img_keep = x["has_image"][:, None].expand(-1, img.shape[1])
+        ehr_keep = x["ehr_keep"] & x["has_ehr"][:, None]
+        q = torch.cat([self.query.expand(b, -1, -1), ehr], 1)
+        q_keep = torch.cat([torch.ones_like(ehr_keep[:, :1]), ehr_keep], 1)
+        pooled = [_masked_mean(self.e2i(q, img, img_keep), q_keep)]
+        if self.i2e is not None:
+            q = torch.cat([self.query.expand(b, -1, -1), img], 1)
+            q_keep = torch.cat([torch.ones_like(img_keep[:, :1]), img_keep], 1)
+            pooled.append(_masked_mean(self.i2e(q, ehr, ehr_keep), q_keep))
+        return self.out(torch.cat(pooled, -1)).squeeze(-1)
+
+
+def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    w = keep.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+
+def _tensors(d: FusionInputs, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    return {
+        "img_tokens": torch.as_tensor(d.img_tokens[idx], dtype=torch.float32),
+        "ehr_tokens": torch.as_tensor(d.ehr_tokens[idx], dtype=torch.float32),
+        "ehr_keep": torch.as_tensor(d.ehr_keep[idx], dtype=torch.bool),
+        "has_image": torch.as_tensor(d.has_image[idx], dtype=torch.bool),
+        "has_ehr": torch.as_tensor(d.has_ehr[idx], dtype=torch.bool),
+    }
+
+
+def fit_cox(
+    model: nn.Module, x_fit, t_fit: np.ndarray, e_fit: np.ndarray, x_val, t_val: np.ndarray | None,
+    e_val: np.ndarray | None, steps: int, lr: float = 3e-3, weight_decay: float = 1e-3, batch: int = 512,
+) -> nn.Module:  # fmt: skip
+    """Adam on the negative partial likelihood (mini-batches of `batch`), keeping the weights with
+    the best validation likelihood (checked every 10 steps; the last ones without validation)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    tf, ef = torch.as_tensor(t_fit, dtype=torch.float32), torch.as_tensor(e_fit, dtype=torch.bool)
+    has_val = x_val is not None and e_val is not None and e_val.any()
+    if has_val:
+        tv, ev = torch.as_tensor(t_val, dtype=torch.float32), torch.as_tensor(e_val, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    best, best_loss = copy.deepcopy(model.state_dict()), float("inf")
+    n = len(tf)
+    for step in range(steps):
+        model.train()
+        idx = torch.randperm(n, generator=gen)[:batch] if n > batch else torch.arange(n)
+        if not ef[idx].any():
+            continue
+        loss = neg_partial_log_likelihood(model(_index(x_fit, idx)), ef[idx], tf[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if has_val and (step % 10 == 9 or step == steps - 1):
+            model.eval()
+            with torch.no_grad():
+                v = float(neg_partial_log_likelihood(model(x_val), ev, tv))
+            if v < best_loss:
+                best, best_loss = copy.deepcopy(model.state_dict()), v
+    if has_val:
+        model.load_state_dict(best)
+    return model.eval()
+
+
+def _index(x, idx):
+    return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
+
+
+class _Standard:
+    """Standardisation with the fit split's mean and std."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor((x - self.mean) / self.std, dtype=torch.float32)
+
+
+def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    a, b = nn.functional.normalize(a, dim=-1), nn.functional.normalize(b, dim=-1)
+    logits = a @ b.T / temperature
+    target = torch.arange(len(a))
+    return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+
+
+class _Strategy:
+    """A fitted strategy: risk(inputs, rows) -> (rows,) scores, for the rows it can score."""
+
+    def __init__(self, name: str, fit: FusionInputs, val: FusionInputs | None, steps: int, seed: int) -> None:
+        self.name = name
+        torch.manual_seed(seed)
+        rows_f = self.rows(fit, np.arange(len(fit.time)))
+        rows_v = self.rows(val, np.arange(len(val.time))) if val is not None else None
+        tf, ef = fit.time[rows_f], fit.event[rows_f]
+        tv, ev = (val.time[rows_v], val.event[rows_v]) if val is not None else (None, None)
+        if name in ("image", "ehr"):
+            col = "img_pooled" if name == "image" else "ehr_pooled"
+            self.std = _Standard(getattr(fit, col)[rows_f])
+            self.col = col
+            xv = self.std(getattr(val, col)[rows_v]) if val is not None else None
+            self.model = fit_cox(
+                _Linear(self.std.mean.shape[0]),
+                self.std(getattr(fit, col)[rows_f]),
+                tf,
+                ef,
+                xv,
+                tv,
+                ev,
+                steps,
+            )
+        elif name == "late_fusion":
+            self.parts = {m: _Strategy(m, fit, val, steps, seed) for m in ("image", "ehr")}
+            z = self._unimodal(fit, rows_f, fit_stats=True)
+            zv = self._unimodal(val, rows_v) if val is not None else None
+            self.model = fit_cox(_Linear(2), z, tf, ef, zv, tv, ev, steps)
+        elif name == "contrastive":
+            self._fit_projections(fit, steps)
+            z = self._aligned(fit, rows_f)
+            zv = self._aligned(val, rows_v) if val is not None else None
+            self.model = fit_cox(_Linear(HIDDEN), z, tf, ef, zv, tv, ev, steps)
+        else:
+            d = fit.img_pooled.shape[1]
+            head = _CrossAttention(d, both=name == "co_attention")
+            xv = _tensors(val, rows_v) if val is not None else None
+            self.model = fit_cox(head, _tensors(fit, rows_f), tf, ef, xv, tv, ev, steps)
+
+    def rows(self, d: FusionInputs, idx: np.ndarray) -> np.ndarray:
+        """The rows of `idx` this strategy scores (unimodal: those with the modality)."""
+        if self.name == "image":
+            return idx[d.has_image[idx]]
+        if self.name == "ehr":
+            return idx[d.has_ehr[idx]]
+        return idx
+
+    def risk(self, d: FusionInputs, rows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            if self.name in ("image", "ehr"):
+                x = self.std(getattr(d, self.col)[rows])
+            elif self.name == "late_fusion":
+                x = self._unimodal(d, rows)
+            elif self.name == "contrastive":
+                x = self._aligned(d, rows)
+            else:
+                x = _tensors(d, rows)
+            return self.model(x).numpy().astype(float)
+
+    def _unimodal(self, d: FusionInputs, rows: np.ndarray, fit_stats: bool = False) -> torch.Tensor:
+        """(rows, 2) standardised unimodal risks; a missing modality gets 0 (its training mean)."""
+        cols = []
+        for m, part in self.parts.items():
+            present = d.has_image[rows] if m == "image" else d.has_ehr[rows]
+            r = np.zeros(len(rows))
+            if present.any():
+                r[present] = part.risk(d, rows[present])
+            if fit_stats:
+                setattr(self, f"_{m}_stats", (r[present].mean(), r[present].std() + 1e-6))
+            mean, std = getattr(self, f"_{m}_stats")
+            cols.append(np.where(present, (r - mean) / std, 0.0))
+        return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
+
+    def _fit_projections(self, fit: FusionInputs, steps: int) -> None:
+        self.std_i, self.std_e = (
+            _Standard(fit.img_pooled[fit.has_image]),
+            _Standard(fit.ehr_pooled[fit.has_ehr]),
+        )
+        d = fit.img_pooled.shape[1]
+        self.proj_i, self.proj_e = nn.Linear(d, HIDDEN), nn.Linear(d, HIDDEN)
+        both = np.flatnonzero(fit.has_image & fit.has_ehr)
+        xi, xe = self.std_i(fit.img_pooled[both]), self.std_e(fit.ehr_pooled[both])
+        opt = torch.optim.AdamW(
+            [*self.proj_i.parameters(), *self.proj_e.parameters()], lr=3e-3, weight_decay=1e-2
+        )
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(steps if len(both) > 1 else 0):
+            idx = torch.randperm(len(both), generator=gen)[:256]
+            loss = _info_nce(self.proj_i(xi[idx]), self.proj_e(xe[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def _aligned(self, d: FusionInputs, rows: np.ndarray) -> torch.Tensor:
+        """Mean of the unit-norm aligned projections of the modalities a sample has."""
+        with torch.no_grad():
+            zi = nn.functional.normalize(self.proj_i(self.std_i(d.img_pooled[rows])), dim=-1)
+            ze = nn.functional.normalize(self.proj_e(self.std_e(d.ehr_pooled[rows])), dim=-1)
+            wi = torch.as_tensor(d.has_image[rows], dtype=torch.float32)[:, None]
+            we = torch.as_tensor(d.has_ehr[rows], dtype=torch.float32)[:, None]
+            return (zi * wi + ze * we) / (wi + we).clamp(min=1)
+
+
+# ---- the classical baseline ------------------------------------------------------------------------
+
+
+class _RawCox:
+    """Ridge Cox (scikit-survival) on raw features: fit-split mean imputation + missing indicators."""
+
+    def __init__(self, x: np.ndarray, time: np.ndarray, event: np.ndarray) -> None:
+        self.mean = np.nan_to_num(np.nanmean(np.where(np.isnan(x).all(0), 0.0, x), axis=0))
+        self.indicators = np.isnan(x).any(0)
+        z = self._design(x)
+        self.keep = z.std(0) > 1e-9
+        self.std = _Standard(z[:, self.keep])
+        self.model = CoxPHSurvivalAnalysis(alpha=1.0, n_iter=200)
+        self.model.fit(self.std(z[:, self.keep]).numpy(), Surv.from_arrays(event.astype(bool), time))
+
+    def _design(self, x: np.ndarray) -> np.ndarray:
+        miss = np.isnan(x)
+        return np.concatenate([np.where(miss, self.mean, x), miss[:, self.indicators].astype(float)], 1)
+
+    def risk(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict(self.std(self._design(x)[:, self.keep]).numpy())
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+
+def _scores(
+    time: np.ndarray, event: np.ndarray, risk: np.ndarray, train: tuple[np.ndarray, np.ndarray], bootstrap: int,
+    seed: int,
+) -> dict:  # fmt: skip
+    out = {"n": len(time), "events": int(event.sum())}
+    if not event.any():
+        return out | {"note": "no events"}
+    out["harrell"] = harrell(time, event, risk)
+    out["uno"] = uno(*train, time, event, risk)
+
+    def has_events(t, e, r):
+        return bool(e.any())
+
+    out["ci95"] = {
+        "harrell": bootstrap_ci(harrell, (time, event, risk), bootstrap, seed, has_events),
+        "uno": bootstrap_ci(
+            lambda t, e, r: uno(*train, t, e, r), (time, event, risk), bootstrap, seed, has_events
+        ),
+    }
+    return out
+
+
+def evaluate_survival(
+    splits: dict[str, FusionInputs], *, raw: dict[str, np.ndarray] | None = None, strategies=STRATEGIES,
+    fit_split: str = "train", val_split: str = "val", report_splits=("test", "external"), bootstrap: int = 200,
+    seed: int = 0, epochs: int = 300, prefix: str = "",
+) -> dict:  # fmt: skip
+    """Fit every strategy on `fit_split` (early stopping on `val_split`) and score the reported
+    splits: {"cindex": {prefix+strategy: {split: {...}}}, "counts": {prefix+strategy: {split: {...}}}}."""
+    for name, d in splits.items():
+        d.check(name)
+    if fit_split not in splits:
+        raise ValueError(f"no {fit_split!r} split to fit the time-to-event heads on")
+    followed = {k: d.take(np.flatnonzero(~np.isnan(d.time) & (d.time > 0))) for k, d in splits.items()}
+    fit, val = followed[fit_split], followed.get(val_split)
+    train = (fit.time, fit.event)
+    cindex: dict[str, dict] = {}
+    counts: dict[str, dict] = {}
+    for name in strategies:
+        model = _Strategy(name, fit, val, epochs, seed)
+        cindex[prefix + name], counts[prefix + name] = {}, {}
+        for split in report_splits:
+            if split not in splits:
+                cindex[prefix + name][split] = {"note": "split not in the data"}
+                continue
+            d = followed[split]
+            rows = model.rows(d, np.arange(len(d.time)))
+            counts[prefix + name][split] = {
+                "scored": len(rows),
+                "excluded_no_image": int((~d.has_image).sum()) if name == "image" else 0,
+                "excluded_no_ehr": int((~d.has_ehr).sum()) if name == "ehr" else 0,
+                "excluded_no_followup": int(len(splits[split].time) - len(d.time)),
+            }
+            risk = model.risk(d, rows) if len(rows) else np.zeros(0)
+            cindex[prefix + name][split] = _scores(d.time[rows], d.event[rows], risk, train, bootstrap, seed)
+    if raw is not None:
+        ok = {k: ~np.isnan(splits[k].time) & (splits[k].time > 0) for k in splits}
+        rf = ok[fit_split] & splits[fit_split].has_ehr
+        base = _RawCox(raw[fit_split][rf], splits[fit_split].time[rf], splits[fit_split].event[rf])
+        cindex["raw_ehr_cox"], counts["raw_ehr_cox"] = {}, {}
+        for split in report_splits:
+            if split not in splits:
+                continue
+            d, rows = splits[split], ok[split] & splits[split].has_ehr
+            counts["raw_ehr_cox"][split] = {
+                "scored": int(rows.sum()),
+                "excluded_no_image": 0,
+                "excluded_no_ehr": int((ok[split] & ~d.has_ehr).sum()),
+                "excluded_no_followup": int((~ok[split]).sum()),
+            }
+            cindex["raw_ehr_cox"][split] = _scores(
+                d.time[rows], d.event[rows], base.risk(raw[split][rows]), train, bootstrap, seed
+            )
+    return {"cindex": cindex, "counts": counts}

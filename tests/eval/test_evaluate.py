@@ -1,0 +1,136 @@
+"""`jepa-ray evaluate` end to end on a synthetic cohort with a held-out site: embeddings through a
+Ray Data actor pool, probes, latent R², retrieval, survival heads, report files; bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from shardkit import raw_samples, train_in_memory
+
+from jepa_ray.config import ModelConfig, load_config
+from jepa_ray.data.pipeline import open_split
+from jepa_ray.errors import ConfigError
+from jepa_ray.eval.evaluate import evaluate
+from jepa_ray.model.io import save_jepa
+from jepa_ray.model.jepa import JEPA
+
+PIPELINE = ["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_events=12"]
+EVAL = ["eval.bootstrap=50", "eval.survival_epochs=100", "eval.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, ray_session):
+    """120 subjects at 3 sites, one of them held out: (cohort dir, shards dir)."""
+    from jepa_ray.config import SynthConfig
+    from jepa_ray.data.prepare import prepare
+    from jepa_ray.data.synth import cohort_inputs, write_cohort
+
+    root = tmp_path_factory.mktemp("evalcohort")
+    write_cohort(root / "cohort", SynthConfig(subjects=120, seed=11, sites=3, min_size=96, max_size=128))
+    cfg = load_config(
+        overrides=[
+            "prepare.image.size=32",
+            "prepare.shards.max_samples=32",
+            'prepare.split.external_sites=["Quenby Lakes General Hospital"]',
+        ]
+    ).prepare
+    assert prepare(str(root / "shards"), cfg, **cohort_inputs(root / "cohort")).ok
+    return root / "cohort", root / "shards"
+
+
+@pytest.fixture(scope="module")
+def encoder(cohort, tmp_path_factory):
+    """A tiny JEPA trained in-process on the train split, saved in the export format."""
+    split = open_split(str(cohort[1]), "train")
+    cfg = load_config(overrides=PIPELINE)
+    samples = {}
+    for p in split.paths:
+        samples.update(raw_samples(p))
+    torch.manual_seed(0)
+    model = JEPA(split.spec.model_dims(cfg.pipeline), ModelConfig(width=64, depth=2, heads=4))
+    train_in_memory(model, samples, split.spec, cfg.pipeline, steps=60)
+    pipeline = {
+        k: getattr(cfg.pipeline, k)
+        for k in ("image_size", "patch_size", "normalize", "max_events", "max_static_codes")
+    }
+    return save_jepa(model, tmp_path_factory.mktemp("enc") / "encoder.safetensors", pipeline, step=60)
+
+
+def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, tmp_path, ray_session):
+    cohort_dir, shards = cohort
+    cfg = load_config(overrides=[*PIPELINE, *EVAL])
+    out = tmp_path / "eval"
+    m = evaluate(str(encoder), str(shards), cfg, out, latents=str(cohort_dir / "latents.parquet"))
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved) >= {"cindex", "probe", "retrieval", "latent_r2", "counts"}
+    assert all((out / p).stat().st_size > 5000 for p in ("cindex.png", "probe.png", "retrieval.png"))
+    report = (out / "report.md").read_text()
+    assert "co_attention" in report and "external" in report and "random_init" in report
+
+    # one sample per subject, every subject of the cohort in exactly one split
+    subjects = pd.read_parquet(cohort_dir / "latents.parquet")
+    assert sum(c["subjects"] for c in m["counts"].values()) == len(subjects)
+    # the held-out site's imaged subjects (EHR-only subjects have no site)
+    assert m["counts"]["external"]["subjects"] == int(((subjects["site"] == 2) & subjects["has_image"]).sum())
+
+    for strategy in ("image", "ehr", "late_fusion", "contrastive", "cross_attention", "co_attention"):
+        for name in (strategy, f"random_init:{strategy}"):
+            for split in ("test", "external"):
+                r = m["cindex"][name][split]
+                assert 0 <= r["harrell"] <= 1 and 0 <= r["uno"] <= 1
+                lo, hi = r["ci95"]["harrell"]
+                assert lo <= r["harrell"] <= hi
+    assert 0 <= m["cindex"]["raw_ehr_cox"]["test"]["harrell"] <= 1
+
+    probe = m["probe"]["pretrained"]["joint"]["cardiomegaly"]["linear"]["test"]
+    assert 0 <= probe["auroc"] <= 1 and probe["n"] <= m["counts"]["test"]["subjects"]
+    excluded = m["probe"]["pretrained"]["image"]["cardiomegaly"]["excluded"]["test"]
+    no_image = m["counts"]["test"]["subjects"] - m["counts"]["test"]["with_image"]
+    assert excluded >= no_image  # samples without an image are counted out of the image probe
+
+    r = m["retrieval"]["pretrained"]["external"]["image_to_ehr"]
+    assert r["n"] == m["counts"]["external"]["both"] and r["chance@5"] == pytest.approx(5 / r["n"])
+    assert set(m["latent_r2"]["pretrained"]["test"]["r2"]) == {"cardiac", "lung", "frailty"}
+
+    # a second run reuses the cached embeddings
+    stamp = (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns
+    evaluate(
+        str(encoder),
+        str(shards),
+        cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"bootstrap": 0})}),
+        out,
+    )
+    assert (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns == stamp
+
+
+def test_bad_inputs_are_named(cohort, encoder, tmp_path, ray_session):
+    shards = cohort[1]
+    cfg = load_config(overrides=[*PIPELINE, *EVAL, "eval.random_baseline=false"])
+    with pytest.raises(ConfigError, match=r"missing.safetensors: no such exported encoder"):
+        evaluate(str(tmp_path / "missing.safetensors"), str(shards), cfg, tmp_path / "a")
+    bad = tmp_path / "latents.parquet"
+    pd.DataFrame({"subject_id": [1], "cardiac": [0.0]}).to_parquet(bad)
+    with pytest.raises(ConfigError, match=r"latents.parquet: missing column.*lung"):
+        evaluate(str(encoder), str(shards), cfg, tmp_path / "b", latents=str(bad))
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(ConfigError, match=r"junk.parquet: cannot read it as parquet"):
+        evaluate(str(encoder), str(shards), cfg, tmp_path / "c", latents=str(tmp_path / "junk.parquet"))
+    # an encoder trained on other shards: its EHR vocabulary differs
+    info = json.loads(encoder.with_suffix(".json").read_text())
+    info["dims"]["vocab_size"] += 5
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(encoder.read_bytes())
+    other.with_suffix(".json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=r"vocab_size .* the encoder was trained with"):
+        evaluate(str(other), str(shards), cfg, tmp_path / "d")
+    # latents of another cohort (or shards prepared with another salt): nothing joins
+    strangers = tmp_path / "strangers.parquet"
+    pd.DataFrame(
+        {"subject_id": [1, 2], "cardiac": [0.0, 1], "lung": [0.0, 1], "frailty": [0.0, 1]}
+    ).to_parquet(strangers)
+    with pytest.raises(ConfigError, match="no subject matches the shards; is JEPA_RAY_SALT"):
+        evaluate(str(encoder), str(shards), cfg, tmp_path / "e", latents=str(strangers))

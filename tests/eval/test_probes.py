@@ -1,0 +1,57 @@
+"""Probe, retrieval and bootstrap arithmetic on data whose answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from jepa_ray.eval import probes
+
+
+def test_recall_at_k_counts_the_true_partner_rank_and_prints_chance():
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((50, 16))
+    exact = probes.recall_at(gallery + 0.01 * rng.standard_normal((50, 16)), gallery, [1, 5])
+    assert exact["recall@1"] == 1.0 and exact["chance@1"] == pytest.approx(1 / 50)
+    shuffled = probes.recall_at(gallery[rng.permutation(50)], gallery, [1, 5, 10])
+    assert shuffled["recall@1"] < 0.1 and shuffled["chance@10"] == pytest.approx(10 / 50)
+    # the common component every query shares is removed before the cosine
+    offset = probes.recall_at(gallery + 100.0, gallery, [1])
+    assert offset["recall@1"] == 1.0
+
+
+def test_auroc_with_bootstrap_interval_around_the_estimate():
+    rng = np.random.default_rng(1)
+    y = rng.random(200) < 0.3
+    score = y + rng.standard_normal(200)
+    r = probes.auroc(y, score, bootstrap=200, seed=0)
+    assert r["auroc"] == pytest.approx(roc_auc_score(y, score))
+    lo, hi = r["ci95"]
+    assert lo < r["auroc"] < hi and hi - lo < 0.25 and r["positives"] == int(y.sum())
+    one_class = probes.auroc(np.zeros(10, bool), np.arange(10.0), 100, 0)
+    assert one_class["auroc"] is None and one_class["note"] == "one class only"
+
+
+def test_logistic_and_knn_probes_find_a_linear_label():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((400, 8))
+    y = (x[:, 0] + 0.3 * rng.standard_normal(400) > 0).astype(int)
+    score = probes.logistic_probe(x[:300], y[:300])
+    assert roc_auc_score(y[300:], score(x[300:])) > 0.95
+    knn = probes.knn_scores(x[:300], y[:300], x[300:], k=10)
+    assert roc_auc_score(y[300:], knn) > 0.8 and knn.min() >= 0 and knn.max() <= 1
+    noise = probes.logistic_probe(x[:300], rng.integers(0, 2, 300))
+    assert abs(roc_auc_score(y[300:], noise(x[300:])) - 0.5) < 0.15
+
+
+def test_latent_r2_is_high_for_linear_factors_and_near_zero_for_noise():
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((500, 3))
+    x = np.concatenate([z @ rng.standard_normal((3, 20)), rng.standard_normal((500, 20))], axis=1)
+    x[:, :20] += 0.1 * rng.standard_normal((500, 20))
+    res = probes.latent_r2(x[:400], z[:400], {"test": (x[400:], z[400:])})
+    assert min(res["test"]["r2"]) > 0.9 and res["test"]["n"] == 100
+    noise = rng.standard_normal((500, 40))
+    res = probes.latent_r2(noise[:400], z[:400], {"test": (noise[400:], z[400:])})
+    assert max(res["test"]["r2"]) < 0.05

@@ -1,0 +1,138 @@
+"""Time-to-event heads and c-indices: library numbers against a second implementation, fusion on a
+problem where each modality carries half of the hazard, missing modalities, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lifelines.utils import concordance_index
+
+from jepa_ray.eval.survival import STRATEGIES, FusionInputs, evaluate_survival, harrell, uno
+
+
+def test_harrell_matches_lifelines_with_ties_and_censoring():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        time = rng.integers(1, 30, 300).astype(float)  # many tied times
+        event = rng.random(300) < 0.6
+        risk = rng.integers(0, 8, 300).astype(float)  # many tied risks
+        # lifelines takes predicted survival times: higher means later, hence -risk
+        assert harrell(time, event, risk) == pytest.approx(concordance_index(time, -risk, event), abs=1e-6)
+
+
+def _uno_reference(train_t, train_e, t, e, r, tau):
+    """Uno et al. (2011): sum over events i before tau and later j of G(T_i)^-2 [r_i > r_j] (1/2 for
+    tied risks) / the same without the indicator; G = Kaplan-Meier of the censoring on the training
+    split. Written for distinct times (the definitions of tied event/censoring times differ)."""
+
+    def g(x):
+        cens = np.sort(train_t[~train_e])
+        at_risk = np.array([(train_t >= c).sum() for c in cens])
+        return np.prod(1 - 1 / at_risk[cens <= x])
+
+    num = den = 0.0
+    for i in np.flatnonzero(e & (t < tau)):
+        w = g(t[i]) ** -2
+        later = t > t[i]
+        num += w * ((r[i] > r[later]).sum() + 0.5 * (r[i] == r[later]).sum())
+        den += w * later.sum()
+    return num / den
+
+
+def test_uno_matches_a_reference_implementation_of_the_formula():
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        train_t, train_e = rng.exponential(10, 400), rng.random(400) < 0.5
+        t, e = rng.exponential(10, 150), rng.random(150) < 0.5
+        r = rng.integers(0, 6, 150).astype(float) - 0.1 * t  # informative, with ties
+        tau = float(np.quantile(train_t, 0.9))
+        ref = _uno_reference(train_t, train_e, t, e, r, tau)
+        assert uno(train_t, train_e, t, e, r) == pytest.approx(ref, abs=1e-6)
+
+
+# how the two halves of the hazard are written into the tokens (the same in every split)
+IMG_DIRECTION = 0.5 * np.random.default_rng(100).standard_normal((1, 4, 16))
+EHR_DIRECTION = 0.5 * np.random.default_rng(101).standard_normal((1, 6, 16))
+
+
+def _problem(n: int, rng, missing: float = 0.0) -> FusionInputs:
+    """log-hazard = a + b; a is written in the image tokens, b in the EHR tokens (plus noise)."""
+    a, b = rng.standard_normal(n), rng.standard_normal(n)
+    img = a[:, None, None] * IMG_DIRECTION + rng.standard_normal((n, 4, 16))
+    ehr = b[:, None, None] * EHR_DIRECTION + rng.standard_normal((n, 6, 16))
+    keep = rng.random((n, 6)) < 0.8
+    keep[:, 0] = True
+    has_image, has_ehr = np.ones(n, bool), np.ones(n, bool)
+    drop = rng.random(n) < missing
+    side = rng.random(n) < 0.5
+    has_image[drop & side], has_ehr[drop & ~side] = False, False
+    img[~has_image] = 0
+    event_t = rng.exponential(1 / np.exp(a + b))
+    cens_t = rng.exponential(2.0, n)
+    return FusionInputs(
+        img_tokens=img.astype(np.float32),
+        ehr_tokens=ehr.astype(np.float32),
+        ehr_keep=keep & has_ehr[:, None],
+        has_image=has_image,
+        has_ehr=has_ehr,
+        img_pooled=img.mean(1).astype(np.float32),
+        ehr_pooled=(ehr * keep[..., None]).sum(1).astype(np.float32)
+        / keep.sum(1, keepdims=True)
+        * has_ehr[:, None],
+        time=np.minimum(event_t, cens_t) * 365 + 1,
+        event=event_t <= cens_t,
+    )
+
+
+def test_every_fusion_strategy_beats_the_best_unimodal_head():
+    rng = np.random.default_rng(2)
+    splits = {"train": _problem(1500, rng), "val": _problem(300, rng), "test": _problem(800, rng)}
+    res = evaluate_survival(splits, report_splits=("test",), bootstrap=20, epochs=300)
+    c = {k: v["test"]["harrell"] for k, v in res["cindex"].items()}
+    assert set(c) == set(STRATEGIES)
+    assert all(0 <= v <= 1 for v in c.values())
+    best_unimodal = max(c["image"], c["ehr"])
+    assert min(c["image"], c["ehr"]) > 0.6
+    for fused in ("late_fusion", "contrastive", "cross_attention", "co_attention"):
+        assert c[fused] > best_unimodal + 0.03, (fused, c)
+    lo, hi = res["cindex"]["late_fusion"]["test"]["ci95"]["harrell"]
+    assert lo < c["late_fusion"] < hi
+
+
+def test_missing_modalities_are_scored_by_fusion_and_counted_out_of_unimodal_heads():
+    rng = np.random.default_rng(3)
+    splits = {"train": _problem(600, rng, missing=0.3), "test": _problem(300, rng, missing=0.3)}
+    splits["test"].time[:7] = np.nan  # no follow-up
+    raw = {k: np.where(rng.random(v.ehr_pooled.shape) < 0.2, np.nan, v.ehr_pooled) for k, v in splits.items()}
+    res = evaluate_survival(splits, raw=raw, report_splits=("test", "external"), bootstrap=0, epochs=60)
+    test = splits["test"]
+    followed = ~np.isnan(test.time)
+    counts = res["counts"]
+    assert counts["image"]["test"] == {
+        "scored": int((followed & test.has_image).sum()),
+        "excluded_no_image": int((followed & ~test.has_image).sum()),
+        "excluded_no_ehr": 0,
+        "excluded_no_followup": 7,
+    }
+    assert counts["ehr"]["test"]["excluded_no_ehr"] == int((followed & ~test.has_ehr).sum()) > 0
+    for fused in ("late_fusion", "contrastive", "cross_attention", "co_attention"):
+        assert counts[fused]["test"]["scored"] == 300 - 7
+        assert 0 <= res["cindex"][fused]["test"]["harrell"] <= 1
+    for name, c in counts.items():
+        parts = c["test"]["scored"] + c["test"]["excluded_no_image"] + c["test"]["excluded_no_ehr"]
+        assert parts + c["test"]["excluded_no_followup"] == 300, name
+    assert res["cindex"]["raw_ehr_cox"]["test"]["harrell"] > 0.55  # NaNs imputed, signal kept
+    assert res["cindex"]["image"]["external"] == {"note": "split not in the data"}
+
+
+def test_bad_shapes_name_the_field_and_the_split():
+    rng = np.random.default_rng(4)
+    good = _problem(50, rng)
+    bad = _problem(50, rng)
+    bad.event = bad.event[:40]
+    with pytest.raises(ValueError, match="test: event has 40 rows, time has 50"):
+        evaluate_survival({"train": good, "test": bad}, epochs=1)
+    bad = _problem(50, rng)
+    bad.img_pooled = bad.img_pooled[:, 0]
+    with pytest.raises(ValueError, match="train: img_pooled must have 2 dimensions"):
+        evaluate_survival({"train": bad}, epochs=1)
