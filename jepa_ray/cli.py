@@ -257,11 +257,12 @@ def evaluate(
 
 
 def _print_evaluation(metrics: dict, out: Path) -> None:
-    from jepa_ray.eval.report import summary_rows
+    from jepa_ray.eval.report import summary
 
-    table = Table(title="evaluation", show_header=False, box=None)
-    for what, value in summary_rows(metrics):
-        table.add_row(what, value)
+    header, rows = summary(metrics)
+    table = Table(*header, title="evaluation")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     console.print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
 

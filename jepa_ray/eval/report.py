@@ -31,34 +31,68 @@ def _fmt(v: float | None, ci: list[float] | None = None) -> str:
     return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
-    """(what, value) lines of the headline numbers: the console summary and the report's top."""
-    rows: list[tuple[str, str]] = []
-    for name, by_split in metrics.get("latent_r2", {}).items():
-        for split, r in by_split.items():
-            rows.append(
-                (f"latent R² {name} ({split})", "  ".join(f"{k} {v:.2f}" for k, v in r["r2"].items()))
-            )
-    for name, inputs in metrics.get("probe", {}).items():
-        for label, res in inputs.get("joint", {}).items():
-            for split, r in res.get("linear", {}).items():
-                rows.append(
-                    (f"probe AUROC {name} joint {label} ({split})", _fmt(r.get("auroc"), r.get("ci95")))
-                )
-    for strategy, by_split in metrics.get("cindex", {}).items():
-        for split, r in by_split.items():
-            if "harrell" in r:
-                rows.append(
-                    (f"c-index {strategy} ({split})", f"{_fmt(r['harrell'])} Uno {_fmt(r.get('uno'))}")
-                )
-    for name, by_split in metrics.get("retrieval", {}).items():
-        for split, r in by_split.items():
-            for direction, v in r.items():
-                rows.append((
-                    f"retrieval {name} {direction} ({split}, n={v['n']})",
-                    f"R@1 {_fmt(v.get('recall@1'))} (chance {_fmt(v.get('chance@1'))})",
-                ))  # fmt: skip
-    return rows
+def summary(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The headline numbers as (header, rows): one row per metric, one column per reported split,
+    each cell "pretrained / random init" (the console summary)."""
+    splits = list(metrics.get("counts", {}))
+    splits = [s for s in ("test", "external") if s in splits] or splits
+    header = ["metric", *(f"{s} (pretrained / random)" for s in splits)]
+
+    def pair(get) -> list[str]:
+        cells = []
+        for split in splits:
+            a, b = get("pretrained", split), get("random_init", split)
+            cells.append(f"{_short(a)} / {_short(b)}")
+        return cells
+
+    rows: list[list[str]] = []
+    r2 = metrics.get("latent_r2", {})
+    for factor in ("cardiac", "lung", "frailty") if r2 else ():
+
+        def latent(e, s, factor=factor):
+            return r2.get(e, {}).get(s, {}).get("r2", {}).get(factor)
+
+        rows.append([f"latent R² {factor}", *pair(latent)])
+    probe = metrics.get("probe", {})
+    for label in probe.get("pretrained", {}).get("joint", {}):
+
+        def auroc(e, s, label=label):
+            return probe.get(e, {}).get("joint", {}).get(label, {}).get("linear", {}).get(s, {}).get("auroc")
+
+        rows.append([f"AUROC {label}", *pair(auroc)])
+    cindex = metrics.get("cindex", {})
+    for strategy in cindex:
+        if ":" in strategy or strategy == "raw_ehr_cox":
+            continue
+
+        def harrell(e, s, strategy=strategy):
+            name = strategy if e == "pretrained" else f"{e}:{strategy}"
+            return cindex.get(name, {}).get(s, {}).get("harrell")
+
+        rows.append([f"c-index {strategy}", *pair(harrell)])
+    if "raw_ehr_cox" in cindex:
+        rows.append(
+            [
+                "c-index raw EHR Cox",
+                *(_short(cindex["raw_ehr_cox"].get(s, {}).get("harrell")) for s in splits),
+            ]
+        )
+    retrieval = metrics.get("retrieval", {})
+    for direction in ("image_to_ehr", "ehr_to_image"):
+
+        def r5(e, s, direction=direction):
+            return retrieval.get(e, {}).get(s, {}).get(direction, {}).get("recall@5")
+
+        chance = [
+            retrieval.get("pretrained", {}).get(s, {}).get(direction, {}).get("chance@5") for s in splits
+        ]
+        if any(c is not None for c in chance):
+            rows.append([f"R@5 {direction} (chance {'/'.join(_short(c) for c in chance)})", *pair(r5)])
+    return header, rows
+
+
+def _short(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
 def report_markdown(metrics: dict[str, Any]) -> str:

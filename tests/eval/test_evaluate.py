@@ -96,14 +96,17 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     assert r["n"] == m["counts"]["external"]["both"] and r["chance@5"] == pytest.approx(5 / r["n"])
     assert set(m["latent_r2"]["pretrained"]["test"]["r2"]) == {"cardiac", "lung", "frailty"}
 
-    # a second run reuses the cached embeddings
+    # the command line, on the same output: cached embeddings reused, a one-screen summary
+    from typer.testing import CliRunner
+
+    from jepa_ray.cli import app
+
     stamp = (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns
-    evaluate(
-        str(encoder),
-        str(shards),
-        cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"bootstrap": 0})}),
-        out,
-    )
+    args = ["evaluate", "--encoder", str(encoder), "--data", str(shards), "--out", str(out)]
+    args += ["--latents", str(cohort_dir / "latents.parquet")]
+    result = CliRunner().invoke(app, [*args, *PIPELINE, *EVAL, "eval.bootstrap=0"])
+    assert result.exit_code == 0, result.output
+    assert "co_attention" in result.output and "latent R² cardiac" in result.output
     assert (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns == stamp
 
 
