@@ -77,7 +77,7 @@ class EncoderSource:
 
 def eval_pipeline(cfg: Config, info: dict[str, Any]) -> PipelineConfig:
     """The pipeline settings the encoder was trained with (image size, patches, EHR lengths)."""
-    return cfg.pipeline.model_copy(update=info["pipeline"])
+    return PipelineConfig.model_validate(cfg.pipeline.model_dump() | info["pipeline"])
 
 
 class Embedder:

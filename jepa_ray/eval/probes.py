@@ -103,6 +103,8 @@ def recall_at(query: np.ndarray, gallery: np.ndarray, ks: list[int]) -> dict:
     Cosine similarity after centring each side on its own mean: predictions share a large
     position-only component (the mask tokens carry positions) that would otherwise dominate."""
     n = len(query)
+    if n == 0:
+        return {"n": 0, "note": "no sample with both modalities"}
     q, g = query - query.mean(0), gallery - gallery.mean(0)
     q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(min=1e-12)
     g = g / np.linalg.norm(g, axis=1, keepdims=True).clip(min=1e-12)
@@ -110,6 +112,6 @@ def recall_at(query: np.ndarray, gallery: np.ndarray, ks: list[int]) -> dict:
     rank = (sim > np.diag(sim)[:, None]).sum(1)  # how many gallery items beat the true partner
     out = {"n": int(n)}
     for k in ks:
-        out[f"recall@{k}"] = float((rank < k).mean()) if n else None
-        out[f"chance@{k}"] = min(k / n, 1.0) if n else None
+        out[f"recall@{k}"] = float((rank < k).mean())
+        out[f"chance@{k}"] = min(k / n, 1.0)
     return out

@@ -20,6 +20,7 @@ Samples without follow-up for the endpoint (no time) are excluded from every str
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -31,6 +32,9 @@ from torch import nn
 from torchsurv.loss.cox import neg_partial_log_likelihood
 
 from jepa_ray.eval.probes import bootstrap_ci
+
+# torchsurv warns on every call whose batch has tied times; Efron's method is our choice for them
+warnings.filterwarnings("ignore", message="Ties in `time` detected", category=UserWarning)
 
 STRATEGIES = ("image", "ehr", "late_fusion", "contrastive", "cross_attention", "co_attention")
 HIDDEN = 32  # width of projections and attention in the fusion heads
@@ -371,6 +375,20 @@ def _scores(
     return out
 
 
+def _cannot_fit(name: str, fit: FusionInputs) -> str | None:
+    """Why a strategy cannot be trained on the fit split (None when it can)."""
+    if not fit.event.any():
+        return "no events in the fit split"
+    needs = {"image": ("image",), "ehr": ("ehr",)}.get(name, ("image", "ehr"))
+    paired = fit.has_image & fit.has_ehr
+    for m in needs:
+        if not (fit.has_image if m == "image" else fit.has_ehr).any():
+            return f"no {'image' if m == 'image' else 'EHR'} in the fit split"
+    if name == "contrastive" and paired.sum() < 2:
+        return "fewer than 2 samples with both modalities in the fit split"
+    return None
+
+
 def evaluate_survival(
     splits: dict[str, FusionInputs], *, raw: dict[str, np.ndarray] | None = None, strategies=STRATEGIES,
     fit_split: str = "train", val_split: str = "val", report_splits=("test", "external"), bootstrap: int = 200,
@@ -388,6 +406,10 @@ def evaluate_survival(
     cindex: dict[str, dict] = {}
     counts: dict[str, dict] = {}
     for name in strategies:
+        missing = _cannot_fit(name, fit)
+        if missing:
+            cindex[prefix + name] = {split: {"note": missing} for split in report_splits}
+            continue
         model = _Strategy(name, fit, val, epochs, seed)
         cindex[prefix + name], counts[prefix + name] = {}, {}
         for split in report_splits:

@@ -137,3 +137,26 @@ def test_bad_inputs_are_named(cohort, encoder, tmp_path, ray_session):
     ).to_parquet(strangers)
     with pytest.raises(ConfigError, match="no subject matches the shards; is JEPA_RAY_SALT"):
         evaluate(str(encoder), str(shards), cfg, tmp_path / "e", latents=str(strangers))
+
+
+def test_a_real_clinical_table_goes_through_prepare_without_images(tmp_path, ray_session):
+    """GBSG2 (bundled with scikit-survival), as `benchmarks/bench_real_ehr.py` writes it."""
+    import sys
+    from pathlib import Path
+
+    from jepa_ray.data.prepare import prepare
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_real_ehr import write_gbsg2
+
+    inputs = write_gbsg2(tmp_path / "gbsg2")
+    result = prepare(str(tmp_path / "shards"), load_config().prepare, **inputs)
+    assert result.ok and result.manifest["counts"]["samples"] == 686
+    split = open_split(str(tmp_path / "shards"), "train")
+    assert split.spec.num_names == ["age", "tsize", "pnodes"]
+    assert sorted(split.spec.cat_names) == ["horTh", "menostat", "tgrade"]
+    sample = next(iter(raw_samples(split.paths[0]).values()))
+    meta = json.loads(sample["meta"])
+    assert (
+        "image" not in sample and set(meta["tte"]) == {"recurrence"} and meta["tte"]["recurrence"]["days"] > 0
+    )

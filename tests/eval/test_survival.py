@@ -136,3 +136,16 @@ def test_bad_shapes_name_the_field_and_the_split():
     bad.img_pooled = bad.img_pooled[:, 0]
     with pytest.raises(ValueError, match="train: img_pooled must have 2 dimensions"):
         evaluate_survival({"train": bad}, epochs=1)
+
+
+def test_ehr_only_data_scores_the_ehr_heads_and_says_why_the_others_are_missing():
+    rng = np.random.default_rng(5)
+    splits = {"train": _problem(400, rng), "test": _problem(200, rng)}
+    for d in splits.values():
+        d.has_image[:] = False
+        d.img_tokens[:] = 0
+        d.img_pooled[:] = 0
+    res = evaluate_survival(splits, report_splits=("test",), bootstrap=0, epochs=60)
+    assert res["cindex"]["ehr"]["test"]["harrell"] > 0.55
+    for name in ("image", "late_fusion", "contrastive", "cross_attention", "co_attention"):
+        assert res["cindex"][name]["test"] == {"note": "no image in the fit split"}
