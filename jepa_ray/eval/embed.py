@@ -186,6 +186,7 @@ def extract(source: EncoderSource, data: str, splits: list[str], cfg: Config, ou
     from jepa_ray.errors import ShardError
 
     pcfg = eval_pipeline(cfg, source.info)
+    fingerprint = source.fingerprint()  # hashes the weights file: once, not per split
     folder = out / "embeddings" / source.name
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -198,7 +199,7 @@ def extract(source: EncoderSource, data: str, splits: list[str], cfg: Config, ou
         _check_dims(source, shards.spec.model_dims(pcfg), data)
         path = folder / f"{split}.parquet"
         key = {
-            "encoder": source.fingerprint(),
+            "encoder": fingerprint,
             "data": data,
             "shards": sorted(shards.expected.items()),
             "pipeline": pcfg.model_dump(mode="json"),

@@ -103,6 +103,7 @@ def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | Non
     sources = [pretrained]
     if ec.random_baseline:
         sources.append(EncoderSource("random_init", None, pretrained.info, seed=ec.seed))
+    z = _latents(latents, cfg) if latents else None  # a bad file fails before any embedding
     wanted = list(dict.fromkeys([ec.fit_split, ec.val_split, *ec.report_splits]))
     manifest = read_manifest(Store(data, cfg.train.storage))
     label_names = list(manifest["ehr"].get("labels", []))
@@ -122,7 +123,11 @@ def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | Non
         "retrieval": {},
         "latent_r2": {},
     }
-    z = _latents(latents, cfg, splits) if latents else None
+    if z is not None and not any(subject in z for s in splits.values() for subject in s.subjects):
+        raise ConfigError(
+            f"--latents {latents}: no subject matches the shards; is {cfg.prepare.deid.salt_env} the salt "
+            "the shards were prepared with?"
+        )
     for name, by_split in tables.items():
         metrics["probe"][name] = _probes(by_split, label_names, reports, cfg)
         metrics["retrieval"][name] = {s: _retrieval(by_split[s], ec.recall_at) for s in reports}
@@ -192,7 +197,7 @@ def _retrieval(s: Split, ks: list[int]) -> dict:
     }
 
 
-def _latents(path: str, cfg: Config, splits: dict[str, Split]) -> dict[str, np.ndarray]:
+def _latents(path: str, cfg: Config) -> dict[str, np.ndarray]:
     """Ground-truth factors per pseudonymous subject (the cohort's latents.parquet, raw ids
     pseudonymised with the data's salt, which must be the one `prepare` used)."""
     import pandas as pd
@@ -211,12 +216,6 @@ def _latents(path: str, cfg: Config, splits: dict[str, Split]) -> dict[str, np.n
         pz.subject(r.subject_id): np.array([getattr(r, f) for f in LATENTS], float)
         for r in table.itertuples()
     }
-    known = sum(subject in z for s in splits.values() for subject in s.subjects)
-    if known == 0:
-        raise ConfigError(
-            f"--latents {path}: no subject matches the shards; is {cfg.prepare.deid.salt_env} the salt "
-            "the shards were prepared with?"
-        )
     return z
 
 
