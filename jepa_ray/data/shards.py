@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import struct
+import tarfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -185,6 +186,31 @@ def decode_images(samples: list[list[tuple[str, str]]], image_cfg: ImageConfig) 
     return out
 
 
+class TarWriter:
+    """webdataset's tar layout (`KEY.EXT` members, sorted per sample), byte for byte as `webdataset.TarWriter`
+    writes it with user/group "jepa-ray", mode 0o444, mtime 0 and no encoder.
+
+    Written here, with `tarfile` alone, so that decoding workers never import webdataset, which
+    imports torch (~1 s per fresh worker process).
+    """
+
+    def __init__(self, fileobj: Any) -> None:
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|")  # noqa: SIM115 - closed by close()
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("_")):
+            data = sample[ext]
+            data = data.encode("utf-8") if isinstance(data, str) else data
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0.0, 0o444
+            info.uname = info.gname = "jepa-ray"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+
+
 class _Hashing:
     """A write-only file wrapper that hashes what passes through (no second read of the shard)."""
 
@@ -210,8 +236,6 @@ def write_shard(
     storage: StorageConfig,
 ) -> dict[str, Any]:
     """Write one shard atomically and its sidecar; return the sidecar record."""
-    import webdataset as wds
-
     store = Store(out_url, storage)
     counts: Counter[str] = Counter()
     quarantine: list[dict[str, Any]] = []
@@ -222,7 +246,7 @@ def write_shard(
     try:
         with os.fdopen(fd, "wb") as raw:
             f = _Hashing(raw)
-            writer = wds.TarWriter(f, user="jepa-ray", group="jepa-ray", mode=0o444, encoder=False, mtime=0.0)
+            writer = TarWriter(f)
             for spec, dec in zip(samples, decoded, strict=True):
                 image = dec["image"]
                 quarantine.extend(dec["quarantine"])

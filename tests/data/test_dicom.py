@@ -26,7 +26,7 @@ from pydicom.uid import (
 )
 
 from jepa_ray.config import ImageConfig
-from jepa_ray.data.dicom import ALLOWED_KEYWORDS, read_header, read_image
+from jepa_ray.data.dicom import ALLOWED_KEYWORDS, _j2k_level, read_header, read_image
 from jepa_ray.errors import InvalidDicomError
 
 CFG = ImageConfig()
@@ -187,6 +187,47 @@ def test_compressed_twin_decodes_identically(tmp_path, syntax):
     header, packed, _ = read_image(save(make_dataset(a), tmp_path / "packed.dcm", compress=syntax), CFG)
     assert header.safe["transfer_syntax"] == syntax.name
     assert np.array_equal(plain, packed)
+
+
+def test_jpeg2000_decodes_at_the_resolution_the_shard_needs(tmp_path):
+    packed = save(make_dataset(anatomy(1000, 800)), tmp_path / "j2k.dcm", compress=JPEG2000Lossless)
+    _, full, meta_full = read_image(packed, ImageConfig(j2k_reduce=False))
+    _, fast, meta = read_image(packed, CFG)
+    assert meta_full["j2k_reduction"] == 0
+    assert meta["j2k_reduction"] == 2  # 1000 / 4 = 250 rows still >= 224; 1000 / 8 would not be
+    assert (
+        meta["valid_box"] == meta_full["valid_box"] and meta["spacing_out_mm"] == meta_full["spacing_out_mm"]
+    )
+    # 12 bits stored: Pillow returns them scaled to 16, which must be undone
+    assert meta["intensity_range"] == pytest.approx(meta_full["intensity_range"], rel=0.02, abs=1)
+    x, y = full[0] / 65535, fast[0] / 65535
+    assert np.abs(x - y).mean() < 0.005  # measured 0.0025; without the low-pass phase shift 0.014
+    assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.999
+
+
+def test_jpeg2000_level_is_one_the_decoder_can_size():
+    assert _j2k_level(1000, 800, 224, 5) == 2
+    assert _j2k_level(1000, 800, 224, 1) == 1  # a stream with one decomposition level
+    assert _j2k_level(400, 400, 224, 5) == 0
+    # 1001 / 4: openjpeg makes ceil = 251 columns, Pillow's buffer rounds to 250 -> level 1 instead
+    assert _j2k_level(998, 1001, 224, 5) == 1
+
+
+def test_jpeg2000_reduced_decode_falls_back_to_full(tmp_path, monkeypatch):
+    a = anatomy(998, 1001)
+    packed = save(make_dataset(a), tmp_path / "j2k.dcm", compress=JPEG2000Lossless)
+    _, odd, meta = read_image(packed, CFG)
+    assert meta["j2k_reduction"] == 1 and odd.shape == (1, 224, 224)
+    signed = save(make_dataset(a.astype(np.int16) - 2000), tmp_path / "s.dcm", compress=JPEG2000Lossless)
+    assert read_image(signed, CFG)[2]["j2k_reduction"] == 0  # Pillow has no signed 16-bit mode
+    _, full, _ = read_image(packed, ImageConfig(j2k_reduce=False))
+
+    def broken(*args, **kwargs):
+        raise OSError("broken data stream when reading image file")
+
+    monkeypatch.setattr("PIL.Image.open", broken)
+    _, again, meta = read_image(packed, CFG)
+    assert meta["j2k_reduction"] == 0 and np.array_equal(again, full)
 
 
 # --- VOI ----------------------------------------------------------------------------------------
