@@ -670,7 +670,7 @@ def _intensity(
         if not lo < hi:
             raise InvalidDicomError(path, "empty_image", "every pixel has the same value")
     a, b = (lo - intercept) / slope, (hi - intercept) / slope  # back to stored units
-    return base.astype(np.float32), a, b, voi, [lo, hi]
+    return base, a, b, voi, [lo, hi]  # stored values as decoded: _to_square clips them in their own type
 
 
 def _inverted(ds: Dataset) -> bool:
@@ -691,7 +691,11 @@ def _to_square(
     rows, cols = shape
     scale = size / max(rows, cols)
     h, w = max(1, min(size, round(rows * scale))), max(1, min(size, round(cols * scale)))
-    np.clip(v, min(a, b), max(a, b), out=v)  # before resizing, so outliers do not bleed into neighbours
+    # clipped before resizing, so outliers do not bleed into neighbours
+    if v.dtype in (np.uint8, np.uint16):  # stored integers: clip in place of a float copy (to whole units)
+        v = np.clip(v, max(math.floor(min(a, b)), 0), min(math.ceil(max(a, b)), np.iinfo(v.dtype).max))
+    else:
+        v = np.clip(v.astype(np.float32, copy=False), min(a, b), max(a, b))
     if (h, w) != v.shape or level:
         from PIL import Image
 
@@ -706,9 +710,11 @@ def _to_square(
         # the same values to float precision). Shrinking by 6x or more it first box-averages by an
         # integer factor (reducing_gap=3): within 0.1 % of the exact filter and faster than torch on
         # 2-3k px radiographs. Pillow also keeps torch (~1 s to import) out of the decoding workers.
-        image = Image.fromarray(np.ascontiguousarray(v))
+        image = Image.fromarray(np.ascontiguousarray(v))  # uint8/uint16 are mapped, not copied
+        if image.mode != "F":
+            image = image.convert("F")
         v = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0))
-    y = (v - a) / (b - a)  # affine, so it commutes with the resize and runs on the small image
+    y = (v.astype(np.float32) - a) / (b - a)  # affine: commutes with the resize, runs on the small image
     if inverted:
         y = 1.0 - y
     image = np.zeros((1, size, size), dtype=np.uint16)  # (C=1, H, W)
