@@ -1,0 +1,72 @@
+"""Shards without Ray: a local shard's raw samples, the pipeline's batches built from them, and a
+single-process training loop over them (notebooks, tests, quick experiments on one CPU)."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def read_samples(path: str | Path) -> dict[str, dict[str, bytes]]:
+    """key -> {field: bytes} of one local shard, as the Ray Data reader sees it."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, _, rest = m.name.partition(".")
+            out.setdefault(key, {})[rest.split(".")[0]] = tar.extractfile(m).read()
+    return out
+
+
+def raw_batch(samples: dict[str, dict[str, bytes]], shard: str = "train-000000.tar") -> dict[str, np.ndarray]:
+    """The reader's columns (key, shard, image, ehr, meta) for these samples."""
+    keys = list(samples)
+
+    def col(field: str) -> np.ndarray:
+        return np.array([samples[k].get(field) for k in keys], dtype=object)
+
+    return {
+        "key": np.array(keys, dtype=object),
+        "shard": np.array([shard] * len(keys), dtype=object),
+        "image": col("image"),
+        "ehr": col("ehr"),
+        "meta": col("meta"),
+    }
+
+
+def train_on_samples(
+    model: Any,
+    samples: dict[str, dict[str, bytes]],
+    spec: Any,
+    cfg: Any,
+    steps: int,
+    lr: float = 1e-3,
+    batch: int = 16,
+    seed: int = 0,
+    ema: tuple[float, float] = (0.996, 1.0),
+) -> list[float]:
+    """Train a `JEPA` single-process on in-memory raw samples with the pipeline's transform (training
+    augmentation and masks) and `jepa_ray.model.optim.train_step`; returns the per-step losses.
+
+    `spec` is the shards' FeatureSpec (`open_split(...).spec`), `cfg` a PipelineConfig; `ema` is
+    the momentum schedule (start, end), as `model.ema` sets it for `pretrain`.
+    """
+    from jepa_ray.data.pipeline import collate
+    from jepa_ray.data.transform import transform_batch
+    from jepa_ray.model.optim import Schedule, make_optimizer, train_step
+
+    keys = list(samples)
+    schedule = Schedule(total_steps=steps, lr=lr, warmup_steps=max(steps // 10, 1), ema=tuple(ema))
+    optimizer = make_optimizer(model, schedule)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for step in range(steps):
+        chosen = rng.choice(len(keys), min(batch, len(keys)), replace=False)
+        raw = raw_batch({keys[i]: samples[keys[i]] for i in chosen})
+        metrics = train_step(
+            model, optimizer, collate(transform_batch(raw, spec, cfg, train=True, epoch=step)), step, schedule
+        )
+        losses.append(metrics["loss"])
+    return losses
