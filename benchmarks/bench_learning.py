@@ -58,6 +58,13 @@ def cohort(work: Path, subjects: int):
     return shards
 
 
+def _readout(model, encoded: dict, readout: str) -> np.ndarray:
+    """Pooled (B, D) embedding, or the patch tokens flattened (B, N*D): where, not only what."""
+    if readout == "pooled":
+        return encoded["pooled"].float().numpy()
+    return encoded["tokens"][:, 1 : 1 + model.dims.patches].flatten(1).float().numpy()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 seeds, 300 steps")
@@ -65,6 +72,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--ema", type=float, nargs=2, default=(0.996, 1.0), help="EMA momentum start, end")
+    ap.add_argument(
+        "--readout",
+        choices=("pooled", "tokens"),
+        default="pooled",
+        help="probe the mean-pooled embedding (the criterion) or every patch token, concatenated",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -114,7 +127,7 @@ def main() -> int:
     def embed(model) -> np.ndarray:
         model.eval()
         with torch.no_grad():
-            x = np.concatenate([model.encode(b, "image")["pooled"].float().numpy() for b in batches])
+            x = np.concatenate([_readout(model, model.encode(b, "image"), args.readout) for b in batches])
         model.train()
         return x
 
@@ -183,6 +196,7 @@ def main() -> int:
             "steps": steps,
             "seeds": seeds,
             "ema": list(args.ema),
+            "readout": args.readout,
             "model": "tiny",
             "image_size": 32,
             "patch_size": 8,
