@@ -23,7 +23,7 @@ from torch import nn
 from jepa_ray.config import ModelConfig
 from jepa_ray.data.masking import mask_indices
 from jepa_ray.model.tokenizers import EhrTokenizer, ImageTokenizer, InputDims
-from jepa_ray.model.vit import PRESETS, Trunk, init_weights, sincos_grid
+from jepa_ray.model.vit import PRESETS, Trunk, init_weights, learned, sincos_grid
 
 POLICIES = {0: "image_intra", 1: "ehr_intra", 2: "hide_image", 3: "hide_ehr"}
 
@@ -41,7 +41,7 @@ class Encoder(nn.Module):
         self.dims = dims
         self.image = ImageTokenizer(dims, width)
         self.ehr = EhrTokenizer(dims, width)
-        self.global_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.global_token = learned(1, 1, width)
         self.trunk = Trunk(width, depth, heads, mlp_ratio)
 
     def forward(
@@ -95,9 +95,9 @@ class Predictor(nn.Module):
     def __init__(self, dims: InputDims, enc_width: int, width: int, depth: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.embed = nn.Linear(enc_width, width)
-        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.mask_token = learned(width)
         self.register_buffer("img_pos", sincos_grid(dims.grid, width), persistent=False)
-        self.img_modality = nn.Parameter(torch.zeros(width))
+        self.img_modality = learned(width)
         self.ehr_pos = nn.Linear(enc_width, width)
         self.trunk = Trunk(width, depth, heads, mlp_ratio)
         self.proj = nn.Linear(width, enc_width)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from jepa_ray.model.vit import sincos_1d, sincos_grid
+from jepa_ray.model.vit import learned, sincos_1d, sincos_grid
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ImageTokenizer(nn.Module):
         super().__init__()
         self.patch = nn.Conv2d(1, width, dims.patch_size, stride=dims.patch_size)
         self.register_buffer("pos", sincos_grid(dims.grid, width), persistent=False)  # (N, D)
-        self.modality = nn.Parameter(torch.zeros(width))
+        self.modality = learned(width)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> (B, N, D) patch tokens."""
@@ -79,19 +79,19 @@ class EhrTokenizer(nn.Module):
         super().__init__()
         self.dims = dims
         n_num, n_cat = dims.n_num, len(dims.cat_sizes)
-        self.feature = nn.Parameter(torch.zeros(n_num + n_cat, width))  # static feature identities
-        self.value = nn.Parameter(torch.zeros(width))  # direction a standardised value moves along
-        self.missing = nn.Parameter(torch.zeros(width))
-        self.no_value = nn.Parameter(torch.zeros(width))
+        self.feature = learned(n_num + n_cat, width)  # static feature identities
+        self.value = learned(width)  # direction a standardised value moves along
+        self.missing = learned(width)
+        self.no_value = learned(width)
         self.cat_offsets = [0]
         for size in dims.cat_sizes:
             self.cat_offsets.append(self.cat_offsets[-1] + size)
         self.categories = nn.Embedding(max(self.cat_offsets[-1], 1), width)
         self.codes = nn.Embedding(dims.vocab_size, width, padding_idx=0)
-        self.kind = nn.Parameter(torch.zeros(4, width))  # numeric, categorical, static code, event
-        self.slot = nn.Parameter(torch.zeros(dims.ehr_tokens, width))  # which position in the layout
+        self.kind = learned(4, width)  # numeric, categorical, static code, event
+        self.slot = learned(dims.ehr_tokens, width)  # which position in the layout
         self.time = nn.Linear(32, width)
-        self.modality = nn.Parameter(torch.zeros(width))
+        self.modality = learned(width)
         kinds = [0] * n_num + [1] * n_cat + [2] * dims.max_static_codes + [3] * dims.max_events
         self.register_buffer("kinds", torch.tensor(kinds), persistent=False)
 

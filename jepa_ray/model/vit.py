@@ -91,6 +91,14 @@ class Trunk(nn.Module):
         return self.norm(x)
 
 
+def learned(*shape: int) -> nn.Parameter:
+    """A learned vector or table (modality, slot, feature, mask token...), truncated-normal std 0.02
+    like every other embedding. Not zeros: identical zero vectors would make every numeric EHR
+    token, and every slot a mask token asks for, the same at initialisation, a symmetry that
+    training breaks only slowly."""
+    return nn.Parameter(nn.init.trunc_normal_(torch.empty(*shape), std=0.02))
+
+
 def init_weights(module: nn.Module) -> None:
     """Truncated-normal linear/conv weights (std 0.02), zero biases, unit LayerNorm, as in ViT/I-JEPA."""
     for m in module.modules():

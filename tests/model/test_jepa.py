@@ -152,6 +152,31 @@ def test_hidden_content_does_not_reach_the_context_encoder(split, samples):
     assert not torch.allclose(model.targets(changed)[0], model.targets(batch)[0])
 
 
+def test_a_fresh_encoder_already_sees_values_and_tells_slots_apart(split, samples):
+    # Zero-initialised value/slot/feature vectors made every numeric EHR token identical at
+    # initialisation: the EMA targets ignored lab values and the mask tokens of different features
+    # asked for the same thing, a symmetry training barely broke.
+    batch = make_batch(split, samples)
+    model = _model(split)
+    model.eval()
+    n_num = model.dims.n_num
+    present = batch["ehr_value_present"][:, :n_num]
+    assert n_num > 1 and present.any()
+    changed = dict(batch)
+    changed["ehr_value"] = batch["ehr_value"].clone()
+    changed["ehr_value"][:, :n_num] += 2.0 * present  # two standard deviations on every present value
+    before = model.encode(batch, "ehr")["pooled"]
+    after = model.encode(changed, "ehr")["pooled"]
+    moved = (after - before).norm(dim=1)
+    rows = present.any(1)
+    assert (moved[rows] > 1e-3 * before[rows].norm(dim=1)).all()
+    assert torch.allclose(moved[~rows], torch.zeros_like(moved[~rows]))
+    pos = model.context.ehr.positions(batch["ehr_time"])[0]  # (L, D) what a mask token carries per slot
+    n_static = n_num + len(model.dims.cat_sizes)
+    distance = torch.cdist(pos[:n_static], pos[:n_static])
+    assert (distance + torch.eye(n_static) * 1e9).min() > 1e-3
+
+
 def test_smooth_l1_option_and_predictor_depth(split, samples):
     batch = make_batch(split, samples)
     l2 = _model(split)(batch)["loss"]
