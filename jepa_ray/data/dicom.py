@@ -511,9 +511,10 @@ def _decode_j2k_reduced(ds: Dataset, rows: int, cols: int, size: int) -> tuple[n
         return None
     if arr.shape != (_ceil_div(rows, 1 << level), _ceil_div(cols, 1 << level)):
         return None
-    if mode == "I;16":
-        return arr >> (16 - info.precision) if info.precision < 16 else arr, level  # Pillow scales to 16 bits
-    return (arr, level) if mode == "L" else None
+    bits = {"I;16": 16, "L": 8}.get(mode)
+    if bits is None or info.precision > bits:
+        return None
+    return arr >> (bits - info.precision), level  # Pillow scales the stored bits up to its mode's
 
 
 def _transfer_syntax(ds: Dataset) -> Any:
