@@ -59,7 +59,7 @@ class ImageConfig(_Strict):
     j2k_reduce: bool = Field(
         True,
         description="Decode JPEG 2000 at the coarsest wavelet resolution level still at least `size` "
-        "pixels on the longer side, instead of at full resolution (5-15x faster on those files; the "
+        "pixels on the longer side, instead of at full resolution (3-35x faster on those files; the "
         "level used is recorded per sample as image.j2k_reduction).",
     )
 
