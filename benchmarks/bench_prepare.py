@@ -4,9 +4,9 @@ System: `prepare` end to end (header scan, EHR join, decode, resize, shard writi
 synthetic cohort, on a local Ray with `--cpus` CPUs, started before the clock.
 Baseline: a plain single-process loop of `pydicom.dcmread` + `pixel_array` (full resolution) + an
 antialiased bilinear resize (torch's, a little faster here than the Pillow one prepare uses, which
-gives the same values to float precision) on the same files, one core, run once before and once after `prepare` (this VM's speed drifts; the mean is
-used), after a discarded warm-up run on every core; the decode limit is that rate times the cores
-prepare used.
+gives the same values to float precision) on the same files, one core, run once before and once
+after `prepare` (this VM's speed drifts; the mean is used), after a discarded warm-up run on every
+core; the decode limit is that rate times the cores prepare used.
 
 ratio = prepare images/s ÷ (baseline images/s × cores). Higher is better; target ≥ 0.7.
 
@@ -80,15 +80,13 @@ def baseline_loop(files: list[Path], size: int) -> float:
 
 def _image_meta(shards: Path) -> list[dict]:
     """The `image` metadata of every sample in a local shard directory."""
-    import tarfile
+    from jepa_ray.data.local import read_samples
 
-    out = []
-    for tar in sorted(shards.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            for m in t.getmembers():
-                if m.name.endswith(".meta.json"):
-                    out.append(json.loads(t.extractfile(m).read()).get("image") or {})
-    return out
+    return [
+        json.loads(sample["meta"]).get("image") or {}
+        for tar in sorted(shards.glob("*.tar"))
+        for sample in read_samples(tar).values()
+    ]
 
 
 def _pinned(dicom_dir: Path, size: int, cpu: int, part: str) -> subprocess.Popen:

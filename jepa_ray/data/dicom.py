@@ -524,8 +524,8 @@ def _transfer_syntax(ds: Dataset) -> Any:
 
 def _decode(ds: Dataset, path: str, rows: int, cols: int) -> np.ndarray:
     """The stored pixel values, (rows, cols), decoded with whichever plugin pydicom finds."""
-    meta = ds.file_meta if hasattr(ds, "file_meta") else None
-    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    meta = getattr(ds, "file_meta", None)
+    ts = _transfer_syntax(ds)
     pixel = next(ds[k] for k in _PIXEL_KEYWORDS if k in ds)
     if ts is None:
         if pixel.is_undefined_length:
