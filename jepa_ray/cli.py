@@ -37,11 +37,17 @@ def _fail(e: Exception) -> typer.Exit:
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to the configured cluster, or start a local Ray (reused when already running)."""
+    """Connect to the configured cluster, or start a local Ray (reused when already running) with
+    its dashboard on 127.0.0.1: Ray Train uses its state API to release the resources of a run
+    whose driver is gone (a sweep's stopped trial)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
 
 
 @app.command()
@@ -202,6 +208,68 @@ def _print_run(info) -> None:
         f"  metrics: {info.run_url}/metrics/metrics.csv (TensorBoard: {info.run_url}/metrics/tensorboard)"
     )
     console.print(f"  loss curve: {info.run_url}/metrics/loss.png")
+
+
+@app.command()
+def tune(
+    name: Annotated[
+        str | None,
+        typer.Option(help="Sweep name (default tune.name, else a timestamp); reuse it with --resume."),
+    ] = None,
+    num_samples: Annotated[
+        int | None,
+        typer.Option("--num-samples", help="Trials (random, optuna) or grid repeats (tune.num_samples)."),
+    ] = None,
+    objective: Annotated[
+        str | None, typer.Option(help="rankme | probe_auroc | cindex (tune.objective).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted sweep: finished trials are not rerun.")
+    ] = False,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Sweep masking and predictor settings with Ray Tune: each trial a pretraining run, ASHA
+    stopping the poor ones early; writes a results table, best.yaml and a heat map."""
+    from jepa_ray.tune.sweep import sweep
+
+    extra = [f"tune.num_samples={num_samples}"] if num_samples is not None else []
+    extra += [f"tune.objective={objective}"] if objective is not None else []
+    try:
+        cfg = _setup(config, [*(overrides or []), *extra])
+        init_ray(cfg.ray_address)
+        info = sweep(cfg, name=name, resume=resume)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    _print_sweep(info)
+
+
+def _print_sweep(info) -> None:
+    rows = info.rows
+    keys = [k for k in rows[0] if "." in k] if rows else []
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    table = Table(
+        "trial", *short, "objective", "rankme", "steps", "early", "status", title=f"sweep {info.name}"
+    )
+    for r in rows:
+        best = info.best is not None and r["trial"] == info.best["trial"]
+        fmt = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        table.add_row(
+            r["trial"] + (" *" if best else ""),
+            *fmt,
+            "-" if r["objective"] is None else f"{r['objective']:.4f}",
+            "-" if r["rankme"] is None else f"{r['rankme']:.2f}",
+            str(r["steps"]),
+            "yes" if r["stopped_early"] else "",
+            r["status"],
+        )
+    console.print(table)
+    if info.spearman is not None:
+        console.print(f"Spearman(RankMe, objective) across trials: {info.spearman:+.2f}")
+    for fname, uri in info.outputs.items():
+        console.print(f"  {fname}: {uri}")
+    if "best.yaml" in info.outputs:
+        console.print(f"run the best: jepa-ray pretrain --config {info.outputs['best.yaml']}")
 
 
 @app.command()

@@ -381,6 +381,106 @@ class EvalConfig(_Strict):
     seed: int = Field(0, description="Seed of heads, probes and bootstrap.")
 
 
+class SearchDim(_Strict):
+    """One dimension of a sweep's search space: exactly one of the keys."""
+
+    values: list[Any] | None = Field(
+        None,
+        description="Discrete values: every one (grid searcher) or one drawn per trial (random, optuna).",
+    )
+    uniform: tuple[float, float] | None = Field(None, description="A float drawn uniformly from [low, high].")
+    loguniform: tuple[float, float] | None = Field(
+        None, description="A float drawn log-uniformly from [low, high] (both > 0), e.g. a learning rate."
+    )
+    randint: tuple[int, int] | None = Field(
+        None, description="An integer drawn from low..high, both included."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> SearchDim:
+        given = [k for k in ("values", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of values, uniform, loguniform, randint"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.values is not None and not self.values:
+            raise ValueError("values: empty list")
+        for k in ("uniform", "loguniform", "randint"):
+            lo_hi = getattr(self, k)
+            if lo_hi is not None and not lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"{k}: need low <= high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: need low > 0")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """The values that bound this dimension (the list, or a range's ends): what validation checks."""
+        if self.values is not None:
+            return list(self.values)
+        lo, hi = self.uniform or self.loguniform or self.randint
+        return [lo, hi]
+
+
+class AshaConfig(_Strict):
+    """Asynchronous successive halving: trials behind at a rung of steps are stopped early."""
+
+    enabled: bool = Field(True, description="Stop poor trials early (off: every trial runs train.steps).")
+    grace_period: int = Field(
+        40, ge=1, description="Optimizer steps every trial runs before it may be stopped."
+    )
+    reduction_factor: float = Field(
+        2.0, gt=1, description="At each rung only the best 1/reduction_factor of the trials continue."
+    )
+
+
+class TuneConfig(_Strict):
+    """`jepa-ray tune`: a Ray Tune sweep whose trials are `pretrain` runs, ranked by a label-free or
+    labelled objective measured on the validation split during training."""
+
+    name: str | None = Field(
+        None, description="Sweep name: its directory is train.storage_path/<name>; reuse it with --resume."
+    )
+    space: dict[str, SearchDim] = Field(
+        default_factory=dict,
+        description="Config key -> dimension, e.g. pipeline.mask.mask_ratio: {values: [0.4, 0.6]}, "
+        "model.predictor_depth: {randint: [1, 4]}. Any config key may be swept; every value is checked "
+        "against the key's own limits before a trial starts.",
+    )
+    searcher: Literal["grid", "random", "optuna"] = Field(
+        "grid",
+        description="grid: every combination of the `values` lists (num_samples times); random: "
+        "num_samples trials drawn at random; optuna: num_samples trials proposed by Optuna's TPE.",
+    )
+    num_samples: int = Field(1, ge=1, description="Trials (random, optuna) or repeats of the grid (grid).")
+    objective: Literal["rankme", "probe_auroc", "cindex"] = Field(
+        "rankme",
+        description="What ranks trials (higher is better), measured on the validation split: rankme "
+        "(effective rank of pooled embeddings, needs no labels), probe_auroc (cross-validated logistic "
+        "probe on a binary label) or cindex (cross-validated ridge Cox on a time-to-event outcome). "
+        "Never the JEPA loss: it is not comparable across mask ratios.",
+    )
+    label: str | None = Field(
+        None,
+        description="probe_auroc: the binary label; cindex: the time-to-event outcome (default: the "
+        "first the validation split carries; death for cindex when present).",
+    )
+    eval_every: int = Field(
+        20, ge=1, description="Steps between objective measurements (each one is a report to Tune)."
+    )
+    eval_batches: int = Field(
+        8, ge=1, description="Validation batches (on the first worker) the objective is measured on."
+    )
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials at once; default: as many as the cluster's CPUs and GPUs hold."
+    )
+    max_failures: int = Field(
+        1, ge=0, description="Retries of a failed trial (on top of train.max_failures)."
+    )
+    seed: int = Field(0, description="Seed of the random and optuna searchers.")
+
+
 class Config(_Strict):
     """Root of a jepa-ray config file; each command reads its own section."""
 
@@ -390,6 +490,7 @@ class Config(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     ray_address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -21,7 +21,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # the dashboard's state API lets Ray Train release a stopped sweep trial's resources
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -330,8 +330,9 @@ class _Strategy:
 # ---- the classical baseline ------------------------------------------------------------------------
 
 
-class _RawCox:
-    """Ridge Cox (scikit-survival) on raw features: fit-split mean imputation + missing indicators."""
+class RidgeCox:
+    """Ridge Cox (scikit-survival) on a feature matrix (raw EHR features, embeddings): fit-split
+    mean imputation + missing indicators, standardised; `risk(x)` scores new rows."""
 
     def __init__(self, x: np.ndarray, time: np.ndarray, event: np.ndarray) -> None:
         self.mean = np.nan_to_num(np.nanmean(np.where(np.isnan(x).all(0), 0.0, x), axis=0))
@@ -429,7 +430,7 @@ def evaluate_survival(
     if raw is not None:
         ok = {k: ~np.isnan(splits[k].time) & (splits[k].time > 0) for k in splits}
         rf = ok[fit_split] & splits[fit_split].has_ehr
-        base = _RawCox(raw[fit_split][rf], splits[fit_split].time[rf], splits[fit_split].event[rf])
+        base = RidgeCox(raw[fit_split][rf], splits[fit_split].time[rf], splits[fit_split].event[rf])
         cindex["raw_ehr_cox"], counts["raw_ehr_cox"] = {}, {}
         for split in report_splits:
             if split not in splits:

@@ -76,8 +76,7 @@ def _ray_batches(cfg: Config) -> BatchSource:
     return batches
 
 
-def _val_batches(cfg: Config, source: BatchSource | None, rank: int, world: int) -> list[dict]:
-    n = cfg.train.val_batches
+def _val_batches(cfg: Config, source: BatchSource | None, rank: int, world: int, n: int) -> list[dict]:
     if n == 0:
         return []
     if source is not None:
@@ -192,9 +191,11 @@ def _save_probe(model: JEPA, student: Any, batch: dict, device: torch.device, ra
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: config (a Config as a dict), dims (model input dims),
-    run_url (the run directory), epoch_batches (batches per rank per epoch, or None); tests may add
-    batches (a BatchSource replacing Ray Data), kill_at_step (rank 1 kills its own process there,
-    unless resumed, to exercise fault tolerance) and probe_path (see `_save_probe`)."""
+    run_url (the run directory), epoch_batches (batches per rank per epoch, or None); a sweep adds
+    objective (kind, label, batches: measured on rank 0's validation batches at every report, see
+    `jepa_ray.tune.objective`); tests may add batches (a BatchSource replacing Ray Data),
+    kill_at_step (rank 1 kills its own process there, unless resumed, to exercise fault tolerance)
+    and probe_path (see `_save_probe`)."""
     import deepspeed
     import ray.train
 
@@ -247,7 +248,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.info("rank %d: resumed at step %d (epoch %d, batch %d of it)", rank, step, epoch, in_epoch)
 
     source: BatchSource = loop_config.get("batches") or _ray_batches(cfg)
-    val = _val_batches(cfg, loop_config.get("batches"), rank, world)
+    objective = loop_config.get("objective")
+    n_val = max(tc.val_batches, objective["batches"] if objective else 0)
+    val_all = _val_batches(cfg, loop_config.get("batches"), rank, world, n_val)
+    val = val_all[: tc.val_batches]
     metrics_log = MetricsLog(loop_config["run_url"], tc.storage, step) if rank == 0 else None
     epoch_len = loop_config.get("epoch_batches")  # batches per rank per epoch, when known
     window = _Window()
@@ -260,6 +264,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(lr=schedule.lr_at(step - 1), weight_decay=schedule.weight_decay_at(step - 1))
         metrics.update(momentum=schedule.momentum_at(step - 1))
         metrics.update(_validate(model, engine.module, val, device, rank))
+        if objective and rank == 0:  # the target encoder is whole on every rank, even under ZeRO-3
+            from jepa_ray.tune.objective import measure
+
+            batches = [_to(b, device) for b in val_all[: objective["batches"]]]
+            metrics.update(measure(model, batches, objective["kind"], objective["label"]))
         last = metrics
         if metrics_log is not None:
             metrics_log.log(step, metrics)

@@ -88,8 +88,25 @@ def _datasets(cfg: Config) -> tuple[dict, dict, int]:
     return datasets, train.spec.model_dims(cfg.pipeline), per_rank // cfg.pipeline.batch_size
 
 
-def build_trainer(cfg: Config, *, name: str | None = None, extra: dict[str, Any] | None = None):
-    """The TorchTrainer of a run (not started). `extra` goes into the loop config (tests' hooks)."""
+def storage_target(base: str, storage) -> tuple[str, Any]:
+    """(path, pyarrow filesystem or None) for Ray's storage_path/storage_filesystem: a local
+    directory as is, an s3:// URL as bucket/prefix on a filesystem built from `storage`."""
+    if "://" not in base:
+        return base, None
+    from jepa_ray.data.storage import pyarrow_filesystem
+
+    return base.split("://", 1)[1], pyarrow_filesystem(base, storage)
+
+
+def build_trainer(
+    cfg: Config,
+    *,
+    name: str | None = None,
+    extra: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+):
+    """The TorchTrainer of a run (not started). `extra` goes into the loop config (the objective a
+    sweep measures; tests' hooks); `callbacks` into its RunConfig (a sweep's TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -116,13 +133,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, extra: dict[str, Any]
         "epoch_batches": epoch_batches,
         **extra,
     }
-    storage_path = run_url(cfg, name).rsplit("/", 1)[0]
-    storage_filesystem = None
-    if "://" in storage_path:
-        from jepa_ray.data.storage import pyarrow_filesystem
-
-        storage_filesystem = pyarrow_filesystem(storage_path, tc.storage)
-        storage_path = storage_path.split("://", 1)[1]
+    storage_path, storage_filesystem = storage_target(run_url(cfg, name).rsplit("/", 1)[0], tc.storage)
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
@@ -138,6 +149,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, extra: dict[str, Any]
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )

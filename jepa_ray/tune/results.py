@@ -1,0 +1,231 @@
+"""A finished sweep's outputs: results table (CSV + markdown), best.yaml, heat map, sweep.json.
+
+One row per trial: its parameters, the objective it last reported (and RankMe beside a labelled
+objective), the steps it ran, whether ASHA stopped it early, its status. The best trial is the one
+with the highest objective among the trials that ran the most steps: trials stopped at a lower
+rung were measured earlier in training, which is not a like-for-like comparison (RankMe, for
+one, tends to fall as training goes on).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jepa_ray.config import Config
+from jepa_ray.tune.space import with_params
+
+HEATMAP_AXES = ("pipeline.mask.mask_ratio", "model.predictor_depth")
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def trial_rows(cfg: Config, grid: Any, objective: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dict per trial of a Ray Tune ResultGrid."""
+    keys = list(cfg.tune.space)
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        params = {k: result.config.get(k) for k in keys}
+        step = int(m.get("step") or 0)
+        failed = result.error is not None
+        row = {
+            "trial": m.get("trial_id") or Path(result.path).name,
+            **params,
+            "objective": _finite(m.get("objective")),
+            "rankme": _finite(m.get("rankme")),
+            "steps": step,
+            "stopped_early": (not failed) and step < cfg.train.steps,
+            "status": "ERROR" if failed else "TERMINATED",
+        }
+        if objective["kind"] != "rankme":
+            row["objective_samples"] = int(m.get("objective_samples") or 0)
+        if failed:
+            row["error"] = (
+                str(result.error).strip().splitlines()[-1][:200] if str(result.error).strip() else "error"
+            )
+        rows.append(row)
+    rows.sort(key=lambda r: str(r["trial"]))
+    return rows
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Highest objective among the trials that ran the most steps (and did not fail)."""
+    ok = [r for r in rows if r["status"] != "ERROR" and r["objective"] is not None]
+    if not ok:
+        return None
+    longest = max(r["steps"] for r in ok)
+    return max((r for r in ok if r["steps"] == longest), key=lambda r: r["objective"])
+
+
+def spearman(rows: list[dict[str, Any]]) -> float | None:
+    """Spearman correlation of RankMe with the labelled objective across trials (None for rankme
+    sweeps or fewer than 3 trials with both)."""
+    from scipy.stats import spearmanr
+
+    pairs = [
+        (r["rankme"], r["objective"]) for r in rows if r["rankme"] is not None and r["objective"] is not None
+    ]
+    if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
+        return None
+    rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
+    return _finite(rho)
+
+
+def best_config(cfg: Config, best: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's config with the best trial's parameters, without the sweep section: what
+    `jepa-ray pretrain --config best.yaml` runs as is."""
+    data = with_params(cfg.model_dump(mode="json", exclude={"tune"}), {k: best[k] for k in cfg.tune.space})
+    data["train"]["name"] = None
+    Config.model_validate(data)  # best.yaml must load as it is written
+    return data
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in cols})
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _markdown(
+    cfg: Config, rows: list[dict[str, Any]], best: dict | None, rho: float | None, objective: dict
+) -> str:
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "error"]
+    label = f" ({objective['label']})" if objective.get("label") else ""
+    lines = [
+        f"# Sweep: {len(rows)} trials, objective {objective['kind']}{label}, searcher {cfg.tune.searcher}",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "| " + " | ".join("---" for _ in cols) + " |",
+    ]
+    for r in rows:
+        mark = " **(best)**" if best is not None and r["trial"] == best["trial"] else ""
+        lines.append("| " + " | ".join(_fmt(r.get(c)) + (mark if c == "trial" else "") for c in cols) + " |")
+    lines.append("")
+    stopped = sum(1 for r in rows if r["stopped_early"])
+    lines.append(f"Stopped early by ASHA: {stopped} of {len(rows)}.")
+    failed = [r for r in rows if r["status"] == "ERROR"]
+    for r in failed:
+        lines.append(f"Failed: {r['trial']}: {r.get('error', '')}")
+    if objective["kind"] != "rankme":
+        lines.append(
+            "Spearman correlation of RankMe with the objective across trials: "
+            + (f"{rho:+.2f}" if rho is not None else "not enough trials with both")
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def heatmap(cfg: Config, rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Mean objective over the two swept axes (mask ratio x predictor depth when both are swept,
+    else the first two keys of the space); None with fewer than two swept keys."""
+    keys = list(cfg.tune.space)
+    axes = [k for k in HEATMAP_AXES if k in keys] if all(k in keys for k in HEATMAP_AXES) else keys[:2]
+    if len(axes) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    xs = sorted({r[axes[0]] for r in rows}, key=lambda v: (str(type(v)), v))
+    ys = sorted({r[axes[1]] for r in rows}, key=lambda v: (str(type(v)), v))
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for j, y in enumerate(ys):
+        for i, x in enumerate(xs):
+            vals = [
+                r["objective"]
+                for r in rows
+                if r[axes[0]] == x and r[axes[1]] == y and r["objective"] is not None
+            ]
+            if vals:
+                grid[j, i] = float(np.mean(vals))
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 2), dpi=110)
+    im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(xs)), [_fmt(x) for x in xs], rotation=45 if len(xs) > 6 else 0)
+    ax.set_yticks(range(len(ys)), [_fmt(y) for y in ys])
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    for j in range(len(ys)):
+        for i in range(len(xs)):
+            if not np.isnan(grid[j, i]):
+                ax.text(i, j, f"{grid[j, i]:.3g}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label=cfg.tune.objective)
+    ax.set_title(f"{cfg.tune.objective} (last reported; mean over trials)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[str, Any]):
+    """Write the sweep's outputs beside its Tune state (local or s3://); returns a SweepInfo."""
+    from jepa_ray.data.storage import Store
+
+    rows = trial_rows(cfg, grid, objective)
+    best = best_row(rows)
+    rho = spearman(rows) if objective["kind"] != "rankme" else None
+    store = Store(url, cfg.train.storage)
+    store.makedirs()
+    files: dict[str, bytes] = {
+        "results.csv": _csv(rows).encode(),
+        "results.md": _markdown(cfg, rows, best, rho, objective).encode(),
+    }
+    if best is not None:
+        files["best.yaml"] = (
+            f"# best trial of sweep {name}: {best['trial']}, {objective['kind']} {best['objective']:.4g}\n"
+            + yaml.safe_dump(best_config(cfg, best), sort_keys=False)
+        ).encode()
+    with tempfile.TemporaryDirectory(prefix="jepa-tune-") as d:
+        png = heatmap(cfg, rows, Path(d) / "heatmap.png")
+        if png is not None:
+            files["heatmap.png"] = png.read_bytes()
+    summary = {
+        "name": name,
+        "objective": objective,
+        "searcher": cfg.tune.searcher,
+        "space": {k: v.model_dump(exclude_none=True) for k, v in cfg.tune.space.items()},
+        "steps": cfg.train.steps,
+        "trials": rows,
+        "best": best,
+        "spearman_rankme_objective": rho,
+    }
+    files["sweep.json"] = (json.dumps(summary, indent=2) + "\n").encode()
+    for fname, data in files.items():
+        store.write_bytes(fname, data)
+    from jepa_ray.tune.sweep import SweepInfo
+
+    return SweepInfo(
+        name=name,
+        url=url,
+        rows=rows,
+        best=best,
+        spearman=rho,
+        outputs={fname: store.uri(fname) for fname in files},
+    )

@@ -1,0 +1,213 @@
+"""`jepa-ray tune`: a Ray Tune sweep whose trials are distributed `pretrain` runs.
+
+    Tuner(trial)                       one Tune trial per point of the search space
+      trial(params)                    the Train V2 pattern: a function trainable that
+        TorchTrainer(...).fit()        builds and fits a pretraining run of its own,
+          workers report every         reporting through TuneReportCallback, so that
+          tune.eval_every steps        ASHA sees the objective while the run trains
+
+Layout under `train.storage_path/<sweep name>/`: Tune's experiment state (what `--resume` reads),
+`trials/<trial id>/` (each trial's pretraining run: checkpoints, metrics), and the outputs written
+at the end: `results.csv`, `results.md`, `best.yaml`, `heatmap.png`, `sweep.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from jepa_ray.config import Config
+from jepa_ray.errors import ConfigError
+from jepa_ray.tune.space import check_space, trial_config, trials_planned, tune_space
+
+log = logging.getLogger("jepa_ray.tune")
+
+TRIALS_DIR = "trials"
+DRIVER_CPU = 0.01  # each trial's own actor only drives its TorchTrainer (Tune needs a non-empty request)
+_STATE_GLOB = "experiment_state-"
+
+
+@dataclass
+class SweepInfo:
+    """Where a sweep lives and what it found."""
+
+    name: str
+    url: str
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    spearman: float | None
+    outputs: dict[str, str]
+
+
+def _objective_settings(cfg: Config) -> dict[str, Any]:
+    """What every trial measures: the objective, its label (checked on the validation split now,
+    before any trial starts) and how many validation batches."""
+    from jepa_ray.tune.objective import pick_label
+
+    tc = cfg.tune
+    label = None
+    if tc.objective != "rankme":
+        label = pick_label(_val_metas(cfg), tc.objective, tc.label)
+    return {"kind": tc.objective, "label": label, "batches": tc.eval_batches}
+
+
+def _val_metas(cfg: Config) -> list[dict[str, Any]]:
+    """Metadata of every validation sample (labels, outcomes), read from the shards."""
+    import tarfile
+
+    from jepa_ray.data.pipeline import open_split
+    from jepa_ray.data.storage import Store
+
+    if cfg.train.shards is None:
+        raise ConfigError(
+            "train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)"
+        )
+    split = open_split(cfg.train.shards, "val", cfg.train.storage)
+    store = Store(cfg.train.shards, cfg.train.storage)
+    metas = []
+    for name in split.manifest["splits"]["val"]["shards"]:
+        with store.open(name) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for m in tar:
+                if m.name.endswith(".meta.json"):
+                    metas.append(json.loads(tar.extractfile(m).read()))
+    return metas
+
+
+def concurrency(cfg: Config) -> int:
+    """Trials at once: `tune.max_concurrent_trials`, else what the cluster holds with one whole CPU
+    left for the data pipelines (Ray Data's tasks take one each), and one GPU per worker when
+    trials use GPUs."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    have = ray.cluster_resources()
+    tc = cfg.train
+    n = int(max(have.get("CPU", 0.0) - 1, 0) // (tc.num_workers * tc.cpus_per_worker + DRIVER_CPU))
+    if tc.use_gpu:
+        n = min(n, int(have.get("GPU", 0.0) // tc.num_workers))
+    return max(n, 1)
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], objective: dict[str, Any]) -> None:
+    """One trial (runs in a Tune trial actor): its config, then a pretraining run named after the
+    trial, so that a resumed sweep resumes the same run from its last checkpoint."""
+    import ray.data
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jepa_ray.train.trainer import build_trainer
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # trials run side by side
+    cfg = trial_config(base, params)
+    trial_id = tune.get_context().get_trial_id()
+    trainer = build_trainer(
+        cfg, name=trial_id, extra={"objective": objective}, callbacks=[TuneReportCallback()]
+    )
+    trainer.fit()
+
+
+def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> SweepInfo:
+    """Run (or, with `resume`, continue) a sweep; write its results table, best.yaml and heat map."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from jepa_ray.train.trainer import _NAME, check_resources, run_url, storage_target
+
+    check_space(cfg)
+    name = name or cfg.tune.name or time.strftime("tune-%Y%m%d-%H%M%S")
+    if not _NAME.match(name):
+        raise ConfigError(f"tune.name {name!r}: use letters, digits, '.', '_' and '-' only")
+    check_resources(cfg)
+    url = run_url(cfg, name)
+    objective = _objective_settings(cfg)
+    base = cfg.model_dump(mode="json")
+    base["train"]["storage_path"] = f"{url}/{TRIALS_DIR}"
+    base["train"]["log_every"] = cfg.tune.eval_every  # every report carries the objective
+    base["train"]["name"] = None
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, objective=objective),
+        {"CPU": DRIVER_CPU},  # the Train workers reserve their own resources
+    )
+    storage_path, filesystem = storage_target(url.rsplit("/", 1)[0], cfg.train.storage)
+    exists = _exists(url, cfg)
+    if resume:
+        if not exists:
+            raise ConfigError(f"--resume: no sweep at {url} (its experiment state is missing)")
+        tuner = tune.Tuner.restore(
+            url if filesystem is None else storage_path + "/" + name,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
+    else:
+        if exists:
+            raise ConfigError(
+                f"a sweep named {name!r} already exists at {url}: pass --resume, or another name"
+            )
+        tc = cfg.tune
+        scheduler = (
+            ASHAScheduler(
+                time_attr="step",
+                max_t=cfg.train.steps,
+                grace_period=tc.asha.grace_period,
+                reduction_factor=tc.asha.reduction_factor,
+            )
+            if tc.asha.enabled
+            else FIFOScheduler()
+        )
+        at_once = concurrency(cfg)
+        if tc.searcher == "optuna":
+            from ray.tune.search import ConcurrencyLimiter
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = ConcurrencyLimiter(OptunaSearch(seed=tc.seed), max_concurrent=at_once)
+        else:  # Tune ignores max_concurrent_trials for this one: it takes its own limit
+            search_alg = BasicVariantGenerator(random_state=tc.seed, max_concurrent=at_once)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric="objective",
+                mode="max",
+                num_samples=tc.num_samples,
+                scheduler=scheduler,
+                search_alg=search_alg,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                failure_config=tune.FailureConfig(max_failures=tc.max_failures),
+                verbose=1,
+            ),
+        )
+    log.info(
+        "sweep %s: %d trials, objective %s%s, at most %d at once -> %s",
+        name,
+        trials_planned(cfg),
+        objective["kind"],
+        f" ({objective['label']})" if objective["label"] else "",
+        concurrency(cfg),
+        url,
+    )
+    grid = tuner.fit()
+    from jepa_ray.tune.results import write_outputs
+
+    return write_outputs(cfg, name, url, grid, objective)
+
+
+def _exists(url: str, cfg: Config) -> bool:
+    from jepa_ray.data.storage import Store
+
+    store = Store(url, cfg.train.storage)
+    try:
+        return any(n.startswith(_STATE_GLOB) for n in store.list())
+    except (FileNotFoundError, OSError):
+        return False

@@ -1,0 +1,165 @@
+"""A sweep's search space and objectives, without Ray: bad values are refused before any trial, the
+objectives score embeddings whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from lifelines.utils import concordance_index
+
+from jepa_ray.config import load_config
+from jepa_ray.errors import ConfigError
+from jepa_ray.tune.objective import cv_cindex, measure, pick_label, probe_auroc
+from jepa_ray.tune.results import best_config, best_row, spearman
+from jepa_ray.tune.space import check_space, trials_planned, tune_space
+
+GRID = (
+    "tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6]}, model.predictor_depth: {values: [1, 2, 3]}}"
+)
+
+
+def _cfg(*overrides: str):
+    return load_config(overrides=["train.steps=100", "train.warmup_steps=10", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        (
+            "{pipeline.mask.mask_ratio: {values: [0.5, 1.2]}}",
+            "pipeline.mask.mask_ratio: value 1.2 is not allowed",
+        ),
+        ("{model.predictor_depth: {values: [0, 2]}}", "model.predictor_depth: value 0 is not allowed"),
+        (
+            "{model.predictor_depth: {uniform: [1, 4]}}",
+            "value 2.5 is not allowed",
+        ),  # an int key, a float range
+        ("{pipeline.mask.mask_ratio: {uniform: [0.2, 1.0]}}", "value 1.0 is not allowed"),  # the open end
+        ("{pipeline.mask.num_target_blocks: {randint: [1, 40]}}", "value 40 is not allowed"),
+        ("{model.predictor_dpth: {values: [1]}}", "model.predictor_dpth: no such config key"),
+        ("{train.shards: {values: [a, b]}}", "train.shards: this key cannot be swept"),
+        ("{}", "tune.space is empty"),
+    ],
+)
+def test_out_of_range_values_fail_naming_key_and_value(space, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        check_space(_cfg(f"tune.space={space}", "tune.searcher=random"))
+
+
+def test_dimension_needs_exactly_one_kind():
+    with pytest.raises(ConfigError, match="give exactly one of values, uniform, loguniform, randint"):
+        _cfg("tune.space={train.lr: {values: [0.001], loguniform: [0.0001, 0.01]}}")
+    with pytest.raises(ConfigError, match="loguniform: need low > 0"):
+        _cfg("tune.space={train.lr: {loguniform: [0, 0.01]}}")
+
+
+def test_grid_needs_lists_and_every_combination_valid():
+    with pytest.raises(ConfigError, match=r"searcher=grid needs a list of values.*train.lr is a range"):
+        check_space(_cfg("tune.space={train.lr: {loguniform: [0.0001, 0.01]}}"))
+    # each value is valid alone; together 20 context patches can't be kept on a 4x4 grid
+    clash = "tune.space={pipeline.patch_size: {values: [8, 16]}, pipeline.mask.min_context_patches: {values: [10, 20]}}"
+    with pytest.raises(
+        ConfigError, match=r"trial pipeline.patch_size=16, pipeline.mask.min_context_patches=20"
+    ):
+        check_space(_cfg(clash, "pipeline.image_size=64", "pipeline.patch_size=8"))
+    with pytest.raises(ConfigError, match=r"grace_period=100 is not below train\.steps=100"):
+        check_space(_cfg(GRID, "tune.asha.grace_period=100"))
+
+
+def test_grid_and_samplers_become_tune_space():
+    cfg = _cfg(GRID, "tune.num_samples=2")
+    check_space(cfg)
+    assert trials_planned(cfg) == 12
+    space = tune_space(cfg)
+    assert space["pipeline.mask.mask_ratio"] == {"grid_search": [0.4, 0.6]}
+    cfg = _cfg(
+        "tune.searcher=random",
+        "tune.num_samples=5",
+        "tune.space={model.predictor_depth: {randint: [1, 3]}, train.lr: {loguniform: [0.0001, 0.01]}}",
+    )
+    check_space(cfg)
+    assert trials_planned(cfg) == 5
+    space = tune_space(cfg)
+    draws = {space["model.predictor_depth"].sample() for _ in range(200)}
+    assert draws == {1, 2, 3}  # both ends included
+    lrs = [space["train.lr"].sample() for _ in range(200)]
+    assert min(lrs) >= 1e-4 and max(lrs) <= 1e-2
+
+
+def test_probe_auroc_and_cindex_are_out_of_fold_and_see_signal():
+    rng = np.random.default_rng(0)
+    n = 120
+    signal = rng.standard_normal(n)
+    x = np.c_[signal, rng.standard_normal((n, 7))]
+    y = (signal + 0.5 * rng.standard_normal(n) > 0).astype(float)
+    assert probe_auroc(x, y) > 0.8
+    assert 0.3 < probe_auroc(rng.standard_normal((n, 8)), y) < 0.7  # no signal: near chance
+    assert np.isnan(probe_auroc(x[:10], np.r_[1.0, np.zeros(9)]))  # one positive cannot be folded
+    days = np.exp(-signal + 0.3 * rng.standard_normal(n)) * 100
+    event = rng.random(n) < 0.7
+    c = cv_cindex(x, days, event)
+    assert c > 0.75
+    # out of fold it is below the in-sample fit of a model that has seen the answer
+    assert c < concordance_index(days, -signal, event) + 1e-9
+    assert np.isnan(cv_cindex(x, days, np.zeros(n, bool)))
+
+
+def test_pick_label_names_what_the_split_has():
+    metas = [
+        {
+            "labels": {"cardiomegaly": True, "abnormal_lung": False},
+            "tte": {"death": {"days": 3, "event": True}},
+        }
+    ]
+    assert pick_label(metas, "rankme", None) is None
+    assert pick_label(metas, "probe_auroc", None) == "abnormal_lung"
+    assert pick_label(metas, "probe_auroc", "cardiomegaly") == "cardiomegaly"
+    assert pick_label(metas, "cindex", None) == "death"
+    with pytest.raises(ConfigError, match=r"tune.label='pneumonia'.*it has: abnormal_lung, cardiomegaly"):
+        pick_label(metas, "probe_auroc", "pneumonia")
+    with pytest.raises(ConfigError, match="carry no time-to-event outcomes; use objective rankme"):
+        pick_label([{"labels": {}}], "cindex", None)
+
+
+class _Embeds:
+    """A stand-in encoder: `encode` returns the batch's own vectors as the pooled embedding."""
+
+    def encode(self, b, modality):
+        assert modality == "both"
+        return {"pooled": b["x"]}
+
+
+def test_measure_reports_rankme_and_the_labelled_objective():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 6)).astype(np.float32)
+    y = x[:, 0] > 0
+    metas = [json.dumps({"labels": {"sick": bool(v)}}) for v in y]
+    metas[0] = json.dumps({"labels": {}})  # unlabelled samples are left out, and counted
+    batches = [{"x": torch.from_numpy(x[i : i + 20]), "meta": metas[i : i + 20]} for i in range(0, 60, 20)]
+    out = measure(_Embeds(), batches, "probe_auroc", "sick")
+    assert out["objective"] == out["probe_auroc"] > 0.9
+    assert out["objective_samples"] == 59
+    assert 5 < out["rankme"] <= 6
+    flat = measure(_Embeds(), [{"x": torch.ones(20, 6), "meta": metas[:20]}], "rankme", None)
+    assert flat["objective"] == flat["rankme"] < 1.5  # collapsed embeddings: rank ~1
+
+
+def test_best_is_chosen_among_the_longest_runs_and_written_as_a_runnable_config():
+    rows = [
+        {"trial": "a", "pipeline.mask.mask_ratio": 0.4, "objective": 0.9, "rankme": 9.0, "steps": 20, "status": "TERMINATED"},
+        {"trial": "b", "pipeline.mask.mask_ratio": 0.6, "objective": 0.7, "rankme": 5.0, "steps": 100, "status": "TERMINATED"},
+        {"trial": "c", "pipeline.mask.mask_ratio": 0.8, "objective": 0.6, "rankme": 4.0, "steps": 100, "status": "TERMINATED"},
+        {"trial": "d", "pipeline.mask.mask_ratio": 0.5, "objective": None, "rankme": None, "steps": 3, "status": "ERROR"},
+    ]  # fmt: skip
+    best = best_row(rows)
+    assert best["trial"] == "b"  # "a" scored higher, but after 20 steps, not 100
+    assert spearman(rows) == pytest.approx(1.0)
+    cfg = _cfg(
+        "tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6, 0.8]}}", "train.shards=/data/shards"
+    )
+    data = best_config(cfg, best)
+    assert "tune" not in data and data["pipeline"]["mask"]["mask_ratio"] == 0.6
+    assert data["train"]["shards"] == "/data/shards"

@@ -1,0 +1,153 @@
+"""`jepa-ray tune` end to end on the shared local Ray: trials are real pretraining runs (one Ray
+Train worker each, ZeRO-2, tiny model, a few steps), ASHA stops some early, the outputs are
+written, and an interrupted sweep resumes without rerunning its finished trials."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jepa_ray.config import load_config
+from jepa_ray.errors import ConfigError
+from jepa_ray.tune.sweep import TRIALS_DIR, sweep
+
+TRIAL = [
+    "pipeline.image_size=32",
+    "pipeline.patch_size=8",
+    "pipeline.max_events=12",
+    "pipeline.batch_size=4",
+    "train.num_workers=1",
+    "train.cpus_per_worker=0.45",  # two trials at once, one whole CPU left for the data pipelines
+    "train.zero_stage=2",
+    "train.lr=0.002",
+    "train.warmup_steps=2",
+    "train.val_batches=1",
+    "train.max_failures=0",
+    "tune.eval_batches=8",
+]
+
+
+@pytest.fixture(scope="module")
+def tune_shards(small_cohort, cohort_inputs, tmp_path_factory, ray_session):
+    """The small cohort with half its subjects in the validation split (the objective's data)."""
+    from jepa_ray.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("tune-shards")
+    cfg = load_config(
+        overrides=["prepare.image.size=64", "prepare.shards.max_samples=8", "prepare.split.val=0.5"]
+    ).prepare
+    prepare(str(out), cfg, **cohort_inputs(small_cohort))
+    return out
+
+
+def _cfg(shards, root: Path, *overrides: str):
+    return load_config(overrides=[f"train.shards={shards}", f"train.storage_path={root}", *TRIAL, *overrides])
+
+
+def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_path):
+    cfg = _cfg(
+        tune_shards,
+        tmp_path,
+        "train.steps=40",
+        "train.checkpoint_every=40",
+        "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.7]}, model.predictor_depth: {values: [1, 2]}}",
+        "tune.objective=probe_auroc",
+        "tune.label=cardiomegaly",
+        "tune.eval_every=5",
+        "tune.asha.grace_period=5",
+        "tune.asha.reduction_factor=2",
+    )
+    info = sweep(cfg, name="grid")
+    rows = info.rows
+    assert len(rows) == 4
+    assert {(r["pipeline.mask.mask_ratio"], r["model.predictor_depth"]) for r in rows} == {
+        (0.3, 1), (0.3, 2), (0.7, 1), (0.7, 2)
+    }  # fmt: skip
+    assert all(r["status"] == "TERMINATED" for r in rows), rows
+    assert any(r["stopped_early"] and r["steps"] < 40 for r in rows), rows  # ASHA stopped some
+    assert any(r["steps"] == 40 and not r["stopped_early"] for r in rows)
+    for r in rows:
+        assert 0.0 <= r["objective"] <= 1.0 and r["rankme"] > 1.0
+        assert r["objective_samples"] >= 10
+        run_csv = tmp_path / "grid" / TRIALS_DIR / r["trial"] / "metrics" / "metrics.csv"
+        with run_csv.open() as f:
+            steps = [int(float(x["step"])) for x in csv.DictReader(f)]
+        assert steps[0] == 5 and steps == list(range(5, steps[-1] + 1, 5))  # each report measured it
+        # a stopped run may log one more report before its workers are gone
+        assert r["steps"] <= steps[-1] <= r["steps"] + 5
+    sweep_dir = tmp_path / "grid"
+    with (sweep_dir / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [t["trial"] for t in table] == [r["trial"] for r in rows]
+    assert "stopped_early" in table[0] and "pipeline.mask.mask_ratio" in table[0]
+    assert (sweep_dir / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Spearman correlation of RankMe" in (sweep_dir / "results.md").read_text()
+    assert info.spearman is None or -1.0 <= info.spearman <= 1.0
+
+    best = load_config(sweep_dir / "best.yaml")  # runs as is: `jepa-ray pretrain --config best.yaml`
+    assert best.train.shards == str(tune_shards) and best.train.storage_path == str(tmp_path)
+    b = info.best
+    assert b["steps"] == 40 and b["objective"] == max(r["objective"] for r in rows if r["steps"] == 40)
+    assert best.pipeline.mask.mask_ratio == b["pipeline.mask.mask_ratio"]
+    assert best.model.predictor_depth == b["model.predictor_depth"]
+    assert best.tune.space == {}
+
+    with pytest.raises(ConfigError, match=r"a sweep named 'grid' already exists.*--resume"):
+        sweep(cfg, name="grid")
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tune_shards, tmp_path, ray_session):
+    overrides = [
+        "train.steps=10",
+        "train.checkpoint_every=5",
+        "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.5, 0.7]}}",
+        "tune.eval_every=5",
+        "tune.asha.enabled=false",
+        "tune.max_concurrent_trials=1",
+    ]
+    cfg = _cfg(tune_shards, tmp_path, *overrides)
+    trials = tmp_path / "resumable" / TRIALS_DIR
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-c", "from jepa_ray.cli import app; app()", "tune", "--name", "resumable"]
+    cmd += [f"train.shards={tune_shards}", f"train.storage_path={tmp_path}", *TRIAL, *overrides]
+    proc = subprocess.Popen(
+        [*cmd, f"ray_address={address}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+    def finished() -> list[Path]:
+        done = []
+        for csv_path in trials.glob("*/metrics/metrics.csv"):
+            with csv_path.open() as f:
+                if any(int(float(r["step"])) == 10 for r in csv.DictReader(f)):
+                    done.append(csv_path)
+        return done
+
+    deadline = time.monotonic() + 240
+    while not finished() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert finished(), (proc.poll(), proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "")
+    time.sleep(4)  # let Tune record the trial as finished
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    done = finished()
+    assert 1 <= len(done) < 3, out.decode()[-3000:]
+    before = {p: (p.stat().st_mtime_ns, len(list((p.parent / "tensorboard").iterdir()))) for p in done}
+
+    info = sweep(cfg, name="resumable", resume=True)
+    assert len(info.rows) == 3 and all(r["status"] == "TERMINATED" and r["steps"] == 10 for r in info.rows)
+    for p, (mtime, event_files) in before.items():
+        # a rerun would reopen the run's metrics (rewriting the CSV) and start a new event file
+        assert p.stat().st_mtime_ns == mtime
+        assert len(list((p.parent / "tensorboard").iterdir())) == event_files
+    assert len(list(trials.iterdir())) == 3
+    assert os.path.exists(tmp_path / "resumable" / "best.yaml")
+
+    with pytest.raises(ConfigError, match="--resume: no sweep at"):
+        sweep(cfg, name="never-started", resume=True)
