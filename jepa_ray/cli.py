@@ -231,12 +231,14 @@ def tune(
 ) -> None:
     """Sweep masking and predictor settings with Ray Tune: each trial a pretraining run, ASHA
     stopping the poor ones early; writes a results table, best.yaml and a heat map."""
+    from jepa_ray.tune.space import check_space
     from jepa_ray.tune.sweep import sweep
 
     extra = [f"tune.num_samples={num_samples}"] if num_samples is not None else []
     extra += [f"tune.objective={objective}"] if objective is not None else []
     try:
         cfg = _setup(config, [*(overrides or []), *extra])
+        check_space(cfg)  # before Ray starts: a bad value fails in a second
         init_ray(cfg.ray_address)
         info = sweep(cfg, name=name, resume=resume)
     except JepaRayError as e:
@@ -265,7 +267,10 @@ def _print_sweep(info) -> None:
         )
     console.print(table)
     if info.spearman is not None:
-        console.print(f"Spearman(RankMe, objective) across trials: {info.spearman:+.2f}")
+        sp = info.spearman
+        console.print(
+            f"Spearman(RankMe, objective) across {sp['trials']} trials at step {sp['step']}: {sp['rho']:+.2f}"
+        )
     for fname, uri in info.outputs.items():
         console.print(f"  {fname}: {uri}")
     if "best.yaml" in info.outputs:

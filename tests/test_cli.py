@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -43,3 +44,23 @@ def test_missing_inputs_and_manifest_are_clear_errors(ray_session, tmp_path):
     assert r.exit_code == 2 and "nothing to ingest" in r.output
     r = runner.invoke(app, ["inspect", str(tmp_path)])
     assert r.exit_code == 2 and "no manifest" in r.output
+
+
+TUNE_DEMO = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tune-demo.yaml")
+
+
+def test_tune_refuses_a_bad_search_space_before_ray_starts(tmp_path):
+    r = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            "-c",
+            TUNE_DEMO,
+            f"train.shards={tmp_path}",
+            "tune.space={pipeline.mask.mask_ratio: {values: [0.5, 1.2]}, model.predictor_depth: {values: [2]}}",
+        ],
+    )
+    assert r.exit_code == 2, r.output
+    assert "tune.space.pipeline.mask.mask_ratio: value 1.2 is not allowed" in r.output
+    r = CliRunner().invoke(app, ["tune", "-c", TUNE_DEMO, "--objective", "loss"])
+    assert r.exit_code == 2 and "tune.objective" in r.output

@@ -71,18 +71,41 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max((r for r in ok if r["steps"] == longest), key=lambda r: r["objective"])
 
 
-def spearman(rows: list[dict[str, Any]]) -> float | None:
-    """Spearman correlation of RankMe with the labelled objective across trials (None for rankme
-    sweeps or fewer than 3 trials with both)."""
+def history(grid: Any) -> dict[str, list[tuple[int, float | None, float | None]]]:
+    """trial -> [(step, objective, rankme)] of every report Tune received."""
+    out = {}
+    for result in grid:
+        df = result.metrics_dataframe
+        m = result.metrics or {}
+        trial = m.get("trial_id") or Path(result.path).name
+        if df is None or "step" not in df:
+            out[trial] = []
+            continue
+        cols = [df[c] if c in df else [None] * len(df) for c in ("step", "objective", "rankme")]
+        out[trial] = [(int(s), _finite(o), _finite(r)) for s, o, r in zip(*cols, strict=True)]
+    return out
+
+
+def spearman(hist: dict[str, list[tuple[int, float | None, float | None]]]) -> dict[str, Any] | None:
+    """Spearman correlation of RankMe with the labelled objective across trials, both taken at the
+    last step every trial reached (trials stopped early would otherwise be compared at another
+    point of training: RankMe falls and probes improve as training goes on). None with fewer than
+    3 trials that have both there, or no spread."""
     from scipy.stats import spearmanr
 
-    pairs = [
-        (r["rankme"], r["objective"]) for r in rows if r["rankme"] is not None and r["objective"] is not None
-    ]
+    reached = [max((h[0] for h in hs), default=0) for hs in hist.values()]
+    if not reached or min(reached) == 0:
+        return None
+    step = min(reached)
+    pairs = []
+    for hs in hist.values():
+        at = [h for h in hs if h[0] <= step]
+        if at and at[-1][1] is not None and at[-1][2] is not None:
+            pairs.append((at[-1][2], at[-1][1]))
     if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
         return None
-    rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
-    return _finite(rho)
+    rho = _finite(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+    return None if rho is None else {"rho": rho, "step": step, "trials": len(pairs)}
 
 
 def best_config(cfg: Config, best: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +136,7 @@ def _fmt(v: Any) -> str:
 
 
 def _markdown(
-    cfg: Config, rows: list[dict[str, Any]], best: dict | None, rho: float | None, objective: dict
+    cfg: Config, rows: list[dict[str, Any]], best: dict | None, rho: dict | None, objective: dict
 ) -> str:
     cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "error"]
     label = f" ({objective['label']})" if objective.get("label") else ""
@@ -135,7 +158,11 @@ def _markdown(
     if objective["kind"] != "rankme":
         lines.append(
             "Spearman correlation of RankMe with the objective across trials: "
-            + (f"{rho:+.2f}" if rho is not None else "not enough trials with both")
+            + (
+                f"{rho['rho']:+.2f} ({rho['trials']} trials, at step {rho['step']}, the last every trial reached)"
+                if rho is not None
+                else "not enough trials with both"
+            )
         )
     lines.append("")
     return "\n".join(lines)
@@ -190,7 +217,8 @@ def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[s
 
     rows = trial_rows(cfg, grid, objective)
     best = best_row(rows)
-    rho = spearman(rows) if objective["kind"] != "rankme" else None
+    hist = history(grid)
+    rho = spearman(hist) if objective["kind"] != "rankme" else None
     store = Store(url, cfg.train.storage)
     store.makedirs()
     files: dict[str, bytes] = {
@@ -227,5 +255,6 @@ def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[s
         rows=rows,
         best=best,
         spearman=rho,
+        history=hist,
         outputs={fname: store.uri(fname) for fname in files},
     )

@@ -38,37 +38,38 @@ class SweepInfo:
     url: str
     rows: list[dict[str, Any]]
     best: dict[str, Any] | None
-    spearman: float | None
+    spearman: dict[str, Any] | None  # {"rho", "step", "trials"}: RankMe vs a labelled objective
+    history: dict[str, list[tuple[int, float | None, float | None]]]  # trial -> (step, objective, rankme)
     outputs: dict[str, str]
 
 
 def _objective_settings(cfg: Config) -> dict[str, Any]:
-    """What every trial measures: the objective, its label (checked on the validation split now,
-    before any trial starts) and how many validation batches."""
+    """What every trial measures: the objective, its label and how many validation batches. The
+    validation split (every objective's data) and the label are checked now, before any trial."""
+    from jepa_ray.data.pipeline import open_split
     from jepa_ray.tune.objective import pick_label
 
     tc = cfg.tune
-    label = None
-    if tc.objective != "rankme":
-        label = pick_label(_val_metas(cfg), tc.objective, tc.label)
-    return {"kind": tc.objective, "label": label, "batches": tc.eval_batches}
-
-
-def _val_metas(cfg: Config) -> list[dict[str, Any]]:
-    """Metadata of every validation sample (labels, outcomes), read from the shards."""
-    import tarfile
-
-    from jepa_ray.data.pipeline import open_split
-    from jepa_ray.data.storage import Store
-
     if cfg.train.shards is None:
         raise ConfigError(
             "train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)"
         )
-    split = open_split(cfg.train.shards, "val", cfg.train.storage)
+    split = open_split(cfg.train.shards, "val", cfg.train.storage)  # ShardError when there is none
+    label = None
+    if tc.objective != "rankme":
+        label = pick_label(_val_metas(cfg, split.manifest["splits"]["val"]["shards"]), tc.objective, tc.label)
+    return {"kind": tc.objective, "label": label, "batches": tc.eval_batches}
+
+
+def _val_metas(cfg: Config, names: list[str]) -> list[dict[str, Any]]:
+    """Metadata of every validation sample (labels, outcomes), read from its shards."""
+    import tarfile
+
+    from jepa_ray.data.storage import Store
+
     store = Store(cfg.train.shards, cfg.train.storage)
     metas = []
-    for name in split.manifest["splits"]["val"]["shards"]:
+    for name in names:
         with store.open(name) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for m in tar:
                 if m.name.endswith(".meta.json"):
@@ -90,6 +91,20 @@ def concurrency(cfg: Config) -> int:
     if tc.use_gpu:
         n = min(n, int(have.get("GPU", 0.0) // tc.num_workers))
     return max(n, 1)
+
+
+def search_algorithm(cfg: Config, at_once: int):
+    """grid/random: Tune's variant generator; optuna: Optuna's TPE sampler (seeded), both limited
+    to `at_once` running trials."""
+    if cfg.tune.searcher == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=at_once)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune ignores TuneConfig.max_concurrent_trials for a generator: it takes its own limit
+    return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=at_once)
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], objective: dict[str, Any]) -> None:
@@ -114,7 +129,6 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> Swee
     """Run (or, with `resume`, continue) a sweep; write its results table, best.yaml and heat map."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from jepa_ray.train.trainer import _NAME, check_resources, run_url, storage_target
 
@@ -162,14 +176,6 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> Swee
             if tc.asha.enabled
             else FIFOScheduler()
         )
-        at_once = concurrency(cfg)
-        if tc.searcher == "optuna":
-            from ray.tune.search import ConcurrencyLimiter
-            from ray.tune.search.optuna import OptunaSearch
-
-            search_alg = ConcurrencyLimiter(OptunaSearch(seed=tc.seed), max_concurrent=at_once)
-        else:  # Tune ignores max_concurrent_trials for this one: it takes its own limit
-            search_alg = BasicVariantGenerator(random_state=tc.seed, max_concurrent=at_once)
         tuner = tune.Tuner(
             trainable,
             param_space=tune_space(cfg),
@@ -178,7 +184,7 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> Swee
                 mode="max",
                 num_samples=tc.num_samples,
                 scheduler=scheduler,
-                search_alg=search_alg,
+                search_alg=search_algorithm(cfg, concurrency(cfg)),
             ),
             run_config=tune.RunConfig(
                 name=name,

@@ -156,10 +156,38 @@ def test_best_is_chosen_among_the_longest_runs_and_written_as_a_runnable_config(
     ]  # fmt: skip
     best = best_row(rows)
     assert best["trial"] == "b"  # "a" scored higher, but after 20 steps, not 100
-    assert spearman(rows) == pytest.approx(1.0)
+    hist = {  # RankMe falls as training goes on; compared at step 20, the last all trials reached
+        "a": [(10, 0.8, 9.5), (20, 0.9, 9.0)],
+        "b": [(10, 0.5, 8.0), (20, 0.6, 7.0), (100, 0.7, 5.0)],
+        "c": [(10, 0.4, 7.5), (20, 0.5, 6.0), (100, 0.6, 4.0)],
+        "d": [(10, 0.3, 7.0), (15, 0.1, 1.0)],
+    }
+    assert spearman(hist) == {"rho": pytest.approx(1.0), "step": 15, "trials": 4}
+    hist["d"] = [(10, 0.3, 7.0), (20, 0.95, 6.5)]  # now d scores best with the lowest RankMe
+    assert spearman(hist)["step"] == 20 and spearman(hist)["rho"] == pytest.approx(0.4)
     cfg = _cfg(
         "tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6, 0.8]}}", "train.shards=/data/shards"
     )
     data = best_config(cfg, best)
     assert "tune" not in data and data["pipeline"]["mask"]["mask_ratio"] == 0.6
     assert data["train"]["shards"] == "/data/shards"
+
+
+def test_optuna_proposes_values_inside_the_space():
+    from jepa_ray.tune.sweep import search_algorithm
+
+    cfg = _cfg(
+        "tune.searcher=optuna",
+        "tune.num_samples=8",
+        "tune.space={pipeline.mask.mask_ratio: {uniform: [0.3, 0.8]}, model.predictor_depth: {values: [1, 2, 4]}}",
+    )
+    check_space(cfg)
+    alg = search_algorithm(cfg, at_once=2)
+    assert alg.set_search_properties("objective", "max", tune_space(cfg))
+    proposals = [alg.suggest(f"t{i}") for i in range(3)]
+    assert proposals[2] is None  # two at once: the third waits for a result
+    for p in proposals[:2]:
+        assert 0.3 <= p["pipeline.mask.mask_ratio"] <= 0.8 and p["model.predictor_depth"] in (1, 2, 4)
+        _cfg(*(f"{k}={v}" for k, v in p.items()))  # every proposal is a valid config
+    alg.on_trial_complete("t0", {"objective": 0.7, "pipeline.mask.mask_ratio": 0.5})
+    assert alg.suggest("t3") is not None

@@ -89,7 +89,8 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
     assert "stopped_early" in table[0] and "pipeline.mask.mask_ratio" in table[0]
     assert (sweep_dir / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Spearman correlation of RankMe" in (sweep_dir / "results.md").read_text()
-    assert info.spearman is None or -1.0 <= info.spearman <= 1.0
+    sp = info.spearman
+    assert sp is None or (-1.0 <= sp["rho"] <= 1.0 and sp["step"] >= 5 and sp["trials"] == 4)
 
     best = load_config(sweep_dir / "best.yaml")  # runs as is: `jepa-ray pretrain --config best.yaml`
     assert best.train.shards == str(tune_shards) and best.train.storage_path == str(tmp_path)
@@ -151,3 +152,20 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tune_shards
 
     with pytest.raises(ConfigError, match="--resume: no sweep at"):
         sweep(cfg, name="never-started", resume=True)
+
+
+def test_missing_validation_split_or_label_fails_before_any_trial(
+    small_cohort, cohort_inputs, tune_shards, tmp_path, ray_session
+):
+    from jepa_ray.data.prepare import prepare
+    from jepa_ray.errors import ShardError
+
+    space = "tune.space={pipeline.mask.mask_ratio: {values: [0.4]}}", "tune.asha.grace_period=5"
+    no_val = tmp_path / "no-val"
+    pc = load_config(overrides=["prepare.image.size=32", "prepare.split.val=0"]).prepare
+    prepare(str(no_val), pc, **cohort_inputs(small_cohort))
+    with pytest.raises(ShardError, match=r"no split 'val'"):
+        sweep(_cfg(no_val, tmp_path, "train.steps=20", *space), name="no-val")
+    with pytest.raises(ConfigError, match=r"tune.label='pneumonia'.*it has: abnormal_lung, cardiomegaly"):
+        sweep(_cfg(tune_shards, tmp_path, "train.steps=20", *space, "tune.objective=probe_auroc", "tune.label=pneumonia"))
+    assert not (tmp_path / "no-val").joinpath("trials").exists() and not list(tmp_path.glob("tune-*"))
