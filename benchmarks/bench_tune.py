@@ -58,7 +58,9 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-tune-"))
     t0 = time.perf_counter()
     write_cohort(work / "cohort", SynthConfig(subjects=subjects, seed=5, sites=3, min_size=128, max_size=256))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    ray.init(
+        num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING"
+    )
     shards = work / "shards"
     if not (shards / "manifest.json").exists():
         pc = load_config(

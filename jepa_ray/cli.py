@@ -251,13 +251,14 @@ def _print_sweep(info) -> None:
     keys = [k for k in rows[0] if "." in k] if rows else []
     short = [k.rsplit(".", 1)[-1] for k in keys]
     table = Table(
-        "trial", *short, "objective", "rankme", "steps", "early", "status", title=f"sweep {info.name}"
+        "best", "trial", *short, "objective", "rankme", "steps", "early", "status", title=f"sweep {info.name}"
     )
     for r in rows:
         best = info.best is not None and r["trial"] == info.best["trial"]
         fmt = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
         table.add_row(
-            r["trial"] + (" *" if best else ""),
+            "*" if best else "",
+            r["trial"],
             *fmt,
             "-" if r["objective"] is None else f"{r['objective']:.4f}",
             "-" if r["rankme"] is None else f"{r['rankme']:.2f}",
@@ -266,6 +267,7 @@ def _print_sweep(info) -> None:
             r["status"],
         )
     console.print(table)
+    console.print("* best: the highest objective among the trials that ran the most steps")
     if info.spearman is not None:
         sp = info.spearman
         console.print(

@@ -64,3 +64,27 @@ def test_tune_refuses_a_bad_search_space_before_ray_starts(tmp_path):
     assert "tune.space.pipeline.mask.mask_ratio: value 1.2 is not allowed" in r.output
     r = CliRunner().invoke(app, ["tune", "-c", TUNE_DEMO, "--objective", "loss"])
     assert r.exit_code == 2 and "tune.objective" in r.output
+
+
+def test_sweep_summary_marks_the_best_trial(capsys):
+    from jepa_ray.cli import _print_sweep
+    from jepa_ray.tune.sweep import SweepInfo
+
+    def row(trial, mask, depth, objective, steps):
+        return {"trial": trial, "pipeline.mask.mask_ratio": mask, "model.predictor_depth": depth} | {
+            "objective": objective,
+            "rankme": 8.0,
+            "steps": steps,
+            "stopped_early": steps < 120,
+            "status": "TERMINATED",
+        }
+
+    rows = [row("t0", 0.3, 1, 0.9, 40), row("t1", 0.5, 2, 0.7, 120)]
+    sp = {"rho": -0.5, "step": 40, "trials": 2}
+    _print_sweep(SweepInfo("s", "/x", rows, rows[1], sp, {}, {"best.yaml": "/x/best.yaml"}))
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if "t1" in line)
+    assert row.split("│")[1].strip() == "*" and "0.7000" in row and "120" in row
+    assert "*" not in next(line for line in lines if "t0" in line).split("│")[1]
+    assert any("across 2 trials at step 40: -0.50" in line for line in lines)
+    assert lines[-1] == "run the best: jepa-ray pretrain --config /x/best.yaml"

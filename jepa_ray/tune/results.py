@@ -181,30 +181,41 @@ def heatmap(cfg: Config, rows: list[dict[str, Any]], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    xs = sorted({r[axes[0]] for r in rows}, key=lambda v: (str(type(v)), v))
-    ys = sorted({r[axes[1]] for r in rows}, key=lambda v: (str(type(v)), v))
+    def levels(key: str) -> list[Any]:  # values may be lists (e.g. a target scale range)
+        seen = {json.dumps(r[key]): r[key] for r in rows}
+        return [seen[k] for k in sorted(seen, key=lambda k: (str(type(seen[k])), str(seen[k])))]
+
+    xs, ys = levels(axes[0]), levels(axes[1])
     grid = np.full((len(ys), len(xs)), np.nan)
+    steps = np.zeros((len(ys), len(xs)), int)
     for j, y in enumerate(ys):
         for i, x in enumerate(xs):
-            vals = [
-                r["objective"]
-                for r in rows
-                if r[axes[0]] == x and r[axes[1]] == y and r["objective"] is not None
-            ]
-            if vals:
-                grid[j, i] = float(np.mean(vals))
+            cell = [r for r in rows if r[axes[0]] == x and r[axes[1]] == y and r["objective"] is not None]
+            if cell:
+                grid[j, i] = float(np.mean([r["objective"] for r in cell]))
+                steps[j, i] = max(r["steps"] for r in cell)
     fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 2), dpi=110)
     im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(xs)), [_fmt(x) for x in xs], rotation=45 if len(xs) > 6 else 0)
     ax.set_yticks(range(len(ys)), [_fmt(y) for y in ys])
     ax.set_xlabel(axes[0])
     ax.set_ylabel(axes[1])
+    mid = np.nanmean(grid) if np.isfinite(grid).any() else 0.0
     for j in range(len(ys)):
         for i in range(len(xs)):
             if not np.isnan(grid[j, i]):
-                ax.text(i, j, f"{grid[j, i]:.3g}", ha="center", va="center", color="w", fontsize=8)
+                color = "k" if grid[j, i] > mid else "w"
+                ax.text(
+                    i,
+                    j,
+                    f"{grid[j, i]:.3g}\n{steps[j, i]} steps",
+                    ha="center",
+                    va="center",
+                    color=color,
+                    fontsize=8,
+                )
     fig.colorbar(im, ax=ax, label=cfg.tune.objective)
-    ax.set_title(f"{cfg.tune.objective} (last reported; mean over trials)", fontsize=9)
+    ax.set_title(f"{cfg.tune.objective}, last reported (ASHA stops trials at different steps)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -191,3 +191,36 @@ def test_optuna_proposes_values_inside_the_space():
         _cfg(*(f"{k}={v}" for k, v in p.items()))  # every proposal is a valid config
     alg.on_trial_complete("t0", {"objective": 0.7, "pipeline.mask.mask_ratio": 0.5})
     assert alg.suggest("t3") is not None
+
+
+def test_cindex_objective_and_heatmap_of_list_valued_keys(tmp_path):
+    from jepa_ray.tune.results import heatmap
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((80, 5)).astype(np.float32)
+    days = np.exp(-x[:, 0]) * 100
+    metas = [
+        json.dumps({"tte": {"death": {"days": float(d), "event": bool(i % 4)}}}) for i, d in enumerate(days)
+    ]
+    metas[5] = json.dumps({"tte": {}})  # no follow-up: left out
+    batches = [{"x": torch.from_numpy(x[i : i + 40]), "meta": metas[i : i + 40]} for i in (0, 40)]
+    out = measure(_Embeds(), batches, "cindex", "death")
+    assert out["objective"] == out["cindex"] > 0.8 and out["objective_samples"] == 79
+
+    cfg = _cfg(
+        "tune.space={pipeline.mask.target_scale: {values: [[0.1, 0.15], [0.15, 0.2]]}, "
+        "model.predictor_depth: {values: [1, 2]}}"
+    )
+    check_space(cfg)
+    rows = [
+        {
+            "pipeline.mask.target_scale": ts,
+            "model.predictor_depth": d,
+            "objective": 0.5 + 0.1 * d,
+            "steps": 10,
+        }
+        for ts in ([0.1, 0.15], [0.15, 0.2])
+        for d in (1, 2)
+    ]
+    png = heatmap(cfg, rows, tmp_path / "h.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -167,5 +167,14 @@ def test_missing_validation_split_or_label_fails_before_any_trial(
     with pytest.raises(ShardError, match=r"no split 'val'"):
         sweep(_cfg(no_val, tmp_path, "train.steps=20", *space), name="no-val")
     with pytest.raises(ConfigError, match=r"tune.label='pneumonia'.*it has: abnormal_lung, cardiomegaly"):
-        sweep(_cfg(tune_shards, tmp_path, "train.steps=20", *space, "tune.objective=probe_auroc", "tune.label=pneumonia"))
+        sweep(
+            _cfg(
+                tune_shards,
+                tmp_path,
+                "train.steps=20",
+                *space,
+                "tune.objective=probe_auroc",
+                "tune.label=pneumonia",
+            )
+        )
     assert not (tmp_path / "no-val").joinpath("trials").exists() and not list(tmp_path.glob("tune-*"))
