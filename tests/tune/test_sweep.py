@@ -5,6 +5,7 @@ written, and an interrupted sweep resumes without rerunning its finished trials.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -123,22 +124,28 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tune_shards
     )
 
     def finished() -> list[Path]:
+        """Metrics CSVs of the trials Tune's saved experiment state records as TERMINATED."""
         done = []
-        for csv_path in trials.glob("*/metrics/metrics.csv"):
-            with csv_path.open() as f:
-                if any(int(float(r["step"])) == 10 for r in csv.DictReader(f)):
-                    done.append(csv_path)
+        for state in (tmp_path / "resumable").glob("experiment_state-*.json"):
+            try:
+                trial_data = json.loads(state.read_text())["trial_data"]
+            except (ValueError, KeyError):  # being rewritten
+                continue
+            for blob, _ in trial_data:
+                trial = json.loads(blob)
+                if trial.get("status") == "TERMINATED":
+                    done.append(trials / trial["trial_id"] / "metrics" / "metrics.csv")
         return done
 
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     while not finished() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(1)
     assert finished(), (proc.poll(), proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "")
-    time.sleep(4)  # let Tune record the trial as finished
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # Tune saves its experiment state and stops
     out, _ = proc.communicate(timeout=120)
     done = finished()
     assert 1 <= len(done) < 3, out.decode()[-3000:]
+    assert all(p.exists() for p in done)
     before = {p: (p.stat().st_mtime_ns, len(list((p.parent / "tensorboard").iterdir()))) for p in done}
 
     info = sweep(cfg, name="resumable", resume=True)
