@@ -190,6 +190,13 @@ class MaskConfig(_Strict):
         description="Fraction of a modality's tokens to predict, under every policy: the image target "
         "blocks cover ~mask_ratio of the patches, mask_ratio of the EHR tokens are targets.",
     )
+    ehr_mask_ratio: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Fraction of the EHR tokens to predict, when it should differ from mask_ratio "
+        "(default: mask_ratio).",
+    )
     num_target_blocks: int = Field(4, ge=1, le=16, description="Image target blocks per sample (M).")
     target_scale: tuple[float, float] | None = Field(
         None,

@@ -13,7 +13,8 @@ What a sample hides is chosen by a policy (see DESIGN.md):
 
 `mask_ratio` is the fraction of a modality's tokens the predictor must predict, under every policy:
 the union of the image target blocks covers ~mask_ratio of the image patches, and mask_ratio of the
-EHR tokens are targets. A policy that needs a modality the sample lacks is never chosen.
+EHR tokens are targets (`ehr_mask_ratio` when set). A policy that needs a modality the sample
+lacks is never chosen.
 
 Masks are boolean arrays over a flat token index (patches in row-major order; EHR tokens as laid
 out by `transform.EhrLayout`); `mask_indices` (torch, on the trainer side) turns a batch of them into
@@ -193,6 +194,7 @@ def sample_masks(
     img_tgt = np.zeros((m, n), dtype=bool)
     ehr_ctx = np.zeros(ehr_valid.shape, dtype=bool)
     ehr_tgt = np.zeros(ehr_valid.shape, dtype=bool)
+    ehr_ratio = cfg.mask_ratio if cfg.ehr_mask_ratio is None else cfg.ehr_mask_ratio
     whole_image = np.zeros(n, dtype=bool)
     if has_image:
         region = region or tuple((0, g) for g in grid)
@@ -202,15 +204,15 @@ def sample_masks(
         ehr_ctx = ehr_valid.copy()
     elif policy == EHR_INTRA:
         img_ctx = whole_image
-        ehr_ctx, ehr_tgt = ehr_masks(rng, ehr_valid, cfg.mask_ratio)
+        ehr_ctx, ehr_tgt = ehr_masks(rng, ehr_valid, ehr_ratio)
     elif policy == HIDE_IMAGE:
         _, img_tgt = image_masks(rng, grid, cfg, region)
         ehr_ctx = ehr_valid.copy()
     elif policy == HIDE_EHR:
         img_ctx = whole_image
         ehr_tgt = ehr_valid.copy()
-        if ehr_valid.sum() >= 2:  # predict mask_ratio of the hidden tokens, as in ehr_intra
-            _, ehr_tgt = ehr_masks(rng, ehr_valid, cfg.mask_ratio)
+        if ehr_valid.sum() >= 2:  # predict the same fraction of the hidden tokens as in ehr_intra
+            _, ehr_tgt = ehr_masks(rng, ehr_valid, ehr_ratio)
     return SampleMasks(policy, img_ctx, img_tgt, ehr_ctx, ehr_tgt)
 
 

@@ -202,3 +202,22 @@ def test_bad_mask_settings_are_refused_naming_the_key(override, key):
 
     with pytest.raises(ValidationError, match=key):
         MaskConfig(**override)
+
+
+def test_ehr_mask_ratio_sets_the_ehr_targets_apart_from_the_image_ratio():
+    from jepa_ray.data.masking import EHR_INTRA, HIDE_EHR, IMAGE_INTRA
+
+    rng = np.random.default_rng(3)
+    fractions: dict[int, list[float]] = {EHR_INTRA: [], HIDE_EHR: [], IMAGE_INTRA: []}
+    cfg = MaskConfig(mask_ratio=0.3, ehr_mask_ratio=0.8)
+    for _ in range(300):
+        s = sample_masks(rng, (8, 8), _valid(20, 24), True, cfg)
+        if s.policy in (EHR_INTRA, HIDE_EHR):
+            fractions[s.policy].append(s.ehr_tgt.sum() / 20)
+        elif s.policy == IMAGE_INTRA:
+            fractions[IMAGE_INTRA].append(s.img_tgt.any(0).mean())
+    assert np.mean(fractions[EHR_INTRA]) == pytest.approx(0.8, abs=0.05)
+    assert np.mean(fractions[HIDE_EHR]) == pytest.approx(0.8, abs=0.05)
+    assert np.mean(fractions[IMAGE_INTRA]) == pytest.approx(0.3, abs=0.1)  # the image keeps mask_ratio
+    unset = sample_masks(np.random.default_rng(0), (8, 8), _valid(20, 24), False, MaskConfig(mask_ratio=0.3))
+    assert unset.ehr_tgt.sum() == 6  # default: mask_ratio for both
