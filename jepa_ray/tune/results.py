@@ -168,18 +168,19 @@ def _markdown(
     return "\n".join(lines)
 
 
-def heatmap(cfg: Config, rows: list[dict[str, Any]], path: Path) -> Path | None:
+def heatmap(cfg: Config, rows: list[dict[str, Any]], path: Path) -> Path:
     """Mean objective over the two swept axes (mask ratio x predictor depth when both are swept,
-    else the first two keys of the space); None with fewer than two swept keys."""
+    else the first two keys of the space); with one swept key, the objective per value."""
     keys = list(cfg.tune.space)
     axes = [k for k in HEATMAP_AXES if k in keys] if all(k in keys for k in HEATMAP_AXES) else keys[:2]
-    if len(axes) < 2:
-        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    if len(axes) == 1:
+        return _objective_per_value(cfg, rows, axes[0], path)
 
     def levels(key: str) -> list[Any]:  # values may be lists (e.g. a target scale range)
         seen = {json.dumps(r[key]): r[key] for r in rows}
@@ -222,6 +223,28 @@ def heatmap(cfg: Config, rows: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+def _objective_per_value(cfg: Config, rows: list[dict[str, Any]], key: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    done = sorted(
+        ((r[key], r["objective"], r["steps"]) for r in rows if r["objective"] is not None),
+        key=lambda t: (str(type(t[0])), str(t[0])),
+    )
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(done) + 2), 3.5), dpi=110)
+    ax.bar(range(len(done)), [d[1] for d in done], color="tab:blue")
+    ax.set_xticks(range(len(done)), [_fmt(d[0]) for d in done], rotation=45 if len(done) > 6 else 0)
+    for i, d in enumerate(done):
+        ax.text(i, d[1], f"{d[1]:.3g}\n{d[2]} steps", ha="center", va="bottom", fontsize=8)
+    ax.margins(y=0.25)  # room for the labels above the bars
+    ax.set_xlabel(key)
+    ax.set_ylabel(cfg.tune.objective)
+    ax.set_title(f"{cfg.tune.objective}, last reported per trial", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[str, Any]):
     """Write the sweep's outputs beside its Tune state (local or s3://); returns a SweepInfo."""
     from jepa_ray.data.storage import Store
@@ -243,8 +266,7 @@ def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[s
         ).encode()
     with tempfile.TemporaryDirectory(prefix="jepa-tune-") as d:
         png = heatmap(cfg, rows, Path(d) / "heatmap.png")
-        if png is not None:
-            files["heatmap.png"] = png.read_bytes()
+        files["heatmap.png"] = png.read_bytes()
     summary = {
         "name": name,
         "objective": objective,

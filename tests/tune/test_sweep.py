@@ -185,3 +185,37 @@ def test_missing_validation_split_or_label_fails_before_any_trial(
             )
         )
     assert not (tmp_path / "no-val").joinpath("trials").exists() and not list(tmp_path.glob("tune-*"))
+
+
+def test_a_sweep_kept_on_s3(tune_shards, s3_bucket, tmp_path, ray_session):
+    """storage_path=s3://...: Tune's state, the trials' runs and the outputs land in the bucket,
+    nothing on the local disk, and --resume reads the sweep back from there."""
+    import s3fs
+
+    endpoint, bucket = s3_bucket
+    cfg = _cfg(
+        tune_shards,
+        tmp_path,
+        f"train.storage_path=s3://{bucket}/sweeps",
+        f"train.storage.endpoint_url={endpoint}",
+        "train.steps=10",
+        "train.checkpoint_every=10",
+        "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.7]}}",
+        "tune.eval_every=5",
+        "tune.asha.enabled=false",
+    )
+    info = sweep(cfg, name="on-s3")
+    assert info.url == f"s3://{bucket}/sweeps/on-s3"
+    assert [r["steps"] for r in info.rows] == [10, 10]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    root = f"{bucket}/sweeps/on-s3"
+    for name in ("results.csv", "results.md", "best.yaml", "heatmap.png", "sweep.json"):
+        assert fs.exists(f"{root}/{name}"), name
+    assert fs.glob(f"{root}/experiment_state-*.json")
+    for r in info.rows:
+        assert fs.glob(f"{root}/{TRIALS_DIR}/{r['trial']}/checkpoint_*/")
+        assert fs.exists(f"{root}/{TRIALS_DIR}/{r['trial']}/metrics/metrics.csv")
+    assert not list(tmp_path.iterdir())  # nothing of the sweep went to the local disk
+
+    again = sweep(cfg, name="on-s3", resume=True)  # everything finished: nothing to run
+    assert [(r["trial"], r["steps"]) for r in again.rows] == [(r["trial"], r["steps"]) for r in info.rows]
