@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument(
         "--workdir", type=Path, default=None, help="tables, shards, run, evaluation (default: temp)"
     )
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.mask.ehr_mask_ratio=0.8")
     args = ap.parse_args()
     os.environ.setdefault("JEPA_RAY_SALT", "bench-salt")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -135,6 +136,7 @@ def main() -> int:
             "prepare.split.test=0.25",
             "prepare.split.external_sites=[]",
             "eval.report_splits=[test]",
+            *args.overrides,
         ],
     )
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
@@ -175,6 +177,7 @@ def main() -> int:
             "quick": args.quick,
             "model": cfg.model.model_dump(mode="json"),
             "workers": cfg.train.num_workers,
+            "overrides": args.overrides,
         },
         "results": {"test": rows, "final_loss": info.metrics.get("loss"), "wall_s": wall},
         "ratio": ratio,
