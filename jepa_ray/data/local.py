@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 
-def read_samples(path: str | Path) -> dict[str, dict[str, bytes]]:
-    """key -> {field: bytes} of one local shard, as the Ray Data reader sees it."""
+def read_samples(
+    path: str | Path | BinaryIO, fields: tuple[str, ...] | None = None
+) -> dict[str, dict[str, bytes]]:
+    """key -> {field: bytes} of one shard, as the Ray Data reader sees it: a local path, or an open
+    binary file (read as a stream, e.g. from S3); `fields` keeps only those (e.g. ("meta",))."""
     out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
+    opened = {"name": path} if isinstance(path, str | Path) else {"fileobj": path, "mode": "r|"}
+    with tarfile.open(**opened) as tar:
         for m in tar:
             key, _, rest = m.name.partition(".")
-            out.setdefault(key, {})[rest.split(".")[0]] = tar.extractfile(m).read()
+            field = rest.split(".")[0]
+            if fields is None or field in fields:
+                out.setdefault(key, {})[field] = tar.extractfile(m).read()
     return out
 
 

@@ -19,7 +19,7 @@ from jepa_ray.errors import ConfigError
 
 log = logging.getLogger("jepa_ray.train")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass
@@ -114,7 +114,7 @@ def build_trainer(
 
     tc = cfg.train
     name = name or tc.name or time.strftime("jepa-%Y%m%d-%H%M%S")
-    if not _NAME.match(name):
+    if not RUN_NAME.match(name):
         raise ConfigError(f"train.name {name!r}: use letters, digits, '.', '_' and '-' only")
     check_resources(cfg)
     extra = dict(extra or {})

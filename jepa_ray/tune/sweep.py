@@ -63,17 +63,14 @@ def _objective_settings(cfg: Config) -> dict[str, Any]:
 
 def _val_metas(cfg: Config, names: list[str]) -> list[dict[str, Any]]:
     """Metadata of every validation sample (labels, outcomes), read from its shards."""
-    import tarfile
-
+    from jepa_ray.data.local import read_samples
     from jepa_ray.data.storage import Store
 
     store = Store(cfg.train.shards, cfg.train.storage)
     metas = []
     for name in names:
-        with store.open(name) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for m in tar:
-                if m.name.endswith(".meta.json"):
-                    metas.append(json.loads(tar.extractfile(m).read()))
+        with store.open(name) as f:
+            metas += [json.loads(s["meta"]) for s in read_samples(f, fields=("meta",)).values()]
     return metas
 
 
@@ -130,11 +127,11 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> Swee
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from jepa_ray.train.trainer import _NAME, check_resources, run_url, storage_target
+    from jepa_ray.train.trainer import RUN_NAME, check_resources, run_url, storage_target
 
     check_space(cfg)
     name = name or cfg.tune.name or time.strftime("tune-%Y%m%d-%H%M%S")
-    if not _NAME.match(name):
+    if not RUN_NAME.match(name):
         raise ConfigError(f"tune.name {name!r}: use letters, digits, '.', '_' and '-' only")
     check_resources(cfg)
     url = run_url(cfg, name)
