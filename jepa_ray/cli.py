@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -40,12 +41,20 @@ def init_ray(address: str | None) -> None:
     """Connect to the configured cluster, or start a local Ray (reused when already running) with
     its dashboard on 127.0.0.1: Ray Train uses its state API to release the resources of a run
     whose driver is gone (a sweep's stopped trial)."""
+    import os
+
     import ray
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+    env = os.environ.get("RAY_ADDRESS", "")
+    if not address and env.startswith(("http://", "https://")):
+        raise JepaRayError(
+            f"RAY_ADDRESS={env} is a job API address: this command runs its driver here. Submit it "
+            "to that cluster with `jepa-ray submit -- <command> ...`, or unset RAY_ADDRESS to run locally"
+        )
+    if address or env:  # a Ray job's driver finds its cluster in RAY_ADDRESS
+        ray.init(address=address or env, logging_level=logging.WARNING)
     else:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
 
@@ -354,7 +363,6 @@ def demo(
 ) -> None:
     """synth -> prepare -> pretrain (2 workers, ZeRO-2, tiny model) -> export -> evaluate, on a local Ray."""
     import os
-    import time
 
     from jepa_ray.data.prepare import prepare as run_prepare
     from jepa_ray.data.synth import cohort_inputs, write_cohort
@@ -390,3 +398,205 @@ def demo(
     _print_run(info)
     console.print(f"  encoder: {weights} ({meta})")
     _print_evaluation(metrics, out / "eval")
+
+
+# --- Ray Jobs: submit to a cluster, follow, list, stop ---------------------------------------
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="The cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS, else that).",
+    ),
+]
+
+
+def _jobs(address: str | None):
+    from jepa_ray.submit import Jobs
+
+    return Jobs(address)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def submit(
+    command: Annotated[
+        list[str],
+        typer.Argument(help="After --: the entrypoint (pretrain|tune|evaluate|prepare|bench) and its args."),
+    ],
+    address: AddressOpt = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Stream the job's logs until it ends; exit with its status.")
+    ] = False,
+    working_dir: Annotated[
+        Path | None,
+        typer.Option(help="Checkout to upload as the job's working directory (default: this checkout)."),
+    ] = None,
+    installed: Annotated[
+        bool,
+        typer.Option(
+            "--installed", help="Upload nothing: run the jepa-ray installed on the cluster (or image)."
+        ),
+    ] = False,
+    pip: Annotated[
+        Path | None,
+        typer.Option(help="Pinned requirements file (name==version lines) installed for the job."),
+    ] = None,
+    image: Annotated[str | None, typer.Option(help="Container image the job runs in (image_uri).")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="NAME=value for the job's environment (repeatable).")
+    ] = None,
+    submission_id: Annotated[
+        str | None, typer.Option(help="Submission id (default: jepa-ray-<command>-<time>-<random>).")
+    ] = None,
+) -> None:
+    """Submit a jepa-ray entrypoint as a Ray job: `jepa-ray submit [--wait] -- pretrain --config F`.
+    Prints the submission id; with --wait, streams the logs and exits 0 only when the job SUCCEEDED."""
+    from jepa_ray.submit import checkout_root, job_spec
+
+    try:
+        if installed and working_dir is not None:
+            raise JepaRayError("--installed and --working-dir exclude each other")
+        wd = None if installed else (working_dir or checkout_root())
+        if wd is None and not installed:
+            raise JepaRayError(
+                "jepa-ray runs from an installed package, not a checkout: pass --working-dir <checkout> "
+                "to upload one, or --installed to run the jepa-ray installed on the cluster"
+            )
+        spec = job_spec(
+            command[0], command[1:], wd, pip=pip, image=image, env=env or [], submission_id=submission_id
+        )
+        jobs = _jobs(address)
+        sid = jobs.submit(spec.entrypoint, spec.runtime_env, spec.submission_id, spec.metadata)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    console.print(f"submitted {sid} to {jobs.url}: {spec.entrypoint}", highlight=False, soft_wrap=True)
+    if not wait:
+        console.print(f"follow it with: jepa-ray jobs logs {sid} --follow", highlight=False, soft_wrap=True)
+        return
+    raise typer.Exit(_follow(jobs, sid))
+
+
+def _follow(jobs, sid: str) -> int:
+    """Stream a job's logs to stdout until it ends; 0 when it SUCCEEDED, 1 when not."""
+    from jepa_ray.submit import log_tail, status_name
+
+    try:
+        info = jobs.follow(sid, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    except KeyboardInterrupt:
+        err.print(f"stopped following; the job goes on: jepa-ray jobs stop {sid}", highlight=False)
+        return 130
+    except JepaRayError as e:
+        raise _fail(e) from None
+    status = status_name(info)
+    if status == "SUCCEEDED":
+        console.print(f"job {sid} SUCCEEDED", highlight=False, soft_wrap=True)
+        return 0
+    # Ray's message repeats the logs after its first line; the tail below is enough
+    reason = (info.message or "").split(", last available logs", 1)[0].splitlines()[:1]
+    err.print(f"[bold red]job {sid} {status}:[/] {' '.join(reason)}", highlight=False)
+    tail = log_tail(jobs.logs(sid))
+    if tail:
+        err.print(f"last lines of its logs:\n{tail}", highlight=False, markup=False)
+    return 1
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOpt = None) -> None:
+    """Every job the cluster knows, newest first."""
+    from jepa_ray.submit import status_name
+
+    try:
+        jobs = _jobs(address)
+        rows = jobs.list()
+    except JepaRayError as e:
+        raise _fail(e) from None
+    rows = sorted(rows, key=lambda i: i.start_time or 0, reverse=True)
+    ids = [info.submission_id or info.job_id or "-" for info in rows]
+    width = max([len("submission id"), *map(len, ids)])
+    console.print(f"jobs at {jobs.url}: {len(rows)}", highlight=False)
+    console.print(
+        f"{'submission id':<{width}}  {'status':<9}  {'started':<19}  entrypoint",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for sid, info in zip(ids, rows, strict=True):
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000))
+            if info.start_time
+            else "-"
+        )
+        line = f"{sid:<{width}}  {status_name(info):<9}  {started:<19}  {info.entrypoint}"
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job: Annotated[str, typer.Argument(help="Submission id.")], address: AddressOpt = None
+) -> None:
+    """A job's status, message, times and runtime environment; exit 1 when it FAILED or was STOPPED."""
+    from jepa_ray.submit import status_name
+
+    try:
+        info = _jobs(address).info(job)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    status = status_name(info)
+    console.print(f"{job}: {status}", highlight=False)
+    if info.message:
+        console.print(f"  message: {info.message}", highlight=False)
+    console.print(f"  entrypoint: {info.entrypoint}", highlight=False, markup=False, soft_wrap=True)
+    for what, ms in (("started", info.start_time), ("ended", info.end_time)):
+        if ms:
+            console.print(f"  {what}: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ms / 1000))}")
+    if info.runtime_env:
+        console.print(
+            f"  runtime env: {json.dumps(info.runtime_env)}", highlight=False, markup=False, soft_wrap=True
+        )
+    if status in ("FAILED", "STOPPED"):
+        raise typer.Exit(1)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job: Annotated[str, typer.Argument(help="Submission id.")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
+    ] = False,
+    address: AddressOpt = None,
+) -> None:
+    """A job's logs (stdout and stderr of its driver); --follow streams them and exits with its status."""
+    try:
+        jobs = _jobs(address)
+        if not follow:
+            sys.stdout.write(jobs.logs(job))
+            return
+    except JepaRayError as e:
+        raise _fail(e) from None
+    raise typer.Exit(_follow(jobs, job))
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job: Annotated[str, typer.Argument(help="Submission id.")],
+    wait_s: Annotated[float, typer.Option("--wait-s", help="Seconds to wait for it to stop.")] = 60.0,
+    address: AddressOpt = None,
+) -> None:
+    """Stop a running job (its driver, and with it its Ray Train workers) and wait until it has."""
+    from jepa_ray.submit import TERMINAL, status_name
+
+    try:
+        jobs = _jobs(address)
+        jobs.stop(job)
+        deadline = time.monotonic() + wait_s
+        while (status := status_name(jobs.info(job))) not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.5)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    console.print(f"{job}: {status}", highlight=False)
+    if status not in TERMINAL:
+        err.print(f"[bold red]error:[/] {job} is still {status} after {wait_s:.0f} s")
+        raise typer.Exit(1)
