@@ -323,7 +323,7 @@ def build_entrypoint(command: str, args: Sequence[str], working_dir: Path | None
     for cfg in _config_paths(args):
         path = Path(cfg)
         if "://" in cfg:
-            continue
+            raise JobError(f"--config {cfg}: a config is a YAML file in the working directory")
         if path.is_absolute():
             raise JobError(
                 f"--config {cfg}: an absolute path names a file on this machine; the job runs in the "
@@ -333,7 +333,29 @@ def build_entrypoint(command: str, args: Sequence[str], working_dir: Path | None
             raise JobError(
                 f"--config {cfg}: no such file in the working directory {wd}; the job would not find it"
             )
+    if command in ("pretrain", "tune"):
+        _check_train_paths(args, wd)
     return shlex.join(["python", f"jobs/{command}.py", *args])
+
+
+def _check_train_paths(args: Sequence[str], wd: Path) -> None:
+    """Load the job's config here, so that a bad one fails before submitting, and refuse relative
+    data and run paths: in a job they resolve inside the uploaded copy of the checkout, which holds
+    no shards and which Ray deletes, checkpoints and all."""
+    from jepa_ray.config import load_config
+
+    configs = _config_paths(args)
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        cfg = load_config(wd / configs[-1] if configs else None, overrides)
+    except JepaRayError as e:
+        raise JobError(f"the job's config does not load: {e}") from None
+    for key, value in (("train.shards", cfg.train.shards), ("train.storage_path", cfg.train.storage_path)):
+        if value and "://" not in value and not Path(value).is_absolute():
+            raise JobError(
+                f"{key}={value} is a relative path: in a job it would resolve inside the uploaded copy "
+                "of the checkout (which Ray deletes); give an absolute path every node sees, or s3://..."
+            )
 
 
 def new_submission_id(command: str) -> str:

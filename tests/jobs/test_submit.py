@@ -28,6 +28,7 @@ from jepa_ray.submit import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFIG = "jobs/configs/demo-cpu.yaml"
 
 
 def _free_port() -> int:
@@ -93,7 +94,18 @@ def test_submit_to_an_unreachable_address_is_a_clear_error_not_a_hang(monkeypatc
     url = f"http://127.0.0.1:{_free_port()}"
     t = time.monotonic()
     result = CliRunner().invoke(
-        app, ["submit", "--address", url, "--", "pretrain", "--config", "jobs/configs/demo-cpu.yaml"]
+        app,
+        [
+            "submit",
+            "--address",
+            url,
+            "--",
+            "pretrain",
+            "--config",
+            CONFIG,
+            "train.storage_path=/r",
+            "train.shards=/s",
+        ],
     )
     assert result.exit_code == 2, result.output
     assert f"no Ray job API answers at {url}" in result.output
@@ -184,11 +196,15 @@ def test_bad_runtime_env_inputs_name_the_input(tmp_path, kwargs, message):
 
 
 def test_entrypoints_for_a_checkout_and_for_the_installed_package():
-    args = ["--config", "jobs/configs/demo-cpu.yaml", "train.steps=5", "--name", "a b"]
+    args = ["--config", "jobs/configs/demo-cpu.yaml", "train.storage_path=/shared/runs", "--name", "a b"]
     assert build_entrypoint("pretrain", args, ROOT) == (
-        "python jobs/pretrain.py --config jobs/configs/demo-cpu.yaml train.steps=5 --name 'a b'"
+        "python jobs/pretrain.py --config jobs/configs/demo-cpu.yaml train.storage_path=/shared/runs "
+        "--name 'a b'"
     )
-    assert build_entrypoint("tune", ["--config=s3://b/tune.yaml"], ROOT).startswith("python jobs/tune.py")
+    tune = ["--config=jobs/configs/tune-demo.yaml", "train.shards=/data/shards", "train.storage_path=/runs"]
+    assert build_entrypoint("tune", tune, ROOT).startswith("python jobs/tune.py --config=jobs/configs/tune")
+    with pytest.raises(JobError, match=r"--config s3://b/t\.yaml: a config is a YAML file in the working"):
+        build_entrypoint("tune", ["--config", "s3://b/t.yaml"], ROOT)
     assert build_entrypoint("evaluate", ["--out", "e"], None) == "python -m jepa_ray evaluate --out e"
     spec = job_spec("prepare", ["--out", "s"], ROOT, env=["A=1"])
     assert spec.submission_id.startswith("jepa-ray-prepare-")
@@ -199,6 +215,13 @@ def test_entrypoints_for_a_checkout_and_for_the_installed_package():
         build_entrypoint("bench", ["train"], None)
     with pytest.raises(JobError, match=r"--config jobs/configs/nope\.yaml: no such file in the working"):
         build_entrypoint("pretrain", ["-c", "jobs/configs/nope.yaml"], ROOT)
+    # the config loads before submitting, and relative data/run paths would end in Ray's temp copy
+    with pytest.raises(JobError, match=r"train.storage_path=./demo/runs is a relative path"):
+        build_entrypoint("pretrain", ["--config", "jobs/configs/demo-cpu.yaml"], ROOT)
+    with pytest.raises(JobError, match=r"train.shards=demo/shards is a relative path"):
+        build_entrypoint("tune", ["train.shards=demo/shards", "train.storage_path=s3://b/r"], ROOT)
+    with pytest.raises(JobError, match=r"the job's config does not load: .*train.stepz"):
+        build_entrypoint("pretrain", ["train.stepz=3"], ROOT)
     with pytest.raises(JobError, match="an absolute path names a file on this machine"):
         build_entrypoint("pretrain", ["--config", str(ROOT / "jobs/configs/demo-cpu.yaml")], ROOT)
 
