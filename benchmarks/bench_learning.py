@@ -86,16 +86,13 @@ def main() -> int:
 
     import pandas as pd
     import torch
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import GroupKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     from jepa_ray.config import ModelConfig, load_config
     from jepa_ray.data.deid import Pseudonymizer
     from jepa_ray.data.local import raw_batch, read_samples, train_on_samples
     from jepa_ray.data.pipeline import collate, open_split
     from jepa_ray.data.transform import transform_batch
+    from jepa_ray.eval.probes import cv_latent_r2
     from jepa_ray.model.jepa import JEPA, embedding_stats
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -132,12 +129,7 @@ def main() -> int:
         return x
 
     def probe(x: np.ndarray) -> list[float]:
-        ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
-        pred = cross_val_predict(ridge, x, z, groups=subjects, cv=GroupKFold(5))
-        return [
-            float(1 - ((z[:, j] - pred[:, j]) ** 2).sum() / ((z[:, j] - z[:, j].mean()) ** 2).sum())
-            for j in range(z.shape[1])
-        ]
+        return cv_latent_r2(x, z, subjects)
 
     runs = []
     for seed in range(seeds):

@@ -16,6 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength of the logistic probe
 ALPHA_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # ridge strength of the latent probe
+FINE_ALPHA_GRID = tuple(np.logspace(-2, 4, 13))  # the same, finer: for the cross-validated probe
 
 
 def bootstrap_ci(metric, arrays: tuple[np.ndarray, ...], n: int, seed: int, valid=None) -> list[float] | None:
@@ -95,6 +96,19 @@ def latent_r2(x_fit: np.ndarray, z_fit: np.ndarray, reports: dict[str, tuple]) -
             "alpha": float(model[-1].alpha_),
         }
     return out
+
+
+def cv_latent_r2(
+    x: np.ndarray, z: np.ndarray, groups: list, folds: int = 5, alphas=FINE_ALPHA_GRID
+) -> list[float]:
+    """Out-of-fold R² per latent factor of a ridge from standardised embeddings x (N, D) to z
+    (N, F), folds grouped (by subject: no subject on both sides), alpha by inner CV. For a cohort
+    small enough that a held-out split would be too noisy to compare two encoders."""
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+
+    ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas))
+    pred = cross_val_predict(ridge, x, z, groups=groups, cv=GroupKFold(folds))
+    return [float(r2_score(z[:, j], pred[:, j])) for j in range(z.shape[1])]
 
 
 def recall_at(query: np.ndarray, gallery: np.ndarray, ks: list[int]) -> dict:
