@@ -72,6 +72,57 @@ class ImageConfig(_Strict):
         return v
 
 
+class VolumeConfig(_Strict):
+    """How a CT series (one file per slice, or one enhanced multi-frame file) becomes the fixed-size
+    volume stored in a shard: Hounsfield units, resampled, cropped or padded, windowed into channels."""
+
+    spacing: tuple[float, float, float] = Field(
+        (2.0, 1.5, 1.5), description="Voxel spacing in mm after resampling, (slice, row, column)."
+    )
+    size: tuple[int, int, int] = Field(
+        (64, 128, 128), description="Volume size in voxels after resampling: centre-cropped or padded."
+    )
+    windows: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0)},
+        description="CT windows as channels: name -> (centre, width) in HU, each mapped to [0, 1].",
+    )
+    pad_hu: float = Field(-1024.0, description="Value of padding voxels, in HU (air).")
+    min_slices: int = Field(8, ge=2, description="Fewer slices than this: the series is quarantined.")
+    gap_tolerance: float = Field(
+        0.5,
+        gt=0,
+        description="A step between neighbouring slices beyond (1 + this) x the series' median step is "
+        "a gap (missing slices); below (1 - this) x, inconsistent spacing. Either quarantines it.",
+    )
+    orientation_tolerance: float = Field(
+        1e-3, gt=0, description="Largest difference of direction cosines still one orientation."
+    )
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError("every spacing must be > 0 mm")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(v) < 1:
+            raise ValueError("every size must be >= 1 voxel")
+        return v
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        if not v:
+            raise ValueError("at least one window is needed")
+        for name, (_centre, width) in v.items():
+            if width <= 0:
+                raise ValueError(f"window {name}: width must be > 0 HU")
+        return v
+
+
 class EhrConfig(_Strict):
     """How MEDS events and static tables become a sample's EHR arrays."""
 
@@ -154,6 +205,7 @@ class PrepareConfig(_Strict):
     """`jepa-ray prepare`: DICOM + MEDS into de-identified webdataset shards."""
 
     image: ImageConfig = Field(default_factory=ImageConfig)
+    volume: VolumeConfig = Field(default_factory=VolumeConfig)
     ehr: EhrConfig = Field(default_factory=EhrConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)

@@ -522,8 +522,9 @@ def _transfer_syntax(ds: Dataset) -> Any:
     return meta.get("TransferSyntaxUID") if meta is not None else None
 
 
-def _decode(ds: Dataset, path: str, rows: int, cols: int) -> np.ndarray:
-    """The stored pixel values, (rows, cols), decoded with whichever plugin pydicom finds."""
+def _decode(ds: Dataset, path: str, rows: int, cols: int, frames: int = 1) -> np.ndarray:
+    """The stored pixel values, (rows, cols) or (frames, rows, cols), decoded with whichever plugin
+    pydicom finds."""
     meta = getattr(ds, "file_meta", None)
     ts = _transfer_syntax(ds)
     pixel = next(ds[k] for k in _PIXEL_KEYWORDS if k in ds)
@@ -542,12 +543,13 @@ def _decode(ds: Dataset, path: str, rows: int, cols: int) -> np.ndarray:
     name = ts.name if ts.name != str(ts) else "an unrecognised transfer syntax"
     if pixel.keyword == "PixelData" and not ts.is_encapsulated and not pixel.is_undefined_length:
         bits = _value(ds, "BitsAllocated")
-        expected = (rows * cols * bits + 7) // 8
+        expected = (frames * rows * cols * bits + 7) // 8
         if len(pixel.value or b"") < expected:
+            layout = f"{frames}x{rows}x{cols}" if frames > 1 else f"{rows}x{cols}"
             raise InvalidDicomError(
                 path,
                 "truncated",
-                f"PixelData holds {len(pixel.value or b'')} bytes but {rows}x{cols}x{bits} bits need "
+                f"PixelData holds {len(pixel.value or b'')} bytes but {layout}x{bits} bits need "
                 f"{expected}: the pixel data was cut short",
             )
     try:
@@ -585,9 +587,12 @@ def _decode(ds: Dataset, path: str, rows: int, cols: int) -> np.ndarray:
             "decode_failed",
             f"{name} pixel data failed to decode ({type(e).__name__}: {_scrub(str(e), ds)}){hint}",
         ) from None
-    if arr.shape != (rows, cols):
+    shape = (frames, rows, cols) if frames > 1 else (rows, cols)
+    if arr.shape != shape:
         raise InvalidDicomError(
-            path, "decode_failed", f"decoded pixels have shape {arr.shape}, the header says {rows}x{cols}"
+            path,
+            "decode_failed",
+            f"decoded pixels have shape {arr.shape}, the header says {'x'.join(map(str, shape))}",
         )
     return arr
 
