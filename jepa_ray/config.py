@@ -38,6 +38,11 @@ class SynthConfig(_Strict):
     )
     min_size: int = Field(320, ge=64, description="Smallest image side in pixels.")
     max_size: int = Field(640, ge=64, description="Largest image side in pixels.")
+    ct_fraction: float = Field(
+        0.0, ge=0, le=1, description="Fraction of imaging studies that are chest CT series, not radiographs."
+    )
+    ct_size: int = Field(96, ge=16, le=512, description="Rows and columns of each CT slice.")
+    ct_slices: int = Field(32, ge=2, le=512, description="Slices per CT series (the chest, apex to base).")
 
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:
@@ -76,6 +81,11 @@ class VolumeConfig(_Strict):
     """How a CT series (one file per slice, or one enhanced multi-frame file) becomes the fixed-size
     volume stored in a shard: Hounsfield units, resampled, cropped or padded, windowed into channels."""
 
+    enabled: bool = Field(
+        False,
+        description="Ingest a study's CT series as one 3-D volume. Off: CT series are skipped (with "
+        "the reason ct_series_not_ingested), never read as single slices.",
+    )
     spacing: tuple[float, float, float] = Field(
         (2.0, 1.5, 1.5), description="Voxel spacing in mm after resampling, (slice, row, column)."
     )

@@ -47,7 +47,7 @@ def build_manifest(
     reasons: Counter[str] = Counter()
     for q in quarantine:
         reasons[q["reason"]] += q.get("count", 1)
-    dicom_bad = sum(1 for q in quarantine if q["kind"] == "dicom")
+    dicom_bad = sum(q.get("count", 1) for q in quarantine if q["kind"] == "dicom")
     ehr_rows = inputs.get("ehr", {}).get("event_rows", 0)
     ehr_bad = sum(q.get("count", 1) for q in quarantine if q["kind"] == "ehr_rows")
     fractions = {}
@@ -67,11 +67,24 @@ def build_manifest(
             "channels": 1,
             "value_range": [0, 1],
         },
+        "volume": (
+            {
+                "size": list(cfg.volume.size),
+                "spacing_mm": list(cfg.volume.spacing),
+                "channels": list(cfg.volume.windows),
+                "dtype": "float16",
+                "layout": "CZYX",
+                "value_range": [0, 1],
+            }
+            if cfg.volume.enabled
+            else None
+        ),
         "counts": {
             "samples": sum(r["samples"] for r in shards),
             "image": sum(r["image"] for r in shards),
             "ehr": sum(r["ehr"] for r in shards),
             "paired": sum(r["paired"] for r in shards),
+            "volume": sum(r.get("volume", 0) for r in shards),
             **extra,
         },
         "splits": splits,

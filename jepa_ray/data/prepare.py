@@ -184,6 +184,7 @@ def prepare(
                 dicoms=[(x.path, name_input(_rel(x.path, dicom_root))) for x in hs],
                 ehr=arrays,
                 meta=meta,
+                kind=_study_kind(hs),
             )
         )
     for subject in sorted(ehr_subjects - {s for s, _ in chosen}):
@@ -230,6 +231,7 @@ def prepare(
         "max_events": cfg.ehr.max_events,
         "vocab": vocab.to_json(),
         "salt": pz.fingerprint(),
+        **({"volume": cfg.volume.model_dump(mode="json")} if cfg.volume.enabled else {}),
     }
     todo, records = [], {}
     for name, split, specs in plan:
@@ -277,6 +279,14 @@ def prepare(
     result = _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
     result.seconds = clock.laps
     return result
+
+
+def _study_kind(headers: list[Any]) -> str:
+    """ "ct" for a study holding a CT series (several CT slices, or an enhanced multi-frame CT),
+    else "image" (one 2-D image is kept)."""
+    ct = [h for h in headers if h.safe.get("modality") == "CT"]
+    multi = any((h.safe.get("number_of_frames") or 1) > 1 for h in ct)
+    return "ct" if multi or len(ct) >= 2 else "image"
 
 
 def _group_studies(headers: list[Any], id_map: dict[str, str] | None) -> dict[tuple[str, str], list[Any]]:

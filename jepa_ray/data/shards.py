@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jepa_ray.config import ImageConfig, StorageConfig
+from jepa_ray.config import ImageConfig, StorageConfig, VolumeConfig
 from jepa_ray.data.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class SampleSpec:
     dicoms: list[tuple[str, str]]
     ehr: dict[str, np.ndarray] | None  # the ehr.npz arrays (encoded by the shard task)
     meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = "image"  # "image": one 2-D image of the study; "ct": the study's CT series as a volume
 
 
 def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -151,8 +152,14 @@ def shard_fingerprint(shard: str, samples: list[SampleSpec], context: dict[str, 
     return h.hexdigest()
 
 
-def decode_images(samples: list[list[tuple[str, str]]], image_cfg: ImageConfig) -> list[dict[str, Any]]:
-    """Decode each sample's image: the first of its study's DICOMs that decodes.
+def decode_images(
+    samples: list[list[tuple[str, str]]],
+    image_cfg: ImageConfig,
+    volume_cfg: VolumeConfig | None = None,
+    kinds: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Decode each sample's image: the first of its study's DICOMs that decodes, or, for a sample
+    of kind "ct", its CT series as one volume (`_decode_ct`).
 
     Per sample: {"image": .npy bytes or None, "meta": image metadata, "quarantine": records of the
     files that failed, "skipped": records of the study's other images, left out}.
@@ -161,7 +168,10 @@ def decode_images(samples: list[list[tuple[str, str]]], image_cfg: ImageConfig) 
     from jepa_ray.errors import InvalidDicomError
 
     out: list[dict[str, Any]] = []
-    for dicoms in samples:
+    for dicoms, kind in zip(samples, kinds or ["image"] * len(samples), strict=True):
+        if kind == "ct":
+            out.append(_decode_ct(dicoms, volume_cfg))
+            continue
         res: dict[str, Any] = {"image": None, "meta": {}, "quarantine": [], "skipped": []}
         for path, source in dicoms:
             if res["image"] is not None:
@@ -184,6 +194,61 @@ def decode_images(samples: list[list[tuple[str, str]]], image_cfg: ImageConfig) 
             res["meta"] = {"image": image_meta, "dicom": header.safe}
         out.append(res)
     return out
+
+
+def _decode_ct(dicoms: list[tuple[str, str]], cfg: VolumeConfig | None) -> dict[str, Any]:
+    """A CT study -> the windowed volume (C, Z, Y, X) float16 of its largest series; the other
+    series are skipped, a series that is not one regular volume is quarantined (one record, the
+    reason of `jepa_ray.data.series`), and so is every file that cannot be read."""
+    from jepa_ray.data.dicom import read_header
+    from jepa_ray.data.series import group_series, read_volume
+    from jepa_ray.errors import InvalidDicomError
+
+    res: dict[str, Any] = {"image": None, "meta": {}, "quarantine": [], "skipped": []}
+    source = dict(dicoms)
+    if cfg is None or not cfg.enabled:
+        res["skipped"] = [
+            {
+                "input": src,
+                "reason": "ct_series_not_ingested",
+                "detail": "a CT series slice: set prepare.volume.enabled=true to ingest CT series as volumes",
+            }
+            for _, src in dicoms
+        ]
+        return res
+    series, problems = group_series(path for path, _ in dicoms)
+    res["quarantine"] += [
+        {"input": source[e.path], "kind": "dicom", "reason": e.reason, "detail": e.detail} for e in problems
+    ]
+    ranked = sorted(series.values(), key=lambda refs: (-len(refs), min(r.path for r in refs)))
+    for refs in ranked[1:]:
+        res["skipped"] += [
+            {
+                "input": source[p],
+                "reason": "extra_series_in_study",
+                "detail": "one CT series per study is kept (the one with the most slices)",
+            }
+            for p in sorted({r.path for r in refs})
+        ]
+    if not ranked:
+        return res
+    try:
+        volume, meta = read_volume(ranked[0], cfg)
+    except InvalidDicomError as e:
+        files = sorted({r.path for r in ranked[0]})
+        res["quarantine"].append(
+            {
+                "input": source[e.path],
+                "kind": "dicom",
+                "reason": e.reason,
+                "detail": f"{e.detail} (a series of {len(files)} files, all left out)",
+                "count": len(files),
+            }
+        )
+        return res
+    res["image"] = encode_npy(volume.astype(np.float16))
+    res["meta"] = {"image": meta, "dicom": read_header(ranked[0][0].path).safe}
+    return res
 
 
 class TarWriter:
@@ -265,6 +330,7 @@ def write_shard(
                 writer.write(sample)
                 counts["samples"] += 1
                 counts["image"] += image is not None
+                counts["volume"] += dec["meta"].get("image", {}).get("kind") == "ct_volume"
                 counts["ehr"] += spec.ehr is not None
                 counts["paired"] += image is not None and spec.ehr is not None
                 sites[meta.get("site", "site-unknown")] += 1
@@ -284,6 +350,7 @@ def write_shard(
         "image": counts["image"],
         "ehr": counts["ehr"],
         "paired": counts["paired"],
+        "volume": counts["volume"],
         "bytes": size,
         "sha256": sha.hexdigest(),
         "sites": dict(sites),

@@ -4,6 +4,8 @@ Three latent factors per subject (`cardiac`, `lung`, `frailty`) drive the images
 outcomes. Layout under `out`:
 
     dicom/site<k>/<study:06d>/1.dcm   chest radiographs (CR/DX), fake PHI in the headers
+    dicom/site<k>/<study:06d>/NNN.dcm chest CT series, one file per slice (`ct_fraction` of the
+                                      studies; file names not in spatial order)
     meds/data/<i>.parquet             MEDS events: subject_id, time, code, numeric_value
     meds/metadata/dataset.json        MEDS dataset metadata
     meds/metadata/codes.parquet       code, description, parent_codes
@@ -34,6 +36,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 
 import jepa_ray
 from jepa_ray.config import SynthConfig
+from jepa_ray.data.ct_phantom import CTStudy, write_ct_series
 from jepa_ray.data.phantom import SITES, UID_ROOT, Radiograph, write_radiograph
 
 logger = logging.getLogger(__name__)
@@ -205,8 +208,9 @@ def _fake_name(rng: np.random.Generator, given: tuple[str, ...]) -> str:
 
 def _plan_images(
     cfg: SynthConfig, seed: int, co: _Cohort, rng: np.random.Generator
-) -> tuple[list[Radiograph], list[str]]:
-    """One `Radiograph` per study (paths numbered in a shuffled order) and the PHI strings they carry."""
+) -> tuple[list[Radiograph | CTStudy], list[str]]:
+    """One `Radiograph` (or, for `ct_fraction` of them, a `CTStudy`) per study (paths numbered in a
+    shuffled order) and the PHI strings they carry."""
     j2k = get_encoder(JPEG2000Lossless).is_available
     if not j2k:
         logger.warning("no JPEG 2000 encoder available: compressed images all use RLE Lossless")
@@ -222,6 +226,7 @@ def _plan_images(
     alphabet = np.array(list("ABCDEFGHJKLMNPQRSTUVWXYZ23456789"))
     names: dict[int, str] = {}
     jobs, phi = [], []
+    ct_draw = np.random.default_rng([seed, 7])
     for k, (i, j) in enumerate(subjects):
         s = SITES[co.site[i]]
         if i not in names:
@@ -269,23 +274,62 @@ def _plan_images(
             series_uid=uids[1],
             sop_uid=uids[2],
         )
+        if ct_draw.random() < cfg.ct_fraction:  # its own stream: radiographs do not depend on it
+            job = _as_ct(job, cfg, ct_draw)
+            uids += [job.frame_uid, *job.sop_uids]
         jobs.append(job)
         phi += [job.patient_name, *job.patient_name.split("^"), job.physician, *job.physician.split("^")]
         phi += [job.patient_id, job.birth_date, s.institution, acc, date, *uids]
     return jobs, sorted(set(phi))
 
 
-def _write_images(jobs: list[Radiograph], out: Path, workers: int) -> None:
+def _as_ct(job: Radiograph, cfg: SynthConfig, rng: np.random.Generator) -> CTStudy:
+    """The same study as a chest CT series: the same subject, site, time and identifiers."""
+    fov = rng.uniform(330, 400)  # mm, the reconstruction field of view
+    uids = [str(generate_uid(f"{UID_ROOT}4.", [job.sop_uid, str(k)])) for k in range(cfg.ct_slices + 1)]
+    return CTStudy(
+        path=job.path.rsplit("/", 1)[0],
+        entropy=(*job.entropy, 7),
+        z=job.z,
+        thorax=job.thorax,
+        site=job.site,
+        size=cfg.ct_size,
+        slices=cfg.ct_slices,
+        spacing=round(fov / cfg.ct_size, 4),
+        step=round(rng.uniform(270, 320) / cfg.ct_slices, 3),  # apex to base
+        noise=float(rng.uniform(8, 25)),
+        patient_name=job.patient_name,
+        patient_id=job.patient_id,
+        birth_date=job.birth_date,
+        sex=job.sex,
+        age=job.age,
+        physician=job.physician,
+        accession=job.accession,
+        study_date=job.study_date,
+        study_time=job.study_time,
+        study_uid=job.study_uid,
+        series_uid=job.series_uid,
+        frame_uid=uids[0],
+        sop_uids=tuple(uids[1:]),
+    )
+
+
+def write_study(job: Radiograph | CTStudy, root: str) -> int:
+    """Write one study's files (a radiograph, or a CT series); returns the bytes written."""
+    return write_ct_series(job, root) if isinstance(job, CTStudy) else write_radiograph(job, root)
+
+
+def _write_images(jobs: list[Radiograph | CTStudy], out: Path, workers: int) -> None:
     """Write every image, in this process or in a pool; the bytes do not depend on which."""
     if workers <= 1:
         for k, job in enumerate(jobs):
-            write_radiograph(job, str(out))
+            write_study(job, str(out))
             if (k + 1) % 500 == 0:
                 logger.info("wrote %d / %d images", k + 1, len(jobs))
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = [pool.submit(write_radiograph, job, str(out)) for job in jobs]
+        futures = [pool.submit(write_study, job, str(out)) for job in jobs]
         for k, f in enumerate(futures):
             f.result()
             if (k + 1) % 500 == 0:
@@ -519,8 +563,9 @@ def write_cohort(out: Path, cfg: SynthConfig, *, workers: int = 1) -> dict[str, 
         "subjects": cfg.subjects,
         "studies": len(jobs),
         "images": len(jobs),
+        "ct_series": sum(isinstance(j, CTStudy) for j in jobs),
         "events": n_events,
-        "compressed_images": sum(bool(j.compression) for j in jobs),
+        "compressed_images": sum(bool(getattr(j, "compression", "")) for j in jobs),
         "image_only": int((co.has_image & ~co.has_ehr).sum()),
         "ehr_only": int((co.has_ehr & ~co.has_image).sum()),
         "both": int((co.has_image & co.has_ehr).sum()),

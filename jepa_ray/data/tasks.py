@@ -106,8 +106,11 @@ def write_shards(
             while queue and len(pending) < max_shards:
                 name, split, fp, specs = queue.popleft()
                 # decode tasks get only the paths; the EHR arrays and metadata go to the writer alone
-                chunks = [[s.dicoms for s in specs[i : i + step]] for i in range(0, len(specs), step)]
-                refs = [decode.remote(c, cfg.image) for c in chunks]
+                chunks = [specs[i : i + step] for i in range(0, len(specs), step)]
+                refs = [
+                    decode.remote([s.dicoms for s in c], cfg.image, cfg.volume, [s.kind for s in c])
+                    for c in chunks
+                ]
                 pending[write.remote(name, split, fp, specs, out, cfg.storage, *refs)] = name
             done, _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(done[0])
