@@ -270,6 +270,11 @@ class MaskConfig(_Strict):
         (0.85, 1.0), description="Context block scale range, before the targets are removed from it."
     )
     min_context_patches: int = Field(10, ge=1, description="Fewest patches the image context may keep.")
+    through_depth: bool = Field(
+        True,
+        description="3-D: blocks span every slice (drawn on the in-plane grid, as V-JEPA masks through "
+        "time); off: 3-D blocks.",
+    )
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     @field_validator("target_scale", "context_scale")
@@ -290,8 +295,21 @@ class MaskConfig(_Strict):
 class PipelineConfig(_Strict):
     """The Ray Data pipeline from shards to masked, batched training inputs."""
 
+    dims: Literal[2, 3] = Field(
+        2,
+        description="2: radiographs (image_size, patch_size); 3: CT volumes from shards prepared with "
+        "prepare.volume.enabled (volume_size, tubelet). A run uses one kind; the samples' images of "
+        "the other kind are left out (their EHR is kept).",
+    )
     image_size: int = Field(224, ge=16, description="Side of the model's input image (a crop resized).")
     patch_size: int = Field(16, ge=1, description="ViT patch side; image_size must be a multiple.")
+    volume_size: tuple[int, int, int] = Field(
+        (32, 96, 96),
+        description="3-D: the model's input volume (slices, rows, columns), resized from the shards'.",
+    )
+    tubelet: tuple[int, int, int] = Field(
+        (4, 16, 16), description="3-D: patch size (slices, rows, columns); volume_size must be a multiple."
+    )
     crop_scale: tuple[float, float] = Field(
         (0.8, 1.0), description="Random resized crop: area range, as a fraction of the stored image."
     )
@@ -329,6 +347,17 @@ class PipelineConfig(_Strict):
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         grid = (self.image_size // self.patch_size) ** 2
+        if self.dims == 3:
+            bad = [
+                f"{v} by {t}" for v, t in zip(self.volume_size, self.tubelet, strict=True) if t < 1 or v % t
+            ]
+            if bad:
+                raise ValueError(
+                    f"volume_size {self.volume_size} is not a multiple of tubelet {self.tubelet}"
+                )
+            axes = [v // t for v, t in zip(self.volume_size, self.tubelet, strict=True)]
+            # blocks through depth: the context is counted on one slice of the grid
+            grid = axes[1] * axes[2] if self.mask.through_depth else axes[0] * axes[1] * axes[2]
         if self.mask.min_context_patches >= grid:
             raise ValueError(f"mask.min_context_patches must be below the {grid} patches of the image")
         for name in ("crop_scale", "crop_aspect"):
@@ -359,6 +388,12 @@ class ModelConfig(_Strict):
     mlp_ratio: float = Field(4.0, gt=0, description="Hidden width of the MLPs, as a multiple of the width.")
     loss: Literal["l2", "smooth_l1"] = Field(
         "l2", description="Distance between predicted and target latents."
+    )
+    activation_checkpointing: int = Field(
+        0,
+        ge=-1,
+        description="Encoder blocks, from the first, whose activations are recomputed in the backward "
+        "pass instead of kept (-1: every block): memory for compute, for 3-D token counts.",
     )
     ema: tuple[float, float] = Field(
         (0.996, 1.0), description="EMA momentum of the target encoder: linear from the first to the second."

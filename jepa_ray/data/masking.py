@@ -16,6 +16,9 @@ the union of the image target blocks covers ~mask_ratio of the image patches, an
 EHR tokens are targets (`ehr_mask_ratio` when set). A policy that needs a modality the sample
 lacks is never chosen.
 
+On a 3-D grid (CT volumes) the blocks are drawn on the in-plane grid and span every slice
+(`mask.through_depth`, as V-JEPA masks through time), or are 3-D blocks.
+
 Masks are boolean arrays over a flat token index (patches in row-major order; EHR tokens as laid
 out by `transform.EhrLayout`); `mask_indices` (torch, on the trainer side) turns a batch of them into
 the padded index tensors the model gathers with. Unlike the reference collator, block scale and
@@ -120,6 +123,10 @@ def image_masks(
     The context keeps at least `min_context_patches` (or every non-target patch when the region
     is too small for that).
     """
+    if len(grid) == 3 and cfg.through_depth:  # in-plane blocks through every slice (V-JEPA's tubes)
+        ctx, tgt = image_masks(rng, grid[1:], cfg, region[1:] if region else None)
+        depth, plane = grid[0], ctx.size
+        return np.tile(ctx, depth), np.tile(tgt, (1, depth)).reshape(cfg.num_target_blocks, depth * plane)
     region = region or tuple((0, g) for g in grid)
     lo_s, hi_s = target_scale_range(cfg, grid)
     lo_a, hi_a = (math.log(a) for a in cfg.target_aspect)

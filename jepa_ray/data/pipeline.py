@@ -71,13 +71,6 @@ def open_split(url: str, split: str, storage: StorageConfig | None = None) -> Sh
             f"{url}: {len(missing)} shard(s) of split {split!r} listed in the manifest are missing "
             f"(first: {missing[0]}); rerun `jepa-ray prepare` to rewrite them"
         )
-    volumes = manifest.get("counts", {}).get("volume", 0)
-    if volumes:
-        raise ShardError(
-            f"{url}: holds {volumes} CT volume(s) (prepared with prepare.volume.enabled); the training "
-            "pipeline and the model read 2-D images only so far (3-D patch embedding and masking are "
-            "the next step of CT support). Prepare without prepare.volume.enabled for 2-D training"
-        )
     counts = {s["name"]: s["samples"] for s in manifest["shards"]}
     return ShardSet(
         url=url,

@@ -9,7 +9,9 @@ A batch in: `key`, `shard` (str), `image` (.npy bytes or None), `ehr` (.npz byte
 (.json bytes). A batch out (B samples, S = image_size, N = (S/patch)^2 patches, L EHR tokens):
 
     key (B,) str · meta (B,) str (the sample's meta.json)
-    image (B, 1, S, S) float32, normalised; zeros where has_image is False
+    image (B, 1, S, S) float32, normalised; zeros where has_image is False. With
+        pipeline.dims=3: (B, C, Z, Y, X), one channel per CT window of the shards, Z/Y/X =
+        volume_size, N = the number of tubelets
     has_image, has_ehr (B,) bool
     ehr_code, ehr_time, ehr_value, ehr_value_present, ehr_valid (B, L): one token per static
         numeric feature, per static categorical feature, per static code and per event, in that
@@ -53,6 +55,10 @@ class FeatureSpec:
     cat_names: list[str]
     cat_sizes: list[int]  # embedding rows per categorical feature (missing + unknown + values)
     label_names: list[str] = field(default_factory=list)
+    stored_volume: tuple[int, int, int] | None = None  # (Z, Y, X) of the CT volumes, if any
+    volume_channels: int = 0  # CT windows stored per volume
+    images_2d: int = 0  # radiographs in the shard set
+    volumes: int = 0  # CT volumes in the shard set
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> FeatureSpec:
@@ -64,6 +70,7 @@ class FeatureSpec:
             if stats:
                 mean[i], std[i] = stats["mean"], stats["std"] if stats["std"] > 1e-6 else 1.0
         num = vocab["static_numeric"]
+        counts = manifest.get("counts", {})
         return cls(
             stored_size=int(manifest["image"]["size"]),
             vocab_size=len(codes),
@@ -75,11 +82,32 @@ class FeatureSpec:
             cat_names=[f["name"] for f in vocab["static_categorical"]],
             cat_sizes=[len(f["values"]) + 2 for f in vocab["static_categorical"]],
             label_names=list(vocab.get("labels", [])),
+            stored_volume=tuple(manifest["volume"]["size"]) if manifest.get("volume") else None,
+            volume_channels=len(manifest["volume"]["channels"]) if manifest.get("volume") else 0,
+            images_2d=int(counts.get("image", 0)) - int(counts.get("volume", 0)),
+            volumes=int(counts.get("volume", 0)),
         )
 
     def model_dims(self, cfg: PipelineConfig) -> dict[str, Any]:
-        """The input sizes a model needs to consume this pipeline's batches."""
+        """The input sizes a model needs to consume this pipeline's batches; ConfigError when the
+        shards hold no image of the kind `pipeline.dims` asks for (and some of the other)."""
+        from jepa_ray.errors import ConfigError
+
+        if cfg.dims == 3 and not self.volumes and self.images_2d:
+            raise ConfigError(
+                "pipeline.dims=3 trains on CT volumes, but these shards hold only 2-D images: prepare "
+                "a CT cohort with prepare.volume.enabled=true, or train with pipeline.dims=2"
+            )
+        if cfg.dims == 2 and self.volumes and not self.images_2d:
+            raise ConfigError(
+                f"these shards hold {self.volumes} CT volume(s) and no 2-D image: train on them with "
+                "pipeline.dims=3 (pipeline.volume_size, pipeline.tubelet)"
+            )
+        three = cfg.dims == 3
         return {
+            "channels": self.volume_channels if three else 1,
+            "volume_size": list(cfg.volume_size) if three else None,
+            "tubelet": list(cfg.tubelet) if three else None,
             "image_size": cfg.image_size,
             "patch_size": cfg.patch_size,
             "vocab_size": self.vocab_size,
@@ -126,6 +154,11 @@ class EhrLayout:
         return self.events.stop
 
 
+class OtherImageKind(Exception):
+    """A sample whose only content is an image of the kind this run does not train on (a
+    radiograph in a 3-D run, a CT volume in a 2-D run): left out, and not counted as bad."""
+
+
 class BadSample(Exception):
     """A sample that cannot be used (missing or undecodable field); carries the reason."""
 
@@ -136,8 +169,16 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, int.from_bytes(digest[:4]), int.from_bytes(digest[4:])])
 
 
-def decode_sample(image: bytes | None, ehr: bytes | None, meta: bytes | None, stored_size: int):
-    """(image (S0, S0) uint16 or None, ehr dict or None, meta dict); BadSample when unusable."""
+def decode_sample(
+    image: bytes | None,
+    ehr: bytes | None,
+    meta: bytes | None,
+    stored_size: int,
+    volume: tuple[int, ...] | None = None,
+):
+    """(image or None, ehr dict or None, meta dict); BadSample when unusable. The image is
+    (S0, S0) uint16 for a 2-D run (`volume` None), (C, Z0, Y0, X0) float16 for a 3-D run (`volume`
+    = the stored (C, Z0, Y0, X0)); an image of the other kind is left out (the sample keeps its EHR)."""
     if meta is None:
         raise BadSample("no meta.json")
     try:
@@ -147,18 +188,22 @@ def decode_sample(image: bytes | None, ehr: bytes | None, meta: bytes | None, st
     if not isinstance(m, dict):
         raise BadSample("meta.json is not an object")
     img = None
-    if m.get("has_image"):
+    is_volume = (m.get("image") or {}).get("kind") == "ct_volume"
+    if m.get("has_image") and is_volume == (volume is not None):
         if image is None:
             raise BadSample("meta says has_image but image.npy is missing")
         try:
             arr = decode_npy(image)
         except Exception as e:
             raise BadSample(f"image.npy does not decode ({type(e).__name__})") from None
-        if arr.shape != (1, stored_size, stored_size) or arr.dtype != np.uint16:
+        shape, dtype = (
+            ((1, stored_size, stored_size), np.uint16) if volume is None else (tuple(volume), np.float16)
+        )
+        if arr.shape != shape or arr.dtype != dtype:
             raise BadSample(
-                f"image.npy has shape {arr.shape} {arr.dtype}, expected (1, {stored_size}, {stored_size}) uint16"
+                f"image.npy has shape {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}"
             )
-        img = arr[0]
+        img = arr[0] if volume is None else arr
     arrays = None
     if m.get("has_ehr"):
         if ehr is None:
@@ -171,6 +216,8 @@ def decode_sample(image: bytes | None, ehr: bytes | None, meta: bytes | None, st
         if not need <= arrays.keys():
             raise BadSample(f"ehr.npz lacks {sorted(need - arrays.keys())}")
     if img is None and arrays is None:
+        if m.get("has_image"):
+            raise OtherImageKind("CT volume" if is_volume else "2-D image")
         raise BadSample("the sample has neither an image nor EHR")
     return img, arrays, m
 
@@ -282,11 +329,15 @@ def _ehr_arrays(arrays: dict[str, np.ndarray], spec: FeatureSpec, lay: EhrLayout
 def empty_batch(b: int, spec: FeatureSpec, cfg: PipelineConfig) -> dict[str, np.ndarray]:
     """Zero-filled output arrays for b samples."""
     s, L, m = cfg.image_size, EhrLayout.of(spec, cfg).tokens, cfg.mask.num_target_blocks
-    n = (s // cfg.patch_size) ** 2
+    if cfg.dims == 3:
+        image_shape = (spec.volume_channels, *cfg.volume_size)
+        n = math.prod(v // t for v, t in zip(cfg.volume_size, cfg.tubelet, strict=True))
+    else:
+        image_shape, n = (1, s, s), (s // cfg.patch_size) ** 2
     return {
         "key": np.empty(b, dtype=object),
         "meta": np.empty(b, dtype=object),
-        "image": np.zeros((b, 1, s, s), np.float32),
+        "image": np.zeros((b, *image_shape), np.float32),
         "has_image": np.zeros(b, bool),
         "has_ehr": np.zeros(b, bool),
         "ehr_code": np.zeros((b, L), np.int64),
@@ -316,13 +367,19 @@ def transform_batch(
     A sample that cannot be used is left out and reported as `on_bad(shard, key, reason)`.
     """
     keys = [str(k) for k in batch["key"]]
+    three = cfg.dims == 3
+    volume = (spec.volume_channels, *spec.stored_volume) if three and spec.stored_volume else None
+    if three and volume is None:
+        raise ShardError("pipeline.dims=3, but the shards hold no CT volumes (prepare.volume.enabled)")
     decoded, kept = [], []
     for i, key in enumerate(keys):
         try:
             decoded.append(
-                decode_sample(batch["image"][i], batch["ehr"][i], batch["meta"][i], spec.stored_size)
+                decode_sample(batch["image"][i], batch["ehr"][i], batch["meta"][i], spec.stored_size, volume)
             )
             kept.append(i)
+        except OtherImageKind:
+            continue
         except BadSample as e:
             if on_bad is None:
                 raise ShardError(f"shard {batch['shard'][i]}, sample {key}: {e}") from None
@@ -331,6 +388,7 @@ def transform_batch(
     layout = EhrLayout.of(spec, cfg)
     s0, s, p = spec.stored_size, cfg.image_size, cfg.patch_size
     g = s // p
+    grid = tuple(v // t for v, t in zip(cfg.volume_size, cfg.tubelet, strict=True)) if three else (g, g)
     boxes = np.zeros((len(kept), 5))
     jitter = np.tile([1.0, 1.0, 0.0], (len(kept), 1))
     valid = np.zeros((len(kept), 4))
@@ -344,7 +402,11 @@ def transform_batch(
         rng = sample_rng(cfg.seed, epoch, key)
         row = {name: out[name][j] for name in out if name.startswith("ehr_")}
         region = None
-        if img is not None:
+        if img is not None and three:
+            out["has_image"][j] = True
+            with_image.append(j)
+            boxes[j] = _crop_boxes(rng, cfg, volume[2], train)  # in-plane (Y0 = X0); every slice
+        elif img is not None:
             out["has_image"][j] = True
             with_image.append(j)
             crop = _crop_boxes(rng, cfg, s0, train)
@@ -361,12 +423,34 @@ def transform_batch(
         if arrays is not None:
             out["has_ehr"][j] = True
             _ehr_arrays(arrays, spec, layout, row)
-        masks = sample_masks(rng, (g, g), out["ehr_valid"][j], img is not None, cfg.mask, region)
+        masks = sample_masks(rng, grid, out["ehr_valid"][j], img is not None, cfg.mask, region)
         out["policy"][j] = masks.policy
         out["img_ctx"][j], out["img_tgt"][j] = masks.img_ctx, masks.img_tgt
         out["ehr_ctx"][j], out["ehr_tgt"][j] = masks.ehr_ctx, masks.ehr_tgt
     if with_image:
         idx = np.array(with_image)
         raw = np.stack([decoded[j][0] for j in with_image])
-        out["image"][idx] = _images(raw, boxes[idx], jitter[idx], valid[idx], cfg)
+        resize = _volumes if three else _images
+        out["image"][idx] = resize(raw, boxes[idx], jitter[idx], valid[idx], cfg)
     return out
+
+
+def _volumes(
+    raw: np.ndarray, boxes: np.ndarray, jitter: np.ndarray, valid: np.ndarray, cfg: PipelineConfig
+) -> np.ndarray:
+    """Crop (in plane, every slice kept) + trilinear resize to volume_size, normalisation, of a
+    batch of CT volumes: raw (B, C, Z0, Y0, X0) float16 windows in [0, 1]; boxes (B, 5) as for 2-D
+    images. The windows carry the intensity (HU), so there is no intensity jitter here."""
+    import torch
+    import torch.nn.functional as F
+
+    mean, std = cfg.normalize
+    out = torch.empty(raw.shape[0], raw.shape[1], *cfg.volume_size)
+    for i in range(raw.shape[0]):
+        y0, x0, h, w, flip = (round(float(v)) for v in boxes[i])
+        crop = torch.from_numpy(raw[i, :, :, y0 : y0 + max(h, 1), x0 : x0 + max(w, 1)].astype(np.float32))
+        crop = F.interpolate(crop[None], size=tuple(cfg.volume_size), mode="trilinear", align_corners=False)[
+            0
+        ]
+        out[i] = crop.flip(-1) if flip else crop
+    return ((out - mean) / std).numpy()

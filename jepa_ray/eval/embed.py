@@ -232,7 +232,7 @@ def extract(source: EncoderSource, data: str, splits: list[str], cfg: Config, ou
 
 def _check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> None:
     """The encoder must have been trained on shards with the same EHR vocabulary and features."""
-    model_dims = source.info["dims"]
+    model_dims = {"channels": 1, "volume_size": None, "tubelet": None, **source.info["dims"]}
     for k in (
         "vocab_size",
         "n_num",
@@ -241,6 +241,9 @@ def _check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> 
         "patch_size",
         "max_events",
         "max_static_codes",
+        "channels",
+        "volume_size",
+        "tubelet",
     ):
         if list(np.atleast_1d(model_dims[k])) != list(np.atleast_1d(data_dims[k])):
             raise ConfigError(

@@ -36,13 +36,15 @@ def gather(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class Encoder(nn.Module):
     """Image and EHR tokenizers feeding one transformer trunk, behind a always-visible global token."""
 
-    def __init__(self, dims: InputDims, width: int, depth: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(
+        self, dims: InputDims, width: int, depth: int, heads: int, mlp_ratio: float, checkpoint: int = 0
+    ) -> None:
         super().__init__()
         self.dims = dims
         self.image = ImageTokenizer(dims, width)
         self.ehr = EhrTokenizer(dims, width)
         self.global_token = learned(1, 1, width)
-        self.trunk = Trunk(width, depth, heads, mlp_ratio)
+        self.trunk = Trunk(width, depth, heads, mlp_ratio, checkpoint)
 
     def forward(
         self,
@@ -198,7 +200,7 @@ class JEPA(nn.Module):
         while p_width % p_heads:
             p_heads -= 1
         self.dims, self.cfg, self.width = dims, cfg, width
-        context = Encoder(dims, width, depth, heads, cfg.mlp_ratio)
+        context = Encoder(dims, width, depth, heads, cfg.mlp_ratio, cfg.activation_checkpointing)
         predictor = Predictor(dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio)
         self.student = Student(context, predictor, cfg.loss)
         init_weights(self.student)

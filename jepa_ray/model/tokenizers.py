@@ -7,6 +7,7 @@ The predictor's mask tokens carry exactly that, so it knows what it must predict
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,20 +28,26 @@ class InputDims:
     max_static_codes: int
     max_events: int
     num_target_blocks: int = 4
+    channels: int = 1  # image channels: 1 for radiographs, one per CT window for volumes
+    volume_size: tuple[int, ...] | None = None  # 3-D input (slices, rows, columns); None: 2-D
+    tubelet: tuple[int, ...] | None = None  # 3-D patch size
 
     @classmethod
     def from_dict(cls, d: dict) -> InputDims:
         keys = cls.__dataclass_fields__
-        return cls(**{k: tuple(v) if k == "cat_sizes" else v for k, v in d.items() if k in keys})
+        tuples = ("cat_sizes", "volume_size", "tubelet")
+        return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items() if k in keys})
 
     @property
-    def grid(self) -> tuple[int, int]:
+    def grid(self) -> tuple[int, ...]:
+        if self.volume_size is not None:
+            return tuple(v // t for v, t in zip(self.volume_size, self.tubelet, strict=True))
         g = self.image_size // self.patch_size
         return (g, g)
 
     @property
     def patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return math.prod(self.grid)
 
     @property
     def ehr_tokens(self) -> int:
@@ -48,16 +55,20 @@ class InputDims:
 
 
 class ImageTokenizer(nn.Module):
-    """Patch embedding (a strided convolution) + fixed sin-cos positions + an image modality vector."""
+    """Patch embedding (a strided convolution: 2-D patches, or 3-D tubelets of a volume) + fixed
+    sin-cos positions over the 2-D or 3-D patch grid + an image modality vector."""
 
     def __init__(self, dims: InputDims, width: int) -> None:
         super().__init__()
-        self.patch = nn.Conv2d(1, width, dims.patch_size, stride=dims.patch_size)
+        if dims.volume_size is not None:
+            self.patch = nn.Conv3d(dims.channels, width, dims.tubelet, stride=dims.tubelet)
+        else:
+            self.patch = nn.Conv2d(dims.channels, width, dims.patch_size, stride=dims.patch_size)
         self.register_buffer("pos", sincos_grid(dims.grid, width), persistent=False)  # (N, D)
         self.modality = learned(width)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) -> (B, N, D) patch tokens."""
+        """(B, C, S, S) or (B, C, Z, Y, X) -> (B, N, D) patch tokens, N in row-major grid order."""
         x = self.patch(image).flatten(2).transpose(1, 2)
         return x + self.pos + self.modality
 

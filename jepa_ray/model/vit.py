@@ -2,8 +2,8 @@
 
 Pre-norm blocks on `scaled_dot_product_attention` with a key-padding mask, so that a batch of
 token sets of different sizes (visible patches, EHR tokens) runs as one padded tensor; fixed
-sin-cos positional embeddings written for any number of spatial axes (2-D radiographs today,
-3-D CT volumes later).
+sin-cos positional embeddings written for any number of spatial axes (2-D radiographs, 3-D CT
+volumes).
 """
 
 from __future__ import annotations
@@ -78,16 +78,27 @@ class Block(nn.Module):
 
 
 class Trunk(nn.Module):
-    """A stack of blocks and a final norm over (B, T, D) tokens with a (B, T) keep mask."""
+    """A stack of blocks and a final norm over (B, T, D) tokens with a (B, T) keep mask.
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    The first `checkpoint` blocks (-1: all) recompute their activations in the backward pass
+    instead of keeping them (activation checkpointing), when gradients are being recorded.
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, checkpoint: int = 0) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+        self.checkpoint = depth if checkpoint < 0 else min(checkpoint, depth)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, keep)
+        from torch.utils.checkpoint import checkpoint
+
+        recompute = self.checkpoint and torch.is_grad_enabled() and self.training
+        for i, block in enumerate(self.blocks):
+            if recompute and i < self.checkpoint:
+                x = checkpoint(block, x, keep, use_reentrant=False)
+            else:
+                x = block(x, keep)
         return self.norm(x)
 
 

@@ -21,7 +21,7 @@ from jepa_ray.data.pipeline import open_split
 from jepa_ray.data.prepare import prepare
 from jepa_ray.data.shards import decode_npy
 from jepa_ray.data.synth import cohort_inputs, write_cohort
-from jepa_ray.errors import ShardError
+from jepa_ray.errors import ConfigError
 
 VOLUME = ["prepare.volume.enabled=true", "prepare.volume.size=[16,40,40]", "prepare.volume.spacing=[20,9,9]"]
 
@@ -96,8 +96,16 @@ def test_prepare_ingests_each_ct_series_as_one_volume(ct_cohort, tmp_path, ray_s
         pd.Series([cardiac[s] for s in subjects]), "spearman"
     )
     assert rho > 0.4, rho
-    with pytest.raises(ShardError, match=r"holds \d+ CT volume\(s\).*read 2-D images only so far"):
-        open_split(str(out), "train")
+    spec = open_split(str(out), "train").spec  # a mixed cohort: either kind can be trained on
+    assert (
+        spec.stored_volume == (16, 40, 40) and spec.volume_channels == 2 and spec.volumes and spec.images_2d
+    )
+    three = load_config(
+        overrides=["pipeline.dims=3", "pipeline.volume_size=[8,32,32]", "pipeline.tubelet=[4,8,8]"]
+    )
+    dims = spec.model_dims(three.pipeline)
+    assert dims["channels"] == 2 and dims["volume_size"] == [8, 32, 32] and dims["tubelet"] == [4, 8, 8]
+    assert spec.model_dims(load_config().pipeline)["volume_size"] is None
 
 
 def test_a_broken_series_is_quarantined_and_ct_is_skipped_when_volumes_are_off(
@@ -124,3 +132,7 @@ def test_a_broken_series_is_quarantined_and_ct_is_skipped_when_volumes_are_off(
     assert len(skipped) == 14 * summary["ct_series"] and "prepare.volume.enabled=true" in skipped[0]["detail"]
     assert manifest["counts"]["image"] == summary["images"] - summary["ct_series"]
     assert manifest["counts"]["volume"] == 0 and manifest["volume"] is None
+    with pytest.raises(
+        ConfigError, match=r"pipeline\.dims=3 trains on CT volumes, but these shards hold only 2-D"
+    ):
+        open_split(str(out2), "train").spec.model_dims(load_config(overrides=["pipeline.dims=3"]).pipeline)
