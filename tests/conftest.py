@@ -85,3 +85,36 @@ def small_shards(small_cohort, tmp_path_factory, ray_session):
     cfg = load_config(overrides=["prepare.image.size=64", "prepare.shards.max_samples=8"]).prepare
     prepare(str(out), cfg, **cohort_inputs(small_cohort))
     return out
+
+
+CT_VOLUME = [
+    "prepare.volume.enabled=true",
+    "prepare.volume.size=[16,40,40]",
+    "prepare.volume.spacing=[20,9,9]",
+]
+
+
+@pytest.fixture(scope="session")
+def ct_cohort(tmp_path_factory):
+    """A small cohort in which 60% of the studies are chest-CT series (14 slices of 40x40)."""
+    from jepa_ray.config import SynthConfig
+    from jepa_ray.data.synth import write_cohort
+
+    root = tmp_path_factory.mktemp("ct") / "cohort"
+    cfg = SynthConfig(
+        subjects=24, seed=5, ct_fraction=0.6, ct_size=40, ct_slices=14, min_size=96, max_size=128
+    )
+    return root, write_cohort(root, cfg)
+
+
+@pytest.fixture(scope="session")
+def ct_shards(ct_cohort, tmp_path_factory, ray_session):
+    """The CT cohort prepared with volumes (16x40x40, lung and mediastinum windows) and 64 px radiographs."""
+    from jepa_ray.config import load_config
+    from jepa_ray.data.prepare import prepare
+    from jepa_ray.data.synth import cohort_inputs
+
+    out = tmp_path_factory.mktemp("ct-shards")
+    cfg = load_config(overrides=[*CT_VOLUME, "prepare.image.size=64"]).prepare
+    assert prepare(str(out), cfg, **cohort_inputs(ct_cohort[0])).ok
+    return out

@@ -117,8 +117,12 @@ def embed_batch(model, b: dict[str, Any], regions: int) -> dict[str, Any]:
     image, ehr, joint = (model.encode(b, m) for m in ("image", "ehr", "both"))
     patches = image["tokens"][:, 1 : 1 + n]  # (B, N, D)
     grid = patches.transpose(1, 2).reshape(bsz, width, *dims.grid)
-    r = min(regions, *dims.grid)
-    img_tokens = F.adaptive_avg_pool2d(grid, r).flatten(2).transpose(1, 2)  # (B, r*r, D)
+    if len(dims.grid) == 3:  # a volume: r x r in-plane regions, each averaged through the slices
+        r = min(regions, *dims.grid[1:])
+        img_tokens = F.adaptive_avg_pool3d(grid, (1, r, r)).flatten(2).transpose(1, 2)  # (B, r*r, D)
+    else:
+        r = min(regions, *dims.grid)
+        img_tokens = F.adaptive_avg_pool2d(grid, r).flatten(2).transpose(1, 2)  # (B, r*r, D)
     ehr_tokens = _ehr_slots(model, b, ehr)  # (B, L, D), zeros at padding
     ehr_keep = b["ehr_valid"] & b["has_ehr"].unsqueeze(-1)
 

@@ -175,9 +175,11 @@ def fit_cox(
     the best validation likelihood (checked every 10 steps; the last ones without validation)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     tf, ef = torch.as_tensor(t_fit, dtype=torch.float32), torch.as_tensor(e_fit, dtype=torch.bool)
-    has_val = x_val is not None and e_val is not None and e_val.any()
+    # a partial likelihood needs two samples and an event: with less, the last weights are kept
+    has_val = x_val is not None and e_val is not None and np.size(e_val) >= 2 and bool(np.any(e_val))
     if has_val:
-        tv, ev = torch.as_tensor(t_val, dtype=torch.float32), torch.as_tensor(e_val, dtype=torch.bool)
+        tv = torch.as_tensor(t_val, dtype=torch.float32).reshape(-1)
+        ev = torch.as_tensor(e_val, dtype=torch.bool).reshape(-1)
     gen = torch.Generator().manual_seed(0)
     best, best_loss = copy.deepcopy(model.state_dict()), float("inf")
     n = len(tf)
@@ -193,7 +195,7 @@ def fit_cox(
         if has_val and (step % 10 == 9 or step == steps - 1):
             model.eval()
             with torch.no_grad():
-                v = float(neg_partial_log_likelihood(model(x_val), ev, tv))
+                v = float(neg_partial_log_likelihood(model(x_val).reshape(-1), ev, tv))
             if v < best_loss:
                 best, best_loss = copy.deepcopy(model.state_dict()), v
     if has_val:
@@ -361,11 +363,13 @@ def _scores(
     out = {"n": len(time), "events": int(event.sum())}
     if not event.any():
         return out | {"note": "no events"}
+    if not _comparable(time, event):
+        return out | {"note": "no comparable pairs (no event before another sample's time)"}
     out["harrell"] = harrell(time, event, risk)
     out["uno"] = uno(*train, time, event, risk)
 
     def has_events(t, e, r):
-        return bool(e.any())
+        return _comparable(t, e)
 
     out["ci95"] = {
         "harrell": bootstrap_ci(harrell, (time, event, risk), bootstrap, seed, has_events),
@@ -374,6 +378,11 @@ def _scores(
         ),
     }
     return out
+
+
+def _comparable(time: np.ndarray, event: np.ndarray) -> bool:
+    """Whether a c-index is defined: some event happens before another sample's time."""
+    return bool(event.any()) and bool((time[event.astype(bool)].min() < time).any())
 
 
 def _cannot_fit(name: str, fit: FusionInputs) -> str | None:

@@ -97,9 +97,19 @@ def _export(ckpt: Path, url: str, out: Path) -> tuple[Path, Path]:
     meta = {
         "dims": state["dims"],
         "model": state["config"]["model"],
-        "pipeline": {
+        "pipeline": {  # what evaluation must feed the encoder (2-D or 3-D, sizes, EHR lengths)
             k: pipeline[k]
-            for k in ("image_size", "patch_size", "normalize", "max_events", "max_static_codes")
+            for k in (
+                "dims",
+                "image_size",
+                "patch_size",
+                "volume_size",
+                "tubelet",
+                "normalize",
+                "max_events",
+                "max_static_codes",
+            )
+            if k in pipeline
         },
         "step": state["step"],
         "checkpoint": url,

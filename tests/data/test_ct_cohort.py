@@ -1,7 +1,7 @@
 """CT end to end through the data side: `synth` writes chest-CT series driven by the latents,
 `prepare` (with prepare.volume.enabled) ingests each study's series as one windowed volume,
-quarantines a broken series with its reason, skips CT when volumes are off; the training pipeline
-refuses volume shards with a clear message until 3-D training exists."""
+quarantines a broken series with its reason, skips CT when volumes are off; the pipeline's feature
+spec tells a 2-D or a 3-D run what the shards hold."""
 
 from __future__ import annotations
 
@@ -13,27 +13,18 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import CT_VOLUME
 
-from jepa_ray.config import SynthConfig, load_config
+from jepa_ray.config import load_config
 from jepa_ray.data.deid import Pseudonymizer
 from jepa_ray.data.local import read_samples
 from jepa_ray.data.pipeline import open_split
 from jepa_ray.data.prepare import prepare
 from jepa_ray.data.shards import decode_npy
-from jepa_ray.data.synth import cohort_inputs, write_cohort
+from jepa_ray.data.synth import cohort_inputs
 from jepa_ray.errors import ConfigError
 
-VOLUME = ["prepare.volume.enabled=true", "prepare.volume.size=[16,40,40]", "prepare.volume.spacing=[20,9,9]"]
-
-
-@pytest.fixture(scope="module")
-def ct_cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ct") / "cohort"
-    cfg = SynthConfig(
-        subjects=24, seed=5, ct_fraction=0.6, ct_size=40, ct_slices=14, min_size=96, max_size=128
-    )
-    summary = write_cohort(root, cfg)
-    return root, summary
+VOLUME = CT_VOLUME
 
 
 def _series_dirs(root: Path) -> list[Path]:
@@ -56,13 +47,9 @@ def test_synth_writes_ct_series_with_scanner_headers(ct_cohort):
     assert {h.SOPInstanceUID for h in headers} <= phi and str(headers[0].PatientName) in phi
 
 
-def test_prepare_ingests_each_ct_series_as_one_volume(ct_cohort, tmp_path, ray_session):
+def test_prepare_ingests_each_ct_series_as_one_volume(ct_cohort, ct_shards):
     root, summary = ct_cohort
-    out = tmp_path / "shards"
-    result = prepare(
-        str(out), load_config(overrides=[*VOLUME, "prepare.image.size=64"]).prepare, **cohort_inputs(root)
-    )
-    assert result.ok
+    out = ct_shards
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["volume"] == summary["ct_series"]
     assert manifest["volume"]["channels"] == ["lung", "mediastinum"] and manifest["volume"]["size"] == [

@@ -221,3 +221,22 @@ def test_ehr_mask_ratio_sets_the_ehr_targets_apart_from_the_image_ratio():
     assert np.mean(fractions[IMAGE_INTRA]) == pytest.approx(0.3, abs=0.1)  # the image keeps mask_ratio
     unset = sample_masks(np.random.default_rng(0), (8, 8), _valid(20, 24), False, MaskConfig(mask_ratio=0.3))
     assert unset.ehr_tgt.sum() == 6  # default: mask_ratio for both
+
+
+@pytest.mark.parametrize("through_depth", [True, False])
+def test_3d_masks_cover_the_ratio_and_tubes_run_through_depth(through_depth):
+    cfg = MaskConfig(mask_ratio=0.5, min_context_patches=4, through_depth=through_depth)
+    grid = (4, 6, 6)
+    rng = np.random.default_rng(0)
+    hidden, context = [], []
+    for _ in range(200):
+        ctx, tgt = image_masks(rng, grid, cfg)
+        union = tgt.any(0)
+        assert not (ctx & union).any() and ctx.sum() >= 4
+        if through_depth:  # the same in-plane mask on every slice
+            assert (ctx.reshape(4, 36) == ctx.reshape(4, 36)[0]).all()
+            assert (tgt.reshape(-1, 4, 36) == tgt.reshape(-1, 4, 36)[:, :1]).all()
+        hidden.append(union.mean())
+        context.append(ctx.mean())
+    assert abs(np.mean(hidden) - 0.5) < 0.08, np.mean(hidden)
+    assert 0.25 < np.mean(context) < 0.6

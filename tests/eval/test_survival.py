@@ -149,3 +149,15 @@ def test_ehr_only_data_scores_the_ehr_heads_and_says_why_the_others_are_missing(
     assert res["cindex"]["ehr"]["test"]["harrell"] > 0.55
     for name in ("image", "late_fusion", "contrastive", "cross_attention", "co_attention"):
         assert res["cindex"][name]["test"] == {"note": "no image in the fit split"}
+
+
+def test_a_split_without_comparable_pairs_gets_a_note_not_a_crash():
+    from jepa_ray.eval.survival import _scores
+
+    time = np.array([5.0, 7.0, 9.0, 12.0])
+    train = (np.array([1.0, 4.0, 8.0, 20.0]), np.array([True, False, True, False]))
+    only_last = np.array([False, False, False, True])  # the one event comes after every other time
+    out = _scores(time, only_last, np.arange(4.0), train, bootstrap=10, seed=0)
+    assert "harrell" not in out and out["note"].startswith("no comparable pairs") and out["events"] == 1
+    out = _scores(time, np.array([True, False, False, False]), np.arange(4.0), train, bootstrap=10, seed=0)
+    assert out["harrell"] == 0.0 and "note" not in out  # defined: the earliest event had the lowest risk
