@@ -8,7 +8,8 @@ Every failure raises `InvalidDicomError(path, reason, detail)`; `reason` is one 
 - `unreadable_header`: pydicom cannot parse the header (corrupt, not truncated).
 - `no_pixel_data`: no (Float/DoubleFloat) PixelData element, e.g. an RT plan or a structured report.
 - `bad_geometry`: Rows/Columns/BitsAllocated missing or zero, or NumberOfFrames not an integer.
-- `multi_frame`: NumberOfFrames > 1; 3-D volumes and cine are a later feature.
+- `multi_frame`: NumberOfFrames > 1 where a 2-D image is read (an enhanced CT is read as a volume
+  by `jepa_ray.data.series`, with prepare.volume.enabled; cine is not supported).
 - `unsupported_photometric`: not MONOCHROME1/MONOCHROME2 (RGB, YBR_*, PALETTE COLOR): grey only.
 - `decode_failed`: no codec for the transfer syntax, a corrupt stream, or an unexpected decoder error.
 - `empty_image`: constant or all-NaN pixels.
@@ -415,8 +416,8 @@ def _check_pixel_module(ds: Dataset, path: str, header: DicomHeader) -> tuple[in
         raise InvalidDicomError(
             path,
             "multi_frame",
-            f"{frames} frames: multi-frame images (3-D volumes, cine) are a later feature; "
-            "only single-frame 2-D images are read today",
+            f"{frames} frames: not a 2-D image (an enhanced CT is ingested as a volume with "
+            "prepare.volume.enabled=true; cine is not supported)",
         )
     return rows, cols
 

@@ -266,15 +266,24 @@ def assemble(refs: list[SliceRef], cfg: VolumeConfig) -> Volume:
 
 
 def resample(volume: Volume, cfg: VolumeConfig) -> np.ndarray:
-    """Trilinear resampling to `cfg.spacing`, then a centred crop or pad (with `cfg.pad_hu`) to
-    `cfg.size`: (Z, Y, X) float32 in HU."""
-    from scipy.ndimage import zoom
+    """Trilinear resampling to `cfg.spacing`, centred crop or pad (with `cfg.pad_hu`) to `cfg.size`,
+    in one pass: only the voxels that are kept are computed. (Z, Y, X) float32 in HU."""
+    import torch
+    import torch.nn.functional as F
 
-    factors = [s / t for s, t in zip(volume.spacing, cfg.spacing, strict=True)]
-    shape = [max(1, round(n * f)) for n, f in zip(volume.hu.shape, factors, strict=True)]
-    exact = [n / m for n, m in zip(shape, volume.hu.shape, strict=True)]
-    out = zoom(volume.hu, exact, order=1, mode="nearest", grid_mode=True)
-    return fit(out, cfg.size, cfg.pad_hu)
+    coords, inside = [], []
+    for n, src, dst, m in zip(volume.hu.shape, volume.spacing, cfg.spacing, cfg.size, strict=True):
+        full = max(1, round(n * src / dst))  # the resampled length before cropping or padding
+        start = (full - m) // 2 if full >= m else -((m - full) // 2)
+        j = torch.arange(m, dtype=torch.float64) + start  # output voxels in the full resampled grid
+        coords.append((2 * (j + 0.5) * (n / full) / n - 1).float())  # voxel centres, [-1, 1] over the source
+        inside.append((j >= 0) & (j < full))
+    grid = torch.stack(torch.meshgrid(*coords, indexing="ij")[::-1], dim=-1)  # (Z, Y, X, 3) as x, y, z
+    src = torch.from_numpy(np.ascontiguousarray(volume.hu))[None, None]
+    out = F.grid_sample(src, grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+    keep = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    out[~keep] = cfg.pad_hu
+    return out.numpy()
 
 
 def fit(x: np.ndarray, size: tuple[int, ...], pad: float) -> np.ndarray:

@@ -393,7 +393,7 @@ def test_multi_frame_and_color_rejected(tmp_path):
     ds = make_dataset(anatomy(), NumberOfFrames=2)
     ds.PixelData = frames.tobytes()
     err = expect_error(save(ds, tmp_path / "mf.dcm"), "multi_frame")
-    assert "later feature" in err.detail
+    assert "ingested as a volume with prepare.volume.enabled=true" in err.detail
     rgb = make_dataset(anatomy(), PhotometricInterpretation="RGB", SamplesPerPixel=3, PlanarConfiguration=0)
     rgb.PixelData = np.repeat(anatomy()[..., None], 3, axis=-1).tobytes()
     expect_error(save(rgb, tmp_path / "rgb.dcm"), "unsupported_photometric")
