@@ -144,13 +144,13 @@ def test_a_tune_sweep_runs_as_a_job(head, small_shards, tmp_path):
         "tune.eval_every=10",
         "tune.eval_batches=2",
         "tune.asha.grace_period=10",
-        "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.6]}}",
+        "tune.space={pipeline.mask.mask_ratio: {values: [0.6]}}",  # one trial: the job is what is tested
     ]
     out = jepa_ray(head, "submit", "--address", head["url"], "--wait", "--", "tune", *args)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "SUCCEEDED" in out.stdout
     rows = (sweeps / "sweep1" / "results.csv").read_text().strip().splitlines()
-    assert len(rows) == 3 and all("TERMINATED" in r for r in rows[1:]), rows
+    assert len(rows) == 2 and "TERMINATED" in rows[1] and "0.6" in rows[1], rows
     assert (sweeps / "sweep1" / "best.yaml").is_file()
 
 
