@@ -348,10 +348,7 @@ class PipelineConfig(_Strict):
             )
         grid = (self.image_size // self.patch_size) ** 2
         if self.dims == 3:
-            bad = [
-                f"{v} by {t}" for v, t in zip(self.volume_size, self.tubelet, strict=True) if t < 1 or v % t
-            ]
-            if bad:
+            if any(t < 1 or v % t for v, t in zip(self.volume_size, self.tubelet, strict=True)):
                 raise ValueError(
                     f"volume_size {self.volume_size} is not a multiple of tubelet {self.tubelet}"
                 )

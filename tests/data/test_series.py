@@ -191,4 +191,19 @@ def test_volume_settings_are_validated_by_the_config():
     with pytest.raises(Exception, match="spacing must be > 0"):
         load_config(overrides=["prepare.volume.spacing=[0, 1, 1]"])
     assert load_config(overrides=["prepare.volume.size=[32, 64, 64]"]).prepare.volume.size == (32, 64, 64)
+    with pytest.raises(
+        Exception, match=r"volume_size \(16, 48, 48\) is not a multiple of tubelet \(5, 12, 12\)"
+    ):
+        load_config(
+            overrides=["pipeline.dims=3", "pipeline.volume_size=[16,48,48]", "pipeline.tubelet=[5,12,12]"]
+        )
+    with pytest.raises(Exception, match="min_context_patches must be below the 16 patches"):  # 4x4 in plane
+        load_config(
+            overrides=[
+                "pipeline.dims=3",
+                "pipeline.volume_size=[16,32,32]",
+                "pipeline.tubelet=[4,8,8]",
+                "pipeline.mask.min_context_patches=16",
+            ]
+        )
     assert AXIAL == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
