@@ -205,7 +205,7 @@ class Jobs:
             asyncio.run(tail())
         while True:
             info = self.info(job)
-            if str(info.status.value if hasattr(info.status, "value") else info.status) in TERMINAL:
+            if status_name(info) in TERMINAL:
                 break
             time.sleep(poll_s)
         rest = self.logs(job)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import _free_port
 from typer.testing import CliRunner
 
 from jepa_ray.cli import app
@@ -29,12 +30,6 @@ from jepa_ray.submit import (
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "jobs/configs/demo-cpu.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_address_comes_from_the_flag_then_ray_address_then_the_local_head(monkeypatch):
