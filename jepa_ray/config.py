@@ -6,6 +6,7 @@ Every key a user can set is a field of one of the models below; its docstring-st
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -295,11 +296,12 @@ class MaskConfig(_Strict):
 class PipelineConfig(_Strict):
     """The Ray Data pipeline from shards to masked, batched training inputs."""
 
-    dims: Literal[2, 3] = Field(
+    dims: Literal[2, 3, "mixed"] = Field(
         2,
         description="2: radiographs (image_size, patch_size); 3: CT volumes from shards prepared with "
-        "prepare.volume.enabled (volume_size, tubelet). A run uses one kind; the samples' images of "
-        "the other kind are left out (their EHR is kept).",
+        "prepare.volume.enabled (volume_size, tubelet); with 2 or 3 the samples' images of the other "
+        "kind are left out (their EHR is kept). mixed: both kinds in one model, each through its own "
+        "patch embedder (2-D patches, 3-D tubelets) into the shared trunk.",
     )
     image_size: int = Field(224, ge=16, description="Side of the model's input image (a crop resized).")
     patch_size: int = Field(16, ge=1, description="ViT patch side; image_size must be a multiple.")
@@ -346,17 +348,18 @@ class PipelineConfig(_Strict):
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
-        grid = (self.image_size // self.patch_size) ** 2
-        if self.dims == 3:
+        grids = [] if self.dims == 3 else [("image", (self.image_size // self.patch_size) ** 2)]
+        if self.dims in (3, "mixed"):
             if any(t < 1 or v % t for v, t in zip(self.volume_size, self.tubelet, strict=True)):
                 raise ValueError(
                     f"volume_size {self.volume_size} is not a multiple of tubelet {self.tubelet}"
                 )
             axes = [v // t for v, t in zip(self.volume_size, self.tubelet, strict=True)]
             # blocks through depth: the context is counted on one slice of the grid
-            grid = axes[1] * axes[2] if self.mask.through_depth else axes[0] * axes[1] * axes[2]
-        if self.mask.min_context_patches >= grid:
-            raise ValueError(f"mask.min_context_patches must be below the {grid} patches of the image")
+            grids.append(("volume", axes[1] * axes[2] if self.mask.through_depth else math.prod(axes)))
+        for kind, grid in grids:
+            if self.mask.min_context_patches >= grid:
+                raise ValueError(f"mask.min_context_patches must be below the {grid} patches of the {kind}")
         for name in ("crop_scale", "crop_aspect"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi or (name == "crop_scale" and hi > 1):

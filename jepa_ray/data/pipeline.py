@@ -14,6 +14,7 @@ and outside Ray Train (evaluation, notebooks) the same `iter_training_batches(da
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from jepa_ray.config import PipelineConfig, StorageConfig
 from jepa_ray.data.manifest import read_manifest
 from jepa_ray.data.masking import mask_indices
 from jepa_ray.data.storage import Store, pyarrow_filesystem
-from jepa_ray.data.transform import FeatureSpec, transform_batch
+from jepa_ray.data.transform import FeatureSpec, grids, transform_batch
 from jepa_ray.errors import ShardError
 
 ROWS_PER_BLOCK = 32  # samples the reader yields at a time: one map_batches call
@@ -145,9 +146,12 @@ def build_dataset(shards: ShardSet, cfg: PipelineConfig, *, train: bool, ledger:
 
 
 def _bytes_per_sample(spec: FeatureSpec, cfg: PipelineConfig) -> int:
-    n = (cfg.image_size // cfg.patch_size) ** 2
+    n = max(math.prod(g) for g in grids(cfg))
+    pixels = (cfg.image_size**2 if cfg.dims != 3 else 0) + (
+        max(spec.volume_channels, 1) * math.prod(cfg.volume_size) if cfg.dims != 2 else 0
+    )  # a mixed batch carries both arrays for every sample
     tokens = 1 + cfg.max_events
-    return 4 * cfg.image_size**2 + n * (1 + cfg.mask.num_target_blocks) + 16 * tokens + 4096
+    return 4 * pixels + n * (1 + cfg.mask.num_target_blocks) + 16 * tokens + 4096
 
 
 def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -12,6 +12,9 @@ A batch in: `key`, `shard` (str), `image` (.npy bytes or None), `ehr` (.npz byte
     image (B, 1, S, S) float32, normalised; zeros where has_image is False. With
         pipeline.dims=3: (B, C, Z, Y, X), one channel per CT window of the shards, Z/Y/X =
         volume_size, N = the number of tubelets
+    With pipeline.dims=mixed: image (B, 1, S, S) radiographs, volume (B, C, Z, Y, X) CT volumes
+        (zeros where the sample holds the other kind), is_volume (B,) bool; N = the larger grid's
+        patches; a sample's masks use only the slots of its own grid (the first Y*X or Z*Y*X)
     has_image, has_ehr (B,) bool
     ehr_code, ehr_time, ehr_value, ehr_value_present, ehr_valid (B, L): one token per static
         numeric feature, per static categorical feature, per static code and per event, in that
@@ -103,11 +106,18 @@ class FeatureSpec:
                 f"these shards hold {self.volumes} CT volume(s) and no 2-D image: train on them with "
                 "pipeline.dims=3 (pipeline.volume_size, pipeline.tubelet)"
             )
-        three = cfg.dims == 3
+        if cfg.dims == "mixed" and not self.stored_volume:
+            raise ConfigError(
+                "pipeline.dims=mixed trains on radiographs and CT volumes together, but these shards "
+                "hold no CT volume: prepare the cohort with prepare.volume.enabled=true, or train with "
+                "pipeline.dims=2"
+            )
+        three = cfg.dims in (3, "mixed")
         return {
             "channels": self.volume_channels if three else 1,
             "volume_size": list(cfg.volume_size) if three else None,
             "tubelet": list(cfg.tubelet) if three else None,
+            "mixed": cfg.dims == "mixed",
             "image_size": cfg.image_size,
             "patch_size": cfg.patch_size,
             "vocab_size": self.vocab_size,
@@ -175,10 +185,12 @@ def decode_sample(
     meta: bytes | None,
     stored_size: int,
     volume: tuple[int, ...] | None = None,
+    mixed: bool = False,
 ):
     """(image or None, ehr dict or None, meta dict); BadSample when unusable. The image is
     (S0, S0) uint16 for a 2-D run (`volume` None), (C, Z0, Y0, X0) float16 for a 3-D run (`volume`
-    = the stored (C, Z0, Y0, X0)); an image of the other kind is left out (the sample keeps its EHR)."""
+    = the stored (C, Z0, Y0, X0)); an image of the other kind is left out (the sample keeps its EHR).
+    `mixed`: both kinds are taken, each checked against its own stored shape."""
     if meta is None:
         raise BadSample("no meta.json")
     try:
@@ -189,7 +201,7 @@ def decode_sample(
         raise BadSample("meta.json is not an object")
     img = None
     is_volume = (m.get("image") or {}).get("kind") == "ct_volume"
-    if m.get("has_image") and is_volume == (volume is not None):
+    if m.get("has_image") and (mixed or is_volume == (volume is not None)):
         if image is None:
             raise BadSample("meta says has_image but image.npy is missing")
         try:
@@ -197,13 +209,13 @@ def decode_sample(
         except Exception as e:
             raise BadSample(f"image.npy does not decode ({type(e).__name__})") from None
         shape, dtype = (
-            ((1, stored_size, stored_size), np.uint16) if volume is None else (tuple(volume), np.float16)
+            (tuple(volume), np.float16) if is_volume else ((1, stored_size, stored_size), np.uint16)
         )
         if arr.shape != shape or arr.dtype != dtype:
             raise BadSample(
                 f"image.npy has shape {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}"
             )
-        img = arr[0] if volume is None else arr
+        img = arr if is_volume else arr[0]
     arrays = None
     if m.get("has_ehr"):
         if ehr is None:
@@ -326,18 +338,34 @@ def _ehr_arrays(arrays: dict[str, np.ndarray], spec: FeatureSpec, lay: EhrLayout
     row["ehr_valid"][ev] = True
 
 
+def grids(cfg: PipelineConfig) -> list[tuple[int, ...]]:
+    """The patch grids of the run: [2-D], [3-D], or both for pipeline.dims=mixed (in that order,
+    which is also `is_volume`'s: 0 radiograph, 1 CT)."""
+    out = []
+    if cfg.dims != 3:
+        g = cfg.image_size // cfg.patch_size
+        out.append((g, g))
+    if cfg.dims != 2:
+        out.append(tuple(v // t for v, t in zip(cfg.volume_size, cfg.tubelet, strict=True)))
+    return out
+
+
 def empty_batch(b: int, spec: FeatureSpec, cfg: PipelineConfig) -> dict[str, np.ndarray]:
     """Zero-filled output arrays for b samples."""
     s, L, m = cfg.image_size, EhrLayout.of(spec, cfg).tokens, cfg.mask.num_target_blocks
-    if cfg.dims == 3:
-        image_shape = (spec.volume_channels, *cfg.volume_size)
-        n = math.prod(v // t for v, t in zip(cfg.volume_size, cfg.tubelet, strict=True))
-    else:
-        image_shape, n = (1, s, s), (s // cfg.patch_size) ** 2
+    n = max(math.prod(g) for g in grids(cfg))
+    image_shape = (spec.volume_channels, *cfg.volume_size) if cfg.dims == 3 else (1, s, s)
+    kinds = {}
+    if cfg.dims == "mixed":
+        kinds = {
+            "volume": np.zeros((b, spec.volume_channels, *cfg.volume_size), np.float32),
+            "is_volume": np.zeros(b, bool),
+        }
     return {
         "key": np.empty(b, dtype=object),
         "meta": np.empty(b, dtype=object),
         "image": np.zeros((b, *image_shape), np.float32),
+        **kinds,
         "has_image": np.zeros(b, bool),
         "has_ehr": np.zeros(b, bool),
         "ehr_code": np.zeros((b, L), np.int64),
@@ -367,15 +395,19 @@ def transform_batch(
     A sample that cannot be used is left out and reported as `on_bad(shard, key, reason)`.
     """
     keys = [str(k) for k in batch["key"]]
-    three = cfg.dims == 3
-    volume = (spec.volume_channels, *spec.stored_volume) if three and spec.stored_volume else None
-    if three and volume is None:
-        raise ShardError("pipeline.dims=3, but the shards hold no CT volumes (prepare.volume.enabled)")
+    mixed = cfg.dims == "mixed"
+    volume = (spec.volume_channels, *spec.stored_volume) if cfg.dims != 2 and spec.stored_volume else None
+    if cfg.dims != 2 and volume is None:
+        raise ShardError(
+            f"pipeline.dims={cfg.dims}, but the shards hold no CT volumes (prepare.volume.enabled)"
+        )
     decoded, kept = [], []
     for i, key in enumerate(keys):
         try:
             decoded.append(
-                decode_sample(batch["image"][i], batch["ehr"][i], batch["meta"][i], spec.stored_size, volume)
+                decode_sample(
+                    batch["image"][i], batch["ehr"][i], batch["meta"][i], spec.stored_size, volume, mixed
+                )
             )
             kept.append(i)
         except OtherImageKind:
@@ -388,12 +420,14 @@ def transform_batch(
     layout = EhrLayout.of(spec, cfg)
     s0, s, p = spec.stored_size, cfg.image_size, cfg.patch_size
     g = s // p
-    grid = tuple(v // t for v, t in zip(cfg.volume_size, cfg.tubelet, strict=True)) if three else (g, g)
+    grid_2d, grid_3d = (g, g), grids(cfg)[-1]
     boxes = np.zeros((len(kept), 5))
     jitter = np.tile([1.0, 1.0, 0.0], (len(kept), 1))
     valid = np.zeros((len(kept), 4))
-    with_image = []
+    with_image, with_volume = [], []
     for j, (i, (img, arrays, meta)) in enumerate(zip(kept, decoded, strict=True)):
+        three = img is not None and img.ndim == 4  # a CT volume (C, Z, Y, X)
+        grid = grid_3d if three or cfg.dims == 3 else grid_2d
         key = keys[i]
         out["key"][j] = key
         out["meta"][j] = (
@@ -402,9 +436,11 @@ def transform_batch(
         rng = sample_rng(cfg.seed, epoch, key)
         row = {name: out[name][j] for name in out if name.startswith("ehr_")}
         region = None
-        if img is not None and three:
+        if three:
             out["has_image"][j] = True
-            with_image.append(j)
+            with_volume.append(j)
+            if mixed:
+                out["is_volume"][j] = True
             boxes[j] = _crop_boxes(rng, cfg, volume[2], train)  # in-plane (Y0 = X0); every slice
         elif img is not None:
             out["has_image"][j] = True
@@ -425,13 +461,14 @@ def transform_batch(
             _ehr_arrays(arrays, spec, layout, row)
         masks = sample_masks(rng, grid, out["ehr_valid"][j], img is not None, cfg.mask, region)
         out["policy"][j] = masks.policy
-        out["img_ctx"][j], out["img_tgt"][j] = masks.img_ctx, masks.img_tgt
+        k = masks.img_ctx.size  # the sample's own grid: a mixed batch's smaller kind leaves the rest empty
+        out["img_ctx"][j, :k], out["img_tgt"][j, :, :k] = masks.img_ctx, masks.img_tgt
         out["ehr_ctx"][j], out["ehr_tgt"][j] = masks.ehr_ctx, masks.ehr_tgt
-    if with_image:
-        idx = np.array(with_image)
-        raw = np.stack([decoded[j][0] for j in with_image])
-        resize = _volumes if three else _images
-        out["image"][idx] = resize(raw, boxes[idx], jitter[idx], valid[idx], cfg)
+    for rows, resize, name in ((with_image, _images, "image"), (with_volume, _volumes, "volume")):
+        if rows:
+            idx = np.array(rows)
+            raw = np.stack([decoded[j][0] for j in rows])
+            out[name if mixed else "image"][idx] = resize(raw, boxes[idx], jitter[idx], valid[idx], cfg)
     return out
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,19 +111,13 @@ def embed_batch(model, b: dict[str, Any], regions: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from jepa_ray.model.jepa import gather
+    from jepa_ray.model.jepa import gather, image_slots
 
     dims, width = model.dims, model.width
     n, bsz = dims.patches, b["image"].shape[0]
     image, ehr, joint = (model.encode(b, m) for m in ("image", "ehr", "both"))
     patches = image["tokens"][:, 1 : 1 + n]  # (B, N, D)
-    grid = patches.transpose(1, 2).reshape(bsz, width, *dims.grid)
-    if len(dims.grid) == 3:  # a volume: r x r in-plane regions, each averaged through the slices
-        r = min(regions, *dims.grid[1:])
-        img_tokens = F.adaptive_avg_pool3d(grid, (1, r, r)).flatten(2).transpose(1, 2)  # (B, r*r, D)
-    else:
-        r = min(regions, *dims.grid)
-        img_tokens = F.adaptive_avg_pool2d(grid, r).flatten(2).transpose(1, 2)  # (B, r*r, D)
+    img_tokens = _regions(patches, dims, regions, b.get("is_volume"))
     ehr_tokens = _ehr_slots(model, b, ehr)  # (B, L, D), zeros at padding
     ehr_keep = b["ehr_valid"] & b["has_ehr"].unsqueeze(-1)
 
@@ -132,21 +127,20 @@ def embed_batch(model, b: dict[str, Any], regions: int) -> dict[str, Any]:
     slots[:, :n_static] = True
     slots = slots & ehr_keep if n_static else ehr_keep
     all_patches = torch.arange(n, device=b["image"].device).expand(bsz, n)
+    grid = image_slots(b, dims, with_image_only=False)  # each sample's own patch grid
     none = torch.zeros(bsz, 0, dtype=torch.long, device=b["image"].device)
     no_keep = none.bool()
+    kind = b.get("is_volume")
 
-    ctx = model.context(
-        b, all_patches, b["has_image"].unsqueeze(-1).expand(bsz, n), torch.zeros_like(ehr_keep)
-    )
+    ctx = model.context(b, all_patches, image_slots(b, dims), torch.zeros_like(ehr_keep))
     q_idx = torch.arange(slots.shape[1], device=slots.device).expand_as(slots)
     _, pred_ehr = model.predictor(
-        ctx["tokens"], ctx["keep"], none, no_keep, gather(ctx["ehr_positions"], q_idx), slots
+        ctx["tokens"], ctx["keep"], none, no_keep, gather(ctx["ehr_positions"], q_idx), slots, kind
     )
     ctx = model.context(b, all_patches, torch.zeros(bsz, n, dtype=torch.bool, device=slots.device), ehr_keep)
     pred_img, _ = model.predictor(
-        ctx["tokens"], ctx["keep"], all_patches, torch.ones(bsz, n, dtype=torch.bool, device=slots.device),
-        ctx["ehr_positions"][:, :0], no_keep,
-    )  # fmt: skip
+        ctx["tokens"], ctx["keep"], all_patches, grid, ctx["ehr_positions"][:, :0], no_keep, kind
+    )
     g_ehr = F.layer_norm(ehr_tokens, (width,))
     g_img = F.layer_norm(patches, (width,))
     return {
@@ -160,9 +154,28 @@ def embed_batch(model, b: dict[str, Any], regions: int) -> dict[str, Any]:
         "ehr_keep": ehr_keep,
         "q_img2ehr": _masked_mean(pred_ehr, slots),
         "g_ehr": _masked_mean(g_ehr, slots),
-        "q_ehr2img": pred_img.mean(1),
-        "g_img": g_img.mean(1),
+        "q_ehr2img": _masked_mean(pred_img, grid),
+        "g_img": _masked_mean(g_img, grid),
     }
+
+
+def _regions(patches, dims, regions: int, is_volume):
+    """Patch tokens (B, N, D) -> (B, r*r, D): the image averaged over r x r in-plane regions (a
+    volume's through its slices), r = min(regions, the smallest in-plane grid side). In a mixed
+    model each sample is pooled on its own kind's grid, so both kinds give the same r x r."""
+    import torch
+    import torch.nn.functional as F
+
+    bsz, _, width = patches.shape
+    r = min(regions, *(side for g in dims.grids for side in g[-2:]))
+    out = patches.new_zeros(bsz, r * r, width)
+    kind = is_volume.long() if dims.mixed else torch.zeros(bsz, dtype=torch.long, device=patches.device)
+    for k, g in enumerate(dims.grids):
+        rows = kind == k
+        x = patches[rows, : math.prod(g)].transpose(1, 2).reshape(-1, width, *g)
+        pooled = F.adaptive_avg_pool3d(x, (1, r, r)) if len(g) == 3 else F.adaptive_avg_pool2d(x, r)
+        out[rows] = pooled.flatten(2).transpose(1, 2)
+    return out
 
 
 def _ehr_slots(model, b: dict[str, Any], out: dict[str, Any]):
@@ -236,7 +249,7 @@ def extract(source: EncoderSource, data: str, splits: list[str], cfg: Config, ou
 
 def _check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> None:
     """The encoder must have been trained on shards with the same EHR vocabulary and features."""
-    model_dims = {"channels": 1, "volume_size": None, "tubelet": None, **source.info["dims"]}
+    model_dims = {"channels": 1, "volume_size": None, "tubelet": None, "mixed": False, **source.info["dims"]}
     for k in (
         "vocab_size",
         "n_num",
@@ -248,6 +261,7 @@ def _check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> 
         "channels",
         "volume_size",
         "tubelet",
+        "mixed",
     ):
         if list(np.atleast_1d(model_dims[k])) != list(np.atleast_1d(data_dims[k])):
             raise ConfigError(

@@ -33,6 +33,21 @@ def gather(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
+def image_slots(
+    batch: dict[str, torch.Tensor], dims: InputDims, with_image_only: bool = True
+) -> torch.Tensor:
+    """(B, N) bool: the image token slots of each sample's patch grid (in a mixed model, only those
+    of the sample's own kind); with_image_only: none for a sample without an image."""
+    b, n = batch["image"].shape[0], dims.patches
+    slots = batch["has_image"] if with_image_only else torch.ones_like(batch["has_image"])
+    slots = slots.unsqueeze(-1).expand(b, n)
+    if dims.mixed:
+        counts = torch.tensor([math.prod(g) for g in dims.grids], device=slots.device)
+        per_sample = counts[batch["is_volume"].long()]  # (B,)
+        slots = slots & (torch.arange(n, device=slots.device) < per_sample.unsqueeze(-1))
+    return slots
+
+
 class Encoder(nn.Module):
     """Image and EHR tokenizers feeding one transformer trunk, behind a always-visible global token."""
 
@@ -66,8 +81,9 @@ class Encoder(nn.Module):
         if img_idx is None:
             n = self.dims.patches
             img_idx = torch.arange(n, device=image.device).expand(b, n)
-            img_keep = batch["has_image"].unsqueeze(-1).expand(b, n)
-        patches = gather(self.image(image), img_idx)  # (B, K, D): only visible patches are computed on
+            img_keep = image_slots(batch, self.dims)
+        tokens = self.image(image, batch.get("volume"), batch.get("is_volume"))
+        patches = gather(tokens, img_idx)  # (B, K, D): only visible patches are computed on
         ehr_visible = batch["ehr_valid"] if ehr_visible is None else ehr_visible
         ehr_idx, ehr_keep = mask_indices(ehr_visible)
         # padding slots never take part, even when every slot is laid out (the target encoder)
@@ -98,8 +114,13 @@ class Predictor(nn.Module):
         super().__init__()
         self.embed = nn.Linear(enc_width, width)
         self.mask_token = learned(width)
-        self.register_buffer("img_pos", sincos_grid(dims.grid, width), persistent=False)
+        # every grid's positions padded to the image slots: row k of the stack is image kind k's
+        n = dims.patches
+        grids = [F.pad(sincos_grid(g, width), (0, 0, 0, n - math.prod(g))) for g in dims.grids]
+        self.register_buffer("img_pos", torch.stack(grids), persistent=False)  # (kinds, N, D)
         self.img_modality = learned(width)
+        if dims.mixed:
+            self.img_modality3 = learned(width)  # CT's mask tokens
         self.ehr_pos = nn.Linear(enc_width, width)
         self.trunk = Trunk(width, depth, heads, mlp_ratio)
         self.proj = nn.Linear(width, enc_width)
@@ -112,10 +133,16 @@ class Predictor(nn.Module):
         img_keep: torch.Tensor,
         ehr_positions: torch.Tensor,
         ehr_keep: torch.Tensor,
+        img_kind: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """context (B, Tc, De); img_idx/img_keep (B, Qi) patch targets; ehr_positions (B, Qe, De) with
-        ehr_keep (B, Qe) EHR targets. Returns predictions (B, Qi, De) and (B, Qe, De)."""
-        qi = self.mask_token + self.img_pos[img_idx] + self.img_modality
+        ehr_keep (B, Qe) EHR targets; img_kind (B,) each sample's image kind in a mixed model
+        (`is_volume`: its patch grid). Returns predictions (B, Qi, De) and (B, Qe, De)."""
+        kind = torch.zeros_like(img_idx[:, 0]) if img_kind is None else img_kind.long()
+        modality = self.img_modality
+        if img_kind is not None:
+            modality = torch.stack([self.img_modality, self.img_modality3])[kind][:, None]  # (B, 1, D)
+        qi = self.mask_token + self.img_pos[kind[:, None], img_idx] + modality
         qe = self.mask_token + self.ehr_pos(ehr_positions)
         x = torch.cat([self.embed(context), qi, qe], dim=1)
         keep = torch.cat([context_keep, img_keep, ehr_keep], dim=1)
@@ -156,7 +183,7 @@ class Student(nn.Module):
         ehr_idx, ehr_keep = mask_indices(batch["ehr_tgt"])
         ehr_positions = gather(ctx["ehr_positions"], ehr_idx)
         pred_img, pred_ehr = self.predictor(
-            ctx["tokens"], ctx["keep"], img_idx, img_keep, ehr_positions, ehr_keep
+            ctx["tokens"], ctx["keep"], img_idx, img_keep, ehr_positions, ehr_keep, batch.get("is_volume")
         )
         per_token = torch.cat(
             [
@@ -250,7 +277,7 @@ class JEPA(nn.Module):
         enc = self.target if encoder == "target" else self.context
         b, n = batch["image"].shape[0], self.dims.patches
         img_idx = torch.arange(n, device=batch["image"].device).expand(b, n)
-        img_keep = batch["has_image"].unsqueeze(-1).expand(b, n) & (modality != "ehr")
+        img_keep = image_slots(batch, self.dims) & (modality != "ehr")
         ehr_visible = batch["ehr_valid"] & (modality != "image")
         out = enc(batch, img_idx, img_keep, ehr_visible)
         tokens, keep = out["tokens"], out["keep"].clone()

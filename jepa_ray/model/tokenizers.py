@@ -31,6 +31,7 @@ class InputDims:
     channels: int = 1  # image channels: 1 for radiographs, one per CT window for volumes
     volume_size: tuple[int, ...] | None = None  # 3-D input (slices, rows, columns); None: 2-D
     tubelet: tuple[int, ...] | None = None  # 3-D patch size
+    mixed: bool = False  # radiographs and CT volumes, each with its own patch embedder
 
     @classmethod
     def from_dict(cls, d: dict) -> InputDims:
@@ -39,15 +40,35 @@ class InputDims:
         return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items() if k in keys})
 
     @property
-    def grid(self) -> tuple[int, ...]:
-        if self.volume_size is not None:
-            return tuple(v // t for v, t in zip(self.volume_size, self.tubelet, strict=True))
+    def grid_2d(self) -> tuple[int, int]:
         g = self.image_size // self.patch_size
         return (g, g)
 
     @property
+    def grid_3d(self) -> tuple[int, ...] | None:
+        if self.volume_size is None:
+            return None
+        return tuple(v // t for v, t in zip(self.volume_size, self.tubelet, strict=True))
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The patch grid of a one-kind model (a mixed one has two: `grids`)."""
+        if self.mixed:
+            raise ValueError("a mixed 2-D + 3-D model has two patch grids: use grids")
+        return self.grid_3d if self.volume_size is not None else self.grid_2d
+
+    @property
+    def grids(self) -> tuple[tuple[int, ...], ...]:
+        """Every patch grid of the model: image kind k (0 radiograph, 1 CT in a mixed model) uses grids[k]."""
+        if self.mixed:
+            return (self.grid_2d, self.grid_3d)
+        return (self.grid,)
+
+    @property
     def patches(self) -> int:
-        return math.prod(self.grid)
+        """Image token slots: the grid's patches; in a mixed model the larger grid's (a sample of
+        the smaller kind leaves the slots past its own grid empty)."""
+        return max(math.prod(g) for g in self.grids)
 
     @property
     def ehr_tokens(self) -> int:
@@ -56,25 +77,48 @@ class InputDims:
 
 class ImageTokenizer(nn.Module):
     """Patch embedding (a strided convolution: 2-D patches, or 3-D tubelets of a volume) + fixed
-    sin-cos positions over the 2-D or 3-D patch grid + an image modality vector."""
+    sin-cos positions over the 2-D or 3-D patch grid + an image modality vector.
+
+    A mixed model has both embedders, each with its own positions and kind vector: a batch's
+    radiographs go through the 2-D one and its volumes through the 3-D one, and their tokens share
+    the image slots (a sample of the smaller grid leaves the slots past its own empty).
+    """
 
     def __init__(self, dims: InputDims, width: int) -> None:
         super().__init__()
-        if dims.volume_size is not None:
+        self.dims = dims
+        if dims.volume_size is not None and not dims.mixed:
             self.patch = nn.Conv3d(dims.channels, width, dims.tubelet, stride=dims.tubelet)
         else:
-            self.patch = nn.Conv2d(dims.channels, width, dims.patch_size, stride=dims.patch_size)
-        self.register_buffer("pos", sincos_grid(dims.grid, width), persistent=False)  # (N, D)
+            self.patch = nn.Conv2d(
+                1 if dims.mixed else dims.channels, width, dims.patch_size, stride=dims.patch_size
+            )
+        self.register_buffer("pos", sincos_grid(dims.grids[0], width), persistent=False)  # (N, D)
         self.modality = learned(width)
+        if dims.mixed:
+            self.patch3 = nn.Conv3d(dims.channels, width, dims.tubelet, stride=dims.tubelet)
+            self.register_buffer("pos3", sincos_grid(dims.grid_3d, width), persistent=False)
+            self.modality3 = learned(width)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) or (B, C, Z, Y, X) -> (B, N, D) patch tokens, N in row-major grid order."""
-        x = self.patch(image).flatten(2).transpose(1, 2)
-        return x + self.pos + self.modality
+    def forward(
+        self, image: torch.Tensor, volume: torch.Tensor | None = None, is_volume: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, C, S, S) or (B, C, Z, Y, X) -> (B, N, D) patch tokens, N in row-major grid order.
 
-    def positions(self) -> torch.Tensor:
-        """(N, D) what a mask token at each patch carries."""
-        return self.pos + self.modality
+        Mixed: image (B, 1, S, S), volume (B, C, Z, Y, X), is_volume (B,) which of the two each
+        sample holds -> (B, N, D) with N the larger grid's patches (zeros past a sample's grid)."""
+        if not self.dims.mixed:
+            return self.patch(image).flatten(2).transpose(1, 2) + self.pos + self.modality
+        b, n = image.shape[0], self.dims.patches
+        flat = ~is_volume
+        # each embedder runs on its own kind's samples only; both run on every batch (an empty one
+        # included), so every rank's backward reaches every parameter, as data parallelism needs
+        t2 = self.patch(image[flat]).flatten(2).transpose(1, 2) + self.pos + self.modality
+        t3 = self.patch3(volume[is_volume]).flatten(2).transpose(1, 2) + self.pos3 + self.modality3
+        out = t2.new_zeros(b, n, t2.shape[-1])
+        out[flat, : t2.shape[1]] = t2
+        out[is_volume, : t3.shape[1]] = t3
+        return out
 
 
 class EhrTokenizer(nn.Module):
