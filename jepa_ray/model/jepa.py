@@ -138,7 +138,7 @@ class Predictor(nn.Module):
         """context (B, Tc, De); img_idx/img_keep (B, Qi) patch targets; ehr_positions (B, Qe, De) with
         ehr_keep (B, Qe) EHR targets; img_kind (B,) each sample's image kind in a mixed model
         (`is_volume`: its patch grid). Returns predictions (B, Qi, De) and (B, Qe, De)."""
-        kind = torch.zeros_like(img_idx[:, 0]) if img_kind is None else img_kind.long()
+        kind = img_idx.new_zeros(img_idx.shape[0]) if img_kind is None else img_kind.long()
         modality = self.img_modality
         if img_kind is not None:
             modality = torch.stack([self.img_modality, self.img_modality3])[kind][:, None]  # (B, 1, D)
