@@ -39,24 +39,26 @@ def run_url(cfg: Config, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def check_resources(cfg: Config) -> None:
-    """ConfigError when the connected Ray cluster cannot hold the workers and the data pipeline."""
+def check_resources(cfg: Config, beside: tuple[str, float] | None = None) -> None:
+    """ConfigError when the connected Ray cluster cannot hold the workers and the data pipeline
+    (Ray Data's read tasks take one whole CPU each). `beside`: (what, CPUs) reserved next to the
+    workers, e.g. a Tune trial's own actor."""
     import ray
 
     tc = cfg.train
     have = ray.cluster_resources()
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    need = tc.num_workers * tc.cpus_per_worker
+    need = tc.num_workers * tc.cpus_per_worker + (beside[1] if beside else 0.0)
+    what = f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker}"
+    if beside:
+        what += f" + {beside[1]:g} for {beside[0]}"
     if need > cpus:
-        raise ConfigError(
-            f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker} needs {need:g} "
-            f"CPUs; the Ray cluster has {cpus:g}"
-        )
+        raise ConfigError(f"{what} needs {need:g} CPUs; the Ray cluster has {cpus:g}")
     if cfg.train.shards is not None and need + 1 > cpus:
         raise ConfigError(
-            f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker} takes all {cpus:g} "
-            "CPUs of the Ray cluster and leaves none for the data pipeline: lower train.cpus_per_worker "
-            "(fractions are fine) or add CPUs"
+            f"{what} takes {need:g} of the Ray cluster's {cpus:g} CPUs and leaves less than the one "
+            "whole CPU a data pipeline task needs, so training would wait for data forever: lower "
+            "train.cpus_per_worker (fractions are fine) or add CPUs"
         )
     if tc.use_gpu and tc.num_workers > gpus:
         raise ConfigError(

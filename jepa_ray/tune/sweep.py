@@ -133,7 +133,7 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> Swee
     name = name or cfg.tune.name or time.strftime("tune-%Y%m%d-%H%M%S")
     if not RUN_NAME.match(name):
         raise ConfigError(f"tune.name {name!r}: use letters, digits, '.', '_' and '-' only")
-    check_resources(cfg)
+    check_resources(cfg, beside=("each trial's actor", DRIVER_CPU))
     url = run_url(cfg, name)
     objective = _objective_settings(cfg)
     base = cfg.model_dump(mode="json")

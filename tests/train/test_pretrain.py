@@ -169,7 +169,10 @@ def test_rerunning_the_same_name_continues_from_its_checkpoint(small_shards, tmp
         (["train.zero_stage=4"], "train.zero_stage"),
         (["train.batch=3"], "train.batch: unknown key"),
         (["train.num_workers=5"], "needs 2.5 CPUs; the Ray cluster has 2"),
-        (["train.cpus_per_worker=1"], "leaves none for the data pipeline"),
+        (
+            ["train.cpus_per_worker=1"],
+            "takes 2 of the Ray cluster.s 2 CPUs and leaves less than the one whole CPU",
+        ),
         (["train.offload_params=true"], "offload_params needs zero_stage 3"),
         (["pipeline.batch_size=64"], "less than one batch"),
     ],

@@ -184,7 +184,22 @@ def test_missing_validation_split_or_label_fails_before_any_trial(
                 "tune.label=pneumonia",
             )
         )
+    # 2 x 0.5 CPUs of workers + the trial's own actor leave 0.99 of 2 CPUs: a read task (1 CPU)
+    # could never start, and the trial would wait for its data forever
+    with pytest.raises(ConfigError, match=r"\+ 0.01 for each trial's actor takes 1.01 of .* 2 CPUs"):
+        sweep(
+            _cfg(
+                tune_shards,
+                tmp_path,
+                "train.steps=20",
+                *space,
+                "train.num_workers=2",
+                "train.cpus_per_worker=0.5",
+            ),
+            name="full",
+        )
     assert not (tmp_path / "no-val").joinpath("trials").exists() and not list(tmp_path.glob("tune-*"))
+    assert not (tmp_path / "full").exists()
 
 
 def test_a_sweep_kept_on_s3(tune_shards, s3_bucket, tmp_path, ray_session):
