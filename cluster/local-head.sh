@@ -68,7 +68,10 @@ start() {
   [[ -n "${JEPA_RAY_HEAD_GPUS:-}" ]] && args+=(--num-gpus="$JEPA_RAY_HEAD_GPUS")
   # shellcheck disable=SC2206
   [[ -n "${JEPA_RAY_HEAD_ARGS:-}" ]] && args+=(${JEPA_RAY_HEAD_ARGS})
-  # --block keeps one process that owns the head: SIGTERM to it drains and stops exactly this head
+  # --block keeps one process that owns the head: SIGTERM to it stops exactly this head. Ray first
+  # drains the node for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (default 30 s), which is for Serve
+  # proxies on multi-node clusters; a single local head has nothing to hand over, so 2 s here.
+  export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-2}"
   nohup ray start "${args[@]}" >"$LOG" 2>&1 &
   echo $! >"$PIDFILE"
   local waited=0
