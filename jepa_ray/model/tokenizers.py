@@ -109,6 +109,10 @@ class ImageTokenizer(nn.Module):
         sample holds -> (B, N, D) with N the larger grid's patches (zeros past a sample's grid)."""
         if not self.dims.mixed:
             return self.patch(image).flatten(2).transpose(1, 2) + self.pos + self.modality
+        if volume is None or is_volume is None:
+            raise ValueError(
+                "a mixed 2-D + 3-D model takes batches of pipeline.dims=mixed (volume, is_volume)"
+            )
         b, n = image.shape[0], self.dims.patches
         flat = ~is_volume
         # each embedder runs on its own kind's samples only; both run on every batch (an empty one

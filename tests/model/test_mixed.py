@@ -150,6 +150,12 @@ def test_embeddings_pool_each_sample_over_its_own_grid(split, batch):
     assert torch.isfinite(cols["q_ehr2img"]).all() and torch.isfinite(cols["g_img"]).all()
 
 
+def test_a_mixed_model_refuses_a_one_kind_batch(split, batch):
+    one_kind = {k: v for k, v in batch.items() if k not in ("volume", "is_volume")}
+    with pytest.raises(ValueError, match=r"takes batches of pipeline\.dims=mixed"):
+        _model(split)(one_kind)
+
+
 def test_mixed_needs_volumes_in_the_shards_and_context_floors_below_both_grids(small_shards):
     spec = open_split(str(small_shards), "train").spec
     with pytest.raises(ConfigError, match=r"pipeline\.dims=mixed .* no CT volume"):
