@@ -22,7 +22,7 @@ from torch import nn
 
 from jepa_ray.config import ModelConfig
 from jepa_ray.data.masking import mask_indices
-from jepa_ray.model.tokenizers import EhrTokenizer, ImageTokenizer, InputDims
+from jepa_ray.model.tokenizers import MIXED_BATCH, EhrTokenizer, ImageTokenizer, InputDims
 from jepa_ray.model.vit import PRESETS, Trunk, init_weights, learned, sincos_grid
 
 POLICIES = {0: "image_intra", 1: "ehr_intra", 2: "hide_image", 3: "hide_ehr"}
@@ -42,6 +42,8 @@ def image_slots(
     slots = batch["has_image"] if with_image_only else torch.ones_like(batch["has_image"])
     slots = slots.unsqueeze(-1).expand(b, n)
     if dims.mixed:
+        if "is_volume" not in batch:
+            raise ValueError(MIXED_BATCH)
         counts = torch.tensor([math.prod(g) for g in dims.grids], device=slots.device)
         per_sample = counts[batch["is_volume"].long()]  # (B,)
         slots = slots & (torch.arange(n, device=slots.device) < per_sample.unsqueeze(-1))

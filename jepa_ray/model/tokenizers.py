@@ -15,6 +15,8 @@ from torch import nn
 
 from jepa_ray.model.vit import learned, sincos_1d, sincos_grid
 
+MIXED_BATCH = "a mixed 2-D + 3-D model takes batches of pipeline.dims=mixed (volume, is_volume)"
+
 
 @dataclass(frozen=True)
 class InputDims:
@@ -110,9 +112,7 @@ class ImageTokenizer(nn.Module):
         if not self.dims.mixed:
             return self.patch(image).flatten(2).transpose(1, 2) + self.pos + self.modality
         if volume is None or is_volume is None:
-            raise ValueError(
-                "a mixed 2-D + 3-D model takes batches of pipeline.dims=mixed (volume, is_volume)"
-            )
+            raise ValueError(MIXED_BATCH)
         b, n = image.shape[0], self.dims.patches
         flat = ~is_volume
         # each embedder runs on its own kind's samples only; both run on every batch (an empty one
