@@ -150,6 +150,17 @@ def test_embeddings_pool_each_sample_over_its_own_grid(split, batch):
     assert torch.isfinite(cols["q_ehr2img"]).all() and torch.isfinite(cols["g_img"]).all()
 
 
+def test_tune_objectives_measure_a_mixed_model(split, batch):
+    """A sweep over a mixed cohort ranks trials on the same pooled embeddings (both kinds)."""
+    from jepa_ray.tune.objective import measure
+
+    model = _model(split)
+    rankme = measure(model, [batch], "rankme", None)
+    assert rankme["objective"] == rankme["rankme"] > 1
+    probe = measure(model, [batch], "probe_auroc", "cardiomegaly")
+    assert 0 <= probe["objective"] <= 1 and probe["objective_samples"] == len(batch["key"])
+
+
 def test_a_mixed_model_refuses_a_one_kind_batch(split, batch):
     one_kind = {k: v for k, v in batch.items() if k not in ("volume", "is_volume")}
     with pytest.raises(ValueError, match=r"takes batches of pipeline\.dims=mixed"):
