@@ -1,10 +1,12 @@
-"""Does pretraining learn what the images carry? A few hundred single-process CPU steps of the tiny
-JEPA on a synthetic cohort, then a ridge probe from pooled image embeddings to the ground-truth
-latent factors, against the same probe on the same seeds' random initialisations.
+"""Does pretraining learn what the images carry? 600 single-process CPU steps of the tiny JEPA on a
+synthetic cohort of 1,000 subjects, then a ridge probe from pooled image embeddings to the
+ground-truth latent factors (cardiac: heart width; lung: opacities and fluid; frailty: bone
+density), against the same probe on the same seeds' random initialisations.
 
-What this asserts is what the tiny model learns robustly at this budget (measured with
-benchmarks/bench_learning.py, README "Benchmarks"): lung opacity. Heart width (the cardiac factor)
-is not learned at 32 px by this model; the probe's numbers for it are reported, not asserted.
+The cohort is benchmarks/bench_learning.py's (same synth seed and sizes), so the numbers here are
+the benchmark's. Below ~600 images the probe and the pretraining both starve: at 400 subjects
+(582 images) the cardiac gain was noise (+0.01 over three seeds, two of them negative); from
+1,000 subjects on, every factor gains in every seed.
 """
 
 from __future__ import annotations
@@ -24,19 +26,22 @@ from jepa_ray.data.pipeline import collate, open_split
 from jepa_ray.data.prepare import prepare
 from jepa_ray.data.synth import cohort_inputs, write_cohort
 from jepa_ray.data.transform import transform_batch
+from jepa_ray.eval import probes
 from jepa_ray.eval.probes import cv_latent_r2
 from jepa_ray.model.jepa import JEPA, embedding_stats
 
 FACTORS = ("cardiac", "lung", "frailty")
+LABELS = ("cardiomegaly", "abnormal_lung")
 SEEDS = (0, 1)
-STEPS = 300
+STEPS = 600
+SUBJECTS = 1000
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory, ray_session):
-    """200 subjects (about 290 radiographs) in 64 px training shards, with their true latents."""
+    """1,000 subjects (about 1,400 radiographs) in 64 px training shards, with their true latents."""
     root = tmp_path_factory.mktemp("learning")
-    write_cohort(root / "cohort", SynthConfig(subjects=200, seed=3, min_size=96, max_size=160))
+    write_cohort(root / "cohort", SynthConfig(subjects=SUBJECTS, seed=3, min_size=128, max_size=256))
     overrides = ["prepare.image.size=64", "prepare.shards.max_samples=64", "prepare.split.val=0"]
     cfg = load_config(overrides=[*overrides, "prepare.split.test=0"]).prepare
     assert prepare(str(root / "shards"), cfg, **cohort_inputs(root / "cohort")).ok
@@ -48,12 +53,27 @@ def cohort(tmp_path_factory, ray_session):
     latents = pd.read_parquet(root / "cohort" / "latents.parquet")
     truth = {pz.subject(r.subject_id): [getattr(r, f) for f in FACTORS] for r in latents.itertuples()}
     keys = [k for k, f in samples.items() if "image" in f]
-    subjects = [json.loads(samples[k]["meta"])["subject"] for k in keys]
-    return split, samples, keys, subjects, np.array([truth[s] for s in subjects], float)
+    metas = [json.loads(samples[k]["meta"]) for k in keys]
+    subjects = [m["subject"] for m in metas]
+    labels = {name: np.array([bool(m["labels"][name]) for m in metas]) for name in LABELS}
+    held_out = np.array([pz.unit(s) < 0.25 for s in subjects])  # a quarter of the subjects
+    return split, samples, keys, subjects, np.array([truth[s] for s in subjects], float), labels, held_out
+
+
+def _evaluation_probes(x: np.ndarray, z: np.ndarray, labels: dict, held_out: np.ndarray) -> tuple:
+    """The evaluation's own probes (`jepa-ray evaluate`): latent R² and logistic-probe AUROC, fit on
+    three quarters of the subjects, scored on the held-out quarter."""
+    fit = ~held_out
+    r2 = probes.latent_r2(x[fit], z[fit], {"test": (x[held_out], z[held_out])})["test"]["r2"]
+    auc = [
+        probes.auroc(y[held_out], probes.logistic_probe(x[fit], y[fit])(x[held_out]), 0, 0)["auroc"]
+        for y in labels.values()
+    ]
+    return np.mean(r2), np.mean(auc)
 
 
 def test_pretraining_beats_random_init_on_a_latent_factor_probe(cohort):
-    split, samples, keys, subjects, z = cohort
+    split, samples, keys, subjects, z, labels, held_out = cohort
     cfg = load_config(
         overrides=["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_events=32"]
     ).pipeline
@@ -73,22 +93,35 @@ def test_pretraining_beats_random_init_on_a_latent_factor_probe(cohort):
         model.train()
         return x
 
-    random_r2, trained_r2 = [], []
+    random_r2, trained_r2, evaluation = [], [], []
     for seed in SEEDS:
         torch.manual_seed(seed)
         model = JEPA(split.spec.model_dims(cfg), ModelConfig(preset="tiny"))
-        random_r2.append(cv_latent_r2(embed(model), z, subjects))
-        losses = train_on_samples(model, samples, split.spec, cfg, STEPS, batch=32, seed=seed)
+        x_random = embed(model)
+        random_r2.append(cv_latent_r2(x_random, z, subjects))
+        losses = train_on_samples(model, samples, split.spec, cfg, STEPS, lr=1e-3, batch=32, seed=seed)
         assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10])
         x = embed(model)
         stats = embedding_stats(torch.from_numpy(x))
         assert stats["std"] > 0.05 and stats["rankme"] > 5  # no collapse of the pooled embedding
         trained_r2.append(cv_latent_r2(x, z, subjects))
-    random_mean, trained_mean = np.mean(random_r2, 0), np.mean(trained_r2, 0)
+        evaluation.append([_evaluation_probes(e, z, labels, held_out) for e in (x_random, x)])
+    gains = np.array(trained_r2) - np.array(random_r2)  # (seeds, factors)
     report = "  ".join(
-        f"{f} {a:+.3f} -> {b:+.3f}" for f, a, b in zip(FACTORS, random_mean, trained_mean, strict=True)
+        f"{f} {a:+.3f} -> {b:+.3f}"
+        for f, a, b in zip(FACTORS, np.mean(random_r2, 0), np.mean(trained_r2, 0), strict=True)
     )
-    lung = FACTORS.index("lung")
-    # measured here: lung -0.036 -> +0.192 (one seed +0.01, the other +0.38: single seeds vary a lot,
-    # hence the mean of two); cardiac -0.05 -> +0.02, frailty -0.04 -> -0.09
-    assert trained_mean[lung] > random_mean[lung] + 0.08, report
+    print(f"latent R², random init -> pretrained: {report}; gain per seed {gains.mean(1).round(3)}")
+    # measured here (R², mean of the two seeds): cardiac +0.097 -> +0.144, lung +0.257 -> +0.305,
+    # frailty +0.034 -> +0.056; the gain averaged over the factors is +0.027 and +0.051 per seed
+    assert (gains.mean(0) > 0.01).all(), report  # every factor
+    assert (gains.mean(1) > 0.01).all(), report  # every seed
+    assert gains.mean() > 0.025, report
+
+    # The same with the evaluation's protocol (#6): held-out subjects, latent R² averaged over the
+    # factors and logistic-probe AUROC averaged over the two labels; (seeds, random|trained, metric)
+    ev = np.array(evaluation)
+    print(f"evaluation probes, random init -> pretrained (R², AUROC) per seed: {ev.round(3).tolist()}")
+    # measured here: R² 0.102 -> 0.153 and 0.139 -> 0.185, AUROC 0.677 -> 0.687 and 0.689 -> 0.723
+    r2_gain, auc_gain = (ev[:, 1] - ev[:, 0]).mean(0)
+    assert r2_gain > 0.02 and auc_gain > 0.005, ev.round(3).tolist()
