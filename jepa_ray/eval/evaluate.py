@@ -72,23 +72,27 @@ def resolve_encoder(encoder: str, cfg: Config, out: Path) -> EncoderSource:
     return EncoderSource("pretrained", str(weights), info)
 
 
-def load_split(path: Path) -> Split:
-    """A cached split, reduced to one sample per subject (its earliest study)."""
-    cols = read_embeddings(path)
-    meta = [json.loads(m) for m in cols["meta"]]
-    # earliest study = the longest follow-up of any endpoint; ties by key, for determinism
+def first_studies(meta: list[dict[str, Any]], keys: list[str]) -> np.ndarray:
+    """Indices (sorted) of one sample per subject: its earliest study, i.e. the longest follow-up of
+    any endpoint; ties by key, for determinism."""
     order = sorted(
         range(len(meta)),
-        key=lambda i: (-max([t["days"] for t in meta[i].get("tte", {}).values()] or [0]), cols["key"][i]),
+        key=lambda i: (-max([t["days"] for t in meta[i].get("tte", {}).values()] or [0]), keys[i]),
     )
     seen, keep = set(), []
     for i in order:
         if meta[i]["subject"] not in seen:
             seen.add(meta[i]["subject"])
             keep.append(i)
-    keep.sort()
-    idx = np.array(keep, dtype=np.intp)
-    return Split({k: v[idx] for k, v in cols.items()}, [meta[i] for i in keep], len(meta) - len(keep))
+    return np.array(sorted(keep), dtype=np.intp)
+
+
+def load_split(path: Path) -> Split:
+    """A cached split, reduced to one sample per subject (its earliest study)."""
+    cols = read_embeddings(path)
+    meta = [json.loads(m) for m in cols["meta"]]
+    idx = first_studies(meta, list(cols["key"]))
+    return Split({k: v[idx] for k, v in cols.items()}, [meta[i] for i in idx], len(meta) - len(idx))
 
 
 def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | None = None) -> dict[str, Any]:
