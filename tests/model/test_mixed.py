@@ -58,7 +58,7 @@ def test_a_mixed_batch_carries_both_kinds_each_masked_on_its_own_grid(batch):
     assert batch["img_ctx"].shape[1] == N3  # the larger grid's slots
     # a radiograph never uses the slots past its 16 patches; a volume's masks run through both slices
     assert not batch["img_ctx"][xr, N2:].any() and not batch["img_tgt"][xr][..., N2:].any()
-    assert batch["img_ctx"][xr].any(1).all() or batch["img_tgt"][xr].any((1, 2)).all()
+    assert (batch["img_ctx"][xr].any(1) | batch["img_tgt"][xr].any((1, 2))).all()  # each one is masked
     vol_ctx = batch["img_ctx"][ct].reshape(-1, 2, 16)
     assert torch.equal(vol_ctx[:, 0], vol_ctx[:, 1])
     # each array holds only its own kind's samples
