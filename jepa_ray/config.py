@@ -348,23 +348,35 @@ class PipelineConfig(_Strict):
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
-        grids = [] if self.dims == 3 else [("image", (self.image_size // self.patch_size) ** 2)]
-        if self.dims in (3, "mixed"):
-            if any(t < 1 or v % t for v, t in zip(self.volume_size, self.tubelet, strict=True)):
+        if self.dims != 2 and any(
+            t < 1 or v % t for v, t in zip(self.volume_size, self.tubelet, strict=True)
+        ):
+            raise ValueError(f"volume_size {self.volume_size} is not a multiple of tubelet {self.tubelet}")
+        for grid in self.grids:
+            kind = "volume" if len(grid) == 3 else "image"
+            # blocks through depth: a volume's context is counted on one slice of the grid
+            patches = grid[1] * grid[2] if kind == "volume" and self.mask.through_depth else math.prod(grid)
+            if self.mask.min_context_patches >= patches:
                 raise ValueError(
-                    f"volume_size {self.volume_size} is not a multiple of tubelet {self.tubelet}"
+                    f"mask.min_context_patches must be below the {patches} patches of the {kind}"
                 )
-            axes = [v // t for v, t in zip(self.volume_size, self.tubelet, strict=True)]
-            # blocks through depth: the context is counted on one slice of the grid
-            grids.append(("volume", axes[1] * axes[2] if self.mask.through_depth else math.prod(axes)))
-        for kind, grid in grids:
-            if self.mask.min_context_patches >= grid:
-                raise ValueError(f"mask.min_context_patches must be below the {grid} patches of the {kind}")
         for name in ("crop_scale", "crop_aspect"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi or (name == "crop_scale" and hi > 1):
                 raise ValueError(f"{name}: need 0 < low <= high" + (" <= 1" if name == "crop_scale" else ""))
         return self
+
+    @property
+    def grids(self) -> list[tuple[int, ...]]:
+        """The patch grids of the run: [2-D], [3-D], or both for dims=mixed (in that order, which
+        is also `is_volume`'s: 0 radiograph, 1 CT)."""
+        out = []
+        if self.dims != 3:
+            g = self.image_size // self.patch_size
+            out.append((g, g))
+        if self.dims != 2:
+            out.append(tuple(v // t for v, t in zip(self.volume_size, self.tubelet, strict=True)))
+        return out
 
 
 class ModelConfig(_Strict):

@@ -25,7 +25,7 @@ from jepa_ray.config import PipelineConfig, StorageConfig
 from jepa_ray.data.manifest import read_manifest
 from jepa_ray.data.masking import mask_indices
 from jepa_ray.data.storage import Store, pyarrow_filesystem
-from jepa_ray.data.transform import FeatureSpec, grids, transform_batch
+from jepa_ray.data.transform import FeatureSpec, transform_batch
 from jepa_ray.errors import ShardError
 
 ROWS_PER_BLOCK = 32  # samples the reader yields at a time: one map_batches call
@@ -146,7 +146,7 @@ def build_dataset(shards: ShardSet, cfg: PipelineConfig, *, train: bool, ledger:
 
 
 def _bytes_per_sample(spec: FeatureSpec, cfg: PipelineConfig) -> int:
-    n = max(math.prod(g) for g in grids(cfg))
+    n = max(math.prod(g) for g in cfg.grids)
     pixels = (cfg.image_size**2 if cfg.dims != 3 else 0) + (
         max(spec.volume_channels, 1) * math.prod(cfg.volume_size) if cfg.dims != 2 else 0
     )  # a mixed batch carries both arrays for every sample

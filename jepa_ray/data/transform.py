@@ -338,22 +338,10 @@ def _ehr_arrays(arrays: dict[str, np.ndarray], spec: FeatureSpec, lay: EhrLayout
     row["ehr_valid"][ev] = True
 
 
-def grids(cfg: PipelineConfig) -> list[tuple[int, ...]]:
-    """The patch grids of the run: [2-D], [3-D], or both for pipeline.dims=mixed (in that order,
-    which is also `is_volume`'s: 0 radiograph, 1 CT)."""
-    out = []
-    if cfg.dims != 3:
-        g = cfg.image_size // cfg.patch_size
-        out.append((g, g))
-    if cfg.dims != 2:
-        out.append(tuple(v // t for v, t in zip(cfg.volume_size, cfg.tubelet, strict=True)))
-    return out
-
-
 def empty_batch(b: int, spec: FeatureSpec, cfg: PipelineConfig) -> dict[str, np.ndarray]:
     """Zero-filled output arrays for b samples."""
     s, L, m = cfg.image_size, EhrLayout.of(spec, cfg).tokens, cfg.mask.num_target_blocks
-    n = max(math.prod(g) for g in grids(cfg))
+    n = max(math.prod(g) for g in cfg.grids)
     image_shape = (spec.volume_channels, *cfg.volume_size) if cfg.dims == 3 else (1, s, s)
     kinds = {}
     if cfg.dims == "mixed":
@@ -420,7 +408,7 @@ def transform_batch(
     layout = EhrLayout.of(spec, cfg)
     s0, s, p = spec.stored_size, cfg.image_size, cfg.patch_size
     g = s // p
-    grid_2d, grid_3d = (g, g), grids(cfg)[-1]
+    grid_2d, grid_3d = (g, g), cfg.grids[-1]
     boxes = np.zeros((len(kept), 5))
     jitter = np.tile([1.0, 1.0, 0.0], (len(kept), 1))
     valid = np.zeros((len(kept), 4))
