@@ -398,8 +398,15 @@ class ModelConfig(_Strict):
     )
     predictor_heads: int | None = Field(None, ge=1, description="Predictor heads; default: the encoder's.")
     mlp_ratio: float = Field(4.0, gt=0, description="Hidden width of the MLPs, as a multiple of the width.")
+    objective: Literal["jepa", "mae"] = Field(
+        "jepa",
+        description="jepa: predict the EMA target encoder's latents of what is hidden; mae: the same "
+        "context encoder, masks and budget, with a light decoder reconstructing the hidden content "
+        "(per-patch normalised pixels, EHR values and categories): the reconstruction baseline. An "
+        "mae run has no EMA target: the exported target encoder is the context encoder.",
+    )
     loss: Literal["l2", "smooth_l1"] = Field(
-        "l2", description="Distance between predicted and target latents."
+        "l2", description="Distance between predicted and target latents (jepa) or pixels and values (mae)."
     )
     activation_checkpointing: int = Field(
         0,
