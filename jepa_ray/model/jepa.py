@@ -22,6 +22,7 @@ from torch import nn
 
 from jepa_ray.config import ModelConfig
 from jepa_ray.data.masking import mask_indices
+from jepa_ray.model.mae import ReconstructionHeads
 from jepa_ray.model.tokenizers import MIXED_BATCH, EhrTokenizer, ImageTokenizer, InputDims
 from jepa_ray.model.vit import PRESETS, Trunk, init_weights, learned, sincos_grid
 
@@ -110,9 +111,20 @@ class Predictor(nn.Module):
 
     All targets of a sample are predicted in one pass (image blocks and EHR tokens together); the
     mask tokens carry only positions (patch place, EHR slot identity and time), never content.
+    With `reconstruct` (model.objective=mae) it is the MAE's light decoder: `heads` map its outputs
+    to pixels, values and categories (`jepa_ray.model.mae`).
     """
 
-    def __init__(self, dims: InputDims, enc_width: int, width: int, depth: int, heads: int, mlp_ratio: float):
+    def __init__(
+        self,
+        dims: InputDims,
+        enc_width: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        reconstruct: bool = False,
+    ):
         super().__init__()
         self.embed = nn.Linear(enc_width, width)
         self.mask_token = learned(width)
@@ -126,6 +138,7 @@ class Predictor(nn.Module):
         self.ehr_pos = nn.Linear(enc_width, width)
         self.trunk = Trunk(width, depth, heads, mlp_ratio)
         self.proj = nn.Linear(width, enc_width)
+        self.heads = ReconstructionHeads(dims, enc_width) if reconstruct else None
 
     def forward(
         self,
@@ -167,7 +180,8 @@ def momentum_at(step: int, total: int, ema: tuple[float, float]) -> float:
 class Student(nn.Module):
     """The trained part of the JEPA: context encoder + predictor. Its forward is the loss, given the
     target latents, so that a distributed wrapper (DeepSpeed) can own exactly these parameters while
-    the EMA target encoder stays outside it."""
+    the EMA target encoder stays outside it. With a reconstructing predictor (model.objective=mae)
+    the loss is against the hidden content itself and takes no latents."""
 
     def __init__(self, context: Encoder, predictor: Predictor, loss: str) -> None:
         super().__init__()
@@ -176,9 +190,10 @@ class Student(nn.Module):
         self.loss = loss
 
     def forward(
-        self, batch: dict[str, torch.Tensor], z_img: torch.Tensor, z_ehr: torch.Tensor
+        self, batch: dict[str, torch.Tensor], z_img: torch.Tensor | None, z_ehr: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """The JEPA loss of a batch against target latents z_img (B, N, D) and z_ehr (B, L, D)."""
+        """The loss of a batch: against target latents z_img (B, N, D) and z_ehr (B, L, D) (JEPA), or
+        against the hidden pixels and EHR content (MAE: z_img and z_ehr are None)."""
         ctx = self.context(batch, batch["img_ctx_idx"], batch["img_ctx_keep"], batch["ehr_ctx"])
         b, m, k = batch["img_tgt_idx"].shape
         img_idx, img_keep = batch["img_tgt_idx"].reshape(b, m * k), batch["img_tgt_keep"].reshape(b, m * k)
@@ -187,13 +202,14 @@ class Student(nn.Module):
         pred_img, pred_ehr = self.predictor(
             ctx["tokens"], ctx["keep"], img_idx, img_keep, ehr_positions, ehr_keep, batch.get("is_volume")
         )
-        per_token = torch.cat(
-            [
-                self._distance(pred_img, gather(z_img, img_idx).to(pred_img.dtype)),
-                self._distance(pred_ehr, gather(z_ehr, ehr_idx).to(pred_ehr.dtype)),
-            ],
-            dim=1,
-        ).float()  # (B, Qi + Qe)
+        heads = self.predictor.heads
+        if heads is not None:
+            img_err = heads.image_error(pred_img, batch, img_idx, self._distance)
+            ehr_err = heads.ehr_error(pred_ehr, batch, ehr_idx, self._distance)
+        else:
+            img_err = self._distance(pred_img, gather(z_img, img_idx).to(pred_img.dtype))
+            ehr_err = self._distance(pred_ehr, gather(z_ehr, ehr_idx).to(pred_ehr.dtype))
+        per_token = torch.cat([img_err.float(), ehr_err.float()], dim=1)  # (B, Qi + Qe)
         keep = torch.cat([img_keep, ehr_keep], dim=1).to(per_token.dtype)
         count = keep.sum()
         loss = (per_token * keep).sum() / count.clamp(min=1)
@@ -211,10 +227,18 @@ class Student(nn.Module):
         return (pred - target).pow(2).mean(-1)
 
 
+def target_ema(cfg: ModelConfig) -> tuple[float, float]:
+    """The target encoder's EMA momentum schedule: the configured one, or (0, 0) for an MAE, whose
+    target encoder is a copy of its context encoder after every step."""
+    return (0.0, 0.0) if cfg.objective == "mae" else cfg.ema
+
+
 class JEPA(nn.Module):
     """The student (context encoder + predictor, trained) and the EMA target encoder.
 
     `forward(batch)` is the loss; `update_target(m)` the EMA step; `encode` the downstream API.
+    With `model.objective=mae` the same modules form the reconstruction baseline: the predictor
+    decodes pixels and EHR content, and the target encoder follows the context encoder exactly.
     """
 
     def __init__(self, dims: InputDims | dict, cfg: ModelConfig | None = None) -> None:
@@ -230,7 +254,9 @@ class JEPA(nn.Module):
             p_heads -= 1
         self.dims, self.cfg, self.width = dims, cfg, width
         context = Encoder(dims, width, depth, heads, cfg.mlp_ratio, cfg.activation_checkpointing)
-        predictor = Predictor(dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio)
+        predictor = Predictor(
+            dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio, reconstruct=cfg.objective == "mae"
+        )
         self.student = Student(context, predictor, cfg.loss)
         init_weights(self.student)
         self.target = copy.deepcopy(context)
@@ -245,14 +271,24 @@ class JEPA(nn.Module):
     def predictor(self) -> Predictor:
         return self.student.predictor
 
+    @property
+    def reconstructs(self) -> bool:
+        """True for the reconstruction baseline (model.objective=mae)."""
+        return self.predictor.heads is not None
+
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """target <- momentum * target + (1 - momentum) * context, parameter by parameter."""
+        """target <- momentum * target + (1 - momentum) * context, parameter by parameter (an MAE's
+        target is a plain copy: momentum 0)."""
+        momentum = 0.0 if self.reconstructs else momentum
         ema_(list(self.target.parameters()), list(self.context.parameters()), momentum)
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer-normed target-encoder latents of every patch (B, N, D) and EHR slot (B, L, D)."""
+    def targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Layer-normed target-encoder latents of every patch (B, N, D) and EHR slot (B, L, D);
+        (None, None) for an MAE, whose targets are the batch's own content."""
+        if self.reconstructs:
+            return None, None
         self.target.eval()
         out = self.target(batch, ehr_visible=torch.ones_like(batch["ehr_valid"]))
         z = F.layer_norm(out["tokens"].float(), (self.width,))

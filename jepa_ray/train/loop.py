@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from jepa_ray.config import Config
-from jepa_ray.model.jepa import JEPA, POLICIES, embedding_stats
+from jepa_ray.model.jepa import JEPA, POLICIES, embedding_stats, target_ema
 from jepa_ray.model.optim import Schedule, param_groups
 from jepa_ray.train.engine import (
     apply_schedule,
@@ -230,7 +230,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         warmup_steps=tc.warmup_steps,
         final_lr=tc.final_lr,
         weight_decay=tc.weight_decay,
-        ema=cfg.model.ema,
+        ema=target_ema(cfg.model),
     )
     zero3 = tc.zero_stage == 3
 
