@@ -119,13 +119,14 @@ def test_ema_target_is_the_same_under_zero3_as_under_zero0(fixed, small_shards, 
     assert moved > 0  # the target is not trivially equal to the context (the EMA really lags)
 
 
-def test_export_reproduces_the_trained_encoders(fixed, small_shards, tmp_path, ray_session):
+@pytest.mark.parametrize("objective", ["jepa", "mae"])
+def test_export_reproduces_the_trained_encoders(objective, fixed, small_shards, tmp_path, ray_session):
     from jepa_ray.model.io import load_jepa
     from jepa_ray.train.export import export
 
     source, dims = fixed
     probe = tmp_path / "probe.pt"
-    cfg = _cfg(small_shards, tmp_path, "train.zero_stage=3", "train.steps=3")
+    cfg = _cfg(small_shards, tmp_path, "train.zero_stage=3", "train.steps=3", f"model.objective={objective}")
     info = pretrain(cfg, name="export3", extra={"batches": source, "dims": dims, "probe_path": str(probe)})
     weights, meta = export(info.run_url, tmp_path / "encoder")
     assert weights.suffix == ".safetensors" and json.loads(meta.read_text())["step"] == 3
@@ -136,6 +137,12 @@ def test_export_reproduces_the_trained_encoders(fixed, small_shards, tmp_path, r
         torch.testing.assert_close(model.target(saved["batch"])["tokens"], saved["target"])
         # the predictor came along too: the same loss on the same batch
         assert float(model(saved["batch"])["loss"]) == pytest.approx(saved["loss"], rel=1e-5)
+    assert model.reconstructs == (objective == "mae")
+    if objective == "mae":  # no EMA: the target encoder an MAE exports is its context encoder
+        for t, c in zip(model.target.parameters(), model.context.parameters(), strict=True):
+            torch.testing.assert_close(t, c)
+    momentum = float(_rows(info.run_url)[-1]["momentum"])
+    assert momentum == 0.0 if objective == "mae" else momentum > 0.99
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(small_shards, tmp_path, ray_session):
