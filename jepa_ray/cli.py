@@ -230,7 +230,10 @@ def tune(
         typer.Option("--num-samples", help="Trials (random, optuna) or grid repeats (tune.num_samples)."),
     ] = None,
     objective: Annotated[
-        str | None, typer.Option(help="rankme | probe_auroc | cindex (tune.objective).")
+        str | None,
+        typer.Option(
+            help="rankme | lidar | lidar_context | val_loss | probe_auroc | cindex (tune.objective)."
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted sweep: finished trials are not rerun.")

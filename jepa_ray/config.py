@@ -576,12 +576,22 @@ class TuneConfig(_Strict):
         "num_samples trials drawn at random; optuna: num_samples trials proposed by Optuna's TPE.",
     )
     num_samples: int = Field(1, ge=1, description="Trials (random, optuna) or repeats of the grid (grid).")
-    objective: Literal["rankme", "probe_auroc", "cindex"] = Field(
+    objective: Literal["rankme", "lidar", "lidar_context", "val_loss", "probe_auroc", "cindex"] = Field(
         "rankme",
-        description="What ranks trials (higher is better), measured on the validation split: rankme "
-        "(effective rank of pooled embeddings, needs no labels), probe_auroc (cross-validated logistic "
-        "probe on a binary label) or cindex (cross-validated ridge Cox on a time-to-event outcome). "
-        "Never the JEPA loss: it is not comparable across mask ratios.",
+        description="What ranks trials (higher is better), measured on the validation split. Label-free: "
+        "rankme (effective rank of the target encoder's pooled embeddings), lidar / lidar_context "
+        "(LiDAR: rank of the LDA matrix whose classes are samples and whose members are masked views of "
+        "them, embedded by the target / context encoder), val_loss (the model's loss with masks drawn "
+        "from the base config's mask setting for every trial, negated: the trial's own loss is not "
+        "comparable across mask ratios). Labelled: probe_auroc (cross-validated logistic probe on a "
+        "binary label) or cindex (cross-validated ridge Cox on a time-to-event outcome). Each trial "
+        "reports it with a bootstrap standard error (objective_se).",
+    )
+    measure_all: bool = Field(
+        False,
+        description="Also measure every label-free objective at each report (lf_<name>, lf_<name>_se) "
+        "and, beside a labelled objective, each one's Spearman correlation with it across trials: "
+        "which label-free objective to trust on this data. A few seconds per report on a CPU.",
     )
     label: str | None = Field(
         None,

@@ -192,9 +192,9 @@ def _save_probe(model: JEPA, student: Any, batch: dict, device: torch.device, ra
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: config (a Config as a dict), dims (model input dims),
     run_url (the run directory), epoch_batches (batches per rank per epoch, or None); a sweep adds
-    objective (kind, label, batches: measured on rank 0's validation batches at every report, see
-    `jepa_ray.tune.objective`); tests may add batches (a BatchSource replacing Ray Data),
-    kill_at_step (rank 1 kills its own process there, unless resumed, to exercise fault tolerance)
+    objective (kind, label, batches, mask, candidates: measured on rank 0's validation batches at
+    every report, see `jepa_ray.tune.objective`); tests may add batches (a BatchSource replacing
+    Ray Data), kill_at_step (rank 1 kills its own process there, unless resumed, to exercise fault tolerance)
     and probe_path (see `_save_probe`)."""
     import deepspeed
     import ray.train
@@ -268,7 +268,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             from jepa_ray.tune.objective import measure
 
             batches = [_to(b, device) for b in val_all[: objective["batches"]]]
-            metrics.update(measure(model, batches, objective["kind"], objective["label"]))
+            kind, label = objective["kind"], objective["label"]
+            extra = {"mask": objective.get("mask"), "candidates": objective.get("candidates", ())}
+            metrics.update(measure(model, batches, kind, label, **extra))
         last = metrics
         if metrics_log is not None:
             metrics_log.log(step, metrics)

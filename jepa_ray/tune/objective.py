@@ -1,15 +1,20 @@
 """The objectives that rank a sweep's trials, measured on validation batches during training.
 
-All three score the pooled target-encoder embeddings (image and EHR together, what downstream
-models use) of up to `tune.eval_batches` validation batches; higher is better:
+Each is measured on up to `tune.eval_batches` validation batches; higher is better. Label-free
+(`jepa_ray.tune.labelfree`; they work on the unlabelled cohorts that pretraining is for):
 
-- `rankme`: effective rank of the embeddings (Garrido et al., 2023). Needs no labels, so it works on
-  the unlabelled cohorts that pretraining is for; it detects collapse, not usefulness.
+- `rankme`: effective rank of the target encoder's pooled embeddings (Garrido et al., 2023).
+- `lidar` / `lidar_context`: LiDAR (Thilak et al., 2023) over masked views of each sample.
+- `val_loss`: the model's loss with masks fixed for every trial (a mask ratio of the sweep's base
+  config, not the trial's: the trial's own loss is not comparable across mask ratios), negated.
+
+Labelled, on the pooled target-encoder embeddings (image and EHR together):
+
 - `probe_auroc`: out-of-fold AUROC of the logistic probe of `jepa-ray evaluate` on a binary label
   (stratified k-fold on the validation samples that carry it).
 - `cindex`: out-of-fold Harrell's c-index of a ridge Cox model on a time-to-event outcome.
 
-The JEPA loss is never an objective: how hard the prediction task is depends on the mask ratio.
+Every measurement comes with a bootstrap standard error (`objective_se`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 from jepa_ray.errors import ConfigError
 
 FOLDS = 5
+LABEL_FREE = ("rankme", "lidar", "lidar_context", "val_loss")
+STUDENT = ("lidar_context", "val_loss")  # need the context encoder (and predictor) whole on rank 0
 
 
 def batch_outcomes(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -33,7 +40,7 @@ def batch_outcomes(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def pick_label(metas: list[dict[str, Any]], objective: str, label: str | None) -> str | None:
     """The label or outcome the objective uses: the one asked for, else the first present (death
     first for cindex); ConfigError naming what the split does carry when it is not there."""
-    if objective == "rankme":
+    if objective in LABEL_FREE:
         return None
     field = "labels" if objective == "probe_auroc" else "tte"
     seen: dict[str, int] = {}
@@ -65,56 +72,92 @@ def _folds(n: int, y: np.ndarray | None, k: int, seed: int):
     return KFold(k, shuffle=True, random_state=seed).split(np.zeros(n))
 
 
-def probe_auroc(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
-    """Out-of-fold AUROC of the evaluation's logistic probe; NaN with fewer than 2 per class."""
+def _auroc(y: np.ndarray, score: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def probe_auroc(x: np.ndarray, y: np.ndarray, seed: int = 0, se: bool = False):
+    """Out-of-fold AUROC of the evaluation's logistic probe; NaN with fewer than 2 per class. With
+    `se`: (AUROC, bootstrap SE over the samples, the out-of-fold scores held fixed)."""
     from jepa_ray.eval.probes import logistic_probe
+    from jepa_ray.tune.labelfree import bootstrap_se
 
     y = y.astype(int)
     k = min(FOLDS, int(y.sum()), int(len(y) - y.sum()))
     if k < 2:
-        return float("nan")
+        return (float("nan"), float("nan")) if se else float("nan")
     score = np.zeros(len(y))
     for fit, held in _folds(len(y), y, k, seed):
         score[held] = logistic_probe(x[fit], y[fit])(x[held])
-    return float(roc_auc_score(y, score))
+    value = _auroc(y, score)
+    return (value, bootstrap_se(lambda i: _auroc(y[i], score[i]), len(y))) if se else value
 
 
-def cv_cindex(x: np.ndarray, days: np.ndarray, event: np.ndarray, seed: int = 0) -> float:
-    """Out-of-fold Harrell's c-index of a ridge Cox model; NaN with fewer than 2 events."""
+def cv_cindex(x: np.ndarray, days: np.ndarray, event: np.ndarray, seed: int = 0, se: bool = False):
+    """Out-of-fold Harrell's c-index of a ridge Cox model; NaN with fewer than 2 events. With `se`:
+    (c-index, bootstrap SE over the samples, the out-of-fold risks held fixed)."""
     from jepa_ray.eval.survival import RidgeCox, harrell
+    from jepa_ray.tune.labelfree import bootstrap_se
 
+    nan = (float("nan"), float("nan")) if se else float("nan")
     k = min(FOLDS, int(event.sum()))
     if k < 2 or len(days) < 2 * k:
-        return float("nan")
+        return nan
     risk = np.zeros(len(days))
     for fit, held in _folds(len(days), None, k, seed):
         if event[fit].sum() == 0:
-            return float("nan")
+            return nan
         risk[held] = RidgeCox(x[fit], days[fit], event[fit]).risk(x[held])
-    return harrell(days, event, risk)
+    value = harrell(days, event, risk)
+
+    def resampled(i: np.ndarray) -> float:
+        return harrell(days[i], event[i], risk[i]) if event[i].any() else float("nan")
+
+    return (value, bootstrap_se(resampled, len(days))) if se else value
 
 
 @torch.no_grad()
-def measure(model: Any, batches: list[dict[str, Any]], objective: str, label: str | None) -> dict[str, float]:
-    """{"rankme", "objective" and, for a labelled objective, its value and the samples it used} from
-    the target encoder's pooled embeddings of these (already on-device) batches."""
-    from jepa_ray.model.jepa import embedding_stats
+def measure(
+    model: Any,
+    batches: list[dict[str, Any]],
+    objective: str,
+    label: str | None,
+    *,
+    mask: dict[str, Any] | None = None,
+    candidates: tuple[str, ...] | list[str] = (),
+) -> dict[str, float]:
+    """{"rankme", "objective", "objective_se"} from these (already on-device) batches, and for a
+    labelled objective its value under its own name and the samples it used; `candidates`: also
+    every named label-free objective as `lf_<name>` and `lf_<name>_se`. `mask`: the reference mask
+    setting of the label-free objectives (a MaskConfig as a dict; default MaskConfig())."""
+    from jepa_ray.config import MaskConfig
+    from jepa_ray.tune.labelfree import rankme, scores
 
+    ref = MaskConfig.model_validate(mask or {})
     x = torch.cat([model.encode(b, "both")["pooled"].float().cpu() for b in batches]).numpy()
-    out = {"rankme": embedding_stats(torch.from_numpy(x))["rankme"]}
-    if objective == "rankme":
-        return out | {"objective": out["rankme"]}
+    out: dict[str, float] = {}
+    names = list(dict.fromkeys([*candidates, *([objective] if objective in LABEL_FREE else [])]))
+    for name, (value, se) in scores(names, model, batches, ref, x).items():
+        out |= {f"lf_{name}": value, f"lf_{name}_se": se}
+    out["rankme"] = out.get("lf_rankme", rankme(x))
+    if objective in LABEL_FREE:
+        return out | {"objective": out[f"lf_{objective}"], "objective_se": out[f"lf_{objective}_se"]}
     metas = batch_outcomes(batches)
     if objective == "probe_auroc":
         y = np.array([float((m.get("labels") or {}).get(label, np.nan)) for m in metas])
         rows = ~np.isnan(y)
-        value = probe_auroc(x[rows], y[rows])
+        value, se = probe_auroc(x[rows], y[rows], se=True)
     else:
         tte = [(m.get("tte") or {}).get(label) for m in metas]
         rows = np.array([t is not None and t.get("days") is not None for t in tte])
         days = np.array([t["days"] if r else np.nan for t, r in zip(tte, rows, strict=True)], float)
         event = np.array([bool(t["event"]) if r else False for t, r in zip(tte, rows, strict=True)])
-        value = cv_cindex(x[rows], days[rows], event[rows])
-    return out | {objective: value, "objective": value, "objective_samples": float(rows.sum())}
+        value, se = cv_cindex(x[rows], days[rows], event[rows], se=True)
+    return out | {
+        objective: value,
+        "objective": value,
+        "objective_se": se,
+        "objective_samples": float(rows.sum()),
+    }

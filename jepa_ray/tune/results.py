@@ -1,7 +1,9 @@
 """A finished sweep's outputs: results table (CSV + markdown), best.yaml, heat map, sweep.json.
 
-One row per trial: its parameters, the objective it last reported (and RankMe beside a labelled
-objective), the steps it ran, whether ASHA stopped it early, its status. The best trial is the one
+One row per trial: its parameters, the objective it last reported with its bootstrap standard
+error (and RankMe, and with tune.measure_all every label-free objective, beside it), the steps it
+ran, whether ASHA stopped it early, its status. The summary says whether the best trial beats the
+runner-up by more than twice the gap's standard error. The best trial is the one
 with the highest objective among the trials that ran the most steps: trials stopped at a lower
 rung were measured earlier in training, which is not a like-for-like comparison (RankMe, for
 one, tends to fall as training goes on).
@@ -46,7 +48,9 @@ def trial_rows(cfg: Config, grid: Any, objective: dict[str, Any]) -> list[dict[s
             "trial": m.get("trial_id") or Path(result.path).name,
             **params,
             "objective": _finite(m.get("objective")),
+            "objective_se": _finite(m.get("objective_se")),
             "rankme": _finite(m.get("rankme")),
+            **{k: _finite(v) for k, v in sorted(m.items()) if k.startswith("lf_")},
             "steps": step,
             "stopped_early": (not failed) and step < cfg.train.steps,
             "status": "ERROR" if failed else "TERMINATED",
@@ -71,8 +75,33 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max((r for r in ok if r["steps"] == longest), key=lambda r: r["objective"])
 
 
-def history(grid: Any) -> dict[str, list[tuple[int, float | None, float | None]]]:
-    """trial -> [(step, objective, rankme)] of every report Tune received."""
+def runner_up_gap(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The best trial against the runner-up among the trials that ran as long: {"runner_up", "gap",
+    "se" (of the gap: both SEs combined), "beyond_noise" (gap > 2 se)}; None without a runner-up."""
+    if best is None:
+        return None
+    peers = [
+        r
+        for r in rows
+        if r["status"] != "ERROR" and r["objective"] is not None and r["steps"] == best["steps"]
+        and r["trial"] != best["trial"]
+    ]  # fmt: skip
+    if not peers:
+        return None
+    second = max(peers, key=lambda r: r["objective"])
+    gap = best["objective"] - second["objective"]
+    ses = [best.get("objective_se"), second.get("objective_se")]
+    se = math.sqrt(sum(x * x for x in ses)) if all(x is not None for x in ses) else None
+    return {
+        "runner_up": second["trial"],
+        "gap": gap,
+        "se": se,
+        "beyond_noise": None if se is None else bool(gap > 2 * se),
+    }
+
+
+def history(grid: Any, key: str = "rankme") -> dict[str, list[tuple[int, float | None, float | None]]]:
+    """trial -> [(step, objective, key's value)] of every report Tune received."""
     out = {}
     for result in grid:
         df = result.metrics_dataframe
@@ -81,27 +110,46 @@ def history(grid: Any) -> dict[str, list[tuple[int, float | None, float | None]]
         if df is None or "step" not in df:
             out[trial] = []
             continue
-        cols = [df[c] if c in df else [None] * len(df) for c in ("step", "objective", "rankme")]
+        cols = [df[c] if c in df else [None] * len(df) for c in ("step", "objective", key)]
         out[trial] = [(int(s), _finite(o), _finite(r)) for s, o, r in zip(*cols, strict=True)]
     return out
 
 
-def spearman(hist: dict[str, list[tuple[int, float | None, float | None]]]) -> dict[str, Any] | None:
-    """Spearman correlation of RankMe with the labelled objective across trials, both taken at the
-    last step every trial reached (trials stopped early would otherwise be compared at another
-    point of training: RankMe falls and probes improve as training goes on). None with fewer than
-    3 trials that have both there, or no spread."""
+def candidate_keys(grid: Any) -> list[str]:
+    """The label-free objectives the trials measured beside theirs (tune.measure_all)."""
+    keys = set()
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is not None:
+            keys |= {c for c in df.columns if c.startswith("lf_") and not c.endswith("_se")}
+    return sorted(keys)
+
+
+def spearman(
+    hist: dict[str, list[tuple[int, float | None, float | None]]], at: int | None = None
+) -> dict[str, Any] | None:
+    """Spearman correlation of RankMe (or another score: the third item) with the objective across
+    trials, both taken at the last step every trial reached (trials stopped early would otherwise
+    be compared at another point of training: RankMe falls and probes improve as training goes
+    on); `at`: at that step instead, among the trials that reached it. None with fewer than 3
+    trials that have both there, or no spread."""
     from scipy.stats import spearmanr
 
     reached = [max((h[0] for h in hs), default=0) for hs in hist.values()]
-    if not reached or min(reached) == 0:
+    if not reached or max(reached) == 0:
         return None
-    step = min(reached)
+    if at is None:
+        step = min(reached)
+        if step == 0:
+            return None
+    else:
+        step = at
+        hist = {t: hs for t, hs, r in zip(hist, hist.values(), reached, strict=True) if r >= at}
     pairs = []
     for hs in hist.values():
-        at = [h for h in hs if h[0] <= step]
-        if at and at[-1][1] is not None and at[-1][2] is not None:
-            pairs.append((at[-1][2], at[-1][1]))
+        seen = [h for h in hs if h[0] <= step]
+        if seen and seen[-1][1] is not None and seen[-1][2] is not None:
+            pairs.append((seen[-1][2], seen[-1][1]))
     if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
         return None
     rho = _finite(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
@@ -135,8 +183,31 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def candidate_spearman(grid: Any, at: int | None = None) -> dict[str, dict[str, Any] | None]:
+    """Label-free objective (measured with tune.measure_all) -> its Spearman correlation with the
+    sweep's objective across trials (see `spearman`)."""
+    return {k[3:]: spearman(history(grid, k), at) for k in candidate_keys(grid)}
+
+
+def _noise_line(gap: dict | None) -> str:
+    if gap is None:
+        return "Best beyond noise: no runner-up that ran as long."
+    if gap["se"] is None:
+        return f"Best beyond noise: unknown (no standard error; gap to {gap['runner_up']} {gap['gap']:.4g})."
+    return (
+        f"Best beyond noise: {'yes' if gap['beyond_noise'] else 'no'} (gap to the runner-up "
+        f"{gap['runner_up']} {gap['gap']:.4g}, twice its standard error {2 * gap['se']:.4g})."
+    )
+
+
 def _markdown(
-    cfg: Config, rows: list[dict[str, Any]], best: dict | None, rho: dict | None, objective: dict
+    cfg: Config,
+    rows: list[dict[str, Any]],
+    best: dict | None,
+    rho: dict | None,
+    objective: dict,
+    gap: dict | None = None,
+    candidates: dict[str, dict | None] | None = None,
 ) -> str:
     cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "error"]
     label = f" ({objective['label']})" if objective.get("label") else ""
@@ -155,7 +226,14 @@ def _markdown(
     failed = [r for r in rows if r["status"] == "ERROR"]
     for r in failed:
         lines.append(f"Failed: {r['trial']}: {r.get('error', '')}")
-    if objective["kind"] != "rankme":
+    lines.append("objective_se: bootstrap standard error of the objective on the validation samples.")
+    lines.append(_noise_line(gap))
+    for name, c in (candidates or {}).items():
+        lines.append(
+            f"Spearman correlation of {name} with the objective across trials: "
+            + (f"{c['rho']:+.2f} ({c['trials']} trials, at step {c['step']})" if c else "not enough trials")
+        )
+    if objective["kind"] != "rankme" and not candidates:
         lines.append(
             "Spearman correlation of RankMe with the objective across trials: "
             + (
@@ -253,11 +331,14 @@ def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[s
     best = best_row(rows)
     hist = history(grid)
     rho = spearman(hist) if objective["kind"] != "rankme" else None
+    labelled = objective["kind"] in ("probe_auroc", "cindex")
+    candidates = candidate_spearman(grid) if labelled else {}
+    gap = runner_up_gap(rows, best)
     store = Store(url, cfg.train.storage)
     store.makedirs()
     files: dict[str, bytes] = {
         "results.csv": _csv(rows).encode(),
-        "results.md": _markdown(cfg, rows, best, rho, objective).encode(),
+        "results.md": _markdown(cfg, rows, best, rho, objective, gap, candidates).encode(),
     }
     if best is not None:
         files["best.yaml"] = (
@@ -275,7 +356,9 @@ def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[s
         "steps": cfg.train.steps,
         "trials": rows,
         "best": best,
+        "best_vs_runner_up": gap,
         "spearman_rankme_objective": rho,
+        "spearman_label_free_objective": candidates,
     }
     files["sweep.json"] = (json.dumps(summary, indent=2) + "\n").encode()
     for fname, data in files.items():
@@ -289,5 +372,8 @@ def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[s
         best=best,
         spearman=rho,
         history=hist,
+        candidates=candidates,
+        gap=gap,
+        grid=grid,
         outputs={fname: store.uri(fname) for fname in files},
     )

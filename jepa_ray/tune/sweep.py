@@ -41,13 +41,18 @@ class SweepInfo:
     spearman: dict[str, Any] | None  # {"rho", "step", "trials"}: RankMe vs a labelled objective
     history: dict[str, list[tuple[int, float | None, float | None]]]  # trial -> (step, objective, rankme)
     outputs: dict[str, str]
+    candidates: dict[str, dict[str, Any] | None]  # tune.measure_all: label-free objective -> Spearman
+    gap: dict[str, Any] | None  # the best trial against the runner-up (see results.runner_up_gap)
+    grid: Any = None  # Tune's ResultGrid
 
 
 def _objective_settings(cfg: Config) -> dict[str, Any]:
-    """What every trial measures: the objective, its label and how many validation batches. The
-    validation split (every objective's data) and the label are checked now, before any trial."""
+    """What every trial measures: the objective, its label, how many validation batches, the
+    reference masks of the label-free objectives and, with tune.measure_all, which of those to
+    measure beside it. The validation split (every objective's data), the label and whether the
+    objective can be measured for this config are checked now, before any trial."""
     from jepa_ray.data.pipeline import open_split
-    from jepa_ray.tune.objective import pick_label
+    from jepa_ray.tune.objective import LABEL_FREE, pick_label
 
     tc = cfg.tune
     if cfg.train.shards is None:
@@ -56,9 +61,54 @@ def _objective_settings(cfg: Config) -> dict[str, Any]:
         )
     split = open_split(cfg.train.shards, "val", cfg.train.storage)  # ShardError when there is none
     label = None
-    if tc.objective != "rankme":
+    if tc.objective not in LABEL_FREE:
         label = pick_label(_val_metas(cfg, split.manifest["splits"]["val"]["shards"]), tc.objective, tc.label)
-    return {"kind": tc.objective, "label": label, "batches": tc.eval_batches}
+    check_objective(cfg, tc.objective, split.samples)
+    candidates = []
+    for name in LABEL_FREE if tc.measure_all else ():
+        try:
+            check_objective(cfg, name, split.samples)
+            candidates.append(name)
+        except ConfigError as e:
+            log.warning("tune.measure_all: %s is left out: %s", name, e)
+    return {
+        "kind": tc.objective,
+        "label": label,
+        "batches": tc.eval_batches,
+        "mask": cfg.pipeline.mask.model_dump(mode="json"),
+        "candidates": candidates,
+    }
+
+
+def check_objective(cfg: Config, objective: str, val_samples: int) -> None:
+    """ConfigError, naming the key to change, when `objective` cannot be measured for this sweep:
+    LiDAR with too few validation samples on the first worker, an objective that runs the context
+    encoder or predictor on one worker while ZeRO-3 shards them, a loss compared between a JEPA and
+    a reconstruction model."""
+    from jepa_ray.tune.labelfree import MIN_CLASSES
+    from jepa_ray.tune.objective import STUDENT
+
+    tc = cfg.tune
+    if objective in ("lidar", "lidar_context"):
+        have = min(tc.eval_batches * cfg.pipeline.batch_size, val_samples // cfg.train.num_workers)
+        if have < MIN_CLASSES:
+            raise ConfigError(
+                f"tune.objective={objective}: LiDAR needs at least {MIN_CLASSES} validation samples on the "
+                f"first worker, it would see {have} (tune.eval_batches={tc.eval_batches} x "
+                f"pipeline.batch_size={cfg.pipeline.batch_size}, {val_samples} in the split over "
+                f"{cfg.train.num_workers} worker(s)): raise tune.eval_batches or the validation split"
+            )
+    if objective in STUDENT and cfg.train.zero_stage == 3:
+        raise ConfigError(
+            f"tune.objective={objective} runs the context encoder on the first worker alone, which "
+            "train.zero_stage=3 shards across workers: use train.zero_stage 1 or 2, or objective lidar or rankme"
+        )
+    if objective == "val_loss" and ("model.objective" in tc.space or "model.loss" in tc.space):
+        key = "model.objective" if "model.objective" in tc.space else "model.loss"
+        raise ConfigError(
+            f"tune.objective=val_loss: the sweep varies {key}, and losses of different kinds do not "
+            "compare: use objective lidar or rankme"
+        )
 
 
 def _val_metas(cfg: Config, names: list[str]) -> list[dict[str, Any]]:

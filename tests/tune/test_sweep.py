@@ -64,6 +64,7 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
         "tune.eval_every=5",
         "tune.asha.grace_period=5",
         "tune.asha.reduction_factor=2",
+        "tune.measure_all=true",
     )
     info = sweep(cfg, name="grid")
     rows = info.rows
@@ -77,6 +78,10 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
     for r in rows:
         assert 0.0 <= r["objective"] <= 1.0 and r["rankme"] > 1.0
         assert r["objective_samples"] >= 10
+        assert 0.0 < r["objective_se"] < 0.5  # every trial reports its uncertainty
+        for name in ("rankme", "lidar", "lidar_context", "val_loss"):  # tune.measure_all
+            assert r[f"lf_{name}"] is not None and r[f"lf_{name}_se"] > 0, (name, r)
+        assert r["lf_val_loss"] < 0 and r["lf_rankme"] == r["rankme"]
         run_csv = tmp_path / "grid" / TRIALS_DIR / r["trial"] / "metrics" / "metrics.csv"
         with run_csv.open() as f:
             steps = [int(float(x["step"])) for x in csv.DictReader(f)]
@@ -89,9 +94,16 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
     assert [t["trial"] for t in table] == [r["trial"] for r in rows]
     assert "stopped_early" in table[0] and "pipeline.mask.mask_ratio" in table[0]
     assert (sweep_dir / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Spearman correlation of RankMe" in (sweep_dir / "results.md").read_text()
+    md = (sweep_dir / "results.md").read_text()
+    assert "objective_se" in md and "Best beyond noise: " in md
+    assert "Spearman correlation of lidar with the objective" in md
     sp = info.spearman
     assert sp is None or (-1.0 <= sp["rho"] <= 1.0 and sp["step"] >= 5 and sp["trials"] == 4)
+    assert set(info.candidates) == {"rankme", "lidar", "lidar_context", "val_loss"}
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert set(summary["spearman_label_free_objective"]) == set(info.candidates)
+    gap = summary["best_vs_runner_up"]
+    assert gap["beyond_noise"] == (gap["gap"] > 2 * gap["se"])
 
     best = load_config(sweep_dir / "best.yaml")  # runs as is: `jepa-ray pretrain --config best.yaml`
     assert best.train.shards == str(tune_shards) and best.train.storage_path == str(tmp_path)
@@ -150,6 +162,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tune_shards
 
     info = sweep(cfg, name="resumable", resume=True)
     assert len(info.rows) == 3 and all(r["status"] == "TERMINATED" and r["steps"] == 10 for r in info.rows)
+    assert all(r["objective_se"] > 0 for r in info.rows)  # the default objective, with its SE
     for p, (mtime, event_files) in before.items():
         # a rerun would reopen the run's metrics (rewriting the CSV) and start a new event file
         assert p.stat().st_mtime_ns == mtime
@@ -184,6 +197,18 @@ def test_missing_validation_split_or_label_fails_before_any_trial(
                 "tune.label=pneumonia",
             )
         )
+    # label-free objectives that cannot be measured for this config, named before any trial
+    for bad, message in (
+        (("tune.objective=lidar", "tune.eval_batches=2"), r"tune.objective=lidar: LiDAR needs at least 16"),
+        (("tune.objective=val_loss", "train.zero_stage=3"), r"which train.zero_stage=3 shards"),
+        (
+            ("tune.objective=val_loss", "tune.space={model.objective: {values: [jepa, mae]}}"),
+            r"tune.objective=val_loss: the sweep varies model.objective",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            sweep(_cfg(tune_shards, tmp_path, "train.steps=20", *space, *bad), name="bad-objective")
+    assert not (tmp_path / "bad-objective").exists()
     # 2 x 0.5 CPUs of workers + the trial's own actor leave 0.99 of 2 CPUs: a read task (1 CPU)
     # could never start, and the trial would wait for its data forever
     with pytest.raises(ConfigError, match=r"\+ 0.01 for each trial's actor takes 1.01 of .* 2 CPUs"):
