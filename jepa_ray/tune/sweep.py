@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jepa_ray.config import Config
@@ -41,8 +41,9 @@ class SweepInfo:
     spearman: dict[str, Any] | None  # {"rho", "step", "trials"}: RankMe vs a labelled objective
     history: dict[str, list[tuple[int, float | None, float | None]]]  # trial -> (step, objective, rankme)
     outputs: dict[str, str]
-    candidates: dict[str, dict[str, Any] | None]  # tune.measure_all: label-free objective -> Spearman
-    gap: dict[str, Any] | None  # the best trial against the runner-up (see results.runner_up_gap)
+    candidates: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # tune.measure_all:
+    # label-free objective -> its Spearman correlation with a labelled objective
+    gap: dict[str, Any] | None = None  # the best trial against the runner-up (results.runner_up_gap)
     grid: Any = None  # Tune's ResultGrid
 
 

@@ -13,7 +13,7 @@ from lifelines.utils import concordance_index
 from jepa_ray.config import load_config
 from jepa_ray.errors import ConfigError
 from jepa_ray.tune.objective import cv_cindex, measure, pick_label, probe_auroc
-from jepa_ray.tune.results import best_config, best_row, spearman
+from jepa_ray.tune.results import best_config, best_row, runner_up_gap, spearman
 from jepa_ray.tune.space import check_space, trials_planned, tune_space
 
 GRID = (
@@ -165,6 +165,15 @@ def test_best_is_chosen_among_the_longest_runs_and_written_as_a_runnable_config(
     assert spearman(hist) == {"rho": pytest.approx(1.0), "step": 15, "trials": 4}
     hist["d"] = [(10, 0.3, 7.0), (20, 0.95, 6.5)]  # now d scores best with the lowest RankMe
     assert spearman(hist)["step"] == 20 and spearman(hist)["rho"] == pytest.approx(0.4)
+    # at a later step, among the trials that reached it: too few there
+    assert spearman(hist, at=10)["trials"] == 4 and spearman(hist, at=100) is None
+    # the best against the runner-up that ran as long, with both standard errors
+    rows[1]["objective_se"], rows[2]["objective_se"] = 0.02, 0.03
+    gap = runner_up_gap(rows, best)
+    assert gap["runner_up"] == "c" and gap["gap"] == pytest.approx(0.1)
+    assert gap["se"] == pytest.approx((0.02**2 + 0.03**2) ** 0.5) and gap["beyond_noise"] is True
+    rows[2]["objective_se"] = 0.06
+    assert runner_up_gap(rows, best)["beyond_noise"] is False
     cfg = _cfg(
         "tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6, 0.8]}}", "train.shards=/data/shards"
     )
