@@ -16,7 +16,8 @@ product:
 
 ratio = Harrell's c-index of the JEPA-embedding Cox head / that of the raw-feature Cox model on
 the test split; meeting the goal (embeddings keep what a clinician's Cox model finds) means
-ratio >= 0.95.
+ratio >= 0.95. The stricter check (`learns`): pretraining scores at least the random-init encoder
+and at least the raw-feature Cox model - 0.02 Harrell.
 
     python benchmarks/bench_real_ehr.py [--quick] [--out FILE.json]
 """
@@ -166,7 +167,10 @@ def main() -> int:
             f" {r['uno']:>6.3f} [{u[0]:.3f}, {u[1]:.3f}]"
         )
     ratio = rows["ehr"]["harrell"] / rows["raw_ehr_cox"]["harrell"]
+    h = {name: r["harrell"] for name, r in rows.items()}
+    learns = h["ehr"] >= h["random_init:ehr"] and h["ehr"] >= h["raw_ehr_cox"] - 0.02
     print(f"JEPA-embedding c-index / raw-feature c-index: {ratio:.3f} (target >= {TARGET}); {wall:.0f} s")
+    print(f"pretrained >= random init and >= raw Cox - 0.02: {learns}")
     doc = {
         "name": "real_ehr",
         "hardware": hardware(),
@@ -183,6 +187,7 @@ def main() -> int:
         "ratio": ratio,
         "target": TARGET,
         "meets_target": ratio >= TARGET,
+        "learns": learns,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -408,6 +408,15 @@ class ModelConfig(_Strict):
     loss: Literal["l2", "smooth_l1"] = Field(
         "l2", description="Distance between predicted and target latents (jepa) or pixels and values (mae)."
     )
+    numeric_embedding: Literal["linear", "periodic", "piecewise"] = Field(
+        "periodic",
+        description="How a standardised EHR value (static numeric feature, event value) enters its "
+        "token: periodic (cos/sin at learned frequencies, then a linear map and ReLU, per feature), "
+        "piecewise (piecewise-linear over fixed bins, then a linear map, per feature) or linear (value "
+        "x one learned direction: the hidden value barely moves its token, which pretraining on GBSG2 "
+        "then learns to predict from the slot alone); Gorishniy et al. 2022. An export written before "
+        "this field existed loads as linear.",
+    )
     activation_checkpointing: int = Field(
         0,
         ge=-1,

@@ -55,12 +55,19 @@ class Encoder(nn.Module):
     """Image and EHR tokenizers feeding one transformer trunk, behind a always-visible global token."""
 
     def __init__(
-        self, dims: InputDims, width: int, depth: int, heads: int, mlp_ratio: float, checkpoint: int = 0
+        self,
+        dims: InputDims,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        checkpoint: int = 0,
+        numeric: str = "linear",
     ) -> None:
         super().__init__()
         self.dims = dims
         self.image = ImageTokenizer(dims, width)
-        self.ehr = EhrTokenizer(dims, width)
+        self.ehr = EhrTokenizer(dims, width, numeric)
         self.global_token = learned(1, 1, width)
         self.trunk = Trunk(width, depth, heads, mlp_ratio, checkpoint)
 
@@ -253,7 +260,9 @@ class JEPA(nn.Module):
         while p_width % p_heads:
             p_heads -= 1
         self.dims, self.cfg, self.width = dims, cfg, width
-        context = Encoder(dims, width, depth, heads, cfg.mlp_ratio, cfg.activation_checkpointing)
+        context = Encoder(
+            dims, width, depth, heads, cfg.mlp_ratio, cfg.activation_checkpointing, cfg.numeric_embedding
+        )
         predictor = Predictor(
             dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio, reconstruct=cfg.objective == "mae"
         )

@@ -125,21 +125,86 @@ class ImageTokenizer(nn.Module):
         return out
 
 
+NUMERIC_EMBEDDINGS = ("linear", "periodic", "piecewise")  # model.numeric_embedding
+PERIODIC_FREQUENCIES = 16  # k: a value enters as cos and sin of 2*pi*c*x at k learned frequencies c
+PERIODIC_SIGMA = 0.5  # initial frequencies ~ N(0, sigma^2), per feature (Gorishniy et al. 2022)
+# piecewise-linear bin edges on the standardised scale: standard-normal quantiles at i/8 (ends +-2.5),
+# since a model is built before it sees data and the manifest keeps each feature's mean and std only
+PIECEWISE_EDGES = (-2.5, -1.15, -0.67, -0.32, 0.0, 0.32, 0.67, 1.15, 2.5)
+
+
+def piecewise_linear(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """(...,) values -> (..., T) piecewise-linear encoding over T = len(edges) - 1 bins (Gorishniy
+    et al. 2022): 1 for a bin below x, 0 for one above, the fraction of x's own bin covered; the first
+    bin extends below its edge and the last above (linear there), so the encoding is continuous
+    and each component non-decreasing in x."""
+    lo, width = edges[:-1], edges[1:] - edges[:-1]
+    t = (x.unsqueeze(-1) - lo) / width  # (..., T)
+    inner = t.clamp(0.0, 1.0)
+    first, last = t[..., :1].clamp(max=1.0), t[..., -1:].clamp(min=0.0)
+    if t.shape[-1] == 1:
+        return t
+    return torch.cat([first, inner[..., 1:-1], last], dim=-1)
+
+
+class NumericEmbedding(nn.Module):
+    """Standardised values of F numeric features (B, L) -> (B, L, D), with `feature` (L,) the index
+    in 0..F-1 of the embedding each column uses (a numeric value that is not a single scaled
+    direction, which is `EhrTokenizer`'s linear embedding).
+
+    periodic: cos/sin of the value at k learned frequencies per feature, then a per-feature linear
+    map and a ReLU (Gorishniy et al. 2022's PLR). piecewise: the piecewise-linear encoding over fixed
+    bins, then a per-feature linear map (continuous, linear within each bin).
+    """
+
+    def __init__(self, kind: str, features: int, width: int) -> None:
+        super().__init__()
+        if kind not in ("periodic", "piecewise"):
+            raise ValueError(
+                f"numeric embedding {kind!r}: periodic or piecewise (linear is EhrTokenizer.value)"
+            )
+        self.kind = kind
+        if kind == "periodic":
+            self.frequency = nn.Parameter(torch.randn(features, PERIODIC_FREQUENCIES) * PERIODIC_SIGMA)
+            n_in = 2 * PERIODIC_FREQUENCIES
+        else:
+            self.register_buffer("edges", torch.tensor(PIECEWISE_EDGES), persistent=False)
+            n_in = len(PIECEWISE_EDGES) - 1
+        self.weight = nn.Parameter(nn.init.trunc_normal_(torch.empty(features, n_in, width), std=n_in**-0.5))
+        self.bias = nn.Parameter(torch.zeros(features, width))
+
+    def forward(self, x: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        if self.kind == "periodic":
+            angle = 2 * math.pi * self.frequency[feature] * x.unsqueeze(-1)  # (B, L, k)
+            enc = torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+        else:
+            enc = piecewise_linear(x, self.edges)  # (B, L, T)
+        out = torch.einsum("blt,ltd->bld", enc, self.weight[feature]) + self.bias[feature]
+        return torch.relu(out) if self.kind == "periodic" else out
+
+
 class EhrTokenizer(nn.Module):
     """One token per static numeric feature, categorical feature, static code and event.
 
-    numeric: feature vector + value x a learned direction, or a learned missing vector;
+    numeric: feature vector + the value's embedding (`numeric`: value x one learned direction, or
+    a periodic or piecewise-linear embedding per feature), or a learned missing vector;
     categorical: feature vector + the category's embedding (one table per feature);
-    static code: code embedding + a static-code vector; event: code embedding + value (or a no-value
-    vector) + sin-cos of log days before the index. Every token also gets the EHR modality vector.
+    static code: code embedding + a static-code vector; event: code embedding + value (embedded as
+    a static numeric one is, every event value sharing one embedding; or a no-value vector) +
+    sin-cos of log days before the index. Every token also gets the EHR modality vector.
     """
 
-    def __init__(self, dims: InputDims, width: int) -> None:
+    def __init__(self, dims: InputDims, width: int, numeric: str = "linear") -> None:
         super().__init__()
-        self.dims = dims
+        if numeric not in NUMERIC_EMBEDDINGS:
+            raise ValueError(f"numeric embedding {numeric!r}: choose one of {', '.join(NUMERIC_EMBEDDINGS)}")
+        self.dims, self.numeric_embedding = dims, numeric
         n_num, n_cat = dims.n_num, len(dims.cat_sizes)
         self.feature = learned(n_num + n_cat, width)  # static feature identities
-        self.value = learned(width)  # direction a standardised value moves along
+        if numeric == "linear":
+            self.value = learned(width)  # direction a standardised value moves along
+        else:  # one embedding per static numeric feature, and one shared by the event values
+            self.numeric = NumericEmbedding(numeric, n_num + 1, width)
         self.missing = learned(width)
         self.no_value = learned(width)
         self.cat_offsets = [0]
@@ -153,6 +218,26 @@ class EhrTokenizer(nn.Module):
         self.modality = learned(width)
         kinds = [0] * n_num + [1] * n_cat + [2] * dims.max_static_codes + [3] * dims.max_events
         self.register_buffer("kinds", torch.tensor(kinds), persistent=False)
+        which = list(range(n_num)) + [n_num] * dims.max_events  # numeric slots, then event slots
+        self.register_buffer("value_feature", torch.tensor(which, dtype=torch.long), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # an export written before model.numeric_embedding existed holds the linear embedding (one
+        # `value` direction): such weights make this tokenizer linear, so old exports keep loading
+        old = prefix + "value" in state_dict and not any(
+            k.startswith(prefix + "numeric.") for k in state_dict
+        )
+        if old and self.numeric_embedding != "linear":
+            del self.numeric
+            self.numeric_embedding = "linear"
+            self.value = nn.Parameter(torch.empty_like(state_dict[prefix + "value"]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _values(self, value: torch.Tensor) -> torch.Tensor:
+        """(B, n_num + max_events) standardised values of the numeric and event slots -> (B, ., D)."""
+        if self.numeric_embedding == "linear":
+            return value.unsqueeze(-1) * self.value
+        return self.numeric(value, self.value_feature)
 
     def _time(self, days: torch.Tensor) -> torch.Tensor:
         return self.time(sincos_1d(torch.log1p(days.clamp(min=0)) * 8.0, 32))
@@ -180,13 +265,15 @@ class EhrTokenizer(nn.Module):
         x = pos.clone()
         n_num, n_cat = self.dims.n_num, len(self.dims.cat_sizes)
         num = slice(0, n_num)
-        x[:, num] += present[:, num] * value[:, num, None] * self.value + (1 - present[:, num]) * self.missing
+        ev = slice(self.dims.ehr_tokens - self.dims.max_events, None)
+        # padding slots and missing values hold 0, which every embedding maps to a finite vector
+        embedded = self._values(torch.cat([value[:, num], value[:, ev]], dim=1))  # (B, n_num + E, D)
+        x[:, num] += present[:, num] * embedded[:, :n_num] + (1 - present[:, num]) * self.missing
         cat = slice(n_num, n_num + n_cat)
         if n_cat:
             offsets = torch.tensor(self.cat_offsets[:-1], device=code.device)
             x[:, cat] += self.categories(code[:, cat] + offsets)
         rest = slice(n_num + n_cat, None)
         x[:, rest] += self.codes(code[:, rest])
-        ev = slice(self.dims.ehr_tokens - self.dims.max_events, None)
-        x[:, ev] += present[:, ev] * value[:, ev, None] * self.value + (1 - present[:, ev]) * self.no_value
+        x[:, ev] += present[:, ev] * embedded[:, n_num:] + (1 - present[:, ev]) * self.no_value
         return x, pos
