@@ -510,6 +510,21 @@ class EvalConfig(_Strict):
         None, description="Time-to-event outcome of the survival heads; default: death, else the first."
     )
     survival_epochs: int = Field(300, ge=1, description="Training steps of each time-to-event head.")
+    attentive: bool = Field(
+        True,
+        description="Also fit an attentive probe on the image tokens (one learned query attends to the "
+        "eval.regions² tokens, then a linear layer), beside the linear probe: image labels and latent R².",
+    )
+    attentive_epochs: int = Field(
+        100, ge=1, description="Most epochs of the attentive probe; a fifth of the fit split picks how many."
+    )
+    attentive_lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the attentive probe.")
+    attentive_weight_decay: float = Field(
+        0.05, ge=0, description="AdamW weight decay of the attentive probe."
+    )
+    attentive_heads: int = Field(
+        4, ge=1, description="Attention heads of the attentive probe; must divide the encoder width."
+    )
     seed: int = Field(0, description="Seed of heads, probes and bootstrap.")
 
 

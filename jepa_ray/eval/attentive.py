@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -198,8 +198,8 @@ def cv_attentive_r2(
     settings: AttentiveSettings | None = None,
 ) -> list[float]:
     """Out-of-fold R² per latent factor of the probe from tokens (N, T, D) to z (N, F), folds
-    grouped by subject (sklearn GroupKFold), epochs chosen inside each training fold: as
-    probes.cv_latent_r2, for a cohort too small for a held-out split."""
+    grouped by subject (sklearn GroupKFold), epochs chosen inside each training fold (settings'
+    seed replaced by `seed`): as probes.cv_latent_r2, for a cohort too small for a held-out split."""
     from sklearn.model_selection import GroupKFold
 
     tokens, keep = check_tokens(tokens, keep)
@@ -210,7 +210,7 @@ def cv_attentive_r2(
     groups = np.asarray(groups)
     if folds < 2 or len(np.unique(groups)) < folds:
         raise ValueError(f"folds: need 2 <= folds <= distinct groups ({len(np.unique(groups))}), got {folds}")
-    settings = settings or AttentiveSettings(seed=seed)
+    settings = replace(settings or AttentiveSettings(), seed=seed)
     pred = np.zeros_like(z)
     for train, test in GroupKFold(folds).split(tokens, z, groups):
         probe = fit_attentive(tokens[train], z[train], keep[train], settings=settings, groups=groups[train])

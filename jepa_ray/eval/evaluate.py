@@ -1,8 +1,10 @@
 """`jepa-ray evaluate`: what a pretrained encoder is worth downstream, beside a random-init one.
 
     encoder (export, run or checkpoint) ─> embeddings per split (Ray Data actor pool, parquet cache)
-      ─> linear and kNN probes on the binary labels (AUROC, bootstrap 95% CI)
-      ─> latent-factor R² (synthetic cohorts: the ground truth the images were drawn from)
+      ─> linear and kNN probes on the binary labels (AUROC, bootstrap 95% CI), and an attentive
+         probe on the image tokens
+      ─> latent-factor R² (synthetic cohorts: the ground truth the images were drawn from), ridge on
+         pooled embeddings and attentive probe on image tokens
       ─> cross-modal retrieval (recall@k, chance beside it)
       ─> time-to-event heads under four fusion strategies (Harrell's and Uno's c-index)
       ─> metrics.json, report.md, plots
@@ -23,7 +25,7 @@ import numpy as np
 
 from jepa_ray.config import Config
 from jepa_ray.errors import ConfigError
-from jepa_ray.eval import probes
+from jepa_ray.eval import attentive, probes
 from jepa_ray.eval.embed import EncoderSource, extract, read_embeddings
 
 log = logging.getLogger("jepa_ray.eval")
@@ -46,6 +48,11 @@ class Split:
     @property
     def subjects(self) -> np.ndarray:
         return np.array([m["subject"] for m in self.meta])
+
+    def image_tokens(self) -> np.ndarray:
+        """(n, r*r, D) float32: the image's patch tokens pooled to the eval.regions grid."""
+        n, d = self.cols["emb_image"].shape
+        return self.cols["img_tokens"].astype(np.float32).reshape(n, -1, d)
 
     def label(self, name: str) -> np.ndarray:
         """(n,) float: 1/0, NaN where the label is not given."""
@@ -119,6 +126,12 @@ def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | Non
     if ec.fit_split not in splits:
         raise ConfigError(f"{data}: no {ec.fit_split!r} split to fit the probes on")
     reports = [s for s in ec.report_splits if s in splits]
+    width = splits[ec.fit_split].cols["emb_image"].shape[1]
+    if ec.attentive and width % ec.attentive_heads:
+        raise ConfigError(
+            f"eval.attentive_heads={ec.attentive_heads} does not divide the encoder width {width}; "
+            "pick a divisor, or eval.attentive=false"
+        )
     metrics: dict[str, Any] = {
         "encoder": {"weights": pretrained.weights, "step": pretrained.info.get("step")},
         "data": data,
@@ -126,6 +139,7 @@ def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | Non
         "probe": {},
         "retrieval": {},
         "latent_r2": {},
+        "latent_r2_attentive": {},
     }
     if z is not None and not any(subject in z for s in splits.values() for subject in s.subjects):
         raise ConfigError(
@@ -137,6 +151,8 @@ def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | Non
         metrics["retrieval"][name] = {s: _retrieval(by_split[s], ec.recall_at) for s in reports}
         if z is not None:
             metrics["latent_r2"][name] = _latent_r2(by_split, z, reports, cfg)
+            if ec.attentive:
+                metrics["latent_r2_attentive"][name] = _latent_r2_attentive(by_split, z, reports, cfg)
     metrics.update(_survival(tables, manifest, reports, cfg))
     write_report(metrics, out)
     return metrics
@@ -161,9 +177,22 @@ def _available(s: Split, inp: str) -> np.ndarray:
     return {"image": img, "ehr": ehr, "joint": img | ehr}[inp]
 
 
+def attentive_settings(cfg: Config) -> attentive.AttentiveSettings:
+    """The attentive probe's training settings from eval.attentive_* and eval.seed."""
+    ec = cfg.eval
+    return attentive.AttentiveSettings(
+        epochs=ec.attentive_epochs,
+        lr=ec.attentive_lr,
+        weight_decay=ec.attentive_weight_decay,
+        heads=ec.attentive_heads,
+        seed=ec.seed,
+    )
+
+
 def _probes(splits: dict[str, Split], labels: list[str], reports: list[str], cfg: Config) -> dict:
-    """{input: {label: {"linear"|"knn": {split: auroc dict}, "excluded": {split: n}}}}: samples
-    lacking the input's modality or the label are excluded and counted."""
+    """{input: {label: {"linear"|"knn"|"attentive": {split: auroc dict}, "excluded": {split: n}}}}:
+    samples lacking the input's modality or the label are excluded and counted; "attentive" (image
+    input, eval.attentive) reads the image tokens."""
     ec = cfg.eval
     fit = splits[cfg.eval.fit_split]
     out: dict[str, Any] = {}
@@ -181,6 +210,16 @@ def _probes(splits: dict[str, Split], labels: list[str], reports: list[str], cfg
                 continue
             score = probes.logistic_probe(fit.cols[col][f], y)
             res: dict[str, Any] = {"linear": {}, "knn": {}, "excluded": {}}
+            att = None
+            if inp == "image" and ec.attentive:
+                if len(y) >= attentive.MIN_SAMPLES:
+                    tokens = fit.image_tokens()[f]  # (n_fit, r*r, D)
+                    att = attentive.fit_attentive(tokens, y, task="binary", settings=attentive_settings(cfg))
+                    res["attentive"] = {}
+                else:
+                    res["attentive_note"] = (
+                        f"{len(y)} samples in {ec.fit_split}: too few for the attentive probe"
+                    )
             for split in reports:
                 s = splits[split]
                 r = rows(s)
@@ -189,6 +228,9 @@ def _probes(splits: dict[str, Split], labels: list[str], reports: list[str], cfg
                 res["linear"][split] = probes.auroc(ys, score(x), ec.bootstrap, ec.seed)
                 knn = probes.knn_scores(fit.cols[col][f], y, x, ec.knn_k)
                 res["knn"][split] = probes.auroc(ys, knn, ec.bootstrap, ec.seed)
+                if att is not None:
+                    logits = att.predict(s.image_tokens()[r])
+                    res["attentive"][split] = probes.auroc(ys, logits, ec.bootstrap, ec.seed)
             out[inp][label] = res
     return out
 
@@ -231,6 +273,25 @@ def _latent_r2(splits: dict[str, Split], z: dict[str, np.ndarray], reports: list
     res = probes.latent_r2(*xz(splits[cfg.eval.fit_split]), {s: xz(splits[s]) for s in reports})
     return {
         split: {"r2": dict(zip(LATENTS, r["r2"], strict=True)), "n": r["n"], "alpha": r["alpha"]}
+        for split, r in res.items()
+    }
+
+
+def _latent_r2_attentive(
+    splits: dict[str, Split], z: dict[str, np.ndarray], reports: list[str], cfg: Config
+) -> dict:
+    """{split: {"r2": {factor: R²}, "n", "epochs"}}: the attentive probe from image tokens to the
+    latent factors, fit on the fit split's imaged subjects with latents."""
+
+    def xz(s: Split) -> tuple[np.ndarray, np.ndarray]:
+        keep = s.cols["has_image"].astype(bool) & np.array([subj in z for subj in s.subjects])
+        return s.image_tokens()[keep], np.stack([z[subj] for subj in s.subjects[keep]])
+
+    res = attentive.attentive_r2(
+        *xz(splits[cfg.eval.fit_split]), {s: xz(splits[s]) for s in reports}, attentive_settings(cfg)
+    )
+    return {
+        split: {"r2": dict(zip(LATENTS, r["r2"], strict=True)), "n": r["n"], "epochs": r["epochs"]}
         for split, r in res.items()
     }
 

@@ -46,20 +46,28 @@ def summary(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         return cells
 
     rows: list[list[str]] = []
-    r2 = metrics.get("latent_r2", {})
+    r2, r2_att = metrics.get("latent_r2", {}), metrics.get("latent_r2_attentive", {})
     for factor in ("cardiac", "lung", "frailty") if r2 else ():
+        # the attentive probe's row right under the ridge one, short enough not to wrap
+        shown = [(f"latent R² {factor}", r2)] + ([("  attentive", r2_att)] if r2_att else [])
+        for name, table in shown:
 
-        def latent(e, s, factor=factor):
-            return r2.get(e, {}).get(s, {}).get("r2", {}).get(factor)
+            def latent(e, s, factor=factor, table=table):
+                return table.get(e, {}).get(s, {}).get("r2", {}).get(factor)
 
-        rows.append([f"latent R² {factor}", *pair(latent)])
+            rows.append([name, *pair(latent)])
     probe = metrics.get("probe", {})
+    attentive = any("attentive" in res for res in probe.get("pretrained", {}).get("image", {}).values())
     for label in probe.get("pretrained", {}).get("joint", {}):
+        shown = [("joint", "linear", f"AUROC {label}")]
+        if attentive:  # the attentive probe reads image tokens: beside the image linear probe
+            shown += [("image", "linear", "  image linear"), ("image", "attentive", "  image attentive")]
+        for inp, method, name in shown:
 
-        def auroc(e, s, label=label):
-            return probe.get(e, {}).get("joint", {}).get(label, {}).get("linear", {}).get(s, {}).get("auroc")
+            def auroc(e, s, label=label, inp=inp, method=method):
+                return probe.get(e, {}).get(inp, {}).get(label, {}).get(method, {}).get(s, {}).get("auroc")
 
-        rows.append([f"AUROC {label}", *pair(auroc)])
+            rows.append([name, *pair(auroc)])
     cindex = metrics.get("cindex", {})
     for strategy in cindex:
         if ":" in strategy or strategy == "raw_ehr_cox":
@@ -133,19 +141,30 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     for name, inputs in metrics.get("probe", {}).items():
         for inp, labels in inputs.items():
             for label, res in labels.items():
-                for method in ("linear", "knn"):
+                for method in ("linear", "knn", "attentive"):
                     for split, r in res.get(method, {}).items():
                         lines.append(
                             f"| {name} | {inp} | {label} | {method} | {split} | {r['n']} | {r['positives']} "
                             f"| {_fmt(r.get('auroc'), r.get('ci95'))} |"
                         )
     if metrics.get("latent_r2"):
-        lines += ["", "## Ground truth: latent factors from pooled image embeddings (ridge R²)", ""]
-        lines += ["| encoder | split | n | cardiac | lung | frailty |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Ground truth: latent factors from the image (R²)", ""]
+        lines += [
+            "ridge: on the pooled image embedding; attentive: the attentive probe on the image tokens.",
+            "",
+        ]
+        lines += [
+            "| encoder | probe | split | n | cardiac | lung | frailty |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, by_split in metrics["latent_r2"].items():
+            att = metrics.get("latent_r2_attentive", {}).get(name, {})
             for split, r in by_split.items():
-                vals = " | ".join(f"{r['r2'][k]:.3f}" for k in ("cardiac", "lung", "frailty"))
-                lines.append(f"| {name} | {split} | {r['n']} | {vals} |")
+                for probe, res in (("ridge", r), ("attentive", att.get(split))):
+                    if res is None:
+                        continue
+                    vals = " | ".join(f"{res['r2'][k]:.3f}" for k in ("cardiac", "lung", "frailty"))
+                    lines.append(f"| {name} | {probe} | {split} | {res['n']} | {vals} |")
     lines += ["", "## Cross-modal retrieval (recall@k; chance = k/n)", ""]
     lines += ["| encoder | split | direction | n | recall@k (chance) |", "|---|---|---|---|---|"]
     for name, by_split in metrics.get("retrieval", {}).items():

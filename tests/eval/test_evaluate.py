@@ -96,6 +96,18 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     assert r["n"] == m["counts"]["external"]["both"] and r["chance@5"] == pytest.approx(5 / r["n"])
     assert set(m["latent_r2"]["pretrained"]["test"]["r2"]) == {"cardiac", "lung", "frailty"}
 
+    # the attentive probe on the image tokens, beside the linear one (eval.attentive is on by default)
+    image = m["probe"]["pretrained"]["image"]["cardiomegaly"]
+    for split in ("test", "external"):
+        att, lin = image["attentive"][split], image["linear"][split]
+        assert 0 <= att["auroc"] <= 1 and att["n"] == lin["n"] and att["positives"] == lin["positives"]
+    assert "attentive" not in m["probe"]["pretrained"]["joint"]["cardiomegaly"]  # image tokens only
+    for name in ("pretrained", "random_init"):
+        r = m["latent_r2_attentive"][name]["test"]
+        assert r["n"] == m["latent_r2"][name]["test"]["n"] and 1 <= r["epochs"] <= 100
+        assert set(r["r2"]) == {"cardiac", "lung", "frailty"} and all(-5 < v <= 1 for v in r["r2"].values())
+    assert "| attentive | test |" in report and "| image | cardiomegaly | attentive |" in report
+
     # the command line, on the same output: cached embeddings reused, a one-screen summary
     from typer.testing import CliRunner
 
@@ -107,6 +119,9 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     result = CliRunner().invoke(app, [*args, *PIPELINE, *EVAL, "eval.bootstrap=0"])
     assert result.exit_code == 0, result.output
     assert "co_attention" in result.output and "latent R² cardiac" in result.output
+    assert (
+        result.output.count("  attentive") == 3 and "image attentive" in result.output
+    )  # beside ridge, linear
     assert (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns == stamp
 
 
