@@ -611,7 +611,8 @@ class TuneConfig(_Strict):
         "binary label) or cindex (cross-validated ridge Cox on a time-to-event outcome). Each trial "
         "reports it with a bootstrap standard error (objective_se). Default lidar_context: of the "
         "label-free ones it agreed best with a labelled probe across a 12-trial sweep (Spearman +0.35 "
-        "on average; RankMe -0.20), see README; under train.zero_stage=3 use lidar or rankme.",
+        "on average; RankMe -0.20), see README; a ZeRO-3 run that names none uses lidar (lidar_context and "
+        "val_loss need the whole context encoder on one worker).",
     )
     measure_all: bool = Field(
         False,
@@ -652,6 +653,14 @@ class Config(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     ray_address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _default_tune_objective(self) -> Config:
+        # the default lidar_context runs the context encoder on the first worker alone, which ZeRO-3
+        # shards across workers: a ZeRO-3 sweep that names no objective ranks by lidar instead
+        if "objective" not in self.tune.model_fields_set and self.train.zero_stage == 3:
+            self.tune.objective = "lidar"
+        return self
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -81,3 +81,13 @@ def test_pipeline_settings_are_checked_naming_the_key(override, message):
 def test_mask_ratio_is_one_override_away():
     cfg = load_config(overrides=["pipeline.mask.mask_ratio=0.7"]).pipeline
     assert cfg.mask.mask_ratio == 0.7 and cfg.mask.target_scale is None
+
+
+def test_the_default_tune_objective_fits_the_zero_stage():
+    assert load_config().tune.objective == "lidar_context"
+    # lidar_context runs the context encoder on one worker, which ZeRO-3 shards: the default moves
+    zero3 = load_config(overrides=["train.zero_stage=3"])
+    assert zero3.tune.objective == "lidar"
+    assert type(zero3).model_validate(zero3.model_dump()).tune.objective == "lidar"
+    # a named objective is kept (the sweep refuses the ones that cannot run, naming the key)
+    assert load_config(overrides=["train.zero_stage=3", "tune.objective=rankme"]).tune.objective == "rankme"
