@@ -171,7 +171,7 @@ class NumericEmbedding(nn.Module):
             self.register_buffer("edges", torch.tensor(PIECEWISE_EDGES), persistent=False)
             n_in = len(PIECEWISE_EDGES) - 1
         self.weight = nn.Parameter(nn.init.trunc_normal_(torch.empty(features, n_in, width), std=n_in**-0.5))
-        self.bias = nn.Parameter(torch.zeros(features, width))
+        self.bias = nn.Parameter(torch.zeros(features * width))  # (F, D) kept flat: 1-D, not decayed
 
     def forward(self, x: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         if self.kind == "periodic":
@@ -179,7 +179,8 @@ class NumericEmbedding(nn.Module):
             enc = torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
         else:
             enc = piecewise_linear(x, self.edges)  # (B, L, T)
-        out = torch.einsum("blt,ltd->bld", enc, self.weight[feature]) + self.bias[feature]
+        bias = self.bias.view(self.weight.shape[0], -1)[feature]  # (L, D)
+        out = torch.einsum("blt,ltd->bld", enc, self.weight[feature]) + bias
         return torch.relu(out) if self.kind == "periodic" else out
 
 
