@@ -327,30 +327,44 @@ def evaluate(
         str | None,
         typer.Option(help="Ground-truth latents.parquet of a synthetic cohort (latent-factor R²)."),
     ] = None,
+    baseline: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another encoder (export, run or checkpoint) to compare with, e.g. an MAE trained on the "
+            "same data (model.objective=mae); repeatable."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """Probes, kNN, cross-modal retrieval and time-to-event heads (four fusion strategies) on frozen
-    embeddings, beside a random-init encoder and a classical Cox model on raw EHR features."""
+    embeddings, beside a random-init encoder, any --baseline encoder and a classical Cox model on
+    raw EHR features; paired differences say which gaps are beyond noise."""
     from jepa_ray.eval.evaluate import evaluate as run_evaluate
 
     try:
         cfg = _setup(config, overrides)
         init_ray(cfg.ray_address)
-        metrics = run_evaluate(encoder, data, cfg, out, latents=latents)
+        metrics = run_evaluate(encoder, data, cfg, out, latents=latents, baselines=baseline or [])
     except JepaRayError as e:
         raise _fail(e) from None
     _print_evaluation(metrics, out)
 
 
 def _print_evaluation(metrics: dict, out: Path) -> None:
-    from jepa_ray.eval.report import summary
+    from jepa_ray.eval.report import comparison, summary
 
-    header, rows = summary(metrics)
-    table = Table(*header, title="evaluation")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    for make, title in (
+        (summary, "evaluation"),
+        (comparison, "pretrained minus each other encoder (paired, 95% CI)"),
+    ):
+        header, rows = make(metrics)
+        if not rows:
+            continue
+        table = Table(*header, title=title)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     console.print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
 
 
@@ -362,9 +376,14 @@ def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config.")] = Path(
         "jobs/configs/demo-cpu.yaml"
     ),
+    mae: Annotated[
+        bool,
+        typer.Option(help="Also pretrain the reconstruction baseline (model.objective=mae) and compare."),
+    ] = True,
     overrides: Overrides = None,
 ) -> None:
-    """synth -> prepare -> pretrain (2 workers, ZeRO-2, tiny model) -> export -> evaluate, on a local Ray."""
+    """synth -> prepare -> pretrain the JEPA (2 workers, ZeRO-2, tiny model) and, with the same data,
+    masks and steps, the MAE baseline -> export -> evaluate both beside a random init, on a local Ray."""
     import os
 
     from jepa_ray.data.prepare import prepare as run_prepare
@@ -376,31 +395,51 @@ def demo(
         os.environ.setdefault("JEPA_RAY_SALT", "demo-salt-change-me")
         cfg = _setup(config, [f"train.storage_path={out / 'runs'}", *(overrides or [])])
         cohort, shards = out / "cohort", out / "shards"
+        steps = 6 if mae else 5
         if not (cohort / "latents.parquet").exists():
-            console.print(f"[bold]1/5 synth[/] {cfg.synth.subjects} subjects -> {cohort}")
+            console.print(f"[bold]1/{steps} synth[/] {cfg.synth.subjects} subjects -> {cohort}")
             write_cohort(cohort, cfg.synth)
         init_ray(cfg.ray_address)
-        console.print(f"[bold]2/5 prepare[/] -> {shards}")
+        console.print(f"[bold]2/{steps} prepare[/] -> {shards}")
         result = run_prepare(str(shards), cfg.prepare, **cohort_inputs(cohort))
         if not result.ok:
             raise JepaRayError("prepare failed: " + "; ".join(result.problems))
         cfg.train.shards = str(shards)
+        name = time.strftime("demo-%Y%m%d-%H%M%S")
         console.print(
-            f"[bold]3/5 pretrain[/] {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.steps} steps"
+            f"[bold]3/{steps} pretrain[/] the JEPA: {cfg.train.num_workers} workers, "
+            f"ZeRO-{cfg.train.zero_stage}, {cfg.train.steps} steps"
         )
-        info = _run_pretrain(cfg, time.strftime("demo-%Y%m%d-%H%M%S"))
-        console.print("[bold]4/5 export[/]")
-        weights, meta = run_export(info.run_url, out / "encoder.safetensors")
-        console.print(f"[bold]5/5 evaluate[/] -> {out / 'eval'}")
+        info = _run_pretrain(cfg, name)
+        runs = {"encoder": info}
+        if mae:
+            console.print(f"[bold]4/{steps} pretrain[/] the MAE baseline: the same data, masks and steps")
+            runs["mae"] = _run_pretrain(_with_objective(cfg, "mae"), name + "-mae")
+        console.print(f"[bold]{steps - 1}/{steps} export[/]")
+        exports = {k: run_export(r.run_url, out / f"{k}.safetensors") for k, r in runs.items()}
+        console.print(f"[bold]{steps}/{steps} evaluate[/] -> {out / 'eval'}")
         metrics = run_evaluate(
-            str(weights), str(shards), cfg, out / "eval", latents=str(cohort / "latents.parquet")
+            str(exports["encoder"][0]),
+            str(shards),
+            cfg,
+            out / "eval",
+            latents=str(cohort / "latents.parquet"),
+            baselines=[str(exports["mae"][0])] if mae else [],
         )
     except JepaRayError as e:
         raise _fail(e) from None
     console.print(f"shards: {shards}")
-    _print_run(info)
-    console.print(f"  encoder: {weights} ({meta})")
+    for kind, run in runs.items():
+        _print_run(run)
+        console.print(f"  {kind}: {exports[kind][0]} ({exports[kind][1]})")
     _print_evaluation(metrics, out / "eval")
+
+
+def _with_objective(cfg: Config, objective: str) -> Config:
+    """The same run config with another model.objective."""
+    copy = cfg.model_copy(deep=True)
+    copy.model.objective = objective
+    return copy
 
 
 # --- Ray Jobs: submit to a cluster, follow, list, stop ---------------------------------------

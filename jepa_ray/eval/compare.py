@@ -63,7 +63,95 @@ def align(keys_a: np.ndarray, keys_b: np.ndarray) -> np.ndarray:
 
 
 def verdict(d: dict) -> str:
-    """One phrase for a difference: 'better', 'worse' (beyond noise) or 'within noise'."""
-    if not d.get("beyond_noise"):
+    """One phrase for a difference: 'better', 'worse' (beyond noise), 'within noise', or 'no
+    interval' (bootstrap off)."""
+    if d.get("beyond_noise") is None:
+        return "no interval"
+    if not d["beyond_noise"]:
         return "within noise"
     return "better" if d["difference"] > 0 else "worse"
+
+
+def _two_classes(y: np.ndarray) -> bool:
+    return 0 < int(np.sum(y)) < len(y)
+
+
+def _fit(readout: str, task: str, x_fit: np.ndarray, y_fit: np.ndarray, settings):
+    """A probe fit on (x_fit, y_fit) as a function of x: linear (ridge / logistic on pooled
+    embeddings) or attentive (on image tokens)."""
+    from jepa_ray.eval import attentive, probes
+
+    if readout == "attentive":
+        return attentive.fit_attentive(x_fit, y_fit, task=task, settings=settings).predict
+    if task == "binary":
+        return probes.logistic_probe(x_fit, y_fit)
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=probes.ALPHA_GRID)).fit(x_fit, y_fit).predict
+
+
+def compare_encoders(
+    tables: dict,
+    reference: str,
+    tasks: dict[str, tuple[str, Callable]],
+    fit_split: str,
+    reports: list[str],
+    readouts: tuple[str, ...],
+    bootstrap: int,
+    seed: int,
+    settings=None,
+) -> dict:
+    """The reference encoder against every other one, on the image input, for each task, read-out
+    and reported split: {other: {task: {readout: {split: paired_difference dict}}}}.
+
+    tables: encoder name -> {split name -> `evaluate.Split`}; tasks: name -> (kind, target) with
+    kind "regression" or "binary" and target(split) -> (rows (n,) bool, values (rows.sum(),)).
+    Both encoders' probes are fit on the same fit samples and scored on the same report samples
+    (each split's samples matched by key).
+    """
+    from sklearn.metrics import r2_score, roc_auc_score
+
+    probes: dict = {}
+
+    def probe(name: str, task: str, readout: str):
+        if (name, task, readout) not in probes:
+            kind, target = tasks[task]
+            fit = tables[name][fit_split]
+            rows, y = target(fit)
+            ok = len(y) >= 4 and (kind != "binary" or _two_classes(y))
+            probes[name, task, readout] = (
+                _fit(readout, kind, _view(fit, readout)[rows], y, settings) if ok else None
+            )
+        return probes[name, task, readout]
+
+    out: dict = {}
+    for other in tables:
+        if other == reference:
+            continue
+        out[other] = {}
+        for task, (kind, target) in tasks.items():
+            metric = roc_auc_score if kind == "binary" else r2_score
+            valid = _two_classes if kind == "binary" else None
+            res: dict = {}
+            for readout in readouts:
+                pa, pb = probe(reference, task, readout), probe(other, task, readout)
+                if pa is None or pb is None:
+                    continue
+                res[readout] = {}
+                for split in reports:
+                    a, b = tables[reference][split], tables[other][split]
+                    order = align(np.asarray(a.cols["key"]), np.asarray(b.cols["key"]))
+                    rows, y = target(a)
+                    if len(y) < 2 or (kind == "binary" and not _two_classes(y)):
+                        continue
+                    xa, xb = _view(a, readout)[rows], _view(b, readout)[order][rows]
+                    res[readout][split] = paired_difference(metric, y, pa(xa), pb(xb), bootstrap, seed, valid)
+            out[other][task] = res
+    return out
+
+
+def _view(split, readout: str) -> np.ndarray:
+    """The probe's input for a read-out: pooled image embeddings (N, D) or image tokens (N, T, D)."""
+    return split.image_tokens() if readout == "attentive" else split.cols["emb_image"]

@@ -65,8 +65,9 @@ class Split:
         return days, event
 
 
-def resolve_encoder(encoder: str, cfg: Config, out: Path) -> EncoderSource:
-    """An exported `.safetensors`, or a run / checkpoint (local or s3://) exported into `out`."""
+def resolve_encoder(encoder: str, cfg: Config, out: Path, name: str = "pretrained") -> EncoderSource:
+    """An exported `.safetensors`, or a run / checkpoint (local or s3://) exported into `out`
+    (as encoder.safetensors, or <name>.safetensors for a baseline)."""
     if encoder.endswith(".safetensors"):
         weights = Path(encoder)
         if not weights.exists() or not weights.with_suffix(".json").exists():
@@ -74,9 +75,25 @@ def resolve_encoder(encoder: str, cfg: Config, out: Path) -> EncoderSource:
     else:
         from jepa_ray.train.export import export
 
-        weights, _ = export(encoder, out / "encoder.safetensors", cfg.train.storage)
+        target = out / ("encoder.safetensors" if name == "pretrained" else f"{name}.safetensors")
+        weights, _ = export(encoder, target, cfg.train.storage)
     info = json.loads(weights.with_suffix(".json").read_text())
-    return EncoderSource("pretrained", str(weights), info)
+    return EncoderSource(name, str(weights), info)
+
+
+def baseline_sources(baselines: list[str], cfg: Config, out: Path) -> list[EncoderSource]:
+    """Each --baseline encoder, named by its objective ("mae", "jepa"; "mae_2" for a second one)."""
+    sources: list[EncoderSource] = []
+    taken = {"pretrained", "random_init"}
+    for path in baselines:
+        probe = resolve_encoder(path, cfg, out, name="baseline") if path.endswith(".safetensors") else None
+        kind = (probe.info if probe else {}).get("model", {}).get("objective", "baseline")
+        name, i = kind, 2
+        while name in taken:
+            name, i = f"{kind}_{i}", i + 1
+        taken.add(name)
+        sources.append(resolve_encoder(path, cfg, out, name=name))
+    return sources
 
 
 def first_studies(meta: list[dict[str, Any]], keys: list[str]) -> np.ndarray:
@@ -102,8 +119,16 @@ def load_split(path: Path) -> Split:
     return Split({k: v[idx] for k, v in cols.items()}, [meta[i] for i in idx], len(meta) - len(idx))
 
 
-def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | None = None) -> dict[str, Any]:
-    """Run every evaluation; writes metrics.json, report.md and plots into `out`; the metrics."""
+def evaluate(
+    encoder: str,
+    data: str,
+    cfg: Config,
+    out: Path,
+    latents: str | None = None,
+    baselines: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Run every evaluation of the encoder, beside a random init and each baseline encoder (e.g.
+    an MAE on the same data); writes metrics.json, report.md and plots into `out`; the metrics."""
     from jepa_ray.data.manifest import read_manifest
     from jepa_ray.data.storage import Store
     from jepa_ray.eval.report import write_report
@@ -114,6 +139,7 @@ def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | Non
     sources = [pretrained]
     if ec.random_baseline:
         sources.append(EncoderSource("random_init", None, pretrained.info, seed=ec.seed))
+    sources += baseline_sources(list(baselines), cfg, out)
     z = _latents(latents, cfg) if latents else None  # a bad file fails before any embedding
     wanted = list(dict.fromkeys([ec.fit_split, ec.val_split, *ec.report_splits]))
     manifest = read_manifest(Store(data, cfg.train.storage))
@@ -140,6 +166,7 @@ def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | Non
         "retrieval": {},
         "latent_r2": {},
         "latent_r2_attentive": {},
+        "encoders": [s.name for s in sources],
     }
     if z is not None and not any(subject in z for s in splits.values() for subject in s.subjects):
         raise ConfigError(
@@ -154,6 +181,7 @@ def evaluate(encoder: str, data: str, cfg: Config, out: Path, latents: str | Non
             if ec.attentive:
                 metrics["latent_r2_attentive"][name] = _latent_r2_attentive(by_split, z, reports, cfg)
     metrics.update(_survival(tables, manifest, reports, cfg))
+    metrics["comparison"] = _compare(tables, z, label_names, reports, cfg)
     write_report(metrics, out)
     return metrics
 
@@ -330,3 +358,46 @@ def _survival(tables: dict[str, dict[str, Split]], manifest: dict, reports: list
         cindex.update(other["cindex"])
         counts[name] = other["counts"]
     return {"cindex": cindex, "survival": {"endpoint": endpoint, "counts": counts}}
+
+
+def _compare(
+    tables: dict[str, dict[str, Split]],
+    z: dict[str, np.ndarray] | None,
+    labels: list[str],
+    reports: list[str],
+    cfg,
+) -> dict:
+    """The pretrained encoder against each other one (random init, baselines) on the image input:
+    paired bootstrap differences of latent-factor R² and label AUROC, linear and attentive
+    read-outs, per reported split (`jepa_ray.eval.compare`)."""
+    from jepa_ray.eval.compare import compare_encoders
+
+    ec = cfg.eval
+    tasks: dict = {}
+    for j, factor in enumerate(LATENTS if z is not None else ()):
+
+        def latent(s: Split, j=j) -> tuple[np.ndarray, np.ndarray]:
+            rows = s.cols["has_image"].astype(bool) & np.array([subj in z for subj in s.subjects])
+            return rows, np.array([z[subj][j] for subj in s.subjects[rows]])
+
+        tasks[f"latent R² {factor}"] = ("regression", latent)
+    for label in labels:
+
+        def binary(s: Split, label=label) -> tuple[np.ndarray, np.ndarray]:
+            y = s.label(label)
+            rows = s.cols["has_image"].astype(bool) & ~np.isnan(y)
+            return rows, y[rows].astype(int)
+
+        tasks[f"AUROC {label}"] = ("binary", binary)
+    readouts = ("linear", "attentive") if ec.attentive else ("linear",)
+    return compare_encoders(
+        tables,
+        "pretrained",
+        tasks,
+        ec.fit_split,
+        reports,
+        readouts,
+        ec.bootstrap,
+        ec.seed,
+        attentive_settings(cfg),
+    )

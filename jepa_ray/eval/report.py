@@ -33,17 +33,15 @@ def _fmt(v: float | None, ci: list[float] | None = None) -> str:
 
 def summary(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The headline numbers as (header, rows): one row per metric, one column per reported split,
-    each cell "pretrained / random init" (the console summary)."""
+    each cell "pretrained / random init" (/ each baseline encoder: the console summary)."""
     splits = list(metrics.get("counts", {}))
     splits = [s for s in ("test", "external") if s in splits] or splits
-    header = ["metric", *(f"{s} (pretrained / random)" for s in splits)]
+    encoders = metrics.get("encoders", ["pretrained", "random_init"])
+    names = " / ".join("random" if e == "random_init" else e for e in encoders)
+    header = ["metric", *(f"{s} ({names})" for s in splits)]
 
     def pair(get) -> list[str]:
-        cells = []
-        for split in splits:
-            a, b = get("pretrained", split), get("random_init", split)
-            cells.append(f"{_short(a)} / {_short(b)}")
-        return cells
+        return [" / ".join(_short(get(e, split)) for e in encoders) for split in splits]
 
     rows: list[list[str]] = []
     r2, r2_att = metrics.get("latent_r2", {}), metrics.get("latent_r2_attentive", {})
@@ -96,6 +94,36 @@ def summary(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         ]
         if any(c is not None for c in chance):
             rows.append([f"R@5 {direction} (chance {'/'.join(_short(c) for c in chance)})", *pair(r5)])
+    return header, rows
+
+
+def comparison(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The pretrained encoder against each other one, as (header, rows): per task, read-out and
+    split the paired difference with its 95% interval and whether it is beyond noise."""
+    from jepa_ray.eval.compare import verdict
+
+    comp = metrics.get("comparison") or {}
+    others = list(comp)
+    header = ["pretrained minus", *(("random init" if o == "random_init" else o) for o in others)]
+    keys: list[tuple[str, str, str]] = []
+    for other in others:
+        for task, by_readout in comp[other].items():
+            for readout, by_split in by_readout.items():
+                for split in by_split:
+                    if (task, readout, split) not in keys:
+                        keys.append((task, readout, split))
+    rows = []
+    for task, readout, split in keys:
+        cells = []
+        for other in others:
+            d = comp[other].get(task, {}).get(readout, {}).get(split)
+            if d is None:
+                cells.append("–")
+                continue
+            ci = d.get("ci95")
+            interval = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+            cells.append(f"{d['difference']:+.3f}{interval} {verdict(d)}")
+        rows.append([f"{task}, {readout}, {split}", *cells])
     return header, rows
 
 
@@ -173,6 +201,17 @@ def report_markdown(metrics: dict[str, Any]) -> str:
                 ks = sorted(int(k.split("@")[1]) for k in v if k.startswith("recall@"))
                 vals = ", ".join(f"@{k} {_fmt(v[f'recall@{k}'])} ({_fmt(v[f'chance@{k}'])})" for k in ks)
                 lines.append(f"| {name} | {split} | {direction} | {v['n']} | {vals} |")
+    header, rows = comparison(metrics)
+    if rows:
+        lines += ["", "## Pretrained against the other encoders (paired bootstrap 95% CI, same samples)", ""]
+        lines += [
+            "A difference is beyond noise when its interval excludes zero: both encoders' probes are",
+            "scored on the same held-out samples, resampled together.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), ""]
     return "\n".join(lines)
 

@@ -41,7 +41,7 @@ def test_bad_input_and_no_bootstrap():
     with pytest.raises(ValueError, match="one per sample"):
         paired_difference(r2_score, np.zeros(3), np.zeros(3), np.zeros(2), 10, 0)
     d = paired_difference(r2_score, np.arange(5.0), np.arange(5.0), np.zeros(5), 0, 0)
-    assert d["ci95"] is None and d["beyond_noise"] is None and verdict(d) == "within noise"
+    assert d["ci95"] is None and d["beyond_noise"] is None and verdict(d) == "no interval"
 
 
 def test_align_puts_the_other_encoders_samples_in_order():

@@ -41,29 +41,44 @@ def cohort(tmp_path_factory, ray_session):
     return root / "cohort", root / "shards"
 
 
-@pytest.fixture(scope="module")
-def encoder(cohort, tmp_path_factory):
-    """A tiny JEPA trained in-process on the train split, saved in the export format."""
+def _trained(cohort, tmp_path_factory, objective: str):
+    """A tiny model trained in-process on the train split, saved in the export format."""
     split = open_split(str(cohort[1]), "train")
     cfg = load_config(overrides=PIPELINE)
     samples = {}
     for p in split.paths:
         samples.update(raw_samples(p))
     torch.manual_seed(0)
-    model = JEPA(split.spec.model_dims(cfg.pipeline), ModelConfig(width=64, depth=2, heads=4))
+    model = JEPA(
+        split.spec.model_dims(cfg.pipeline), ModelConfig(width=64, depth=2, heads=4, objective=objective)
+    )
     train_in_memory(model, samples, split.spec, cfg.pipeline, steps=60)
     pipeline = {
         k: getattr(cfg.pipeline, k)
         for k in ("image_size", "patch_size", "normalize", "max_events", "max_static_codes")
     }
-    return save_jepa(model, tmp_path_factory.mktemp("enc") / "encoder.safetensors", pipeline, step=60)
+    return save_jepa(model, tmp_path_factory.mktemp("enc") / f"{objective}.safetensors", pipeline, step=60)
 
 
-def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, tmp_path, ray_session):
+@pytest.fixture(scope="module")
+def encoder(cohort, tmp_path_factory):
+    """A tiny JEPA trained in-process on the train split, saved in the export format."""
+    return _trained(cohort, tmp_path_factory, "jepa")
+
+
+@pytest.fixture(scope="module")
+def mae(cohort, tmp_path_factory):
+    """The reconstruction baseline, trained the same way."""
+    return _trained(cohort, tmp_path_factory, "mae")
+
+
+def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, mae, tmp_path, ray_session):
     cohort_dir, shards = cohort
     cfg = load_config(overrides=[*PIPELINE, *EVAL])
     out = tmp_path / "eval"
-    m = evaluate(str(encoder), str(shards), cfg, out, latents=str(cohort_dir / "latents.parquet"))
+    m = evaluate(
+        str(encoder), str(shards), cfg, out, latents=str(cohort_dir / "latents.parquet"), baselines=[str(mae)]
+    )
 
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved) >= {"cindex", "probe", "retrieval", "latent_r2", "counts"}
@@ -108,6 +123,23 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
         assert set(r["r2"]) == {"cardiac", "lung", "frailty"} and all(-5 < v <= 1 for v in r["r2"].values())
     assert "| attentive | test |" in report and "| image | cardiomegaly | attentive |" in report
 
+    # the MAE baseline goes through every evaluation, and the pretrained encoder is compared with
+    # each other one on the same samples (paired differences with their intervals)
+    assert m["encoders"] == ["pretrained", "random_init", "mae"]
+    assert 0 <= m["cindex"]["mae:co_attention"]["test"]["harrell"] <= 1 and "mae" in m["latent_r2_attentive"]
+    for other in ("random_init", "mae"):
+        d = m["comparison"][other]["latent R² cardiac"]["linear"]["test"]
+        # the same ridge on the same samples as the latent R² table: a and b are those numbers
+        assert d["a"] == pytest.approx(m["latent_r2"]["pretrained"]["test"]["r2"]["cardiac"])
+        assert d["b"] == pytest.approx(m["latent_r2"][other]["test"]["r2"]["cardiac"])
+        lo, hi = d["ci95"]
+        assert lo <= d["difference"] <= hi and d["beyond_noise"] == (lo > 0 or hi < 0)
+        auc = m["comparison"][other]["AUROC cardiomegaly"]["attentive"]["external"]
+        assert auc["n"] == m["probe"]["pretrained"]["image"]["cardiomegaly"]["attentive"]["external"]["n"]
+    assert (
+        "Pretrained against the other encoders" in report and "| latent R² lung, attentive, test |" in report
+    )
+
     # the command line, on the same output: cached embeddings reused, a one-screen summary
     from typer.testing import CliRunner
 
@@ -119,6 +151,7 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     result = CliRunner().invoke(app, [*args, *PIPELINE, *EVAL, "eval.bootstrap=0"])
     assert result.exit_code == 0, result.output
     assert "co_attention" in result.output and "latent R² cardiac" in result.output
+    assert "pretrained minus" in result.output and "no interval" in result.output  # eval.bootstrap=0
     assert (
         result.output.count("  attentive") == 3 and "image attentive" in result.output
     )  # beside ridge, linear
