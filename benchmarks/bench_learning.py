@@ -263,7 +263,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    ap.add_argument("--ema", type=float, nargs=2, default=(0.996, 1.0), help="JEPA EMA momentum start, end")
+    ap.add_argument(
+        "--ema", type=float, nargs=2, default=None, help="JEPA EMA momentum start, end (default: the model's)"
+    )
     ap.add_argument("--no-downstream", action="store_true", help="skip retrieval and the Cox heads")
     ap.add_argument(
         "--downstream-arms", nargs="+", default=["jepa"], choices=ARMS, help="arms scored downstream (slow)"
@@ -284,7 +286,7 @@ def main() -> int:
     from jepa_ray.data.local import train_on_samples
     from jepa_ray.data.manifest import read_manifest
     from jepa_ray.data.storage import Store
-    from jepa_ray.model.jepa import JEPA, embedding_stats
+    from jepa_ray.model.jepa import JEPA, embedding_stats, target_ema
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-learning-"))
@@ -326,14 +328,13 @@ def main() -> int:
             torch.manual_seed(seed)  # the same encoder initialisation for every arm
             objective = "mae" if arm == "mae" else "jepa"
             model = JEPA(
-                spec.model_dims(cfg), ModelConfig(preset="tiny", objective=objective, ema=tuple(args.ema))
+                spec.model_dims(cfg),
+                ModelConfig(preset="tiny", objective=objective, ema=args.ema and tuple(args.ema)),
             )
             t = time.perf_counter()
             losses = []
             if arm != "random":
-                losses = train_on_samples(
-                    model, train, spec, cfg, steps, lr=1e-3, batch=32, seed=seed, ema=tuple(args.ema)
-                )
+                losses = train_on_samples(model, train, spec, cfg, steps, lr=1e-3, batch=32, seed=seed)
             train_s = time.perf_counter() - t
             pooled, tokens = image_views(model, probe_batches)
             run[arm] = readouts(pooled, tokens, z, groups, seed)
@@ -399,7 +400,7 @@ def main() -> int:
             "steps": steps,
             "seeds": seeds,
             "arms": args.arms,
-            "ema": list(args.ema),
+            "ema": list(target_ema(ModelConfig(ema=args.ema and tuple(args.ema)), steps)),
             "model": "tiny",
             "image_size": 32,
             "patch_size": 8,

@@ -417,20 +417,34 @@ class ModelConfig(_Strict):
         "then learns to predict from the slot alone); Gorishniy et al. 2022. An export written before "
         "this field existed loads as linear.",
     )
+    sigreg: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Weight lambda of SIGReg (Balestriero & LeCun 2025, LeJEPA) in the JEPA loss, "
+        "(1 - lambda) * prediction + lambda * SIGReg: random 1-D projections of the context encoder's "
+        "tokens are pulled toward a standard normal (Epps-Pulley test), so pretraining keeps what the "
+        "tokens carry instead of shrinking them onto what is easiest to predict. 0: the plain JEPA loss. "
+        "Not applied to an mae run.",
+    )
     activation_checkpointing: int = Field(
         0,
         ge=-1,
         description="Encoder blocks, from the first, whose activations are recomputed in the backward "
         "pass instead of kept (-1: every block): memory for compute, for 3-D token counts.",
     )
-    ema: tuple[float, float] = Field(
-        (0.996, 1.0), description="EMA momentum of the target encoder: linear from the first to the second."
+    ema: tuple[float, float] | None = Field(
+        None,
+        description="EMA momentum of the target encoder: linear from the first to the second. Default: "
+        "(min(0.996, 1 - 100 / train.steps), 1.0), I-JEPA's schedule for a run of 25,000 steps or more; "
+        "a shorter run starts lower, so that the final target encoder is an average over the run's last "
+        "tenth or so instead of a copy of the context encoder from a third of the way in.",
     )
 
     @field_validator("ema")
     @classmethod
-    def _ema(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 <= v[0] <= v[1] <= 1:
+    def _ema(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] <= v[1] <= 1:
             raise ValueError("need 0 <= start <= end <= 1")
         return v
 

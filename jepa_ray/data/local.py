@@ -51,20 +51,24 @@ def train_on_samples(
     lr: float = 1e-3,
     batch: int = 16,
     seed: int = 0,
-    ema: tuple[float, float] = (0.996, 1.0),
+    ema: tuple[float, float] | None = None,
 ) -> list[float]:
     """Train a `JEPA` single-process on in-memory raw samples with the pipeline's transform (training
     augmentation and masks) and `jepa_ray.model.optim.train_step`; returns the per-step losses.
 
     `spec` is the shards' FeatureSpec (`open_split(...).spec`), `cfg` a PipelineConfig; `ema` is
-    the momentum schedule (start, end), as `model.ema` sets it for `pretrain`.
+    the momentum schedule (start, end), as `model.ema` sets it for `pretrain` (None: the model's
+    configured one, else the default for a run of `steps`, `jepa_ray.model.jepa.target_ema`).
     """
     from jepa_ray.data.pipeline import collate
     from jepa_ray.data.transform import transform_batch
     from jepa_ray.model.optim import Schedule, make_optimizer, train_step
 
     keys = list(samples)
-    schedule = Schedule(total_steps=steps, lr=lr, warmup_steps=max(steps // 10, 1), ema=tuple(ema))
+    from jepa_ray.model.jepa import target_ema
+
+    ema = target_ema(model.cfg, steps) if ema is None else tuple(ema)
+    schedule = Schedule(total_steps=steps, lr=lr, warmup_steps=max(steps // 10, 1), ema=ema)
     optimizer = make_optimizer(model, schedule)
     rng = np.random.default_rng(seed)
     losses = []

@@ -4,6 +4,7 @@
     target  = LayerNorm(EMA-Encoder(every patch + every EHR token))       # no gradient
     pred    = Predictor(context, mask tokens at the target positions)     # (B, Tq, D)
     loss    = mean over target tokens of ||pred - target||^2 (or smooth-L1)
+    loss    = (1 - lambda) * loss + lambda * SIGReg(context tokens)        # model.sigreg = lambda
 
 One trunk embeds image and EHR tokens together, so each attends to the other when both are
 visible; with one modality hidden (cross-modal policy) the context holds only the other. The EMA
@@ -179,6 +180,28 @@ def ema_(target: list[torch.Tensor], context: list[torch.Tensor], momentum: floa
         t.mul_(momentum).add_(c.detach().to(t.dtype), alpha=1 - momentum)
 
 
+SIGREG_SLICES = 64  # random directions per step
+SIGREG_T = torch.linspace(-4.0, 4.0, 33)  # where the characteristic functions are compared
+
+
+def sigreg(
+    x: torch.Tensor, slices: int = SIGREG_SLICES, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """SIGReg (Balestriero & LeCun 2025): how far rows of x (N, D) are from a standard normal in D
+    dimensions, seen through `slices` random unit directions. For each 1-D projection, the
+    Epps-Pulley statistic N * integral of |mean_n exp(i t x_n) - exp(-t^2/2)|^2 exp(-t^2/2) dt
+    (trapezoid rule on SIGREG_T); the mean over directions. About 1 per direction for a standard
+    normal sample of any size, growing with N for a collapsed or badly scaled one. Differentiable."""
+    x = x.float()
+    d = torch.randn(x.shape[1], slices, generator=generator, device=generator.device if generator else None)
+    d = (d / d.norm(dim=0, keepdim=True)).to(x.device)
+    t = SIGREG_T.to(x.device)
+    phi = torch.exp(-0.5 * t * t)  # the standard normal's characteristic function, also the window
+    xt = (x @ d).unsqueeze(-1) * t  # (N, slices, T)
+    err = (xt.cos().mean(0) - phi).square() + xt.sin().mean(0).square()  # (slices, T)
+    return torch.trapezoid(err * phi, t, dim=-1).mean() * x.shape[0]
+
+
 def momentum_at(step: int, total: int, ema: tuple[float, float]) -> float:
     """EMA momentum, linear from ema[0] at step 0 to ema[1] at `total`."""
     return ema[0] + (ema[1] - ema[0]) * min(step / max(total, 1), 1.0)
@@ -190,11 +213,12 @@ class Student(nn.Module):
     the EMA target encoder stays outside it. With a reconstructing predictor (model.objective=mae)
     the loss is against the hidden content itself and takes no latents."""
 
-    def __init__(self, context: Encoder, predictor: Predictor, loss: str) -> None:
+    def __init__(self, context: Encoder, predictor: Predictor, loss: str, sigreg: float = 0.0) -> None:
         super().__init__()
         self.context = context
         self.predictor = predictor
         self.loss = loss
+        self.sigreg = 0.0 if predictor.heads is not None else sigreg  # never on a reconstruction
 
     def forward(
         self, batch: dict[str, torch.Tensor], z_img: torch.Tensor | None, z_ehr: torch.Tensor | None
@@ -221,6 +245,13 @@ class Student(nn.Module):
         count = keep.sum()
         loss = (per_token * keep).sum() / count.clamp(min=1)
         out = {"loss": loss, "targets": count.detach()}
+        if self.sigreg:
+            # every visible context token, of every sample; in eval mode the directions are fixed,
+            # so a validation loss is a deterministic function of the model and the batch
+            fixed = None if self.training else torch.Generator().manual_seed(0)
+            reg = sigreg(ctx["tokens"][ctx["keep"]], generator=fixed)
+            out["loss"] = (1 - self.sigreg) * loss + self.sigreg * reg
+            out["prediction_loss"], out["sigreg"] = loss.detach(), reg.detach()
         per_sample = ((per_token * keep).sum(1) / keep.sum(1).clamp(min=1)).detach()
         for code, name in POLICIES.items():
             chosen = batch["policy"] == code
@@ -234,10 +265,27 @@ class Student(nn.Module):
         return (pred - target).pow(2).mean(-1)
 
 
-def target_ema(cfg: ModelConfig) -> tuple[float, float]:
-    """The target encoder's EMA momentum schedule: the configured one, or (0, 0) for an MAE, whose
-    target encoder is a copy of its context encoder after every step."""
-    return (0.0, 0.0) if cfg.objective == "mae" else cfg.ema
+EMA_START = 0.996  # I-JEPA's momentum at step 0, for long runs
+EMA_HORIZON = 100  # steps: a run of S steps starts at 1 - 100 / S when that is lower
+
+
+def target_ema(cfg: ModelConfig, steps: int) -> tuple[float, float]:
+    """The target encoder's EMA momentum schedule over a run of `steps`: (0, 0) for an MAE, whose
+    target encoder is a copy of its context encoder after every step; the configured one; else
+    (min(0.996, 1 - 100 / steps), 1.0).
+
+    Why the default shortens: momentum m rising linearly from m0 to 1 over S steps leaves the final
+    target a weighted average of the context encoder's past weights, weight ~ x exp(-(1 - m0) S x^2 / 2)
+    at x = the fraction of the run still to go, which peaks at x = 1 / sqrt((1 - m0) S). At S = 600
+    and m0 = 0.996 that is x = 0.65: the final target is about the context encoder of step 210, and
+    it read the latent factors worse than the context encoder did (attentive probe, learning
+    benchmark). 1 - 100 / S puts the peak at a tenth of the run from its end, as 0.996 does at S = 25,000.
+    """
+    if cfg.objective == "mae":
+        return (0.0, 0.0)
+    if cfg.ema is not None:
+        return cfg.ema
+    return (max(min(EMA_START, 1 - EMA_HORIZON / max(steps, 1)), 0.0), 1.0)
 
 
 class JEPA(nn.Module):
@@ -266,7 +314,7 @@ class JEPA(nn.Module):
         predictor = Predictor(
             dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio, reconstruct=cfg.objective == "mae"
         )
-        self.student = Student(context, predictor, cfg.loss)
+        self.student = Student(context, predictor, cfg.loss, cfg.sigreg)
         init_weights(self.student)
         self.target = copy.deepcopy(context)
         for p in self.target.parameters():

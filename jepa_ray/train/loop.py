@@ -108,6 +108,11 @@ def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op: st
     return t.tolist()
 
 
+# parts of the loss averaged over the micro-batches that have them: per masking policy, and the
+# prediction term and SIGReg when model.sigreg is on
+_WINDOW_PARTS = (*(f"loss_{n}" for n in POLICIES.values()), "prediction_loss", "sigreg")
+
+
 class _Window:
     """Sums over one logging interval (per rank), averaged across ranks when reported."""
 
@@ -115,7 +120,7 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        # [loss, micro-batches, samples, per-policy loss sums, per-policy counts], kept on the device
+        # [loss, micro-batches, samples, per-part loss sums, per-part counts], kept on the device
         # and read once per report: no step waits for the accelerator to hand back a number
         self.sums: torch.Tensor | None = None
         self.wait = self.busy = 0.0
@@ -124,7 +129,7 @@ class _Window:
     def add(self, out: dict, samples: int, wait: float, busy: float) -> None:
         loss = out["loss"].detach().double()
         zero = loss.new_zeros(())
-        names = [f"loss_{n}" for n in POLICIES.values()]
+        names = _WINDOW_PARTS
         row = [loss, zero + 1, zero + samples]
         row += [out[n].detach().double() if n in out else zero for n in names]
         row += [zero + (n in out) for n in names]
@@ -135,7 +140,7 @@ class _Window:
     def report(self, device: torch.device) -> dict[str, float]:
         """Rank-averaged loss and data-wait fraction, summed samples/s, per-policy means (one collective)."""
         elapsed = time.perf_counter() - self.t0
-        k = len(POLICIES)
+        k = len(_WINDOW_PARTS)
         local = self.sums.cpu().tolist() if self.sums is not None else [0.0] * (3 + 2 * k)
         mean_loss = local[0] / max(local[1], 1)
         wait = self.wait / max(self.wait + self.busy, 1e-9)
@@ -146,9 +151,9 @@ class _Window:
             "samples_per_s": sums[2] / max(elapsed, 1e-9),
             "data_wait": sums[-2] / world,
         }
-        for i, name in enumerate(POLICIES.values()):
+        for i, name in enumerate(_WINDOW_PARTS):
             if sums[3 + k + i]:
-                out[f"loss_{name}"] = sums[3 + i] / sums[3 + k + i]
+                out[name] = sums[3 + i] / sums[3 + k + i]
         return out
 
 
@@ -230,7 +235,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         warmup_steps=tc.warmup_steps,
         final_lr=tc.final_lr,
         weight_decay=tc.weight_decay,
-        ema=target_ema(cfg.model),
+        ema=target_ema(cfg.model, cfg.train.steps),
     )
     zero3 = tc.zero_stage == 3
 

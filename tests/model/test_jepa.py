@@ -14,7 +14,7 @@ from shardkit import raw_batch, raw_samples, train_in_memory
 from jepa_ray.config import ModelConfig, load_config
 from jepa_ray.data.pipeline import collate, open_split
 from jepa_ray.data.transform import transform_batch
-from jepa_ray.model.jepa import JEPA, embedding_stats, momentum_at
+from jepa_ray.model.jepa import JEPA, embedding_stats, momentum_at, sigreg, target_ema
 
 
 def _pipeline_cfg(*overrides: str):
@@ -179,11 +179,44 @@ def test_a_fresh_encoder_already_sees_values_and_tells_slots_apart(split, sample
 
 def test_smooth_l1_option_and_predictor_depth(split, samples):
     batch = make_batch(split, samples)
-    l2 = _model(split)(batch)["loss"]
-    sl1 = _model(split, loss="smooth_l1")(batch)["loss"]
+    l2 = _model(split, sigreg=0)(batch)["loss"]
+    sl1 = _model(split, loss="smooth_l1", sigreg=0)(batch)["loss"]
     assert torch.isfinite(sl1) and sl1 < l2  # smooth-L1 is below L2/2*2 for small errors
     deep = _model(split, predictor_depth=5)
     assert len(deep.predictor.trunk.blocks) == 5
+
+
+def test_sigreg_measures_distance_from_a_standard_normal():
+    g = torch.Generator().manual_seed(0)
+    normal = torch.randn(2000, 32, generator=g)
+    # ~1 for a standard normal sample, whatever its size
+    assert 0.5 < float(sigreg(normal, generator=torch.Generator().manual_seed(1))) < 2
+    assert 0.3 < float(sigreg(normal[:100], generator=torch.Generator().manual_seed(1))) < 3
+    worse = {
+        "collapsed to a line": torch.randn(2000, 1, generator=g) * torch.ones(1, 32),
+        "shrunk": 0.2 * normal,
+        "shifted": normal + 1.0,
+    }
+    for name, x in worse.items():
+        assert float(sigreg(x, generator=torch.Generator().manual_seed(1))) > 50, name
+    # a gradient step on the statistic spreads a shrunk sample back out
+    x = (0.2 * normal).requires_grad_()
+    sigreg(x).backward()
+    assert float((x.detach() - 0.1 * x.grad).std()) > float(x.detach().std())
+
+
+def test_sigreg_joins_the_jepa_loss_only(split, samples):
+    batch = make_batch(split, samples)
+    plain = _model(split, sigreg=0).eval()
+    out = _model(split).eval()(batch)  # default model.sigreg = 0.05
+    assert float(out["prediction_loss"]) == pytest.approx(float(plain(batch)["loss"]))
+    total = 0.95 * float(out["prediction_loss"]) + 0.05 * float(out["sigreg"])
+    assert float(out["loss"]) == pytest.approx(total)
+    assert float(out["sigreg"]) > 0
+    again = _model(split).eval()(batch)  # eval mode: fixed directions, a deterministic loss
+    assert float(again["loss"]) == float(out["loss"])
+    mae = _model(split, objective="mae")(batch)
+    assert "sigreg" not in mae and "prediction_loss" not in mae
 
 
 def test_embedding_stats_see_collapse():
@@ -211,6 +244,13 @@ def test_schedules_and_parameter_groups(split):
     assert s.lr_at(100) == pytest.approx(1e-6) and s.lr_at(55) == pytest.approx((1e-3 + 1e-6) / 2)
     assert s.weight_decay_at(0) == pytest.approx(0.04) and s.weight_decay_at(100) == pytest.approx(0.4)
     assert s.momentum_at(0) == 0.996 and s.momentum_at(100) == 1.0
+    # the default EMA schedule shortens with the run; a configured one is kept; an MAE copies
+    assert target_ema(ModelConfig(), 100_000) == (0.996, 1.0)
+    assert target_ema(ModelConfig(), 25_000) == pytest.approx((0.996, 1.0))
+    assert target_ema(ModelConfig(), 600) == pytest.approx((1 - 100 / 600, 1.0))
+    assert target_ema(ModelConfig(), 50) == (0.0, 1.0)
+    assert target_ema(ModelConfig(ema=(0.99, 0.999)), 600) == (0.99, 0.999)
+    assert target_ema(ModelConfig(objective="mae", ema=(0.99, 1.0)), 600) == (0.0, 0.0)
     decay, no_decay = param_groups(_model(split))
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0
