@@ -1,12 +1,12 @@
-"""Does pretraining learn what the images carry? 600 single-process CPU steps of the tiny JEPA on a
-synthetic cohort of 1,000 subjects, then a ridge probe from pooled image embeddings to the
-ground-truth latent factors (cardiac: heart width; lung: opacities and fluid; frailty: bone
-density), against the same probe on the same seeds' random initialisations.
+"""Does pretraining learn what the images carry? 600 single-process CPU steps of the tiny JEPA (the
+default config: SIGReg on, the EMA schedule of a 600-step run) on a synthetic cohort of 1,000
+subjects, against the same seeds' random initialisations, read out three ways: the attentive
+probe on the patch tokens (held-out quarter of the subjects), a ridge probe on the pooled
+embedding (out of fold), and the evaluation's own probes (one sample per subject).
 
 The cohort is benchmarks/bench_learning.py's (same synth seed and sizes), so the numbers here are
 the benchmark's. Below ~600 images the probe and the pretraining both starve: at 400 subjects
-(582 images) the cardiac gain was noise (+0.01 over three seeds, two of them negative); from
-1,000 subjects on, every factor gains in every seed.
+(582 images) the cardiac gain was noise (+0.01 over three seeds, two of them negative).
 """
 
 from __future__ import annotations
@@ -64,15 +64,15 @@ def cohort(tmp_path_factory, ray_session):
     return split, samples, keys, subjects, z, (first, labels, held_out)
 
 
-def _attentive_r2(tokens: np.ndarray, z: np.ndarray, split: tuple, seed: int) -> float:
-    """Held-out R² (mean over the factors) of the attentive probe on patch tokens (N, P, D), fit on
-    every image of three quarters of the subjects."""
+def _attentive_r2(tokens: np.ndarray, z: np.ndarray, split: tuple, seed: int) -> list[float]:
+    """Held-out R² per factor of the attentive probe on patch tokens (N, P, D), fit on every image
+    of three quarters of the subjects."""
     _, _, held_out = split
     fit = ~held_out
     r2 = attentive_r2(
         tokens[fit], z[fit], {"test": (tokens[held_out], z[held_out])}, AttentiveSettings(seed=seed)
     )
-    return float(np.mean(r2["test"]["r2"]))
+    return [float(v) for v in r2["test"]["r2"]]
 
 
 def _evaluation_probes(x: np.ndarray, z: np.ndarray, split: tuple) -> tuple:
@@ -119,10 +119,7 @@ def test_pretraining_beats_random_init_on_a_latent_factor_probe(cohort):
     random_r2, trained_r2, evaluation, attentive = [], [], [], []
     for seed in SEEDS:
         torch.manual_seed(seed)
-        # the image-learning criterion holds with one value direction per EHR feature; with the
-        # default periodic value embedding the lung gain was -0.091 / +0.033 (seeds 0, 1): an open
-        # question of jepa-ray's learning benchmark (README), not asserted here
-        model = JEPA(split.spec.model_dims(cfg), ModelConfig(preset="tiny", numeric_embedding="linear"))
+        model = JEPA(split.spec.model_dims(cfg), ModelConfig(preset="tiny"))  # the defaults (SIGReg on)
         x_random, tokens_random = embed(model)
         random_r2.append(cv_latent_r2(x_random, z, subjects))
         losses = train_on_samples(model, samples, split.spec, cfg, STEPS, lr=1e-3, batch=32, seed=seed)
@@ -133,31 +130,35 @@ def test_pretraining_beats_random_init_on_a_latent_factor_probe(cohort):
         trained_r2.append(cv_latent_r2(x, z, subjects))
         evaluation.append([_evaluation_probes(e, z, evaluation_split) for e in (x_random, x)])
         attentive.append([_attentive_r2(t, z, evaluation_split, seed) for t in (tokens_random, tokens)])
+
+    # The attentive probe (a cross-attention pooling head on the frozen patch tokens, the V-JEPA
+    # read-out), R² per factor on the held-out quarter of the subjects: (seed, random|trained, factor)
+    att = np.array(attentive)
+    report = "  ".join(f"{f} {a:+.3f} -> {b:+.3f}" for f, a, b in zip(FACTORS, *att.mean(0), strict=True))
+    print(f"attentive probe R², random init -> pretrained (mean of {len(SEEDS)} seeds): {report}")
+    print(f"  per seed: {att.round(3).tolist()}")
+    # measured here (mean of the two seeds): cardiac 0.521 -> 0.586, lung 0.548 -> 0.641, frailty
+    # -0.018 -> 0.141; without SIGReg (model.sigreg=0) pretraining lowered this read-out (the mean
+    # over the factors 0.447 -> 0.311 and 0.385 -> 0.357 per seed)
+    gain = att[:, 1] - att[:, 0]  # (seed, factor)
+    assert gain.mean() > 0.05, report  # averaged over the seeds and factors
+    assert (gain.mean(0) > 0.02).all(), report  # every factor, averaged over the seeds
+
+    # The linear probe on the mean-pooled tokens, out of fold over every image (folds by subject)
     gains = np.array(trained_r2) - np.array(random_r2)  # (seeds, factors)
     report = "  ".join(
         f"{f} {a:+.3f} -> {b:+.3f}"
         for f, a, b in zip(FACTORS, np.mean(random_r2, 0), np.mean(trained_r2, 0), strict=True)
     )
-    print(f"latent R², random init -> pretrained: {report}; gain per seed {gains.mean(1).round(3)}")
-    att = np.array(attentive)  # (seed, random|trained): the attentive probe
-    print(f"attentive probe R², random init -> pretrained, per seed: {att.round(3).tolist()}")
-    # measured here (R², mean of the two seeds): cardiac +0.097 -> +0.144, lung +0.257 -> +0.305,
-    # frailty +0.034 -> +0.056; the gain averaged over the factors is +0.027 and +0.051 per seed
-    assert (gains.mean(0) > 0.01).all(), report  # every factor
-    assert (gains.mean(1) > 0.01).all(), report  # every seed
-    assert gains.mean() > 0.025, report
+    print(f"linear probe R², random init -> pretrained: {report}; gain per seed {gains.mean(1).round(3)}")
+    # measured here: cardiac 0.138 -> 0.356, lung 0.327 -> 0.420, frailty 0.047 -> 0.093
+    assert (gains.mean(0) > 0.02).all(), report  # every factor
+    assert (gains.mean(1) > 0.03).all(), report  # every seed
 
     # The same with the evaluation's protocol: one sample per subject, held-out subjects, latent R²
     # averaged over the factors and logistic-probe AUROC over the two labels; (seed, random|trained, metric)
     ev = np.array(evaluation)
     print(f"evaluation probes, random init -> pretrained (R², AUROC) per seed: {ev.round(3).tolist()}")
-    # measured here (seed 0, seed 1): R² 0.059 -> 0.077 and 0.112 -> 0.161, AUROC 0.653 -> 0.657
-    # and 0.661 -> 0.690
+    # measured here: R² 0.169 -> 0.229 and 0.103 -> 0.274, AUROC 0.676 -> 0.726 and 0.667 -> 0.732
     r2_gain, auc_gain = (ev[:, 1] - ev[:, 0]).mean(0)
-    assert r2_gain > 0.02 and auc_gain > 0.005, ev.round(3).tolist()
-
-    # The attentive probe (a cross-attention pooling head on the frozen patch tokens, the V-JEPA
-    # read-out; printed above): measured here, R² averaged over the factors, random init ->
-    # pretrained 0.447 -> 0.311 and 0.385 -> 0.357 (seeds 0, 1). Pretraining does not beat its
-    # random init under this read-out yet (jepa-ray's learning benchmark, README), so it is not
-    # asserted; the probe itself is tested in tests/eval/test_attentive.py.
+    assert r2_gain > 0.04 and auc_gain > 0.02, ev.round(3).tolist()
