@@ -286,7 +286,7 @@ def main() -> int:
     from jepa_ray.data.local import train_on_samples
     from jepa_ray.data.manifest import read_manifest
     from jepa_ray.data.storage import Store
-    from jepa_ray.model.jepa import JEPA, embedding_stats, target_ema
+    from jepa_ray.model.jepa import JEPA, embedding_stats
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-learning-"))
@@ -329,7 +329,9 @@ def main() -> int:
             objective = "mae" if arm == "mae" else "jepa"
             model = JEPA(
                 spec.model_dims(cfg),
-                ModelConfig(preset="tiny", objective=objective, ema=args.ema and tuple(args.ema)),
+                ModelConfig(
+                    preset="tiny", objective=objective, **({"ema": tuple(args.ema)} if args.ema else {})
+                ),
             )
             t = time.perf_counter()
             losses = []
@@ -400,7 +402,7 @@ def main() -> int:
             "steps": steps,
             "seeds": seeds,
             "arms": args.arms,
-            "ema": list(target_ema(ModelConfig(ema=args.ema and tuple(args.ema)), steps)),
+            "ema": list(args.ema or ModelConfig().ema),
             "model": "tiny",
             "image_size": 32,
             "patch_size": 8,

@@ -57,8 +57,8 @@ def train_on_samples(
     augmentation and masks) and `jepa_ray.model.optim.train_step`; returns the per-step losses.
 
     `spec` is the shards' FeatureSpec (`open_split(...).spec`), `cfg` a PipelineConfig; `ema` is
-    the momentum schedule (start, end), as `model.ema` sets it for `pretrain` (None: the model's
-    configured one, else the default for a run of `steps`, `jepa_ray.model.jepa.target_ema`).
+    the momentum schedule (start, end), as `model.ema` sets it for `pretrain` (None: the model's own,
+    `jepa_ray.model.jepa.target_ema`).
     """
     from jepa_ray.data.pipeline import collate
     from jepa_ray.data.transform import transform_batch
@@ -67,7 +67,7 @@ def train_on_samples(
     keys = list(samples)
     from jepa_ray.model.jepa import target_ema
 
-    ema = target_ema(model.cfg, steps) if ema is None else tuple(ema)
+    ema = target_ema(model.cfg) if ema is None else tuple(ema)
     schedule = Schedule(total_steps=steps, lr=lr, warmup_steps=max(steps // 10, 1), ema=ema)
     optimizer = make_optimizer(model, schedule)
     rng = np.random.default_rng(seed)

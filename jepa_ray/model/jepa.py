@@ -265,27 +265,15 @@ class Student(nn.Module):
         return (pred - target).pow(2).mean(-1)
 
 
-EMA_START = 0.996  # I-JEPA's momentum at step 0, for long runs
-EMA_HORIZON = 100  # steps: a run of S steps starts at 1 - 100 / S when that is lower
+def target_ema(cfg: ModelConfig) -> tuple[float, float]:
+    """The target encoder's EMA momentum schedule: the configured one, or (0, 0) for an MAE, whose
+    target encoder is a copy of its context encoder after every step.
 
-
-def target_ema(cfg: ModelConfig, steps: int) -> tuple[float, float]:
-    """The target encoder's EMA momentum schedule over a run of `steps`: (0, 0) for an MAE, whose
-    target encoder is a copy of its context encoder after every step; the configured one; else
-    (min(0.996, 1 - 100 / steps), 1.0).
-
-    Why the default shortens: momentum m rising linearly from m0 to 1 over S steps leaves the final
-    target a weighted average of the context encoder's past weights, weight ~ x exp(-(1 - m0) S x^2 / 2)
-    at x = the fraction of the run still to go, which peaks at x = 1 / sqrt((1 - m0) S). At S = 600
-    and m0 = 0.996 that is x = 0.65: the final target is about the context encoder of step 210, and
-    it read the latent factors worse than the context encoder did (attentive probe, learning
-    benchmark). 1 - 100 / S puts the peak at a tenth of the run from its end, as 0.996 does at S = 25,000.
-    """
-    if cfg.objective == "mae":
-        return (0.0, 0.0)
-    if cfg.ema is not None:
-        return cfg.ema
-    return (max(min(EMA_START, 1 - EMA_HORIZON / max(steps, 1)), 0.0), 1.0)
+    On a short run the linear rise to 1 leaves the final target behind: it is a weighted average of
+    the context encoder's past weights, weight ~ x exp(-(1 - m0) S x^2 / 2) at x = the fraction of
+    the S-step run still to go, peaking at x = 1 / sqrt((1 - m0) S): at S = 600 and m0 = 0.996,
+    x = 0.65, the context encoder of about step 210."""
+    return (0.0, 0.0) if cfg.objective == "mae" else cfg.ema
 
 
 class JEPA(nn.Module):

@@ -235,7 +235,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         warmup_steps=tc.warmup_steps,
         final_lr=tc.final_lr,
         weight_decay=tc.weight_decay,
-        ema=target_ema(cfg.model, cfg.train.steps),
+        ema=target_ema(cfg.model),
     )
     zero3 = tc.zero_stage == 3
 
