@@ -150,19 +150,17 @@ def test_pretraining_beats_random_init_on_a_latent_factor_probe(cohort):
     ev = np.array(evaluation)
     print(f"evaluation probes, random init -> pretrained (R², AUROC) per seed: {ev.round(3).tolist()}")
 
-    # measured here (mean of the two seeds): cardiac 0.521 -> 0.531, lung 0.548 -> 0.605, frailty
-    # -0.018 -> 0.230; the gain averaged over the factors +0.160 and +0.049 per seed. Without SIGReg
-    # (model.sigreg=0) pretraining lowered this read-out (mean over the factors 0.447 -> 0.311 and
-    # 0.385 -> 0.357). With the EMA starting at 0.833 instead of 0.996 the target encoder gained on
-    # every factor (0.586 / 0.641 / 0.141) but the GBSG2 table lost (README), hence the cardiac margin.
+    # measured here (mean of the two seeds): cardiac 0.521 -> 0.573, lung 0.548 -> 0.589, frailty
+    # -0.018 -> 0.159. Without SIGReg (model.sigreg=0) pretraining lowered this read-out (mean over
+    # the factors 0.447 -> 0.311 and 0.385 -> 0.357 per seed)
     gain = att[:, 1] - att[:, 0]  # (seed, factor)
     assert gain.mean() > 0.05, att_report  # averaged over the seeds and factors
-    assert (gain.mean(0) > -0.02).all(), att_report  # no factor lost beyond noise, averaged over the seeds
-    # measured here: cardiac 0.138 -> 0.291, lung 0.327 -> 0.366, frailty 0.047 -> 0.078; per seed
-    # +0.022 and +0.128 (seed 0's lung -0.026)
+    assert (gain.mean(0) > 0.02).all(), att_report  # every factor, averaged over the seeds
+    # measured here: cardiac 0.138 -> 0.301, lung 0.327 -> 0.379, frailty 0.047 -> 0.084; per seed
+    # +0.039 and +0.129
     assert (gains.mean(0) > 0.01).all(), lin_report  # every factor
     assert (gains.mean(1) > 0.01).all(), lin_report  # every seed
-    # measured here (seed 0, seed 1): R² 0.169 -> 0.153 and 0.103 -> 0.237, AUROC 0.676 -> 0.697 and
-    # 0.667 -> 0.695
+    # measured here (seed 0, seed 1): R² 0.169 -> 0.157 and 0.103 -> 0.211, AUROC 0.676 -> 0.716 and
+    # 0.667 -> 0.710
     r2_gain, auc_gain = (ev[:, 1] - ev[:, 0]).mean(0)
     assert r2_gain > 0.02 and auc_gain > 0.005, ev.round(3).tolist()
