@@ -251,9 +251,10 @@ class Student(nn.Module):
             # a validation loss is a deterministic function of the model and the batch
             fixed = None if self.training else torch.Generator().manual_seed(0)
             patches = ctx["tokens"][:, 1 : 1 + ctx["img_keep"].shape[1]][ctx["img_keep"]]
-            reg = sigreg(patches, generator=fixed) if len(patches) > 1 else loss.new_zeros(())
-            out["loss"] = (1 - self.sigreg) * loss + self.sigreg * reg
-            out["prediction_loss"], out["sigreg"] = loss.detach(), reg.detach()
+            if len(patches) > 1:  # a batch without images trains on the prediction loss alone
+                reg = sigreg(patches, generator=fixed)
+                out["loss"] = (1 - self.sigreg) * loss + self.sigreg * reg
+                out["prediction_loss"], out["sigreg"] = loss.detach(), reg.detach()
         per_sample = ((per_token * keep).sum(1) / keep.sum(1).clamp(min=1)).detach()
         for code, name in POLICIES.items():
             chosen = batch["policy"] == code

@@ -217,6 +217,9 @@ def test_sigreg_joins_the_jepa_loss_only(split, samples):
     assert float(again["loss"]) == float(out["loss"])
     mae = _model(split, objective="mae")(batch)
     assert "sigreg" not in mae and "prediction_loss" not in mae
+    ehr_only = make_batch(split, samples, drop="image")  # nothing to regularise: the plain loss
+    out = _model(split).eval()(ehr_only)
+    assert "sigreg" not in out and float(out["loss"]) == pytest.approx(float(plain(ehr_only)["loss"]))
 
 
 def test_embedding_stats_see_collapse():
