@@ -62,11 +62,10 @@ def train_on_samples(
     """
     from jepa_ray.data.pipeline import collate
     from jepa_ray.data.transform import transform_batch
+    from jepa_ray.model.jepa import target_ema
     from jepa_ray.model.optim import Schedule, make_optimizer, train_step
 
     keys = list(samples)
-    from jepa_ray.model.jepa import target_ema
-
     ema = target_ema(model.cfg) if ema is None else tuple(ema)
     schedule = Schedule(total_steps=steps, lr=lr, warmup_steps=max(steps // 10, 1), ema=ema)
     optimizer = make_optimizer(model, schedule)

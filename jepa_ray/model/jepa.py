@@ -4,7 +4,7 @@
     target  = LayerNorm(EMA-Encoder(every patch + every EHR token))       # no gradient
     pred    = Predictor(context, mask tokens at the target positions)     # (B, Tq, D)
     loss    = mean over target tokens of ||pred - target||^2 (or smooth-L1)
-    loss    = (1 - lambda) * loss + lambda * SIGReg(context tokens)        # model.sigreg = lambda
+    loss    = (1 - lambda) * loss + lambda * SIGReg(context image tokens)  # model.sigreg = lambda
 
 One trunk embeds image and EHR tokens together, so each attends to the other when both are
 visible; with one modality hidden (cross-modal policy) the context holds only the other. The EMA
