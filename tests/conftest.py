@@ -27,6 +27,35 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _no_placement_group_outlives_its_test(request):
+    """Tests share one Ray: a placement group left by a stopped run would hold its CPUs for every
+    later test (a run then refuses to start). Ray Train releases them asynchronously; one still there
+    20 s after the test is removed, with a warning naming the test that left it."""
+    yield
+    import sys
+    import time
+    import warnings
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    def live() -> list[str]:
+        return [k for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"]
+
+    deadline = time.monotonic() + 20
+    while live() and time.monotonic() < deadline:
+        time.sleep(1)
+    for pg_id in live():
+        warnings.warn(f"{request.node.nodeid} left placement group {pg_id} behind: removed", stacklevel=1)
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    deadline = time.monotonic() + 10
+    while live() and time.monotonic() < deadline:  # removal is asynchronous too
+        time.sleep(0.5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -39,10 +39,18 @@ def run_url(cfg: Config, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def check_resources(cfg: Config, beside: tuple[str, float] | None = None) -> None:
+FREE_WAIT_S = 30.0  # how long a run waits for CPUs that something else holds before refusing
+
+
+def check_resources(
+    cfg: Config, beside: tuple[str, float] | None = None, free_wait_s: float | None = None
+) -> None:
     """ConfigError when the connected Ray cluster cannot hold the workers and the data pipeline
     (Ray Data's read tasks take one whole CPU each). `beside`: (what, CPUs) reserved next to the
-    workers, e.g. a Tune trial's own actor."""
+    workers, e.g. a Tune trial's own actor. With `free_wait_s` (the entry points: a run or a sweep
+    about to start), also that many CPUs must be *free*, waiting up to that long for them: CPUs held
+    by another run, or by a placement group that a stopped run never released, would otherwise
+    leave the workers scheduled and their data task waiting forever."""
     import ray
 
     tc = cfg.train
@@ -64,6 +72,34 @@ def check_resources(cfg: Config, beside: tuple[str, float] | None = None) -> Non
         raise ConfigError(
             f"train.num_workers={tc.num_workers} with use_gpu needs as many GPUs; the cluster has {gpus:g}"
         )
+    if free_wait_s is not None and cfg.train.shards is not None:
+        _wait_for_free_cpus(need + 1, what, free_wait_s)
+
+
+def _wait_for_free_cpus(need: float, what: str, wait_s: float) -> None:
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= need - 1e-6:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    try:
+        groups = [
+            g for g in ray.util.placement_group_table().values() if g.get("state") not in ("REMOVED", None)
+        ]
+    except Exception:  # the table is a diagnostic only
+        groups = []
+    held = f"; {len(groups)} placement group(s) hold resources" if groups else ""
+    raise ConfigError(
+        f"{what} and a data task need {need:g} free CPUs, but only {free:g} of the Ray cluster's "
+        f"{ray.cluster_resources().get('CPU', 0.0):g} have been free for {wait_s:g} s{held}: another "
+        "run is using them, or a stopped one left its placement group behind (`ray status`, "
+        "`ray list placement-groups`). Wait for it, stop it, or restart the local Ray (`ray stop`)"
+    )
 
 
 def _datasets(cfg: Config) -> tuple[dict, dict, int]:
@@ -106,8 +142,10 @@ def build_trainer(
     name: str | None = None,
     extra: dict[str, Any] | None = None,
     callbacks: list | None = None,
+    free_check: bool = True,
 ):
-    """The TorchTrainer of a run (not started). `extra` goes into the loop config (the objective a
+    """The TorchTrainer of a run (not started); `free_check=False` inside a sweep's trial, whose
+    neighbours legitimately hold the CPUs the sweep was checked for. `extra` goes into the loop config (the objective a
     sweep measures; tests' hooks); `callbacks` into its RunConfig (a sweep's TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -118,7 +156,7 @@ def build_trainer(
     name = name or tc.name or time.strftime("jepa-%Y%m%d-%H%M%S")
     if not RUN_NAME.match(name):
         raise ConfigError(f"train.name {name!r}: use letters, digits, '.', '_' and '-' only")
-    check_resources(cfg)
+    check_resources(cfg, free_wait_s=FREE_WAIT_S if free_check else None)
     extra = dict(extra or {})
     if "batches" in extra:
         datasets, dims, epoch_batches = {}, extra.pop("dims"), extra.pop("epoch_batches", None)

@@ -168,7 +168,11 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], objective: dict[str,
     cfg = trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(
-        cfg, name=trial_id, extra={"objective": objective}, callbacks=[TuneReportCallback()]
+        cfg,
+        name=trial_id,
+        extra={"objective": objective},
+        callbacks=[TuneReportCallback()],
+        free_check=False,
     )
     trainer.fit()
 
@@ -178,13 +182,13 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> Swee
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from jepa_ray.train.trainer import RUN_NAME, check_resources, run_url, storage_target
+    from jepa_ray.train.trainer import FREE_WAIT_S, RUN_NAME, check_resources, run_url, storage_target
 
     check_space(cfg)
     name = name or cfg.tune.name or time.strftime("tune-%Y%m%d-%H%M%S")
     if not RUN_NAME.match(name):
         raise ConfigError(f"tune.name {name!r}: use letters, digits, '.', '_' and '-' only")
-    check_resources(cfg, beside=("each trial's actor", DRIVER_CPU))
+    check_resources(cfg, beside=("each trial's actor", DRIVER_CPU), free_wait_s=FREE_WAIT_S)
     url = run_url(cfg, name)
     objective = _objective_settings(cfg)
     base = cfg.model_dump(mode="json")

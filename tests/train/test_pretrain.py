@@ -99,37 +99,13 @@ def test_every_zero_stage_trains_checkpoints_and_reports(stage, small_shards, tm
     assert any((Path(info.run_url) / "metrics" / "tensorboard").iterdir())
 
 
-def test_ema_target_is_the_same_under_zero3_as_under_zero0(fixed, small_shards, tmp_path, ray_session):
-    source, dims = fixed
-    targets, contexts = {}, {}
-    for stage in (0, 3):
-        cfg = _cfg(
-            small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=4", "model.ema=[0.9,0.95]"
-        )
-        info = pretrain(cfg, name=f"ema{stage}", extra={"batches": source, "dims": dims})
-        ckpt = _checkpoints(info.run_url)[-1]
-        targets[stage] = torch.load(ckpt / TARGET_FILE, weights_only=True)
-        from jepa_ray.train.export import student_state_dict
-
-        contexts[stage] = {k: v for k, v in student_state_dict(ckpt).items() if k.startswith("context.")}
-    moved = 0.0
-    for name, t0 in targets[0].items():
-        torch.testing.assert_close(targets[3][name], t0, rtol=1e-4, atol=1e-5)
-        moved = max(moved, float((contexts[0]["context." + name] - t0).abs().max()))
-    assert moved > 0  # the target is not trivially equal to the context (the EMA really lags)
-
-
-@pytest.mark.parametrize("objective", ["jepa", "mae"])
-def test_export_reproduces_the_trained_encoders(objective, fixed, small_shards, tmp_path, ray_session):
+def _check_export(info, probe: Path, objective: str, steps: int, tmp_path: Path) -> None:
+    """The export of a run reproduces its encoders and predictor on the batch the run saved."""
     from jepa_ray.model.io import load_jepa
     from jepa_ray.train.export import export
 
-    source, dims = fixed
-    probe = tmp_path / "probe.pt"
-    cfg = _cfg(small_shards, tmp_path, "train.zero_stage=3", "train.steps=3", f"model.objective={objective}")
-    info = pretrain(cfg, name="export3", extra={"batches": source, "dims": dims, "probe_path": str(probe)})
-    weights, meta = export(info.run_url, tmp_path / "encoder")
-    assert weights.suffix == ".safetensors" and json.loads(meta.read_text())["step"] == 3
+    weights, meta = export(info.run_url, tmp_path / f"encoder-{objective}")
+    assert weights.suffix == ".safetensors" and json.loads(meta.read_text())["step"] == steps
     model = load_jepa(weights)
     saved = torch.load(probe, weights_only=False)
     with torch.no_grad():
@@ -142,7 +118,42 @@ def test_export_reproduces_the_trained_encoders(objective, fixed, small_shards, 
         for t, c in zip(model.target.parameters(), model.context.parameters(), strict=True):
             torch.testing.assert_close(t, c)
     momentum = float(_rows(info.run_url)[-1]["momentum"])
-    assert momentum == 0.0 if objective == "mae" else momentum > 0.99
+    assert momentum == 0.0 if objective == "mae" else momentum > 0.9
+
+
+def test_ema_target_is_the_same_under_zero3_as_under_zero0_and_exports(
+    fixed, small_shards, tmp_path, ray_session
+):
+    """The same fixed batches under ZeRO-0 and ZeRO-3: the same EMA target; the ZeRO-3 run's
+    export (gathered from the partitions) reproduces what it trained."""
+    from jepa_ray.train.export import student_state_dict
+
+    source, dims = fixed
+    targets, contexts = {}, {}
+    probe = tmp_path / "probe.pt"
+    for stage in (0, 3):
+        cfg = _cfg(
+            small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=4", "model.ema=[0.9,0.95]"
+        )
+        extra = {"batches": source, "dims": dims, **({"probe_path": str(probe)} if stage == 3 else {})}
+        info = pretrain(cfg, name=f"ema{stage}", extra=extra)
+        ckpt = _checkpoints(info.run_url)[-1]
+        targets[stage] = torch.load(ckpt / TARGET_FILE, weights_only=True)
+        contexts[stage] = {k: v for k, v in student_state_dict(ckpt).items() if k.startswith("context.")}
+    moved = 0.0
+    for name, t0 in targets[0].items():
+        torch.testing.assert_close(targets[3][name], t0, rtol=1e-4, atol=1e-5)
+        moved = max(moved, float((contexts[0]["context." + name] - t0).abs().max()))
+    assert moved > 0  # the target is not trivially equal to the context (the EMA really lags)
+    _check_export(info, probe, "jepa", 4, tmp_path)
+
+
+def test_export_reproduces_the_trained_mae(fixed, small_shards, tmp_path, ray_session):
+    source, dims = fixed
+    probe = tmp_path / "probe.pt"
+    cfg = _cfg(small_shards, tmp_path, "train.zero_stage=3", "train.steps=3", "model.objective=mae")
+    info = pretrain(cfg, name="export3", extra={"batches": source, "dims": dims, "probe_path": str(probe)})
+    _check_export(info, probe, "mae", 3, tmp_path)
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(small_shards, tmp_path, ray_session):
@@ -188,6 +199,27 @@ def test_bad_configs_fail_before_any_worker_starts(overrides, message, small_sha
     with pytest.raises(ConfigError, match=message):
         build_trainer(_cfg(small_shards, tmp_path, *overrides), name="bad")
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_cpus_held_by_something_else_are_refused_not_waited_on_forever(
+    small_shards, tmp_path, ray_session, monkeypatch
+):
+    """A placement group a stopped run never released (here: made by hand) holds 1.5 of the 2 CPUs:
+    the workers would start and their data task would wait forever, so the run is refused."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    import jepa_ray.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "FREE_WAIT_S", 2.0)
+    group = placement_group([{"CPU": 1.5}])
+    ray_session.get(group.ready(), timeout=30)
+    try:
+        with pytest.raises(ConfigError, match=r"need 2 free CPUs, but only 0.5 .* 1 placement group"):
+            build_trainer(_cfg(small_shards, tmp_path), name="held")
+    finally:
+        remove_placement_group(group)
+    assert not (tmp_path / "runs" / "held").exists()
+    build_trainer(_cfg(small_shards, tmp_path), name="freed")  # free again: accepted
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].joinpath("jobs", "configs").glob("*.yaml")))

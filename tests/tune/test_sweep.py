@@ -103,7 +103,12 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     assert set(summary["spearman_label_free_objective"]) == set(info.candidates)
     gap = summary["best_vs_runner_up"]
-    assert gap["beyond_noise"] == (gap["gap"] > 2 * gap["se"])
+    finished = [r for r in rows if r["steps"] == 40]
+    if len(finished) == 1:  # ASHA let one trial run to the end: no runner-up that ran as long
+        assert gap is None and "no runner-up that ran as long" in md
+    else:
+        assert gap["runner_up"] in {r["trial"] for r in finished} and gap["gap"] >= 0
+        assert gap["beyond_noise"] == (gap["gap"] > 2 * gap["se"])
 
     best = load_config(sweep_dir / "best.yaml")  # runs as is: `jepa-ray pretrain --config best.yaml`
     assert best.train.shards == str(tune_shards) and best.train.storage_path == str(tmp_path)
@@ -121,7 +126,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tune_shards
     overrides = [
         "train.steps=10",
         "train.checkpoint_every=5",
-        "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.5, 0.7]}}",
+        "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.7]}}",
         "tune.eval_every=5",
         "tune.asha.enabled=false",
         "tune.max_concurrent_trials=1",
@@ -156,18 +161,18 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tune_shards
     proc.send_signal(signal.SIGINT)  # Tune saves its experiment state and stops
     out, _ = proc.communicate(timeout=120)
     done = finished()
-    assert 1 <= len(done) < 3, out.decode()[-3000:]
+    assert len(done) == 1, out.decode()[-3000:]
     assert all(p.exists() for p in done)
     before = {p: (p.stat().st_mtime_ns, len(list((p.parent / "tensorboard").iterdir()))) for p in done}
 
     info = sweep(cfg, name="resumable", resume=True)
-    assert len(info.rows) == 3 and all(r["status"] == "TERMINATED" and r["steps"] == 10 for r in info.rows)
+    assert len(info.rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 10 for r in info.rows)
     assert all(r["objective_se"] > 0 for r in info.rows)  # the default objective, with its SE
     for p, (mtime, event_files) in before.items():
         # a rerun would reopen the run's metrics (rewriting the CSV) and start a new event file
         assert p.stat().st_mtime_ns == mtime
         assert len(list((p.parent / "tensorboard").iterdir())) == event_files
-    assert len(list(trials.iterdir())) == 3
+    assert len(list(trials.iterdir())) == 2
     assert os.path.exists(tmp_path / "resumable" / "best.yaml")
 
     with pytest.raises(ConfigError, match="--resume: no sweep at"):
