@@ -35,3 +35,7 @@ class PrepareError(JepaRayError):
 
 class ShardError(JepaRayError):
     """A shard set or manifest is missing, inconsistent or corrupt."""
+
+
+class CheckpointError(JepaRayError):
+    """A checkpoint file is corrupt, was changed after it was written, or holds more than tensors."""

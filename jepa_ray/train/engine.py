@@ -127,23 +127,40 @@ def ema_update(target: torch.nn.Module, context: torch.nn.Module, momentum: floa
 
 
 def save_checkpoint(engine: Any, target: torch.nn.Module, state: dict, directory: Path, rank: int) -> None:
-    """Write this rank's part of a checkpoint: its DeepSpeed shard; rank 0 also the target and state.
+    """Write this rank's part of a checkpoint into an empty `directory`: its DeepSpeed shard; rank 0
+    also the target and state; then the sha256 of every file it wrote (checkpoints.write_digests).
 
     Ray Train merges the ranks' directories into one checkpoint once every rank has reported, so a
     crash while writing leaves the previous checkpoint the latest one.
     """
+    from jepa_ray.train.checkpoints import write_digests
+
     engine.save_checkpoint(str(directory), tag=ENGINE_TAG)
     if rank == 0:
         torch.save(target.state_dict(), directory / TARGET_FILE)
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+    write_digests(directory, rank)
 
 
 def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path) -> dict:
-    """Restore the engine (weights, optimizer, DeepSpeed counters) and the target; return the state."""
-    path, _ = engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
+    """Restore the engine (weights, optimizer, DeepSpeed counters) and the target; return the state.
+    Every file is verified against its digest first, and read by the restricted unpickler
+    (checkpoints.safe_loading): CheckpointError names a file that fails either."""
+    from jepa_ray.errors import CheckpointError
+    from jepa_ray.train.checkpoints import load_error, safe_loading, verify
+
+    verify(directory)
+    try:
+        with safe_loading():
+            path, _ = engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
+            weights = torch.load(directory / TARGET_FILE, map_location="cpu")
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise load_error(directory / ENGINE_TAG, e) from None
     if path is None:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}"
         )
-    target.load_state_dict(torch.load(directory / TARGET_FILE, map_location="cpu", weights_only=True))
+    target.load_state_dict(weights)
     return json.loads((directory / STATE_FILE).read_text())

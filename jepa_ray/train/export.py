@@ -21,6 +21,7 @@ import torch
 from jepa_ray.config import StorageConfig
 from jepa_ray.data.storage import is_remote, make_filesystem
 from jepa_ray.errors import ConfigError
+from jepa_ray.train.checkpoints import load_error, safe_loading, verify
 from jepa_ray.train.engine import ENGINE_TAG, STATE_FILE, TARGET_FILE
 
 
@@ -62,16 +63,19 @@ def local_checkpoint(path: str | Path, storage: StorageConfig | None = None) -> 
 
 
 def student_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The student's full fp32 weights, gathered from the ZeRO partitions when there are any."""
+    """The student's full fp32 weights, gathered from the ZeRO partitions when there are any; read
+    with the restricted unpickler (checkpoints.safe_loading), never running code from the files."""
     engine_dir = ckpt / ENGINE_TAG
-    if any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        with safe_loading():
+            if any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ENGINE_TAG)
-    else:  # ZeRO-0 in fp32: the module's weights are whole in the model-states file
-        sd = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
-            "module"
-        ]
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ENGINE_TAG)
+            else:  # ZeRO-0 in fp32: the module's weights are whole in the model-states file
+                sd = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+    except Exception as e:
+        raise load_error(engine_dir, e) from None
     return {k: v.float() for k, v in sd.items()}
 
 
@@ -85,9 +89,13 @@ def export(path: str | Path, out: str | Path, storage: StorageConfig | None = No
 def _export(ckpt: Path, url: str, out: Path) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
+    verify(ckpt)
     state = json.loads((ckpt / STATE_FILE).read_text())
     student = student_state_dict(ckpt)
-    target = torch.load(ckpt / TARGET_FILE, map_location="cpu", weights_only=True)
+    try:
+        target = torch.load(ckpt / TARGET_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise load_error(ckpt / TARGET_FILE, e) from None
     tensors = {k: v for k, v in student.items() if k.startswith(("context.", "predictor."))}
     tensors.update({f"target.{k}": v.float() for k, v in target.items()})
     weights = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")

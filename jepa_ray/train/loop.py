@@ -194,6 +194,44 @@ def _save_probe(model: JEPA, student: Any, batch: dict, device: torch.device, ra
         )
 
 
+def _older_checkpoints(ckpt: Any) -> list:
+    """The run's other checkpoints older than `ckpt`, newest first (names sort by time)."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    parent, name = ckpt.path.rstrip("/").rsplit("/", 1)
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
+    older = sorted(
+        (i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+         and i.base_name < name),
+        reverse=True,
+    )  # fmt: skip
+    return [ray.train.Checkpoint(p, filesystem=ckpt.filesystem) for p in older]
+
+
+def _restore(engine: Any, target: torch.nn.Module, restored: Any) -> tuple[dict, dict]:
+    """Load the newest checkpoint that verifies: the one Ray Train restored, else the run's older
+    ones, newest first, each skipped with a warning naming its bad file. Returns its state and
+    {"checkpoint", "step", "skipped"} (recorded in later checkpoints' state as resumed_from)."""
+    from jepa_ray.errors import CheckpointError
+
+    problems, skipped = [], []
+    for ckpt in [restored, *_older_checkpoints(restored)]:
+        try:
+            with ckpt.as_directory() as d:
+                state = load_checkpoint(engine, target, Path(d))
+        except CheckpointError as e:
+            log.warning("checkpoint %s cannot be used, trying an older one: %s", ckpt.path, e)
+            problems.append(str(e))
+            skipped.append(ckpt.path.rstrip("/").rsplit("/", 1)[-1])
+            continue
+        if ckpt is not restored:
+            log.warning("resumed from the older checkpoint %s (the newer ones failed: see above)", ckpt.path)
+        name = ckpt.path.rstrip("/").rsplit("/", 1)[-1]
+        return state, {"checkpoint": name, "step": state["step"], "skipped": skipped}
+    raise CheckpointError("no checkpoint of this run can be loaded: " + "; ".join(problems))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: config (a Config as a dict), dims (model input dims),
     run_url (the run directory), epoch_batches (batches per rank per epoch, or None); a sweep adds
@@ -240,10 +278,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     zero3 = tc.zero_stage == 3
 
     step, epoch, in_epoch, seen = 0, 0, 0, 0
-    restored = ray.train.get_checkpoint()
+    restored, resumed_from = ray.train.get_checkpoint(), None
     if restored is not None:
-        with restored.as_directory() as d:
-            state = load_checkpoint(engine, target, Path(d))
+        state, resumed_from = _restore(engine, target, restored)
         step, epoch, in_epoch, seen = (
             state["step"],
             state["epoch"],
@@ -301,6 +338,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "zero_stage": tc.zero_stage,
             "dims": loop_config["dims"],
             "config": cfg.model_dump(mode="json"),
+            "resumed_from": resumed_from,
         }
         with tempfile.TemporaryDirectory(prefix="jepa-ckpt-") as d:
             save_checkpoint(engine, target, state, Path(d), rank)

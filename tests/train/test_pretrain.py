@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from shardkit import raw_batch, raw_samples
+from test_checkpoints import Payload
 
 from jepa_ray.config import load_config
 from jepa_ray.data.pipeline import collate, open_split
@@ -155,6 +156,35 @@ def test_export_reproduces_the_trained_mae(fixed, small_shards, tmp_path, ray_se
     info = pretrain(cfg, name="export3", extra={"batches": source, "dims": dims, "probe_path": str(probe)})
     _check_export(info, probe, "mae", 3, tmp_path)
 
+    # someone with write access to run storage swaps a ZeRO shard for a crafted pickle (and, to get
+    # past the digests, rewrites them): export refuses it, naming it, and runs nothing
+    import shutil
+
+    from jepa_ray.errors import CheckpointError
+    from jepa_ray.train.checkpoints import DIGEST_PREFIX
+    from jepa_ray.train.export import export
+
+    ckpt = _checkpoints(info.run_url)[-1]
+    marker = tmp_path / "pwned"
+    for rewrite_digests in (True, False):
+        bad = tmp_path / f"tampered-{rewrite_digests}"
+        shutil.copytree(ckpt, bad)
+        shard = bad / "engine" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+        content = torch.load(shard, weights_only=False)
+        torch.save({**content, "payload": Payload(marker)}, shard)
+        if rewrite_digests:
+            for d in bad.glob(f"{DIGEST_PREFIX}*.json"):
+                d.unlink()
+            from jepa_ray.train.checkpoints import write_digests
+
+            write_digests(bad, 0)
+            match = r"zero_pp_rank_0_mp_rank_00_model_states.pt|engine: cannot be loaded as tensors only"
+        else:
+            match = r"zero_pp_rank_0_mp_rank_00_model_states.pt: changed since it was written"
+        with pytest.raises(CheckpointError, match=match):
+            export(bad, tmp_path / "bad-export")
+        assert not marker.exists() and not (tmp_path / "bad-export.safetensors").exists()
+
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(small_shards, tmp_path, ray_session):
     cfg = _cfg(small_shards, tmp_path, "train.zero_stage=2", "train.steps=6", "train.max_failures=1")
@@ -165,20 +195,38 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(small_shards, tmp_path
     assert json.loads((_checkpoints(info.run_url)[-1] / STATE_FILE).read_text())["step"] == 6
 
 
-def test_rerunning_the_same_name_continues_from_its_checkpoint(small_shards, tmp_path, ray_session):
+def test_rerunning_the_same_name_continues_from_its_newest_good_checkpoint(
+    small_shards, tmp_path, ray_session
+):
     import ray.train
 
-    cfg = _cfg(small_shards, tmp_path, "train.zero_stage=1", "train.steps=6", "train.max_failures=0")
+    cfg = _cfg(
+        small_shards,
+        tmp_path,
+        "train.zero_stage=1",
+        "train.steps=6",
+        "train.max_failures=0",
+        "train.checkpoint_every=2",
+    )
     with pytest.raises(ray.train.TrainingFailedError):
-        pretrain(cfg, name="rerun", extra={"kill_at_step": 4})
+        pretrain(cfg, name="rerun", extra={"kill_at_step": 5})
     run = Path(cfg.train.storage_path) / "rerun"
-    assert [json.loads((c / STATE_FILE).read_text())["step"] for c in _checkpoints(str(run))] == [3]
+    ckpts = _checkpoints(str(run))
+    assert [json.loads((c / STATE_FILE).read_text())["step"] for c in ckpts] == [2, 4]
+    # the newest checkpoint is damaged on disk: the rerun falls back to the one before it
+    damaged = next((ckpts[-1] / "engine").glob("*optim_states.pt"))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
     info = pretrain(cfg, name="rerun")
     assert info.metrics["step"] == 6
     state = json.loads((_checkpoints(info.run_url)[-1] / STATE_FILE).read_text())
     assert state["step"] == 6 and state["samples"] == 6 * 4 * 2
+    resumed = state["resumed_from"]
+    assert resumed["checkpoint"] == ckpts[0].name and resumed["step"] == 2
+    assert resumed["skipped"] == [ckpts[-1].name]
     steps = [int(r["step"]) for r in _rows(info.run_url)]
-    assert steps == [2, 3, 4, 6]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,88 @@
+"""Checkpoint files cannot run code and cannot be silently different from what was written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from jepa_ray.errors import CheckpointError
+from jepa_ray.train.checkpoints import DIGEST_PREFIX, safe_loading, verify, write_digests
+
+
+class Payload:
+    """What an attacker pickles: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_does_not_run_even_when_the_caller_asks_for_full_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": Payload(marker)}, evil)
+    with safe_loading(), pytest.raises(Exception, match=r"(?i)weights only|unsupported global"):
+        torch.load(evil, map_location="cpu", weights_only=False)  # what DeepSpeed's loader asks for
+    assert not marker.exists()
+    assert torch.load is torch.serialization.load  # restored after the block
+
+
+def test_what_deepspeed_checkpoints_hold_still_loads(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    path = tmp_path / "optim_states.pt"
+    dynamic = DynamicLossScaler(2.0**16, 1000, 1.0, 2, False)  # bf16/fp16 runs' scaler
+    state = {"w": torch.arange(3.0), "scaler": LossScaler(1.0), "dyn": dynamic, "stage": ZeroStageEnum(2)}
+    torch.save(state, path)
+    with safe_loading():
+        back = torch.load(path, weights_only=False)
+    assert torch.equal(back["w"], state["w"]) and back["stage"] == ZeroStageEnum(2)
+    assert back["scaler"].cur_scale == 1.0 and isinstance(back["dyn"], DynamicLossScaler)
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    d = tmp_path / "checkpoint_1"
+    (d / "engine").mkdir(parents=True)
+    (d / "engine" / "rank0.pt").write_bytes(b"a" * 100)
+    (d / "state.json").write_text("{}")
+    write_digests(d, 0)
+    (d / "engine" / "rank1.pt").write_bytes(b"b" * 50)  # the other rank's part, merged by Ray Train
+    write_digests(d, 1, before={d / "engine" / "rank0.pt", d / "state.json"})
+    return d
+
+
+def test_digests_name_a_changed_missing_or_foreign_file(tmp_path):
+    d = _checkpoint(tmp_path)
+    verify(d)  # as written: fine
+    recorded = json.loads((d / f"{DIGEST_PREFIX}1.json").read_text())
+    assert set(recorded) == {"engine/rank1.pt"}  # each rank records only what it wrote
+
+    (d / "engine" / "rank1.pt").write_bytes(b"b" * 49 + b"c")  # one byte flipped, same size
+    with pytest.raises(CheckpointError, match=r"engine/rank1.pt: changed since it was written"):
+        verify(d)
+    (d / "engine" / "rank1.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"engine/rank1.pt: missing"):
+        verify(d)
+    (d / "engine" / "rank1.pt").write_bytes(b"b" * 50)
+    (d / "engine" / "extra.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"engine/extra.pt: not written by the run"):
+        verify(d)
+    (d / "engine" / "extra.pt").unlink()
+    (d / f"{DIGEST_PREFIX}0.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"digests-rank0.json: unreadable digest file"):
+        verify(d)
+
+
+def test_a_checkpoint_from_before_digests_is_accepted(tmp_path, caplog):
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "state.json").write_text("{}")
+    verify(d)
+    assert "no file digests" in caplog.text
