@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prepare import hardware
 
-os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret")
+os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
 
 
 def _raw_batch(samples: list[dict]) -> dict[str, np.ndarray]:

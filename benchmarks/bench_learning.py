@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prepare import hardware
 
-os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret")
+os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
 TARGET = 1.0  # JEPA attentive R² above random init and MAE in every (seed, factor) cell
 FACTORS = ("cardiac", "lung", "frailty")
 ARMS = ("random", "jepa", "mae")

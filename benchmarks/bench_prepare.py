@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret")
+os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
 
 # The baselines decode an evenly spaced sample of about this many files (a rate, not a total).
 BASELINE_FILES = 1500

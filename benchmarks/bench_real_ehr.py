@@ -113,7 +113,7 @@ def main() -> int:
     )
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.mask.ehr_mask_ratio=0.8")
     args = ap.parse_args()
-    os.environ.setdefault("JEPA_RAY_SALT", "bench-salt")
+    os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
     import ray

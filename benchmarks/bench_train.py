@@ -185,7 +185,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     ap.add_argument("--workdir", type=Path, default=None, help="cohort, shards and runs (default: temp)")
     args = ap.parse_args()
-    os.environ.setdefault("JEPA_RAY_SALT", "bench-salt")
+    os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
     import ray

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prepare import hardware
 
-os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret")
+os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
 MASK_RATIOS = (0.3, 0.5, 0.7, 0.85)
 DEPTHS = (1, 2, 4)
 DEFAULT = (0.5, 2)

@@ -386,13 +386,19 @@ def demo(
     masks and steps, the MAE baseline -> export -> evaluate both beside a random init, on a local Ray."""
     import os
 
+    from jepa_ray.data.deid import write_salt
     from jepa_ray.data.prepare import prepare as run_prepare
     from jepa_ray.data.synth import cohort_inputs, write_cohort
     from jepa_ray.eval.evaluate import evaluate as run_evaluate
     from jepa_ray.train.export import export as run_export
 
     try:
-        os.environ.setdefault("JEPA_RAY_SALT", "demo-salt-change-me")
+        if not os.environ.get("JEPA_RAY_SALT"):  # the demo's own random salt, beside its shards
+            salt_file = out / "salt"
+            if not salt_file.exists():
+                out.mkdir(parents=True, exist_ok=True)
+                write_salt(salt_file)
+            os.environ["JEPA_RAY_SALT"] = salt_file.read_text().strip()
         cfg = _setup(config, [f"train.storage_path={out / 'runs'}", *(overrides or [])])
         cohort, shards = out / "cohort", out / "shards"
         steps = 6 if mae else 5
@@ -540,6 +546,27 @@ def _follow(jobs, sid: str) -> int:
     if tail:
         err.print(f"last lines of its logs:\n{tail}", highlight=False, markup=False)
     return 1
+
+
+salt_app = typer.Typer(no_args_is_help=True, help="The de-identification salt.")
+app.add_typer(salt_app, name="salt")
+
+
+@salt_app.command("new")
+def salt_new(
+    path: Annotated[Path, typer.Argument(help="File to create (never overwritten), readable by you only.")],
+) -> None:
+    """Write a new random salt (32 bytes, hex) to FILE with mode 0600. Keep it outside the shards and
+    the checkout; `prepare` reads it with deid.salt_file=FILE (or its content in $JEPA_RAY_SALT)."""
+    from jepa_ray.data.deid import write_salt
+
+    try:
+        written = write_salt(path)
+    except FileExistsError:
+        raise _fail(JepaRayError(f"{path}: exists; a salt is never overwritten (its pseudonyms would change)")) from None
+    except OSError as e:
+        raise _fail(JepaRayError(f"{path}: cannot write the salt: {e.strerror}")) from None
+    console.print(f"wrote a new salt to {written} (mode 0600): prepare.deid.salt_file={written}")
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, status, logs, stop.")

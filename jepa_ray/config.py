@@ -177,7 +177,9 @@ class DeidConfig(_Strict):
     """De-identification. The salt keys the HMAC pseudonyms and is never written out."""
 
     salt_env: str = Field("JEPA_RAY_SALT", description="Environment variable holding the salt.")
-    salt_file: str | None = Field(None, description="File holding the salt (first line).")
+    salt_file: str | None = Field(
+        None, description="File holding the salt (first line); `jepa-ray salt new FILE` writes one."
+    )
     input_paths: Literal["relative", "hashed"] = Field(
         "relative",
         description="How rejected inputs are named in the manifest: their path relative to the input "
@@ -195,11 +197,20 @@ class DeidConfig(_Strict):
                 raise ConfigError(f"deid.salt_file {path}: cannot read the salt: {e.strerror}") from e
         else:
             salt = os.environ.get(self.salt_env, "").strip()
-        if len(salt) < 8:
+        from jepa_ray.data.deid import MIN_SALT_CHARS
+
+        where = f"deid.salt_file {self.salt_file}" if self.salt_file else f"${self.salt_env}"
+        if not salt:
             raise ConfigError(
-                f"no de-identification salt: set the environment variable {self.salt_env} (or "
-                "deid.salt_file) to a secret of at least 8 characters, kept outside the output; "
-                "the same salt gives the same pseudonyms on every run"
+                f"no de-identification salt: set the environment variable {self.salt_env} or "
+                "deid.salt_file to a random secret kept outside the output (`jepa-ray salt new FILE` "
+                "writes one); the same salt gives the same pseudonyms on every run"
+            )
+        if len(salt) < MIN_SALT_CHARS:
+            raise ConfigError(
+                f"{where}: the salt has {len(salt)} characters, fewer than {MIN_SALT_CHARS}: a short "
+                "salt can be guessed and every pseudonym reversed from a list of ids; `jepa-ray salt "
+                "new FILE` writes 32 random bytes"
             )
         return salt.encode()
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 # Set before Ray starts so that its worker processes inherit them.
-os.environ.setdefault("JEPA_RAY_SALT", "test-salt-not-secret")
+os.environ.setdefault("JEPA_RAY_SALT", "test-salt-not-secret-0123456789abcdef")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")

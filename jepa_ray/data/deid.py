@@ -1,21 +1,45 @@
 """De-identification: salted HMAC pseudonyms for subjects, studies and sites.
 
 The salt keys every pseudonym and is never written anywhere; only a one-way fingerprint of it
-goes into the manifest, so that a rerun with another salt is detected instead of mixing ids.
+goes into the manifest, so that a rerun with another salt is detected instead of mixing ids. The
+fingerprint is a slow KDF (scrypt) of the salt, so that someone holding a manifest cannot test
+guesses of a salt quickly; a salt of 32 random bytes (`jepa-ray salt new FILE`) cannot be guessed
+at any speed, and shorter ones are refused (`MIN_SALT_CHARS`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIN_SALT_CHARS = 32
+# scrypt cost of the fingerprint: ~16 MiB and a few tens of ms per guess
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "maxmem": 64 * 2**20, "dklen": 16}
+
+
+def new_salt() -> str:
+    """32 random bytes, hex-encoded (64 characters)."""
+    return secrets.token_hex(32)
+
+
+def write_salt(path: str | Path) -> Path:
+    """A new random salt in a new file readable by its owner only (0600); never overwrites."""
+    path = Path(path).expanduser()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new_salt() + "\n")
+    return path
 
 
 @dataclass(frozen=True)
 class Pseudonymizer:
     """Maps raw identifiers to stable pseudonyms: HMAC-SHA256(salt, kind + value)."""
 
-    salt: bytes
+    salt: bytes = field(repr=False)
 
     def _digest(self, kind: str, value: str) -> str:
         return hmac.new(self.salt, f"{kind}\x1f{value}".encode(), hashlib.sha256).hexdigest()
@@ -43,5 +67,13 @@ class Pseudonymizer:
         return int(self._digest("split", subject_pseudonym)[:13], 16) / 16**13
 
     def fingerprint(self) -> str:
-        """One-way fingerprint of the salt: equal across runs with the same salt, reveals nothing."""
-        return self._digest("fingerprint", "jepa-ray")[:16]
+        """One-way fingerprint of the salt, equal across runs with the same salt: scrypt, so that a
+        manifest does not let anyone test salt guesses quickly."""
+        return "scrypt:" + hashlib.scrypt(self.salt, salt=b"jepa-ray fingerprint", **_SCRYPT).hex()
+
+    def matches(self, fingerprint: str | None) -> bool:
+        """Whether a manifest's fingerprint is this salt's (also the fast one older manifests hold)."""
+        legacy = self._digest("fingerprint", "jepa-ray")[:16]
+        return fingerprint is not None and hmac.compare_digest(
+            fingerprint, self.fingerprint() if fingerprint.startswith("scrypt:") else legacy
+        )

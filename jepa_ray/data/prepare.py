@@ -104,7 +104,7 @@ def prepare(
     store = Store(out, cfg.storage)
     store.makedirs()
     previous = read_manifest(store, missing_ok=True)
-    if previous is not None and previous.get("salt_fingerprint") != pz.fingerprint():
+    if previous is not None and not pz.matches(previous.get("salt_fingerprint")):
         raise PrepareError(
             f"{out}: holds shards pseudonymised with another salt; use a new output location "
             "(mixing salts would give one subject two ids)"

@@ -5,6 +5,7 @@ spec tells a 2-D or a 3-D run what the shards hold."""
 
 from __future__ import annotations
 
+import os
 import json
 import shutil
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_prepare_ingests_each_ct_series_as_one_volume(ct_cohort, ct_shards):
                 assert image.shape == (1, 64, 64)  # CHW radiographs
     assert len(volumes) == summary["ct_series"] and radiographs == summary["images"] - summary["ct_series"]
     # the heart (soft tissue in the mediastinum window) grows with the cardiac latent
-    pz = Pseudonymizer(b"test-salt-not-secret")
+    pz = Pseudonymizer(os.environ["JEPA_RAY_SALT"].encode())
     latents = pd.read_parquet(root / "latents.parquet")
     cardiac = {pz.subject(r.subject_id): r.cardiac for r in latents.itertuples()}
     subjects = sorted(mediastinum)

@@ -245,7 +245,7 @@ def test_rerun_skips_everything(ray_session, prepared, small_cohort, cohort_inpu
 
 def test_another_salt_is_refused(ray_session, prepared, small_cohort, monkeypatch, cohort_inputs):
     out, _ = prepared
-    monkeypatch.setenv("JEPA_RAY_SALT", "a-different-salt")
+    monkeypatch.setenv("JEPA_RAY_SALT", "a-different-salt-0123456789abcdef-0123")
     with pytest.raises(PrepareError, match="another salt"):
         prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
 
