@@ -563,7 +563,9 @@ def salt_new(
     try:
         written = write_salt(path)
     except FileExistsError:
-        raise _fail(JepaRayError(f"{path}: exists; a salt is never overwritten (its pseudonyms would change)")) from None
+        raise _fail(
+            JepaRayError(f"{path}: exists; a salt is never overwritten (its pseudonyms would change)")
+        ) from None
     except OSError as e:
         raise _fail(JepaRayError(f"{path}: cannot write the salt: {e.strerror}")) from None
     console.print(f"wrote a new salt to {written} (mode 0600): prepare.deid.salt_file={written}")

@@ -5,8 +5,8 @@ spec tells a 2-D or a 3-D run what the shards hold."""
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import shutil
 from pathlib import Path
 
