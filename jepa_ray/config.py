@@ -181,10 +181,20 @@ class DeidConfig(_Strict):
         None, description="File holding the salt (first line); `jepa-ray salt new FILE` writes one."
     )
     input_paths: Literal["relative", "hashed"] = Field(
-        "relative",
-        description="How rejected inputs are named in the manifest: their path relative to the input "
-        "root, or a salted hash of it. Use `hashed` when folder or file names carry identifiers "
-        "(PACS exports often name folders after the patient).",
+        "hashed",
+        description="How rejected inputs are named in the manifest, quarantine and logs: a salted hash "
+        "of their path relative to the input root (PACS exports often name folders after the "
+        "patient), or the path itself (`relative`, on a machine where the names are not identifying).",
+    )
+    burned_in: Literal["quarantine", "keep"] = Field(
+        "quarantine",
+        description="Images whose header says BurnedInAnnotation=YES (text such as names or dates "
+        "drawn into the pixels): quarantined, or kept after your own pixel review.",
+    )
+    secondary_capture: Literal["quarantine", "keep"] = Field(
+        "quarantine",
+        description="Secondary-capture images (screenshots, scanned documents: often carry text in "
+        "the pixels): quarantined, or kept.",
     )
 
     def resolve_salt(self) -> bytes:

@@ -57,14 +57,15 @@ logger = logging.getLogger(__name__)
 
 # DICOM keyword -> (key in `DicomHeader.safe`, kind of value).
 _SAFE_FIELDS: dict[str, tuple[str, str]] = {
-    "Modality": ("modality", "cs"),
-    "ViewPosition": ("view", "cs"),
-    "BodyPartExamined": ("body_part", "cs"),
+    "Modality": ("modality", "term"),
+    "ViewPosition": ("view", "term"),
+    "BodyPartExamined": ("body_part", "term"),
     "ImageLaterality": ("laterality", "enum"),
     "PatientSex": ("sex", "enum"),
     "PhotometricInterpretation": ("photometric", "enum"),
     "PresentationIntentType": ("presentation_intent", "enum"),
-    "ImageType": ("image_type", "cs_list"),
+    "ImageType": ("image_type", "image_type"),
+    "BurnedInAnnotation": ("burned_in", "enum"),
     "SamplesPerPixel": ("samples_per_pixel", "int"),
     "BitsAllocated": ("bits_allocated", "int"),
     "BitsStored": ("bits_stored", "int"),
@@ -75,7 +76,7 @@ _SAFE_FIELDS: dict[str, tuple[str, str]] = {
     "PixelSpacing": ("pixel_spacing_mm", "spacing"),
     "ImagerPixelSpacing": ("imager_pixel_spacing_mm", "spacing"),
     "SliceThickness": ("slice_thickness_mm", "float"),
-    "Manufacturer": ("manufacturer", "lo"),
+    "Manufacturer": ("manufacturer", "vendor"),
     "SOPClassUID": ("sop_class", "uid_name"),
     "TransferSyntaxUID": ("transfer_syntax", "uid_name"),
 }
@@ -85,10 +86,45 @@ _ENUMS = {
     "ImageLaterality": {"R", "L", "U", "B"},
     "PatientSex": {"M", "F", "O"},
     "PresentationIntentType": {"FOR PRESENTATION", "FOR PROCESSING"},
+    "BurnedInAnnotation": {"YES", "NO"},
     "PhotometricInterpretation": {
         "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "XYB", "YBR_FULL",
         "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
     },
+}  # fmt: skip
+# Defined terms (PS3.3, PS3.16 for body parts) and the variants scanners write; any other value of
+# these code-string fields becomes "OTHER": a CS field accepts 16 characters with spaces, room for a
+# name or an MRN typed into the wrong box, so nothing but a known term is ever copied.
+_TERMS = {
+    "Modality": {
+        "CR", "DX", "CT", "MR", "US", "MG", "PT", "NM", "XA", "RF", "OT", "SC", "IO", "PX", "RG", "ES",
+        "OP", "OCT", "SM", "XC", "BMD", "DOC", "SR", "KO", "PR", "SEG", "REG", "RTIMAGE", "RTSTRUCT",
+        "RTDOSE", "RTPLAN",
+    },
+    "ViewPosition": {
+        "AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO", "LATERAL", "LAT", "LLAT", "RLAT", "AP AXIAL",
+        "PA AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD", "XTABLE LATERAL", "LAO", "RAO", "LPO", "RPO",
+        "CC", "MLO", "ML", "LM", "XCCL", "XCCM", "FB", "SIO", "AXIAL", "SAGITTAL", "CORONAL",
+    },
+    "BodyPartExamined": {
+        "CHEST", "THORAX", "LUNG", "HEART", "ABDOMEN", "PELVIS", "CHESTABDOMEN", "CHESTABDPELVIS",
+        "ABDOMENPELVIS", "HEAD", "BRAIN", "SKULL", "NECK", "HEADNECK", "CSPINE", "TSPINE", "LSPINE",
+        "SPINE", "WHOLESPINE", "SHOULDER", "CLAVICLE", "HUMERUS", "ELBOW", "FOREARM", "WRIST", "HAND",
+        "FINGER", "HIP", "FEMUR", "KNEE", "LEG", "ANKLE", "FOOT", "TOE", "BREAST", "EXTREMITY",
+        "WHOLEBODY", "RIB", "STERNUM", "SACRUM", "COCCYX", "KIDNEY", "LIVER", "PROSTATE", "EYE", "JAW",
+        "TMJ", "SINUS", "ORBIT", "PORT CHEST", "CHEST_PA", "CHEST_LAT", "THORACIC",
+    },
+}  # fmt: skip
+_IMAGE_TYPE = ({"ORIGINAL", "DERIVED"}, {"PRIMARY", "SECONDARY"})  # ImageType values 1 and 2
+# Manufacturer (free text, LO) reduced to the vendor: a prefix of the upper-cased value -> its name.
+_VENDORS = {
+    "GE": "GE", "SIEMENS": "SIEMENS", "PHILIPS": "PHILIPS", "CANON": "CANON", "TOSHIBA": "CANON",
+    "FUJI": "FUJIFILM", "AGFA": "AGFA", "CARESTREAM": "CARESTREAM", "KODAK": "CARESTREAM",
+    "KONICA": "KONICA MINOLTA", "HOLOGIC": "HOLOGIC", "SAMSUNG": "SAMSUNG", "HITACHI": "HITACHI",
+    "SHIMADZU": "SHIMADZU", "UNITED IMAGING": "UNITED IMAGING", "UIH": "UNITED IMAGING",
+    "NEUSOFT": "NEUSOFT", "ESAOTE": "ESAOTE", "VARIAN": "VARIAN", "ELEKTA": "ELEKTA", "PLANMED": "PLANMED",
+    "DRGEM": "DRGEM", "VIEWORKS": "VIEWORKS", "RAYENCE": "RAYENCE", "IMAGING DYNAMICS": "IMAGING DYNAMICS",
+    "SWISSRAY": "SWISSRAY",
 }  # fmt: skip
 
 _DATE_PAIRS = (
@@ -98,7 +134,6 @@ _DATE_PAIRS = (
     ("AcquisitionDateTime", None),
     ("ContentDate", "ContentTime"),
 )
-_CS_RE = re.compile(r"[A-Z0-9 _\-/.]{1,16}")
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _MAX_PIXELS = 2**27  # ~134 M pixels: larger is a corrupt header or not a 2-D image
@@ -263,16 +298,18 @@ def _safe_value(value: Any, kind: str, keyword: str = "") -> Any:
     if kind == "enum":
         text = str(value).strip().upper()
         return text if text in _ENUMS[keyword] else None
-    if kind == "cs":
-        text = str(value).strip().upper()
-        return text if _CS_RE.fullmatch(text) else None
-    if kind == "cs_list":
-        items = value if isinstance(value, list | tuple | MultiValue) else [value]
-        cleaned = [_safe_value(v, "cs") for v in items]
-        return [v for v in cleaned if v] or None
-    if kind == "lo":
-        text = str(value).strip()
-        return text if text and len(text) <= 64 and text.isprintable() else None
+    if kind == "term":  # a defined term, "OTHER" for anything else present
+        text = " ".join(str(value).strip().upper().split())
+        return None if not text else text if text in _TERMS[keyword] else "OTHER"
+    if kind == "image_type":
+        items = list(value) if isinstance(value, list | tuple | MultiValue) else [value]
+        kept = [str(v).strip().upper() for v in items[:2]]
+        return [v if v in allowed else "OTHER" for v, allowed in zip(kept, _IMAGE_TYPE, strict=False)] or None
+    if kind == "vendor":
+        text = " ".join(str(value).strip().upper().split())
+        if not text:
+            return None
+        return next((name for prefix, name in _VENDORS.items() if text.startswith(prefix)), "OTHER")
     if kind == "int":
         return _to_int(value)
     if kind == "float":

@@ -78,6 +78,25 @@ def _list_dicom_files(root: Path) -> list[Path]:
     return files
 
 
+def _drop_pixel_text_risks(headers: list[Any], cfg: PrepareConfig, quarantine: list, name) -> list[Any]:
+    """Quarantine images that may carry identifying text in their pixels (deid.burned_in,
+    deid.secondary_capture); return the rest."""
+    kept = []
+    for h in headers:
+        reason = None
+        if cfg.deid.burned_in == "quarantine" and h.safe.get("burned_in") == "YES":
+            reason = ("burned_in_annotation", "BurnedInAnnotation is YES: text is drawn into the pixels")
+        elif cfg.deid.secondary_capture == "quarantine" and "Secondary Capture" in (
+            h.safe.get("sop_class") or ""
+        ):
+            reason = ("secondary_capture", f"{h.safe['sop_class']}: screenshots and scans often show text")
+        if reason is None:
+            kept.append(h)
+        else:
+            quarantine.append({"input": name(h), "kind": "dicom", "reason": reason[0], "detail": reason[1]})
+    return kept
+
+
 def _rank_images(headers: list[Any]) -> list[Any]:
     """A study's images in order of preference: frontal (PA, then AP), then by path."""
     return sorted(headers, key=lambda h: (_FRONTAL.get(h.safe.get("view") or "", 9), h.path))
@@ -148,6 +167,7 @@ def prepare(
             headers.append(item)
     clock.lap("scan")
     # -- link images to subjects, group into studies, split by subject ---------------------------
+    headers = _drop_pixel_text_risks(headers, cfg, quarantine, lambda h: name_input(_rel(h.path, dicom_root)))
     for h in (h for h in headers if not h.patient_id):
         quarantine.append(
             {

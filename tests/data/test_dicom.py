@@ -285,6 +285,28 @@ def test_voi_lut_sequence(tmp_path):
 # --- header -------------------------------------------------------------------------------------
 
 
+def test_free_text_in_allowlisted_fields_never_passes(tmp_path):
+    """Code-string and vendor fields keep only known terms: a name or MRN typed into them (16
+    characters with spaces fit a CS) comes out as OTHER."""
+    with pydicom.config.disable_value_validation():
+        ds = make_dataset(
+            anatomy(), ViewPosition="JOHN DOE 0042", BodyPartExamined="MRN 12345678", PatientSex="F"
+        )
+    ds.Modality = "SMITH"
+    ds.Manufacturer = "Dr. Jane Roe, St. Elsewhere"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "JANE ROE"]
+    ds.BurnedInAnnotation = "YES"
+    safe = read_header(save(ds, tmp_path / "h.dcm")).safe
+    assert safe["view"] == safe["body_part"] == safe["modality"] == safe["manufacturer"] == "OTHER"
+    assert safe["image_type"] == ["ORIGINAL", "PRIMARY"] and safe["burned_in"] == "YES"
+    text = json.dumps(safe)
+    for planted in ("JOHN", "0042", "12345678", "SMITH", "Jane", "JANE", "Elsewhere"):
+        assert planted not in text
+    ds.Manufacturer, ds.ViewPosition, ds.BodyPartExamined = "GE MEDICAL SYSTEMS", "ap", " Chest "
+    safe = read_header(save(ds, tmp_path / "h2.dcm")).safe
+    assert (safe["manufacturer"], safe["view"], safe["body_part"]) == ("GE", "AP", "CHEST")
+
+
 def test_header_fields_and_study_time(tmp_path):
     with pydicom.config.disable_value_validation():  # lower case is invalid CS, and normalised
         ds = make_dataset(anatomy(), ViewPosition="pa", BodyPartExamined="CHEST", PatientSex="F")
@@ -296,7 +318,7 @@ def test_header_fields_and_study_time(tmp_path):
     safe = header.safe
     assert safe["view"] == "PA" and safe["body_part"] == "CHEST" and safe["sex"] == "F"
     assert safe["modality"] == "CT" and safe["bits_stored"] == 12 and safe["number_of_frames"] == 1
-    assert safe["pixel_spacing_mm"] == [0.2, 0.2] and safe["manufacturer"] == "ACME Imaging"
+    assert safe["pixel_spacing_mm"] == [0.2, 0.2] and safe["manufacturer"] == "OTHER"  # not a known vendor
     assert safe["transfer_syntax"] == "Explicit VR Little Endian" and safe["sop_class"] == "CT Image Storage"
     assert json.loads(json.dumps(safe)) == safe
     assert len(ALLOWED_KEYWORDS) == len(safe)

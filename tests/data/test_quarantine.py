@@ -20,6 +20,7 @@ from jepa_ray.data.prepare import prepare
 
 def _cfg(*extra: str):
     base = ["prepare.image.size=64", "prepare.shards.max_samples=32", "prepare.files_per_task=8"]
+    base.append("prepare.deid.input_paths=relative")  # these tests find inputs by name
     return load_config(overrides=base + list(extra)).prepare
 
 
@@ -74,7 +75,7 @@ def test_each_bad_input_is_quarantined_with_its_reason(
     assert by_input["bad/notes.txt"]["reason"] == "not_dicom"
     assert by_input["bad/empty.dcm"]["reason"] in ("not_dicom", "truncated")
     assert by_input["bad/nopixels.dcm"]["reason"] == "no_pixel_data"
-    assert by_input["bad/rgb.dcm"]["reason"] in ("unsupported_photometric", "no_patient_id")
+    assert by_input["bad/rgb.dcm"]["reason"] == "secondary_capture"  # before its colour is even looked at
     rows = {(q["input"], q["reason"]): q for q in items if q["kind"] == "ehr_rows"}
     assert rows[("data/zz_bad_rows.parquet", "missing_subject")]["rows"] == [1]
     assert rows[("data/zz_bad_rows.parquet", "unparsable_time")]["rows"] == [2]
@@ -157,18 +158,50 @@ def test_pydicom_test_files_decode_or_are_quarantined(ray_session, tmp_path):
 
 
 def test_hashed_input_paths_keep_identifying_folder_names_out(ray_session, small_cohort, tmp_path):
-    """PACS exports often name folders after the patient: `deid.input_paths=hashed` keeps them out."""
+    """PACS exports often name folders after the patient: the default (`deid.input_paths=hashed`)
+    keeps them out."""
     d = tmp_path / "dicom" / "DOE^JOHN_MRN0042"
     d.mkdir(parents=True)
     shutil.copy(next((small_cohort / "dicom").rglob("*.dcm")), d / "good.dcm")
     (d / "broken.dcm").write_bytes(b"not a dicom file")
     outputs = {}
-    for mode in ("relative", "hashed"):
+    for mode in ("relative", "default"):
         out = tmp_path / mode
-        prepare(str(out), _cfg(f"prepare.deid.input_paths={mode}"), dicom=str(tmp_path / "dicom"))
+        over = [f"prepare.deid.input_paths={mode}"] if mode == "relative" else []
+        prepare(str(out), load_config(overrides=over).prepare, dicom=str(tmp_path / "dicom"))
         outputs[mode] = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
         m = json.loads((out / "manifest.json").read_text())
         assert m["quarantine"]["by_reason"] == {"not_dicom": 1} and m["counts"]["image"] == 1
-    assert b"DOE^JOHN" in outputs["relative"]  # the default names the file, so it can be found
-    assert b"DOE^JOHN" not in outputs["hashed"] and b"MRN0042" not in outputs["hashed"]
-    assert b'"input":"path-' in outputs["hashed"]
+    assert b"DOE^JOHN" in outputs["relative"]  # named, for a machine where names are not identifying
+    assert b"DOE^JOHN" not in outputs["default"] and b"MRN0042" not in outputs["default"]
+    assert b'"input":"path-' in outputs["default"]  # the default: a salted hash of the path
+
+
+@pytest.mark.parametrize("policy", ["quarantine", "keep"])
+def test_images_with_text_in_their_pixels_are_quarantined_by_default(
+    policy, ray_session, small_cohort, tmp_path
+):
+    """BurnedInAnnotation=YES and secondary captures (screenshots, scanned forms) may show a name
+    in the pixels, which no header scrubbing removes."""
+    d = tmp_path / "dicom"
+    d.mkdir()
+    good = sorted((small_cohort / "dicom").rglob("*.dcm"))
+    shutil.copy(good[0], d / "plain.dcm")
+    burned = pydicom.dcmread(good[1])
+    burned.BurnedInAnnotation = "YES"
+    burned.save_as(d / "burned.dcm")
+    capture = pydicom.dcmread(good[2])
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    capture.save_as(d / "capture.dcm")
+    cfg = _cfg(
+        f"prepare.deid.burned_in={policy}",
+        f"prepare.deid.secondary_capture={policy}",
+        "prepare.max_quarantine_fraction=1.0",
+    )
+    m = prepare(str(tmp_path / "out"), cfg, dicom=str(d)).manifest
+    reasons = {q["input"]: q["reason"] for q in m["quarantine"]["items"]}
+    if policy == "quarantine":
+        assert reasons == {"burned.dcm": "burned_in_annotation", "capture.dcm": "secondary_capture"}
+        assert m["counts"]["image"] == 1
+    else:
+        assert reasons == {} and m["counts"]["image"] == 3
