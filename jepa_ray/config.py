@@ -141,6 +141,25 @@ class EhrConfig(_Strict):
     min_code_count: int = Field(
         1, ge=1, description="Codes seen fewer times in the training split map to the unknown id."
     )
+    min_subjects: int = Field(
+        10,
+        ge=1,
+        description="A code, or a value of a categorical static column, enters the vocabulary (and "
+        "the manifest) only when at least this many training subjects have it; rarer ones share the "
+        "unknown id, so a value unique to one person is never written out.",
+    )
+    time_resolution_days: float = Field(
+        1.0,
+        gt=0,
+        description="Event times (days before the index) are rounded down to this resolution (an "
+        "event before the index stays before it); the birth event to whole years.",
+    )
+    max_age_years: float = Field(
+        90.0,
+        gt=0,
+        description="Ages above this are written as this (HIPAA Safe Harbor: over 89 is one group): "
+        "the birth event's time and static columns named age*.",
+    )
     id_map: str | None = Field(
         None,
         description="Parquet with columns patient_id (DICOM PatientID) and subject_id (MEDS); "

@@ -12,6 +12,7 @@ are time-to-event outcomes. Other columns are ignored and listed in the manifest
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class EhrTables:
     label_names: list[str] = field(default_factory=list)
     tte_names: list[str] = field(default_factory=list)
     ignored_columns: dict[str, list[str]] = field(default_factory=dict)
+    dropped_columns: list[dict[str, str]] = field(default_factory=list)  # identifiers / free text
     quarantine: list[Quarantined] = field(default_factory=list)
     event_rows: int = 0
     event_files: int = 0
@@ -98,6 +100,7 @@ class EhrTables:
     row_code: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     row_value: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     vocab_ids: np.ndarray | None = None  # vocabulary id per code_names entry, set by fit_vocab
+    birth_codes: np.ndarray | None = None  # per code_names entry: the MEDS birth event (vocab.py)
 
     def subjects(self) -> set[str]:
         """Subjects with any EHR (events or a static row)."""
@@ -294,6 +297,44 @@ def _read_table(path: Path, kind: str, tables: EhrTables) -> pd.DataFrame | None
     return df[~bad & ~dup]
 
 
+_ID_NAME = re.compile(
+    r"(^|_)(mrn|ssn|nhs|name|first_?name|last_?name|surname|patient_?name|address|street|city|zip|"
+    r"post_?code|phone|email|dob|birth_?date|date_?of_?birth|accession|note|notes|comment|comments|text)($|_)"
+)
+FREE_TEXT_LEN = 48  # a categorical value longer than this is free text, not a category
+
+
+def identifier_column(name: str, s: pd.Series) -> str | None:
+    """Why a static column looks like an identifier or free text (and must not be copied), or None.
+
+    By name (mrn, name, address, phone, dob, notes, ...); a text column whose values are long or
+    multi-word, or mostly distinct; a numeric column of distinct integers (a record number)."""
+    if _ID_NAME.search(name.strip().lower()):
+        return "identifier_name: the column's name says it identifies a person or holds free text"
+    values = s.dropna()
+    n = len(values)
+    if n == 0:
+        return None
+    if pd.api.types.is_object_dtype(s) or isinstance(s.dtype, pd.CategoricalDtype | pd.StringDtype):
+        text = values.astype(str)
+        if (text.str.len() > FREE_TEXT_LEN).any() or (text.str.count(" ") >= 3).any():
+            return "free_text: values longer than a category (or of several words)"
+        distinct = text.nunique()
+        if n >= 20 and distinct > 0.5 * n:
+            return f"high_cardinality: {distinct} distinct values among {n} rows, like an identifier"
+    elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        v = values.to_numpy(dtype=np.float64)
+        finite = v[np.isfinite(v)]
+        if (
+            n >= 20
+            and finite.size == n
+            and np.all(finite == np.round(finite))
+            and len(np.unique(finite)) == n
+        ) and np.ptp(finite) >= n:  # distinct integers spread wider than a count: record numbers
+            return "identifier_values: distinct integers on every row, like a record number"
+    return None
+
+
 def read_static(path: str | Path, tables: EhrTables) -> EhrTables:
     """Read the static table: numeric columns → numeric features, text/bool → categorical."""
     path = Path(path)
@@ -305,6 +346,10 @@ def read_static(path: str | Path, tables: EhrTables) -> EhrTables:
         if col == "_row":
             continue
         s = df[col]
+        why = identifier_column(col, s)
+        if why is not None:
+            tables.dropped_columns.append({"table": "static", "column": col, "reason": why})
+            continue
         if (
             pd.api.types.is_bool_dtype(s)
             or pd.api.types.is_object_dtype(s)

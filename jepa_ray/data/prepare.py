@@ -183,7 +183,12 @@ def prepare(
     ehr_subjects = tables.subjects()
     subject_split = _assign_splits(pz, cfg, chosen, imaged_subjects | ehr_subjects)
     train = {s for s, sp in subject_split.items() if sp == "train"}
-    vocab = fit_vocab(tables, train, cfg.ehr.min_code_count)
+    vocab = fit_vocab(tables, train, cfg.ehr.min_code_count, cfg.ehr.min_subjects)
+    ehr_limits = {
+        "max_events": cfg.ehr.max_events,
+        "time_resolution_days": cfg.ehr.time_resolution_days,
+        "max_age_years": cfg.ehr.max_age_years,
+    }
 
     # -- samples ----------------------------------------------------------------------------------
     samples: list[SampleSpec] = []
@@ -192,7 +197,7 @@ def prepare(
         h = hs[0]
         t = _to_us(h.study_time)
         stats["undated_studies"] += t is None
-        arrays = subject_ehr(tables, vocab, subject, t, cfg.ehr.max_events)
+        arrays = subject_ehr(tables, vocab, subject, t, **ehr_limits)
         meta = _sample_meta(
             pz, subject, subject_split[subject], tables.outcomes.get(subject), t, "study", stats
         )
@@ -209,7 +214,7 @@ def prepare(
         )
     for subject in sorted(ehr_subjects - {s for s, _ in chosen}):
         t, how = _ehr_only_index(tables, subject)
-        arrays = subject_ehr(tables, vocab, subject, t, cfg.ehr.max_events)
+        arrays = subject_ehr(tables, vocab, subject, t, **ehr_limits)
         if arrays is None:
             skipped.append(
                 {
@@ -237,6 +242,7 @@ def prepare(
         "labels": tables.label_names,
         "time_to_event": tables.tte_names,
         "ignored_columns": tables.ignored_columns,
+        "dropped_columns": tables.dropped_columns,  # identifiers / free text: never copied
     }
     for q in tables.quarantine:
         record = q.to_json()

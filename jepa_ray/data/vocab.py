@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +43,23 @@ class Vocab:
         }
 
 
-def fit_vocab(tables: EhrTables, train_subjects: set[str], min_count: int = 1) -> Vocab:
-    """Fit the code vocabulary and value statistics on the training subjects' EHR."""
+def fit_vocab(
+    tables: EhrTables, train_subjects: set[str], min_count: int = 1, min_subjects: int = 1
+) -> Vocab:
+    """Fit the code vocabulary and value statistics on the training subjects' EHR. A code or a
+    categorical value is kept only when `min_count` rows and `min_subjects` distinct training
+    subjects have it (k-anonymity of what the manifest lists); a categorical column left with no
+    value is dropped (recorded in `tables.dropped_columns`)."""
     in_train = np.array([k in train_subjects for k in tables.row_keys], dtype=bool)
     rows = in_train[tables.row_subject] if in_train.size else np.zeros(0, dtype=bool)
     n_codes = len(tables.code_names)
     counts = np.bincount(tables.row_code[rows], minlength=n_codes)
+    if min_subjects > 1 and rows.any():  # distinct training subjects per code
+        pairs = np.unique(
+            tables.row_subject[rows].astype(np.int64) * n_codes + tables.row_code[rows].astype(np.int64)
+        )
+        holders = np.bincount((pairs % n_codes).astype(np.int64), minlength=n_codes)
+        counts = np.where(holders >= min_subjects, counts, 0)
     has = rows & ~np.isnan(tables.row_value)
     c, v = tables.row_code[has], tables.row_value[has].astype(np.float64)
     n = np.bincount(c, minlength=n_codes)
@@ -81,22 +93,52 @@ def fit_vocab(tables: EhrTables, train_subjects: set[str], min_count: int = 1) -
             }
         )
     categorical = []
-    for name in tables.static_categorical:
+    for name in list(tables.static_categorical):
         c = Counter(r[name] for r in static_rows if r[name] is not None)
-        categorical.append({"name": name, "values": sorted(c, key=lambda x: (-c[x], x))})
+        values = sorted((v for v in c if c[v] >= min_subjects), key=lambda x: (-c[x], x))
+        if c and not values:
+            tables.static_categorical.remove(name)
+            tables.dropped_columns.append(
+                {
+                    "table": "static",
+                    "column": name,
+                    "reason": f"rare_values: no value is shared by {min_subjects} training subjects",
+                }
+            )
+            continue
+        categorical.append({"name": name, "values": values, "rare_values": len(c) - len(values)})
     vocab = Vocab(codes, code_stats, numeric, categorical)
     tables.vocab_ids = vocab.ids_for(tables.code_names)
     return vocab
 
 
+_AGE_COLUMN = re.compile(r"^age($|_|[^a-z])", re.IGNORECASE)
+DAYS_PER_YEAR = 365.25
+
+
+def _birth_codes(tables: EhrTables) -> np.ndarray:
+    """Per code_names entry: is it the MEDS birth event (cached on the tables)."""
+    if tables.birth_codes is None or len(tables.birth_codes) != len(tables.code_names):
+        tables.birth_codes = np.array([c.upper().startswith("MEDS_BIRTH") for c in tables.code_names], bool)
+    return tables.birth_codes
+
+
 def subject_ehr(
-    tables: EhrTables, vocab: Vocab, key: str, index_time: int | None, max_events: int
+    tables: EhrTables,
+    vocab: Vocab,
+    key: str,
+    index_time: int | None,
+    max_events: int,
+    time_resolution_days: float | None = None,
+    max_age_years: float | None = None,
 ) -> dict[str, np.ndarray] | None:
     """A sample's EHR arrays: static features and the last K events strictly before `index_time`.
 
     Returns None when the subject has no EHR or nothing of it precedes the index time. Event
-    times are in days relative to the index time (all negative). Values stay raw; the manifest's
-    statistics normalise them downstream.
+    times are in days relative to the index time (all negative), rounded down to
+    `time_resolution_days` (the birth event, MEDS_BIRTH*, to whole years) and never earlier than `max_age_years`; static
+    columns named age* are capped there too. Values stay raw; the manifest's statistics normalise
+    them downstream.
     """
     ev = tables.events.get(key)
     st = tables.static.get(key)
@@ -108,7 +150,14 @@ def subject_ehr(
         lo = max(0, n - max_events)
         ids = tables.vocab_ids if tables.vocab_ids is not None else vocab.ids_for(tables.code_names)
         out["event_code"] = ids[ev.codes[lo:n]]
-        out["event_time"] = ((ev.times[lo:n] - index_time) / US_PER_DAY).astype(np.float32)
+        days = (ev.times[lo:n] - index_time) / US_PER_DAY
+        if time_resolution_days is not None:
+            birth = _birth_codes(tables)[ev.codes[lo:n]]
+            step = np.where(birth, DAYS_PER_YEAR, time_resolution_days)
+            days = np.floor(days / step) * step  # down: an event before the index stays before it
+        if max_age_years is not None:
+            days = np.maximum(days, -max_age_years * DAYS_PER_YEAR)
+        out["event_time"] = days.astype(np.float32)
         out["event_value"] = ev.values[lo:n].astype(np.float32)
         out["static_code"] = ids[ev.static_codes]
     else:
@@ -121,6 +170,8 @@ def subject_ehr(
     if st is not None:
         for i, f in enumerate(vocab.static_numeric):
             num[i] = st.get(f["name"], np.nan)
+            if max_age_years is not None and _AGE_COLUMN.match(f["name"]) and num[i] > max_age_years:
+                num[i] = max_age_years
         for i, f in enumerate(vocab.static_categorical):
             v = st.get(f["name"])
             cat[i] = PAD_ID if v is None else vocab._cat_ids[i].get(v, UNK_ID)

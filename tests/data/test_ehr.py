@@ -119,3 +119,101 @@ def test_outcome_conventions(tmp_path):
     assert tables.outcomes["2"].tte["death"] == (None, True)
     q = [x for x in tables.quarantine if x.reason == "missing_event_time"]
     assert q and q[0].rows == [1]
+
+
+# --- de-identification of the EHR ----------------------------------------------------------------
+
+
+def test_identifier_and_free_text_columns_are_recognised():
+    n = 40
+    rng = np.random.default_rng(0)
+    columns = {
+        "mrn": pd.Series(rng.integers(0, 50, n)),  # by name, whatever the values
+        "Patient_Name": pd.Series(["A"] * n),
+        "comment": pd.Series(["ok"] * n),
+        "record": pd.Series(rng.permutation(10**6)[:n]),  # distinct integers: a record number
+        "initials": pd.Series([f"X{i:03d}" for i in range(n)]),  # mostly distinct text
+        "history": pd.Series(["smoker, stopped in 2015 after a heart attack"] * n),  # several words
+    }
+    for name, s in columns.items():
+        assert ehr.identifier_column(name, s) is not None, name
+    usual = {
+        "age": pd.Series(rng.integers(30, 90, n).astype(float)),
+        "sex": pd.Series(rng.choice(["F", "M"], n)),
+        "tgrade": pd.Series(rng.choice(["I", "II", "III"], n)),
+        "pnodes": pd.Series(rng.integers(0, 30, n)),
+        "row_number": pd.Series(np.arange(n)),  # 0..n-1 is a count, not a record number
+        "smoker": pd.Series(rng.random(n) < 0.3),
+        "stage": pd.Series(rng.choice(["stage II", "stage III"], n)),  # one space is a category
+    }
+    for name, s in usual.items():
+        assert ehr.identifier_column(name, s) is None, name
+
+
+def test_only_values_and_codes_shared_by_k_training_subjects_are_kept(tmp_path):
+    tables = ehr.read_meds(_write_meds(tmp_path))  # LAB//A: both subjects; LAB//B, GENDER//F: one
+    vocab = vocab_mod.fit_vocab(tables, {"1", "2"}, min_subjects=2)
+    assert vocab.codes == ["<pad>", "<unk>", "LAB//A"]
+    assert vocab.code_id("LAB//B") == ehr.UNK_ID and "LAB//B" not in vocab.code_stats
+    static = pd.DataFrame(
+        {
+            "subject_id": [1, 2, 3],
+            "sex": ["F", "F", "M"],  # M: one subject only
+            "ward": ["W1", "W2", "W3"],  # no value shared: the column goes
+        }
+    )
+    static.to_parquet(tmp_path / "static.parquet")
+    ehr.read_static(tmp_path / "static.parquet", tables)
+    vocab = vocab_mod.fit_vocab(tables, {"1", "2", "3"}, min_subjects=2)
+    assert [f["name"] for f in vocab.static_categorical] == ["sex"]
+    assert vocab.static_categorical[0]["values"] == ["F"] and vocab.static_categorical[0]["rare_values"] == 1
+    assert tables.dropped_columns == [
+        {
+            "table": "static",
+            "column": "ward",
+            "reason": "rare_values: no value is shared by 2 training subjects",
+        }
+    ]
+    idx = int(np.datetime64("2021-01-01", "us").astype(np.int64))
+    m = vocab_mod.subject_ehr(tables, vocab, "3", idx, 8)
+    assert m["static_cat"].tolist() == [ehr.UNK_ID]  # the rare value is written as <unk>
+
+
+def test_event_times_are_rounded_and_ages_capped(tmp_path):
+    d = tmp_path / "meds" / "data"
+    d.mkdir(parents=True)
+    t = pd.to_datetime
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array([1, 1, 1], pa.int64()),
+                "time": pa.array([t("1925-03-07 13:00"), t("2019-12-21 07:30"), t("2020-01-01 09:00")]),
+                "code": ["MEDS_BIRTH", "LAB//A", "LAB//A"],
+                "numeric_value": pa.array([None, 1.0, 2.0], pa.float32()),
+            }
+        ),
+        d / "0.parquet",
+    )
+    tables = ehr.read_meds(tmp_path / "meds")
+    pd.DataFrame({"subject_id": [1], "age": [94.6], "age_at_diagnosis": [70.2]}).to_parquet(
+        tmp_path / "s.parquet"
+    )
+    ehr.read_static(tmp_path / "s.parquet", tables)
+    vocab = vocab_mod.fit_vocab(tables, {"1"})
+    idx = int(np.datetime64("2020-01-01T12:00:00", "us").astype(np.int64))
+    raw = vocab_mod.subject_ehr(tables, vocab, "1", idx, 8)
+    assert raw["event_time"][0] < -94 * 365 and raw["event_time"][2] == np.float32(-0.125)  # exact
+    out = vocab_mod.subject_ehr(tables, vocab, "1", idx, 8, time_resolution_days=1.0, max_age_years=90)
+    assert out["event_time"][0] == np.float32(-90 * 365.25)  # 94.8 years old: written as 90
+    assert out["event_time"][1:].tolist() == [-12.0, -1.0]  # whole days, rounded down: still before
+    assert out["static_num"].tolist() == [90.0, np.float32(70.2)]
+    young = vocab_mod.subject_ehr(
+        tables,
+        vocab,
+        "1",
+        int(np.datetime64("1970-01-01", "us").astype(np.int64)),
+        8,
+        time_resolution_days=1.0,
+        max_age_years=90,
+    )
+    assert young["event_time"][0] == np.float32(-45 * 365.25)  # the birth in whole years (44.8 -> 45)
