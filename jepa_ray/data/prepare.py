@@ -8,6 +8,7 @@ write `manifest.json`. Every rejected input is recorded with its reason; nothing
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -263,7 +264,7 @@ def prepare(
     for name, split, specs in plan:
         fp = shard_fingerprint(name, specs, context)
         side = read_sidecar(store, name)
-        if side is not None and side.get("fingerprint") == fp and store.exists(f"{name}.tar"):
+        if side is not None and side.get("fingerprint") == fp and _intact(store, side):
             records[name] = side
         else:
             todo.append((name, split, fp, specs))
@@ -271,6 +272,9 @@ def prepare(
 
     clock.lap("plan")
     # -- decode + write (Ray tasks) ---------------------------------------------------------------
+    # from here until the new manifest is written, the old one no longer describes the shards:
+    # without a manifest, nothing reads a half-rewritten set as if it were the old one
+    store.remove(MANIFEST)
     failures = write_shards(todo, cfg, out, records, show_progress)
     _remove_stale(store, {name for name, _, _ in plan})
     if failures:
@@ -305,6 +309,25 @@ def prepare(
     result = _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
     result.seconds = clock.laps
     return result
+
+
+def _intact(store: Store, side: dict[str, Any]) -> bool:
+    """Whether a finished shard is on disk exactly as its sidecar recorded (size, then sha256): a
+    shard damaged since is rewritten, not trusted."""
+    name = side.get("name", "")
+    try:
+        if not store.exists(name) or store.fs.size(store.path(name)) != side.get("bytes"):
+            return False
+        h = hashlib.sha256()
+        with store.open(name) as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except OSError:
+        return False
+    if h.hexdigest() != side.get("sha256"):
+        logger.warning("%s: differs from what was written (sha256): rewriting it", store.uri(name))
+        return False
+    return True
 
 
 def _study_kind(headers: list[Any]) -> str:

@@ -23,9 +23,10 @@ from typer.testing import CliRunner
 from jepa_ray.cli import app
 from jepa_ray.config import PrepareConfig, load_config
 from jepa_ray.data.deid import Pseudonymizer
+from jepa_ray.data.pipeline import open_split
 from jepa_ray.data.prepare import prepare
 from jepa_ray.data.shards import decode_npz
-from jepa_ray.errors import PrepareError
+from jepa_ray.errors import PrepareError, ShardError
 
 SALT = os.environ["JEPA_RAY_SALT"].encode()
 
@@ -223,14 +224,34 @@ def test_interrupted_prepare_resumes_to_identical_shards(
     written = sorted(p.name for p in out.glob("*.tar") if p.is_file())
     assert written and blocked not in written
     (out / blocked).rmdir()
-    # also lose one finished shard, and leave a stale one from an older plan behind
+    # also lose one finished shard, damage another on disk (same size, one byte), and leave a
+    # stale one from an older plan behind
     (out / written[0]).unlink()
+    damaged = bytearray((out / written[1]).read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (out / written[1]).write_bytes(bytes(damaged))
     (out / "train-999999.tar").write_bytes(b"stale")
     (out / ".train-000000.tar.k1ll3d.tmp").write_bytes(b"half a shard, left by a killed writer")
     result = prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
     assert result.ok
-    assert result.skipped == len(written) - 1
+    assert result.skipped == len(written) - 2  # the damaged shard was rewritten, not trusted
     assert tree_digest(out) == tree_digest(full)
+
+
+def test_a_failed_rerun_leaves_no_manifest_that_no_longer_matches(
+    ray_session, small_cohort, prepared, tmp_path, cohort_inputs
+):
+    full, _ = prepared
+    out = tmp_path / "out"
+    shutil.copytree(full, out)
+    shards = sorted(p.name for p in out.glob("train-*.tar"))
+    (out / shards[0]).unlink()
+    (out / shards[0]).mkdir()  # that shard cannot be rewritten: the rerun fails
+    with pytest.raises(PrepareError, match="rerun the same command"):
+        prepare(str(out), _cfg(), **cohort_inputs(small_cohort))
+    assert not (out / "manifest.json").exists()  # the old one described a shard that is gone
+    with pytest.raises(ShardError, match="no manifest; run `jepa-ray prepare` first"):
+        open_split(str(out), "train")
 
 
 def test_rerun_skips_everything(ray_session, prepared, small_cohort, cohort_inputs):
