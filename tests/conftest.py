@@ -144,6 +144,7 @@ def ct_shards(ct_cohort, tmp_path_factory, ray_session):
     from jepa_ray.data.synth import cohort_inputs
 
     out = tmp_path_factory.mktemp("ct-shards")
-    cfg = load_config(overrides=[*CT_VOLUME, "prepare.image.size=64"]).prepare
+    # 24 subjects: a quarter for validation, so that each of 2 workers gets a validation batch
+    cfg = load_config(overrides=[*CT_VOLUME, "prepare.image.size=64", "prepare.split.val=0.25"]).prepare
     assert prepare(str(out), cfg, **cohort_inputs(ct_cohort[0])).ok
     return out

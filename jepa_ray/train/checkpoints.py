@@ -33,11 +33,13 @@ _CHUNK = 1 << 20
 
 
 def _allowed() -> list:
-    """DeepSpeed classes its checkpoints pickle beside tensors (loss scalers, the ZeRO stage enum)."""
+    """DeepSpeed classes its checkpoints pickle beside tensors (loss scalers, the ZeRO stage enum,
+    ZeRO-1/2's flat-buffer fragment addresses)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 @contextmanager

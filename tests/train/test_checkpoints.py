@@ -36,15 +36,18 @@ def test_a_crafted_pickle_does_not_run_even_when_the_caller_asks_for_full_unpick
 def test_what_deepspeed_checkpoints_hold_still_loads(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     path = tmp_path / "optim_states.pt"
     dynamic = DynamicLossScaler(2.0**16, 1000, 1.0, 2, False)  # bf16/fp16 runs' scaler
     state = {"w": torch.arange(3.0), "scaler": LossScaler(1.0), "dyn": dynamic, "stage": ZeroStageEnum(2)}
+    state["param_slice_mappings"] = [{"w": fragment_address(numel=3, start=0)}]  # ZeRO-1/2
     torch.save(state, path)
     with safe_loading():
         back = torch.load(path, weights_only=False)
     assert torch.equal(back["w"], state["w"]) and back["stage"] == ZeroStageEnum(2)
     assert back["scaler"].cur_scale == 1.0 and isinstance(back["dyn"], DynamicLossScaler)
+    assert back["param_slice_mappings"][0]["w"].numel == 3
 
 
 def _checkpoint(tmp_path: Path) -> Path:
