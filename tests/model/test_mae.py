@@ -174,7 +174,7 @@ def test_a_mixed_mae_reconstructs_each_kind_on_its_own_grid(ct_shards):
     ct = batch["is_volume"]
     noisy = dict(batch, volume=batch["volume"] + torch.randn_like(batch["volume"]))
     with torch.no_grad():
-        assert abs(float(model(noisy)["loss"]) - float(out["loss"])) > 1e-4
+        assert abs(float(model(noisy)["loss"]) - float(out["loss"])) > 1e-5  # float32 noise: ~1e-7
         one = {
             k: v[~ct] if torch.is_tensor(v) else [x for x, c in zip(v, ct, strict=True) if not c]
             for k, v in batch.items()
