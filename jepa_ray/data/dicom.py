@@ -161,7 +161,7 @@ class DicomHeader:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Capture pydicom's warnings and log records for the duration of one read."""
     token = _IN_READ.set(True)
     try:
@@ -206,7 +206,7 @@ def _is_cut(ds: Dataset, size: int) -> bool:
     return False
 
 
-def _read(path: str, pixels: bool) -> Dataset:
+def read_dataset(path: str, pixels: bool) -> Dataset:
     """dcmread `path` once (with or without pixels); every failure becomes InvalidDicomError."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; the size check needs the handle
@@ -259,7 +259,7 @@ def _read(path: str, pixels: bool) -> Dataset:
     return ds
 
 
-def _value(ds: Dataset, keyword: str) -> Any:
+def header_value(ds: Dataset, keyword: str) -> Any:
     """The element's value, or None when absent, empty or unconvertible."""
     try:
         value = ds.get(keyword, None)
@@ -271,7 +271,7 @@ def _value(ds: Dataset, keyword: str) -> Any:
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value = _value(ds, keyword)
+    value = header_value(ds, keyword)
     return (str(value).strip() or None) if value is not None else None
 
 
@@ -279,11 +279,11 @@ def _to_int(value: Any) -> int | None:
     try:
         return int(str(value).strip())
     except (TypeError, ValueError):
-        number = _to_float(value)  # "1.0" is a valid IS for pydicom
+        number = to_float(value)  # "1.0" is a valid IS for pydicom
         return int(number) if number is not None and number.is_integer() else None
 
 
-def _to_float(value: Any) -> float | None:
+def to_float(value: Any) -> float | None:
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -313,9 +313,9 @@ def _safe_value(value: Any, kind: str, keyword: str = "") -> Any:
     if kind == "int":
         return _to_int(value)
     if kind == "float":
-        return _to_float(value)
+        return to_float(value)
     if kind == "spacing":
-        items = [_to_float(v) for v in value] if isinstance(value, list | MultiValue) else []
+        items = [to_float(v) for v in value] if isinstance(value, list | MultiValue) else []
         return items if len(items) == 2 and all(v is not None and v > 0 for v in items) else None
     if kind == "uid_name":
         uid = UID(str(value).strip())
@@ -367,7 +367,7 @@ def _header(ds: Dataset, path: str) -> DicomHeader:
     safe: dict[str, Any] = {}
     for keyword, (key, kind) in _SAFE_FIELDS.items():
         source = meta if keyword == "TransferSyntaxUID" else ds
-        safe[key] = _safe_value(_value(source, keyword) if source is not None else None, kind, keyword)
+        safe[key] = _safe_value(header_value(source, keyword) if source is not None else None, kind, keyword)
     if safe["number_of_frames"] is None and safe["rows"] is not None and "NumberOfFrames" not in ds:
         safe["number_of_frames"] = 1
     return DicomHeader(
@@ -385,8 +385,8 @@ def _header(ds: Dataset, path: str) -> DicomHeader:
 def read_header(path: str | os.PathLike) -> DicomHeader:
     """Read the header only (no pixels); InvalidDicomError when the file is not a readable DICOM."""
     path = os.fspath(path)
-    with _quiet():
-        ds = _read(path, pixels=False)
+    with quiet():
+        ds = read_dataset(path, pixels=False)
         try:
             return _header(ds, path)
         except Exception as e:  # defensive: _header tolerates bad values one by one
@@ -432,12 +432,12 @@ def _check_pixel_module(ds: Dataset, path: str, header: DicomHeader) -> tuple[in
         raise InvalidDicomError(path, "bad_geometry", f"{rows}x{cols} pixels is beyond any 2-D image")
     if (
         "NumberOfFrames" in ds
-        and _value(ds, "NumberOfFrames") is not None
+        and header_value(ds, "NumberOfFrames") is not None
         and safe["number_of_frames"] is None
     ):
         raise InvalidDicomError(path, "bad_geometry", "NumberOfFrames is not an integer")
     photometric = safe["photometric"]
-    if _value(ds, "PhotometricInterpretation") is None and (safe["samples_per_pixel"] or 1) == 1:
+    if header_value(ds, "PhotometricInterpretation") is None and (safe["samples_per_pixel"] or 1) == 1:
         photometric = "MONOCHROME2"  # absent in old ACR-NEMA style files
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or (safe["samples_per_pixel"] or 1) != 1:
         raise InvalidDicomError(
@@ -560,7 +560,7 @@ def _transfer_syntax(ds: Dataset) -> Any:
     return meta.get("TransferSyntaxUID") if meta is not None else None
 
 
-def _decode(ds: Dataset, path: str, rows: int, cols: int, frames: int = 1) -> np.ndarray:
+def decode_pixels(ds: Dataset, path: str, rows: int, cols: int, frames: int = 1) -> np.ndarray:
     """The stored pixel values, (rows, cols) or (frames, rows, cols), decoded with whichever plugin
     pydicom finds."""
     meta = getattr(ds, "file_meta", None)
@@ -580,7 +580,7 @@ def _decode(ds: Dataset, path: str, rows: int, cols: int, frames: int = 1) -> np
     ts = UID(ts)
     name = ts.name if ts.name != str(ts) else "an unrecognised transfer syntax"
     if pixel.keyword == "PixelData" and not ts.is_encapsulated and not pixel.is_undefined_length:
-        bits = _value(ds, "BitsAllocated")
+        bits = header_value(ds, "BitsAllocated")
         expected = (frames * rows * cols * bits + 7) // 8
         if len(pixel.value or b"") < expected:
             layout = f"{frames}x{rows}x{cols}" if frames > 1 else f"{rows}x{cols}"
@@ -642,11 +642,11 @@ def _percentiles(x: np.ndarray, cfg: ImageConfig) -> tuple[float, float]:
 
 def _window(ds: Dataset) -> tuple[str, float, float] | None:
     """The first VOI window as (function, center, width), None when absent or unusable."""
-    center, width = _value(ds, "WindowCenter"), _value(ds, "WindowWidth")
+    center, width = header_value(ds, "WindowCenter"), header_value(ds, "WindowWidth")
     if center is None or width is None:
         return None
-    c = _to_float(center[0] if isinstance(center, MultiValue) else center)
-    w = _to_float(width[0] if isinstance(width, MultiValue) else width)
+    c = to_float(center[0] if isinstance(center, MultiValue) else center)
+    w = to_float(width[0] if isinstance(width, MultiValue) else width)
     func = (_text(ds, "VOILUTFunction") or "LINEAR").upper()
     if c is None or w is None or w <= (1 if func == "LINEAR" else 0):  # PS3.3 C.11.2.1.2: width >= 1
         return None
@@ -663,11 +663,11 @@ def _intensity(
     """
     base = raw
     slope, intercept = 1.0, 0.0
-    if _value(ds, "ModalityLUTSequence"):
+    if header_value(ds, "ModalityLUTSequence"):
         base = apply_modality_lut(raw, ds)
     elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        slope = _to_float(_value(ds, "RescaleSlope")) or 1.0  # absent, zero or junk: identity
-        intercept = _to_float(_value(ds, "RescaleIntercept")) or 0.0
+        slope = to_float(header_value(ds, "RescaleSlope")) or 1.0  # absent, zero or junk: identity
+        intercept = to_float(header_value(ds, "RescaleIntercept")) or 0.0
     if base.dtype.kind == "f":
         finite = np.isfinite(base)
         if not finite.any():
@@ -678,7 +678,7 @@ def _intensity(
     sub = base[::step, ::step].astype(np.float32) * slope + intercept  # modality units
 
     window = _window(ds) if cfg.use_voi_lut else None
-    if cfg.use_voi_lut and _value(ds, "VOILUTSequence"):
+    if cfg.use_voi_lut and header_value(ds, "VOILUTSequence"):
         try:  # a VOI LUT takes integer modality values (PS3.3 C.11.2.1.1)
             sub_voi = apply_voi(np.rint(sub).astype(np.int64), ds).astype(np.float32)
             lo, hi = _percentiles(sub_voi, cfg)
@@ -770,8 +770,8 @@ def _to_square(
 def read_image(path: str | os.PathLike, cfg: ImageConfig) -> tuple[DicomHeader, np.ndarray, dict[str, Any]]:
     """Read a file once: header, uint16 image (1, size, size) with high = dense, and image metadata."""
     path = os.fspath(path)
-    with _quiet():
-        ds = _read(path, pixels=True)
+    with quiet():
+        ds = read_dataset(path, pixels=True)
         try:
             header = _header(ds, path)
         except Exception as e:  # defensive: _header tolerates bad values one by one
@@ -783,7 +783,7 @@ def read_image(path: str | os.PathLike, cfg: ImageConfig) -> tuple[DicomHeader, 
             reduced = None
             if cfg.j2k_reduce and _transfer_syntax(ds) in _J2K_SYNTAXES:
                 reduced = _decode_j2k_reduced(ds, rows, cols, cfg.size)
-            raw, reduction = reduced or (_decode(ds, path, rows, cols), 0)
+            raw, reduction = reduced or (decode_pixels(ds, path, rows, cols), 0)
             v, a, b, voi, intensity_range = _intensity(raw, ds, cfg, path)
             inverted = _inverted(ds)
             image, box = _to_square(v, a, b, inverted, cfg.size, (rows, cols), reduction)

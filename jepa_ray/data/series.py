@@ -33,7 +33,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from jepa_ray.config import VolumeConfig
-from jepa_ray.data.dicom import _decode, _quiet, _read, _to_float, _value
+from jepa_ray.data.dicom import decode_pixels, header_value, quiet, read_dataset, to_float
 from jepa_ray.errors import InvalidDicomError
 
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -94,23 +94,23 @@ def slice_refs(path: str | os.PathLike) -> tuple[str, list[SliceRef]]:
     """(SeriesInstanceUID, the slices this file holds): one for a CT slice, every frame of an
     enhanced multi-frame CT. Reads the header only."""
     path = str(path)
-    with _quiet():
-        ds = _read(path, pixels=False)
-    series = str(_value(ds, "SeriesInstanceUID") or "")
+    with quiet():
+        ds = read_dataset(path, pixels=False)
+    series = str(header_value(ds, "SeriesInstanceUID") or "")
     if not series:
         raise InvalidDicomError(path, "series_geometry", "no SeriesInstanceUID: the series is unknown")
-    rows, cols = _value(ds, "Rows"), _value(ds, "Columns")
+    rows, cols = header_value(ds, "Rows"), header_value(ds, "Columns")
     if not rows or not cols:
         raise InvalidDicomError(path, "bad_geometry", "Rows or Columns missing or zero")
-    frames = int(_value(ds, "NumberOfFrames") or 1)
+    frames = int(header_value(ds, "NumberOfFrames") or 1)
     if "PerFrameFunctionalGroupsSequence" in ds:
         return series, _frame_refs(ds, path, int(rows), int(cols), frames)
     o, p, s = _geometry(
         path,
         "the slice",
-        _value(ds, "ImageOrientationPatient"),
-        _value(ds, "ImagePositionPatient"),
-        _value(ds, "PixelSpacing"),
+        header_value(ds, "ImageOrientationPatient"),
+        header_value(ds, "ImagePositionPatient"),
+        header_value(ds, "PixelSpacing"),
     )
     if frames > 1:
         raise InvalidDicomError(
@@ -118,8 +118,8 @@ def slice_refs(path: str | os.PathLike) -> tuple[str, list[SliceRef]]:
             "series_geometry",
             f"{frames} frames without per-frame functional groups: no frame positions",
         )
-    slope = _to_float(_value(ds, "RescaleSlope"))
-    intercept = _to_float(_value(ds, "RescaleIntercept"))
+    slope = to_float(header_value(ds, "RescaleSlope"))
+    intercept = to_float(header_value(ds, "RescaleIntercept"))
     return series, [
         SliceRef(path, None, int(rows), int(cols), o, p, s, 1.0 if slope is None else slope, intercept or 0.0)
     ]
@@ -152,8 +152,8 @@ def _frame_refs(ds: Dataset, path: str, rows: int, cols: int, frames: int) -> li
             _group(ds, "PlanePositionSequence", i, "ImagePositionPatient"),
             _group(ds, "PixelMeasuresSequence", i, "PixelSpacing"),
         )
-        slope = _to_float(_group(ds, "PixelValueTransformationSequence", i, "RescaleSlope"))
-        intercept = _to_float(_group(ds, "PixelValueTransformationSequence", i, "RescaleIntercept"))
+        slope = to_float(_group(ds, "PixelValueTransformationSequence", i, "RescaleSlope"))
+        intercept = to_float(_group(ds, "PixelValueTransformationSequence", i, "RescaleIntercept"))
         refs.append(SliceRef(path, i, rows, cols, o, p, s, 1.0 if slope is None else slope, intercept or 0.0))
     return refs
 
@@ -245,15 +245,15 @@ def assemble(refs: list[SliceRef], cfg: VolumeConfig) -> Volume:
     frames_of: dict[str, np.ndarray] = {}
     for i, r in enumerate(refs):
         if r.frame is None:
-            with _quiet():
-                ds = _read(r.path, pixels=True)
-                pixels = _decode(ds, r.path, rows, cols)
+            with quiet():
+                ds = read_dataset(r.path, pixels=True)
+                pixels = decode_pixels(ds, r.path, rows, cols)
         else:
             if r.path not in frames_of:
                 frames = int(max(x.frame for x in refs if x.path == r.path) + 1)
-                with _quiet():
-                    ds = _read(r.path, pixels=True)
-                    data = _decode(ds, r.path, rows, cols, frames=frames)
+                with quiet():
+                    ds = read_dataset(r.path, pixels=True)
+                    data = decode_pixels(ds, r.path, rows, cols, frames=frames)
                 frames_of[r.path] = data.reshape(frames, rows, cols)
             pixels = frames_of[r.path][r.frame]
         hu[i] = pixels.astype(np.float32) * r.slope + r.intercept

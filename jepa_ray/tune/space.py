@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from jepa_ray.config import Config, SearchDim, _format_validation_error, _set_path
+from jepa_ray.config import Config, SearchDim, format_validation_error, set_path
 from jepa_ray.errors import ConfigError
 
 # keys a trial must not change: where data and runs live, and the sweep's own settings
@@ -44,7 +44,7 @@ def with_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """A copy of a config dict (`Config.model_dump(mode="json")`) with dotted keys set."""
     data = copy.deepcopy(base)
     for key, value in params.items():
-        _set_path(data, key, value)
+        set_path(data, key, value)
     return data
 
 
@@ -54,7 +54,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
         return Config.model_validate(with_params(base, params))
     except ValidationError as e:
         shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
-        raise ConfigError(_format_validation_error(e, f"trial {shown}")) from None
+        raise ConfigError(format_validation_error(e, f"trial {shown}")) from None
 
 
 def _probe_values(dim: SearchDim) -> list[Any]:
