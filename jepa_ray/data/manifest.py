@@ -6,7 +6,6 @@ the (salt-free) config, and the quarantine: every rejected input with its reason
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from typing import Any
@@ -134,12 +133,7 @@ def verify_shards(store: Store, manifest: dict[str, Any]) -> list[str]:
         if not store.exists(name):
             problems.append(f"{name}: missing")
             continue
-        h = hashlib.sha256()
-        with store.open(name) as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != shard["sha256"]:
-            problems.append(
-                f"{name}: sha256 mismatch (expected {shard['sha256'][:12]}…, got {h.hexdigest()[:12]}…)"
-            )
+        digest = store.sha256(name)
+        if digest != shard["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (expected {shard['sha256'][:12]}…, got {digest[:12]}…)")
     return problems

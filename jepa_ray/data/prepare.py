@@ -8,7 +8,6 @@ write `manifest.json`. Every rejected input is recorded with its reason; nothing
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -318,13 +317,10 @@ def _intact(store: Store, side: dict[str, Any]) -> bool:
     try:
         if not store.exists(name) or store.fs.size(store.path(name)) != side.get("bytes"):
             return False
-        h = hashlib.sha256()
-        with store.open(name) as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+        digest = store.sha256(name)
     except OSError:
         return False
-    if h.hexdigest() != side.get("sha256"):
+    if digest != side.get("sha256"):
         logger.warning("%s: differs from what was written (sha256): rewriting it", store.uri(name))
         return False
     return True

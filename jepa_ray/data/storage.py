@@ -7,6 +7,7 @@ object appears only when its upload completes. A reader therefore never sees hal
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -140,6 +141,14 @@ class Store:
                 rel = e["name"][len(self.root) + 1 :]
                 names.append(rel)
         return sorted(names)
+
+    def sha256(self, name: str) -> str:
+        """Hex sha256 of `name`'s content, read in blocks."""
+        h = hashlib.sha256()
+        with self.open(name) as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
 
     def remove(self, name: str) -> None:
         """Delete `name` if it exists."""
