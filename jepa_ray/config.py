@@ -244,6 +244,33 @@ class DeidConfig(_Strict):
         return salt.encode()
 
 
+class LimitsConfig(_Strict):
+    """Resource caps checked before anything is decoded: a file over a cap is quarantined with the
+    reason `over_limit`, so one hostile or broken file cannot exhaust a worker's memory."""
+
+    max_file_bytes: int = Field(
+        2 * 2**30, ge=2**10, description="A DICOM file larger than this is not read (bytes on disk)."
+    )
+    max_inflated_bytes: int = Field(
+        256 * 2**20,
+        ge=2**16,
+        description="A deflate-compressed DICOM whose dataset inflates beyond this many bytes is not "
+        "read (counted in bounded steps before pydicom inflates it whole).",
+    )
+    max_pixels: int = Field(
+        2**25,
+        ge=2**10,
+        description="Rows x Columns of a 2-D image or of one CT slice, at most (the default, ~33.5 M, "
+        "is ~2.5x the largest mammograms; decoding costs a few bytes per pixel).",
+    )
+    max_voxels: int = Field(
+        2**28,
+        ge=2**12,
+        description="Slices x Rows x Columns of a CT series before resampling, at most (~268 M: "
+        "1,024 slices of 512x512; the series is held as float32, 4 bytes per voxel).",
+    )
+
+
 class StorageConfig(_Strict):
     """Where shards go when the output is `s3://...` (credentials come from the usual AWS env)."""
 
@@ -262,6 +289,7 @@ class PrepareConfig(_Strict):
     shards: ShardConfig = Field(default_factory=ShardConfig)
     deid: DeidConfig = Field(default_factory=DeidConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     max_quarantine_fraction: float = Field(
         0.2, ge=0, le=1, description="Exit non-zero when more than this fraction of inputs is quarantined."
     )

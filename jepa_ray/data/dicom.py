@@ -8,6 +8,8 @@ Every failure raises `InvalidDicomError(path, reason, detail)`; `reason` is one 
 - `unreadable_header`: pydicom cannot parse the header (corrupt, not truncated).
 - `no_pixel_data`: no (Float/DoubleFloat) PixelData element, e.g. an RT plan or a structured report.
 - `bad_geometry`: Rows/Columns/BitsAllocated missing or zero, or NumberOfFrames not an integer.
+- `over_limit`: beyond a cap of `prepare.limits` (bytes on disk, inflated bytes of a deflated
+  dataset, pixels), checked before anything is inflated or decoded.
 - `multi_frame`: NumberOfFrames > 1 where a 2-D image is read (an enhanced CT is read as a volume
   by `jepa_ray.data.series`, with prepare.volume.enabled; cine is not supported).
 - `unsupported_photometric`: not MONOCHROME1/MONOCHROME2 (RGB, YBR_*, PALETTE COLOR): grey only.
@@ -30,15 +32,17 @@ import os
 import re
 import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
 import pydicom.errors
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import (
@@ -50,7 +54,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 
-from jepa_ray.config import ImageConfig
+from jepa_ray.config import ImageConfig, LimitsConfig
 from jepa_ray.errors import InvalidDicomError
 
 logger = logging.getLogger(__name__)
@@ -136,7 +140,6 @@ _DATE_PAIRS = (
 )
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_MAX_PIXELS = 2**27  # ~134 M pixels: larger is a corrupt header or not a 2-D image
 _PERCENTILE_SAMPLES = 2**14
 
 # pydicom's warnings and log records can quote element values (e.g. "Invalid value for VR DA: '...'"):
@@ -206,8 +209,62 @@ def _is_cut(ds: Dataset, size: int) -> bool:
     return False
 
 
-def read_dataset(path: str, pixels: bool) -> Dataset:
-    """dcmread `path` once (with or without pixels); every failure becomes InvalidDicomError."""
+def _meta_end(f: BinaryIO) -> int:
+    """The offset where the dataset starts: after the file meta elements (group 0002) that follow the
+    preamble. The file must be positioned at byte 132."""
+    end = f.tell()
+    for elem in data_element_generator(f, False, True, stop_when=lambda tag, vr, length: tag.group != 2):
+        end = elem.value_tell + elem.length
+    return end
+
+
+def _check_inflated_size(f: BinaryIO, path: str, limit: int) -> None:
+    """For a deflate-compressed dataset, count its inflated bytes in bounded steps (a few MB of memory
+    whatever the ratio) before pydicom inflates it whole: a 400 KB file can inflate to gigabytes."""
+    f.seek(132)
+    try:
+        meta_end = _meta_end(f)
+    except Exception:  # an unreadable meta group: dcmread reports it
+        return
+    f.seek(meta_end)
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while chunk := f.read(2**20):
+        while chunk:
+            try:
+                total += len(inflate.decompress(chunk, 2**22))
+            except zlib.error:
+                raise InvalidDicomError(
+                    path, "unreadable_header", "the deflate-compressed dataset is corrupt"
+                ) from None
+            if total > limit:
+                raise InvalidDicomError(
+                    path,
+                    "over_limit",
+                    f"the deflate-compressed dataset inflates beyond {limit} bytes from {f.tell()} on "
+                    "disk (prepare.limits.max_inflated_bytes): a decompression bomb or a huge file",
+                )
+            chunk = inflate.unconsumed_tail
+            if inflate.eof:
+                return
+
+
+def _deflated(f: BinaryIO) -> bool:
+    """True when the file meta names the deflated transfer syntax (1.2.840.10008.1.2.1.99)."""
+    f.seek(132)
+    try:
+        for elem in data_element_generator(f, False, True, stop_when=lambda tag, vr, length: tag.group != 2):
+            if elem.tag == 0x00020010:
+                return UID(elem.value.decode("ascii", "replace").strip(" \0")).is_deflated
+    except Exception:  # an unreadable meta group: dcmread reports it
+        return False
+    return False
+
+
+def read_dataset(path: str, pixels: bool, limits: LimitsConfig | None = None) -> Dataset:
+    """dcmread `path` once (with or without pixels); every failure becomes InvalidDicomError. Files
+    over `limits` (size on disk, inflated size of a deflated dataset) are refused before parsing."""
+    limits = limits or LimitsConfig()
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; the size check needs the handle
     except OSError as e:
@@ -216,6 +273,12 @@ def read_dataset(path: str, pixels: bool) -> Dataset:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise InvalidDicomError(path, "not_dicom", "the file is empty (0 bytes)")
+        if size > limits.max_file_bytes:
+            raise InvalidDicomError(
+                path,
+                "over_limit",
+                f"{size} bytes on disk, more than prepare.limits.max_file_bytes={limits.max_file_bytes}",
+            )
         head = f.read(132)
         f.seek(0)
         force = False
@@ -228,6 +291,9 @@ def read_dataset(path: str, pixels: bool) -> Dataset:
                     "not a DICOM file",
                 )
             force = True  # a dataset without preamble/file meta, as old archives wrote them
+        elif _deflated(f):
+            _check_inflated_size(f, path, limits.max_inflated_bytes)
+        f.seek(0)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -382,11 +448,11 @@ def _header(ds: Dataset, path: str) -> DicomHeader:
     )
 
 
-def read_header(path: str | os.PathLike) -> DicomHeader:
+def read_header(path: str | os.PathLike, limits: LimitsConfig | None = None) -> DicomHeader:
     """Read the header only (no pixels); InvalidDicomError when the file is not a readable DICOM."""
     path = os.fspath(path)
     with quiet():
-        ds = read_dataset(path, pixels=False)
+        ds = read_dataset(path, pixels=False, limits=limits)
         try:
             return _header(ds, path)
         except Exception as e:  # defensive: _header tolerates bad values one by one
@@ -413,7 +479,7 @@ def _scrub(text: str, ds: Dataset) -> str:
     return " ".join(text.split())[:300]
 
 
-def _check_pixel_module(ds: Dataset, path: str, header: DicomHeader) -> tuple[int, int]:
+def _check_pixel_module(ds: Dataset, path: str, header: DicomHeader, max_pixels: int) -> tuple[int, int]:
     """Raise for what `read_image` cannot use; return (rows, cols)."""
     safe = header.safe
     if not any(k in ds for k in _PIXEL_KEYWORDS):
@@ -428,8 +494,12 @@ def _check_pixel_module(ds: Dataset, path: str, header: DicomHeader) -> tuple[in
             "bad_geometry",
             "Rows, Columns or BitsAllocated is missing or zero; the pixels cannot be laid out",
         )
-    if rows * cols > _MAX_PIXELS:
-        raise InvalidDicomError(path, "bad_geometry", f"{rows}x{cols} pixels is beyond any 2-D image")
+    if rows * cols > max_pixels:
+        raise InvalidDicomError(
+            path,
+            "over_limit",
+            f"{rows}x{cols} pixels, more than prepare.limits.max_pixels={max_pixels}: not decoded",
+        )
     if (
         "NumberOfFrames" in ds
         and header_value(ds, "NumberOfFrames") is not None
@@ -767,11 +837,15 @@ def _to_square(
     return image, [y0, x0, y0 + h, x0 + w]
 
 
-def read_image(path: str | os.PathLike, cfg: ImageConfig) -> tuple[DicomHeader, np.ndarray, dict[str, Any]]:
-    """Read a file once: header, uint16 image (1, size, size) with high = dense, and image metadata."""
+def read_image(
+    path: str | os.PathLike, cfg: ImageConfig, limits: LimitsConfig | None = None
+) -> tuple[DicomHeader, np.ndarray, dict[str, Any]]:
+    """Read a file once: header, uint16 image (1, size, size) with high = dense, and image metadata.
+    Nothing is decoded beyond `limits` (file size, inflated size, pixels)."""
     path = os.fspath(path)
+    limits = limits or LimitsConfig()
     with quiet():
-        ds = read_dataset(path, pixels=True)
+        ds = read_dataset(path, pixels=True, limits=limits)
         try:
             header = _header(ds, path)
         except Exception as e:  # defensive: _header tolerates bad values one by one
@@ -779,7 +853,7 @@ def read_image(path: str | os.PathLike, cfg: ImageConfig) -> tuple[DicomHeader, 
                 path, "unreadable_header", f"header values unusable ({type(e).__name__})"
             ) from None
         try:
-            rows, cols = _check_pixel_module(ds, path, header)
+            rows, cols = _check_pixel_module(ds, path, header, limits.max_pixels)
             reduced = None
             if cfg.j2k_reduce and _transfer_syntax(ds) in _J2K_SYNTAXES:
                 reduced = _decode_j2k_reduced(ds, rows, cols, cfg.size)

@@ -31,7 +31,7 @@ from jepa_ray.data.shards import (
     shard_fingerprint,
 )
 from jepa_ray.data.storage import Store
-from jepa_ray.data.tasks import TaskMap, scan_headers, write_shards
+from jepa_ray.data.tasks import TaskMap, crashed_scan, scan_headers, write_shards
 from jepa_ray.data.vocab import fit_vocab, subject_ehr
 from jepa_ray.errors import PrepareError
 
@@ -140,7 +140,12 @@ def prepare(
         files = [str(p) for p in _list_dicom_files(dicom_root)] if dicom_root.is_dir() else [str(dicom_root)]
     step = cfg.files_per_task
     scan = TaskMap(
-        scan_headers, [files[i : i + step] for i in range(0, len(files), step)], "scan DICOM", show_progress
+        scan_headers,
+        [files[i : i + step] for i in range(0, len(files), step)],
+        "scan DICOM",
+        show_progress,
+        args=(cfg.limits,),
+        on_failure=crashed_scan,
     )
 
     # -- EHR tables (driver) ----------------------------------------------------------------------
@@ -254,6 +259,7 @@ def prepare(
     plan = _plan_shards(samples, cfg)
     context = {
         "image": cfg.image.model_dump(mode="json"),
+        "limits": cfg.limits.model_dump(mode="json"),
         "max_events": cfg.ehr.max_events,
         "vocab": vocab.to_json(),
         "salt": pz.fingerprint(),

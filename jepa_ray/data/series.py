@@ -16,6 +16,8 @@ path being the series' first file; `reason` is one of:
 - `series_duplicate_position`: two slices at the same position (e.g. two acquisitions in one series).
 - `series_gap`: a step between neighbours larger than the tolerance allows: missing slices.
 - `series_spacing`: steps smaller than the tolerance allows: slices are not evenly spaced.
+- `over_limit`: slices x rows x columns beyond `prepare.limits.max_voxels` (or one slice beyond
+  `max_pixels`), refused before any pixel is read.
 
 Per-file failures (unreadable, truncated, undecodable) keep the reasons of `jepa_ray.data.dicom`.
 Messages hold paths and numbers only, never header text.
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from jepa_ray.config import VolumeConfig
+from jepa_ray.config import LimitsConfig, VolumeConfig
 from jepa_ray.data.dicom import decode_pixels, header_value, quiet, read_dataset, to_float
 from jepa_ray.errors import InvalidDicomError
 
@@ -90,12 +92,14 @@ def _geometry(path: str, where: str, orientation, position, spacing) -> tuple:
     return o, p, s
 
 
-def slice_refs(path: str | os.PathLike) -> tuple[str, list[SliceRef]]:
+def slice_refs(path: str | os.PathLike, limits: LimitsConfig | None = None) -> tuple[str, list[SliceRef]]:
     """(SeriesInstanceUID, the slices this file holds): one for a CT slice, every frame of an
-    enhanced multi-frame CT. Reads the header only."""
+    enhanced multi-frame CT. Reads the header only; a slice over `limits.max_pixels`, or a file whose
+    frames hold more than `limits.max_voxels`, is refused before any pixel is read."""
     path = str(path)
+    limits = limits or LimitsConfig()
     with quiet():
-        ds = read_dataset(path, pixels=False)
+        ds = read_dataset(path, pixels=False, limits=limits)
     series = str(header_value(ds, "SeriesInstanceUID") or "")
     if not series:
         raise InvalidDicomError(path, "series_geometry", "no SeriesInstanceUID: the series is unknown")
@@ -103,6 +107,18 @@ def slice_refs(path: str | os.PathLike) -> tuple[str, list[SliceRef]]:
     if not rows or not cols:
         raise InvalidDicomError(path, "bad_geometry", "Rows or Columns missing or zero")
     frames = int(header_value(ds, "NumberOfFrames") or 1)
+    if int(rows) * int(cols) > limits.max_pixels:
+        raise InvalidDicomError(
+            path,
+            "over_limit",
+            f"{rows}x{cols} pixels per slice, more than prepare.limits.max_pixels={limits.max_pixels}",
+        )
+    if frames * int(rows) * int(cols) > limits.max_voxels:
+        raise InvalidDicomError(
+            path,
+            "over_limit",
+            f"{frames} frames of {rows}x{cols}, more than prepare.limits.max_voxels={limits.max_voxels}",
+        )
     if "PerFrameFunctionalGroupsSequence" in ds:
         return series, _frame_refs(ds, path, int(rows), int(cols), frames)
     o, p, s = _geometry(
@@ -159,14 +175,14 @@ def _frame_refs(ds: Dataset, path: str, rows: int, cols: int, frames: int) -> li
 
 
 def group_series(
-    paths: Iterable[str | os.PathLike],
+    paths: Iterable[str | os.PathLike], limits: LimitsConfig | None = None
 ) -> tuple[dict[str, list[SliceRef]], list[InvalidDicomError]]:
     """Slices by SeriesInstanceUID, and the files that could not be read (with their reasons)."""
     series: dict[str, list[SliceRef]] = defaultdict(list)
     problems = []
     for path in paths:
         try:
-            uid, refs = slice_refs(path)
+            uid, refs = slice_refs(path, limits)
         except InvalidDicomError as e:
             problems.append(e)
             continue
@@ -237,22 +253,30 @@ def order_slices(refs: list[SliceRef], cfg: VolumeConfig) -> tuple[list[SliceRef
     return refs, step
 
 
-def assemble(refs: list[SliceRef], cfg: VolumeConfig) -> Volume:
-    """Read the pixels of an ordered, checked series into one HU volume (per-slice rescale)."""
+def assemble(refs: list[SliceRef], cfg: VolumeConfig, limits: LimitsConfig | None = None) -> Volume:
+    """Read the pixels of an ordered, checked series into one HU volume (per-slice rescale); a series
+    over `limits.max_voxels` is refused before any memory is set aside for it."""
+    limits = limits or LimitsConfig()
     refs, step = order_slices(refs, cfg)
     rows, cols = refs[0].rows, refs[0].cols
+    if len(refs) * rows * cols > limits.max_voxels:
+        raise InvalidDicomError(
+            refs[0].path,
+            "over_limit",
+            f"{len(refs)} slices of {rows}x{cols}, more than prepare.limits.max_voxels={limits.max_voxels}",
+        )
     hu = np.empty((len(refs), rows, cols), np.float32)
     frames_of: dict[str, np.ndarray] = {}
     for i, r in enumerate(refs):
         if r.frame is None:
             with quiet():
-                ds = read_dataset(r.path, pixels=True)
+                ds = read_dataset(r.path, pixels=True, limits=limits)
                 pixels = decode_pixels(ds, r.path, rows, cols)
         else:
             if r.path not in frames_of:
                 frames = int(max(x.frame for x in refs if x.path == r.path) + 1)
                 with quiet():
-                    ds = read_dataset(r.path, pixels=True)
+                    ds = read_dataset(r.path, pixels=True, limits=limits)
                     data = decode_pixels(ds, r.path, rows, cols, frames=frames)
                 frames_of[r.path] = data.reshape(frames, rows, cols)
             pixels = frames_of[r.path][r.frame]
@@ -312,11 +336,14 @@ def windows(hu: np.ndarray, cfg: VolumeConfig) -> np.ndarray:
 
 
 def read_volume(
-    refs: list[SliceRef], cfg: VolumeConfig, on_volume: Callable[[Volume], None] | None = None
+    refs: list[SliceRef],
+    cfg: VolumeConfig,
+    on_volume: Callable[[Volume], None] | None = None,
+    limits: LimitsConfig | None = None,
 ) -> tuple[np.ndarray, dict]:
     """A series' slices -> the windowed, fixed-size volume (C, Z, Y, X) float32 in [0, 1] and its
     metadata (spacing before and after, slices, windows)."""
-    volume = assemble(refs, cfg)
+    volume = assemble(refs, cfg, limits)
     if on_volume is not None:
         on_volume(volume)
     out = windows(resample(volume, cfg), cfg)

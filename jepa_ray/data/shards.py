@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jepa_ray.config import ImageConfig, StorageConfig, VolumeConfig
+from jepa_ray.config import ImageConfig, LimitsConfig, StorageConfig, VolumeConfig
 from jepa_ray.data.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -157,12 +157,15 @@ def decode_images(
     image_cfg: ImageConfig,
     volume_cfg: VolumeConfig | None = None,
     kinds: list[str] | None = None,
+    limits: LimitsConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Decode each sample's image: the first of its study's DICOMs that decodes, or, for a sample
     of kind "ct", its CT series as one volume (`_decode_ct`).
 
     Per sample: {"image": .npy bytes or None, "meta": image metadata, "quarantine": records of the
-    files that failed, "skipped": records of the study's other images, left out}.
+    files that failed, "skipped": records of the study's other images, left out}. No exception
+    escapes: an unexpected one quarantines the file (or the CT study) it came from, by type only
+    (its message could quote header text).
     """
     from jepa_ray.data.dicom import read_image
     from jepa_ray.errors import InvalidDicomError
@@ -170,7 +173,17 @@ def decode_images(
     out: list[dict[str, Any]] = []
     for dicoms, kind in zip(samples, kinds or ["image"] * len(samples), strict=True):
         if kind == "ct":
-            out.append(_decode_ct(dicoms, volume_cfg))
+            try:
+                out.append(_decode_ct(dicoms, volume_cfg, limits))
+            except Exception as e:  # a bug or an input no check foresaw: this study only
+                out.append(
+                    {
+                        "image": None,
+                        "meta": {},
+                        "quarantine": [unexpected_record(source, e, "CT study") for _, source in dicoms],
+                        "skipped": [],
+                    }
+                )
             continue
         res: dict[str, Any] = {"image": None, "meta": {}, "quarantine": [], "skipped": []}
         for path, source in dicoms:
@@ -184,11 +197,14 @@ def decode_images(
                 )
                 continue
             try:
-                header, image, image_meta = read_image(path, image_cfg)
+                header, image, image_meta = read_image(path, image_cfg, limits)
             except InvalidDicomError as e:
                 res["quarantine"].append(
                     {"input": source, "kind": "dicom", "reason": e.reason, "detail": e.detail}
                 )
+                continue
+            except Exception as e:  # a bug or an input no check foresaw: this file only
+                res["quarantine"].append(unexpected_record(source, e, "file"))
                 continue
             res["image"] = encode_npy(image)
             res["meta"] = {"image": image_meta, "dicom": header.safe}
@@ -196,7 +212,20 @@ def decode_images(
     return out
 
 
-def _decode_ct(dicoms: list[tuple[str, str]], cfg: VolumeConfig | None) -> dict[str, Any]:
+def unexpected_record(source: str, error: BaseException, what: str) -> dict[str, Any]:
+    """The quarantine record of an input whose reading raised an error no check foresaw. Only the
+    error's type is kept: its message could quote header text."""
+    return {
+        "input": source,
+        "kind": "dicom",
+        "reason": "unexpected_error",
+        "detail": f"{type(error).__name__} while reading this {what}; the rest of the run goes on",
+    }
+
+
+def _decode_ct(
+    dicoms: list[tuple[str, str]], cfg: VolumeConfig | None, limits: LimitsConfig | None = None
+) -> dict[str, Any]:
     """A CT study -> the windowed volume (C, Z, Y, X) float16 of its largest series; the other
     series are skipped, a series that is not one regular volume is quarantined (one record, the
     reason of `jepa_ray.data.series`), and so is every file that cannot be read."""
@@ -216,7 +245,7 @@ def _decode_ct(dicoms: list[tuple[str, str]], cfg: VolumeConfig | None) -> dict[
             for _, src in dicoms
         ]
         return res
-    series, problems = group_series(path for path, _ in dicoms)
+    series, problems = group_series((path for path, _ in dicoms), limits)
     res["quarantine"] += [
         {"input": source[e.path], "kind": "dicom", "reason": e.reason, "detail": e.detail} for e in problems
     ]
@@ -233,7 +262,7 @@ def _decode_ct(dicoms: list[tuple[str, str]], cfg: VolumeConfig | None) -> dict[
     if not ranked:
         return res
     try:
-        volume, meta = read_volume(ranked[0], cfg)
+        volume, meta = read_volume(ranked[0], cfg, limits=limits)
     except InvalidDicomError as e:
         files = sorted({r.path for r in ranked[0]})
         res["quarantine"].append(
@@ -247,7 +276,7 @@ def _decode_ct(dicoms: list[tuple[str, str]], cfg: VolumeConfig | None) -> dict[
         )
         return res
     res["image"] = encode_npy(volume.astype(np.float16))
-    res["meta"] = {"image": meta, "dicom": read_header(ranked[0][0].path).safe}
+    res["meta"] = {"image": meta, "dicom": read_header(ranked[0][0].path, limits).safe}
     return res
 
 

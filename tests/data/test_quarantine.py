@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+from hostilekit import deflate_bomb, rle_bomb
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
@@ -41,6 +42,8 @@ def dirty_cohort(small_cohort, tmp_path_factory):
     ds.StudyInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(bad / "nopixels.dcm")
     shutil.copy(get_testdata_file("SC_rgb_rle.dcm"), bad / "rgb.dcm")
+    deflate_bomb(bad / "deflate_bomb.dcm", 300 * 2**20)  # ~300 KB on disk, 300 MiB inflated
+    rle_bomb(bad / "rle_bomb.dcm")  # 3.8 MB on disk, 11000 x 11000 pixels
     # MEDS: a file of bad rows (string times) and a corrupt file
     subj = int(pd.read_parquet(root / "static.parquet").subject_id.iloc[0])
     rows = pa.table(
@@ -76,6 +79,8 @@ def test_each_bad_input_is_quarantined_with_its_reason(
     assert by_input["bad/empty.dcm"]["reason"] in ("not_dicom", "truncated")
     assert by_input["bad/nopixels.dcm"]["reason"] == "no_pixel_data"
     assert by_input["bad/rgb.dcm"]["reason"] == "secondary_capture"  # before its colour is even looked at
+    assert by_input["bad/deflate_bomb.dcm"]["reason"] == "over_limit"  # in the header scan
+    assert by_input["bad/rle_bomb.dcm"]["reason"] == "over_limit"  # in its shard task, before decoding
     rows = {(q["input"], q["reason"]): q for q in items if q["kind"] == "ehr_rows"}
     assert rows[("data/zz_bad_rows.parquet", "missing_subject")]["rows"] == [1]
     assert rows[("data/zz_bad_rows.parquet", "unparsable_time")]["rows"] == [2]
@@ -93,7 +98,7 @@ def test_each_bad_input_is_quarantined_with_its_reason(
     # nothing else is lost: every good study and subject is still there
     n_good = sum(1 for p in (small_cohort / "dicom").rglob("*") if p.is_file())
     assert m["counts"]["image"] == n_good
-    assert result.ok  # 5 bad files of ~80 stay under the default 20% limit
+    assert result.ok  # 7 bad files of ~80 stay under the default 20% limit
     # the one good row of the bad-rows file was kept: its code counts in the vocabulary statistics
     assert m["ehr"]["event_rows"] >= 5
 
