@@ -457,12 +457,20 @@ AddressOpt = Annotated[
         help="The cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS, else that).",
     ),
 ]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-http",
+        help="Send the Ray token over plain http to another machine (in clear text); by default only "
+        "https or a loopback address such as a tunnel's http://127.0.0.1:8265 get it.",
+    ),
+]
 
 
-def _jobs(address: str | None):
+def _jobs(address: str | None, insecure_http: bool = False):
     from jepa_ray.submit import Jobs
 
-    return Jobs(address)
+    return Jobs(address, insecure_http=insecure_http)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -496,10 +504,12 @@ def submit(
     submission_id: Annotated[
         str | None, typer.Option(help="Submission id (default: jepa-ray-<command>-<time>-<random>).")
     ] = None,
+    insecure_http: InsecureOpt = False,
 ) -> None:
     """Submit a jepa-ray entrypoint as a Ray job: `jepa-ray submit [--wait] -- pretrain --config F`.
-    Prints the submission id; with --wait, streams the logs and exits 0 only when the job SUCCEEDED."""
-    from jepa_ray.submit import checkout_root, job_spec
+    Prints what it uploads and the submission id; with --wait, streams the logs and exits 0 only when
+    the job SUCCEEDED."""
+    from jepa_ray.submit import checkout_root, job_spec, redact_text
 
     try:
         if installed and working_dir is not None:
@@ -513,11 +523,20 @@ def submit(
         spec = job_spec(
             command[0], command[1:], wd, pip=pip, image=image, env=env or [], submission_id=submission_id
         )
-        jobs = _jobs(address)
-        sid = jobs.submit(spec.entrypoint, spec.runtime_env, spec.submission_id, spec.metadata)
+        if spec.upload is not None:
+            err.print(spec.upload.summary(), highlight=False, markup=False)
+            for warning in spec.upload.warnings():
+                err.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+        jobs = _jobs(address, insecure_http)
+        sid = jobs.submit(spec)
     except JepaRayError as e:
         raise _fail(e) from None
-    console.print(f"submitted {sid} to {jobs.url}: {spec.entrypoint}", highlight=False, soft_wrap=True)
+    console.print(
+        f"submitted {sid} to {jobs.url}: {redact_text(spec.entrypoint)}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
     if not wait:
         console.print(f"follow it with: jepa-ray jobs logs {sid} --follow", highlight=False, soft_wrap=True)
         return
@@ -526,7 +545,7 @@ def submit(
 
 def _follow(jobs, sid: str) -> int:
     """Stream a job's logs to stdout until it ends; 0 when it SUCCEEDED, 1 when not."""
-    from jepa_ray.submit import log_tail, status_name
+    from jepa_ray.submit import log_tail, redact_text, status_name
 
     try:
         info = jobs.follow(sid, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -540,7 +559,7 @@ def _follow(jobs, sid: str) -> int:
         console.print(f"job {sid} SUCCEEDED", highlight=False, soft_wrap=True)
         return 0
     # Ray's message repeats the logs after its first line; the tail below is enough
-    reason = (info.message or "").split(", last available logs", 1)[0].splitlines()[:1]
+    reason = redact_text(info.message or "").split(", last available logs", 1)[0].splitlines()[:1]
     err.print(f"[bold red]job {sid} {status}:[/] {' '.join(reason)}", highlight=False)
     tail = log_tail(jobs.logs(sid))
     if tail:
@@ -576,12 +595,12 @@ app.add_typer(jobs_app, name="jobs")
 
 
 @jobs_app.command("list")
-def jobs_list(address: AddressOpt = None) -> None:
-    """Every job the cluster knows, newest first."""
-    from jepa_ray.submit import status_name
+def jobs_list(address: AddressOpt = None, insecure_http: InsecureOpt = False) -> None:
+    """Every job the cluster knows, newest first (secrets in entrypoints masked)."""
+    from jepa_ray.submit import redact_text, status_name
 
     try:
-        jobs = _jobs(address)
+        jobs = _jobs(address, insecure_http)
         rows = jobs.list()
     except JepaRayError as e:
         raise _fail(e) from None
@@ -600,34 +619,27 @@ def jobs_list(address: AddressOpt = None) -> None:
             if info.start_time
             else "-"
         )
-        line = f"{sid:<{width}}  {status_name(info):<9}  {started:<19}  {info.entrypoint}"
+        line = f"{sid:<{width}}  {status_name(info):<9}  {started:<19}  {redact_text(info.entrypoint or '')}"
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @jobs_app.command("status")
 def jobs_status(
-    job: Annotated[str, typer.Argument(help="Submission id.")], address: AddressOpt = None
+    job: Annotated[str, typer.Argument(help="Submission id.")],
+    address: AddressOpt = None,
+    insecure_http: InsecureOpt = False,
 ) -> None:
-    """A job's status, message, times and runtime environment; exit 1 when it FAILED or was STOPPED."""
-    from jepa_ray.submit import status_name
+    """A job's status, message, times, runtime environment and metadata, with environment variable
+    values and secret-looking arguments masked; exit 1 when it FAILED or was STOPPED."""
+    from jepa_ray.submit import describe_job, status_name
 
     try:
-        info = _jobs(address).info(job)
+        info = _jobs(address, insecure_http).info(job)
     except JepaRayError as e:
         raise _fail(e) from None
-    status = status_name(info)
-    console.print(f"{job}: {status}", highlight=False)
-    if info.message:
-        console.print(f"  message: {info.message}", highlight=False)
-    console.print(f"  entrypoint: {info.entrypoint}", highlight=False, markup=False, soft_wrap=True)
-    for what, ms in (("started", info.start_time), ("ended", info.end_time)):
-        if ms:
-            console.print(f"  {what}: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ms / 1000))}")
-    if info.runtime_env:
-        console.print(
-            f"  runtime env: {json.dumps(info.runtime_env)}", highlight=False, markup=False, soft_wrap=True
-        )
-    if status in ("FAILED", "STOPPED"):
+    for line in describe_job(job, info):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if status_name(info) in ("FAILED", "STOPPED"):
         raise typer.Exit(1)
 
 
@@ -638,10 +650,11 @@ def jobs_logs(
         bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
     ] = False,
     address: AddressOpt = None,
+    insecure_http: InsecureOpt = False,
 ) -> None:
     """A job's logs (stdout and stderr of its driver); --follow streams them and exits with its status."""
     try:
-        jobs = _jobs(address)
+        jobs = _jobs(address, insecure_http)
         if not follow:
             sys.stdout.write(jobs.logs(job))
             return
@@ -655,12 +668,13 @@ def jobs_stop(
     job: Annotated[str, typer.Argument(help="Submission id.")],
     wait_s: Annotated[float, typer.Option("--wait-s", help="Seconds to wait for it to stop.")] = 60.0,
     address: AddressOpt = None,
+    insecure_http: InsecureOpt = False,
 ) -> None:
     """Stop a running job (its driver, and with it its Ray Train workers) and wait until it has."""
     from jepa_ray.submit import TERMINAL, status_name
 
     try:
-        jobs = _jobs(address)
+        jobs = _jobs(address, insecure_http)
         jobs.stop(job)
         deadline = time.monotonic() + wait_s
         while (status := status_name(jobs.info(job))) not in TERMINAL and time.monotonic() < deadline:

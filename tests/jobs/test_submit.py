@@ -1,4 +1,5 @@
-"""Job submission without a cluster: addresses, tokens, runtime environments, entrypoints, errors."""
+"""Job submission without a cluster: addresses, tokens, runtime environments, entrypoints, what is
+uploaded (through Ray's own packaging code), what is printed about a job, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import _free_port
@@ -17,14 +20,21 @@ from typer.testing import CliRunner
 
 from jepa_ray.cli import app
 from jepa_ray.submit import (
-    EXCLUDES,
+    MAX_UPLOAD_BYTES,
     JobError,
+    Jobs,
     auth_token,
     build_entrypoint,
     build_runtime_env,
     check_reachable,
+    check_transport,
     checkout_root,
+    describe_job,
+    is_loopback,
     job_spec,
+    plan_upload,
+    redact,
+    redact_text,
     resolve_address,
 )
 
@@ -139,22 +149,20 @@ def test_token_precedence_and_bad_token_files(monkeypatch, tmp_path):
 
 def test_runtime_env_of_a_checkout_with_pins_image_and_env(tmp_path):
     assert checkout_root() == ROOT
-    env = build_runtime_env(ROOT, env=["PYTHONUNBUFFERED=1", "EMPTY="])
-    assert env == {
-        "working_dir": str(ROOT),
-        "excludes": EXCLUDES,
-        "env_vars": {"PYTHONUNBUFFERED": "1", "EMPTY": ""},
-    }
+    spec = job_spec("prepare", ["--out", "/s"], ROOT, env=["PYTHONUNBUFFERED=1", "EMPTY="])
+    # the working_dir is added when the upload is staged, at submission
+    assert spec.runtime_env == {"env_vars": {"PYTHONUNBUFFERED": "1", "EMPTY": ""}}
+    assert spec.upload.root == ROOT and "jobs/prepare.py" in spec.upload.files
     req = tmp_path / "requirements.txt"
     req.write_text("# pinned\nnumpy==2.1.3\nfoo[extra]==1.0  # comment\nbar @ https://example.org/bar.whl\n")
-    env = build_runtime_env(None, pip=req)
+    env = build_runtime_env(pip=req)
     assert env == {
         "pip": {
             "packages": ["numpy==2.1.3", "foo[extra]==1.0", "bar @ https://example.org/bar.whl"],
             "pip_check": False,
         }
     }
-    assert build_runtime_env(None, image="registry.example.org/jepa-ray:0.1.0") == {
+    assert build_runtime_env(image="registry.example.org/jepa-ray:0.1.0") == {
         "image_uri": "registry.example.org/jepa-ray:0.1.0"
     }
 
@@ -162,7 +170,6 @@ def test_runtime_env_of_a_checkout_with_pins_image_and_env(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"working_dir": "tmp"}, "not a jepa-ray checkout"),
         ({"pip": "unpinned"}, r"'numpy>=2' is not pinned \(requirement 2\)"),
         ({"pip": "options"}, "'--index-url x': pip options are not supported"),
         ({"pip": "missing"}, "missing.txt: cannot read the requirements file"),
@@ -179,15 +186,13 @@ def test_bad_runtime_env_inputs_name_the_input(tmp_path, kwargs, message):
         "pinned": "numpy==2.1.3\n",
     }
     args = dict(kwargs)
-    if args.get("working_dir") == "tmp":
-        args["working_dir"] = tmp_path
     if "pip" in args:
         path = tmp_path / f"{args['pip']}.txt"
         if args["pip"] in files:
             path.write_text(files[args["pip"]])
         args["pip"] = path
     with pytest.raises(JobError, match=message):
-        build_runtime_env(args.pop("working_dir", None), **args)
+        build_runtime_env(**args)
 
 
 def test_entrypoints_for_a_checkout_and_for_the_installed_package():
@@ -269,3 +274,266 @@ def test_a_job_api_address_in_ray_address_is_not_a_cluster_to_run_a_driver_on(tm
     assert out.returncode == 2, out.stderr
     assert "RAY_ADDRESS=http://127.0.0.1:8265 is a job API address" in out.stderr
     assert "jepa-ray submit -- <command>" in out.stderr
+
+
+# --- what a submission uploads -----------------------------------------------------------------
+
+SOURCES = {
+    "jepa_ray/__init__.py": "__version__ = '0.1.0'\n",
+    "jepa_ray/py.typed": "",
+    "jepa_ray/data/dicom.py": "X = 1\n",
+    "jobs/_entry.py": "",
+    "jobs/pretrain.py": "",
+    "jobs/prepare.py": "",
+    "jobs/configs/demo.yaml": "train: {steps: 2}\n",
+    "my/exp.yaml": "prepare: {}\n",  # outside the allowlist: uploaded because --config names it
+    "pyproject.toml": "[project]\nname = 'jepa-ray'\n",
+    "constraints.txt": "numpy==2.1.3\n",
+    "README.md": "# jepa-ray\n",
+}
+SECRETS_INSIDE = [  # in uploaded folders: left out, and named in a warning
+    "jobs/configs/.env",
+    "jepa_ray/secret.key",
+    "jepa_ray/.aws/credentials",
+    "jobs/credentials.json",
+    "jobs/configs/salt",
+]
+OUTSIDE = [".env", ".aws/credentials", "id_rsa", "server.pem", "salt", ".netrc", "runs/x.pt", "shards/a.tar"]
+
+
+def fake_checkout(root: Path) -> Path:
+    for rel in [*SOURCES, *SECRETS_INSIDE, *OUTSIDE, "jepa_ray/__pycache__/dicom.cpython-311.pyc"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(SOURCES.get(rel, "AKIA-not-for-upload\n"))
+    (root / "jepa_ray" / "data" / "cohort.parquet").write_bytes(b"PAR1")
+    (root / "jepa_ray" / "data" / "env.py").symlink_to(root / ".env")  # a link out of the folders
+    (root / ".gitignore").write_text("!.env\n")  # cannot re-include anything
+    return root
+
+
+def _ray_packs(runtime_env: dict, scratch: Path) -> list[str]:
+    """The files Ray's job client would zip and upload for this runtime_env (its own code path)."""
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    packed = []
+
+    def upload_fn(working_dir, excludes, is_file=False):
+        zip_path = scratch / f"pkg{len(list(scratch.glob('*.zip')))}.zip"  # Ray reuses an existing one
+        create_package(working_dir, zip_path, include_gitignore=True, excludes=excludes)
+        packed.extend(n for n in zipfile.ZipFile(zip_path).namelist() if not n.endswith("/"))
+
+    upload_working_dir_if_needed(dict(runtime_env), include_gitignore=True, upload_fn=upload_fn)
+    return sorted(packed)
+
+
+def test_upload_is_the_allowlist_and_never_a_secret(tmp_path):
+    root = fake_checkout(tmp_path / "checkout")
+    spec = job_spec("prepare", ["--config", "my/exp.yaml", "--out", "/s"], root, env=["A=1"])
+    assert sorted(spec.upload.files) == sorted(SOURCES)
+    assert list(spec.upload.secrets) == sorted(SECRETS_INSIDE)
+    assert spec.upload.left_out == ("jepa_ray/data/cohort.parquet", "jepa_ray/data/env.py")
+
+    class Client:  # Ray's job client, less the HTTP: packs working_dir with Ray's packaging code
+        def submit_job(self, entrypoint, runtime_env, submission_id, metadata):
+            self.working_dir = Path(runtime_env["working_dir"])
+            self.packed = _ray_packs(runtime_env, tmp_path)
+            self.mode = self.working_dir.stat().st_mode & 0o777
+            return submission_id
+
+    jobs = Jobs.__new__(Jobs)
+    jobs.url, jobs.client = "http://127.0.0.1:1", Client()
+    assert jobs.submit(spec) == spec.submission_id
+    assert jobs.client.packed == sorted(SOURCES)  # what Ray zips: the package, jobs, configs, pyproject
+    assert jobs.client.mode == 0o700
+    assert not jobs.client.working_dir.exists()  # the staged copy is gone once submitted
+    # a checkout is never the working_dir itself: Ray would pack every secret in it
+    assert set(_ray_packs({"working_dir": str(root)}, tmp_path)) >= {".env", "id_rsa", "runs/x.pt"}
+
+
+def test_the_upload_summary_names_files_size_and_skipped_secrets(tmp_path):
+    root = fake_checkout(tmp_path / "checkout")
+    upload = plan_upload(root, "prepare", ["--config", "my/exp.yaml"])
+    size = sum(len(text) for text in SOURCES.values())
+    assert upload.total_bytes == size
+    assert upload.summary() == (
+        f"uploading {len(SOURCES)} files ({size / 1024:.1f} KiB) from {root} as the job's working_dir: "
+        "README.md, constraints.txt, jepa_ray/ (3 files), jobs/ (4 files), my/ (1 file), pyproject.toml"
+    )
+    address = f"http://127.0.0.1:{_free_port()}"
+    args = [
+        "submit",
+        "--working-dir",
+        str(root),
+        "--address",
+        address,
+        "--",
+        "prepare",
+        "--config",
+        "my/exp.yaml",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "no Ray job API answers" in result.output, result.output
+    assert f"uploading {len(SOURCES)} files ({size / 1024:.1f} KiB)" in result.output
+    warning = result.output.split("secret-looking file(s), never uploaded: ", 1)[1]
+    assert all(rel in warning for rel in SECRETS_INSIDE)
+    assert "jepa_ray/data/cohort.parquet" in result.output
+
+
+def test_bench_uploads_the_benchmark_scripts_only():
+    files = plan_upload(ROOT, "bench", ["train"]).files
+    assert "benchmarks/bench_train.py" in files
+    assert not [f for f in files if f.startswith("benchmarks/results")]
+    assert not [f for f in plan_upload(ROOT, "pretrain", []).files if f.startswith("benchmarks/")]
+
+
+def test_unsafe_or_oversized_uploads_are_refused_naming_the_input(tmp_path):
+    root = fake_checkout(tmp_path / "checkout")
+    (tmp_path / "elsewhere.yaml").write_text("{}\n")
+    (root / "jobs" / "configs" / "linked.yaml").symlink_to(tmp_path / "elsewhere.yaml")
+    with pytest.raises(JobError, match=r"--config \.\./elsewhere\.yaml: outside the checkout"):
+        job_spec("prepare", ["--config", "../elsewhere.yaml"], root)
+    with pytest.raises(JobError, match=r"--config jobs/configs/linked\.yaml: outside the checkout"):
+        job_spec("prepare", ["--config", "jobs/configs/linked.yaml"], root)
+    with pytest.raises(JobError, match=r"--config jobs/configs/salt: its name looks like a credential"):
+        job_spec("prepare", ["--config", "jobs/configs/salt"], root)
+    with pytest.raises(JobError, match=f"--working-dir {tmp_path}: not a jepa-ray checkout"):
+        plan_upload(tmp_path, "prepare", [])
+    with (root / "jobs" / "configs" / "huge.yaml").open("wb") as f:
+        f.truncate(MAX_UPLOAD_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(
+        JobError,
+        match=r"the upload would be 100\.0 MiB, over jepa-ray's limit of 100\.0 MiB .* the largest files: "
+        r"jobs/configs/huge\.yaml \(100\.0 MiB\), ",
+    ):
+        job_spec("prepare", [], root)
+
+
+# --- a token never crosses the network in clear text -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url, token, insecure, refused",
+    [
+        ("http://10.0.0.5:8265", "RAY_AUTH_TOKEN", False, True),
+        ("http://ray-head.internal:8265", "RAY_AUTH_TOKEN", False, True),
+        ("http://127.0.0.1.example.org:8265", "RAY_AUTH_TOKEN", False, True),
+        ("http://10.0.0.5:8265", "RAY_AUTH_TOKEN", True, False),
+        ("http://10.0.0.5:8265", None, False, False),
+        ("http://127.0.0.1:8265", "RAY_AUTH_TOKEN", False, False),
+        ("http://127.8.9.1:8265", "RAY_AUTH_TOKEN", False, False),
+        ("http://localhost:8265", "RAY_AUTH_TOKEN", False, False),
+        ("http://[::1]:8265", "RAY_AUTH_TOKEN", False, False),
+        ("https://ray.example.org", "RAY_AUTH_TOKEN", False, False),
+    ],
+)
+def test_token_over_plain_http_only_to_this_machine(url, token, insecure, refused):
+    if not refused:
+        check_transport(url, token, insecure)
+        return
+    with pytest.raises(JobError) as e:
+        check_transport(url, token, insecure)
+    assert f"{url}: refusing to send the Ray token (from RAY_AUTH_TOKEN) over plain http" in str(e.value)
+    for what in ("cross the network in clear text", "kubectl port-forward", "http://127.0.0.1:8265"):
+        assert what in str(e.value)
+    assert "https://" in str(e.value) and "--insecure-http" in str(e.value)
+
+
+def test_loopback_is_decided_without_resolving_names():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert is_loopback("LOCALHOST")
+    assert not is_loopback("10.0.0.5") and not is_loopback("localhost.example.org") and not is_loopback("")
+
+
+def test_every_jobs_command_refuses_the_token_over_http_unless_insecure(monkeypatch):
+    import jepa_ray.submit
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-0123")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    remote = ["--address", "http://10.0.0.5:8265"]
+    commands = [["jobs", "list"], ["jobs", "status", "x"], ["jobs", "logs", "x"], ["jobs", "stop", "x"]]
+    submit = ["submit", *remote, "--", "prepare", "--out", "/s"]
+    for args in [[*c, *remote] for c in commands] + [submit]:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "would cross the network in clear text" in result.output, args
+
+    def reached(url, headers=None, timeout=0):
+        raise JobError(f"reached {url} with {sorted(headers)}")
+
+    monkeypatch.setattr(jepa_ray.submit, "check_reachable", reached)
+    for args in [[*c, *remote, "--insecure-http"] for c in commands] + [
+        [*submit[:3], "--insecure-http", *submit[3:]]
+    ]:
+        result = CliRunner().invoke(app, args)
+        assert "reached http://10.0.0.5:8265 with ['Authorization']" in result.output, (args, result.output)
+
+
+# --- what is printed about a job --------------------------------------------------------------
+
+ENTRYPOINT = (
+    "python jobs/prepare.py --salt=s3cr3t-salt AWS_SECRET_ACCESS_KEY=wJalrXUt --password 'hunter 2' "
+    "--out /s prepare.deid.salt_file=/etc/jepa/salt --api-key=k-42 https://bob:pw-9@example.org/x"
+)
+LEAKS = ("s3cr3t-salt", "wJalrXUt", "hunter", "k-42", "pw-9", "sk-live", "tok-1")
+
+
+def _info(**kw):
+    fields = {
+        "status": "FAILED",
+        "message": "Job failed: Bearer tok-1 refused",
+        "entrypoint": ENTRYPOINT,
+        "start_time": 1_700_000_000_000,
+        "end_time": None,
+        "runtime_env": {
+            "working_dir": "gcs://_ray_pkg_0123.zip",
+            "env_vars": {"PYTHONUNBUFFERED": "1", "OPENAI_KEY": "sk-live"},
+            "pip": {"packages": ["numpy==2.1.3"]},
+        },
+        "metadata": {"command": "prepare", "api_token": "tok-1"},
+        "submission_id": "jepa-ray-prepare-1",
+        "job_id": None,
+    }
+    return SimpleNamespace(**{**fields, **kw})
+
+
+def test_job_status_masks_environment_values_and_secret_arguments():
+    lines = describe_job("jepa-ray-prepare-1", _info())
+    text = "\n".join(lines)
+    assert not [leak for leak in LEAKS if leak in text], text
+    assert lines[0] == "jepa-ray-prepare-1: FAILED"
+    assert "--salt=*** AWS_SECRET_ACCESS_KEY=*** --password *** --out /s" in text
+    assert "prepare.deid.salt_file=/etc/jepa/salt" in text  # where the salt is, not the salt
+    assert "https://bob:***@example.org/x" in text and "Bearer ***" in text
+    assert '"env_vars": {"PYTHONUNBUFFERED": "***", "OPENAI_KEY": "***"}' in text
+    assert '"working_dir": "gcs://_ray_pkg_0123.zip"' in text and '"numpy==2.1.3"' in text
+    assert '"metadata": ' not in text and '  metadata: {"command": "prepare", "api_token": "***"}' in text
+    assert redact({"RAY_AUTH_TOKEN_PATH": "/t", "password": "", "db_password": "x"}) == {
+        "RAY_AUTH_TOKEN_PATH": "/t",
+        "password": "",
+        "db_password": "***",
+    }
+    assert redact_text("train.steps=3 --name a --token-file /t --secret --x") == (
+        "train.steps=3 --name a --token-file /t --secret --x"
+    )
+
+
+def test_jobs_status_and_list_print_no_secret(monkeypatch):
+    import jepa_ray.cli
+
+    class FakeJobs:
+        url = "http://127.0.0.1:8265"
+
+        def info(self, job):
+            return _info()
+
+        def list(self):
+            return [_info(), _info(submission_id="jepa-ray-prepare-2", entrypoint="python jobs/tune.py")]
+
+    monkeypatch.setattr(jepa_ray.cli, "_jobs", lambda address, insecure_http=False: FakeJobs())
+    status = CliRunner().invoke(app, ["jobs", "status", "jepa-ray-prepare-1"])
+    assert status.exit_code == 1 and "jepa-ray-prepare-1: FAILED" in status.output
+    assert "AWS_SECRET_ACCESS_KEY=***" in status.output and '"OPENAI_KEY": "***"' in status.output
+    listed = CliRunner().invoke(app, ["jobs", "list"])
+    assert listed.exit_code == 0 and "jepa-ray-prepare-2" in listed.output
+    for output in (status.output, listed.output):
+        assert not [leak for leak in LEAKS if leak in output], output
