@@ -91,6 +91,7 @@ class EhrTables:
     tte_names: list[str] = field(default_factory=list)
     ignored_columns: dict[str, list[str]] = field(default_factory=dict)
     dropped_columns: list[dict[str, str]] = field(default_factory=list)  # identifiers / free text
+    dropped_codes: dict[str, int] = field(default_factory=dict)  # reason -> distinct codes (never the text)
     quarantine: list[Quarantined] = field(default_factory=list)
     event_rows: int = 0
     event_files: int = 0
@@ -302,6 +303,26 @@ _ID_NAME = re.compile(
     r"post_?code|phone|email|dob|birth_?date|date_?of_?birth|accession|note|notes|comment|comments|text)($|_)"
 )
 FREE_TEXT_LEN = 48  # a categorical value longer than this is free text, not a category
+
+
+FREE_TEXT_CODE_LEN = 160  # a MEDS code longer than this is a note, not a code (LOINC long names: <~150)
+FREE_TEXT_CODE_WORDS = 16  # nor one of this many words (LOINC long names reach ~13)
+_PERSONAL_PATTERN = re.compile(
+    r"[\w.+-]+@[\w-]+\.[\w.]+"  # an e-mail address
+    r"|(?<!\d)\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)"  # a phone number
+    r"|(?<!\d)(19|20)\d\d-[01]\d-[0-3]\d(?!\d)|(?<!\d)[0-3]?\d/[0-3]?\d/(19|20)?\d\d(?!\d)"  # a date
+    r"|\b\d{3}-\d{2}-\d{4}\b"  # a social security number
+)
+
+
+def free_text_code(code: str) -> str | None:
+    """Why a MEDS code looks like free text or carries a personal detail (it is then never a
+    vocabulary entry, and never written anywhere), or None for a code."""
+    if len(code) > FREE_TEXT_CODE_LEN or len(code.split()) >= FREE_TEXT_CODE_WORDS:
+        return "free_text"
+    if _PERSONAL_PATTERN.search(code):
+        return "personal_pattern"
+    return None
 
 
 def identifier_column(name: str, s: pd.Series) -> str | None:

@@ -248,6 +248,7 @@ def prepare(
         "time_to_event": tables.tte_names,
         "ignored_columns": tables.ignored_columns,
         "dropped_columns": tables.dropped_columns,  # identifiers / free text: never copied
+        "dropped_codes": tables.dropped_codes,  # free-text codes, by reason: counts only
     }
     for q in tables.quarantine:
         record = q.to_json()

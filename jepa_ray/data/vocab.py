@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from jepa_ray.data.ehr import PAD_ID, UNK_ID, US_PER_DAY, EhrTables
+from jepa_ray.data.ehr import PAD_ID, UNK_ID, US_PER_DAY, EhrTables, free_text_code
 
 
 @dataclass
@@ -48,8 +48,10 @@ def fit_vocab(
 ) -> Vocab:
     """Fit the code vocabulary and value statistics on the training subjects' EHR. A code or a
     categorical value is kept only when `min_count` rows and `min_subjects` distinct training
-    subjects have it (k-anonymity of what the manifest lists); a categorical column left with no
-    value is dropped (recorded in `tables.dropped_columns`)."""
+    subjects have it (k-anonymity of what the manifest lists), and when it does not look like free
+    text or hold a personal detail (`free_text_code`: counted by reason in `tables.dropped_codes`,
+    never written); a categorical column left with no value is dropped (recorded in
+    `tables.dropped_columns`)."""
     in_train = np.array([k in train_subjects for k in tables.row_keys], dtype=bool)
     rows = in_train[tables.row_subject] if in_train.size else np.zeros(0, dtype=bool)
     n_codes = len(tables.code_names)
@@ -60,6 +62,11 @@ def fit_vocab(
         )
         holders = np.bincount((pairs % n_codes).astype(np.int64), minlength=n_codes)
         counts = np.where(holders >= min_subjects, counts, 0)
+    for i, name in enumerate(tables.code_names):
+        why = free_text_code(name)
+        if why is not None:
+            counts[i] = 0
+            tables.dropped_codes[why] = tables.dropped_codes.get(why, 0) + 1
     has = rows & ~np.isnan(tables.row_value)
     c, v = tables.row_code[has], tables.row_value[has].astype(np.float64)
     n = np.bincount(c, minlength=n_codes)

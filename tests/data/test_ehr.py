@@ -179,6 +179,37 @@ def test_only_values_and_codes_shared_by_k_training_subjects_are_kept(tmp_path):
     assert m["static_cat"].tolist() == [ehr.UNK_ID]  # the rare value is written as <unk>
 
 
+def test_free_text_codes_never_enter_the_vocabulary(tmp_path):
+    note = "NOTE//Pt seen in clinic today, complains of chest pain radiating to the left arm since Monday"
+    codes = {
+        "LOINC//2345-7": True,
+        "SNOMED//44054006": True,
+        "RXNORM//1049630": True,
+        "LAB//Glucose [Mass/volume] in Serum or Plasma --2 hours post 75 g glucose PO": True,
+        "ICD10CM//E11.9": True,
+        note: False,  # free text, shared by every subject
+        "CONTACT//jane.doe@example.org": False,
+        "CALLBACK//(555) 123-4567": False,
+        "NOTE//seen 2019-05-01": False,
+        "NOTE//seen 5/1/2019": False,
+        "ID//123-45-6789": False,
+        "X" * 161: False,
+    }
+    rows = [(s, f"2020-01-0{d + 1}", c) for s in range(1, 4) for d, c in enumerate(codes)]
+    frame = pd.DataFrame(rows, columns=["subject_id", "time", "code"])
+    frame["time"] = pd.to_datetime(frame["time"].str.slice(0, 10), errors="coerce").fillna(
+        pd.Timestamp("2020-01-01")
+    )
+    frame["numeric_value"] = np.float32(np.nan)
+    (tmp_path / "data").mkdir()
+    frame.to_parquet(tmp_path / "data" / "0.parquet")
+    tables = ehr.read_meds(tmp_path)
+    vocab = vocab_mod.fit_vocab(tables, {"1", "2", "3"}, min_subjects=3)
+    assert sorted(vocab.codes[2:]) == sorted(c for c, keep in codes.items() if keep)
+    assert tables.dropped_codes == {"free_text": 2, "personal_pattern": 5}
+    assert vocab.code_id(note) == ehr.UNK_ID
+
+
 def test_event_times_are_rounded_and_ages_capped(tmp_path):
     d = tmp_path / "meds" / "data"
     d.mkdir(parents=True)
