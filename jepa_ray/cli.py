@@ -40,7 +40,8 @@ def _fail(e: Exception) -> typer.Exit:
 def init_ray(address: str | None) -> None:
     """Connect to the configured cluster, or start a local Ray (reused when already running) with
     its dashboard on 127.0.0.1: Ray Train uses its state API to release the resources of a run
-    whose driver is gone (a sweep's stopped trial)."""
+    whose driver is gone (a sweep's stopped trial). An address that does not answer is an error
+    within seconds (`jepa_ray.connect`)."""
     import os
 
     import ray
@@ -53,10 +54,15 @@ def init_ray(address: str | None) -> None:
             f"RAY_ADDRESS={env} is a job API address: this command runs its driver here. Submit it "
             "to that cluster with `jepa-ray submit -- <command> ...`, or unset RAY_ADDRESS to run locally"
         )
-    if address or env:  # a Ray job's driver finds its cluster in RAY_ADDRESS
-        ray.init(address=address or env, logging_level=logging.WARNING)
+    from jepa_ray.connect import ray_init_address
+
+    target = ray_init_address(address)  # a dead address: an error or a fresh local Ray, never a hang
+    if target not in (None, "local"):  # a Ray job's driver finds its cluster in RAY_ADDRESS
+        ray.init(address=target, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        ray.init(
+            address=target, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING
+        )
 
 
 @app.command()
@@ -509,7 +515,9 @@ def submit(
     """Submit a jepa-ray entrypoint as a Ray job: `jepa-ray submit [--wait] -- pretrain --config F`.
     Prints what it uploads and the submission id; with --wait, streams the logs and exits 0 only when
     the job SUCCEEDED."""
-    from jepa_ray.submit import checkout_root, job_spec, redact_text
+    from jepa_ray.redact import redact_text
+    from jepa_ray.submit import job_spec
+    from jepa_ray.upload import checkout_root
 
     try:
         if installed and working_dir is not None:
@@ -545,7 +553,8 @@ def submit(
 
 def _follow(jobs, sid: str) -> int:
     """Stream a job's logs to stdout until it ends; 0 when it SUCCEEDED, 1 when not."""
-    from jepa_ray.submit import log_tail, redact_text, status_name
+    from jepa_ray.redact import redact_text
+    from jepa_ray.submit import log_tail, status_name
 
     try:
         info = jobs.follow(sid, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -597,7 +606,8 @@ app.add_typer(jobs_app, name="jobs")
 @jobs_app.command("list")
 def jobs_list(address: AddressOpt = None, insecure_http: InsecureOpt = False) -> None:
     """Every job the cluster knows, newest first (secrets in entrypoints masked)."""
-    from jepa_ray.submit import redact_text, status_name
+    from jepa_ray.redact import redact_text
+    from jepa_ray.submit import status_name
 
     try:
         jobs = _jobs(address, insecure_http)

@@ -39,3 +39,8 @@ class ShardError(JepaRayError):
 
 class CheckpointError(JepaRayError):
     """A checkpoint file is corrupt, was changed after it was written, or holds more than tensors."""
+
+
+class JobError(JepaRayError):
+    """A job could not be submitted, uploaded, found or followed; the message names the input, the
+    address or the job."""

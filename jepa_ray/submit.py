@@ -1,16 +1,14 @@
 """Ray Jobs from the command line: submit a jepa-ray subcommand to a cluster, follow it, list it.
 
 A job runs one of the entrypoints in `jobs/` (`pretrain`, `tune`, `evaluate`, `prepare`, `bench`)
-on the cluster's head, under a runtime environment built here: an allowlist of the checkout (its
-`jepa_ray/` and `jobs/` sources and configs, `pyproject.toml`, `constraints.txt`, `README.md`, the
-`--config` files the command names) copied into a temporary folder that is the job's `working_dir`,
-or the jepa-ray installed on the cluster; pinned pip requirements or a container image; and
-environment variables. Secret-looking files are never uploaded, even from those folders. The client
-talks to the dashboard's job API, which a jepa-ray cluster binds to a local or cluster-internal
-address (reach it through an SSH tunnel or `kubectl port-forward`); Ray's token authentication is
-honoured (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`), the token never travels
-over plain http to another machine unless asked to (`insecure_http`), and so is `RAY_ADDRESS`.
-What is printed about a job (its entrypoint, runtime environment, metadata) has its secrets masked.
+on the cluster's head, under a runtime environment built here: the checkout's allowlisted files
+(`jepa_ray.upload`, staged as the job's `working_dir`) or the jepa-ray installed on the cluster;
+pinned pip requirements or a container image; and environment variables. The client talks to the
+dashboard's job API, which a jepa-ray cluster binds to a local or cluster-internal address (reach
+it through an SSH tunnel or `kubectl port-forward`); Ray's token authentication is honoured
+(`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`), the token never travels over plain
+http to another machine unless asked to (`insecure_http`), and so is `RAY_ADDRESS`. What is
+printed about a job has its secrets masked (`jepa_ray.redact`).
 """
 
 from __future__ import annotations
@@ -23,48 +21,24 @@ import os
 import re
 import secrets
 import shlex
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from jepa_ray import __version__
-from jepa_ray.errors import JepaRayError
+from jepa_ray.errors import JepaRayError, JobError  # JobError: also importable from here
+from jepa_ray.redact import redact, redact_text
+from jepa_ray.upload import Upload, config_in_checkout, config_paths, plan_upload, resolve_checkout, staged
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ENTRYPOINTS = ("pretrain", "tune", "evaluate", "prepare", "bench")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CONNECT_TIMEOUT_S = 5.0
-# What a job needs from a checkout; nothing else in it is uploaded. README.md: pyproject's readme,
-# so that `pip install .` works in the uploaded folder.
-UPLOAD_DIRS = ("jepa_ray", "jobs")
-UPLOAD_FILES = ("pyproject.toml", "constraints.txt", "README.md")
-UPLOAD_SUFFIXES = (".py", ".yaml", ".yml")
-MAX_UPLOAD_BYTES = 100 * 2**20  # a checkout's sources are ~1 MiB; Ray itself refuses 500 MiB
-_CACHE_DIR = re.compile(r"__pycache__|.*\.egg-info|\.(pytest|ruff|mypy)_cache")
-# file or folder names that hold credentials, keys or the de-identification salt
-_SECRET_NAME = re.compile(
-    r"^\.env|\.env$|^[._]?netrc$|^\.pgpass$|^id_(rsa|dsa|ecdsa|ed25519)|^auth_token|\.token$"
-    r"|\.(pem|key|p12|pfx|jks|keystore|gpg)$|credential|secret|salt|passw(or)?d"
-    r"|^\.(aws|ssh|gnupg|kube|docker|azure|gcloud)$",
-    re.IGNORECASE,
-)
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PINNED = re.compile(r"^[A-Za-z0-9_.\-\[\],]+\s*(===?\s*\S+|\s@\s*\S+)")
-
-
-class JobError(JepaRayError):
-    """A job could not be submitted, found or followed; the message names the address or the job."""
-
-
-def checkout_root() -> Path | None:
-    """The jepa-ray checkout this package runs from (it holds jobs/ and pyproject.toml), if any."""
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / "jobs" / "pretrain.py").is_file() and (root / "pyproject.toml").is_file() else None
 
 
 # --- where the cluster is, and how to authenticate --------------------------------------------
@@ -288,50 +262,6 @@ def status_name(info) -> str:
 
 
 @dataclass(frozen=True)
-class Upload:
-    """What a job's working_dir holds: files of the checkout `root` (relative path -> size in bytes),
-    and the files under the uploaded folders that were left out."""
-
-    root: Path
-    files: dict[str, int]
-    secrets: tuple[str, ...] = ()  # secret-looking: never uploaded, named in a warning
-    left_out: tuple[str, ...] = ()  # neither Python nor YAML, hidden, or a link
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.files.values())
-
-    def summary(self) -> str:
-        """One line: how many files, how large, and the top-level entries."""
-        tops: dict[str, int] = {}
-        for rel in self.files:
-            top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
-            tops[top] = tops.get(top, 0) + 1
-        entries = ", ".join(
-            f"{t} ({n} file{'s' * (n != 1)})" if t.endswith("/") else t for t, n in sorted(tops.items())
-        )
-        return (
-            f"uploading {len(self.files)} files ({_size(self.total_bytes)}) from {self.root} as the "
-            f"job's working_dir: {entries}"
-        )
-
-    def warnings(self) -> list[str]:
-        out = []
-        if self.secrets:
-            out.append(
-                f"left out {len(self.secrets)} secret-looking file(s), never uploaded: "
-                f"{', '.join(self.secrets)} (keep credentials, keys and salts out of the checkout)"
-            )
-        if self.left_out:
-            shown = ", ".join(self.left_out[:10]) + (", ..." if len(self.left_out) > 10 else "")
-            out.append(
-                f"left out {len(self.left_out)} other file(s) (only Python and YAML sources are uploaded, "
-                f"never links or hidden files): {shown}"
-            )
-        return out
-
-
-@dataclass(frozen=True)
 class JobSpec:
     """A submission: the entrypoint, its runtime environment (without working_dir: `Jobs.submit`
     stages `upload` and adds it), the id it is known by, and what it uploads (None: nothing)."""
@@ -341,132 +271,6 @@ class JobSpec:
     submission_id: str
     metadata: dict
     upload: Upload | None = None
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
-def is_secret_name(rel: str) -> bool:
-    """Whether a relative path has a part named like a credential, key, .env or salt file."""
-    return any(_SECRET_NAME.search(part) for part in Path(rel).parts)
-
-
-def _walk(root: Path, top: str, suffixes: tuple[str, ...], recursive: bool = True):
-    """(relative path, kind) of every file under root/top: kind is 'file', 'secret' or 'left out'."""
-    base = root / top
-    if not base.is_dir() or base.is_symlink():
-        return
-    for dirpath, dirnames, filenames in os.walk(base):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if recursive and not _CACHE_DIR.fullmatch(d))
-        for name in sorted(filenames) + [d for d in dirnames if (here / d).is_symlink()]:
-            rel = (here / name).relative_to(root).as_posix()
-            if is_secret_name(rel):
-                yield rel, "secret"
-            elif name.endswith(".pyc"):
-                continue
-            elif (
-                (here / name).is_symlink()
-                or any(part.startswith(".") for part in Path(rel).parts)
-                or not (name.endswith(suffixes) or name == "py.typed")
-            ):
-                yield rel, "left out"
-            else:
-                yield rel, "file"
-        if not recursive:
-            break
-
-
-def _checkout(working_dir: Path) -> Path:
-    root = Path(working_dir).expanduser().resolve()
-    if not (root / "jobs" / "pretrain.py").is_file():
-        raise JobError(
-            f"--working-dir {root}: not a jepa-ray checkout (no jobs/pretrain.py); pass the checkout's "
-            "root, or --installed to run the jepa-ray installed on the cluster"
-        )
-    return root
-
-
-def plan_upload(checkout: Path, command: str, args: Sequence[str]) -> Upload:
-    """The files of a checkout a job needs: the jepa_ray/ and jobs/ sources and configs (benchmarks/
-    for `bench`), pyproject.toml, constraints.txt, README.md, and the `--config` files in `args`;
-    never secret-looking ones. JobError when it is not a checkout, a config lies outside it or looks
-    like a secret, or the upload is larger than MAX_UPLOAD_BYTES."""
-    root = _checkout(checkout)
-    found: list[tuple[str, str]] = []
-    for top in UPLOAD_DIRS:
-        found += _walk(root, top, UPLOAD_SUFFIXES)
-    if command == "bench":
-        found += _walk(root, "benchmarks", (".py",), recursive=False)
-    found += [
-        (name, "file") for name in UPLOAD_FILES if (root / name).is_file() and not (root / name).is_symlink()
-    ]
-    for cfg in _config_paths(args):
-        found.append((_config_in_checkout(root, cfg), "file"))
-    files = {rel: (root / rel).stat().st_size for rel, kind in found if kind == "file"}
-    upload = Upload(
-        root=root,
-        files=dict(sorted(files.items())),
-        secrets=tuple(sorted({rel for rel, kind in found if kind == "secret"})),
-        left_out=tuple(sorted({rel for rel, kind in found if kind == "left out"} - set(files))),
-    )
-    if upload.total_bytes > MAX_UPLOAD_BYTES:
-        largest = sorted(files.items(), key=lambda kv: -kv[1])[:5]
-        raise JobError(
-            f"--working-dir {root}: the upload would be {_size(upload.total_bytes)}, over jepa-ray's limit "
-            f"of {_size(MAX_UPLOAD_BYTES)} (Ray refuses 500 MiB); the largest files: "
-            + ", ".join(f"{rel} ({_size(n)})" for rel, n in largest)
-            + ". Keep data out of jepa_ray/ and jobs/ (shards and runs belong on storage the cluster "
-            "reads), or submit with --installed or --image"
-        )
-    return upload
-
-
-def _config_in_checkout(root: Path, cfg: str) -> str:
-    """A --config path as the job will open it, relative to the uploaded folder."""
-    rel = os.path.normpath(cfg)
-    if (
-        Path(rel).is_absolute()
-        or rel.split(os.sep, 1)[0] == ".."
-        or not (root / rel).resolve().is_relative_to(root)
-    ):
-        raise JobError(
-            f"--config {cfg}: outside the checkout {root}; only files inside it are uploaded, so move "
-            "the config into it (jobs/configs/)"
-        )
-    if is_secret_name(rel):
-        raise JobError(
-            f"--config {cfg}: its name looks like a credential, key or salt file, which jepa-ray never "
-            "uploads; rename the config (and keep secrets out of configs: a salt stays in a file on the "
-            "cluster, prepare.deid.salt_file)"
-        )
-    if not (root / rel).is_file():
-        raise JobError(
-            f"--config {cfg}: no such file in the working directory {root}; the job would not find it"
-        )
-    return Path(rel).as_posix()
-
-
-@contextlib.contextmanager
-def staged(upload: Upload | None) -> Iterator[Path | None]:
-    """A temporary folder (mode 0700) holding a copy of exactly the upload's files; removed on exit."""
-    if upload is None:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="jepa-ray-upload-") as tmp:
-        for rel in upload.files:
-            dest = Path(tmp, rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if not (upload.root / rel).resolve().is_relative_to(upload.root):  # became a link since
-                raise JobError(f"{upload.root / rel}: now leads outside the checkout; not uploaded")
-            try:
-                shutil.copyfile(upload.root / rel, dest)
-            except OSError as e:
-                raise JobError(
-                    f"{upload.root / rel}: cannot copy it into the upload: {e.strerror or e}"
-                ) from None
-        yield Path(tmp)
 
 
 def parse_env(items: Sequence[str]) -> dict[str, str]:
@@ -517,16 +321,6 @@ def build_runtime_env(pip: Path | None = None, image: str | None = None, env: Se
     return runtime_env
 
 
-def _config_paths(args: Sequence[str]) -> list[str]:
-    out = []
-    for i, a in enumerate(args):
-        if a in ("--config", "-c") and i + 1 < len(args):
-            out.append(args[i + 1])
-        elif a.startswith("--config="):
-            out.append(a.split("=", 1)[1])
-    return out
-
-
 def build_entrypoint(command: str, args: Sequence[str], working_dir: Path | None) -> str:
     """The shell command the job runs: `python jobs/<command>.py ...` in the uploaded checkout, or
     `python -m jepa_ray <command> ...` with the package installed on the cluster (or in --image)."""
@@ -536,8 +330,8 @@ def build_entrypoint(command: str, args: Sequence[str], working_dir: Path | None
         if command == "bench":
             raise JobError("bench runs the checkout's benchmarks/: submit it with a working directory")
         return shlex.join(["python", "-m", "jepa_ray", command, *args])
-    wd = _checkout(working_dir)
-    for cfg in _config_paths(args):
+    wd = resolve_checkout(working_dir)
+    for cfg in config_paths(args):
         if "://" in cfg:
             raise JobError(f"--config {cfg}: a config is a YAML file in the working directory")
         if Path(cfg).is_absolute():
@@ -545,7 +339,7 @@ def build_entrypoint(command: str, args: Sequence[str], working_dir: Path | None
                 f"--config {cfg}: an absolute path names a file on this machine; the job runs in the "
                 f"uploaded {wd.name}/, so give the config's path relative to it"
             )
-        _config_in_checkout(wd, cfg)
+        config_in_checkout(wd, cfg)
     if command in ("pretrain", "tune"):
         _check_train_paths(args, wd)
     return shlex.join(["python", f"jobs/{command}.py", *args])
@@ -557,7 +351,7 @@ def _check_train_paths(args: Sequence[str], wd: Path) -> None:
     no shards and which Ray deletes, checkpoints and all."""
     from jepa_ray.config import load_config
 
-    configs = _config_paths(args)
+    configs = config_paths(args)
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     try:
         cfg = load_config(wd / configs[-1] if configs else None, overrides)
@@ -601,56 +395,6 @@ def log_tail(logs: str, lines: int = 30) -> str:
 
 
 # --- what is printed about a job: never its secrets ---------------------------------------------
-
-MASK = "***"
-_SECRET_WORD = (
-    r"(?:token|secret|passw(?:or)?d|credential|salt|api[_-]?key|private[_-]?key|access[_-]?key|auth)"
-)
-# a key naming where a secret is, or how it is used, rather than holding it: salt_file, TOKEN_PATH
-_WHERE_NOT_WHAT = re.compile(r"[_.-](?:file|path|env|dir|mode)$", re.IGNORECASE)
-_ASSIGNED = re.compile(
-    rf"(?<![\w.-])(?P<key>[\w.-]*{_SECRET_WORD}[\w.-]*)(?P<sep>=|:\s*)(?P<value>'[^']*'|\"[^\"]*\"|[^\s&,;]+)",
-    re.IGNORECASE,
-)
-_FLAG = re.compile(
-    rf"(?<![\w.-])(?P<key>--?[\w.-]*{_SECRET_WORD}[\w.-]*)(?P<sep>\s+)(?P<value>'[^']*'|\"[^\"]*\"|(?!-)\S+)",
-    re.IGNORECASE,
-)
-_BEARER = re.compile(r"(?P<key>\bBearer)(?P<sep>\s+)(?P<value>[^\s\"']+)", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<user>[^/\s@:]+):[^/\s@]+@", re.IGNORECASE)
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a variable, option or field name says its value is a secret (AWS_SECRET_ACCESS_KEY,
-    --salt, password), rather than where one is kept (deid.salt_file, RAY_AUTH_TOKEN_PATH)."""
-    return bool(re.search(_SECRET_WORD, key, re.IGNORECASE)) and not _WHERE_NOT_WHAT.search(key)
-
-
-def redact_text(text: str) -> str:
-    """`text` (an entrypoint, a message) with the values of secret-looking NAME=value pairs and
-    --options, bearer tokens and passwords in URLs replaced by ***."""
-
-    def mask(m: re.Match) -> str:
-        return m.group(0) if not is_secret_key(m["key"]) else f"{m['key']}{m['sep']}{MASK}"
-
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
-    for pattern in (_ASSIGNED, _FLAG):
-        text = pattern.sub(mask, text)
-    return _BEARER.sub(lambda m: f"{m['key']}{m['sep']}{MASK}", text)
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """A job's runtime_env or metadata as it may be printed: every environment variable's value, and
-    the value of every secret-looking key, replaced by ***; strings as `redact_text`."""
-    if isinstance(value, dict):
-        if key == "env_vars":
-            return {k: MASK for k in value}
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v, key) for v in value]
-    if key and is_secret_key(key) and value not in (None, ""):
-        return MASK
-    return redact_text(value) if isinstance(value, str) else value
 
 
 def describe_job(job: str, info: Any) -> list[str]:

@@ -19,24 +19,21 @@ from conftest import _free_port
 from typer.testing import CliRunner
 
 from jepa_ray.cli import app
+from jepa_ray.errors import JobError
+from jepa_ray.redact import redact, redact_text
 from jepa_ray.submit import (
-    MAX_UPLOAD_BYTES,
-    JobError,
     Jobs,
     auth_token,
     build_entrypoint,
     build_runtime_env,
     check_reachable,
     check_transport,
-    checkout_root,
     describe_job,
     is_loopback,
     job_spec,
-    plan_upload,
-    redact,
-    redact_text,
     resolve_address,
 )
+from jepa_ray.upload import MAX_UPLOAD_BYTES, checkout_root, plan_upload
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "jobs/configs/demo-cpu.yaml"
