@@ -3,10 +3,12 @@
 Run storage (a shared volume, a bucket) is writable by more people than should be able to run code
 in a training job. Two guarantees:
 
-- **Nothing is unpickled.** `safe_loading()` makes every `torch.load` inside it (ours and
-  DeepSpeed's, which asks for `weights_only=False`) use PyTorch's restricted unpickler, which
-  rebuilds tensors and containers only, plus the few DeepSpeed classes its optimizer states hold
-  (`ALLOWED`). A crafted file fails to load; it never executes.
+- **Nothing is unpickled.** jepa-ray's own state is tensors and text: the EMA target in
+  safetensors, the step, data position and config in JSON. DeepSpeed's shards are pickles:
+  `safe_loading()` makes every `torch.load` inside it (DeepSpeed's asks for `weights_only=False`)
+  use PyTorch's restricted unpickler, which rebuilds tensors and containers only, plus the few
+  DeepSpeed classes its optimizer states hold (`ALLOWED`). A crafted file fails to load; it never
+  executes.
 - **Every file is the one that was written.** Each rank records the sha256 and size of every file it
   wrote into its checkpoint (`digests-rank<r>.json`); `verify` checks them all before anything is
   loaded and names the first file that differs, is missing or was added. A resumed run falls back to

@@ -21,7 +21,8 @@ from jepa_ray.config import TrainConfig
 from jepa_ray.model.jepa import ema_
 
 ENGINE_TAG = "engine"  # the tag of the DeepSpeed checkpoint inside each of our checkpoint directories
-TARGET_FILE = "target.pt"
+TARGET_FILE = "target.safetensors"  # the EMA target: tensors only, nothing to unpickle
+LEGACY_TARGET_FILE = "target.pt"  # written by jepa-ray 0.1.0 before; still read (restricted unpickler)
 STATE_FILE = "state.json"
 GATHER_NUMEL = 50_000_000  # parameters gathered at once by the ZeRO-3 EMA update
 BUCKET_NUMEL = 500_000_000  # DeepSpeed's default communication bucket, the most we ever ask for
@@ -137,9 +138,23 @@ def save_checkpoint(engine: Any, target: torch.nn.Module, state: dict, directory
 
     engine.save_checkpoint(str(directory), tag=ENGINE_TAG)
     if rank == 0:
-        torch.save(target.state_dict(), directory / TARGET_FILE)
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.detach().contiguous() for k, v in target.state_dict().items()}, str(directory / TARGET_FILE)
+        )
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
     write_digests(directory, rank)
+
+
+def read_target(directory: Path) -> dict[str, torch.Tensor]:
+    """The EMA target's weights of a checkpoint: safetensors, or an older checkpoint's torch file
+    (read by the restricted unpickler whoever calls)."""
+    from safetensors.torch import load_file
+
+    if (directory / TARGET_FILE).exists() or not (directory / LEGACY_TARGET_FILE).exists():
+        return load_file(str(directory / TARGET_FILE), device="cpu")
+    return torch.load(directory / LEGACY_TARGET_FILE, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path) -> dict:
@@ -153,7 +168,7 @@ def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path) -> di
     try:
         with safe_loading():
             path, _ = engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
-            weights = torch.load(directory / TARGET_FILE, map_location="cpu")
+            weights = read_target(directory)
     except CheckpointError:
         raise
     except Exception as e:

@@ -22,7 +22,7 @@ from jepa_ray.config import StorageConfig
 from jepa_ray.data.storage import is_remote, make_filesystem
 from jepa_ray.errors import ConfigError
 from jepa_ray.train.checkpoints import load_error, safe_loading, verify
-from jepa_ray.train.engine import ENGINE_TAG, STATE_FILE, TARGET_FILE
+from jepa_ray.train.engine import ENGINE_TAG, STATE_FILE, TARGET_FILE, read_target
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -93,7 +93,7 @@ def _export(ckpt: Path, url: str, out: Path) -> tuple[Path, Path]:
     state = json.loads((ckpt / STATE_FILE).read_text())
     student = student_state_dict(ckpt)
     try:
-        target = torch.load(ckpt / TARGET_FILE, map_location="cpu", weights_only=True)
+        target = read_target(ckpt)
     except Exception as e:
         raise load_error(ckpt / TARGET_FILE, e) from None
     tensors = {k: v for k, v in student.items() if k.startswith(("context.", "predictor."))}

@@ -89,3 +89,23 @@ def test_a_checkpoint_from_before_digests_is_accepted(tmp_path, caplog):
     (d / "state.json").write_text("{}")
     verify(d)
     assert "no file digests" in caplog.text
+
+
+def test_the_target_is_read_from_safetensors_and_an_older_torch_file_only_as_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from jepa_ray.train.engine import LEGACY_TARGET_FILE, TARGET_FILE, read_target
+
+    weights = {"blocks.0.w": torch.arange(6.0).reshape(2, 3), "norm.b": torch.ones(3)}
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir(), old.mkdir()
+    save_file(weights, str(new / TARGET_FILE))
+    torch.save(weights, old / LEGACY_TARGET_FILE)
+    for d in (new, old):
+        got = read_target(d)
+        assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
+    marker = tmp_path / "ran"
+    torch.save({"w": Payload(str(marker))}, old / LEGACY_TARGET_FILE)
+    with pytest.raises(Exception, match=r"(?i)weights only|unsupported global"):
+        read_target(old)
+    assert not marker.exists()

@@ -21,7 +21,7 @@ from jepa_ray.config import load_config
 from jepa_ray.data.pipeline import collate, open_split
 from jepa_ray.data.transform import transform_batch
 from jepa_ray.errors import ConfigError
-from jepa_ray.train.engine import STATE_FILE, TARGET_FILE
+from jepa_ray.train.engine import STATE_FILE, TARGET_FILE, read_target
 from jepa_ray.train.loop import FixedBatches
 from jepa_ray.train.trainer import build_trainer, pretrain
 
@@ -139,7 +139,7 @@ def test_ema_target_is_the_same_under_zero3_as_under_zero0_and_exports(
         extra = {"batches": source, "dims": dims, **({"probe_path": str(probe)} if stage == 3 else {})}
         info = pretrain(cfg, name=f"ema{stage}", extra=extra)
         ckpt = _checkpoints(info.run_url)[-1]
-        targets[stage] = torch.load(ckpt / TARGET_FILE, weights_only=True)
+        targets[stage] = read_target(ckpt)
         contexts[stage] = {k: v for k, v in student_state_dict(ckpt).items() if k.startswith("context.")}
     moved = 0.0
     for name, t0 in targets[0].items():
