@@ -160,6 +160,16 @@ class EhrConfig(_Strict):
         description="Ages above this are written as this (HIPAA Safe Harbor: over 89 is one group): "
         "the birth event's time and static columns named age*.",
     )
+    static_numeric: list[str] | None = Field(
+        None,
+        description="Static-table columns to ingest as numbers. Set this or static_categorical to "
+        "ingest declared columns only (every other column is dropped, with the reason `undeclared` "
+        "in the manifest); unset, every column is typed from its values. Either way a column that "
+        "looks like an identifier or free text is dropped.",
+    )
+    static_categorical: list[str] | None = Field(
+        None, description="Static-table columns to ingest as categories (see static_numeric)."
+    )
     id_map: str | None = Field(
         None,
         description="Parquet with columns patient_id (DICOM PatientID) and subject_id (MEDS); "

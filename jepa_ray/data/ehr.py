@@ -325,6 +325,32 @@ def free_text_code(code: str) -> str | None:
     return None
 
 
+def _check_declared(path: Path, df: pd.DataFrame, numeric: set[str], categorical: set[str]) -> None:
+    """Declared static columns must exist, be declared once, and numeric ones hold numbers."""
+    from jepa_ray.errors import InvalidEhrError
+
+    present = sorted(set(df.columns) - {"_row"})
+    problems = []
+    if numeric & categorical:
+        problems.append(f"{sorted(numeric & categorical)} declared both numeric and categorical")
+    if (numeric | categorical) - set(present):
+        problems.append(f"{sorted((numeric | categorical) - set(present))} declared but not in the table")
+    wrong = sorted(
+        c
+        for c in numeric & set(present)
+        if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])
+    )
+    if wrong:
+        problems.append(f"{wrong} declared numeric but hold {[str(df[c].dtype) for c in wrong]} values")
+    if problems:
+        raise InvalidEhrError(
+            str(path),
+            "declared_columns",
+            "; ".join(problems)
+            + f" (prepare.ehr.static_numeric/static_categorical; the table has {present})",
+        )
+
+
 def identifier_column(name: str, s: pd.Series) -> str | None:
     """Why a static column looks like an identifier or free text (and must not be copied), or None.
 
@@ -356,25 +382,41 @@ def identifier_column(name: str, s: pd.Series) -> str | None:
     return None
 
 
-def read_static(path: str | Path, tables: EhrTables) -> EhrTables:
-    """Read the static table: numeric columns → numeric features, text/bool → categorical."""
+def read_static(
+    path: str | Path,
+    tables: EhrTables,
+    numeric: list[str] | None = None,
+    categorical: list[str] | None = None,
+) -> EhrTables:
+    """Read the static table: numeric columns → numeric features, text/bool → categorical. With
+    `numeric` or `categorical` given, only those columns, as declared (the others are dropped as
+    `undeclared`). A column that looks like an identifier or free text is dropped either way."""
     path = Path(path)
     df = _read_table(path, "static", tables)
     if df is None:
         return tables
+    declared = numeric is not None or categorical is not None
+    as_number, as_category = set(numeric or ()), set(categorical or ())
+    if declared:
+        _check_declared(path, df, as_number, as_category)
     ignored = []
     for col in df.columns:
         if col == "_row":
             continue
         s = df[col]
         why = identifier_column(col, s)
+        if why is None and declared and col not in as_number | as_category:
+            why = "undeclared: not in prepare.ehr.static_numeric or prepare.ehr.static_categorical"
         if why is not None:
             tables.dropped_columns.append({"table": "static", "column": col, "reason": why})
             continue
-        if (
-            pd.api.types.is_bool_dtype(s)
-            or pd.api.types.is_object_dtype(s)
-            or isinstance(s.dtype, pd.CategoricalDtype | pd.StringDtype)
+        if col in as_category or (
+            not declared
+            and (
+                pd.api.types.is_bool_dtype(s)
+                or pd.api.types.is_object_dtype(s)
+                or isinstance(s.dtype, pd.CategoricalDtype | pd.StringDtype)
+            )
         ):
             tables.static_categorical.append(col)
         elif pd.api.types.is_numeric_dtype(s):

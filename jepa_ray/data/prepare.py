@@ -151,7 +151,7 @@ def prepare(
     # -- EHR tables (driver) ----------------------------------------------------------------------
     tables = ehrlib.read_meds(meds) if meds is not None else ehrlib.EhrTables()
     if static is not None:
-        ehrlib.read_static(static, tables)
+        ehrlib.read_static(static, tables, cfg.ehr.static_numeric, cfg.ehr.static_categorical)
     if outcomes is not None:
         ehrlib.read_outcomes(outcomes, tables)
     id_map = ehrlib.read_id_map(cfg.ehr.id_map) if cfg.ehr.id_map else None

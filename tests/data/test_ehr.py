@@ -179,6 +179,37 @@ def test_only_values_and_codes_shared_by_k_training_subjects_are_kept(tmp_path):
     assert m["static_cat"].tolist() == [ehr.UNK_ID]  # the rare value is written as <unk>
 
 
+def test_declared_static_columns_are_the_only_ones_ingested(tmp_path):
+    import pytest
+
+    from jepa_ray.errors import InvalidEhrError
+
+    static = pd.DataFrame(
+        {
+            "subject_id": [1, 2, 3],
+            "stage": [1, 2, 3],  # numbers that are categories
+            "bmi": [24.0, 31.5, None],
+            "ward": ["W1", "W1", "W2"],  # not declared: dropped, though it looks harmless
+            "patient_name": ["A B", "C D", "E F"],  # declared, but an identifier: dropped anyway
+        }
+    )
+    path = tmp_path / "static.parquet"
+    static.to_parquet(path)
+    tables = ehr.read_static(path, ehr.EhrTables(), numeric=["bmi"], categorical=["stage", "patient_name"])
+    assert tables.static_numeric == ["bmi"] and tables.static_categorical == ["stage"]
+    reasons = {d["column"]: d["reason"].split(":")[0] for d in tables.dropped_columns}
+    assert reasons == {"ward": "undeclared", "patient_name": "identifier_name"}
+    assert tables.static["2"]["stage"] == "2"  # a declared category keeps its numbers as values
+    for numeric, categorical, says in (
+        (["bmi", "smoker"], [], "['smoker'] declared but not in the table"),
+        (["ward"], [], "['ward'] declared numeric but hold"),
+        (["bmi"], ["bmi"], "['bmi'] declared both numeric and categorical"),
+    ):
+        with pytest.raises(InvalidEhrError) as info:
+            ehr.read_static(path, ehr.EhrTables(), numeric=numeric, categorical=categorical)
+        assert says in str(info.value) and str(path) in str(info.value)
+
+
 def test_free_text_codes_never_enter_the_vocabulary(tmp_path):
     note = "NOTE//Pt seen in clinic today, complains of chest pain radiating to the left arm since Monday"
     codes = {
