@@ -18,7 +18,7 @@ from jepa_ray.model.io import save_jepa
 from jepa_ray.model.jepa import JEPA
 
 PIPELINE = ["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_events=12"]
-EVAL = ["eval.bootstrap=50", "eval.survival_epochs=40", "eval.attentive_epochs=20", "eval.batch_size=32"]
+EVAL = ["eval.bootstrap=20", "eval.survival_epochs=20", "eval.attentive_epochs=8", "eval.batch_size=32"]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     assert "attentive" not in m["probe"]["pretrained"]["joint"]["cardiomegaly"]  # image tokens only
     for name in ("pretrained", "random_init"):
         r = m["latent_r2_attentive"][name]["test"]
-        assert r["n"] == m["latent_r2"][name]["test"]["n"] and 1 <= r["epochs"] <= 20
+        assert r["n"] == m["latent_r2"][name]["test"]["n"] and 1 <= r["epochs"] <= 8
         assert set(r["r2"]) == {"cardiac", "lung", "frailty"} and all(-5 < v <= 1 for v in r["r2"].values())
     assert "| attentive | test |" in report and "| image | cardiomegaly | attentive |" in report
 

@@ -137,12 +137,12 @@ def test_a_tune_sweep_runs_as_a_job(head, small_shards, tmp_path):
         "sweep1",
         f"train.shards={small_shards}",
         f"train.storage_path={sweeps}",
-        "train.steps=20",
+        "train.steps=10",
         "train.warmup_steps=2",
-        "train.checkpoint_every=20",
-        "tune.eval_every=10",
+        "train.checkpoint_every=10",
+        "tune.eval_every=5",
         "tune.eval_batches=2",
-        "tune.asha.grace_period=10",
+        "tune.asha.grace_period=5",
         "tune.space={pipeline.mask.mask_ratio: {values: [0.6]}}",  # one trial: the job is what is tested
     ]
     out = jepa_ray(head, "submit", "--address", head["url"], "--wait", "--", "tune", *args)

@@ -33,6 +33,7 @@ CT_RUN = [
     "train.val_batches=1",
     "eval.bootstrap=20",
     "eval.survival_epochs=30",
+    "eval.attentive_epochs=5",
 ]
 
 

@@ -1,12 +1,11 @@
 """`jepa-ray tune` end to end on the shared local Ray: trials are real pretraining runs (one Ray
 Train worker each, ZeRO-2, tiny model, a few steps), ASHA stops some early, the outputs are
-written, and an interrupted sweep resumes without rerunning its finished trials."""
+written, and an interrupted sweep kept on S3 resumes without rerunning its finished trials."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -52,12 +51,15 @@ def _cfg(shards, root: Path, *overrides: str):
     return load_config(overrides=[f"train.shards={shards}", f"train.storage_path={root}", *TRIAL, *overrides])
 
 
+STEPS = 40  # ASHA's rungs at 5, 10 and 20 steps (grace period 5, reduction factor 2): three chances to stop
+
+
 def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_path):
     cfg = _cfg(
         tune_shards,
         tmp_path,
-        "train.steps=40",
-        "train.checkpoint_every=40",
+        f"train.steps={STEPS}",
+        f"train.checkpoint_every={STEPS}",
         "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.7]}, model.predictor_depth: {values: [1, 2]}}",
         "tune.objective=probe_auroc",
         "tune.label=cardiomegaly",
@@ -73,8 +75,8 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
         (0.3, 1), (0.3, 2), (0.7, 1), (0.7, 2)
     }  # fmt: skip
     assert all(r["status"] == "TERMINATED" for r in rows), rows
-    assert any(r["stopped_early"] and r["steps"] < 40 for r in rows), rows  # ASHA stopped some
-    assert any(r["steps"] == 40 and not r["stopped_early"] for r in rows)
+    assert any(r["stopped_early"] and r["steps"] < STEPS for r in rows), rows  # ASHA stopped some
+    assert any(r["steps"] == STEPS and not r["stopped_early"] for r in rows)
     for r in rows:
         assert 0.0 <= r["objective"] <= 1.0 and r["rankme"] > 1.0
         assert r["objective_samples"] >= 10
@@ -103,7 +105,7 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     assert set(summary["spearman_label_free_objective"]) == set(info.candidates)
     gap = summary["best_vs_runner_up"]
-    finished = [r for r in rows if r["steps"] == 40]
+    finished = [r for r in rows if r["steps"] == STEPS]
     if len(finished) == 1:  # ASHA let one trial run to the end: no runner-up that ran as long
         assert gap is None and "no runner-up that ran as long" in md
     else:
@@ -113,7 +115,7 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
     best = load_config(sweep_dir / "best.yaml")  # runs as is: `jepa-ray pretrain --config best.yaml`
     assert best.train.shards == str(tune_shards) and best.train.storage_path == str(tmp_path)
     b = info.best
-    assert b["steps"] == 40 and b["objective"] == max(r["objective"] for r in rows if r["steps"] == 40)
+    assert b["steps"] == STEPS and b["objective"] == max(r["objective"] for r in rows if r["steps"] == STEPS)
     assert best.pipeline.mask.mask_ratio == b["pipeline.mask.mask_ratio"]
     assert best.model.predictor_depth == b["model.predictor_depth"]
     assert best.tune.space == {}
@@ -122,8 +124,18 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
         sweep(cfg, name="grid")
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tune_shards, tmp_path, ray_session):
+def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
+    tune_shards, s3_bucket, tmp_path, ray_session
+):
+    """storage_path=s3://...: Tune's state, the trials' runs and the outputs land in the bucket,
+    nothing on the local disk; a sweep interrupted (SIGINT) after its first trial resumes from the
+    bucket without rerunning that trial, and resuming a finished sweep runs nothing."""
+    import s3fs
+
+    endpoint, bucket = s3_bucket
     overrides = [
+        f"train.storage_path=s3://{bucket}/sweeps",
+        f"train.storage.endpoint_url={endpoint}",
         "train.steps=10",
         "train.checkpoint_every=5",
         "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.7]}}",
@@ -132,26 +144,28 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tune_shards
         "tune.max_concurrent_trials=1",
     ]
     cfg = _cfg(tune_shards, tmp_path, *overrides)
-    trials = tmp_path / "resumable" / TRIALS_DIR
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    root = f"{bucket}/sweeps/resumable"
     address = ray_session.get_runtime_context().gcs_address
     cmd = [sys.executable, "-c", "from jepa_ray.cli import app; app()", "tune", "--name", "resumable"]
-    cmd += [f"train.shards={tune_shards}", f"train.storage_path={tmp_path}", *TRIAL, *overrides]
+    cmd += [f"train.shards={tune_shards}", *TRIAL, *overrides]
     proc = subprocess.Popen(
-        [*cmd, f"ray_address={address}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [*cmd, f"ray_address={address}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path
     )
 
-    def finished() -> list[Path]:
-        """Metrics CSVs of the trials Tune's saved experiment state records as TERMINATED."""
+    def finished() -> list[str]:
+        """The run folders of the trials Tune's saved experiment state records as TERMINATED."""
+        fs.invalidate_cache()
         done = []
-        for state in (tmp_path / "resumable").glob("experiment_state-*.json"):
+        for state in fs.glob(f"{root}/experiment_state-*.json"):
             try:
-                trial_data = json.loads(state.read_text())["trial_data"]
-            except (ValueError, KeyError):  # being rewritten
+                trial_data = json.loads(fs.cat(state))["trial_data"]
+            except (ValueError, KeyError, FileNotFoundError):  # being rewritten
                 continue
             for blob, _ in trial_data:
                 trial = json.loads(blob)
                 if trial.get("status") == "TERMINATED":
-                    done.append(trials / trial["trial_id"] / "metrics" / "metrics.csv")
+                    done.append(f"{root}/{TRIALS_DIR}/{trial['trial_id']}")
         return done
 
     deadline = time.monotonic() + 300
@@ -162,19 +176,27 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tune_shards
     out, _ = proc.communicate(timeout=120)
     done = finished()
     assert len(done) == 1, out.decode()[-3000:]
-    assert all(p.exists() for p in done)
-    before = {p: (p.stat().st_mtime_ns, len(list((p.parent / "tensorboard").iterdir()))) for p in done}
+    fs.invalidate_cache()
+    # a rerun would rewrite the run's metrics and start a new TensorBoard event file
+    before = {d: (fs.cat(f"{d}/metrics/metrics.csv"), fs.glob(f"{d}/metrics/tensorboard/*")) for d in done}
 
     info = sweep(cfg, name="resumable", resume=True)
+    assert info.url == f"s3://{root}"
     assert len(info.rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 10 for r in info.rows)
     assert all(r["objective_se"] > 0 for r in info.rows)  # the default objective, with its SE
-    for p, (mtime, event_files) in before.items():
-        # a rerun would reopen the run's metrics (rewriting the CSV) and start a new event file
-        assert p.stat().st_mtime_ns == mtime
-        assert len(list((p.parent / "tensorboard").iterdir())) == event_files
-    assert len(list(trials.iterdir())) == 2
-    assert os.path.exists(tmp_path / "resumable" / "best.yaml")
+    fs.invalidate_cache()
+    for d, (csv_bytes, events) in before.items():
+        assert fs.cat(f"{d}/metrics/metrics.csv") == csv_bytes
+        assert fs.glob(f"{d}/metrics/tensorboard/*") == events
+    assert len(fs.ls(f"{root}/{TRIALS_DIR}")) == 2
+    for name in ("results.csv", "results.md", "best.yaml", "heatmap.png", "sweep.json"):
+        assert fs.exists(f"{root}/{name}"), name
+    for r in info.rows:
+        assert fs.glob(f"{root}/{TRIALS_DIR}/{r['trial']}/checkpoint_*/")
+    assert not list(tmp_path.iterdir())  # nothing of the sweep went to the local disk
 
+    again = sweep(cfg, name="resumable", resume=True)  # everything finished: nothing to run
+    assert [(r["trial"], r["steps"]) for r in again.rows] == [(r["trial"], r["steps"]) for r in info.rows]
     with pytest.raises(ConfigError, match="--resume: no sweep at"):
         sweep(cfg, name="never-started", resume=True)
 
@@ -230,37 +252,3 @@ def test_missing_validation_split_or_label_fails_before_any_trial(
         )
     assert not (tmp_path / "no-val").joinpath("trials").exists() and not list(tmp_path.glob("tune-*"))
     assert not (tmp_path / "full").exists()
-
-
-def test_a_sweep_kept_on_s3(tune_shards, s3_bucket, tmp_path, ray_session):
-    """storage_path=s3://...: Tune's state, the trials' runs and the outputs land in the bucket,
-    nothing on the local disk, and --resume reads the sweep back from there."""
-    import s3fs
-
-    endpoint, bucket = s3_bucket
-    cfg = _cfg(
-        tune_shards,
-        tmp_path,
-        f"train.storage_path=s3://{bucket}/sweeps",
-        f"train.storage.endpoint_url={endpoint}",
-        "train.steps=10",
-        "train.checkpoint_every=10",
-        "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.7]}}",
-        "tune.eval_every=5",
-        "tune.asha.enabled=false",
-    )
-    info = sweep(cfg, name="on-s3")
-    assert info.url == f"s3://{bucket}/sweeps/on-s3"
-    assert [r["steps"] for r in info.rows] == [10, 10]
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-    root = f"{bucket}/sweeps/on-s3"
-    for name in ("results.csv", "results.md", "best.yaml", "heatmap.png", "sweep.json"):
-        assert fs.exists(f"{root}/{name}"), name
-    assert fs.glob(f"{root}/experiment_state-*.json")
-    for r in info.rows:
-        assert fs.glob(f"{root}/{TRIALS_DIR}/{r['trial']}/checkpoint_*/")
-        assert fs.exists(f"{root}/{TRIALS_DIR}/{r['trial']}/metrics/metrics.csv")
-    assert not list(tmp_path.iterdir())  # nothing of the sweep went to the local disk
-
-    again = sweep(cfg, name="on-s3", resume=True)  # everything finished: nothing to run
-    assert [(r["trial"], r["steps"]) for r in again.rows] == [(r["trial"], r["steps"]) for r in info.rows]
