@@ -22,7 +22,7 @@ image -> EHR retrieval recall@5 on the test split against its chance level, and 
 every fusion strategy (Harrell's c-index on test and external, fit on train, stopped on val).
 
 Headline: `ratio` = the share of (seed, factor) cells in which the JEPA's attentive-probe R² beats
-both its random init and the MAE; the target 1.0 means every factor in every seed. The README
+both its random init and the MAE; the target 1.0 means every factor in every seed. benchmarks/README.md
 reports every other figure beside it, with its spread over seeds.
 
     python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--out F]

@@ -517,7 +517,8 @@ class ModelConfig(_Strict):
         description="EMA momentum of the target encoder: linear from the first to the second. A short "
         "run leaves the final target behind its context encoder (at 600 steps, 0.996 -> 1 makes it an "
         "average centred a third of the way in); starting lower helped the tiny image model's target "
-        "encoder and hurt the GBSG2 table's (README, learning benchmark), so the default is I-JEPA's.",
+        "encoder and hurt the GBSG2 table's (benchmarks/README.md, learning benchmark), so the default "
+        "is I-JEPA's.",
     )
 
     @field_validator("ema")
@@ -704,8 +705,8 @@ class TuneConfig(_Strict):
         "binary label) or cindex (cross-validated ridge Cox on a time-to-event outcome). Each trial "
         "reports it with a bootstrap standard error (objective_se). Default lidar_context: of the "
         "label-free ones it agreed best with a labelled probe across a 12-trial sweep (Spearman +0.35 "
-        "on average; RankMe -0.20), see README; a ZeRO-3 run that names none uses lidar (lidar_context and "
-        "val_loss need the whole context encoder on one worker).",
+        "on average; RankMe -0.20), see benchmarks/README.md; a ZeRO-3 run that names none uses lidar "
+        "(lidar_context and val_loss need the whole context encoder on one worker).",
     )
     measure_all: bool = Field(
         False,
