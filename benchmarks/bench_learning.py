@@ -177,9 +177,10 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
     import torch
 
     from jepa_ray.eval.embed import EHR_ARRAYS, embed_batch
-    from jepa_ray.eval.evaluate import Split, first_studies
+    from jepa_ray.eval.evaluate import first_studies
     from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
     from jepa_ray.eval.probes import recall_at
+    from jepa_ray.eval.samples import Split
     from jepa_ray.eval.survival import evaluate_survival
 
     model.eval()

@@ -3,15 +3,13 @@ feature matrix of the classical Cox baseline."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from jepa_ray.data.transform import FeatureSpec
+from jepa_ray.eval.samples import Split
 from jepa_ray.eval.survival import FusionInputs
-
-if TYPE_CHECKING:
-    from jepa_ray.eval.evaluate import Split
 
 TOP_CODES = 32  # most frequent codes (in the fit split) the raw baseline counts
 

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,24 @@ import yaml
 
 from jepa_ray.config import Config
 from jepa_ray.tune.space import with_params
+
+
+@dataclass
+class SweepInfo:
+    """Where a sweep lives and what it found."""
+
+    name: str
+    url: str
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    spearman: dict[str, Any] | None  # {"rho", "step", "trials"}: RankMe vs a labelled objective
+    history: dict[str, list[tuple[int, float | None, float | None]]]  # trial -> (step, objective, rankme)
+    outputs: dict[str, str]
+    candidates: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # tune.measure_all:
+    # label-free objective -> its Spearman correlation with a labelled objective
+    gap: dict[str, Any] | None = None  # the best trial against the runner-up (runner_up_gap)
+    grid: Any = None  # Tune's ResultGrid
+
 
 HEATMAP_AXES = ("pipeline.mask.mask_ratio", "model.predictor_depth")
 
@@ -363,8 +382,6 @@ def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[s
     files["sweep.json"] = (json.dumps(summary, indent=2) + "\n").encode()
     for fname, data in files.items():
         store.write_bytes(fname, data)
-    from jepa_ray.tune.sweep import SweepInfo
-
     return SweepInfo(
         name=name,
         url=url,

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from jepa_ray.config import Config
 from jepa_ray.errors import ConfigError
+from jepa_ray.tune.results import SweepInfo
 from jepa_ray.tune.space import check_space, trial_config, trials_planned, tune_space
 
 log = logging.getLogger("jepa_ray.tune")
@@ -28,23 +28,6 @@ log = logging.getLogger("jepa_ray.tune")
 TRIALS_DIR = "trials"
 DRIVER_CPU = 0.01  # each trial's own actor only drives its TorchTrainer (Tune needs a non-empty request)
 _STATE_GLOB = "experiment_state-"
-
-
-@dataclass
-class SweepInfo:
-    """Where a sweep lives and what it found."""
-
-    name: str
-    url: str
-    rows: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    spearman: dict[str, Any] | None  # {"rho", "step", "trials"}: RankMe vs a labelled objective
-    history: dict[str, list[tuple[int, float | None, float | None]]]  # trial -> (step, objective, rankme)
-    outputs: dict[str, str]
-    candidates: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # tune.measure_all:
-    # label-free objective -> its Spearman correlation with a labelled objective
-    gap: dict[str, Any] | None = None  # the best trial against the runner-up (results.runner_up_gap)
-    grid: Any = None  # Tune's ResultGrid
 
 
 def _objective_settings(cfg: Config) -> dict[str, Any]:
