@@ -196,7 +196,7 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     steps = 30 if args.quick else 90
     cfg = load_config(
-        Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo-cpu.yaml",
+        Path(__file__).resolve().parents[1] / "jepa_ray" / "configs" / "demo-cpu.yaml",
         overrides=[
             f"train.storage_path={workdir / 'runs'}",
             f"train.steps={steps}",

@@ -275,7 +275,7 @@ def main() -> int:
         f"model.predictor_depth: {{values: {list(depths)}}}}}"
     )
     cfg = load_config(
-        Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tune-demo.yaml",
+        Path(__file__).resolve().parents[1] / "jepa_ray" / "configs" / "tune-demo.yaml",
         overrides=[
             f"train.shards={shards}",
             f"train.storage_path={work / 'sweeps'}",

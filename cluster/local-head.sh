@@ -2,7 +2,7 @@
 # A single-node Ray head on this machine, for trying job submission before a cluster:
 #
 #   cluster/local-head.sh start     # head on 127.0.0.1, job API at http://127.0.0.1:8265, token auth on
-#   jepa-ray submit --wait -- pretrain --config jobs/configs/demo-cpu.yaml train.shards=$PWD/demo/shards
+#   jepa-ray submit --wait -- pretrain --config jepa_ray/configs/demo-cpu.yaml train.shards=$PWD/demo/shards
 #   cluster/local-head.sh status
 #   cluster/local-head.sh stop      # stops this head only (not other Ray instances on the machine)
 #

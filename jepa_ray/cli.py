@@ -379,9 +379,15 @@ def demo(
     out: Annotated[Path, typer.Option(help="Directory for the cohort, shards, run and export.")] = Path(
         "demo"
     ),
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config.")] = Path(
-        "jobs/configs/demo-cpu.yaml"
-    ),
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML config: a path, or the name of one shipped with jepa-ray (demo-cpu.yaml, "
+            "ct-demo.yaml, mixed-demo.yaml).",
+        ),
+    ] = Path("demo-cpu.yaml"),
     mae: Annotated[
         bool,
         typer.Option(help="Also pretrain the reconstruction baseline (model.objective=mae) and compare."),

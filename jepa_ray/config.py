@@ -797,16 +797,34 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the demos' configs, installed with jepa-ray
+
+
+def config_path(path: str | Path) -> Path:
+    """A config file as given, else (a bare name such as `ct-demo.yaml` that is not a file here) the
+    config of that name shipped with the package, so the demos run from any directory."""
+    given = Path(path)
+    if not given.exists() and given.parent == Path(".") and (PACKAGED_CONFIGS / given.name).is_file():
+        return PACKAGED_CONFIGS / given.name
+    return given
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply overrides, validate; `ConfigError` on any problem."""
+    """Load a YAML config (or the defaults), apply overrides, validate; `ConfigError` on any problem.
+    A bare file name that is not a file here names a config shipped with the package (`config_path`)."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
+        path = config_path(path)
         source = str(path)
         try:
             text = Path(path).read_text()
         except OSError as e:
-            raise ConfigError(f"config file {path}: cannot read it: {e.strerror}") from e
+            shipped = ", ".join(sorted(p.name for p in PACKAGED_CONFIGS.glob("*.yaml")))
+            raise ConfigError(
+                f"config file {path}: cannot read it: {e.strerror} (configs shipped with jepa-ray, usable "
+                f"by name from any directory: {shipped})"
+            ) from e
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -1,6 +1,6 @@
 """Ray job entrypoint: pretrain the JEPA (resumes a run of the same name).
 
-jepa-ray submit --wait -- pretrain --config jobs/configs/demo-cpu.yaml \
+jepa-ray submit --wait -- pretrain --config jepa_ray/configs/demo-cpu.yaml \
     train.shards=s3://b/shards train.storage_path=s3://b/runs
 
 Submit it with `jepa-ray submit -- pretrain --config ...`, not `ray job submit --working-dir .`:

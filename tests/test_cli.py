@@ -36,6 +36,35 @@ def test_synth_prepare_inspect(ray_session, tmp_path):
     assert r.exit_code == 0 and "match their sha256" in r.output
 
 
+def test_the_demos_configs_ship_with_the_package_and_run_from_any_directory(ray_session, tmp_path):
+    """From a directory outside the checkout, the shipped configs are found by name alone."""
+    import subprocess
+    import sys
+
+    def jepa_ray(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "jepa_ray", *args]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    assert not (tmp_path / "jepa_ray").exists()
+    r = jepa_ray("demo", "--help")
+    assert r.returncode == 0 and "demo-cpu.yaml" in r.stdout, r.stdout + r.stderr
+    r = jepa_ray(
+        *("synth", "--config", "prepare-demo.yaml", "--subjects", "12", "--out", "cohort"),
+        *("synth.min_size=64", "synth.max_size=96"),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    address = ray_session.get_runtime_context().gcs_address
+    r = jepa_ray(
+        *("prepare", "--config", "prepare-demo.yaml", "--out", "shards"),
+        *("--dicom", "cohort/dicom", "--meds", "cohort/meds"),
+        *("prepare.image.size=32", f"ray_address={address}"),
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["image"]["size"] == 32
+    r = jepa_ray("pretrain", "--config", "no-such-config.yaml")
+    assert r.returncode == 2 and "demo-cpu.yaml" in r.stderr + r.stdout  # the shipped ones are listed
+
+
 def test_missing_inputs_and_manifest_are_clear_errors(ray_session, tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["prepare", "--out", str(tmp_path / "o"), "--dicom", str(tmp_path / "nope")])
@@ -46,7 +75,7 @@ def test_missing_inputs_and_manifest_are_clear_errors(ray_session, tmp_path):
     assert r.exit_code == 2 and "no manifest" in r.output
 
 
-TUNE_DEMO = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tune-demo.yaml")
+TUNE_DEMO = str(Path(__file__).resolve().parents[1] / "jepa_ray" / "configs" / "tune-demo.yaml")
 
 
 def test_tune_refuses_a_bad_search_space_before_ray_starts(tmp_path):

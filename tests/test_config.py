@@ -54,8 +54,11 @@ def test_cli_reports_config_errors_and_exits_2(tmp_path):
 def test_example_configs_load():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
-    assert configs
+    root = Path(__file__).parents[1]
+    configs = sorted(
+        [*(root / "jobs" / "configs").glob("*.yaml"), *(root / "jepa_ray" / "configs").glob("*.yaml")]
+    )
+    assert len(configs) >= 7
     for c in configs:
         load_config(c)
 

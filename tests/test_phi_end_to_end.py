@@ -27,7 +27,7 @@ from jepa_ray.cli import app
 from jepa_ray.config import SynthConfig, load_config
 from jepa_ray.data.synth import write_cohort
 
-DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo-cpu.yaml")
+DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "jepa_ray" / "configs" / "demo-cpu.yaml")
 FIRST, LAST = "Zebulon", "Quillfeather"
 PLANTED = {
     "folder": f"{LAST}^{FIRST}_MRN7654321",

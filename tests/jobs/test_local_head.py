@@ -78,7 +78,7 @@ def _submission_id(stdout: str) -> str:
 def _tiny(shards, runs) -> list[str]:
     return [
         "--config",
-        "jobs/configs/demo-cpu.yaml",
+        "jepa_ray/configs/demo-cpu.yaml",
         f"train.shards={shards}",
         f"train.storage_path={runs}",
         "train.num_workers=1",
@@ -132,7 +132,7 @@ def test_a_tune_sweep_runs_as_a_job(head, small_shards, tmp_path):
     sweeps = tmp_path / "sweeps"
     args = [
         "--config",
-        "jobs/configs/tune-demo.yaml",
+        "jepa_ray/configs/tune-demo.yaml",
         "--name",
         "sweep1",
         f"train.shards={small_shards}",

@@ -36,7 +36,7 @@ from jepa_ray.submit import (
 from jepa_ray.upload import MAX_UPLOAD_BYTES, checkout_root, plan_upload
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = "jobs/configs/demo-cpu.yaml"
+CONFIG = "jepa_ray/configs/demo-cpu.yaml"
 
 
 def test_address_comes_from_the_flag_then_ray_address_then_the_local_head(monkeypatch):
@@ -193,13 +193,17 @@ def test_bad_runtime_env_inputs_name_the_input(tmp_path, kwargs, message):
 
 
 def test_entrypoints_for_a_checkout_and_for_the_installed_package():
-    args = ["--config", "jobs/configs/demo-cpu.yaml", "train.storage_path=/shared/runs", "--name", "a b"]
+    args = ["--config", "jepa_ray/configs/demo-cpu.yaml", "train.storage_path=/shared/runs", "--name", "a b"]
     assert build_entrypoint("pretrain", args, ROOT) == (
-        "python jobs/pretrain.py --config jobs/configs/demo-cpu.yaml train.storage_path=/shared/runs "
+        "python jobs/pretrain.py --config jepa_ray/configs/demo-cpu.yaml train.storage_path=/shared/runs "
         "--name 'a b'"
     )
-    tune = ["--config=jobs/configs/tune-demo.yaml", "train.shards=/data/shards", "train.storage_path=/runs"]
-    assert build_entrypoint("tune", tune, ROOT).startswith("python jobs/tune.py --config=jobs/configs/tune")
+    tune = [
+        "--config=jepa_ray/configs/tune-demo.yaml",
+        "train.shards=/data/shards",
+        "train.storage_path=/runs",
+    ]
+    assert build_entrypoint("tune", tune, ROOT).startswith("python jobs/tune.py --config=jepa_ray/configs/tune")
     with pytest.raises(JobError, match=r"--config s3://b/t\.yaml: a config is a YAML file in the working"):
         build_entrypoint("tune", ["--config", "s3://b/t.yaml"], ROOT)
     assert build_entrypoint("evaluate", ["--out", "e"], None) == "python -m jepa_ray evaluate --out e"
@@ -214,13 +218,13 @@ def test_entrypoints_for_a_checkout_and_for_the_installed_package():
         build_entrypoint("pretrain", ["-c", "jobs/configs/nope.yaml"], ROOT)
     # the config loads before submitting, and relative data/run paths would end in Ray's temp copy
     with pytest.raises(JobError, match=r"train.storage_path=./demo/runs is a relative path"):
-        build_entrypoint("pretrain", ["--config", "jobs/configs/demo-cpu.yaml"], ROOT)
+        build_entrypoint("pretrain", ["--config", "jepa_ray/configs/demo-cpu.yaml"], ROOT)
     with pytest.raises(JobError, match=r"train.shards=demo/shards is a relative path"):
         build_entrypoint("tune", ["train.shards=demo/shards", "train.storage_path=s3://b/r"], ROOT)
     with pytest.raises(JobError, match=r"the job's config does not load: .*train.stepz"):
         build_entrypoint("pretrain", ["train.stepz=3"], ROOT)
     with pytest.raises(JobError, match="an absolute path names a file on this machine"):
-        build_entrypoint("pretrain", ["--config", str(ROOT / "jobs/configs/demo-cpu.yaml")], ROOT)
+        build_entrypoint("pretrain", ["--config", str(ROOT / "jepa_ray/configs/demo-cpu.yaml")], ROOT)
 
 
 def test_cli_refuses_conflicting_packaging_before_connecting():
@@ -261,7 +265,7 @@ def test_job_entrypoint_scripts_run_the_commands(tmp_path):
 def test_a_job_api_address_in_ray_address_is_not_a_cluster_to_run_a_driver_on(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"}
     out = subprocess.run(
-        [sys.executable, "-m", "jepa_ray", "pretrain", "--config", "jobs/configs/demo-cpu.yaml"],
+        [sys.executable, "-m", "jepa_ray", "pretrain", "--config", "jepa_ray/configs/demo-cpu.yaml"],
         cwd=ROOT,
         env=env,
         capture_output=True,

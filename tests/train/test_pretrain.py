@@ -235,7 +235,14 @@ def test_cpus_held_by_something_else_are_refused_not_waited_on_forever(
     build_trainer(_cfg(small_shards, tmp_path), name="freed")  # free again: accepted
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].joinpath("jobs", "configs").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p
+        for d in ("jobs/configs", "jepa_ray/configs")
+        for p in Path(__file__).parents[2].joinpath(d).glob("*.yaml")
+    ),
+)
 def test_every_shipped_job_config_is_valid(path):
     cfg = load_config(path)
     assert cfg.train.zero_stage in (0, 1, 2, 3)
