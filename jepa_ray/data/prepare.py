@@ -102,6 +102,15 @@ def _rank_images(headers: list[Any]) -> list[Any]:
     return sorted(headers, key=lambda h: (_FRONTAL.get(h.safe.get("view") or "", 9), h.path))
 
 
+@dataclass
+class _Records:
+    """The quarantine and skip records of one run, and how an input file is named in them."""
+
+    name_input: Any  # relative path -> the name written (a salted hash, or the path itself)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
 def prepare(
     out: str,
     cfg: PrepareConfig,
@@ -113,13 +122,48 @@ def prepare(
     show_progress: bool = False,
 ) -> PrepareResult:
     """Ingest DICOM + MEDS into shards under `out` (local dir or s3://); resumable and idempotent."""
-
-    if dicom is None and meds is None:
-        raise PrepareError("nothing to ingest: give --dicom and/or --meds")
-    for label, path in (("--dicom", dicom), ("--meds", meds), ("--static", static), ("--outcomes", outcomes)):
-        if path is not None and not Path(path).exists():
-            raise PrepareError(f"{label} {path}: no such file or directory")
+    _check_inputs(dicom=dicom, meds=meds, static=static, outcomes=outcomes)
     pz = Pseudonymizer(cfg.deid.resolve_salt())
+    store = _open_output(out, cfg, pz)
+    records = _Records(pz.path if cfg.deid.input_paths == "hashed" else (lambda rel: rel))
+    clock = _Clock()
+
+    # the header scan runs as Ray tasks while the driver reads the EHR
+    dicom_root = Path(dicom).resolve() if dicom else None
+    files = _dicom_files(dicom_root)
+    scan = _start_scan(files, cfg, show_progress)
+    tables, id_map = _read_ehr(cfg, meds=meds, static=static, outcomes=outcomes)
+    clock.lap("ehr")
+    headers = _collect_headers(scan, dicom_root, records)
+    clock.lap("scan")
+
+    samples, vocab, stats, ehr_info = _link_and_split(pz, cfg, headers, tables, id_map, dicom_root, records)
+    del tables, headers  # raw identifiers stay in memory no longer than needed
+
+    plan = _plan_shards(samples, cfg)
+    todo, written = _shards_to_write(store, plan, cfg, vocab, pz)
+    clock.lap("plan")
+    _write(store, todo, written, plan, cfg, out, show_progress)
+    clock.lap("write")
+
+    manifest = _write_manifest(store, plan, written, vocab, cfg, pz, records, len(files), ehr_info, stats)
+    clock.lap("manifest")
+    logger.info("prepare phases (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in clock.laps.items()))
+    result = _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
+    result.seconds = clock.laps
+    return result
+
+
+def _check_inputs(**inputs: str | None) -> None:
+    if inputs["dicom"] is None and inputs["meds"] is None:
+        raise PrepareError("nothing to ingest: give --dicom and/or --meds")
+    for label, path in inputs.items():
+        if path is not None and not Path(path).exists():
+            raise PrepareError(f"--{label} {path}: no such file or directory")
+
+
+def _open_output(out: str, cfg: PrepareConfig, pz: Pseudonymizer) -> Store:
+    """The output store; refused when it holds shards pseudonymised with another salt."""
     store = Store(out, cfg.storage)
     store.makedirs()
     previous = read_manifest(store, missing_ok=True)
@@ -128,18 +172,18 @@ def prepare(
             f"{out}: holds shards pseudonymised with another salt; use a new output location "
             "(mixing salts would give one subject two ids)"
         )
-    quarantine: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    name_input = pz.path if cfg.deid.input_paths == "hashed" else (lambda rel: rel)
+    return store
 
-    clock = _Clock()
-    # -- DICOM header scan (Ray tasks), started first so that it runs while the driver reads the EHR
-    dicom_root = Path(dicom).resolve() if dicom else None
-    files: list[str] = []
-    if dicom_root is not None:
-        files = [str(p) for p in _list_dicom_files(dicom_root)] if dicom_root.is_dir() else [str(dicom_root)]
+
+def _dicom_files(root: Path | None) -> list[str]:
+    if root is None:
+        return []
+    return [str(p) for p in _list_dicom_files(root)] if root.is_dir() else [str(root)]
+
+
+def _start_scan(files: list[str], cfg: PrepareConfig, show_progress: bool) -> TaskMap:
     step = cfg.files_per_task
-    scan = TaskMap(
+    return TaskMap(
         scan_headers,
         [files[i : i + step] for i in range(0, len(files), step)],
         "scan DICOM",
@@ -148,21 +192,27 @@ def prepare(
         on_failure=crashed_scan,
     )
 
-    # -- EHR tables (driver) ----------------------------------------------------------------------
+
+def _read_ehr(
+    cfg: PrepareConfig, *, meds: str | None, static: str | None, outcomes: str | None
+) -> tuple[ehrlib.EhrTables, dict | None]:
     tables = ehrlib.read_meds(meds) if meds is not None else ehrlib.EhrTables()
     if static is not None:
         ehrlib.read_static(static, tables, cfg.ehr.static_numeric, cfg.ehr.static_categorical)
     if outcomes is not None:
         ehrlib.read_outcomes(outcomes, tables)
     id_map = ehrlib.read_id_map(cfg.ehr.id_map) if cfg.ehr.id_map else None
-    clock.lap("ehr")
+    return tables, id_map
 
+
+def _collect_headers(scan: TaskMap, dicom_root: Path | None, records: _Records) -> list[Any]:
+    """The scanned headers; the files that could not be read go to quarantine."""
     headers: list[Any] = []
     for item in (x for chunk in scan.results() for x in chunk):
         if isinstance(item, dict):
-            quarantine.append(
+            records.quarantine.append(
                 {
-                    "input": name_input(_rel(item["path"], dicom_root)),
+                    "input": records.name_input(_rel(item["path"], dicom_root)),
                     "kind": "dicom",
                     "reason": item["reason"],
                     "detail": item["detail"],
@@ -170,13 +220,29 @@ def prepare(
             )
         else:
             headers.append(item)
-    clock.lap("scan")
-    # -- link images to subjects, group into studies, split by subject ---------------------------
-    headers = _drop_pixel_text_risks(headers, cfg, quarantine, lambda h: name_input(_rel(h.path, dicom_root)))
+    return headers
+
+
+def _link_and_split(
+    pz: Pseudonymizer,
+    cfg: PrepareConfig,
+    headers: list[Any],
+    tables: ehrlib.EhrTables,
+    id_map: dict | None,
+    dicom_root: Path | None,
+    records: _Records,
+) -> tuple[list[SampleSpec], Any, dict[str, int], dict[str, Any]]:
+    """Link images to subjects, group them into studies, split by subject, fit the vocabulary on
+    the training split, and describe every sample: (samples, vocab, stats, the manifest's EHR info)."""
+
+    def name_of(h: Any) -> str:
+        return records.name_input(_rel(h.path, dicom_root))
+
+    headers = _drop_pixel_text_risks(headers, cfg, records.quarantine, name_of)
     for h in (h for h in headers if not h.patient_id):
-        quarantine.append(
+        records.quarantine.append(
             {
-                "input": name_input(_rel(h.path, dicom_root)),
+                "input": name_of(h),
                 "kind": "dicom",
                 "reason": "no_patient_id",
                 "detail": "PatientID is empty: the image cannot be given a subject-level split",
@@ -184,7 +250,7 @@ def prepare(
         )
     chosen = _group_studies([h for h in headers if h.patient_id], id_map)
     imaged_subjects = {sk[0] for sk in chosen}
-    _quarantine_unknown(tables, imaged_subjects | set(tables.events), quarantine)
+    _quarantine_unknown(tables, imaged_subjects | set(tables.events), records.quarantine)
     ehr_subjects = tables.subjects()
     subject_split = _assign_splits(pz, cfg, chosen, imaged_subjects | ehr_subjects)
     train = {s for s, sp in subject_split.items() if sp == "train"}
@@ -194,10 +260,8 @@ def prepare(
         "time_resolution_days": cfg.ehr.time_resolution_days,
         "max_age_years": cfg.ehr.max_age_years,
     }
-
-    # -- samples ----------------------------------------------------------------------------------
     samples: list[SampleSpec] = []
-    stats = defaultdict(int)
+    stats: dict[str, int] = defaultdict(int)
     for (subject, _), hs in sorted(chosen.items(), key=lambda kv: kv[1][0].path):
         h = hs[0]
         t = _to_us(h.study_time)
@@ -211,7 +275,7 @@ def prepare(
             SampleSpec(
                 key=pz.study(subject, h.study_uid or h.sop_uid or h.path),
                 split=subject_split[subject],
-                dicoms=[(x.path, name_input(_rel(x.path, dicom_root))) for x in hs],
+                dicoms=[(x.path, name_of(x)) for x in hs],
                 ehr=arrays,
                 meta=meta,
                 kind=_study_kind(hs),
@@ -221,7 +285,7 @@ def prepare(
         t, how = _ehr_only_index(tables, subject)
         arrays = subject_ehr(tables, vocab, subject, t, **ehr_limits)
         if arrays is None:
-            skipped.append(
+            records.skipped.append(
                 {
                     "input": "ehr",
                     "reason": "no_ehr_before_index",
@@ -252,12 +316,19 @@ def prepare(
     }
     for q in tables.quarantine:
         record = q.to_json()
-        record["input"] = name_input(record["input"])
-        quarantine.append(record)
-    del tables, chosen, headers  # raw identifiers stay in memory no longer than needed
+        record["input"] = records.name_input(record["input"])
+        records.quarantine.append(record)
+    return samples, vocab, dict(stats), ehr_info
 
-    # -- plan shards; find those a previous run finished ---------------------------------------
-    plan = _plan_shards(samples, cfg)
+
+def _shards_to_write(
+    store: Store,
+    plan: list[tuple[str, str, list[SampleSpec]]],
+    cfg: PrepareConfig,
+    vocab: Any,
+    pz: Pseudonymizer,
+) -> tuple[list[tuple[str, str, str, list[SampleSpec]]], dict[str, dict[str, Any]]]:
+    """(shards still to write, sidecars of those a previous run finished and that are intact)."""
     context = {
         "image": cfg.image.model_dump(mode="json"),
         "limits": cfg.limits.model_dump(mode="json"),
@@ -266,22 +337,32 @@ def prepare(
         "salt": pz.fingerprint(),
         **({"volume": cfg.volume.model_dump(mode="json")} if cfg.volume.enabled else {}),
     }
-    todo, records = [], {}
+    todo, written = [], {}
     for name, split, specs in plan:
         fp = shard_fingerprint(name, specs, context)
         side = read_sidecar(store, name)
         if side is not None and side.get("fingerprint") == fp and _intact(store, side):
-            records[name] = side
+            written[name] = side
         else:
             todo.append((name, split, fp, specs))
-    logger.info("%d shards planned, %d already written, %d to write", len(plan), len(records), len(todo))
+    logger.info("%d shards planned, %d already written, %d to write", len(plan), len(written), len(todo))
+    return todo, written
 
-    clock.lap("plan")
-    # -- decode + write (Ray tasks) ---------------------------------------------------------------
-    # from here until the new manifest is written, the old one no longer describes the shards:
-    # without a manifest, nothing reads a half-rewritten set as if it were the old one
+
+def _write(
+    store: Store,
+    todo: list[tuple[str, str, str, list[SampleSpec]]],
+    written: dict[str, dict[str, Any]],
+    plan: list[tuple[str, str, list[SampleSpec]]],
+    cfg: PrepareConfig,
+    out: str,
+    show_progress: bool,
+) -> None:
+    """Decode and write the shards to do (Ray tasks), then remove shards no longer planned. From
+    here until the new manifest is written the old one no longer describes the shards: it is
+    removed first, so nothing reads a half-rewritten set as if it were the old one."""
     store.remove(MANIFEST)
-    failures = write_shards(todo, cfg, out, records, show_progress)
+    failures = write_shards(todo, cfg, out, written, show_progress)
     _remove_stale(store, {name for name, _, _ in plan})
     if failures:
         raise PrepareError(
@@ -290,12 +371,24 @@ def prepare(
             + f". The other shards are kept: rerun the same command to resume ({out})."
         )
 
-    clock.lap("write")
-    # -- manifest ---------------------------------------------------------------------------------
-    ordered = [records[name] for name, _, _ in plan]
+
+def _write_manifest(
+    store: Store,
+    plan: list[tuple[str, str, list[SampleSpec]]],
+    written: dict[str, dict[str, Any]],
+    vocab: Any,
+    cfg: PrepareConfig,
+    pz: Pseudonymizer,
+    records: _Records,
+    n_files: int,
+    ehr_info: dict[str, Any],
+    stats: dict[str, int],
+) -> dict[str, Any]:
+    """The manifest, written last: it describes the shards only once they are all there."""
+    ordered = [written[name] for name, _, _ in plan]
     for r in ordered:
-        quarantine.extend(r["quarantine"])
-        skipped.extend(r["skipped"])
+        records.quarantine.extend(r["quarantine"])
+        records.skipped.extend(r["skipped"])
     # external sites may be given by institution name: only their pseudonyms are written out
     safe_cfg = cfg.model_copy(deep=True)
     safe_cfg.split.external_sites = sorted(_external_sites(pz, cfg))
@@ -304,17 +397,13 @@ def prepare(
         vocab=vocab,
         cfg=safe_cfg,
         salt_fingerprint=pz.fingerprint(),
-        quarantine=quarantine,
-        skipped=skipped,
-        inputs={"dicom_files": len(files), "ehr": ehr_info},
-        extra=dict(stats),
+        quarantine=records.quarantine,
+        skipped=records.skipped,
+        inputs={"dicom_files": n_files, "ehr": ehr_info},
+        extra=stats,
     )
     store.write_bytes(MANIFEST, dumps(manifest))
-    clock.lap("manifest")
-    logger.info("prepare phases (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in clock.laps.items()))
-    result = _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
-    result.seconds = clock.laps
-    return result
+    return manifest
 
 
 def _intact(store: Store, side: dict[str, Any]) -> bool:
