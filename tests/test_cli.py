@@ -61,6 +61,10 @@ def test_the_demos_configs_ship_with_the_package_and_run_from_any_directory(ray_
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["image"]["size"] == 32
+    # the shards too, where the command was run (Ray's workers run elsewhere: a relative --out is the
+    # driver's), and nothing in the checkout
+    assert list((tmp_path / "shards").glob("*.tar"))
+    assert not (Path(__file__).resolve().parents[1] / "shards").exists()
     r = jepa_ray("pretrain", "--config", "no-such-config.yaml")
     assert r.returncode == 2 and "demo-cpu.yaml" in r.stderr + r.stdout  # the shipped ones are listed
 

@@ -143,7 +143,8 @@ def prepare(
     plan = _plan_shards(samples, cfg)
     todo, written = _shards_to_write(store, plan, cfg, vocab, pz)
     clock.lap("plan")
-    _write(store, todo, written, plan, cfg, out, show_progress)
+    # the writers are Ray tasks, whose working directory is not this process's: an absolute location
+    _write(store, todo, written, plan, cfg, store.uri("").rstrip("/"), show_progress)
     clock.lap("write")
 
     manifest = _write_manifest(store, plan, written, vocab, cfg, pz, records, len(files), ehr_info, stats)

@@ -203,7 +203,9 @@ def test_entrypoints_for_a_checkout_and_for_the_installed_package():
         "train.shards=/data/shards",
         "train.storage_path=/runs",
     ]
-    assert build_entrypoint("tune", tune, ROOT).startswith("python jobs/tune.py --config=jepa_ray/configs/tune")
+    assert build_entrypoint("tune", tune, ROOT).startswith(
+        "python jobs/tune.py --config=jepa_ray/configs/tune"
+    )
     with pytest.raises(JobError, match=r"--config s3://b/t\.yaml: a config is a YAML file in the working"):
         build_entrypoint("tune", ["--config", "s3://b/t.yaml"], ROOT)
     assert build_entrypoint("evaluate", ["--out", "e"], None) == "python -m jepa_ray evaluate --out e"
