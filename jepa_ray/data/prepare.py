@@ -256,36 +256,15 @@ def _link_and_split(
     subject_split = _assign_splits(pz, cfg, chosen, imaged_subjects | ehr_subjects)
     train = {s for s, sp in subject_split.items() if sp == "train"}
     vocab = fit_vocab(tables, train, cfg.ehr.min_code_count, cfg.ehr.min_subjects)
-    ehr_limits = {
-        "max_events": cfg.ehr.max_events,
-        "time_resolution_days": cfg.ehr.time_resolution_days,
-        "max_age_years": cfg.ehr.max_age_years,
-    }
-    samples: list[SampleSpec] = []
     stats: dict[str, int] = defaultdict(int)
-    for (subject, _), hs in sorted(chosen.items(), key=lambda kv: kv[1][0].path):
-        h = hs[0]
-        t = _to_us(h.study_time)
-        stats["undated_studies"] += t is None
-        arrays = subject_ehr(tables, vocab, subject, t, **ehr_limits)
-        meta = _sample_meta(
-            pz, subject, subject_split[subject], tables.outcomes.get(subject), t, "study", stats
-        )
-        meta["site"] = pz.site(h.institution)
-        samples.append(
-            SampleSpec(
-                key=pz.study(subject, h.study_uid or h.sop_uid or h.path),
-                split=subject_split[subject],
-                dicoms=[(x.path, name_of(x)) for x in hs],
-                ehr=arrays,
-                meta=meta,
-                kind=_study_kind(hs),
-            )
-        )
+    ctx = _SampleContext(pz, cfg, tables, vocab, subject_split, stats)
+    samples = [
+        _study_sample(ctx, subject, hs, name_of)
+        for (subject, _), hs in sorted(chosen.items(), key=lambda kv: kv[1][0].path)
+    ]
     for subject in sorted(ehr_subjects - {s for s, _ in chosen}):
-        t, how = _ehr_only_index(tables, subject)
-        arrays = subject_ehr(tables, vocab, subject, t, **ehr_limits)
-        if arrays is None:
+        sample = _ehr_only_sample(ctx, subject)
+        if sample is None:
             records.skipped.append(
                 {
                     "input": "ehr",
@@ -293,18 +272,8 @@ def _link_and_split(
                     "detail": "an EHR-only subject with no event before its index time",
                 }
             )
-            continue
-        meta = _sample_meta(pz, subject, subject_split[subject], tables.outcomes.get(subject), t, how, stats)
-        meta["site"] = "site-unknown"
-        samples.append(
-            SampleSpec(
-                key="x" + pz.subject(subject)[1:],
-                split=subject_split[subject],
-                dicoms=[],
-                ehr=arrays,
-                meta=meta,
-            )
-        )
+        else:
+            samples.append(sample)
     ehr_info = {
         "event_files": tables.event_files,
         "event_rows": tables.event_rows,
@@ -320,6 +289,64 @@ def _link_and_split(
         record["input"] = records.name_input(record["input"])
         records.quarantine.append(record)
     return samples, vocab, dict(stats), ehr_info
+
+
+@dataclass
+class _SampleContext:
+    """What describing a sample needs: pseudonyms, settings, the EHR and its vocabulary, the splits."""
+
+    pz: Pseudonymizer
+    cfg: PrepareConfig
+    tables: ehrlib.EhrTables
+    vocab: Any
+    split: dict[str, str]
+    stats: dict[str, int]
+
+    def ehr(self, subject: str, t: int | None) -> dict[str, Any] | None:
+        e = self.cfg.ehr
+        return subject_ehr(
+            self.tables,
+            self.vocab,
+            subject,
+            t,
+            max_events=e.max_events,
+            time_resolution_days=e.time_resolution_days,
+            max_age_years=e.max_age_years,
+        )
+
+    def meta(self, subject: str, t: int | None, how: str) -> dict[str, Any]:
+        outcome = self.tables.outcomes.get(subject)
+        return _sample_meta(self.pz, subject, self.split[subject], outcome, t, how, self.stats)
+
+
+def _study_sample(ctx: _SampleContext, subject: str, hs: list[Any], name_of: Any) -> SampleSpec:
+    """A study's sample: its images (best first), the subject's EHR before the study time."""
+    h = hs[0]
+    t = _to_us(h.study_time)
+    ctx.stats["undated_studies"] += t is None
+    meta = ctx.meta(subject, t, "study")
+    meta["site"] = ctx.pz.site(h.institution)
+    return SampleSpec(
+        key=ctx.pz.study(subject, h.study_uid or h.sop_uid or h.path),
+        split=ctx.split[subject],
+        dicoms=[(x.path, name_of(x)) for x in hs],
+        ehr=ctx.ehr(subject, t),
+        meta=meta,
+        kind=_study_kind(hs),
+    )
+
+
+def _ehr_only_sample(ctx: _SampleContext, subject: str) -> SampleSpec | None:
+    """A subject without images, indexed by `_ehr_only_index`; None when no event precedes it."""
+    t, how = _ehr_only_index(ctx.tables, subject)
+    arrays = ctx.ehr(subject, t)
+    if arrays is None:
+        return None
+    meta = ctx.meta(subject, t, how)
+    meta["site"] = "site-unknown"
+    return SampleSpec(
+        key="x" + ctx.pz.subject(subject)[1:], split=ctx.split[subject], dicoms=[], ehr=arrays, meta=meta
+    )
 
 
 def _shards_to_write(
