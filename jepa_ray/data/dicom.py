@@ -209,24 +209,25 @@ def _is_cut(ds: Dataset, size: int) -> bool:
     return False
 
 
-def _meta_end(f: BinaryIO) -> int:
-    """The offset where the dataset starts: after the file meta elements (group 0002) that follow the
-    preamble. The file must be positioned at byte 132."""
-    end = f.tell()
-    for elem in data_element_generator(f, False, True, stop_when=lambda tag, vr, length: tag.group != 2):
-        end = elem.value_tell + elem.length
-    return end
-
-
-def _check_inflated_size(f: BinaryIO, path: str, limit: int) -> None:
-    """For a deflate-compressed dataset, count its inflated bytes in bounded steps (a few MB of memory
-    whatever the ratio) before pydicom inflates it whole: a 400 KB file can inflate to gigabytes."""
+def _deflated_start(f: BinaryIO) -> int | None:
+    """Where the dataset starts (after the file meta group 0002 that follows the preamble) when the
+    file meta names the deflated transfer syntax (1.2.840.10008.1.2.1.99); None otherwise."""
     f.seek(132)
+    deflated, end = False, 132
     try:
-        meta_end = _meta_end(f)
+        for elem in data_element_generator(f, False, True, stop_when=lambda tag, vr, length: tag.group != 2):
+            end = elem.value_tell + elem.length
+            if elem.tag == 0x00020010:
+                deflated = UID(elem.value.decode("ascii", "replace").strip(" \0")).is_deflated
     except Exception:  # an unreadable meta group: dcmread reports it
-        return
-    f.seek(meta_end)
+        return None
+    return end if deflated else None
+
+
+def _check_inflated_size(f: BinaryIO, path: str, start: int, limit: int) -> None:
+    """Count a deflate-compressed dataset's inflated bytes in bounded steps (a few MB of memory
+    whatever the ratio) before pydicom inflates it whole: a 400 KB file can inflate to gigabytes."""
+    f.seek(start)
     inflate = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
     while chunk := f.read(2**20):
@@ -241,24 +242,12 @@ def _check_inflated_size(f: BinaryIO, path: str, limit: int) -> None:
                 raise InvalidDicomError(
                     path,
                     "over_limit",
-                    f"the deflate-compressed dataset inflates beyond {limit} bytes from {f.tell()} on "
-                    "disk (prepare.limits.max_inflated_bytes): a decompression bomb or a huge file",
+                    f"the deflate-compressed dataset inflates beyond {limit} bytes "
+                    "(prepare.limits.max_inflated_bytes): a decompression bomb or a huge file",
                 )
             chunk = inflate.unconsumed_tail
             if inflate.eof:
                 return
-
-
-def _deflated(f: BinaryIO) -> bool:
-    """True when the file meta names the deflated transfer syntax (1.2.840.10008.1.2.1.99)."""
-    f.seek(132)
-    try:
-        for elem in data_element_generator(f, False, True, stop_when=lambda tag, vr, length: tag.group != 2):
-            if elem.tag == 0x00020010:
-                return UID(elem.value.decode("ascii", "replace").strip(" \0")).is_deflated
-    except Exception:  # an unreadable meta group: dcmread reports it
-        return False
-    return False
 
 
 def read_dataset(path: str, pixels: bool, limits: LimitsConfig | None = None) -> Dataset:
@@ -291,8 +280,8 @@ def read_dataset(path: str, pixels: bool, limits: LimitsConfig | None = None) ->
                     "not a DICOM file",
                 )
             force = True  # a dataset without preamble/file meta, as old archives wrote them
-        elif _deflated(f):
-            _check_inflated_size(f, path, limits.max_inflated_bytes)
+        elif (start := _deflated_start(f)) is not None:
+            _check_inflated_size(f, path, start, limits.max_inflated_bytes)
         f.seek(0)
         try:
             with warnings.catch_warnings(record=True) as caught:
