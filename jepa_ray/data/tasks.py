@@ -89,8 +89,6 @@ class TaskMap:
                 break
 
     def _one_by_one(self, chunk: list[Any], error: BaseException) -> list[Any]:
-        import ray
-
         if self._on_failure is None:
             raise error
         logger.warning(
@@ -99,14 +97,7 @@ class TaskMap:
             len(chunk),
             _cause(error),
         )
-        refs = [self._alone.remote([item], *self._args) for item in chunk]
-        out: list[Any] = []
-        for item, ref in zip(chunk, refs, strict=True):
-            try:
-                out.extend(ray.get(ref))
-            except Exception as e:  # this input fails on its own
-                out.append(self._on_failure(item, e))
-        return out
+        return each_alone(lambda item: self._alone.remote([item], *self._args), chunk, self._on_failure)
 
     def results(self) -> list[Any]:
         import ray
@@ -217,31 +208,39 @@ def _decoded(chunks: list[list[SampleSpec]], refs: list, cfg: PrepareConfig, dec
     for chunk, ref in zip(chunks, refs, strict=True):
         try:
             out.extend(ray.get(ref))
-            continue
         except Exception:
-            pass
-        one_refs = [_decode_remote(alone, [s], cfg) for s in chunk]
-        for spec, one in zip(chunk, one_refs, strict=True):
-            try:
-                out.extend(ray.get(one))
-            except Exception as e:  # this sample kills a worker on its own
-                out.append(
-                    {
-                        "image": None,
-                        "meta": {},
-                        "quarantine": [
-                            {
-                                "input": source,
-                                "kind": "dicom",
-                                "reason": "worker_crashed",
-                                "detail": f"decoding its study ended the worker process ({_cause(e)}), "
-                                "also when decoded alone",
-                            }
-                            for _, source in spec.dicoms
-                        ],
-                        "skipped": [],
-                    }
-                )
+            out.extend(each_alone(lambda spec: _decode_remote(alone, [spec], cfg), chunk, _crashed_sample))
+    return out
+
+
+def _crashed_sample(spec: SampleSpec, error: BaseException) -> dict[str, Any]:
+    """A sample whose decoding killed its worker, even alone: no image, its files quarantined."""
+    detail = f"decoding its study ended the worker process ({_cause(error)}), also when decoded alone"
+    return {
+        "image": None,
+        "meta": {},
+        "quarantine": [
+            {"input": source, "kind": "dicom", "reason": "worker_crashed", "detail": detail}
+            for _, source in spec.dicoms
+        ],
+        "skipped": [],
+    }
+
+
+def each_alone(
+    submit: Callable[[Any], Any], items: list[Any], on_failure: Callable[[Any, BaseException], Any]
+) -> list:
+    """Every item's results from a task of its own (`submit(item)` returns its ref); an item whose
+    task fails becomes `on_failure(item, error)`."""
+    import ray
+
+    refs = [submit(item) for item in items]
+    out: list[Any] = []
+    for item, ref in zip(items, refs, strict=True):
+        try:
+            out.extend(ray.get(ref))
+        except Exception as e:  # this input fails on its own
+            out.append(on_failure(item, e))
     return out
 
 
