@@ -1,6 +1,6 @@
 """CT: series assembly throughput, and what activation checkpointing buys a 3-D encoder.
 
-1. Series. System: `jepa_ray.data.series` on chest-CT phantom series written one file per slice
+1. Series. System: `jepa_ray.ingest.series` on chest-CT phantom series written one file per slice
    (group by series, order along the normal, check, HU, resample to prepare.volume's spacing and
    size, window into channels). Baseline, measured in the same run: a plain loop of
    `pydicom.dcmread(f).pixel_array` over the same files (no ordering, no checks, no resampling).
@@ -32,7 +32,7 @@ from bench_prepare import hardware
 
 
 def write_series(root: Path, n: int, size: int, slices: int) -> list[Path]:
-    from jepa_ray.data.ct_phantom import CTStudy, write_ct_series
+    from jepa_ray.synth.ct_phantom import CTStudy, write_ct_series
 
     for i in range(n):
         job = CTStudy(
@@ -50,7 +50,7 @@ def bench_series(work: Path, n: int, size: int, slices: int) -> dict:
     import pydicom
 
     from jepa_ray.config import VolumeConfig
-    from jepa_ray.data.series import group_series, read_volume
+    from jepa_ray.ingest.series import group_series, read_volume
 
     files = write_series(work / "ct", n, size, slices)
     cfg = VolumeConfig(enabled=True)

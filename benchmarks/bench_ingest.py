@@ -45,8 +45,8 @@ def _raw_batch(samples: list[dict]) -> dict[str, np.ndarray]:
 
 
 def _loader_collate(samples, spec, cfg):
-    from jepa_ray.data.pipeline import collate
-    from jepa_ray.data.transform import transform_batch
+    from jepa_ray.stream.pipeline import collate
+    from jepa_ray.stream.transform import transform_batch
 
     return collate(transform_batch(_raw_batch(samples), spec, cfg, train=True, epoch=0))
 
@@ -84,9 +84,9 @@ def main() -> int:
     import webdataset as wds
 
     from jepa_ray.config import SynthConfig, load_config
-    from jepa_ray.data.pipeline import build_dataset, iter_training_batches, open_split
-    from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import cohort_inputs, write_cohort
+    from jepa_ray.ingest.prepare import prepare
+    from jepa_ray.stream.pipeline import build_dataset, iter_training_batches, open_split
+    from jepa_ray.synth.cohort import cohort_inputs, write_cohort
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     cohort, shards = work / "cohort", work / "shards"

@@ -60,8 +60,8 @@ def cohort(work: Path, subjects: int) -> Path:
     import ray
 
     from jepa_ray.config import SynthConfig, load_config
-    from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import cohort_inputs, write_cohort
+    from jepa_ray.ingest.prepare import prepare
+    from jepa_ray.synth.cohort import cohort_inputs, write_cohort
 
     if not (work / "cohort" / "latents.parquet").exists():
         write_cohort(
@@ -88,8 +88,8 @@ def cohort(work: Path, subjects: int) -> Path:
 
 def load_split(shards: Path, name: str, cfg):
     """(spec, key -> raw sample) of one split."""
-    from jepa_ray.data.local import read_samples
-    from jepa_ray.data.pipeline import open_split
+    from jepa_ray.stream.local import read_samples
+    from jepa_ray.stream.pipeline import open_split
 
     split = open_split(str(shards), name)
     samples: dict = {}
@@ -100,9 +100,9 @@ def load_split(shards: Path, name: str, cfg):
 
 def batches_of(samples: dict, keys: list[str], spec, cfg, size: int = 128) -> list[dict]:
     """Evaluation batches (no augmentation, the evaluation's masks) of these samples."""
-    from jepa_ray.data.local import raw_batch
-    from jepa_ray.data.pipeline import collate
-    from jepa_ray.data.transform import transform_batch
+    from jepa_ray.stream.local import raw_batch
+    from jepa_ray.stream.pipeline import collate
+    from jepa_ray.stream.transform import transform_batch
 
     return [
         collate(
@@ -283,11 +283,11 @@ def main() -> int:
     import torch
 
     from jepa_ray.config import ModelConfig, StorageConfig, load_config
-    from jepa_ray.data.deid import Pseudonymizer
-    from jepa_ray.data.local import train_on_samples
-    from jepa_ray.data.manifest import read_manifest
-    from jepa_ray.data.storage import Store
+    from jepa_ray.ingest.deid import Pseudonymizer
     from jepa_ray.model.jepa import JEPA, embedding_stats
+    from jepa_ray.shards.manifest import read_manifest
+    from jepa_ray.storage import Store
+    from jepa_ray.train.local import train_on_samples
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-learning-"))

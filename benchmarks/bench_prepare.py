@@ -80,7 +80,7 @@ def baseline_loop(files: list[Path], size: int) -> float:
 
 def _image_meta(shards: Path) -> list[dict]:
     """The `image` metadata of every sample in a local shard directory."""
-    from jepa_ray.data.local import read_samples
+    from jepa_ray.stream.local import read_samples
 
     return [
         json.loads(sample["meta"]).get("image") or {}
@@ -141,8 +141,8 @@ def main() -> int:
     import ray
 
     from jepa_ray.config import SynthConfig, load_config
-    from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import write_cohort
+    from jepa_ray.ingest.prepare import prepare
+    from jepa_ray.synth.cohort import write_cohort
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     cohort = work / "cohort"

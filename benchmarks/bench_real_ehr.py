@@ -119,8 +119,8 @@ def main() -> int:
     import ray
 
     from jepa_ray.config import load_config
-    from jepa_ray.data.prepare import prepare
     from jepa_ray.eval.evaluate import evaluate
+    from jepa_ray.ingest.prepare import prepare
     from jepa_ray.train.export import export
     from jepa_ray.train.trainer import pretrain
 

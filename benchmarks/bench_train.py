@@ -168,8 +168,8 @@ def measure_throughput(cfg, stage: int) -> dict:
 
 
 def _prepare(workdir: Path, cfg) -> str:
-    from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import cohort_inputs, write_cohort
+    from jepa_ray.ingest.prepare import prepare
+    from jepa_ray.synth.cohort import cohort_inputs, write_cohort
 
     cohort, shards = workdir / "cohort", workdir / "shards"
     write_cohort(cohort, cfg.synth)
@@ -191,7 +191,7 @@ def main() -> int:
     import ray
 
     from jepa_ray.config import load_config
-    from jepa_ray.data.pipeline import open_split
+    from jepa_ray.stream.pipeline import open_split
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     steps = 30 if args.quick else 90

@@ -126,10 +126,10 @@ def final_check(
     from scipy.stats import spearmanr
 
     from jepa_ray.config import Config
-    from jepa_ray.data.local import raw_batch, read_samples
-    from jepa_ray.data.pipeline import collate, open_split
-    from jepa_ray.data.transform import transform_batch
     from jepa_ray.model.io import load_jepa
+    from jepa_ray.stream.local import raw_batch, read_samples
+    from jepa_ray.stream.pipeline import collate, open_split
+    from jepa_ray.stream.transform import transform_batch
     from jepa_ray.train.export import export, find_checkpoint
     from jepa_ray.tune.objective import LABEL_FREE, batch_outcomes, measure, probe_auroc
 
@@ -252,8 +252,8 @@ def main() -> int:
     import ray
 
     from jepa_ray.config import SynthConfig, load_config
-    from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import cohort_inputs, write_cohort
+    from jepa_ray.ingest.prepare import prepare
+    from jepa_ray.synth.cohort import cohort_inputs, write_cohort
     from jepa_ray.tune.sweep import sweep
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-tune-"))
@@ -292,7 +292,7 @@ def main() -> int:
             "tune.measure_all=true",
         ],
     )
-    from jepa_ray.data.pipeline import open_split
+    from jepa_ray.stream.pipeline import open_split
 
     val_samples = open_split(str(shards), "val").samples
     name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -74,7 +74,7 @@ def synth(
     overrides: Overrides = None,
 ) -> None:
     """Write a synthetic cohort: DICOM files, MEDS parquet, static, outcome and latent tables."""
-    from jepa_ray.data.synth import write_cohort
+    from jepa_ray.synth.cohort import write_cohort
 
     try:
         cfg = _setup(config, overrides)
@@ -105,7 +105,7 @@ def prepare(
     overrides: Overrides = None,
 ) -> None:
     """Ingest DICOM + MEDS into de-identified webdataset shards and a manifest (resumable)."""
-    from jepa_ray.data.prepare import prepare as run_prepare
+    from jepa_ray.ingest.prepare import prepare as run_prepare
 
     try:
         cfg = _setup(config, overrides)
@@ -132,8 +132,8 @@ def inspect(
     overrides: Overrides = None,
 ) -> None:
     """Summarise a shard set (splits, modality pairing, quarantine); --verify checks sha256."""
-    from jepa_ray.data.manifest import read_manifest, verify_shards
-    from jepa_ray.data.storage import Store
+    from jepa_ray.shards.manifest import read_manifest, verify_shards
+    from jepa_ray.storage import Store
 
     try:
         cfg = _setup(config, overrides)
@@ -398,10 +398,10 @@ def demo(
     masks and steps, the MAE baseline -> export -> evaluate both beside a random init, on a local Ray."""
     import os
 
-    from jepa_ray.data.deid import write_salt
-    from jepa_ray.data.prepare import prepare as run_prepare
-    from jepa_ray.data.synth import cohort_inputs, write_cohort
     from jepa_ray.eval.evaluate import evaluate as run_evaluate
+    from jepa_ray.ingest.deid import write_salt
+    from jepa_ray.ingest.prepare import prepare as run_prepare
+    from jepa_ray.synth.cohort import cohort_inputs, write_cohort
     from jepa_ray.train.export import export as run_export
 
     try:
@@ -592,7 +592,7 @@ def salt_new(
 ) -> None:
     """Write a new random salt (32 bytes, hex) to FILE with mode 0600. Keep it outside the shards and
     the checkout; `prepare` reads it with deid.salt_file=FILE (or its content in $JEPA_RAY_SALT)."""
-    from jepa_ray.data.deid import write_salt
+    from jepa_ray.ingest.deid import write_salt
 
     try:
         written = write_salt(path)

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jepa_ray.errors import ConfigError
 
+MIN_SALT_CHARS = 32  # shorter salts are refused: see jepa_ray.ingest.deid
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -236,8 +238,6 @@ class DeidConfig(_Strict):
                 raise ConfigError(f"deid.salt_file {path}: cannot read the salt: {e.strerror}") from e
         else:
             salt = os.environ.get(self.salt_env, "").strip()
-        from jepa_ray.data.deid import MIN_SALT_CHARS
-
         where = f"deid.salt_file {self.salt_file}" if self.salt_file else f"${self.salt_env}"
         if not salt:
             raise ConfigError(

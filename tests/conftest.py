@@ -88,7 +88,7 @@ def s3_bucket(s3_endpoint, request):
 def small_cohort(tmp_path_factory):
     """A small synthetic cohort written once per session (tests must not modify it)."""
     from jepa_ray.config import SynthConfig
-    from jepa_ray.data.synth import write_cohort
+    from jepa_ray.synth.cohort import write_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     write_cohort(out, SynthConfig(subjects=40, seed=7, min_size=96, max_size=160))
@@ -98,7 +98,7 @@ def small_cohort(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cohort_inputs():
     """A function: cohort directory → the keyword arguments `prepare` takes for it."""
-    from jepa_ray.data.synth import cohort_inputs
+    from jepa_ray.synth.cohort import cohort_inputs
 
     return cohort_inputs
 
@@ -107,8 +107,8 @@ def cohort_inputs():
 def small_shards(small_cohort, tmp_path_factory, ray_session):
     """The small cohort prepared once: 64 px images, 8 samples per shard (tests must not modify it)."""
     from jepa_ray.config import load_config
-    from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import cohort_inputs
+    from jepa_ray.ingest.prepare import prepare
+    from jepa_ray.synth.cohort import cohort_inputs
 
     out = tmp_path_factory.mktemp("shards")
     cfg = load_config(overrides=["prepare.image.size=64", "prepare.shards.max_samples=8"]).prepare
@@ -127,7 +127,7 @@ CT_VOLUME = [
 def ct_cohort(tmp_path_factory):
     """A small cohort in which 60% of the studies are chest-CT series (14 slices of 40x40)."""
     from jepa_ray.config import SynthConfig
-    from jepa_ray.data.synth import write_cohort
+    from jepa_ray.synth.cohort import write_cohort
 
     root = tmp_path_factory.mktemp("ct") / "cohort"
     cfg = SynthConfig(
@@ -140,8 +140,8 @@ def ct_cohort(tmp_path_factory):
 def ct_shards(ct_cohort, tmp_path_factory, ray_session):
     """The CT cohort prepared with volumes (16x40x40, lung and mediastinum windows) and 64 px radiographs."""
     from jepa_ray.config import load_config
-    from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import cohort_inputs
+    from jepa_ray.ingest.prepare import prepare
+    from jepa_ray.synth.cohort import cohort_inputs
 
     out = tmp_path_factory.mktemp("ct-shards")
     # 24 subjects: a quarter for validation, so that each of 2 workers gets a validation batch

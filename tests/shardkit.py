@@ -3,7 +3,8 @@ single-process training on them (the package's own Ray-free helpers, under the t
 
 from __future__ import annotations
 
-from jepa_ray.data.local import raw_batch, read_samples, train_on_samples
+from jepa_ray.stream.local import raw_batch, read_samples
+from jepa_ray.train.local import train_on_samples
 
 raw_samples = read_samples
 train_in_memory = train_on_samples

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from jepa_ray.cli import app
 from jepa_ray.config import SynthConfig, load_config
-from jepa_ray.data.synth import write_cohort
+from jepa_ray.synth.cohort import write_cohort
 
 DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "jepa_ray" / "configs" / "demo-cpu.yaml")
 FIRST, LAST = "Zebulon", "Quillfeather"

@@ -94,7 +94,7 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from jepa_ray.data.pipeline import collate
+        from jepa_ray.stream.pipeline import collate
 
         b = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in collate(batch).items()}
         with torch.no_grad():
@@ -199,8 +199,8 @@ def extract(source: EncoderSource, data: str, splits: list[str], cfg: Config, ou
     data and settings. Returns split -> parquet path (splits the data lacks are left out, logged)."""
     import ray.data
 
-    from jepa_ray.data.pipeline import build_dataset, open_split
     from jepa_ray.errors import ShardError
+    from jepa_ray.stream.pipeline import build_dataset, open_split
 
     pcfg = eval_pipeline(cfg, source.info)
     fingerprint = source.fingerprint()  # hashes the weights file: once, not per split

@@ -98,9 +98,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run every evaluation of the encoder, beside a random init and each baseline encoder (e.g.
     an MAE on the same data); writes metrics.json, report.md and plots into `out`; the metrics."""
-    from jepa_ray.data.manifest import read_manifest
-    from jepa_ray.data.storage import Store
     from jepa_ray.eval.report import write_report
+    from jepa_ray.shards.manifest import read_manifest
+    from jepa_ray.storage import Store
 
     ec = cfg.eval
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,7 @@ def _latents(path: str, cfg: Config) -> dict[str, np.ndarray]:
     pseudonymised with the data's salt, which must be the one `prepare` used)."""
     import pandas as pd
 
-    from jepa_ray.data.deid import Pseudonymizer
+    from jepa_ray.ingest.deid import Pseudonymizer
 
     try:
         table = pd.read_parquet(path)

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from jepa_ray.data.transform import FeatureSpec
 from jepa_ray.eval.samples import Split
 from jepa_ray.eval.survival import FusionInputs
+from jepa_ray.stream.transform import FeatureSpec
 
 TOP_CODES = 32  # most frequent codes (in the fit split) the raw baseline counts
 

@@ -9,7 +9,7 @@
 One trunk embeds image and EHR tokens together, so each attends to the other when both are
 visible; with one modality hidden (cross-modal policy) the context holds only the other. The EMA
 update is a method of the module (`update_target`), so a sharded wrapper can call it where the
-parameters live. Input batches are those of `jepa_ray.data.pipeline` (after collation).
+parameters live. Input batches are those of `jepa_ray.stream.pipeline` (after collation).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from jepa_ray.config import ModelConfig
-from jepa_ray.data.masking import mask_indices
 from jepa_ray.model.mae import ReconstructionHeads
+from jepa_ray.model.masks import mask_indices
 from jepa_ray.model.tokenizers import MIXED_BATCH, EhrTokenizer, ImageTokenizer, InputDims
 from jepa_ray.model.vit import PRESETS, Trunk, init_weights, learned, sincos_grid
 

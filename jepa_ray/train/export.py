@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from jepa_ray.config import StorageConfig
-from jepa_ray.data.storage import is_remote, make_filesystem
 from jepa_ray.errors import ConfigError
+from jepa_ray.storage import is_remote, make_filesystem
 from jepa_ray.train.checkpoints import load_error, safe_loading, verify
 from jepa_ray.train.engine import ENGINE_TAG, STATE_FILE, TARGET_FILE, read_target
 

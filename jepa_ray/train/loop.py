@@ -66,7 +66,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 def _ray_batches(cfg: Config) -> BatchSource:
     import ray.train
 
-    from jepa_ray.data.pipeline import iter_training_batches
+    from jepa_ray.stream.pipeline import iter_training_batches
 
     shard = ray.train.get_dataset_shard("train")
 
@@ -84,7 +84,7 @@ def _val_batches(cfg: Config, source: BatchSource | None, rank: int, world: int,
     else:
         import ray.train
 
-        from jepa_ray.data.pipeline import iter_training_batches
+        from jepa_ray.stream.pipeline import iter_training_batches
 
         shard = ray.train.get_dataset_shard("val")
         if shard is None:

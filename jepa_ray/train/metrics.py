@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from jepa_ray.config import StorageConfig
-from jepa_ray.data.storage import Store, is_remote
+from jepa_ray.storage import Store, is_remote
 
 CSV_NAME = "metrics.csv"
 PLOT_NAME = "loss.png"

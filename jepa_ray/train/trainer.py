@@ -104,8 +104,8 @@ def _wait_for_free_cpus(need: float, what: str, wait_s: float) -> None:
 
 def _datasets(cfg: Config) -> tuple[dict, dict, int]:
     """Ray datasets (train, val when present), the model input dims, batches per rank per epoch."""
-    from jepa_ray.data.pipeline import build_dataset, new_ledger, open_split
     from jepa_ray.errors import ShardError
+    from jepa_ray.stream.pipeline import build_dataset, new_ledger, open_split
 
     tc = cfg.train
     train = open_split(tc.shards, "train", tc.storage)
@@ -131,7 +131,7 @@ def storage_target(base: str, storage) -> tuple[str, Any]:
     directory as is, an s3:// URL as bucket/prefix on a filesystem built from `storage`."""
     if "://" not in base:
         return base, None
-    from jepa_ray.data.storage import pyarrow_filesystem
+    from jepa_ray.storage import pyarrow_filesystem
 
     return base.split("://", 1)[1], pyarrow_filesystem(base, storage)
 

@@ -88,8 +88,8 @@ def reference_masks(
     REFERENCE_SEED, the sample's key and the view). `views` a list: the batch repeated once per
     view, view-major (B * len(views) rows). Blocks may fall on the image's padding: the batch does
     not carry where each image lies in its grid."""
-    from jepa_ray.data.masking import mask_indices, sample_masks
-    from jepa_ray.data.transform import sample_rng
+    from jepa_ray.model.masks import mask_indices, sample_masks
+    from jepa_ray.stream.transform import sample_rng
 
     views = [views] if isinstance(views, int) else list(views)
     q = len(views)

@@ -344,7 +344,7 @@ def _objective_per_value(cfg: Config, rows: list[dict[str, Any]], key: str, path
 
 def write_outputs(cfg: Config, name: str, url: str, grid: Any, objective: dict[str, Any]):
     """Write the sweep's outputs beside its Tune state (local or s3://); returns a SweepInfo."""
-    from jepa_ray.data.storage import Store
+    from jepa_ray.storage import Store
 
     rows = trial_rows(cfg, grid, objective)
     best = best_row(rows)

@@ -35,7 +35,7 @@ def _objective_settings(cfg: Config) -> dict[str, Any]:
     reference masks of the label-free objectives and, with tune.measure_all, which of those to
     measure beside it. The validation split (every objective's data), the label and whether the
     objective can be measured for this config are checked now, before any trial."""
-    from jepa_ray.data.pipeline import open_split
+    from jepa_ray.stream.pipeline import open_split
     from jepa_ray.tune.objective import LABEL_FREE, pick_label
 
     tc = cfg.tune
@@ -97,8 +97,8 @@ def check_objective(cfg: Config, objective: str, val_samples: int) -> None:
 
 def _val_metas(cfg: Config, names: list[str]) -> list[dict[str, Any]]:
     """Metadata of every validation sample (labels, outcomes), read from its shards."""
-    from jepa_ray.data.local import read_samples
-    from jepa_ray.data.storage import Store
+    from jepa_ray.storage import Store
+    from jepa_ray.stream.local import read_samples
 
     store = Store(cfg.train.shards, cfg.train.storage)
     metas = []
@@ -245,7 +245,7 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> Swee
 
 
 def _exists(url: str, cfg: Config) -> bool:
-    from jepa_ray.data.storage import Store
+    from jepa_ray.storage import Store
 
     store = Store(url, cfg.train.storage)
     try:

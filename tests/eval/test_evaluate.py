@@ -11,11 +11,11 @@ import torch
 from shardkit import raw_samples, train_in_memory
 
 from jepa_ray.config import ModelConfig, load_config
-from jepa_ray.data.pipeline import open_split
 from jepa_ray.errors import ConfigError
 from jepa_ray.eval.evaluate import evaluate
 from jepa_ray.model.io import save_jepa
 from jepa_ray.model.jepa import JEPA
+from jepa_ray.stream.pipeline import open_split
 
 PIPELINE = ["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_events=12"]
 EVAL = ["eval.bootstrap=20", "eval.survival_epochs=20", "eval.attentive_epochs=8", "eval.batch_size=32"]
@@ -25,8 +25,8 @@ EVAL = ["eval.bootstrap=20", "eval.survival_epochs=20", "eval.attentive_epochs=8
 def cohort(tmp_path_factory, ray_session):
     """120 subjects at 3 sites, one of them held out: (cohort dir, shards dir)."""
     from jepa_ray.config import SynthConfig
-    from jepa_ray.data.prepare import prepare
-    from jepa_ray.data.synth import cohort_inputs, write_cohort
+    from jepa_ray.ingest.prepare import prepare
+    from jepa_ray.synth.cohort import cohort_inputs, write_cohort
 
     root = tmp_path_factory.mktemp("evalcohort")
     write_cohort(root / "cohort", SynthConfig(subjects=120, seed=11, sites=3, min_size=96, max_size=128))
@@ -192,7 +192,7 @@ def test_a_real_clinical_table_goes_through_prepare_without_images(tmp_path, ray
     import sys
     from pathlib import Path
 
-    from jepa_ray.data.prepare import prepare
+    from jepa_ray.ingest.prepare import prepare
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from bench_real_ehr import write_gbsg2

@@ -284,7 +284,7 @@ def test_a_job_api_address_in_ray_address_is_not_a_cluster_to_run_a_driver_on(tm
 SOURCES = {
     "jepa_ray/__init__.py": "__version__ = '0.1.0'\n",
     "jepa_ray/py.typed": "",
-    "jepa_ray/data/dicom.py": "X = 1\n",
+    "jepa_ray/ingest/dicom.py": "X = 1\n",
     "jobs/_entry.py": "",
     "jobs/pretrain.py": "",
     "jobs/prepare.py": "",

@@ -12,9 +12,9 @@ import torch
 from shardkit import raw_batch, raw_samples, train_in_memory
 
 from jepa_ray.config import ModelConfig, load_config
-from jepa_ray.data.pipeline import collate, open_split
-from jepa_ray.data.transform import transform_batch
 from jepa_ray.model.jepa import JEPA, embedding_stats, momentum_at, sigreg, target_ema
+from jepa_ray.stream.pipeline import collate, open_split
+from jepa_ray.stream.transform import transform_batch
 
 
 def _pipeline_cfg(*overrides: str):

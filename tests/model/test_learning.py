@@ -20,17 +20,18 @@ import pytest
 import torch
 
 from jepa_ray.config import ModelConfig, SynthConfig, load_config
-from jepa_ray.data.deid import Pseudonymizer
-from jepa_ray.data.local import raw_batch, read_samples, train_on_samples
-from jepa_ray.data.pipeline import collate, open_split
-from jepa_ray.data.prepare import prepare
-from jepa_ray.data.synth import cohort_inputs, write_cohort
-from jepa_ray.data.transform import transform_batch
 from jepa_ray.eval import probes
 from jepa_ray.eval.attentive import AttentiveSettings, attentive_r2
 from jepa_ray.eval.evaluate import first_studies
 from jepa_ray.eval.probes import cv_latent_r2
+from jepa_ray.ingest.deid import Pseudonymizer
+from jepa_ray.ingest.prepare import prepare
 from jepa_ray.model.jepa import JEPA, embedding_stats
+from jepa_ray.stream.local import raw_batch, read_samples
+from jepa_ray.stream.pipeline import collate, open_split
+from jepa_ray.stream.transform import transform_batch
+from jepa_ray.synth.cohort import cohort_inputs, write_cohort
+from jepa_ray.train.local import train_on_samples
 
 FACTORS = ("cardiac", "lung", "frailty")
 LABELS = ("cardiomegaly", "abnormal_lung")

@@ -11,12 +11,12 @@ from shardkit import raw_batch, raw_samples, train_in_memory
 from test_jepa import _pipeline_cfg, make_batch
 
 from jepa_ray.config import ModelConfig, load_config
-from jepa_ray.data.pipeline import collate, open_split
-from jepa_ray.data.transform import transform_batch
 from jepa_ray.eval.embed import embed_batch
 from jepa_ray.model.io import load_jepa, save_jepa
 from jepa_ray.model.jepa import JEPA, embedding_stats
 from jepa_ray.model.mae import normalise_patches, patchify
+from jepa_ray.stream.pipeline import collate, open_split
+from jepa_ray.stream.transform import transform_batch
 
 
 @pytest.fixture(scope="module")

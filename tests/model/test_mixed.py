@@ -8,11 +8,11 @@ import torch
 from shardkit import raw_batch, raw_samples
 
 from jepa_ray.config import ModelConfig, load_config
-from jepa_ray.data.pipeline import collate, open_split
-from jepa_ray.data.transform import transform_batch
 from jepa_ray.errors import ConfigError
 from jepa_ray.eval.embed import embed_batch
 from jepa_ray.model.jepa import JEPA, image_slots
+from jepa_ray.stream.pipeline import collate, open_split
+from jepa_ray.stream.transform import transform_batch
 
 MIXED = [
     "pipeline.dims=mixed",

@@ -9,9 +9,9 @@ import torch
 from shardkit import raw_batch, raw_samples
 
 from jepa_ray.config import ModelConfig, load_config
-from jepa_ray.data.pipeline import collate, open_split
-from jepa_ray.data.transform import transform_batch
 from jepa_ray.model.jepa import JEPA
+from jepa_ray.stream.pipeline import collate, open_split
+from jepa_ray.stream.transform import transform_batch
 
 THREE_D = [
     "pipeline.dims=3",

@@ -18,9 +18,9 @@ from shardkit import raw_batch, raw_samples
 from test_checkpoints import Payload
 
 from jepa_ray.config import load_config
-from jepa_ray.data.pipeline import collate, open_split
-from jepa_ray.data.transform import transform_batch
 from jepa_ray.errors import ConfigError
+from jepa_ray.stream.pipeline import collate, open_split
+from jepa_ray.stream.transform import transform_batch
 from jepa_ray.train.engine import STATE_FILE, TARGET_FILE, read_target
 from jepa_ray.train.loop import FixedBatches
 from jepa_ray.train.trainer import build_trainer, pretrain

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from jepa_ray.config import ModelConfig, load_config
-from jepa_ray.data.local import raw_batch, read_samples
-from jepa_ray.data.pipeline import collate, open_split
-from jepa_ray.data.transform import transform_batch
 from jepa_ray.model.jepa import JEPA
+from jepa_ray.stream.local import raw_batch, read_samples
+from jepa_ray.stream.pipeline import collate, open_split
+from jepa_ray.stream.transform import transform_batch
 from jepa_ray.tune.labelfree import MIN_CLASSES, bootstrap_se, lidar, rankme
 from jepa_ray.tune.objective import LABEL_FREE, measure
 

@@ -37,7 +37,7 @@ TRIAL = [
 @pytest.fixture(scope="module")
 def tune_shards(small_cohort, cohort_inputs, tmp_path_factory, ray_session):
     """The small cohort with half its subjects in the validation split (the objective's data)."""
-    from jepa_ray.data.prepare import prepare
+    from jepa_ray.ingest.prepare import prepare
 
     out = tmp_path_factory.mktemp("tune-shards")
     cfg = load_config(
@@ -204,8 +204,8 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
 def test_missing_validation_split_or_label_fails_before_any_trial(
     small_cohort, cohort_inputs, tune_shards, tmp_path, ray_session
 ):
-    from jepa_ray.data.prepare import prepare
     from jepa_ray.errors import ShardError
+    from jepa_ray.ingest.prepare import prepare
 
     space = "tune.space={pipeline.mask.mask_ratio: {values: [0.4]}}", "tune.asha.grace_period=5"
     no_val = tmp_path / "no-val"

@@ -1,0 +1,302 @@
+"""Shard writing: one webdataset `.tar` per planned shard, byte-for-byte deterministic, in the
+format of `jepa_ray.shards.format` (decoding each study's image or CT volume on the way). Each finished shard gets a sidecar `_parts/<shard>.json` (counts, sha256, fingerprint of what went
+in, quarantined inputs); `prepare` skips a shard whose sidecar fingerprint matches on a rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jepa_ray.config import ImageConfig, LimitsConfig, StorageConfig, VolumeConfig
+from jepa_ray.shards.format import SCHEMA_VERSION, dumps, encode_npy, encode_npz
+from jepa_ray.storage import Store
+
+logger = logging.getLogger(__name__)
+
+PARTS_DIR = "_parts"
+
+
+@dataclass
+class SampleSpec:
+    """Everything a shard task needs to write one sample (no raw identifier inside but the paths)."""
+
+    key: str
+    split: str
+    # (absolute path to read, path relative to the input root for records), in order of preference:
+    # the first image of the study that decodes is used. Absolute paths are never written out.
+    dicoms: list[tuple[str, str]]
+    ehr: dict[str, np.ndarray] | None  # the ehr.npz arrays (encoded by the shard task)
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = "image"  # "image": one 2-D image of the study; "ct": the study's CT series as a volume
+
+
+def shard_fingerprint(shard: str, samples: list[SampleSpec], context: dict[str, Any]) -> str:
+    """Hash of everything that decides a shard's bytes, except the pixels (file size + mtime stand in)."""
+    h = hashlib.sha256(dumps({"schema": SCHEMA_VERSION, "shard": shard, "context": context}))
+    for s in samples:
+        h.update(s.key.encode())
+        for path, source in s.dicoms:
+            st = os.stat(path)
+            h.update(f"{source}|{st.st_size}|{st.st_mtime_ns}".encode())
+        for name, arr in sorted((s.ehr or {}).items()):
+            h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(dumps(s.meta))
+    return h.hexdigest()
+
+
+def decode_images(
+    samples: list[list[tuple[str, str]]],
+    image_cfg: ImageConfig,
+    volume_cfg: VolumeConfig | None = None,
+    kinds: list[str] | None = None,
+    limits: LimitsConfig | None = None,
+) -> list[dict[str, Any]]:
+    """Decode each sample's image: the first of its study's DICOMs that decodes, or, for a sample
+    of kind "ct", its CT series as one volume (`_decode_ct`).
+
+    Per sample: {"image": .npy bytes or None, "meta": image metadata, "quarantine": records of the
+    files that failed, "skipped": records of the study's other images, left out}. No exception
+    escapes: an unexpected one quarantines the file (or the CT study) it came from, by type only
+    (its message could quote header text).
+    """
+    from jepa_ray.errors import InvalidDicomError
+    from jepa_ray.ingest.dicom import read_image
+
+    out: list[dict[str, Any]] = []
+    for dicoms, kind in zip(samples, kinds or ["image"] * len(samples), strict=True):
+        if kind == "ct":
+            try:
+                out.append(_decode_ct(dicoms, volume_cfg, limits))
+            except Exception as e:  # a bug or an input no check foresaw: this study only
+                out.append(
+                    {
+                        "image": None,
+                        "meta": {},
+                        "quarantine": [unexpected_record(source, e, "CT study") for _, source in dicoms],
+                        "skipped": [],
+                    }
+                )
+            continue
+        res: dict[str, Any] = {"image": None, "meta": {}, "quarantine": [], "skipped": []}
+        for path, source in dicoms:
+            if res["image"] is not None:
+                res["skipped"].append(
+                    {
+                        "input": source,
+                        "reason": "extra_image_in_study",
+                        "detail": "one image per study is kept (frontal view preferred)",
+                    }
+                )
+                continue
+            try:
+                header, image, image_meta = read_image(path, image_cfg, limits)
+            except InvalidDicomError as e:
+                res["quarantine"].append(
+                    {"input": source, "kind": "dicom", "reason": e.reason, "detail": e.detail}
+                )
+                continue
+            except Exception as e:  # a bug or an input no check foresaw: this file only
+                res["quarantine"].append(unexpected_record(source, e, "file"))
+                continue
+            res["image"] = encode_npy(image)
+            res["meta"] = {"image": image_meta, "dicom": header.safe}
+        out.append(res)
+    return out
+
+
+def unexpected_record(source: str, error: BaseException, what: str) -> dict[str, Any]:
+    """The quarantine record of an input whose reading raised an error no check foresaw. Only the
+    error's type is kept: its message could quote header text."""
+    return {
+        "input": source,
+        "kind": "dicom",
+        "reason": "unexpected_error",
+        "detail": f"{type(error).__name__} while reading this {what}; the rest of the run goes on",
+    }
+
+
+def _decode_ct(
+    dicoms: list[tuple[str, str]], cfg: VolumeConfig | None, limits: LimitsConfig | None = None
+) -> dict[str, Any]:
+    """A CT study -> the windowed volume (C, Z, Y, X) float16 of its largest series; the other
+    series are skipped, a series that is not one regular volume is quarantined (one record, the
+    reason of `jepa_ray.ingest.series`), and so is every file that cannot be read."""
+    from jepa_ray.errors import InvalidDicomError
+    from jepa_ray.ingest.dicom import read_header
+    from jepa_ray.ingest.series import group_series, read_volume
+
+    res: dict[str, Any] = {"image": None, "meta": {}, "quarantine": [], "skipped": []}
+    source = dict(dicoms)
+    if cfg is None or not cfg.enabled:
+        res["skipped"] = [
+            {
+                "input": src,
+                "reason": "ct_series_not_ingested",
+                "detail": "a CT series slice: set prepare.volume.enabled=true to ingest CT series as volumes",
+            }
+            for _, src in dicoms
+        ]
+        return res
+    series, problems = group_series((path for path, _ in dicoms), limits)
+    res["quarantine"] += [
+        {"input": source[e.path], "kind": "dicom", "reason": e.reason, "detail": e.detail} for e in problems
+    ]
+    ranked = sorted(series.values(), key=lambda refs: (-len(refs), min(r.path for r in refs)))
+    for refs in ranked[1:]:
+        res["skipped"] += [
+            {
+                "input": source[p],
+                "reason": "extra_series_in_study",
+                "detail": "one CT series per study is kept (the one with the most slices)",
+            }
+            for p in sorted({r.path for r in refs})
+        ]
+    if not ranked:
+        return res
+    try:
+        volume, meta = read_volume(ranked[0], cfg, limits=limits)
+    except InvalidDicomError as e:
+        files = sorted({r.path for r in ranked[0]})
+        res["quarantine"].append(
+            {
+                "input": source[e.path],
+                "kind": "dicom",
+                "reason": e.reason,
+                "detail": f"{e.detail} (a series of {len(files)} files, all left out)",
+                "count": len(files),
+            }
+        )
+        return res
+    res["image"] = encode_npy(volume.astype(np.float16))
+    res["meta"] = {"image": meta, "dicom": read_header(ranked[0][0].path, limits).safe}
+    return res
+
+
+class TarWriter:
+    """webdataset's tar layout (`KEY.EXT` members, sorted per sample), byte for byte as `webdataset.TarWriter`
+    writes it with user/group "jepa-ray", mode 0o444, mtime 0 and no encoder.
+
+    Written here, with `tarfile` alone, so that decoding workers never import webdataset, which
+    imports torch (~1 s per fresh worker process).
+    """
+
+    def __init__(self, fileobj: Any) -> None:
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|")  # noqa: SIM115 - closed by close()
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("_")):
+            data = sample[ext]
+            data = data.encode("utf-8") if isinstance(data, str) else data
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0.0, 0o444
+            info.uname = info.gname = "jepa-ray"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+class _Hashing:
+    """A write-only file wrapper that hashes what passes through (no second read of the shard)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def write_shard(
+    name: str,
+    split: str,
+    fingerprint: str,
+    samples: list[SampleSpec],
+    decoded: list[dict[str, Any]],
+    out_url: str,
+    storage: StorageConfig,
+) -> dict[str, Any]:
+    """Write one shard atomically and its sidecar; return the sidecar record."""
+    store = Store(out_url, storage)
+    counts: Counter[str] = Counter()
+    quarantine: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    labels: Counter[str] = Counter()
+    sites: Counter[str] = Counter()
+    fd, tmp = store.staging_file(f"{name}.tar")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            f = _Hashing(raw)
+            writer = TarWriter(f)
+            for spec, dec in zip(samples, decoded, strict=True):
+                image = dec["image"]
+                quarantine.extend(dec["quarantine"])
+                skipped.extend(dec["skipped"])
+                if image is None and spec.ehr is None:
+                    continue  # the image was all this sample had, and it is quarantined
+                meta = dict(spec.meta)
+                meta["has_image"] = image is not None
+                meta["has_ehr"] = spec.ehr is not None
+                meta.update(dec["meta"])
+                sample: dict[str, Any] = {"__key__": spec.key, "meta.json": dumps(meta)}
+                if image is not None:
+                    sample["image.npy"] = image
+                if spec.ehr is not None:
+                    sample["ehr.npz"] = encode_npz(spec.ehr)
+                writer.write(sample)
+                counts["samples"] += 1
+                counts["image"] += image is not None
+                counts["volume"] += dec["meta"].get("image", {}).get("kind") == "ct_volume"
+                counts["ehr"] += spec.ehr is not None
+                counts["paired"] += image is not None and spec.ehr is not None
+                sites[meta.get("site", "site-unknown")] += 1
+                for label, value in (meta.get("labels") or {}).items():
+                    labels[label] += bool(value)
+            writer.close()
+        sha, size = f.sha, f.size
+        store.put_file(tmp, f"{name}.tar")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    record = {
+        "name": f"{name}.tar",
+        "split": split,
+        "fingerprint": fingerprint,
+        "samples": counts["samples"],
+        "image": counts["image"],
+        "ehr": counts["ehr"],
+        "paired": counts["paired"],
+        "volume": counts["volume"],
+        "bytes": size,
+        "sha256": sha.hexdigest(),
+        "sites": dict(sites),
+        "label_positives": dict(labels),
+        "quarantine": quarantine,
+        "skipped": skipped,
+    }
+    store.write_bytes(f"{PARTS_DIR}/{name}.json", dumps(record))
+    return record
+
+
+def read_sidecar(store: Store, name: str) -> dict[str, Any] | None:
+    """A shard's sidecar, or None when missing or unreadable (the shard is then rewritten)."""
+    try:
+        return json.loads(store.read_bytes(f"{PARTS_DIR}/{name}.json"))
+    except Exception:
+        return None
