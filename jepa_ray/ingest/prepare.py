@@ -23,6 +23,7 @@ from jepa_ray.config import PrepareConfig
 from jepa_ray.errors import PrepareError
 from jepa_ray.ingest import ehr as ehrlib
 from jepa_ray.ingest.deid import Pseudonymizer
+from jepa_ray.ingest.quarantine import dicom_record
 from jepa_ray.ingest.tasks import TaskMap, crashed_scan, scan_headers, write_shards
 from jepa_ray.ingest.vocab import fit_vocab, subject_ehr
 from jepa_ray.ingest.write import PARTS_DIR, SampleSpec, read_sidecar, shard_fingerprint
@@ -88,7 +89,7 @@ def _drop_pixel_text_risks(headers: list[Any], cfg: PrepareConfig, quarantine: l
         if reason is None:
             kept.append(h)
         else:
-            quarantine.append({"input": name(h), "kind": "dicom", "reason": reason[0], "detail": reason[1]})
+            quarantine.append(dicom_record(name(h), *reason))
     return kept
 
 
@@ -202,18 +203,11 @@ def _read_ehr(
 
 
 def _collect_headers(scan: TaskMap, dicom_root: Path | None, records: _Records) -> list[Any]:
-    """The scanned headers; the files that could not be read go to quarantine."""
+    """The scanned headers; the files that could not be read go to quarantine, named as inputs are."""
     headers: list[Any] = []
     for item in (x for chunk in scan.results() for x in chunk):
-        if isinstance(item, dict):
-            records.quarantine.append(
-                {
-                    "input": records.name_input(_rel(item["path"], dicom_root)),
-                    "kind": "dicom",
-                    "reason": item["reason"],
-                    "detail": item["detail"],
-                }
-            )
+        if isinstance(item, dict):  # a quarantine record whose input is the file's path
+            records.quarantine.append({**item, "input": records.name_input(_rel(item["input"], dicom_root))})
         else:
             headers.append(item)
     return headers
@@ -237,12 +231,11 @@ def _link_and_split(
     headers = _drop_pixel_text_risks(headers, cfg, records.quarantine, name_of)
     for h in (h for h in headers if not h.patient_id):
         records.quarantine.append(
-            {
-                "input": name_of(h),
-                "kind": "dicom",
-                "reason": "no_patient_id",
-                "detail": "PatientID is empty: the image cannot be given a subject-level split",
-            }
+            dicom_record(
+                name_of(h),
+                "no_patient_id",
+                "PatientID is empty: the image cannot be given a subject-level split",
+            )
         )
     chosen = _group_studies([h for h in headers if h.patient_id], id_map)
     imaged_subjects = {sk[0] for sk in chosen}

@@ -19,7 +19,7 @@ path being the series' first file; `reason` is one of:
 - `over_limit`: slices x rows x columns beyond `prepare.limits.max_voxels` (or one slice beyond
   `max_pixels`), refused before any pixel is read.
 
-Per-file failures (unreadable, truncated, undecodable) keep the reasons of `jepa_ray.ingest.dicom`.
+Per-file failures (unreadable, truncated, undecodable) keep the reasons of `jepa_ray.ingest.header`.
 Messages hold paths and numbers only, never header text.
 """
 
@@ -36,7 +36,8 @@ from pydicom.dataset import Dataset
 
 from jepa_ray.config import LimitsConfig, VolumeConfig
 from jepa_ray.errors import InvalidDicomError
-from jepa_ray.ingest.dicom import decode_pixels, header_value, quiet, read_dataset, to_float
+from jepa_ray.ingest.decode import decode_pixels
+from jepa_ray.ingest.header import header_value, quiet, read_dataset, to_float
 
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 

@@ -14,46 +14,32 @@ from collections.abc import Callable
 from typing import Any
 
 from jepa_ray.config import LimitsConfig, PrepareConfig
-from jepa_ray.ingest.write import SampleSpec, decode_images, write_shard
+from jepa_ray.ingest.quarantine import dicom_record, error_type, unexpected_error, worker_crashed
+from jepa_ray.ingest.write import SampleSpec, decode_images, no_image, write_shard
 
 logger = logging.getLogger(__name__)
 
 
 def scan_headers(paths: list[str], limits: LimitsConfig | None = None) -> list[Any]:
-    """Read the headers of some files: a DicomHeader or a quarantine record per path."""
+    """Read the headers of some files: a DicomHeader, or a quarantine record whose `input` is the
+    file's path, per path."""
     from jepa_ray.errors import InvalidDicomError
-    from jepa_ray.ingest.dicom import read_header
+    from jepa_ray.ingest.header import read_header
 
     out: list[Any] = []
     for p in paths:
         try:
             out.append(read_header(p, limits))
         except InvalidDicomError as e:
-            out.append({"path": p, "reason": e.reason, "detail": e.detail})
+            out.append(dicom_record(p, e.reason, e.detail))
         except Exception as e:  # a bug or an input no check foresaw: this file only, by type only
-            out.append(
-                {
-                    "path": p,
-                    "reason": "unexpected_error",
-                    "detail": f"{type(e).__name__} while reading the header; the rest of the run goes on",
-                }
-            )
+            out.append(unexpected_error(p, e, "the header"))
     return out
 
 
 def crashed_scan(path: str, error: BaseException) -> dict[str, Any]:
     """The quarantine record of a file whose header scan killed its worker, even alone."""
-    return {
-        "path": path,
-        "reason": "worker_crashed",
-        "detail": f"reading its header ended the worker process ({_cause(error)}), also when read alone",
-    }
-
-
-def _cause(error: BaseException) -> str:
-    """The type of what stopped a task (Ray wraps it): never the message, which can quote input."""
-    cause = getattr(error, "cause", None)
-    return type(cause if isinstance(cause, BaseException) else error).__name__
+    return worker_crashed(path, error, "reading its header", "read")
 
 
 class TaskMap:
@@ -95,7 +81,7 @@ class TaskMap:
             "%s: a task over %d inputs failed (%s); reading them one by one",
             self._desc,
             len(chunk),
-            _cause(error),
+            error_type(error),
         )
         return each_alone(lambda item: self._alone.remote([item], *self._args), chunk, self._on_failure)
 
@@ -180,7 +166,7 @@ def write_shards(
                 records[name] = ray.get(done[0])
             except Exception as e:  # after Ray's retries: redo what failed, input by input
                 logger.warning(
-                    "shard %s failed (%s); decoding its failed parts sample by sample", name, _cause(e)
+                    "shard %s failed (%s); decoding its failed parts sample by sample", name, error_type(e)
                 )
                 try:
                     decoded = _decoded(chunks, refs, cfg, decode)
@@ -215,16 +201,9 @@ def _decoded(chunks: list[list[SampleSpec]], refs: list, cfg: PrepareConfig, dec
 
 def _crashed_sample(spec: SampleSpec, error: BaseException) -> dict[str, Any]:
     """A sample whose decoding killed its worker, even alone: no image, its files quarantined."""
-    detail = f"decoding its study ended the worker process ({_cause(error)}), also when decoded alone"
-    return {
-        "image": None,
-        "meta": {},
-        "quarantine": [
-            {"input": source, "kind": "dicom", "reason": "worker_crashed", "detail": detail}
-            for _, source in spec.dicoms
-        ],
-        "skipped": [],
-    }
+    return no_image(
+        [worker_crashed(source, error, "decoding its study", "decoded") for _, source in spec.dicoms]
+    )
 
 
 def each_alone(

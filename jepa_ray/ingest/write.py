@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from jepa_ray.config import ImageConfig, LimitsConfig, StorageConfig, VolumeConfig
+from jepa_ray.ingest.quarantine import dicom_record, unexpected_error
 from jepa_ray.shards.format import SCHEMA_VERSION, dumps, encode_npy, encode_npz
 from jepa_ray.storage import Store
 
@@ -71,7 +72,7 @@ def decode_images(
     (its message could quote header text).
     """
     from jepa_ray.errors import InvalidDicomError
-    from jepa_ray.ingest.dicom import read_image
+    from jepa_ray.ingest.image import read_image
 
     out: list[dict[str, Any]] = []
     for dicoms, kind in zip(samples, kinds or ["image"] * len(samples), strict=True):
@@ -79,16 +80,9 @@ def decode_images(
             try:
                 out.append(_decode_ct(dicoms, volume_cfg, limits))
             except Exception as e:  # a bug or an input no check foresaw: this study only
-                out.append(
-                    {
-                        "image": None,
-                        "meta": {},
-                        "quarantine": [unexpected_record(source, e, "CT study") for _, source in dicoms],
-                        "skipped": [],
-                    }
-                )
+                out.append(no_image([unexpected_error(source, e, "this CT study") for _, source in dicoms]))
             continue
-        res: dict[str, Any] = {"image": None, "meta": {}, "quarantine": [], "skipped": []}
+        res = no_image()
         for path, source in dicoms:
             if res["image"] is not None:
                 res["skipped"].append(
@@ -102,12 +96,10 @@ def decode_images(
             try:
                 header, image, image_meta = read_image(path, image_cfg, limits)
             except InvalidDicomError as e:
-                res["quarantine"].append(
-                    {"input": source, "kind": "dicom", "reason": e.reason, "detail": e.detail}
-                )
+                res["quarantine"].append(dicom_record(source, e.reason, e.detail))
                 continue
             except Exception as e:  # a bug or an input no check foresaw: this file only
-                res["quarantine"].append(unexpected_record(source, e, "file"))
+                res["quarantine"].append(unexpected_error(source, e, "this file"))
                 continue
             res["image"] = encode_npy(image)
             res["meta"] = {"image": image_meta, "dicom": header.safe}
@@ -115,15 +107,9 @@ def decode_images(
     return out
 
 
-def unexpected_record(source: str, error: BaseException, what: str) -> dict[str, Any]:
-    """The quarantine record of an input whose reading raised an error no check foresaw. Only the
-    error's type is kept: its message could quote header text."""
-    return {
-        "input": source,
-        "kind": "dicom",
-        "reason": "unexpected_error",
-        "detail": f"{type(error).__name__} while reading this {what}; the rest of the run goes on",
-    }
+def no_image(quarantine: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A sample's decoding result without an image (yet): its quarantined files, none skipped."""
+    return {"image": None, "meta": {}, "quarantine": quarantine or [], "skipped": []}
 
 
 def _decode_ct(
@@ -133,10 +119,10 @@ def _decode_ct(
     series are skipped, a series that is not one regular volume is quarantined (one record, the
     reason of `jepa_ray.ingest.series`), and so is every file that cannot be read."""
     from jepa_ray.errors import InvalidDicomError
-    from jepa_ray.ingest.dicom import read_header
+    from jepa_ray.ingest.header import read_header
     from jepa_ray.ingest.series import group_series, read_volume
 
-    res: dict[str, Any] = {"image": None, "meta": {}, "quarantine": [], "skipped": []}
+    res = no_image()
     source = dict(dicoms)
     if cfg is None or not cfg.enabled:
         res["skipped"] = [
@@ -149,9 +135,7 @@ def _decode_ct(
         ]
         return res
     series, problems = group_series((path for path, _ in dicoms), limits)
-    res["quarantine"] += [
-        {"input": source[e.path], "kind": "dicom", "reason": e.reason, "detail": e.detail} for e in problems
-    ]
+    res["quarantine"] += [dicom_record(source[e.path], e.reason, e.detail) for e in problems]
     ranked = sorted(series.values(), key=lambda refs: (-len(refs), min(r.path for r in refs)))
     for refs in ranked[1:]:
         res["skipped"] += [
@@ -168,15 +152,8 @@ def _decode_ct(
         volume, meta = read_volume(ranked[0], cfg, limits=limits)
     except InvalidDicomError as e:
         files = sorted({r.path for r in ranked[0]})
-        res["quarantine"].append(
-            {
-                "input": source[e.path],
-                "kind": "dicom",
-                "reason": e.reason,
-                "detail": f"{e.detail} (a series of {len(files)} files, all left out)",
-                "count": len(files),
-            }
-        )
+        detail = f"{e.detail} (a series of {len(files)} files, all left out)"
+        res["quarantine"].append({**dicom_record(source[e.path], e.reason, detail), "count": len(files)})
         return res
     res["image"] = encode_npy(volume.astype(np.float16))
     res["meta"] = {"image": meta, "dicom": read_header(ranked[0][0].path, limits).safe}

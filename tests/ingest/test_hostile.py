@@ -16,7 +16,8 @@ from hostilekit import ct_bomb, deflate_bomb, meta_length, rle_bomb, rle_image
 from jepa_ray.config import ImageConfig, LimitsConfig, PrepareConfig, VolumeConfig, load_config
 from jepa_ray.errors import InvalidDicomError
 from jepa_ray.ingest import write as shardlib
-from jepa_ray.ingest.dicom import read_header, read_image
+from jepa_ray.ingest.header import read_header
+from jepa_ray.ingest.image import read_image
 from jepa_ray.ingest.series import assemble, group_series
 from jepa_ray.ingest.tasks import TaskMap, crashed_scan, scan_headers, write_shards
 from jepa_ray.ingest.write import SampleSpec, decode_images
@@ -114,7 +115,7 @@ def test_an_unexpected_error_quarantines_only_its_input(tmp_path, monkeypatch):
             raise MemoryError("Unable to allocate for Doe^Jane")  # the message must not be kept
         return real(path, cfg, limits)
 
-    monkeypatch.setattr("jepa_ray.ingest.dicom.read_image", flaky)
+    monkeypatch.setattr("jepa_ray.ingest.image.read_image", flaky)
     out = decode_images([[(str(p), p.name)] for p in (good[0], bad, good[1])], CFG)
     assert out[0]["image"] is not None and out[2]["image"] is not None
     assert out[1]["image"] is None
@@ -127,7 +128,7 @@ def test_an_unexpected_error_quarantines_only_its_input(tmp_path, monkeypatch):
     }
     # the header scan, and a CT study, the same way
     monkeypatch.setattr(
-        "jepa_ray.ingest.dicom.read_header", lambda p, limits=None: (_ for _ in ()).throw(ValueError("Doe"))
+        "jepa_ray.ingest.header.read_header", lambda p, limits=None: (_ for _ in ()).throw(ValueError("Doe"))
     )
     [rec] = scan_headers([str(bad)])
     assert rec["reason"] == "unexpected_error" and "Doe" not in rec["detail"]
@@ -150,7 +151,7 @@ def test_a_worker_that_dies_quarantines_only_the_input_that_kills_it(ray_session
     out = TaskMap(scan, chunks, "scan", False, args=(LimitsConfig(),), on_failure=crashed_scan).results()
     assert [len(c) for c in out] == [3, 2]
     crashed = out[0][2]
-    assert crashed["path"] == killer and crashed["reason"] == "worker_crashed"
+    assert crashed["input"] == killer and crashed["reason"] == "worker_crashed"
     assert "also when read alone" in crashed["detail"]
     others = [x for chunk in out for x in chunk if x is not crashed]
     assert all(not isinstance(x, dict) and x.safe["rows"] == 64 for x in others)
