@@ -87,3 +87,23 @@ def test_no_two_modules_import_each_other():
     assert _cycles(graph) == []
     # the check itself finds a loop
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_two_packages_import_each_other():
+    """The packages follow the data (synth -> ingest -> shards -> stream -> train -> eval -> tune),
+    with the model beside them: no package reaches back into one that depends on it."""
+    mods = _modules()
+
+    def package(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else parts[0]
+
+    graph: dict[str, set[str]] = {}
+    for module, imports in _imports(mods).items():
+        deps = {package(src) for src, _ in imports if src in mods} - {package(module)}
+        graph.setdefault(package(module), set()).update(deps)
+    for deps in list(graph.values()):
+        for d in deps:
+            graph.setdefault(d, set())
+    assert _cycles(graph) == []
+    assert not graph["model"] & {"synth", "ingest", "shards", "stream", "train", "eval", "tune"}

@@ -4,7 +4,9 @@ Per optimizer step: schedules (LR warm-up + cosine, cosine weight decay) -> `gra
 micro-batches (target latents under no_grad, student loss, backward) -> DeepSpeed step (clipping,
 ZeRO reduction) -> EMA update of the target. Every `log_every` steps the metrics (averaged over
 ranks) are reported to Ray Train and written by rank 0; every `checkpoint_every` steps and at the
-end, every rank writes its part of a checkpoint and reports it.
+end, every rank writes its part of a checkpoint and reports it. In code: `set_up` builds a
+`Worker` (the rank's model, engine, data and `Position`), `run_epoch` calls `train_step` and
+`report` until the run ends; `Hooks` are what a sweep or a test adds.
 
 Data position (what a resumed run guarantees): the checkpoint records the step, the epoch and the
 number of batches that epoch had delivered. A resumed run ends at exactly the configured number of
@@ -17,11 +19,10 @@ all.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +44,28 @@ log = logging.getLogger("jepa_ray.train")
 BatchSource = Callable[[int, int, int], Iterable[dict]]  # (rank, world, epoch) -> batches
 
 
-class FixedBatches:
-    """A BatchSource over in-memory batches, the same every epoch: per_rank[rank] is rank's list
-    (the validation batches are its first ones). Replaces Ray Data where the exact data of every
-    step must be known, e.g. to compare ZeRO stages step for step."""
+class Hooks:
+    """What a caller may add to the loop; this base adds nothing. A sweep's trials measure their
+    objective at every report (`jepa_ray.tune.objective.ObjectiveHooks`); tests fix every step's
+    data, kill a worker mid-run or save what an export must reproduce. Hooks travel to the workers
+    inside the loop config, so they must pickle."""
 
-    def __init__(self, per_rank: list[list[dict]]) -> None:
-        self.per_rank = per_rank
+    batches: BatchSource | None = None  # replaces Ray Data: every rank's batches, per epoch
+    dims: dict | None = None  # the model input dims, needed with `batches` (there are no shards)
+    val_batches: int = 0  # validation batches `on_report` reads, loaded beside train.val_batches
 
-    def __call__(self, rank: int, world: int, epoch: int) -> Iterable[dict]:
-        if len(self.per_rank) != world:
-            raise ValueError(
-                f"FixedBatches holds batches for {len(self.per_rank)} ranks, the run has {world}"
-            )
-        return iter(self.per_rank[rank])
+    def after_step(self, worker: Worker) -> None:
+        """After every optimizer step, before that step's report (if any)."""
+
+    def on_report(self, worker: Worker, metrics: dict[str, float]) -> None:
+        """May add to a report's metrics before they are logged and reported."""
+
+    def at_end(self, worker: Worker) -> None:
+        """After the last step, on every rank."""
 
 
-def _to(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on `device` (other values as they are)."""
     return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
@@ -167,31 +173,15 @@ def _validate(model: JEPA, student: Any, batches: list[dict], device: torch.devi
     student.eval()
     losses = []
     for batch in batches[:n]:
-        b = _to(batch, device)
+        b = to_device(batch, device)
         losses.append(float(student(b, *model.targets(b))["loss"]))
     student.train()
     total, world = _all_reduce([sum(losses) / n, 1.0], device)
     out = {"val_loss": total / world}
     if rank == 0:
-        stats = embedding_stats(model.encode(_to(batches[0], device), "both")["pooled"])
+        stats = embedding_stats(model.encode(to_device(batches[0], device), "both")["pooled"])
         out.update(val_std=stats["std"], val_rankme=stats["rankme"])
     return out
-
-
-@torch.no_grad()
-def _save_probe(model: JEPA, student: Any, batch: dict, device: torch.device, rank: int, path: str) -> None:
-    """Rank 0 saves a batch, both encoders' outputs and the loss on it (every rank runs the student:
-    under ZeRO-3 its forward gathers parameters collectively). Lets a test compare an export."""
-    b = _to(batch, device)
-    student.eval()
-    with torch.no_grad():
-        context = student.context(b)["tokens"].float().cpu()
-        loss = float(student(b, *model.targets(b))["loss"])
-    if rank == 0:
-        torch.save(
-            {"batch": batch, "context": context, "target": model.target(b)["tokens"].cpu(), "loss": loss},
-            path,
-        )
 
 
 def _older_checkpoints(ckpt: Any) -> list:
@@ -232,13 +222,47 @@ def _restore(engine: Any, target: torch.nn.Module, restored: Any) -> tuple[dict,
     raise CheckpointError("no checkpoint of this run can be loaded: " + "; ".join(problems))
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. loop_config: config (a Config as a dict), dims (model input dims),
-    run_url (the run directory), epoch_batches (batches per rank per epoch, or None); a sweep adds
-    objective (kind, label, batches, mask, candidates: measured on rank 0's validation batches at
-    every report, see `jepa_ray.tune.objective`); tests may add batches (a BatchSource replacing
-    Ray Data), kill_at_step (rank 1 kills its own process there, unless resumed, to exercise fault tolerance)
-    and probe_path (see `_save_probe`)."""
+@dataclass
+class Position:
+    """Where a run stands: what a checkpoint records and a resumed run starts from."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    in_epoch: int = 0  # batches this rank has drawn in the current epoch
+    samples: int = 0  # samples seen, all ranks together
+
+
+@dataclass
+class Worker:
+    """One rank's run: what `set_up` built, and where the run stands."""
+
+    cfg: Config
+    dims: dict
+    run_url: str
+    rank: int
+    world: int
+    device: torch.device
+    model: JEPA  # model.target is the EMA target encoder, whole on every rank
+    engine: Any  # the DeepSpeed engine around model.student
+    schedule: Schedule
+    source: BatchSource
+    val: list[dict]  # validation batches: train.val_batches, more when the hooks read more
+    hooks: Hooks
+    epoch_len: int | None  # batches per rank per epoch, when known
+    position: Position = field(default_factory=Position)
+    resumed_from: dict | None = None  # the checkpoint this rank started from, if any
+    metrics_log: Any = None  # rank 0's MetricsLog
+    window: _Window = field(default_factory=_Window)
+    last: dict = field(default_factory=dict)  # the last report's metrics
+
+    @property
+    def resumed(self) -> bool:
+        return self.resumed_from is not None
+
+
+def set_up(loop_config: dict[str, Any]) -> Worker:
+    """The model inside its DeepSpeed engine, the schedules, the data, and the position restored
+    from the newest checkpoint that loads (when Ray Train restored one)."""
     import deepspeed
     import ray.train
 
@@ -246,6 +270,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = Config.model_validate(loop_config["config"])
     tc, pc = cfg.train, cfg.pipeline
+    hooks: Hooks = loop_config.get("hooks") or Hooks()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if tc.use_gpu:
@@ -266,7 +291,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tc, pc.batch_size, bf16, sum(p.numel() for p in student.parameters()), model.width
         ),
     )
-    target = model.target.to(device)
+    model.target.to(device)
     schedule = Schedule(
         total_steps=tc.steps,
         lr=tc.lr,
@@ -275,120 +300,136 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         weight_decay=tc.weight_decay,
         ema=target_ema(cfg.model),
     )
-    zero3 = tc.zero_stage == 3
-
-    step, epoch, in_epoch, seen = 0, 0, 0, 0
-    restored, resumed_from = ray.train.get_checkpoint(), None
+    w = Worker(
+        cfg=cfg,
+        dims=loop_config["dims"],
+        run_url=loop_config["run_url"],
+        rank=rank,
+        world=world,
+        device=device,
+        model=model,
+        engine=engine,
+        schedule=schedule,
+        source=hooks.batches or _ray_batches(cfg),
+        val=_val_batches(cfg, hooks.batches, rank, world, max(tc.val_batches, hooks.val_batches)),
+        hooks=hooks,
+        epoch_len=loop_config.get("epoch_batches"),
+    )
+    restored = ray.train.get_checkpoint()
     if restored is not None:
-        state, resumed_from = _restore(engine, target, restored)
-        step, epoch, in_epoch, seen = (
-            state["step"],
-            state["epoch"],
-            state["batches_in_epoch"],
-            state["samples"],
+        state, w.resumed_from = _restore(engine, model.target, restored)
+        w.position = Position(state["step"], state["epoch"], state["batches_in_epoch"], state["samples"])
+        p = w.position
+        log.info("rank %d: resumed at step %d (epoch %d, batch %d of it)", rank, p.step, p.epoch, p.in_epoch)
+    if rank == 0:
+        w.metrics_log = MetricsLog(w.run_url, tc.storage, w.position.step)
+    w.window.reset()  # the first interval's throughput starts here
+    return w
+
+
+def train_step(w: Worker, batch: dict) -> tuple[dict, bool]:
+    """One micro-batch: schedules (at an accumulation boundary), target latents, student loss,
+    backward, DeepSpeed step, and at a boundary the EMA update. Returns the model's outputs and
+    whether an optimizer step was taken."""
+    pos, engine = w.position, w.engine
+    if engine.is_gradient_accumulation_boundary():
+        apply_schedule(engine.optimizer, w.schedule.lr_at(pos.step), w.schedule.weight_decay_at(pos.step))
+    batch = to_device(batch, w.device)
+    out = engine(batch, *w.model.targets(batch))
+    engine.backward(out["loss"])
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.step()
+    pos.in_epoch += 1
+    pos.samples += len(batch["key"]) * w.world
+    if boundary:
+        zero3 = w.cfg.train.zero_stage == 3
+        ema_update(w.model.target, engine.module.context, w.schedule.momentum_at(pos.step), zero3)
+        pos.step += 1
+    return out, boundary
+
+
+def run_epoch(w: Worker) -> None:
+    """Steps through the current epoch's batches (what is left of it, after a resume) until the
+    epoch or the run ends, reporting every log_every and checkpointing every checkpoint_every steps."""
+    tc, pos = w.cfg.train, w.position
+    batches = iter(w.source(w.rank, w.world, pos.epoch))
+    remaining = None if w.epoch_len is None else max(w.epoch_len - pos.in_epoch, 0)
+    while pos.step < tc.steps and remaining != 0:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        t1 = time.perf_counter()
+        out, boundary = train_step(w, batch)
+        remaining = None if remaining is None else remaining - 1
+        w.window.add(out, len(batch["key"]), t1 - t0, time.perf_counter() - t1)
+        if not boundary:
+            continue
+        w.hooks.after_step(w)
+        checkpoint = pos.step % tc.checkpoint_every == 0 or pos.step == tc.steps
+        if checkpoint or pos.step % tc.log_every == 0:
+            report(w, checkpoint)
+    if pos.step < tc.steps:
+        pos.epoch += 1
+        pos.in_epoch = 0
+
+
+def report(w: Worker, with_checkpoint: bool) -> None:
+    """The interval's metrics (averaged over ranks), validation and the hooks' additions: logged by
+    rank 0 and reported to Ray Train, with every rank's part of a checkpoint when asked."""
+    import ray.train
+
+    pos, tc, s = w.position, w.cfg.train, w.schedule
+    metrics = {"step": pos.step, "epoch": pos.epoch, "samples": pos.samples, **w.window.report(w.device)}
+    metrics.update(lr=s.lr_at(pos.step - 1), weight_decay=s.weight_decay_at(pos.step - 1))
+    metrics.update(momentum=s.momentum_at(pos.step - 1))
+    metrics.update(_validate(w.model, w.engine.module, w.val[: tc.val_batches], w.device, w.rank))
+    w.hooks.on_report(w, metrics)
+    w.last = metrics
+    if w.metrics_log is not None:
+        w.metrics_log.log(pos.step, metrics)
+        log.info(
+            "step %d/%d  loss %.4f  val %.4f  %.1f samples/s  data wait %.0f%%",
+            pos.step,
+            tc.steps,
+            metrics["loss"],
+            metrics.get("val_loss", float("nan")),
+            metrics["samples_per_s"],
+            100 * metrics["data_wait"],
         )
-        log.info("rank %d: resumed at step %d (epoch %d, batch %d of it)", rank, step, epoch, in_epoch)
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        w.window.reset()
+        return
+    state = {
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "batches_in_epoch": pos.in_epoch,
+        "samples": pos.samples,
+        "world_size": w.world,
+        "zero_stage": tc.zero_stage,
+        "dims": w.dims,
+        "config": w.cfg.model_dump(mode="json"),
+        "resumed_from": w.resumed_from,
+    }
+    with tempfile.TemporaryDirectory(prefix="jepa-ckpt-") as d:
+        save_checkpoint(w.engine, w.model.target, state, Path(d), w.rank)
+        if w.metrics_log is not None:
+            w.metrics_log.sync()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    w.window.reset()  # the next interval's throughput excludes validation and checkpointing
 
-    source: BatchSource = loop_config.get("batches") or _ray_batches(cfg)
-    objective = loop_config.get("objective")
-    n_val = max(tc.val_batches, objective["batches"] if objective else 0)
-    val_all = _val_batches(cfg, loop_config.get("batches"), rank, world, n_val)
-    val = val_all[: tc.val_batches]
-    metrics_log = MetricsLog(loop_config["run_url"], tc.storage, step) if rank == 0 else None
-    epoch_len = loop_config.get("epoch_batches")  # batches per rank per epoch, when known
-    window = _Window()
-    kill_at = loop_config.get("kill_at_step")
-    last: dict[str, float] = {}
 
-    def finish_report(with_checkpoint: bool) -> None:
-        nonlocal last
-        metrics = {"step": step, "epoch": epoch, "samples": seen, **window.report(device)}
-        metrics.update(lr=schedule.lr_at(step - 1), weight_decay=schedule.weight_decay_at(step - 1))
-        metrics.update(momentum=schedule.momentum_at(step - 1))
-        metrics.update(_validate(model, engine.module, val, device, rank))
-        if objective and rank == 0:  # the target encoder is whole on every rank, even under ZeRO-3
-            from jepa_ray.tune.objective import measure
-
-            batches = [_to(b, device) for b in val_all[: objective["batches"]]]
-            kind, label = objective["kind"], objective["label"]
-            extra = {"mask": objective.get("mask"), "candidates": objective.get("candidates", ())}
-            metrics.update(measure(model, batches, kind, label, **extra))
-        last = metrics
-        if metrics_log is not None:
-            metrics_log.log(step, metrics)
-            log.info(
-                "step %d/%d  loss %.4f  val %.4f  %.1f samples/s  data wait %.0f%%",
-                step,
-                tc.steps,
-                metrics["loss"],
-                metrics.get("val_loss", float("nan")),
-                metrics["samples_per_s"],
-                100 * metrics["data_wait"],
-            )
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            window.reset()
-            return
-        state = {
-            "step": step,
-            "epoch": epoch,
-            "batches_in_epoch": in_epoch,
-            "samples": seen,
-            "world_size": world,
-            "zero_stage": tc.zero_stage,
-            "dims": loop_config["dims"],
-            "config": cfg.model_dump(mode="json"),
-            "resumed_from": resumed_from,
-        }
-        with tempfile.TemporaryDirectory(prefix="jepa-ckpt-") as d:
-            save_checkpoint(engine, target, state, Path(d), rank)
-            if metrics_log is not None:
-                metrics_log.sync()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        window.reset()  # the next interval's throughput excludes validation and checkpointing
-
-    engine.train()
-    while step < tc.steps:
-        batches = iter(source(rank, world, epoch))
-        remaining = None if epoch_len is None else max(epoch_len - in_epoch, 0)
-        while step < tc.steps and remaining != 0:
-            t0 = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            t1 = time.perf_counter()
-            if engine.is_gradient_accumulation_boundary():
-                apply_schedule(engine.optimizer, schedule.lr_at(step), schedule.weight_decay_at(step))
-            batch = _to(batch, device)
-            z_img, z_ehr = model.targets(batch)
-            out = engine(batch, z_img, z_ehr)
-            engine.backward(out["loss"])
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            in_epoch += 1
-            remaining = None if remaining is None else remaining - 1
-            seen += len(batch["key"]) * world
-            if boundary:
-                ema_update(target, engine.module.context, schedule.momentum_at(step), zero3)
-                step += 1
-            window.add(out, len(batch["key"]), t1 - t0, time.perf_counter() - t1)
-            if not boundary:
-                continue
-            if kill_at is not None and step == kill_at and rank == 1 and restored is None:
-                # Ray Train's controller collects reported checkpoints when it polls the workers
-                # (every 2 s): let it see the last one, as it would in any run with real step times.
-                time.sleep(5)
-                os.kill(os.getpid(), signal.SIGKILL)
-            ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
-            if ckpt or step % tc.log_every == 0:
-                finish_report(ckpt)
-        if step < tc.steps:
-            epoch += 1
-            in_epoch = 0
-    if loop_config.get("probe_path") and val:
-        _save_probe(model, engine.module, val[0], device, rank, loop_config["probe_path"])
-    if metrics_log is not None:
-        metrics_log.plot()
-        metrics_log.close()
-    log.info("rank %d: finished at step %d; last metrics %s", rank, step, last)
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. loop_config: config (a Config as a dict), dims (model input dims),
+    run_url (the run directory), epoch_batches (batches per rank per epoch, or None), hooks (a
+    `Hooks`, optional)."""
+    w = set_up(loop_config)
+    w.engine.train()
+    while w.position.step < w.cfg.train.steps:
+        run_epoch(w)
+    w.hooks.at_end(w)
+    if w.metrics_log is not None:
+        w.metrics_log.plot()
+        w.metrics_log.close()
+    log.info("rank %d: finished at step %d; last metrics %s", w.rank, w.position.step, w.last)

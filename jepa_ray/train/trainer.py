@@ -12,10 +12,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jepa_ray.config import Config
 from jepa_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jepa_ray.train.loop import Hooks
 
 log = logging.getLogger("jepa_ray.train")
 
@@ -140,13 +143,14 @@ def build_trainer(
     cfg: Config,
     *,
     name: str | None = None,
-    extra: dict[str, Any] | None = None,
+    hooks: Hooks | None = None,
     callbacks: list | None = None,
     free_check: bool = True,
 ):
     """The TorchTrainer of a run (not started); `free_check=False` inside a sweep's trial, whose
-    neighbours legitimately hold the CPUs the sweep was checked for. `extra` goes into the loop config (the objective a
-    sweep measures; tests' hooks); `callbacks` into its RunConfig (a sweep's TuneReportCallback)."""
+    neighbours legitimately hold the CPUs the sweep was checked for. `hooks` go to every worker's
+    loop (the objective a sweep measures; tests' fixed batches); `callbacks` into its RunConfig (a
+    sweep's TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -157,9 +161,10 @@ def build_trainer(
     if not RUN_NAME.match(name):
         raise ConfigError(f"train.name {name!r}: use letters, digits, '.', '_' and '-' only")
     check_resources(cfg, free_wait_s=FREE_WAIT_S if free_check else None)
-    extra = dict(extra or {})
-    if "batches" in extra:
-        datasets, dims, epoch_batches = {}, extra.pop("dims"), extra.pop("epoch_batches", None)
+    if hooks is not None and hooks.batches is not None:
+        if hooks.dims is None:
+            raise ValueError("hooks that replace the shards' batches must give the model input dims")
+        datasets, dims, epoch_batches = {}, hooks.dims, None
     else:
         if tc.shards is None:
             raise ConfigError(
@@ -171,7 +176,7 @@ def build_trainer(
         "dims": dims,
         "run_url": run_url(cfg, name),
         "epoch_batches": epoch_batches,
-        **extra,
+        "hooks": hooks,
     }
     storage_path, storage_filesystem = storage_target(run_url(cfg, name).rsplit("/", 1)[0], tc.storage)
     resources = {"CPU": tc.cpus_per_worker}
@@ -195,9 +200,9 @@ def build_trainer(
     )
 
 
-def pretrain(cfg: Config, *, name: str | None = None, extra: dict[str, Any] | None = None) -> RunInfo:
+def pretrain(cfg: Config, *, name: str | None = None, hooks: Hooks | None = None) -> RunInfo:
     """Run (or resume, when `name` already has checkpoints under storage_path) a pretraining run."""
-    trainer = build_trainer(cfg, name=name, extra=extra)
+    trainer = build_trainer(cfg, name=name, hooks=hooks)
     result = trainer.fit()
     ckpt = result.checkpoint
     return RunInfo(

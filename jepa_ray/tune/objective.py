@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from jepa_ray.errors import ConfigError
+from jepa_ray.train.loop import Hooks, Worker, to_device
 
 FOLDS = 5
 LABEL_FREE = ("rankme", "lidar", "lidar_context", "val_loss")
@@ -161,3 +162,21 @@ def measure(
         "objective_se": se,
         "objective_samples": float(rows.sum()),
     }
+
+
+class ObjectiveHooks(Hooks):
+    """A trial's hook into its training loop: at every report, rank 0 measures the objective on its
+    first validation batches (the target encoder is whole on every rank, even under ZeRO-3).
+    `objective`: kind, label, batches, and optionally mask and candidates (see `measure`)."""
+
+    def __init__(self, objective: dict[str, Any]) -> None:
+        self.objective = objective
+        self.val_batches = objective["batches"]
+
+    def on_report(self, worker: Worker, metrics: dict[str, float]) -> None:
+        if worker.rank != 0:
+            return
+        o = self.objective
+        batches = [to_device(b, worker.device) for b in worker.val[: o["batches"]]]
+        extra = {"mask": o.get("mask"), "candidates": o.get("candidates", ())}
+        metrics.update(measure(worker.model, batches, o["kind"], o["label"], **extra))

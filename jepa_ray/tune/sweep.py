@@ -146,6 +146,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], objective: dict[str,
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from jepa_ray.train.trainer import build_trainer
+    from jepa_ray.tune.objective import ObjectiveHooks
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # trials run side by side
     cfg = trial_config(base, params)
@@ -153,7 +154,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], objective: dict[str,
     trainer = build_trainer(
         cfg,
         name=trial_id,
-        extra={"objective": objective},
+        hooks=ObjectiveHooks(objective),
         callbacks=[TuneReportCallback()],
         free_check=False,
     )

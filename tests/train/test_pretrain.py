@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from loophooks import FixedBatches, KillWorker
 from shardkit import raw_batch, raw_samples
 from test_checkpoints import Payload
 
@@ -22,7 +23,6 @@ from jepa_ray.errors import ConfigError
 from jepa_ray.stream.pipeline import collate, open_split
 from jepa_ray.stream.transform import transform_batch
 from jepa_ray.train.engine import STATE_FILE, TARGET_FILE, read_target
-from jepa_ray.train.loop import FixedBatches
 from jepa_ray.train.trainer import build_trainer, pretrain
 
 SMALL = [
@@ -56,7 +56,7 @@ def _checkpoints(run_url: str) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def fixed(small_shards):
-    """Two ranks' worth of fixed batches (4 each) and the model input dims."""
+    """Two ranks' worth of fixed batches (4 each), carrying the model input dims."""
     split = open_split(str(small_shards), "train")
     cfg = _cfg(small_shards, Path("/unused")).pipeline
     samples = {}
@@ -71,7 +71,7 @@ def fixed(small_shards):
             raw = raw_batch({k: samples[k] for k in chosen})
             batches.append(collate(transform_batch(raw, split.spec, cfg, train=True, epoch=i)))
         per_rank.append(batches)
-    return FixedBatches(per_rank), split.spec.model_dims(cfg)
+    return FixedBatches(per_rank, split.spec.model_dims(cfg))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -81,7 +81,7 @@ def test_every_zero_stage_trains_checkpoints_and_reports(stage, small_shards, tm
     killed = stage == 2
     overrides = ["train.max_failures=1"] if killed else []
     cfg = _cfg(small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=6", *overrides)
-    info = pretrain(cfg, name=f"zero{stage}", extra={"kill_at_step": 4} if killed else None)
+    info = pretrain(cfg, name=f"zero{stage}", hooks=KillWorker(4) if killed else None)
     assert info.metrics["step"] == 6 and np.isfinite(info.metrics["loss"])
     assert {
         "loss_image_intra",
@@ -137,15 +137,14 @@ def test_ema_target_is_the_same_under_zero3_as_under_zero0_and_exports(
     export (gathered from the partitions) reproduces what it trained."""
     from jepa_ray.train.export import student_state_dict
 
-    source, dims = fixed
     targets, contexts = {}, {}
     probe = tmp_path / "probe.pt"
     for stage in (0, 3):
         cfg = _cfg(
             small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=4", "model.ema=[0.9,0.95]"
         )
-        extra = {"batches": source, "dims": dims, **({"probe_path": str(probe)} if stage == 3 else {})}
-        info = pretrain(cfg, name=f"ema{stage}", extra=extra)
+        hooks = fixed.with_probe(str(probe)) if stage == 3 else fixed
+        info = pretrain(cfg, name=f"ema{stage}", hooks=hooks)
         ckpt = _checkpoints(info.run_url)[-1]
         targets[stage] = read_target(ckpt)
         contexts[stage] = {k: v for k, v in student_state_dict(ckpt).items() if k.startswith("context.")}
@@ -158,10 +157,9 @@ def test_ema_target_is_the_same_under_zero3_as_under_zero0_and_exports(
 
 
 def test_export_reproduces_the_trained_mae(fixed, small_shards, tmp_path, ray_session):
-    source, dims = fixed
     probe = tmp_path / "probe.pt"
     cfg = _cfg(small_shards, tmp_path, "train.zero_stage=3", "train.steps=3", "model.objective=mae")
-    info = pretrain(cfg, name="export3", extra={"batches": source, "dims": dims, "probe_path": str(probe)})
+    info = pretrain(cfg, name="export3", hooks=fixed.with_probe(str(probe)))
     _check_export(info, probe, "mae", 3, tmp_path)
 
     # someone with write access to run storage swaps a ZeRO shard for a crafted pickle (and, to get
@@ -282,7 +280,7 @@ def test_a_run_on_s3_resumes_from_its_newest_good_checkpoint_and_exports_there(
         "train.checkpoint_every=2",
     )
     with pytest.raises(ray.train.TrainingFailedError):
-        pretrain(cfg, name="on-s3", extra={"kill_at_step": 5})
+        pretrain(cfg, name="on-s3", hooks=KillWorker(5))
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
     run = f"{bucket}/runs/on-s3"
     ckpts = sorted(p.rsplit("/", 1)[0] for p in fs.glob(f"{run}/checkpoint_*/{STATE_FILE}"))
