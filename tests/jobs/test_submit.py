@@ -308,8 +308,8 @@ def fake_checkout(root: Path) -> Path:
     for rel in [*SOURCES, *SECRETS_INSIDE, *OUTSIDE, "jepa_ray/__pycache__/dicom.cpython-311.pyc"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(SOURCES.get(rel, "AKIA-not-for-upload\n"))
-    (root / "jepa_ray" / "data" / "cohort.parquet").write_bytes(b"PAR1")
-    (root / "jepa_ray" / "data" / "env.py").symlink_to(root / ".env")  # a link out of the folders
+    (root / "jepa_ray" / "ingest" / "cohort.parquet").write_bytes(b"PAR1")
+    (root / "jepa_ray" / "ingest" / "env.py").symlink_to(root / ".env")  # a link out of the folders
     (root / ".gitignore").write_text("!.env\n")  # cannot re-include anything
     return root
 
@@ -335,7 +335,7 @@ def test_upload_is_the_allowlist_and_never_a_secret(tmp_path):
     spec = job_spec("prepare", ["--config", "my/exp.yaml", "--out", "/s"], root, env=["A=1"])
     assert sorted(spec.upload.files) == sorted(SOURCES)
     assert list(spec.upload.secrets) == sorted(SECRETS_INSIDE)
-    assert spec.upload.left_out == ("jepa_ray/data/cohort.parquet", "jepa_ray/data/env.py")
+    assert spec.upload.left_out == ("jepa_ray/ingest/cohort.parquet", "jepa_ray/ingest/env.py")
 
     class Client:  # Ray's job client, less the HTTP: packs working_dir with Ray's packaging code
         def submit_job(self, entrypoint, runtime_env, submission_id, metadata):
@@ -380,7 +380,7 @@ def test_the_upload_summary_names_files_size_and_skipped_secrets(tmp_path):
     assert f"uploading {len(SOURCES)} files ({size / 1024:.1f} KiB)" in result.output
     warning = result.output.split("secret-looking file(s), never uploaded: ", 1)[1]
     assert all(rel in warning for rel in SECRETS_INSIDE)
-    assert "jepa_ray/data/cohort.parquet" in result.output
+    assert "jepa_ray/ingest/cohort.parquet" in result.output
 
 
 def test_bench_uploads_the_benchmark_scripts_only():
