@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jepa_ray.config import Config, load_config
+from jepa_ray.console import log_file, plain_output, record, setup_logging
 from jepa_ray.errors import JepaRayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal JEPA pretraining on Ray.")
@@ -22,29 +23,49 @@ err = Console(stderr=True, soft_wrap=True)  # error messages carry paths: never 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides: section.key=value ...")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Also show Ray's own progress: Ray Data's dataset bars and Ray Train's per-report worker "
+        "lines (always in Ray's log files).",
+    ),
+]
 
 
 def _setup(config: Path | None, overrides: list[str] | None) -> Config:
     cfg = load_config(config, overrides or [])
-    logging.basicConfig(
-        level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(cfg.log_level)
+    plain_output()
     return cfg
+
+
+def _log_to(cfg: Config, out: str | Path, command: str) -> Path:
+    """From now on the driver's log also goes, whole, to `jepa-ray.log` in `out` (`log_file`)."""
+    path = log_file(out, command)
+    setup_logging(cfg.log_level, path)
+    logging.getLogger("jepa_ray.cli").info("jepa-ray %s started", command)
+    return path
 
 
 def _fail(e: Exception) -> typer.Exit:
     err.print(f"[bold red]error:[/] {e}", highlight=False)
+    record(f"error: {e}", logging.ERROR)
     return typer.Exit(2)
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, verbose: bool = False) -> None:
     """Connect to the configured cluster, or start a local Ray (reused when already running) with
     its dashboard on 127.0.0.1: Ray Train uses its state API to release the resources of a run
     whose driver is gone (a sweep's stopped trial). An address that does not answer is an error
-    within seconds (`jepa_ray.connect`)."""
+    within seconds (`jepa_ray.connect`). A local Ray's processes, and this one, log Ray Data's
+    per-execution lines to its files only, unless `verbose` (`jepa_ray.console.quiet_ray_data`)."""
     import os
 
     import ray
+
+    from jepa_ray.console import quiet_ray_data
 
     if ray.is_initialized():
         return
@@ -60,8 +81,13 @@ def init_ray(address: str | None) -> None:
     if target not in (None, "local"):  # a Ray job's driver finds its cluster in RAY_ADDRESS
         ray.init(address=target, logging_level=logging.WARNING)
     else:
+        env = quiet_ray_data(verbose)
         ray.init(
-            address=target, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING
+            address=target,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": env} if env else None,
         )
 
 
@@ -109,6 +135,7 @@ def prepare(
 
     try:
         cfg = _setup(config, overrides)
+        logs = _log_to(cfg, out, "prepare")
         init_ray(cfg.ray_address)
         result = run_prepare(
             out, cfg.prepare, dicom=dicom, meds=meds, static=static, outcomes=outcomes, show_progress=True
@@ -117,6 +144,7 @@ def prepare(
         raise _fail(e) from None
     console.print(f"shards written: {result.written}, already complete: {result.skipped}")
     _print_summary(result.manifest)
+    console.print(f"log: {logs}", highlight=False, soft_wrap=True)
     if not result.ok:
         for p in result.problems:
             err.print(f"[bold red]prepare failed:[/] {p}")
@@ -187,11 +215,15 @@ def _print_summary(manifest: dict) -> None:
         console.print("quarantined inputs: 0")
 
 
-def _run_pretrain(cfg: Config, name: str | None):
+def _run_pretrain(cfg: Config, name: str, verbose: bool, what: str = "pretrain"):
+    """A pretraining run with its progress display on the driver (`jepa_ray.console`)."""
+    from jepa_ray.console import TrainingProgress
+    from jepa_ray.train.reports import ForwardReports
     from jepa_ray.train.trainer import pretrain as run_pretrain
 
-    init_ray(cfg.ray_address)
-    return run_pretrain(cfg, name=name)
+    init_ray(cfg.ray_address, verbose)
+    with TrainingProgress(f"{what} {name}", cfg.train.steps) as display:
+        return run_pretrain(cfg, name=name, callbacks=[ForwardReports(display.sink())], verbose=verbose)
 
 
 @app.command()
@@ -199,16 +231,22 @@ def pretrain(
     name: Annotated[
         str | None, typer.Option(help="Run name (default train.name, else a timestamp); reuse it to resume.")
     ] = None,
+    verbose: VerboseOpt = False,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """Pretrain the JEPA on Ray Train workers under DeepSpeed ZeRO (resumes a run of the same name)."""
+    from jepa_ray.train.trainer import run_name, run_url
+
     try:
         cfg = _setup(config, overrides)
-        info = _run_pretrain(cfg, name)
+        name = run_name(cfg, name)
+        logs = _log_to(cfg, run_url(cfg, name), "pretrain")
+        info = _run_pretrain(cfg, name, verbose)
     except JepaRayError as e:
         raise _fail(e) from None
     _print_run(info)
+    console.print(f"  log: {logs}", highlight=False, soft_wrap=True)
 
 
 def _print_run(info) -> None:
@@ -244,24 +282,29 @@ def tune(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted sweep: finished trials are not rerun.")
     ] = False,
+    verbose: VerboseOpt = False,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """Sweep masking and predictor settings with Ray Tune: each trial a pretraining run, ASHA
     stopping the poor ones early; writes a results table, best.yaml and a heat map."""
+    from jepa_ray.train.trainer import run_url
     from jepa_ray.tune.space import check_space
-    from jepa_ray.tune.sweep import sweep
+    from jepa_ray.tune.sweep import sweep, sweep_name
 
     extra = [f"tune.num_samples={num_samples}"] if num_samples is not None else []
     extra += [f"tune.objective={objective}"] if objective is not None else []
     try:
         cfg = _setup(config, [*(overrides or []), *extra])
         check_space(cfg)  # before Ray starts: a bad value fails in a second
-        init_ray(cfg.ray_address)
-        info = sweep(cfg, name=name, resume=resume)
+        name = sweep_name(cfg, name)
+        logs = _log_to(cfg, run_url(cfg, name), "tune")
+        init_ray(cfg.ray_address, verbose)
+        info = sweep(cfg, name=name, resume=resume, verbose=verbose)
     except JepaRayError as e:
         raise _fail(e) from None
     _print_sweep(info)
+    console.print(f"  log: {logs}", highlight=False, soft_wrap=True)
 
 
 def _print_sweep(info) -> None:
@@ -340,6 +383,7 @@ def evaluate(
             "same data (model.objective=mae); repeatable."
         ),
     ] = None,
+    verbose: VerboseOpt = False,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
@@ -350,11 +394,15 @@ def evaluate(
 
     try:
         cfg = _setup(config, overrides)
-        init_ray(cfg.ray_address)
-        metrics = run_evaluate(encoder, data, cfg, out, latents=latents, baselines=baseline or [])
+        logs = _log_to(cfg, out, "evaluate")
+        init_ray(cfg.ray_address, verbose)
+        metrics = run_evaluate(
+            encoder, data, cfg, out, latents=latents, baselines=baseline or [], verbose=verbose
+        )
     except JepaRayError as e:
         raise _fail(e) from None
     _print_evaluation(metrics, out)
+    console.print(f"log: {logs}", highlight=False, soft_wrap=True)
 
 
 def _print_evaluation(metrics: dict, out: Path) -> None:
@@ -392,6 +440,7 @@ def demo(
         bool,
         typer.Option(help="Also pretrain the reconstruction baseline (model.objective=mae) and compare."),
     ] = True,
+    verbose: VerboseOpt = False,
     overrides: Overrides = None,
 ) -> None:
     """synth -> prepare -> pretrain the JEPA (2 workers, ZeRO-2, tiny model) and, with the same data,
@@ -412,14 +461,15 @@ def demo(
                 write_salt(salt_file)
             os.environ["JEPA_RAY_SALT"] = salt_file.read_text().strip()
         cfg = _setup(config, [f"train.storage_path={out / 'runs'}", *(overrides or [])])
+        logs = _log_to(cfg, out, "demo")
         cohort, shards = out / "cohort", out / "shards"
         steps = 6 if mae else 5
         if not (cohort / "latents.parquet").exists():
             console.print(f"[bold]1/{steps} synth[/] {cfg.synth.subjects} subjects -> {cohort}")
             write_cohort(cohort, cfg.synth)
-        init_ray(cfg.ray_address)
+        init_ray(cfg.ray_address, verbose)
         console.print(f"[bold]2/{steps} prepare[/] -> {shards}")
-        result = run_prepare(str(shards), cfg.prepare, **cohort_inputs(cohort))
+        result = run_prepare(str(shards), cfg.prepare, **cohort_inputs(cohort), show_progress=True)
         if not result.ok:
             raise JepaRayError("prepare failed: " + "; ".join(result.problems))
         cfg.train.shards = str(shards)
@@ -428,11 +478,11 @@ def demo(
             f"[bold]3/{steps} pretrain[/] the JEPA: {cfg.train.num_workers} workers, "
             f"ZeRO-{cfg.train.zero_stage}, {cfg.train.steps} steps"
         )
-        info = _run_pretrain(cfg, name)
+        info = _run_pretrain(cfg, name, verbose, "JEPA")
         runs = {"encoder": info}
         if mae:
             console.print(f"[bold]4/{steps} pretrain[/] the MAE baseline: the same data, masks and steps")
-            runs["mae"] = _run_pretrain(_with_objective(cfg, "mae"), name + "-mae")
+            runs["mae"] = _run_pretrain(_with_objective(cfg, "mae"), name + "-mae", verbose, "MAE")
         console.print(f"[bold]{steps - 1}/{steps} export[/]")
         exports = {k: run_export(r.run_url, out / f"{k}.safetensors") for k, r in runs.items()}
         console.print(f"[bold]{steps}/{steps} evaluate[/] -> {out / 'eval'}")
@@ -443,6 +493,7 @@ def demo(
             out / "eval",
             latents=str(cohort / "latents.parquet"),
             baselines=[str(exports["mae"][0])] if mae else [],
+            verbose=verbose,
         )
     except JepaRayError as e:
         raise _fail(e) from None
@@ -451,6 +502,7 @@ def demo(
         _print_run(run)
         console.print(f"  {kind}: {exports[kind][0]} ({exports[kind][1]})")
     _print_evaluation(metrics, out / "eval")
+    console.print(f"log: {logs}", highlight=False, soft_wrap=True)
 
 
 def _with_objective(cfg: Config, objective: str) -> Config:

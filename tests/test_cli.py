@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -28,6 +29,14 @@ def test_synth_prepare_inspect(ray_session, tmp_path):
     r = runner.invoke(app, [*args, "prepare.image.size=32"])
     assert r.exit_code == 0, r.output
     assert "samples per split" in r.output and "shards written: " in r.output
+    # not a terminal: each phase's progress as plain lines, no escape codes and no bars
+    assert "\x1b[" not in r.output, r.output
+    lines = r.output.splitlines()
+    assert "scan DICOM: 0/1" in lines and not any("━" in x for x in lines if x.startswith("scan")), lines
+    assert any(re.fullmatch(r"scan DICOM: done: \d+/\d+ in \d+s", line) for line in lines), lines
+    assert any(re.fullmatch(r"write shards: done: \d+/\d+ in \d+s", line) for line in lines), lines
+    assert f"log: {(shards / 'jepa-ray.log').resolve()}" in r.output
+    assert "write shards: done" in (shards / "jepa-ray.log").read_text()
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["image"]["size"] == 32
     assert manifest["counts"]["image"] == json.loads((cohort / "synth.json").read_text())["summary"]["images"]

@@ -136,6 +136,10 @@ def test_no_planted_identifier_reaches_any_output_of_a_whole_run(ray_session, tm
             app, ["demo", "--out", str(out), "--config", DEMO_CONFIG, "--no-mae", *OVERRIDES]
         )
     assert r.exit_code == 0, r.output[-3000:]
+    # the console a person reads, here not a terminal: no escape codes, one line per training report
+    assert "\x1b[" not in r.output, r.output[-3000:]
+    assert re.search(r"^JEPA demo-\S+: step 4/4 \(100%\)  loss \d", r.output, re.M), r.output[-3000:]
+    assert (out / "jepa-ray.log").is_file()  # searched below with every other output
 
     shutil.rmtree(out / "cohort")  # the inputs: everything left was written by the run
     blobs = _blobs(out)

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jepa_ray.config import Config, PipelineConfig
+from jepa_ray.console import ray_data_progress
 from jepa_ray.errors import ConfigError
 
 log = logging.getLogger("jepa_ray.eval")
@@ -194,9 +195,12 @@ def _masked_mean(x, keep):
     return (x * w).sum(1) / w.sum(1).clamp(min=1)
 
 
-def extract(source: EncoderSource, data: str, splits: list[str], cfg: Config, out: Path) -> dict[str, Path]:
+def extract(
+    source: EncoderSource, data: str, splits: list[str], cfg: Config, out: Path, *, verbose: bool = False
+) -> dict[str, Path]:
     """Embed each split with a Ray Data actor pool; reuse a cache made from the same encoder,
-    data and settings. Returns split -> parquet path (splits the data lacks are left out, logged)."""
+    data and settings. Returns split -> parquet path (splits the data lacks are left out, logged).
+    `verbose`: Ray Data's progress bars on the console (off: one log line per split)."""
     import ray.data
 
     from jepa_ray.errors import ShardError
@@ -239,7 +243,7 @@ def extract(source: EncoderSource, data: str, splits: list[str], cfg: Config, ou
             compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),
             num_gpus=1 if cfg.eval.use_gpu else 0,
         )
-        ds.context.enable_progress_bars = False  # one log line per split instead (below)
+        ray_data_progress(ds.context, verbose)  # off: one log line per split instead (below)
         rows = _write_parquet(ds.iter_batches(batch_format="numpy", batch_size=None), path)
         stamp.write_text(json.dumps(key))
         log.info("%s/%s: %d samples embedded -> %s", source.name, split, rows, path)

@@ -95,9 +95,11 @@ def evaluate(
     out: Path,
     latents: str | None = None,
     baselines: list[str] | tuple[str, ...] = (),
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run every evaluation of the encoder, beside a random init and each baseline encoder (e.g.
-    an MAE on the same data); writes metrics.json, report.md and plots into `out`; the metrics."""
+    an MAE on the same data); writes metrics.json, report.md and plots into `out`; the metrics.
+    `verbose`: Ray Data's progress bars while embedding (off: one log line per split)."""
     from jepa_ray.eval.report import write_report
     from jepa_ray.shards.manifest import read_manifest
     from jepa_ray.storage import Store
@@ -115,7 +117,7 @@ def evaluate(
     label_names = list(manifest["ehr"].get("labels", []))
     tables: dict[str, dict[str, Split]] = {}
     for source in sources:
-        paths = extract(source, data, wanted, cfg, out)
+        paths = extract(source, data, wanted, cfg, out, verbose=verbose)
         tables[source.name] = {s: load_split(p) for s, p in paths.items()}
     splits = tables["pretrained"]
     if ec.fit_split not in splits:

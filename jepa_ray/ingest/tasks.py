@@ -105,7 +105,8 @@ class TaskMap:
 
 
 class progress:
-    """A rich progress bar when wanted, a no-op otherwise."""
+    """A phase's progress display when wanted (`jepa_ray.console.PhaseProgress`: a rich bar on a
+    terminal, plain lines otherwise), a no-op otherwise."""
 
     def __init__(self, desc: str, total: int, enabled: bool) -> None:
         self.desc, self.total, self.enabled = desc, total, enabled
@@ -113,16 +114,14 @@ class progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
-        from rich.progress import Progress
+        from jepa_ray.console import PhaseProgress
 
-        self._p = Progress(transient=False)
-        self._p.start()
-        task = self._p.add_task(self.desc, total=self.total)
-        return lambda: self._p.advance(task)
+        self._p = PhaseProgress(self.desc, self.total)
+        return self._p.__enter__()
 
     def __exit__(self, *exc) -> None:
         if self.enabled:
-            self._p.stop()
+            self._p.__exit__(*exc)
 
 
 def write_shards(

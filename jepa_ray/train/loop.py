@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from jepa_ray.config import Config
+from jepa_ray.console import quiet_worker_logs
 from jepa_ray.model.jepa import JEPA, POLICIES, embedding_stats, target_ema
 from jepa_ray.model.optim import Schedule, param_groups
 from jepa_ray.train.engine import (
@@ -423,7 +424,8 @@ def report(w: Worker, with_checkpoint: bool) -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: config (a Config as a dict), dims (model input dims),
     run_url (the run directory), epoch_batches (batches per rank per epoch, or None), hooks (a
-    `Hooks`, optional)."""
+    `Hooks`, optional), verbose (whether this run's INFO lines reach the driver's console)."""
+    quiet_worker_logs(loop_config.get("verbose", False))
     w = set_up(loop_config)
     w.engine.train()
     while w.position.step < w.cfg.train.steps:

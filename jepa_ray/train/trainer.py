@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jepa_ray.config import Config
+from jepa_ray.console import ray_data_progress, train_log_level
 from jepa_ray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -40,6 +41,15 @@ def run_url(cfg: Config, name: str) -> str:
     if "://" not in base:
         base = str(Path(base).expanduser().resolve())
     return base.rstrip("/") + "/" + name
+
+
+def run_name(cfg: Config, name: str | None = None) -> str:
+    """A run's name: `name`, else train.name, else one made from the time (jepa-YYYYmmdd-HHMMSS);
+    ConfigError unless it is a plain name (it names a directory)."""
+    name = name or cfg.train.name or time.strftime("jepa-%Y%m%d-%H%M%S")
+    if not RUN_NAME.match(name):
+        raise ConfigError(f"train.name {name!r}: use letters, digits, '.', '_' and '-' only")
+    return name
 
 
 FREE_WAIT_S = 30.0  # how long a run waits for CPUs that something else holds before refusing
@@ -105,14 +115,15 @@ def _wait_for_free_cpus(need: float, what: str, wait_s: float) -> None:
     )
 
 
-def _datasets(cfg: Config) -> tuple[dict, dict, int]:
-    """Ray datasets (train, val when present), the model input dims, batches per rank per epoch."""
+def _datasets(cfg: Config, ledger: Any = None) -> tuple[dict, dict, int]:
+    """Ray datasets (train, val when present), the model input dims, batches per rank per epoch.
+    Both count their skipped samples in `ledger` (a new `SkipLedger` actor when None)."""
     from jepa_ray.errors import ShardError
     from jepa_ray.stream.pipeline import build_dataset, new_ledger, open_split
 
     tc = cfg.train
     train = open_split(tc.shards, "train", tc.storage)
-    ledger = new_ledger(cfg.pipeline.max_bad_samples)
+    ledger = ledger if ledger is not None else new_ledger(cfg.pipeline.max_bad_samples)
     datasets = {"train": build_dataset(train, cfg.pipeline, train=True, ledger=ledger)}
     if tc.val_batches:
         try:
@@ -146,20 +157,23 @@ def build_trainer(
     hooks: Hooks | None = None,
     callbacks: list | None = None,
     free_check: bool = True,
+    verbose: bool = False,
+    ledger: Any = None,
 ):
     """The TorchTrainer of a run (not started); `free_check=False` inside a sweep's trial, whose
     neighbours legitimately hold the CPUs the sweep was checked for. `hooks` go to every worker's
     loop (the objective a sweep measures; tests' fixed batches); `callbacks` into its RunConfig (a
-    sweep's TuneReportCallback)."""
+    sweep's TuneReportCallback, a progress display's ForwardReports). `verbose`: Ray Data's
+    progress bars and Ray Train's per-report lines on the console too (`jepa_ray.console`); off,
+    they are in Ray's log files only. `ledger`: the `SkipLedger` actor the datasets count skipped
+    samples in; a new one, owned by this process, when None."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from jepa_ray.train.loop import train_loop_per_worker
 
     tc = cfg.train
-    name = name or tc.name or time.strftime("jepa-%Y%m%d-%H%M%S")
-    if not RUN_NAME.match(name):
-        raise ConfigError(f"train.name {name!r}: use letters, digits, '.', '_' and '-' only")
+    name = run_name(cfg, name)
     check_resources(cfg, free_wait_s=FREE_WAIT_S if free_check else None)
     if hooks is not None and hooks.batches is not None:
         if hooks.dims is None:
@@ -170,14 +184,17 @@ def build_trainer(
             raise ConfigError(
                 "train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)"
             )
-        datasets, dims, epoch_batches = _datasets(cfg)
+        datasets, dims, epoch_batches = _datasets(cfg, ledger)
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "dims": dims,
         "run_url": run_url(cfg, name),
         "epoch_batches": epoch_batches,
         "hooks": hooks,
+        "verbose": verbose,
     }
+    for ds in datasets.values():  # each epoch executes in a split coordinator, under a copy of ds.context
+        ray_data_progress(ds.context, verbose)
     storage_path, storage_filesystem = storage_target(run_url(cfg, name).rsplit("/", 1)[0], tc.storage)
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
@@ -195,15 +212,36 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level(verbose)),
         ),
         datasets=datasets,
     )
 
 
-def pretrain(cfg: Config, *, name: str | None = None, hooks: Hooks | None = None) -> RunInfo:
-    """Run (or resume, when `name` already has checkpoints under storage_path) a pretraining run."""
-    trainer = build_trainer(cfg, name=name, hooks=hooks)
-    result = trainer.fit()
+def pretrain(
+    cfg: Config,
+    *,
+    name: str | None = None,
+    hooks: Hooks | None = None,
+    callbacks: list | None = None,
+    verbose: bool = False,
+) -> RunInfo:
+    """Run (or resume, when `name` already has checkpoints under storage_path) a pretraining run;
+    `callbacks` and `verbose` as in `build_trainer` (a progress display: `jepa_ray.console`).
+    The run's skip ledger is stopped when it ends: an actor lives as long as the process that made
+    it, and a process may run many (a notebook, a benchmark)."""
+    import ray
+
+    from jepa_ray.stream.pipeline import new_ledger
+
+    ledger = new_ledger(cfg.pipeline.max_bad_samples)
+    try:
+        trainer = build_trainer(
+            cfg, name=name, hooks=hooks, callbacks=callbacks, verbose=verbose, ledger=ledger
+        )
+        result = trainer.fit()
+    finally:
+        ray.kill(ledger)
     ckpt = result.checkpoint
     return RunInfo(
         name=trainer.run_config.name,

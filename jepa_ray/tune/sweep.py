@@ -138,9 +138,12 @@ def search_algorithm(cfg: Config, at_once: int):
     return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=at_once)
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], objective: dict[str, Any]) -> None:
+def run_trial(
+    params: dict[str, Any], base: dict[str, Any], objective: dict[str, Any], verbose: bool = False
+) -> None:
     """One trial (runs in a Tune trial actor): its config, then a pretraining run named after the
-    trial, so that a resumed sweep resumes the same run from its last checkpoint."""
+    trial, so that a resumed sweep resumes the same run from its last checkpoint. `verbose`: its
+    Ray Data bars and Ray Train's per-report lines on the console (`build_trainer`)."""
     import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -157,21 +160,32 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], objective: dict[str,
         hooks=ObjectiveHooks(objective),
         callbacks=[TuneReportCallback()],
         free_check=False,
+        verbose=verbose,
     )
     trainer.fit()
 
 
-def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> SweepInfo:
-    """Run (or, with `resume`, continue) a sweep; write its results table, best.yaml and heat map."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def sweep_name(cfg: Config, name: str | None = None) -> str:
+    """A sweep's name: `name`, else tune.name, else one made from the time (tune-YYYYmmdd-HHMMSS);
+    ConfigError unless it is a plain name (it names a directory)."""
+    from jepa_ray.train.trainer import RUN_NAME
 
-    from jepa_ray.train.trainer import FREE_WAIT_S, RUN_NAME, check_resources, run_url, storage_target
-
-    check_space(cfg)
     name = name or cfg.tune.name or time.strftime("tune-%Y%m%d-%H%M%S")
     if not RUN_NAME.match(name):
         raise ConfigError(f"tune.name {name!r}: use letters, digits, '.', '_' and '-' only")
+    return name
+
+
+def sweep(cfg: Config, *, name: str | None = None, resume: bool = False, verbose: bool = False) -> SweepInfo:
+    """Run (or, with `resume`, continue) a sweep; write its results table, best.yaml and heat map.
+    `verbose`: each trial's Ray Data bars and Ray Train's per-report lines on the console too."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from jepa_ray.train.trainer import FREE_WAIT_S, check_resources, run_url, storage_target
+
+    check_space(cfg)
+    name = sweep_name(cfg, name)
     check_resources(cfg, beside=("each trial's actor", DRIVER_CPU), free_wait_s=FREE_WAIT_S)
     url = run_url(cfg, name)
     objective = _objective_settings(cfg)
@@ -181,7 +195,7 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False) -> Swee
     base["train"]["name"] = None
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, objective=objective),
+        tune.with_parameters(run_trial, base=base, objective=objective, verbose=verbose),
         {"CPU": DRIVER_CPU},  # the Train workers reserve their own resources
     )
     storage_path, filesystem = storage_target(url.rsplit("/", 1)[0], cfg.train.storage)
