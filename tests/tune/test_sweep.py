@@ -51,7 +51,7 @@ def _cfg(shards, root: Path, *overrides: str):
     return load_config(overrides=[f"train.shards={shards}", f"train.storage_path={root}", *TRIAL, *overrides])
 
 
-STEPS = 40  # ASHA's rungs at 5, 10 and 20 steps (grace period 5, reduction factor 2): three chances to stop
+STEPS = 30  # ASHA's rungs at 5, 10 and 20 steps (grace period 5, reduction factor 2): three chances to stop
 
 
 def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_path):
