@@ -42,7 +42,8 @@ def _setup(config: Path | None, overrides: list[str] | None) -> Config:
 
 
 def _log_to(cfg: Config, out: str | Path, command: str) -> Path:
-    """From now on the driver's log also goes, whole, to `jepa-ray.log` in `out` (`log_file`)."""
+    """From now on the driver's log also goes, whole, to `jepa-ray.log` in `out` (`log_file`).
+    Called once Ray is connected: a command that cannot reach its cluster leaves nothing behind."""
     path = log_file(out, command)
     setup_logging(cfg.log_level, path)
     logging.getLogger("jepa_ray.cli").info("jepa-ray %s started", command)
@@ -135,8 +136,8 @@ def prepare(
 
     try:
         cfg = _setup(config, overrides)
-        logs = _log_to(cfg, out, "prepare")
         init_ray(cfg.ray_address)
+        logs = _log_to(cfg, out, "prepare")
         result = run_prepare(
             out, cfg.prepare, dicom=dicom, meds=meds, static=static, outcomes=outcomes, show_progress=True
         )
@@ -241,6 +242,7 @@ def pretrain(
     try:
         cfg = _setup(config, overrides)
         name = run_name(cfg, name)
+        init_ray(cfg.ray_address, verbose)
         logs = _log_to(cfg, run_url(cfg, name), "pretrain")
         info = _run_pretrain(cfg, name, verbose)
     except JepaRayError as e:
@@ -298,8 +300,8 @@ def tune(
         cfg = _setup(config, [*(overrides or []), *extra])
         check_space(cfg)  # before Ray starts: a bad value fails in a second
         name = sweep_name(cfg, name)
-        logs = _log_to(cfg, run_url(cfg, name), "tune")
         init_ray(cfg.ray_address, verbose)
+        logs = _log_to(cfg, run_url(cfg, name), "tune")
         info = sweep(cfg, name=name, resume=resume, verbose=verbose)
     except JepaRayError as e:
         raise _fail(e) from None
@@ -394,8 +396,8 @@ def evaluate(
 
     try:
         cfg = _setup(config, overrides)
-        logs = _log_to(cfg, out, "evaluate")
         init_ray(cfg.ray_address, verbose)
+        logs = _log_to(cfg, out, "evaluate")
         metrics = run_evaluate(
             encoder, data, cfg, out, latents=latents, baselines=baseline or [], verbose=verbose
         )
