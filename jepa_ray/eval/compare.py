@@ -111,7 +111,9 @@ def compare_encoders(
     Both encoders' probes are fit on the same fit samples and scored on the same report samples
     (each split's samples matched by key).
     """
-    from sklearn.metrics import r2_score, roc_auc_score
+    from sklearn.metrics import r2_score
+
+    from jepa_ray.eval.probes import auroc_score
 
     probes: dict = {}
 
@@ -132,7 +134,7 @@ def compare_encoders(
             continue
         out[other] = {}
         for task, (kind, target) in tasks.items():
-            metric = roc_auc_score if kind == "binary" else r2_score
+            metric = auroc_score if kind == "binary" else r2_score
             valid = _two_classes if kind == "binary" else None
             res: dict = {}
             for readout in readouts:

@@ -74,9 +74,9 @@ def _folds(n: int, y: np.ndarray | None, k: int, seed: int):
 
 
 def _auroc(y: np.ndarray, score: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    from jepa_ray.eval.probes import auroc_score
 
-    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
+    return auroc_score(y, score) if 0 < y.sum() < len(y) else float("nan")
 
 
 def probe_auroc(x: np.ndarray, y: np.ndarray, seed: int = 0, se: bool = False):

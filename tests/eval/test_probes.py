@@ -21,6 +21,16 @@ def test_recall_at_k_counts_the_true_partner_rank_and_prints_chance():
     assert offset["recall@1"] == 1.0
 
 
+def test_the_rank_auroc_is_sklearns_value_ties_included():
+    rng = np.random.default_rng(7)
+    for n in (2, 5, 40, 333):
+        y = np.r_[True, False, rng.random(n - 2) < 0.3]
+        for score in (rng.standard_normal(n), rng.integers(0, 3, n).astype(float), np.zeros(n)):
+            assert probes.auroc_score(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert probes.auroc_score(np.array([0, 1, 1]), np.array([0.1, 0.5, 0.2])) == 1.0
+    assert probes.auroc_score(np.array([1, 0, 0]), np.array([0.1, 0.5, 0.2])) == 0.0
+
+
 def test_auroc_with_bootstrap_interval_around_the_estimate():
     rng = np.random.default_rng(1)
     y = rng.random(200) < 0.3
