@@ -1,6 +1,7 @@
 """Frozen embeddings of the evaluation splits: Ray Data batch inference, cached as parquet.
 
     open_split(data, split) -> build_dataset(train=False)      # the training pipeline, no augmentation
+      -> union of the splits to embed, rows tagged by split    # one execution per encoder
       -> map_batches(Embedder, concurrency=eval.actors)        # an actor pool, each holding the encoder
       -> <out>/embeddings/<encoder>/<split>.parquet            # streamed to disk batch by batch
 
@@ -42,6 +43,7 @@ log = logging.getLogger("jepa_ray.eval")
 
 POOLED = ("emb_image", "emb_ehr", "emb_joint", "q_img2ehr", "g_ehr", "q_ehr2img", "g_img")
 EHR_ARRAYS = ("ehr_code", "ehr_value", "ehr_value_present", "ehr_valid")
+SPLIT = "_split"  # the column routing each embedded row to its split's file (not written)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class Embedder:
             out = embed_batch(self.model, b, self.regions)
         out = {k: v.cpu().numpy() for k, v in out.items()}
         out["key"], out["meta"] = batch["key"], batch["meta"]
+        if SPLIT in batch:
+            out[SPLIT] = batch[SPLIT]
         for name in EHR_ARRAYS:
             out[name] = batch[name]
         return out
@@ -198,19 +202,23 @@ def _masked_mean(x, keep):
 def extract(
     source: EncoderSource, data: str, splits: list[str], cfg: Config, out: Path, *, verbose: bool = False
 ) -> dict[str, Path]:
-    """Embed each split with a Ray Data actor pool; reuse a cache made from the same encoder,
-    data and settings. Returns split -> parquet path (splits the data lacks are left out, logged).
+    """Embed the splits with a Ray Data actor pool; reuse a cache made from the same encoder, data
+    and settings. Returns split -> parquet path (splits the data lacks are left out, logged).
+    The splits still to embed go through one execution (their datasets unioned, each row tagged
+    with its split): one actor pool loads the encoder once, not once per split.
     `verbose`: Ray Data's progress bars on the console (off: one log line per split)."""
+    import ray
     import ray.data
 
     from jepa_ray.errors import ShardError
-    from jepa_ray.stream.pipeline import build_dataset, open_split
+    from jepa_ray.stream.pipeline import build_dataset, new_ledger, open_split
 
     pcfg = eval_pipeline(cfg, source.info)
     fingerprint = source.fingerprint()  # hashes the weights file: once, not per split
     folder = out / "embeddings" / source.name
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    pending: dict[str, tuple[Any, dict]] = {}  # split -> (its shards, its cache key)
     for split in splits:
         try:
             shards = open_split(data, split, cfg.train.storage)
@@ -230,8 +238,20 @@ def extract(
         if path.exists() and stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(key)):
             log.info("%s/%s: cached embeddings %s", source.name, split, path)
             paths[split] = path
-            continue
-        ds = build_dataset(shards, pcfg, train=False).map_batches(
+        else:
+            pending[split] = (shards, key)
+    if not pending:
+        return paths
+    ledger = new_ledger(pcfg.max_bad_samples)
+    try:
+        tagged = [
+            build_dataset(shards, pcfg, train=False, ledger=ledger).map_batches(
+                _tag, fn_kwargs={"split": split}, batch_size=None, batch_format="numpy", zero_copy_batch=True
+            )
+            for split, (shards, _) in pending.items()
+        ]
+        ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+        ds = ds.map_batches(
             Embedder,
             fn_constructor_kwargs={
                 "source": source,
@@ -244,11 +264,21 @@ def extract(
             num_gpus=1 if cfg.eval.use_gpu else 0,
         )
         ray_data_progress(ds.context, verbose)  # off: one log line per split instead (below)
-        rows = _write_parquet(ds.iter_batches(batch_format="numpy", batch_size=None), path)
-        stamp.write_text(json.dumps(key))
-        log.info("%s/%s: %d samples embedded -> %s", source.name, split, rows, path)
-        paths[split] = path
+        targets = {split: folder / f"{split}.parquet" for split in pending}
+        rows = _write_parquet(ds.iter_batches(batch_format="numpy", batch_size=None), targets)
+    finally:
+        ray.kill(ledger)
+    for split, (_, key) in pending.items():
+        (folder / f"{split}.json").write_text(json.dumps(key))
+        log.info("%s/%s: %d samples embedded -> %s", source.name, split, rows[split], targets[split])
+        paths[split] = targets[split]
     return paths
+
+
+def _tag(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
+    """The split each row comes from, carried through the embedding (one execution for all)."""
+    n = len(batch["key"])
+    return {**batch, SPLIT: np.full(n, split, dtype=object)}
 
 
 def _check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> None:
@@ -274,23 +304,29 @@ def _check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> 
             )
 
 
-def _write_parquet(batches: Iterator[dict[str, np.ndarray]], path: Path) -> int:
-    """Stream numpy batches into one parquet file (fixed-size list columns); the row count."""
-    tmp = path.with_suffix(".parquet.tmp")
-    writer, rows = None, 0
+def _write_parquet(batches: Iterator[dict[str, np.ndarray]], paths: dict[str, Path]) -> dict[str, int]:
+    """Stream numpy batches into one parquet file per split (fixed-size list columns), each row
+    routed by its split column; the row counts. A split that got no row is an error naming it."""
+    writers: dict[str, pq.ParquetWriter] = {}
+    rows = dict.fromkeys(paths, 0)
     try:
         for batch in batches:
-            table = pa.table({k: _column(v) for k, v in batch.items()})
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-            rows += table.num_rows
+            where = batch.pop(SPLIT)
+            for split in np.unique(where):
+                keep = where == split
+                table = pa.table({k: _column(v[keep]) for k, v in batch.items()})
+                if split not in writers:
+                    writers[split] = pq.ParquetWriter(paths[split].with_suffix(".parquet.tmp"), table.schema)
+                writers[split].write_table(table)
+                rows[split] += table.num_rows
     finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        raise ConfigError(f"{path}: no sample to embed")
-    tmp.replace(path)
+        for w in writers.values():
+            w.close()
+    empty = [str(paths[s]) for s, n in rows.items() if n == 0]
+    if empty:
+        raise ConfigError(f"{', '.join(empty)}: no sample to embed")
+    for split, path in paths.items():
+        path.with_suffix(".parquet.tmp").replace(path)
     return rows
 
 
