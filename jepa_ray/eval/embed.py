@@ -325,7 +325,7 @@ def _write_parquet(batches: Iterator[dict[str, np.ndarray]], paths: dict[str, Pa
     empty = [str(paths[s]) for s, n in rows.items() if n == 0]
     if empty:
         raise ConfigError(f"{', '.join(empty)}: no sample to embed")
-    for split, path in paths.items():
+    for path in paths.values():
         path.with_suffix(".parquet.tmp").replace(path)
     return rows
 
