@@ -13,6 +13,9 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's watcher for cloud spot-instance preemption: one more actor process per run (3-4 s of
+# this machine's two cores), and nothing here is ever preempted
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
