@@ -1,8 +1,9 @@
 """Does pretraining learn what the images carry? 600 CPU steps of the tiny JEPA per seed (the
-default config: SIGReg on, the EMA schedule of a 600-step run; each seed in a process of its own) on a
-subjects, against the same seeds' random initialisations, read out three ways: the attentive
-probe on the patch tokens (held-out quarter of the subjects), a ridge probe on the pooled
-embedding (out of fold), and the evaluation's own probes (one sample per subject).
+default config: SIGReg on, the EMA schedule of a 600-step run; each seed in a process of its own)
+on a synthetic cohort of 1,000 subjects, against the same seeds' random initialisations, read out
+three ways: the attentive probe on the patch tokens (held-out quarter of the subjects), a ridge
+probe on the pooled embedding (out of fold), and the evaluation's own probes (one sample per
+subject).
 
 The cohort is benchmarks/bench_learning.py's (same synth seed and sizes), so the numbers here are
 the benchmark's. Below ~600 images the probe and the pretraining both starve: at 400 subjects
