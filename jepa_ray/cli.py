@@ -217,12 +217,12 @@ def _print_summary(manifest: dict) -> None:
 
 
 def _run_pretrain(cfg: Config, name: str, verbose: bool, what: str = "pretrain"):
-    """A pretraining run with its progress display on the driver (`jepa_ray.console`)."""
+    """A pretraining run with its progress display on the driver (`jepa_ray.console`); Ray is
+    already connected (`init_ray`)."""
     from jepa_ray.console import TrainingProgress
     from jepa_ray.train.reports import ForwardReports
     from jepa_ray.train.trainer import pretrain as run_pretrain
 
-    init_ray(cfg.ray_address, verbose)
     with TrainingProgress(f"{what} {name}", cfg.train.steps) as display:
         return run_pretrain(cfg, name=name, callbacks=[ForwardReports(display.sink())], verbose=verbose)
 

@@ -94,3 +94,17 @@ def test_the_default_tune_objective_fits_the_zero_stage():
     assert type(zero3).model_validate(zero3.model_dump()).tune.objective == "lidar"
     # a named objective is kept (the sweep refuses the ones that cannot run, naming the key)
     assert load_config(overrides=["train.zero_stage=3", "tune.objective=rankme"]).tune.objective == "rankme"
+
+
+def test_run_and_sweep_names_are_plain_directory_names():
+    from jepa_ray.train.trainer import run_name
+    from jepa_ray.tune.sweep import sweep_name
+
+    cfg = load_config(overrides=["train.name=from-config", "tune.name=sweep.1"])
+    assert run_name(cfg) == "from-config" and run_name(cfg, "given_2") == "given_2"
+    assert sweep_name(cfg) == "sweep.1"
+    assert run_name(load_config()).startswith("jepa-") and sweep_name(load_config()).startswith("tune-")
+    with pytest.raises(ConfigError, match=r"train.name '\.\./up': use letters"):
+        run_name(cfg, "../up")
+    with pytest.raises(ConfigError, match=r"tune.name 'a b': use letters"):
+        sweep_name(load_config(overrides=["tune.name=a b"]))

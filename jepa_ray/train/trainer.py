@@ -43,13 +43,18 @@ def run_url(cfg: Config, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def run_name(cfg: Config, name: str | None = None) -> str:
-    """A run's name: `name`, else train.name, else one made from the time (jepa-YYYYmmdd-HHMMSS);
-    ConfigError unless it is a plain name (it names a directory)."""
-    name = name or cfg.train.name or time.strftime("jepa-%Y%m%d-%H%M%S")
+def plain_name(name: str | None, setting: str, prefix: str) -> str:
+    """`name`, else one made from the time (<prefix>-YYYYmmdd-HHMMSS); ConfigError naming the
+    `setting` it came from unless it is a plain name (it names a directory)."""
+    name = name or time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
     if not RUN_NAME.match(name):
-        raise ConfigError(f"train.name {name!r}: use letters, digits, '.', '_' and '-' only")
+        raise ConfigError(f"{setting} {name!r}: use letters, digits, '.', '_' and '-' only")
     return name
+
+
+def run_name(cfg: Config, name: str | None = None) -> str:
+    """A run's name: `name`, else train.name, else one made from the time (jepa-YYYYmmdd-HHMMSS)."""
+    return plain_name(name or cfg.train.name, "train.name", "jepa")
 
 
 FREE_WAIT_S = 30.0  # how long a run waits for CPUs that something else holds before refusing

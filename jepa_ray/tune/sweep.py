@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 from jepa_ray.config import Config
@@ -144,14 +143,12 @@ def run_trial(
     """One trial (runs in a Tune trial actor): its config, then a pretraining run named after the
     trial, so that a resumed sweep resumes the same run from its last checkpoint. `verbose`: its
     Ray Data bars and Ray Train's per-report lines on the console (`build_trainer`)."""
-    import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from jepa_ray.train.trainer import build_trainer
     from jepa_ray.tune.objective import ObjectiveHooks
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # trials run side by side
     cfg = trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(
@@ -166,14 +163,10 @@ def run_trial(
 
 
 def sweep_name(cfg: Config, name: str | None = None) -> str:
-    """A sweep's name: `name`, else tune.name, else one made from the time (tune-YYYYmmdd-HHMMSS);
-    ConfigError unless it is a plain name (it names a directory)."""
-    from jepa_ray.train.trainer import RUN_NAME
+    """A sweep's name: `name`, else tune.name, else one made from the time (tune-YYYYmmdd-HHMMSS)."""
+    from jepa_ray.train.trainer import plain_name
 
-    name = name or cfg.tune.name or time.strftime("tune-%Y%m%d-%H%M%S")
-    if not RUN_NAME.match(name):
-        raise ConfigError(f"tune.name {name!r}: use letters, digits, '.', '_' and '-' only")
-    return name
+    return plain_name(name or cfg.tune.name, "tune.name", "tune")
 
 
 def sweep(cfg: Config, *, name: str | None = None, resume: bool = False, verbose: bool = False) -> SweepInfo:
