@@ -261,6 +261,18 @@ class Worker:
         return self.resumed_from is not None
 
 
+def _skip_cpu_shm_op() -> None:
+    """On CPU, DeepSpeed compiles a C++ shared-memory all-reduce when its process group starts (g++
+    for about a minute, once per environment, and a compiler the machine may not have), which only
+    its inference all-reduce uses: training's collectives go through torch.distributed (gloo).
+    Marking the op unavailable in DeepSpeed's table of compatible ops skips the build."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 def set_up(loop_config: dict[str, Any]) -> Worker:
     """The model inside its DeepSpeed engine, the schedules, the data, and the position restored
     from the newest checkpoint that loads (when Ray Train restored one)."""
@@ -285,6 +297,8 @@ def set_up(loop_config: dict[str, Any]) -> Worker:
     torch.manual_seed(pc.seed)  # the same initial weights on every rank
     model = JEPA(loop_config["dims"], cfg.model)
     student = model.student
+    if not tc.use_gpu:
+        _skip_cpu_shm_op()
     engine, _, _, _ = deepspeed.initialize(
         model=student,
         model_parameters=param_groups(student),
