@@ -287,6 +287,19 @@ class StorageConfig(_Strict):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. a MinIO URL.")
     region: str | None = Field(None, description="S3 region.")
     anon: bool = Field(False, description="Anonymous access (public buckets).")
+    retries: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="Retries of one S3 request that the store refuses (5xx, throttling), drops or lets "
+        "time out, with exponential backoff; then the read or upload fails naming the object.",
+    )
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Connect and read timeout of one S3 request: a request that stalls longer is "
+        "abandoned and retried.",
+    )
 
 
 class PrepareConfig(_Strict):

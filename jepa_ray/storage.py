@@ -2,6 +2,11 @@
 
 Writes are atomic at the file level: a local file is written beside its target and renamed; an S3
 object appears only when its upload completes. A reader therefore never sees half a shard.
+
+S3 requests that the store refuses (5xx, throttling), drops or lets stall past `storage.timeout_s`
+are retried `storage.retries` times with exponential backoff (botocore's standard retry mode);
+an upload that still fails is a `ShardError` naming the object, which then does not exist. Ray
+Train's checkpoint uploads go through the same filesystem (`pyarrow_filesystem`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+# s3fs's own loop around each request (on top of botocore's retries): a second try for the errors
+# botocore does not retry (a truncated body, an unparsable response)
+S3FS_RETRIES = 2
+
+
 def make_filesystem(url: str, cfg: StorageConfig | None = None) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem for a URL; S3 endpoint/region/anon come from `cfg`."""
     cfg = cfg or StorageConfig()
@@ -35,8 +45,17 @@ def make_filesystem(url: str, cfg: StorageConfig | None = None) -> fsspec.Abstra
             client_kwargs["endpoint_url"] = cfg.endpoint_url
         if cfg.region:
             client_kwargs["region_name"] = cfg.region
+        retry = {
+            "retries": {"max_attempts": cfg.retries, "mode": "standard"},  # retries, not attempts
+            "connect_timeout": cfg.timeout_s,
+            "read_timeout": cfg.timeout_s,
+        }
         # No instance cache: listings must reflect objects written moments ago by other processes.
-        return s3fs.S3FileSystem(anon=cfg.anon, client_kwargs=client_kwargs, skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(
+            anon=cfg.anon, client_kwargs=client_kwargs, config_kwargs=retry, skip_instance_cache=True
+        )
+        fs.retries = S3FS_RETRIES
+        return fs
     if is_remote(url):
         protocol = url.split("://", 1)[0]
         raise ShardError(f"{url}: unsupported storage scheme {protocol!r}; use a local path or s3://")
@@ -94,7 +113,8 @@ class Store:
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write `name` atomically."""
         if is_remote(self.url):
-            self.fs.pipe_file(self.path(name), data)
+            with self._uploading(name):
+                self.fs.pipe_file(self.path(name), data)
             return
         fd, tmp = self.staging_file(name)
         with os.fdopen(fd, "wb") as f:
@@ -113,12 +133,27 @@ class Store:
     def put_file(self, local_path: str, name: str) -> None:
         """Move/upload a finished local file to `name` atomically."""
         if is_remote(self.url):
-            self.fs.put_file(local_path, self.path(name))
-            os.remove(local_path)
+            try:
+                with self._uploading(name):
+                    self.fs.put_file(local_path, self.path(name))
+            finally:
+                os.remove(local_path)
             return
         target = Path(self.path(name))
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(local_path, target)
+
+    @contextlib.contextmanager
+    def _uploading(self, name: str):
+        """An upload that failed after its retries: a ShardError naming the object (S3 makes an
+        object visible only when its upload completes, so none is left behind)."""
+        try:
+            yield
+        except (OSError, ValueError) as e:  # s3fs's translation of S3 and connection errors
+            raise ShardError(
+                f"{self.uri(name)}: upload failed after {self.cfg.retries} retries "
+                f"(storage.retries, storage.timeout_s={self.cfg.timeout_s:g}): {e}"
+            ) from e
 
     def list(self, prefix: str = "") -> list[str]:
         """Names (relative to the root) of the files directly under `prefix`."""
