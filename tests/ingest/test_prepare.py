@@ -338,6 +338,37 @@ def test_s3_end_to_end(ray_session, small_cohort, s3_bucket, prepared, cohort_in
     assert again.written == 0
 
 
+def test_an_s3_outage_on_one_shard_fails_naming_it_and_a_rerun_writes_only_that_shard(
+    ray_session, small_cohort, s3_bucket, prepared, cohort_inputs
+):
+    """Every upload of one shard refused (503), after its retries: prepare fails naming that
+    shard's object, no manifest describes the half-written set, the shards that landed are kept;
+    the rerun, with S3 back, writes the missing shard only and the set is the local one."""
+    import s3fs
+    from s3faults import FaultyS3
+
+    endpoint, bucket = s3_bucket
+    url = f"s3://{bucket}/cohort/v1"
+    local = json.loads((prepared[0] / "manifest.json").read_text())
+    victim = local["shards"][1]["name"]
+    with FaultyS3(endpoint) as s3:
+        s3.refuse("PUT", f"/{victim}", times=-1)
+        cfg = _cfg(**{"storage.endpoint_url": s3.url, "storage.retries": 1})
+        with pytest.raises(
+            PrepareError, match=rf"1 shard\(s\) failed: .*{victim}: upload failed after 1 retries"
+        ):
+            prepare(url, cfg, **cohort_inputs(small_cohort))
+        assert s3.count("PUT", f"/{victim}") >= 2
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    assert not fs.exists(f"{bucket}/cohort/v1/manifest.json") and not fs.exists(
+        f"{bucket}/cohort/v1/{victim}"
+    )
+    again = prepare(url, _cfg(**{"storage.endpoint_url": endpoint}), **cohort_inputs(small_cohort))
+    assert again.ok and again.written == 1
+    m = json.loads(fs.cat_file(f"{bucket}/cohort/v1/manifest.json"))
+    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in local["shards"]]
+
+
 def test_id_map_joins_dicom_patient_ids_to_meds_subjects(ray_session, small_cohort, tmp_path):
     """Hospital exports often key DICOM by MRN and MEDS by another id: an id map joins them."""
     import pydicom
