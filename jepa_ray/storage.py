@@ -145,14 +145,15 @@ class Store:
 
     @contextlib.contextmanager
     def _uploading(self, name: str):
-        """An upload that failed after its retries: a ShardError naming the object (S3 makes an
+        """An upload that failed (after its retries, where S3 allows one): a ShardError naming the object (S3 makes an
         object visible only when its upload completes, so none is left behind)."""
         try:
             yield
         except (OSError, ValueError) as e:  # s3fs's translation of S3 and connection errors
             raise ShardError(
-                f"{self.uri(name)}: upload failed after {self.cfg.retries} retries "
-                f"(storage.retries, storage.timeout_s={self.cfg.timeout_s:g}): {e}"
+                f"{self.uri(name)}: upload failed ({e}); refused, dropped and stalled requests were "
+                f"retried up to {self.cfg.retries} times (storage.retries, storage.timeout_s="
+                f"{self.cfg.timeout_s:g})"
             ) from e
 
     def list(self, prefix: str = "") -> list[str]:

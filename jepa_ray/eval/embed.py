@@ -207,7 +207,6 @@ def extract(
     The splits still to embed go through one execution (their datasets unioned, each row tagged
     with its split): one actor pool loads the encoder once, not once per split.
     `verbose`: Ray Data's progress bars on the console (off: one log line per split)."""
-    import ray
     import ray.data
 
     from jepa_ray.errors import ShardError
