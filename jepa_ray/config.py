@@ -421,8 +421,9 @@ class PipelineConfig(_Strict):
     shuffle_buffer: int = Field(
         0,
         ge=0,
-        description="Samples in a local shuffle buffer on the trainer side (0: off). Shard order is "
-        "shuffled every epoch anyway; a buffer mixes samples across shards at some cost in speed.",
+        description="Training: samples shuffled together. Every epoch the shard order is shuffled and "
+        "each shard's samples are permuted; with a buffer, consecutive shards holding at least this "
+        "many samples are read and permuted as one (more mixing, more memory per read task).",
     )
     max_bad_samples: int = Field(
         100,

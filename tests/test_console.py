@@ -106,9 +106,9 @@ def test_a_phase_off_a_terminal_is_a_few_plain_lines():
 def test_a_run_keeps_ray_data_bars_and_train_report_lines_off_unless_verbose(
     small_shards, tmp_path, ray_session
 ):
-    """The run config: Ray Data's bars are off in the datasets' own context (the split coordinator
-    that runs each epoch copies it), Ray Train's logger prints WARNING and above, and the workers
-    are told; --verbose turns all three on. The driver's own DataContext is left alone."""
+    """The run config: Ray Data's bars are off in the contexts of the datasets the run's data feed
+    executes, Ray Train's logger prints WARNING and above, and the workers are told; --verbose turns
+    all three on. The driver's own DataContext is left alone."""
     import ray.data
 
     from jepa_ray.config import load_config
@@ -123,20 +123,16 @@ def test_a_run_keeps_ray_data_bars_and_train_report_lines_off_unless_verbose(
         ]
     )
     before = ray.data.DataContext.get_current().enable_progress_bars
-    for verbose in (False, True):
-        trainer = build_trainer(cfg, name=f"quiet-{verbose}", free_check=False, verbose=verbose)
-        assert set(trainer.datasets) >= {"train"}
-        for ds in trainer.datasets.values():
-            assert ds.context.enable_progress_bars is verbose
-            assert ds.context.enable_operator_progress_bars is verbose
+    for verbose in (False, True, None):
+        kwargs = {} if verbose is None else {"verbose": verbose}  # None: the default, quiet
+        trainer = build_trainer(cfg, name=f"quiet-{verbose}", free_check=False, **kwargs)
+        feed = trainer.train_loop_config["feed"]
+        assert ray.get(feed.progress_bars.remote()) == (bool(verbose), bool(verbose))
+        ray.kill(feed)
         rc = trainer.run_config
         assert rc.logging_config.log_level == ("INFO" if verbose else "WARNING")
-        assert trainer.train_loop_config["verbose"] is verbose
+        assert trainer.train_loop_config["verbose"] is bool(verbose)
     assert ray.data.DataContext.get_current().enable_progress_bars == before
-    # the default is quiet
-    trainer = build_trainer(cfg, name="quiet-default", free_check=False)
-    assert trainer.run_config.logging_config.log_level == "WARNING"
-    assert not trainer.datasets["train"].context.enable_progress_bars
 
 
 @pytest.mark.parametrize("command", ["pretrain", "tune", "evaluate", "demo"])

@@ -137,7 +137,7 @@ def build_dataset(shards: ShardSet, cfg: PipelineConfig, *, train: bool, ledger:
     # Output blocks of ~BLOCK_SAMPLES samples: a task hands them on as it goes instead of gathering
     # 128 MiB (a whole shard), so the first batch comes early and memory stays bounded; much smaller
     # blocks stall the read tasks on Ray Data's streaming-generator backpressure (measured).
-    ds.context.target_max_block_size = BLOCK_SAMPLES * _bytes_per_sample(shards.spec, cfg)
+    ds.context.target_max_block_size = BLOCK_SAMPLES * bytes_per_sample(shards.spec, cfg)
     # One fused operator has nothing to reserve resources against; with reservation on, Ray Data
     # keeps half the CPUs "reserved" and, on a small node, runs one read task at a time (measured:
     # 2 CPUs, one busy worker, half the throughput).
@@ -145,7 +145,7 @@ def build_dataset(shards: ShardSet, cfg: PipelineConfig, *, train: bool, ledger:
     return ds
 
 
-def _bytes_per_sample(spec: FeatureSpec, cfg: PipelineConfig) -> int:
+def bytes_per_sample(spec: FeatureSpec, cfg: PipelineConfig) -> int:
     n = max(math.prod(g) for g in cfg.grids)
     pixels = (cfg.image_size**2 if cfg.dims != 3 else 0) + (
         max(spec.volume_channels, 1) * math.prod(cfg.volume_size) if cfg.dims != 2 else 0

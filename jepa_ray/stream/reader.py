@@ -65,11 +65,14 @@ class SkipLedger:
         return {"skipped": self.total(epoch), "records": list(self.records.get(epoch, {}).values())}
 
 
-def report_bad(ledger: Any, limit: int, shard: str, key: str, reason: str, lost: int = 1) -> None:
-    """Log a skipped sample (or tail of a shard), count it, and fail once the epoch's count passes the limit."""
+def report_bad(
+    ledger: Any, limit: int, shard: str, key: str, reason: str, lost: int = 1, epoch: int | None = None
+) -> None:
+    """Log a skipped sample (or tail of a shard), count it in `epoch` (default: the running
+    execution's), and fail once the epoch's count passes the limit."""
     import ray
 
-    epoch = current_epoch()
+    epoch = current_epoch() if epoch is None else epoch
     logger.warning("epoch %d: skipped %d sample(s) of shard %s at %s: %s", epoch, lost, shard, key, reason)
     total = ray.get(ledger.record.remote(epoch, shard, key, reason, lost)) if ledger is not None else lost
     if total > limit:
@@ -99,62 +102,74 @@ class ShardDatasource(FileBasedDatasource):
         self.rows_per_block = rows_per_block
 
     def _read_stream(self, f: Any, path: str) -> Iterator[Any]:
-        import pyarrow as pa
-
         shard = posixpath.basename(path)
-        cols: dict[str, list] = {"key": [], "shard": [], **{k: [] for k in FIELDS}}
-        read = 0
-        current: dict[str, Any] | None = None
-        problem = None
-        last = [""]  # key of the last complete sample
 
-        def add(sample: dict[str, Any]) -> None:
-            last[0] = sample["key"]
-            cols["key"].append(sample["key"])
-            cols["shard"].append(shard)
-            for k in FIELDS:
-                cols[k].append(sample.get(k))
+        def damaged(where: str, reason: str, lost: int) -> None:
+            report_bad(self.ledger, self.limit, shard, where, reason, lost)
 
-        def block():
-            types = {k: pa.string() if k in ("key", "shard") else pa.binary() for k in cols}
-            out = pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
-            for v in cols.values():
-                v.clear()
-            return out
+        rows: list[dict[str, Any]] = []
+        for sample in tar_samples(f, shard, self.expected.get(shard), damaged):
+            rows.append(sample)
+            if len(rows) >= self.rows_per_block:
+                yield raw_block(rows)
+                rows = []
+        if rows:
+            yield raw_block(rows)
 
-        try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    key, _, rest = posixpath.basename(info.name).partition(".")
-                    field = rest.split(".", 1)[0]
-                    data = tar.extractfile(info).read()
-                    if current is None or key != current["key"]:
-                        if current is not None:
-                            add(current)
-                            read += 1
-                            if len(cols["key"]) >= self.rows_per_block:
-                                yield block()
-                        current = {"key": key}
-                    if field in FIELDS:
-                        current[field] = data
-        except (tarfile.TarError, EOFError, zlib.error) as e:
-            problem = f"the tar is damaged ({type(e).__name__}: {e})"
-            current = None  # the sample being read when the damage hit may be incomplete
-        if current is not None:
-            add(current)
-            read += 1
-        if cols["key"]:
-            yield block()
-        expected = self.expected.get(shard)
-        if problem is None and expected is not None and read < expected:
-            problem = "the tar ends early (a corrupt header or a cut file)"
-        if problem is not None:
-            lost = expected - read if expected is not None else 1
-            if lost <= 0:  # e.g. only the end-of-archive padding is cut: every sample is there
-                logger.warning("shard %s: %s, but all %d samples were read", shard, problem, read)
-                return
-            where = f"after sample {last[0]}" if last[0] else "at its start"
-            of = f" of {expected}" if expected is not None else ""
-            report_bad(self.ledger, self.limit, shard, where, f"{problem}: {lost}{of} samples lost", lost)
+
+def raw_block(rows: list[dict[str, Any]], extra: dict[str, list] | None = None):
+    """A pyarrow table of raw samples (key, shard: strings; image, ehr, meta: bytes or null), with
+    `extra` columns as given."""
+    import pyarrow as pa
+
+    cols = {"key": pa.array([r["key"] for r in rows], pa.string())}
+    cols["shard"] = pa.array([r["shard"] for r in rows], pa.string())
+    for k in FIELDS:
+        cols[k] = pa.array([r.get(k) for r in rows], pa.binary())
+    for k, v in (extra or {}).items():
+        cols[k] = pa.array(v)
+    return pa.table(cols)
+
+
+def tar_samples(f: Any, shard: str, expected: int | None, damaged) -> Iterator[dict[str, Any]]:
+    """The complete samples of one webdataset tar, in order: {"key", "shard", <field>: bytes}.
+
+    Damage (a cut file, a corrupt header, fewer samples than the manifest's `expected`) ends the
+    stream after the last complete sample and is reported once as `damaged(where, reason, lost)`."""
+    read = 0
+    current: dict[str, Any] | None = None
+    problem = None
+    last = ""  # key of the last complete sample
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, _, rest = posixpath.basename(info.name).partition(".")
+                field = rest.split(".", 1)[0]
+                data = tar.extractfile(info).read()
+                if current is None or key != current["key"]:
+                    if current is not None:
+                        read += 1
+                        last = current["key"]
+                        yield current
+                    current = {"key": key, "shard": shard}
+                if field in FIELDS:
+                    current[field] = data
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        problem = f"the tar is damaged ({type(e).__name__}: {e})"
+        current = None  # the sample being read when the damage hit may be incomplete
+    if current is not None:
+        read += 1
+        last = current["key"]
+        yield current
+    if problem is None and expected is not None and read < expected:
+        problem = "the tar ends early (a corrupt header or a cut file)"
+    if problem is not None:
+        lost = expected - read if expected is not None else 1
+        if lost <= 0:  # e.g. only the end-of-archive padding is cut: every sample is there
+            logger.warning("shard %s: %s, but all %d samples were read", shard, problem, read)
+            return
+        where = f"after sample {last}" if last else "at its start"
+        of = f" of {expected}" if expected is not None else ""
+        damaged(where, f"{problem}: {lost}{of} samples lost", lost)

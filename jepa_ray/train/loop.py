@@ -5,23 +5,23 @@ micro-batches (target latents under no_grad, student loss, backward) -> DeepSpee
 ZeRO reduction) -> EMA update of the target. Every `log_every` steps the metrics (averaged over
 ranks) are reported to Ray Train and written by rank 0; every `checkpoint_every` steps and at the
 end, every rank writes its part of a checkpoint and reports it. In code: `set_up` builds a
-`Worker` (the rank's model, engine, data and `Position`), `run_epoch` calls `train_step` and
-`report` until the run ends; `Hooks` are what a sweep or a test adds.
+`Worker` (the rank's model, engine, data and `Position`), `run` calls `train_step` and `report`
+until the run ends; `Hooks` are what a sweep or a test adds.
 
-Data position (what a resumed run guarantees): the checkpoint records the step, the epoch and the
-number of batches that epoch had delivered. A resumed run ends at exactly the configured number of
-optimizer steps; it never repeats a finished epoch; the interrupted epoch goes on for the batches
-it had left, drawn from a freshly shuffled pass over that epoch's shards (Ray Data cannot restart
-an iterator mid-stream), so within that one epoch some samples may come twice and others not at
-all.
+Data position (what a resumed run guarantees): the data is one sequence over the epochs, dealt to
+the ranks by position (`jepa_ray.stream.feed`); the checkpoint records the step and the cursor
+after the last sample its steps took. A resumed run, at the same or another world size, ends at
+exactly the configured number of optimizer steps and continues the sequence at that cursor: every
+epoch delivers every training sample exactly once, across any number of interruptions.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from jepa_ray.train.engine import (
 
 log = logging.getLogger("jepa_ray.train")
 
-BatchSource = Callable[[int, int, int], Iterable[dict]]  # (rank, world, epoch) -> batches
+BatchSource = Callable[[int, int, int], Iterable[dict]]  # (rank, world, epoch) -> that epoch's batches
 
 
 class Hooks:
@@ -70,39 +70,32 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def _ray_batches(cfg: Config) -> BatchSource:
-    import ray.train
+def _hook_batches(w: Worker) -> Iterator[dict]:
+    """The hooks' batches, epoch after epoch, from where the position stands (a resumed epoch
+    skips the batches it had drawn)."""
+    pos, skip = w.position, w.position.in_epoch
+    while True:
+        it = iter(w.hooks.batches(w.rank, w.world, pos.epoch))
+        for _ in range(skip):
+            next(it, None)
+        skip, drawn = 0, False
+        for batch in it:
+            drawn = True
+            yield batch
+        if not drawn:
+            raise ValueError(f"the hooks' batches for rank {w.rank}, epoch {pos.epoch} are empty")
+        pos.epoch += 1
+        pos.in_epoch = 0
 
-    from jepa_ray.stream.pipeline import iter_training_batches
 
-    shard = ray.train.get_dataset_shard("train")
-
-    def batches(rank: int, world: int, epoch: int) -> Iterable[dict]:
-        return iter_training_batches(shard, cfg.pipeline, train=True)
-
-    return batches
-
-
-def _val_batches(cfg: Config, source: BatchSource | None, rank: int, world: int, n: int) -> list[dict]:
+def _val_batches(w: Worker, feed: Any, n: int) -> list[dict]:
     if n == 0:
         return []
-    if source is not None:
-        it = iter(source(rank, world, -1))
-    else:
-        import ray.train
+    if feed is not None:
+        from jepa_ray.stream.feed import val_batches
 
-        from jepa_ray.stream.pipeline import iter_training_batches
-
-        shard = ray.train.get_dataset_shard("val")
-        if shard is None:
-            return []
-        it = iter(iter_training_batches(shard, cfg.pipeline, train=False))
-    out = []
-    for batch in it:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
+        return val_batches(feed, w.rank, w.world, n)
+    return list(itertools.islice(w.hooks.batches(w.rank, w.world, -1), n))
 
 
 def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op: str = "sum") -> list[float]:
@@ -228,9 +221,12 @@ class Position:
     """Where a run stands: what a checkpoint records and a resumed run starts from."""
 
     step: int = 0  # optimizer steps done
-    epoch: int = 0
-    in_epoch: int = 0  # batches this rank has drawn in the current epoch
+    epoch: int = 0  # the epoch of the last sample drawn
+    in_epoch: int = 0  # batches this rank has drawn in the current epoch (of the hooks' batches)
     samples: int = 0  # samples seen, all ranks together
+    cursor: tuple[int, int, int] | None = (
+        None  # the sequence's (epoch, unit, row) after this rank's last sample
+    )
 
 
 @dataclass
@@ -246,11 +242,10 @@ class Worker:
     model: JEPA  # model.target is the EMA target encoder, whole on every rank
     engine: Any  # the DeepSpeed engine around model.student
     schedule: Schedule
-    source: BatchSource
-    val: list[dict]  # validation batches: train.val_batches, more when the hooks read more
     hooks: Hooks
-    epoch_len: int | None  # batches per rank per epoch, when known
     position: Position = field(default_factory=Position)
+    batches: Iterator[dict] | None = None  # this rank's micro-batches from the position on
+    val: list[dict] = field(default_factory=list)  # train.val_batches, more when the hooks read more
     resumed_from: dict | None = None  # the checkpoint this rank started from, if any
     metrics_log: Any = None  # rank 0's MetricsLog
     window: _Window = field(default_factory=_Window)
@@ -325,21 +320,65 @@ def set_up(loop_config: dict[str, Any]) -> Worker:
         model=model,
         engine=engine,
         schedule=schedule,
-        source=hooks.batches or _ray_batches(cfg),
-        val=_val_batches(cfg, hooks.batches, rank, world, max(tc.val_batches, hooks.val_batches)),
         hooks=hooks,
-        epoch_len=loop_config.get("epoch_batches"),
     )
     restored = ray.train.get_checkpoint()
     if restored is not None:
         state, w.resumed_from = _restore(engine, model.target, restored)
-        w.position = Position(state["step"], state["epoch"], state["batches_in_epoch"], state["samples"])
+        w.position = _resumed_position(state, cfg)
         p = w.position
-        log.info("rank %d: resumed at step %d (epoch %d, batch %d of it)", rank, p.step, p.epoch, p.in_epoch)
+        log.info("rank %d: resumed at step %d (epoch %d, sequence at %s)", rank, p.step, p.epoch, p.cursor)
+    feed = loop_config.get("feed")
+    w.batches = _hook_batches(w) if hooks.batches is not None else _feed_batches(w, feed)
+    w.val = _val_batches(w, feed, max(tc.val_batches, hooks.val_batches))
     if rank == 0:
         w.metrics_log = MetricsLog(w.run_url, tc.storage, w.position.step)
     w.window.reset()  # the first interval's throughput starts here
     return w
+
+
+def _resumed_position(state: dict, cfg: Config) -> Position:
+    """Where a checkpoint's run stood. A checkpoint without a cursor (written before the data
+    was one sequence) resumes at the start of its interrupted epoch."""
+    cursor = state.get("cursor")
+    order = state.get("data_order")
+    if cursor is None:
+        cursor = (state["epoch"], 0, 0)
+        log.warning(
+            "the checkpoint records no data cursor: the run resumes at the start of epoch %d", cursor[0]
+        )
+    elif order is not None and order != _data_order(cfg):
+        log.warning(
+            "the data order changed since the checkpoint (%s, now %s): the resumed run goes on from "
+            "the same place in a different order, so within this epoch samples may repeat or be missed",
+            order,
+            _data_order(cfg),
+        )
+    return Position(
+        state["step"], state["epoch"], state.get("batches_in_epoch", 0), state["samples"], tuple(cursor)
+    )
+
+
+def _data_order(cfg: Config) -> dict:
+    """What the data sequence depends on, besides the shards (recorded in checkpoints)."""
+    return {"seed": cfg.pipeline.seed, "shuffle_buffer": cfg.pipeline.shuffle_buffer}
+
+
+def _feed_batches(w: Worker, feed: Any) -> Iterator[dict]:
+    """This rank's micro-batches from the run's `Feed`, restarted (by rank 0) at the position's
+    cursor for this world size; every rank learns the generation in one collective."""
+    import ray
+
+    from jepa_ray.stream.feed import FeedStream, lookahead_rows
+
+    tc, pc, pos = w.cfg.train, w.cfg.pipeline, w.position
+    gen = 0
+    if w.rank == 0:
+        rows = (tc.steps - pos.step) * tc.grad_accum * pc.batch_size * w.world
+        start = pos.cursor or (0, 0, 0)
+        gen = ray.get(feed.start.remote(start, w.world, rows, lookahead_rows(pc, w.world)))
+    gen = int(_all_reduce([gen], w.device)[0])
+    return FeedStream(feed, gen, w.rank, pc.prefetch_batches)
 
 
 def train_step(w: Worker, batch: dict) -> tuple[dict, bool]:
@@ -363,20 +402,20 @@ def train_step(w: Worker, batch: dict) -> tuple[dict, bool]:
     return out, boundary
 
 
-def run_epoch(w: Worker) -> None:
-    """Steps through the current epoch's batches (what is left of it, after a resume) until the
-    epoch or the run ends, reporting every log_every and checkpointing every checkpoint_every steps."""
+def run(w: Worker) -> None:
+    """Steps through the rank's batches until the run ends, reporting every log_every and
+    checkpointing every checkpoint_every steps."""
+    from jepa_ray.stream.feed import CURSOR
+
     tc, pos = w.cfg.train, w.position
-    batches = iter(w.source(w.rank, w.world, pos.epoch))
-    remaining = None if w.epoch_len is None else max(w.epoch_len - pos.in_epoch, 0)
-    while pos.step < tc.steps and remaining != 0:
+    while pos.step < tc.steps:
         t0 = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:
-            break
+        batch = next(w.batches)
         t1 = time.perf_counter()
+        cursor = batch.pop(CURSOR, None)
+        if cursor is not None:
+            pos.cursor, pos.epoch = cursor, cursor[0]
         out, boundary = train_step(w, batch)
-        remaining = None if remaining is None else remaining - 1
         w.window.add(out, len(batch["key"]), t1 - t0, time.perf_counter() - t1)
         if not boundary:
             continue
@@ -384,9 +423,6 @@ def run_epoch(w: Worker) -> None:
         checkpoint = pos.step % tc.checkpoint_every == 0 or pos.step == tc.steps
         if checkpoint or pos.step % tc.log_every == 0:
             report(w, checkpoint)
-    if pos.step < tc.steps:
-        pos.epoch += 1
-        pos.in_epoch = 0
 
 
 def report(w: Worker, with_checkpoint: bool) -> None:
@@ -416,10 +452,16 @@ def report(w: Worker, with_checkpoint: bool) -> None:
         ray.train.report(metrics)
         w.window.reset()
         return
+    cursor = None
+    if pos.cursor is not None:  # the last rank's: the sequence goes on after its last sample
+        last = w.rank == w.world - 1
+        cursor = [int(c) for c in _all_reduce(list(pos.cursor) if last else [0, 0, 0], w.device)]
     state = {
         "step": pos.step,
         "epoch": pos.epoch,
         "batches_in_epoch": pos.in_epoch,
+        "cursor": cursor,
+        "data_order": _data_order(w.cfg),
         "samples": pos.samples,
         "world_size": w.world,
         "zero_stage": tc.zero_stage,
@@ -437,13 +479,17 @@ def report(w: Worker, with_checkpoint: bool) -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: config (a Config as a dict), dims (model input dims),
-    run_url (the run directory), epoch_batches (batches per rank per epoch, or None), hooks (a
-    `Hooks`, optional), verbose (whether this run's INFO lines reach the driver's console)."""
+    run_url (the run directory), feed (the run's `jepa_ray.stream.feed.Feed`, unless the hooks give
+    the batches), hooks (a `Hooks`, optional), verbose (whether this run's INFO lines reach the
+    driver's console)."""
     quiet_worker_logs(loop_config.get("verbose", False))
     w = set_up(loop_config)
     w.engine.train()
-    while w.position.step < w.cfg.train.steps:
-        run_epoch(w)
+    try:
+        run(w)
+    finally:
+        if hasattr(w.batches, "close"):
+            w.batches.close()
     w.hooks.at_end(w)
     if w.metrics_log is not None:
         w.metrics_log.plot()

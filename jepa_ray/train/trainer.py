@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jepa_ray.config import Config
-from jepa_ray.console import ray_data_progress, train_log_level
+from jepa_ray.console import train_log_level
 from jepa_ray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -120,29 +120,33 @@ def _wait_for_free_cpus(need: float, what: str, wait_s: float) -> None:
     )
 
 
-def _datasets(cfg: Config, ledger: Any = None) -> tuple[dict, dict, int]:
-    """Ray datasets (train, val when present), the model input dims, batches per rank per epoch.
-    Both count their skipped samples in `ledger` (a new `SkipLedger` actor when None)."""
+def _feed(cfg: Config, ledger: Any = None, verbose: bool = False) -> tuple[Any, dict]:
+    """The run's `Feed` actor over the train (and val, when present) split, and the model input
+    dims. Both splits count their skipped samples in `ledger` (a new `SkipLedger` actor when None).
+    The feed's Ray Data execution may use the CPUs the workers leave."""
+    import ray
+
     from jepa_ray.errors import ShardError
-    from jepa_ray.stream.pipeline import build_dataset, new_ledger, open_split
+    from jepa_ray.stream.feed import new_feed
+    from jepa_ray.stream.pipeline import new_ledger, open_split
 
     tc = cfg.train
     train = open_split(tc.shards, "train", tc.storage)
-    ledger = ledger if ledger is not None else new_ledger(cfg.pipeline.max_bad_samples)
-    datasets = {"train": build_dataset(train, cfg.pipeline, train=True, ledger=ledger)}
+    val = None
     if tc.val_batches:
         try:
             val = open_split(tc.shards, "val", tc.storage)
-            datasets["val"] = build_dataset(val, cfg.pipeline, train=False, ledger=ledger)
         except ShardError as e:
             log.warning("no validation split (%s): validation metrics are off", e)
-    per_rank = train.samples // tc.num_workers
-    if per_rank < cfg.pipeline.batch_size:
+    if train.samples < cfg.pipeline.batch_size * tc.num_workers:
         raise ConfigError(
             f"{tc.shards}: {train.samples} training samples over {tc.num_workers} workers is less than one "
             f"batch of pipeline.batch_size={cfg.pipeline.batch_size} per worker"
         )
-    return datasets, train.spec.model_dims(cfg.pipeline), per_rank // cfg.pipeline.batch_size
+    ledger = ledger if ledger is not None else new_ledger(cfg.pipeline.max_bad_samples)
+    cpus = max(ray.cluster_resources().get("CPU", 1.0) - tc.num_workers * tc.cpus_per_worker, 1.0)
+    feed = new_feed(train, val, cfg.pipeline, ledger, cpus, verbose, tc.num_workers)
+    return feed, train.spec.model_dims(cfg.pipeline)
 
 
 def storage_target(base: str, storage) -> tuple[str, Any]:
@@ -171,7 +175,9 @@ def build_trainer(
     sweep's TuneReportCallback, a progress display's ForwardReports). `verbose`: Ray Data's
     progress bars and Ray Train's per-report lines on the console too (`jepa_ray.console`); off,
     they are in Ray's log files only. `ledger`: the `SkipLedger` actor the datasets count skipped
-    samples in; a new one, owned by this process, when None."""
+    samples in; a new one, owned by this process, when None. The run's data `Feed` actor is owned
+    by this process too (the loop config's "feed"): it outlives worker groups, so a restarted group
+    goes on with the same data sequence."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -183,23 +189,21 @@ def build_trainer(
     if hooks is not None and hooks.batches is not None:
         if hooks.dims is None:
             raise ValueError("hooks that replace the shards' batches must give the model input dims")
-        datasets, dims, epoch_batches = {}, hooks.dims, None
+        feed, dims = None, hooks.dims
     else:
         if tc.shards is None:
             raise ConfigError(
                 "train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)"
             )
-        datasets, dims, epoch_batches = _datasets(cfg, ledger)
+        feed, dims = _feed(cfg, ledger, verbose)
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "dims": dims,
         "run_url": run_url(cfg, name),
-        "epoch_batches": epoch_batches,
+        "feed": feed,
         "hooks": hooks,
         "verbose": verbose,
     }
-    for ds in datasets.values():  # each epoch executes in a split coordinator, under a copy of ds.context
-        ray_data_progress(ds.context, verbose)
     storage_path, storage_filesystem = storage_target(run_url(cfg, name).rsplit("/", 1)[0], tc.storage)
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
@@ -219,7 +223,6 @@ def build_trainer(
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level=train_log_level(verbose)),
         ),
-        datasets=datasets,
     )
 
 
@@ -239,14 +242,17 @@ def pretrain(
 
     from jepa_ray.stream.pipeline import new_ledger
 
-    ledger = new_ledger(cfg.pipeline.max_bad_samples)
+    ledger, feed = new_ledger(cfg.pipeline.max_bad_samples), None
     try:
         trainer = build_trainer(
             cfg, name=name, hooks=hooks, callbacks=callbacks, verbose=verbose, ledger=ledger
         )
+        feed = trainer.train_loop_config["feed"]
         result = trainer.fit()
     finally:
-        ray.kill(ledger)
+        for actor in (ledger, feed):
+            if actor is not None:
+                ray.kill(actor)
     ckpt = result.checkpoint
     return RunInfo(
         name=trainer.run_config.name,

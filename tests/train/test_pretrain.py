@@ -111,10 +111,32 @@ def test_zero2_and_zero3_train_checkpoint_and_report(stage, small_shards, tmp_pa
     assert len(ckpts) == 2  # steps 3 and 6, keep_checkpoints=2
     state = json.loads((ckpts[-1] / STATE_FILE).read_text())
     assert state["step"] == 6 and state["zero_stage"] == stage
+    # the data sequence went on where the step-3 checkpoint left it (a restarted pass over the
+    # interrupted epoch would end elsewhere): after 6 steps x 2 ranks x 4 samples
+    assert state["samples"] == 48 and state["cursor"] == _cursor_after(small_shards, 48)
     assert (ckpts[-1] / TARGET_FILE).exists() and any((ckpts[-1] / "engine").iterdir())
     assert (Path(info.run_url) / "metrics" / "loss.png").stat().st_size > 1000
     assert any((Path(info.run_url) / "metrics" / "tensorboard").iterdir())
     assert _live_ledgers(at_most=ledgers) <= ledgers  # the run's skip ledger stops with it
+
+
+def _cursor_after(shards, rows: int) -> list[int]:
+    """(epoch, unit, row) of the training sequence after its first `rows` (> 0) samples, none
+    damaged: as a checkpoint records it, just after its last sample (row = the unit's size when
+    that sample ends its unit)."""
+    from jepa_ray.stream.feed import Order
+
+    split = open_split(str(shards), "train")
+    order = Order(split, seed=0, shuffle_buffer=0, train=True)
+    counts = dict(zip(order.names, order.counts, strict=True))
+    epoch = 0
+    while True:
+        for unit, names in enumerate(order.units(epoch)):
+            size = sum(counts[n] for n in names)
+            if rows <= size:
+                return [epoch, unit, rows]
+            rows -= size
+        epoch += 1
 
 
 def _live_ledgers(at_most: int | None = None, wait_s: float = 10.0) -> int:
