@@ -37,7 +37,9 @@ def zero_buckets(params: int, width: int) -> dict[str, int]:
     (at least 64k elements, at most the default), so it costs ~1/16 of a gradient copy, and only
     vectors (biases, norms: under 10 x width elements) stay whole on every rank.
     """
-    bucket = int(min(BUCKET_NUMEL, max(params // 16, 65_536)))
+    # a multiple of 256: DeepSpeed asserts the all-gather bucket is aligned (2 elements on gloo, more
+    # with NCCL), and a sixteenth of an arbitrary parameter count is not
+    bucket = int(min(BUCKET_NUMEL, max(params // 16, 65_536))) // 256 * 256
     return {
         "reduce_bucket_size": bucket,
         "allgather_bucket_size": bucket,
