@@ -556,7 +556,12 @@ class TrainConfig(_Strict):
     storage_path: str = Field(
         "./runs", description="Where runs (checkpoints, metrics, plots) are kept: a directory or s3://..."
     )
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process per GPU, or per CPU slot).")
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="Ray Train workers (one process per GPU, or per CPU slot); [min, max]: elastic, the "
+        "run starts with as many as the cluster holds (at least min), shrinks when a node goes and grows "
+        "when one joins, resuming from the last checkpoint each time.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 then.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker.")
     zero_stage: Literal[0, 1, 2, 3] = Field(
@@ -575,6 +580,16 @@ class TrainConfig(_Strict):
     )
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    global_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Samples per optimizer step over all workers; set, it replaces grad_accum, which "
+        "becomes global_batch / (pipeline.batch_size x workers) at whatever number of workers the run "
+        "has (it must divide for every number of workers num_workers allows).",
+    )
+    resize_check_s: float = Field(
+        60.0, gt=0, description="Elastic runs: seconds between checks of the cluster for a new size."
+    )
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (and one at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest).")
@@ -582,6 +597,32 @@ class TrainConfig(_Strict):
         1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
     )
     val_batches: int = Field(2, ge=0, description="Validation batches per report (fixed masks; 0: none).")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (v, v) if isinstance(v, int) else v
+        if not 1 <= low <= high:
+            raise ValueError("need a number of workers >= 1, or [min, max] with 1 <= min <= max")
+        return v if isinstance(v, int) or low < high else low
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    def accumulation(self, micro_batch: int, world: int) -> int:
+        """Micro-batches per optimizer step at `world` workers: grad_accum, or what keeps global_batch."""
+        if self.global_batch is None:
+            return self.grad_accum
+        return self.global_batch // (micro_batch * world)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -761,6 +802,19 @@ class Config(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     ray_address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> Config:
+        tc, b = self.train, self.pipeline.batch_size
+        if tc.global_batch is not None:
+            bad = [w for w in range(tc.min_workers, tc.max_workers + 1) if tc.global_batch % (b * w)]
+            if bad:
+                raise ValueError(
+                    f"train.global_batch={tc.global_batch} is not a multiple of pipeline.batch_size={b} x "
+                    f"{bad[0]} worker(s) (train.num_workers={tc.num_workers}): choose a global batch every "
+                    "allowed number of workers divides"
+                )
+        return self
 
     @model_validator(mode="after")
     def _default_tune_objective(self) -> Config:

@@ -108,3 +108,30 @@ def test_run_and_sweep_names_are_plain_directory_names():
         run_name(cfg, "../up")
     with pytest.raises(ConfigError, match=r"tune.name 'a b': use letters"):
         sweep_name(load_config(overrides=["tune.name=a b"]))
+
+
+def test_workers_elastic_range_and_global_batch():
+    """num_workers is a count or [min, max]; global_batch fixes the samples of a step, and the
+    accumulation follows the number of workers the run has."""
+    fixed = load_config(overrides=["train.num_workers=4"]).train
+    assert (fixed.min_workers, fixed.max_workers, fixed.elastic) == (4, 4, False)
+    elastic = load_config(overrides=["train.num_workers=[1, 4]"]).train
+    assert (elastic.min_workers, elastic.max_workers, elastic.elastic) == (1, 4, True)
+    assert load_config(overrides=["train.num_workers=[2, 2]"]).train.num_workers == 2
+    for bad in ("[2, 1]", "[0, 2]", "0"):
+        with pytest.raises(ConfigError, match=r"train\.num_workers: .*min <= max"):
+            load_config(overrides=[f"train.num_workers={bad}"])
+
+    cfg = load_config(
+        overrides=[
+            "train.num_workers=[1, 4]",
+            "pipeline.batch_size=8",
+            "train.global_batch=96",
+            "train.grad_accum=5",
+        ]
+    )
+    b = cfg.pipeline.batch_size
+    assert [cfg.train.accumulation(b, w) for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    assert load_config().train.accumulation(b, 3) == 1  # no global_batch: train.grad_accum
+    with pytest.raises(ConfigError, match=r"global_batch=64 is not a multiple of pipeline\.batch_size=8 x 3"):
+        load_config(overrides=["train.num_workers=[2, 4]", "pipeline.batch_size=8", "train.global_batch=64"])

@@ -351,12 +351,15 @@ def lookahead_rows(cfg: PipelineConfig, world: int) -> int:
 
 def new_feed(train: ShardSet, val: ShardSet | None, cfg: PipelineConfig, ledger: Any, cpus: float | None,
              verbose: bool = False, max_workers: int = 1):  # fmt: skip
-    """A `Feed` actor (no CPU) for a run; it lives as long as the process that makes it."""
+    """A `Feed` actor (no CPU) for a run, on this process's node (`here`); it lives as long as
+    the process that makes it."""
     import ray
+
+    from jepa_ray.stream.pipeline import here
 
     return (
         ray.remote(Feed)
-        .options(num_cpus=0, max_concurrency=2 * max_workers + 4)
+        .options(num_cpus=0, max_concurrency=2 * max_workers + 4, scheduling_strategy=here())
         .remote(train, val, cfg, ledger, cpus, verbose)
     )
 

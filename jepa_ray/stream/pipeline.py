@@ -84,13 +84,22 @@ def open_split(url: str, split: str, storage: StorageConfig | None = None) -> Sh
     )
 
 
+def here():
+    """A scheduling strategy for an actor that must live on this process's node: a run's ledger
+    and data feed, which must survive the loss of any node but the one that drives the run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def new_ledger(limit: int):
-    """A `SkipLedger` actor (no CPU) counting the samples skipped per epoch."""
+    """A `SkipLedger` actor (no CPU, on this node: `here`) counting the samples skipped per epoch."""
     import ray
 
     from jepa_ray.stream.reader import SkipLedger
 
-    return ray.remote(num_cpus=0)(SkipLedger).remote(limit)
+    return ray.remote(num_cpus=0)(SkipLedger).options(scheduling_strategy=here()).remote(limit)
 
 
 def _transform(batch, spec, cfg, train, ledger):

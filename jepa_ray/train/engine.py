@@ -21,6 +21,7 @@ from jepa_ray.config import TrainConfig
 from jepa_ray.model.jepa import ema_
 
 ENGINE_TAG = "engine"  # the tag of the DeepSpeed checkpoint inside each of our checkpoint directories
+UNIVERSAL_TAG = "universal"  # the tag of its universal conversion, made to resume at another world size
 TARGET_FILE = "target.safetensors"  # the EMA target: tensors only, nothing to unpickle
 LEGACY_TARGET_FILE = "target.pt"  # written by jepa-ray 0.1.0 before; still read (restricted unpickler)
 STATE_FILE = "state.json"
@@ -49,10 +50,11 @@ def zero_buckets(params: int, width: int) -> dict[str, int]:
 
 
 def deepspeed_config(
-    tc: TrainConfig, micro_batch: int, bf16: bool, params: int, width: int
+    tc: TrainConfig, micro_batch: int, bf16: bool, params: int, width: int, accum: int | None = None
 ) -> dict[str, Any]:
-    """The DeepSpeed config for a run: ZeRO stage, precision, clipping, accumulation, AdamW, offload;
-    `params` (the student's parameter count) and `width` (the encoder's) size the ZeRO buckets.
+    """The DeepSpeed config for a run: ZeRO stage, precision, clipping, accumulation (`accum`
+    micro-batches a step, default train.grad_accum), AdamW, offload; `params` (the student's
+    parameter count) and `width` (the encoder's) size the ZeRO buckets.
 
     The learning rate and weight decay are set by `apply_schedule` every step (warm-up + cosine,
     cosine weight decay), so no DeepSpeed scheduler is configured.
@@ -66,7 +68,7 @@ def deepspeed_config(
         zero["offload_param"] = {"device": "cpu", "pin_memory": tc.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": tc.grad_accum,
+        "gradient_accumulation_steps": accum or tc.grad_accum,
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
@@ -159,17 +161,61 @@ def read_target(directory: Path) -> dict[str, torch.Tensor]:
     return torch.load(directory / LEGACY_TARGET_FILE, map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path) -> dict:
+def to_universal(directory: Path, out: Path) -> Path:
+    """DeepSpeed's universal checkpoint (each parameter and its optimizer state whole, in files of
+    their own) made from the ZeRO checkpoint in `directory`, under `out`/UNIVERSAL_TAG; it loads at
+    any world size. Its files are read by the restricted unpickler, one process, quietly."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    from jepa_ray.train.checkpoints import safe_loading
+
+    args = argparse.Namespace(
+        input_folder=str(directory / ENGINE_TAG),
+        output_folder=str(out / UNIVERSAL_TAG),
+        num_extract_workers=1,  # no child processes: they would not read through safe_loading
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # the version record a Megatron client would add; none is needed here
+    )
+    with safe_loading(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(args)
+    return out / UNIVERSAL_TAG
+
+
+def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path, world: int | None = None) -> dict:
     """Restore the engine (weights, optimizer, DeepSpeed counters) and the target; return the state.
     Every file is verified against its digest first, and read by the restricted unpickler
-    (checkpoints.safe_loading): CheckpointError names a file that fails either."""
+    (checkpoints.safe_loading): CheckpointError names a file that fails either. A ZeRO-1/2/3
+    checkpoint written at another world size than `world` (its ranks' partitions do not fit this
+    one's) is converted to DeepSpeed's universal checkpoint first, which loads at any world size."""
+    import tempfile
+
     from jepa_ray.errors import CheckpointError
     from jepa_ray.train.checkpoints import load_error, safe_loading, verify
 
     verify(directory)
+    state = json.loads((directory / STATE_FILE).read_text())
+    reshard = (
+        world is not None and state.get("zero_stage", 0) >= 1 and state.get("world_size", world) != world
+    )
     try:
+        with tempfile.TemporaryDirectory(prefix="jepa-universal-") as tmp:
+            if reshard:
+                to_universal(directory, Path(tmp))
+                engine._config.load_universal_checkpoint = True
+            try:
+                with safe_loading():
+                    path, _ = engine.load_checkpoint(
+                        tmp if reshard else str(directory), tag=UNIVERSAL_TAG if reshard else ENGINE_TAG
+                    )
+            finally:
+                engine._config.load_universal_checkpoint = False
         with safe_loading():
-            path, _ = engine.load_checkpoint(str(directory), tag=ENGINE_TAG)
             weights = read_target(directory)
     except CheckpointError:
         raise
@@ -180,4 +226,4 @@ def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path) -> di
             f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}"
         )
     target.load_state_dict(weights)
-    return json.loads((directory / STATE_FILE).read_text())
+    return state

@@ -193,7 +193,7 @@ def _older_checkpoints(ckpt: Any) -> list:
     return [ray.train.Checkpoint(p, filesystem=ckpt.filesystem) for p in older]
 
 
-def _restore(engine: Any, target: torch.nn.Module, restored: Any) -> tuple[dict, dict]:
+def _restore(engine: Any, target: torch.nn.Module, restored: Any, world: int) -> tuple[dict, dict]:
     """Load the newest checkpoint that verifies: the one Ray Train restored, else the run's older
     ones, newest first, each skipped with a warning naming its bad file. Returns its state and
     {"checkpoint", "step", "skipped"} (recorded in later checkpoints' state as resumed_from)."""
@@ -203,7 +203,7 @@ def _restore(engine: Any, target: torch.nn.Module, restored: Any) -> tuple[dict,
     for ckpt in [restored, *_older_checkpoints(restored)]:
         try:
             with ckpt.as_directory() as d:
-                state = load_checkpoint(engine, target, Path(d))
+                state = load_checkpoint(engine, target, Path(d), world)
         except CheckpointError as e:
             log.warning("checkpoint %s cannot be used, trying an older one: %s", ckpt.path, e)
             problems.append(str(e))
@@ -292,13 +292,14 @@ def set_up(loop_config: dict[str, Any]) -> Worker:
     torch.manual_seed(pc.seed)  # the same initial weights on every rank
     model = JEPA(loop_config["dims"], cfg.model)
     student = model.student
+    accum = tc.accumulation(pc.batch_size, world)
     if not tc.use_gpu:
         _skip_cpu_shm_op()
     engine, _, _, _ = deepspeed.initialize(
         model=student,
         model_parameters=param_groups(student),
         config=deepspeed_config(
-            tc, pc.batch_size, bf16, sum(p.numel() for p in student.parameters()), model.width
+            tc, pc.batch_size, bf16, sum(p.numel() for p in student.parameters()), model.width, accum
         ),
     )
     model.target.to(device)
@@ -324,7 +325,7 @@ def set_up(loop_config: dict[str, Any]) -> Worker:
     )
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        state, w.resumed_from = _restore(engine, model.target, restored)
+        state, w.resumed_from = _restore(engine, model.target, restored, world)
         w.position = _resumed_position(state, cfg)
         p = w.position
         log.info("rank %d: resumed at step %d (epoch %d, sequence at %s)", rank, p.step, p.epoch, p.cursor)
@@ -374,7 +375,7 @@ def _feed_batches(w: Worker, feed: Any) -> Iterator[dict]:
     tc, pc, pos = w.cfg.train, w.cfg.pipeline, w.position
     gen = 0
     if w.rank == 0:
-        rows = (tc.steps - pos.step) * tc.grad_accum * pc.batch_size * w.world
+        rows = (tc.steps - pos.step) * tc.accumulation(pc.batch_size, w.world) * pc.batch_size * w.world
         start = pos.cursor or (0, 0, 0)
         gen = ray.get(feed.start.remote(start, w.world, rows, lookahead_rows(pc, w.world)))
     gen = int(_all_reduce([gen], w.device)[0])

@@ -74,8 +74,8 @@ def check_resources(
     tc = cfg.train
     have = ray.cluster_resources()
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    need = tc.num_workers * tc.cpus_per_worker + (beside[1] if beside else 0.0)
-    what = f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker}"
+    need = tc.min_workers * tc.cpus_per_worker + (beside[1] if beside else 0.0)
+    what = f"train.num_workers={tc.min_workers} x train.cpus_per_worker={tc.cpus_per_worker}"
     if beside:
         what += f" + {beside[1]:g} for {beside[0]}"
     if need > cpus:
@@ -86,9 +86,9 @@ def check_resources(
             "whole CPU a data pipeline task needs, so training would wait for data forever: lower "
             "train.cpus_per_worker (fractions are fine) or add CPUs"
         )
-    if tc.use_gpu and tc.num_workers > gpus:
+    if tc.use_gpu and tc.min_workers > gpus:
         raise ConfigError(
-            f"train.num_workers={tc.num_workers} with use_gpu needs as many GPUs; the cluster has {gpus:g}"
+            f"train.num_workers={tc.min_workers} with use_gpu needs as many GPUs; the cluster has {gpus:g}"
         )
     if free_wait_s is not None and cfg.train.shards is not None:
         _wait_for_free_cpus(need + 1, what, free_wait_s)
@@ -138,14 +138,14 @@ def _feed(cfg: Config, ledger: Any = None, verbose: bool = False) -> tuple[Any, 
             val = open_split(tc.shards, "val", tc.storage)
         except ShardError as e:
             log.warning("no validation split (%s): validation metrics are off", e)
-    if train.samples < cfg.pipeline.batch_size * tc.num_workers:
+    if train.samples < cfg.pipeline.batch_size * tc.max_workers:
         raise ConfigError(
-            f"{tc.shards}: {train.samples} training samples over {tc.num_workers} workers is less than one "
+            f"{tc.shards}: {train.samples} training samples over {tc.max_workers} workers is less than one "
             f"batch of pipeline.batch_size={cfg.pipeline.batch_size} per worker"
         )
     ledger = ledger if ledger is not None else new_ledger(cfg.pipeline.max_bad_samples)
-    cpus = max(ray.cluster_resources().get("CPU", 1.0) - tc.num_workers * tc.cpus_per_worker, 1.0)
-    feed = new_feed(train, val, cfg.pipeline, ledger, cpus, verbose, tc.num_workers)
+    cpus = max(ray.cluster_resources().get("CPU", 1.0) - tc.min_workers * tc.cpus_per_worker, 1.0)
+    feed = new_feed(train, val, cfg.pipeline, ledger, cpus, verbose, tc.max_workers)
     return feed, train.spec.model_dims(cfg.pipeline)
 
 
@@ -212,7 +212,10 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+            num_workers=tuple(tc.num_workers) if tc.elastic else tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker=resources,
+            **({"elastic_resize_monitor_interval_s": tc.resize_check_s} if tc.elastic else {}),
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -73,13 +73,13 @@ def check_objective(cfg: Config, objective: str, val_samples: int) -> None:
 
     tc = cfg.tune
     if objective in ("lidar", "lidar_context"):
-        have = min(tc.eval_batches * cfg.pipeline.batch_size, val_samples // cfg.train.num_workers)
+        have = min(tc.eval_batches * cfg.pipeline.batch_size, val_samples // cfg.train.max_workers)
         if have < MIN_CLASSES:
             raise ConfigError(
                 f"tune.objective={objective}: LiDAR needs at least {MIN_CLASSES} validation samples on the "
                 f"first worker, it would see {have} (tune.eval_batches={tc.eval_batches} x "
                 f"pipeline.batch_size={cfg.pipeline.batch_size}, {val_samples} in the split over "
-                f"{cfg.train.num_workers} worker(s)): raise tune.eval_batches or the validation split"
+                f"{cfg.train.max_workers} worker(s)): raise tune.eval_batches or the validation split"
             )
     if objective in STUDENT and cfg.train.zero_stage == 3:
         raise ConfigError(
@@ -117,9 +117,9 @@ def concurrency(cfg: Config) -> int:
         return cfg.tune.max_concurrent_trials
     have = ray.cluster_resources()
     tc = cfg.train
-    n = int(max(have.get("CPU", 0.0) - 1, 0) // (tc.num_workers * tc.cpus_per_worker + DRIVER_CPU))
+    n = int(max(have.get("CPU", 0.0) - 1, 0) // (tc.max_workers * tc.cpus_per_worker + DRIVER_CPU))
     if tc.use_gpu:
-        n = min(n, int(have.get("GPU", 0.0) // tc.num_workers))
+        n = min(n, int(have.get("GPU", 0.0) // tc.max_workers))
     return max(n, 1)
 
 

@@ -120,6 +120,37 @@ def test_zero2_and_zero3_train_checkpoint_and_report(stage, small_shards, tmp_pa
     assert _live_ledgers(at_most=ledgers) <= ledgers  # the run's skip ledger stops with it
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_zero_checkpoint_of_two_workers_resumes_on_one(stage, small_shards, tmp_path, ray_session):
+    """A ZeRO-2/3 run checkpointed by 2 workers is resumed by 1 (its partitions converted to
+    DeepSpeed's universal checkpoint): the student's weights come back whole (a near-zero LR keeps
+    them, so they must equal the checkpoint's), the run ends at exactly train.steps, and the data
+    sequence goes on where the 2 workers left it."""
+    from jepa_ray.train.export import student_state_dict
+
+    two = _cfg(small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=3")
+    pretrain(two, name=f"reshard{stage}")
+    before = _checkpoints(str(tmp_path / "runs" / f"reshard{stage}"))[-1]
+    assert json.loads((before / STATE_FILE).read_text())["world_size"] == 2
+    weights = student_state_dict(before)
+
+    one = _cfg(
+        small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=5", "train.num_workers=1",
+        "train.lr=1e-12", "train.final_lr=0",
+    )  # fmt: skip
+    info = pretrain(one, name=f"reshard{stage}")
+    assert info.metrics["step"] == 5 and np.isfinite(info.metrics["loss"])
+    after = _checkpoints(info.run_url)[-1]
+    state = json.loads((after / STATE_FILE).read_text())
+    assert state["world_size"] == 1 and state["resumed_from"]["step"] == 3
+    assert state["samples"] == 3 * 2 * 4 + 2 * 1 * 4
+    assert state["cursor"] == _cursor_after(small_shards, state["samples"])
+    resumed = student_state_dict(after)
+    assert resumed.keys() == weights.keys()
+    for name, w in weights.items():
+        torch.testing.assert_close(resumed[name], w, rtol=1e-6, atol=1e-8)
+
+
 def _cursor_after(shards, rows: int) -> list[int]:
     """(epoch, unit, row) of the training sequence after its first `rows` (> 0) samples, none
     damaged: as a checkpoint records it, just after its last sample (row = the unit's size when
