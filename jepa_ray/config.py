@@ -564,6 +564,12 @@ class TrainConfig(_Strict):
     )
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 then.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker.")
+    worker_resources: dict[str, float] = Field(
+        {},
+        description="Other Ray resources each worker needs, e.g. {trainer: 1} with nodes started as "
+        "`ray start --resources='{\"trainer\": 1}'`: keeps workers to those nodes, so that an elastic "
+        "or restarted group never takes the CPUs the data pipeline runs on.",
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2,
         description="DeepSpeed ZeRO stage: 0 data parallel, 1 optimizer state, 2 + gradients, 3 + parameters.",

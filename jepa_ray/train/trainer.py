@@ -86,6 +86,12 @@ def check_resources(
             "whole CPU a data pipeline task needs, so training would wait for data forever: lower "
             "train.cpus_per_worker (fractions are fine) or add CPUs"
         )
+    for resource, amount in tc.worker_resources.items():
+        if tc.min_workers * amount > have.get(resource, 0.0):
+            raise ConfigError(
+                f"train.worker_resources: {tc.min_workers} workers x {amount:g} {resource!r} needs "
+                f"{tc.min_workers * amount:g}; the Ray cluster has {have.get(resource, 0.0):g}"
+            )
     if tc.use_gpu and tc.min_workers > gpus:
         raise ConfigError(
             f"train.num_workers={tc.min_workers} with use_gpu needs as many GPUs; the cluster has {gpus:g}"
@@ -205,7 +211,7 @@ def build_trainer(
         "verbose": verbose,
     }
     storage_path, storage_filesystem = storage_target(run_url(cfg, name).rsplit("/", 1)[0], tc.storage)
-    resources = {"CPU": tc.cpus_per_worker}
+    resources = {"CPU": tc.cpus_per_worker, **tc.worker_resources}
     if tc.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(

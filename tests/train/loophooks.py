@@ -65,3 +65,14 @@ class KillWorker(Hooks):
             # (every 2 s): let it see the last one, as it would in any run with real step times.
             time.sleep(5)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SlowSteps(Hooks):
+    """Every optimizer step takes at least `seconds` longer: a run lasts long enough for a test to
+    change the cluster under it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def after_step(self, worker: Worker) -> None:
+        time.sleep(self.seconds)

@@ -286,6 +286,7 @@ def test_export_reproduces_the_trained_mae(fixed, small_shards, tmp_path, ray_se
             "takes 2 of the Ray cluster.s 2 CPUs and leaves less than the one whole CPU",
         ),
         (["train.offload_params=true"], "offload_params needs zero_stage 3"),
+        (["train.worker_resources={trainer: 1}"], r"2 workers x 1 'trainer' needs 2; the Ray cluster has 0"),
         (["pipeline.batch_size=64"], "less than one batch"),
     ],
 )
