@@ -636,6 +636,69 @@ def _follow(jobs, sid: str) -> int:
     return 1
 
 
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Measure this cluster with a config: training scaling, the input pipeline."
+)
+app.add_typer(bench_app, name="bench")
+BenchOut = Annotated[Path, typer.Option("--out", help="Directory for the table, JSON and PNG.")]
+
+
+@bench_app.command("train")
+def bench_train(
+    workers: Annotated[str, typer.Option(help="Worker counts to run, comma-separated: 1,2,4,8.")] = "1,2",
+    steps: Annotated[
+        int, typer.Option(help="Optimizer steps per run (the first interval is start-up).")
+    ] = 30,
+    out: BenchOut = Path("bench"),
+    verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Short pretraining runs of the config at each worker count on the current Ray cluster:
+    samples/s, per worker, scaling efficiency, data wait, time per step in each phase, peak memory
+    per rank, MFU on GPUs; writes bench-train.{txt,json,png} to --out."""
+    from jepa_ray.bench import bench_train as run
+    from jepa_ray.bench import parse_workers
+
+    try:
+        cfg = _setup(config, overrides)
+        sizes = parse_workers(workers)
+        init_ray(cfg.ray_address, verbose)
+        logs = _log_to(cfg, out, "bench-train")
+        doc = run(cfg, sizes, steps, out, verbose)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    console.print(doc["table"], highlight=False, markup=False)
+    console.print(
+        f"  written: {out}/bench-train.txt, .json, .png; log: {logs}", highlight=False, soft_wrap=True
+    )
+
+
+@bench_app.command("stream")
+def bench_stream(
+    samples: Annotated[int, typer.Option(help="Samples to read after the first batch.")] = 2000,
+    out: BenchOut = Path("bench"),
+    verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """The training input pipeline alone on the current Ray cluster: samples/s, per CPU, and the
+    share of the decode limit (one process decoding the same samples); writes bench-stream.*."""
+    from jepa_ray.bench import bench_stream as run
+
+    try:
+        cfg = _setup(config, overrides)
+        init_ray(cfg.ray_address, verbose)
+        logs = _log_to(cfg, out, "bench-stream")
+        doc = run(cfg, samples, out, verbose)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    console.print(doc["table"], highlight=False, markup=False)
+    console.print(
+        f"  written: {out}/bench-stream.txt, .json, .png; log: {logs}", highlight=False, soft_wrap=True
+    )
+
+
 salt_app = typer.Typer(no_args_is_help=True, help="The de-identification salt.")
 app.add_typer(salt_app, name="salt")
 

@@ -603,6 +603,12 @@ class TrainConfig(_Strict):
         1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
     )
     val_batches: int = Field(2, ge=0, description="Validation batches per report (fixed masks; 0: none).")
+    time_phases: bool = Field(
+        False,
+        description="On GPUs, wait for the device between the phases of a step so that the reported "
+        "ms_forward / ms_backward / ms_step are true (`jepa-ray bench train` sets it); off, they time "
+        "the launches.",
+    )
 
     @field_validator("num_workers")
     @classmethod

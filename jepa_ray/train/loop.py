@@ -99,13 +99,24 @@ def _val_batches(w: Worker, feed: Any, n: int) -> list[dict]:
 
 
 def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op: str = "sum") -> list[float]:
-    """Sum (or min) a few numbers over the ranks in one collective; as they are on one process."""
+    """Sum (or min, or max) a few numbers over the ranks in one collective; as they are on one process."""
     import torch.distributed as dist
 
     t = torch.as_tensor(values, dtype=torch.float64).to(device)
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+        ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+        dist.all_reduce(t, op=ops[op])
     return t.tolist()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """This rank's peak memory so far: accelerator memory allocated on a GPU, else the process's
+    peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # parts of the loss averaged over the micro-batches that have them: per masking policy, and the
@@ -124,6 +135,8 @@ class _Window:
         # and read once per report: no step waits for the accelerator to hand back a number
         self.sums: torch.Tensor | None = None
         self.wait = self.busy = 0.0
+        self.phases = [0.0, 0.0, 0.0]  # forward (targets + student), backward, DeepSpeed step
+        self.steps = 0
         self.t0 = time.perf_counter()
 
     def add(self, out: dict, samples: int, wait: float, busy: float) -> None:
@@ -138,19 +151,23 @@ class _Window:
         self.busy += busy
 
     def report(self, device: torch.device) -> dict[str, float]:
-        """Rank-averaged loss and data-wait fraction, summed samples/s, per-policy means (one collective)."""
+        """Rank-averaged loss, data-wait fraction and time per optimizer step in each phase (data,
+        forward, backward, step), summed samples/s, per-policy means (one collective)."""
         elapsed = time.perf_counter() - self.t0
         k = len(_WINDOW_PARTS)
         local = self.sums.cpu().tolist() if self.sums is not None else [0.0] * (3 + 2 * k)
         mean_loss = local[0] / max(local[1], 1)
         wait = self.wait / max(self.wait + self.busy, 1e-9)
-        sums = _all_reduce([*local, mean_loss, wait, 1.0], device)
+        per_step = [t / max(self.steps, 1) for t in (self.wait, *self.phases)]
+        sums = _all_reduce([*local, *per_step, mean_loss, wait, 1.0], device)
         world = sums[-1]
         out = {
             "loss": sums[-3] / world,
             "samples_per_s": sums[2] / max(elapsed, 1e-9),
             "data_wait": sums[-2] / world,
         }
+        for name, total in zip(("ms_data", "ms_forward", "ms_backward", "ms_step"), sums[-7:-3], strict=True):
+            out[name] = 1000 * total / world
         for i, name in enumerate(_WINDOW_PARTS):
             if sums[3 + k + i]:
                 out[name] = sums[3 + i] / sums[3 + k + i]
@@ -382,6 +399,22 @@ def _feed_batches(w: Worker, feed: Any) -> Iterator[dict]:
     return FeedStream(feed, gen, w.rank, pc.prefetch_batches)
 
 
+class _PhaseClock:
+    """Seconds between laps; with a CUDA `device`, each lap waits for the device first (what
+    train.time_phases asks for: true phase times, at the cost of the overlap a queue gives)."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.sync = device is not None and device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.t = now - self.t, now
+        return elapsed
+
+
 def train_step(w: Worker, batch: dict) -> tuple[dict, bool]:
     """One micro-batch: schedules (at an accumulation boundary), target latents, student loss,
     backward, DeepSpeed step, and at a boundary the EMA update. Returns the model's outputs and
@@ -389,11 +422,19 @@ def train_step(w: Worker, batch: dict) -> tuple[dict, bool]:
     pos, engine = w.position, w.engine
     if engine.is_gradient_accumulation_boundary():
         apply_schedule(engine.optimizer, w.schedule.lr_at(pos.step), w.schedule.weight_decay_at(pos.step))
+    clock = _PhaseClock(w.device if w.cfg.train.time_phases else None)
     batch = to_device(batch, w.device)
     out = engine(batch, *w.model.targets(batch))
+    forward = clock.lap()
     engine.backward(out["loss"])
+    backward = clock.lap()
     boundary = engine.is_gradient_accumulation_boundary()
     engine.step()
+    phases = w.window.phases
+    phases[0] += forward
+    phases[1] += backward
+    phases[2] += clock.lap()
+    w.window.steps += boundary
     pos.in_epoch += 1
     pos.samples += len(batch["key"]) * w.world
     if boundary:
@@ -433,6 +474,7 @@ def report(w: Worker, with_checkpoint: bool) -> None:
 
     pos, tc, s = w.position, w.cfg.train, w.schedule
     metrics = {"step": pos.step, "epoch": pos.epoch, "samples": pos.samples, **w.window.report(w.device)}
+    metrics["peak_mem_mb"] = _all_reduce([_peak_memory_mb(w.device)], w.device, op="max")[0]
     metrics.update(lr=s.lr_at(pos.step - 1), weight_decay=s.weight_decay_at(pos.step - 1))
     metrics.update(momentum=s.momentum_at(pos.step - 1))
     metrics.update(_validate(w.model, w.engine.module, w.val[: tc.val_batches], w.device, w.rank))

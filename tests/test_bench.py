@@ -1,0 +1,80 @@
+"""`jepa-ray bench train|stream` on the shared local Ray (2 CPUs): 1 and 2 workers, tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from jepa_ray.bench import PHASES, parse_workers
+from jepa_ray.cli import app
+from jepa_ray.errors import ConfigError
+
+SMALL = [
+    "pipeline.image_size=32",
+    "pipeline.patch_size=8",
+    "pipeline.max_events=12",
+    "pipeline.batch_size=4",
+    "model.width=64",
+    "model.depth=2",
+    "model.heads=2",
+    "train.cpus_per_worker=0.5",
+]
+
+
+def test_bench_train_on_1_and_2_workers_writes_its_table_json_and_plot(small_shards, tmp_path, ray_session):
+    out = tmp_path / "bench"
+    args = ["bench", "train", "--workers", "2,1", "--steps", "6", "--out", str(out)]
+    r = CliRunner().invoke(
+        app, [*args, f"train.shards={small_shards}", f"train.storage_path={tmp_path / 'runs'}", *SMALL]
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "bench-train.json").read_text())
+    rows = doc["rows"]
+    assert [row["workers"] for row in rows] == [1, 2]  # sorted, the smallest is the baseline
+    assert rows[0]["scaling_efficiency"] == 1.0
+    for row in rows:
+        assert row["samples_per_s"] > 0
+        assert row["samples_per_s_per_worker"] == pytest.approx(row["samples_per_s"] / row["workers"])
+        assert row["scaling_efficiency"] == pytest.approx(
+            row["samples_per_s_per_worker"] / rows[0]["samples_per_s_per_worker"]
+        )
+        assert 0 <= row["data_wait"] < 1
+        assert all(row[k] is not None and row[k] >= 0 for k in PHASES) and row["ms_forward"] > 0
+        assert row["peak_mem_mb_per_rank"] > 100  # a worker process with torch and DeepSpeed loaded
+        assert row["mfu"] is None  # no GPU
+    assert doc["flops_per_sample"] > 0
+    table = (out / "bench-train.txt").read_text()
+    assert table.splitlines()[0].split()[:3] == ["workers", "samples/s", "/worker"]
+    assert len(table.splitlines()) == 3 and table in r.output
+    assert (out / "bench-train.png").stat().st_size > 5000
+    assert (out / "jepa-ray.log").exists()
+
+
+def test_bench_stream_reports_the_pipeline_against_the_decode_limit(small_shards, tmp_path, ray_session):
+    out = tmp_path / "bench"
+    r = CliRunner().invoke(
+        app, ["bench", "stream", "--samples", "64", "--out", str(out), f"train.shards={small_shards}", *SMALL]
+    )
+    assert r.exit_code == 0, r.output
+    row = json.loads((out / "bench-stream.json").read_text())["rows"][0]
+    assert row["samples"] >= 64 and row["samples_per_s"] > 0 and row["cpus"] == 2
+    assert row["samples_per_s_per_cpu"] == pytest.approx(row["samples_per_s"] / 2)
+    assert row["decode_limit_per_cpu"] > 0
+    assert row["of_decode_limit"] == pytest.approx(row["samples_per_s_per_cpu"] / row["decode_limit_per_cpu"])
+    assert (out / "bench-stream.png").stat().st_size > 5000
+
+
+def test_bench_refuses_what_cannot_run_before_any_run(small_shards, tmp_path, ray_session):
+    assert parse_workers("4, 1,2,2") == [1, 2, 4]
+    for bad in ("", "a,b", "0,1"):
+        with pytest.raises(ConfigError, match="--workers"):
+            parse_workers(bad)
+    r = CliRunner().invoke(
+        app,
+        ["bench", "train", "--workers", "1,8", "--out", str(tmp_path / "b"), f"train.shards={small_shards}",
+         f"train.storage_path={tmp_path / 'runs'}", *SMALL],
+    )  # fmt: skip
+    assert r.exit_code != 0 and "needs 4 CPUs; the Ray cluster has 2" in r.output
+    assert not (tmp_path / "runs").exists()  # not even the 1-worker run started
