@@ -99,11 +99,20 @@ def bench_train(cfg: Config, workers: list[int], steps: int, out: Path, verbose:
     runs = []
     for size in workers:
         c = cfg.model_copy(deep=True)
-        tc = c.train
-        tc.num_workers, tc.steps, tc.global_batch = size, steps, None
-        tc.warmup_steps = min(tc.warmup_steps, steps // 2)
-        tc.log_every = max(1, steps // 6)
-        tc.checkpoint_every, tc.val_batches, tc.max_failures, tc.time_phases = steps, 0, 0, True
+        c.train = type(cfg.train).model_validate(
+            {
+                **cfg.train.model_dump(),
+                "num_workers": size,
+                "steps": steps,
+                "global_batch": None,
+                "warmup_steps": min(cfg.train.warmup_steps, steps // 2),
+                "log_every": max(1, steps // 6),
+                "checkpoint_every": steps,
+                "val_batches": 0,
+                "max_failures": 0,
+                "time_phases": True,
+            }
+        )
         check_resources(c)  # before any run: a size the cluster cannot hold is named, not waited on
         runs.append((size, c, f"bench-{stamp}-w{size}"))
     dims = open_split(cfg.train.shards, "train", cfg.train.storage).spec.model_dims(cfg.pipeline)

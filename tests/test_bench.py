@@ -47,7 +47,7 @@ def test_bench_train_on_1_and_2_workers_writes_its_table_json_and_plot(small_sha
     assert doc["flops_per_sample"] > 0
     table = (out / "bench-train.txt").read_text()
     assert table.splitlines()[0].split()[:3] == ["workers", "samples/s", "/worker"]
-    assert len(table.splitlines()) == 3 and table in r.output
+    assert len(table.splitlines()) == 3
     assert (out / "bench-train.png").stat().st_size > 5000
     assert (out / "jepa-ray.log").exists()
 

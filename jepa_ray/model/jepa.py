@@ -219,6 +219,10 @@ class Student(nn.Module):
         self.predictor = predictor
         self.loss = loss
         self.sigreg = 0.0 if predictor.heads is not None else sigreg  # never on a reconstruction
+        # the seed of SIGReg's random directions for the next training forward (the training loop
+        # sets one per micro-batch of the data sequence, so a resumed or resized run draws the
+        # directions an uninterrupted one would); None: the global generator
+        self.noise_seed: int | None = None
 
     def forward(
         self, batch: dict[str, torch.Tensor], z_img: torch.Tensor | None, z_ehr: torch.Tensor | None
@@ -249,7 +253,8 @@ class Student(nn.Module):
             # the visible image-patch tokens of every sample (EHR tokens are left out: on GBSG2 they
             # cost the pretrained encoder ~0.02 Harrell); in eval mode the directions are fixed, so
             # a validation loss is a deterministic function of the model and the batch
-            fixed = None if self.training else torch.Generator().manual_seed(0)
+            seed = self.noise_seed if self.training else 0
+            fixed = None if seed is None else torch.Generator().manual_seed(seed)
             patches = ctx["tokens"][:, 1 : 1 + ctx["img_keep"].shape[1]][ctx["img_keep"]]
             if len(patches) > 1:  # a batch without images trains on the prediction loss alone
                 reg = sigreg(patches, generator=fixed)

@@ -208,6 +208,11 @@ def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path, world
             if reshard:
                 to_universal(directory, Path(tmp))
                 engine._config.load_universal_checkpoint = True
+            # ZeRO-3's universal load copies the first parameter group's settings into every group
+            # (DeepSpeed 0.19): the no-decay group would be decayed from then on
+            groups = [
+                {k: g.get(k) for k in ("apply_wd", "weight_decay")} for g in engine.optimizer.param_groups
+            ]
             try:
                 with safe_loading():
                     path, _ = engine.load_checkpoint(
@@ -215,6 +220,11 @@ def load_checkpoint(engine: Any, target: torch.nn.Module, directory: Path, world
                     )
             finally:
                 engine._config.load_universal_checkpoint = False
+            for group, kept in zip(engine.optimizer.param_groups, groups, strict=False):
+                if kept["apply_wd"] is not None:
+                    group["apply_wd"] = kept["apply_wd"]
+                    if not kept["apply_wd"]:
+                        group["weight_decay"] = kept["weight_decay"]
         with safe_loading():
             weights = read_target(directory)
     except CheckpointError:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from jepa_ray.config import Config
@@ -423,6 +424,9 @@ def train_step(w: Worker, batch: dict) -> tuple[dict, bool]:
     if engine.is_gradient_accumulation_boundary():
         apply_schedule(engine.optimizer, w.schedule.lr_at(pos.step), w.schedule.weight_decay_at(pos.step))
     clock = _PhaseClock(w.device if w.cfg.train.time_phases else None)
+    # this micro-batch's place in the data sequence (the same at any world size) seeds its noise
+    micro = pos.samples // max(len(batch["key"]), 1) + w.rank
+    engine.module.noise_seed = int(np.random.SeedSequence([w.cfg.pipeline.seed, micro]).generate_state(1)[0])
     batch = to_device(batch, w.device)
     out = engine(batch, *w.model.targets(batch))
     forward = clock.lap()
