@@ -211,26 +211,38 @@ def _older_checkpoints(ckpt: Any) -> list:
     return [ray.train.Checkpoint(p, filesystem=ckpt.filesystem) for p in older]
 
 
-def _restore(engine: Any, target: torch.nn.Module, restored: Any, world: int) -> tuple[dict, dict]:
-    """Load the newest checkpoint that verifies: the one Ray Train restored, else the run's older
-    ones, newest first, each skipped with a warning naming its bad file. Returns its state and
-    {"checkpoint", "step", "skipped"} (recorded in later checkpoints' state as resumed_from)."""
+def _restore(
+    engine: Any, target: torch.nn.Module, restored: Any, world: int, device: torch.device
+) -> tuple[dict, dict]:
+    """Load the newest checkpoint that every rank can load: the one Ray Train restored, else the
+    run's older ones, newest first, each skipped with a warning naming its bad file. The ranks
+    agree on each candidate in one collective, so they never resume from different checkpoints;
+    a rank's failure is retried once (a fresh copy of the checkpoint) before the candidate is
+    given up. Returns its state and {"checkpoint", "step", "skipped"} (recorded in later
+    checkpoints' state as resumed_from)."""
     from jepa_ray.errors import CheckpointError
 
     problems, skipped = [], []
     for ckpt in [restored, *_older_checkpoints(restored)]:
-        try:
-            with ckpt.as_directory() as d:
-                state = load_checkpoint(engine, target, Path(d), world)
-        except CheckpointError as e:
-            log.warning("checkpoint %s cannot be used, trying an older one: %s", ckpt.path, e)
-            problems.append(str(e))
-            skipped.append(ckpt.path.rstrip("/").rsplit("/", 1)[-1])
-            continue
-        if ckpt is not restored:
-            log.warning("resumed from the older checkpoint %s (the newer ones failed: see above)", ckpt.path)
+        state, problem = None, None
+        for _attempt in range(2):
+            try:
+                with ckpt.as_directory() as d:
+                    state = load_checkpoint(engine, target, Path(d), world)
+                break
+            except CheckpointError as e:
+                problem = str(e)
         name = ckpt.path.rstrip("/").rsplit("/", 1)[-1]
-        return state, {"checkpoint": name, "step": state["step"], "skipped": skipped}
+        if _all_reduce([state is not None], device, op="min")[0] == 1:
+            if ckpt is not restored:
+                log.warning(
+                    "resumed from the older checkpoint %s (the newer ones failed: see above)", ckpt.path
+                )
+            return state, {"checkpoint": name, "step": state["step"], "skipped": skipped}
+        why = problem or "another rank cannot load it"
+        log.warning("checkpoint %s cannot be used, trying an older one: %s", ckpt.path, why)
+        problems.append(why)
+        skipped.append(name)
     raise CheckpointError("no checkpoint of this run can be loaded: " + "; ".join(problems))
 
 
@@ -343,7 +355,7 @@ def set_up(loop_config: dict[str, Any]) -> Worker:
     )
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        state, w.resumed_from = _restore(engine, model.target, restored, world)
+        state, w.resumed_from = _restore(engine, model.target, restored, world, device)
         w.position = _resumed_position(state, cfg)
         p = w.position
         log.info("rank %d: resumed at step %d (epoch %d, sequence at %s)", rank, p.step, p.epoch, p.cursor)

@@ -18,6 +18,7 @@ grow back to 2 workers. What happened is written to RESULT.json for the test to 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
@@ -27,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STEPS = 16
+STEPS = 20
 CHECKPOINT_EVERY = 2
 
 
@@ -58,6 +59,10 @@ def main(result_path: str, shards: str, storage: str, endpoint: str) -> int:
     from jepa_ray.config import load_config
     from jepa_ray.train.trainer import pretrain
 
+    # Right after a node is lost, Ray Train's elastic policy may still count it and try the old
+    # size once, until the worker group's start times out (60 s by default); the nodes' processes
+    # read this at start-up (a cluster's: from its `ray start` environment)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
