@@ -123,7 +123,8 @@ def bench_train(cfg: Config, workers: list[int], steps: int, out: Path, verbose:
         log.info("bench train: %d worker(s), %d steps (run %s)", size, steps, name)
         t0 = time.perf_counter()
         pretrain(c, name=name, verbose=verbose)
-        intervals = _run_rows(c, name)[1:] or _run_rows(c, name)
+        logged = _run_rows(c, name)
+        intervals = logged[1:] or logged
         sps = _median(intervals, "samples_per_s") or 0.0
         row: dict[str, Any] = {
             "workers": size,

@@ -219,6 +219,7 @@ class Feed:
         self.cond = threading.Condition()
         self.generation = 0
         self.val_cache: dict[tuple, list] = {}
+        self.val_lock = threading.Lock()  # the ranks ask at once: one pass serves them all
         self._reset(1)
 
     def _reset(self, world: int) -> None:
@@ -307,19 +308,9 @@ class Feed:
             return []
         b = self.cfg.batch_size
         key = (world, n)
-        if key not in self.val_cache:
-            ds = sequence_dataset(
-                self.val_set, self.cfg, train=False, start=Cursor(), epochs=1, ledger=self.ledger,
-                cpus=self.cpus, verbose=self.verbose,
-            )  # fmt: skip
-            buffer, end = [], 0
-            for bundle in ds.iter_internal_ref_bundles():
-                for ref, lo, hi in _entries(bundle):
-                    buffer.append((end, ref, lo, hi))
-                    end += hi - lo
-                if end >= n * world * b:
-                    break
-            self.val_cache[key] = (buffer, end)
+        with self.val_lock:
+            if key not in self.val_cache:
+                self.val_cache[key] = self._val_pass(world, n)
         buffer, end = self.val_cache[key]
         out = []
         for m in range(n):
@@ -328,6 +319,22 @@ class Feed:
                 break
             out.append(_pieces(buffer, first, min(first + b, end)))
         return out
+
+    def _val_pass(self, world: int, n: int) -> tuple[list, int]:
+        """The validation split's first n x world micro-batches of rows, in order, as buffer entries."""
+        b = self.cfg.batch_size
+        ds = sequence_dataset(
+            self.val_set, self.cfg, train=False, start=Cursor(), epochs=1, ledger=self.ledger,
+            cpus=self.cpus, verbose=self.verbose,
+        )  # fmt: skip
+        buffer, end = [], 0
+        for bundle in ds.iter_internal_ref_bundles():
+            for ref, lo, hi in _entries(bundle):
+                buffer.append((end, ref, lo, hi))
+                end += hi - lo
+            if end >= n * world * b:
+                break
+        return buffer, end
 
 
 def _pieces(buffer, first: int, end: int) -> list[tuple[Any, int, int]]:
