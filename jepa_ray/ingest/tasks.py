@@ -3,7 +3,9 @@
 No input can take the run down: an exception inside a task becomes a quarantine record, and a task
 whose worker dies (a decoder that crashes the process, the memory monitor killing it) is retried
 input by input, so only the inputs that kill a worker on their own are quarantined
-(`worker_crashed`), and every other input of the chunk is still read.
+(`worker_crashed`), and every other input of the chunk is still read. A task lost with its node (a
+preempted or failed machine) is Ray's to retry and then run again here; it never quarantines the
+inputs it was reading.
 """
 
 from __future__ import annotations
@@ -205,20 +207,41 @@ def _crashed_sample(spec: SampleSpec, error: BaseException) -> dict[str, Any]:
     )
 
 
+def node_failure(error: BaseException) -> bool:
+    """Whether a task failed because its node did (lost, preempted, its raylet dead, the node that
+    held its input gone), not because of what it was reading."""
+    from ray.exceptions import LocalRayletDiedError, NodeDiedError, ObjectLostError
+
+    return isinstance(error, (NodeDiedError, LocalRayletDiedError, ObjectLostError))
+
+
 def each_alone(
-    submit: Callable[[Any], Any], items: list[Any], on_failure: Callable[[Any, BaseException], Any]
+    submit: Callable[[Any], Any],
+    items: list[Any],
+    on_failure: Callable[[Any, BaseException], Any],
+    node_retries: int = 3,
 ) -> list:
     """Every item's results from a task of its own (`submit(item)` returns its ref); an item whose
-    task fails becomes `on_failure(item, error)`."""
+    task fails becomes `on_failure(item, error)`. A task lost with its node says nothing about its
+    item: it is submitted again (up to `node_retries` times, then the error is raised), never
+    recorded as the item's failure."""
     import ray
 
     refs = [submit(item) for item in items]
     out: list[Any] = []
     for item, ref in zip(items, refs, strict=True):
-        try:
-            out.extend(ray.get(ref))
-        except Exception as e:  # this input fails on its own
-            out.append(on_failure(item, e))
+        for attempt in range(node_retries + 1):
+            try:
+                out.extend(ray.get(ref))
+            except Exception as e:
+                if node_failure(e) and attempt < node_retries:
+                    logger.warning("a task was lost with its node (%s); running it again", error_type(e))
+                    ref = submit(item)
+                    continue
+                if node_failure(e):
+                    raise
+                out.append(on_failure(item, e))  # this input fails on its own
+            break
     return out
 
 

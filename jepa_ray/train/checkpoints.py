@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +62,29 @@ def safe_loading() -> Iterator[None]:
             yield
         finally:
             torch.load = original
+
+
+@contextmanager
+def private_copy(ckpt) -> Iterator[Path]:
+    """A Ray Train checkpoint as a local directory that only this process reads: the directory
+    itself on a local file system, else a fresh download removed on exit.
+
+    Not `Checkpoint.as_directory()`: it downloads to a directory named by the checkpoint object's
+    id, which every rank shares (the restored checkpoint is one pickled object), and a rank that
+    takes the download lock after another rank's download has finished downloads again into the
+    same files while that rank is reading them: it reads a truncated shard (an EOFError from
+    torch.load). Each rank downloading its own copy costs one checkpoint's transfer per rank."""
+    import pyarrow.fs as pafs
+
+    if isinstance(ckpt.filesystem, pafs.LocalFileSystem):
+        yield Path(ckpt.path)
+        return
+    local = Path(tempfile.mkdtemp(prefix="jepa-ray-checkpoint-"))
+    try:
+        ckpt.to_directory(str(local))
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

@@ -33,6 +33,7 @@ from jepa_ray.config import Config
 from jepa_ray.console import quiet_worker_logs
 from jepa_ray.model.jepa import JEPA, POLICIES, embedding_stats, target_ema
 from jepa_ray.model.optim import Schedule, param_groups
+from jepa_ray.train.checkpoints import private_copy
 from jepa_ray.train.engine import (
     apply_schedule,
     deepspeed_config,
@@ -217,8 +218,8 @@ def _restore(
     """Load the newest checkpoint that every rank can load: the one Ray Train restored, else the
     run's older ones, newest first, each skipped with a warning naming its bad file. The ranks
     agree on each candidate in one collective, so they never resume from different checkpoints;
-    a rank's failure is retried once (a fresh copy of the checkpoint) before the candidate is
-    given up. Returns its state and {"checkpoint", "step", "skipped"} (recorded in later
+    a rank's failure is retried once (a fresh download) before the candidate is given up. Each
+    rank reads its own copy (checkpoints.private_copy). Returns its state and {"checkpoint", "step", "skipped"} (recorded in later
     checkpoints' state as resumed_from)."""
     from jepa_ray.errors import CheckpointError
 
@@ -227,8 +228,8 @@ def _restore(
         state, problem = None, None
         for _attempt in range(2):
             try:
-                with ckpt.as_directory() as d:
-                    state = load_checkpoint(engine, target, Path(d), world)
+                with private_copy(ckpt) as d:
+                    state = load_checkpoint(engine, target, d, world)
                 break
             except CheckpointError as e:
                 problem = str(e)

@@ -157,6 +157,37 @@ def test_a_worker_that_dies_quarantines_only_the_input_that_kills_it(ray_session
     assert all(not isinstance(x, dict) and x.safe["rows"] == 64 for x in others)
 
 
+def test_a_task_lost_with_its_node_is_run_again_and_never_quarantines_its_inputs(ray_session, tmp_path):
+    """A node lost (preempted) under a chunk's task, then under some of its inputs' own tasks: the
+    inputs are read again, not recorded as inputs that crash a worker; a node lost on every try
+    stops the run with Ray's error (a rerun resumes) rather than quarantine good files."""
+    from ray.exceptions import NodeDiedError
+
+    files = [str(rle_image(tmp_path / f"{i}.dcm")) for i in range(3)]
+    tries = tmp_path / "tries"
+    tries.mkdir()
+
+    def scan(paths, limits, lost):  # the first `lost` tasks started are lost with their node
+        (tries / os.urandom(8).hex()).touch()
+        if len(list(tries.iterdir())) <= lost:
+            raise NodeDiedError("Task failed because the node it was running on is dead or unavailable.")
+        return scan_headers(paths, limits)
+
+    blamed = []
+
+    def crashed(path, error):
+        blamed.append(path)
+        return crashed_scan(path, error)
+
+    out = TaskMap(scan, [files], "scan", False, args=(LimitsConfig(), 3), on_failure=crashed).results()
+    assert blamed == [] and len(list(tries.iterdir())) > 4  # the chunk, 3 alone, at least one again
+    assert [x.safe["rows"] for x in out[0]] == [64, 64, 64]
+
+    with pytest.raises(NodeDiedError):
+        TaskMap(scan, [files], "scan", False, args=(LimitsConfig(), 10**6), on_failure=crashed).results()
+    assert blamed == []
+
+
 def test_a_shard_whose_decoding_kills_a_worker_is_written_without_that_image(ray_session, tmp_path):
     files = [rle_image(tmp_path / f"{i}.dcm", patient=f"P{i}") for i in range(4)]
     killer = str(files[1])

@@ -1,7 +1,6 @@
 """A pretraining run on a three-node Ray cluster on this machine that loses a node and gets one back.
 
-Run by tests/train/test_multinode.py in a process of its own (a process joins one Ray cluster, and
-the tests' shared one is another): `python nodeloss.py RESULT.json SHARDS_URL STORAGE_URL ENDPOINT`.
+Run by tests/train/test_multinode.py in a process of its own (tests/clusterkit.py): `python nodeloss.py RESULT.json SHARDS_URL STORAGE_URL ENDPOINT ZERO_STAGE`.
 
 The cluster (`ray.cluster_utils.Cluster`): a head node with one CPU (the driver, the run's data
 feed and skip ledger, Ray Data's tasks) and two worker nodes with two CPUs (a training worker's and
@@ -9,7 +8,7 @@ one for Ray Data) and one `trainer` resource each (train.worker_resources: a gro
 after losing a node must not take the CPUs its data runs on), every node with its own raylet,
 object store and worker processes. Shards and run storage are on S3, so nothing
 assumes a shared disk. The run is elastic (train.num_workers=[1, 2], a fixed global batch) under
-ZeRO-2: it starts on 2 workers; once a checkpoint is written the node of one worker is removed
+ZeRO-2 or ZeRO-3: it starts on 2 workers; once a checkpoint is written the node of one worker is removed
 (its raylet, object store and worker processes killed together), and the run must go on with 1
 worker from the last checkpoint; once that group has checkpointed a new node joins and the run must
 grow back to 2 workers. What happened is written to RESULT.json for the test to check.
@@ -18,8 +17,6 @@ grow back to 2 workers. What happened is written to RESULT.json for the test to 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
 import threading
 import time
@@ -30,12 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STEPS = 20
 CHECKPOINT_EVERY = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _states(fs, run: str) -> list[dict]:
@@ -49,32 +40,17 @@ def _states(fs, run: str) -> list[dict]:
     return out
 
 
-def main(result_path: str, shards: str, storage: str, endpoint: str) -> int:
+def main(result_path: str, shards: str, storage: str, endpoint: str, stage: str) -> int:
     import ray
     import s3fs
+    from clusterkit import start_cluster
     from loophooks import SlowSteps
-    from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
     from jepa_ray.config import load_config
     from jepa_ray.train.trainer import pretrain
 
-    # Right after a node is lost, Ray Train's elastic policy may still count it and try the old
-    # size once, until the worker group's start times out (60 s by default); the nodes' processes
-    # read this at start-up (a cluster's: from its `ray start` environment)
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "include_dashboard": True,  # Ray Train frees a stopped group's resources through it
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": _free_port(),
-            # a killed node is declared dead after ~3 s instead of Ray's default ~15-30 s
-            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
-        },
-    )
-    workers = [cluster.add_node(num_cpus=2, resources={"trainer": 1}) for _ in range(2)]
+    cluster, workers = start_cluster(worker_nodes=2, worker_cpus=2, resources={"trainer": 1})
     ray.init(address=cluster.address, logging_level="WARNING")
     cfg = load_config(
         overrides=[
@@ -89,7 +65,7 @@ def main(result_path: str, shards: str, storage: str, endpoint: str) -> int:
             "train.global_batch=8",  # 2 workers x 4, or 1 worker x 4 x 2 micro-batches
             "train.cpus_per_worker=1",
             "train.worker_resources={trainer: 1}",
-            "train.zero_stage=2",
+            f"train.zero_stage={stage}",
             f"train.steps={STEPS}",
             "train.warmup_steps=2",
             "train.log_every=1",
@@ -161,4 +137,4 @@ def main(result_path: str, shards: str, storage: str, endpoint: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:5]))
+    sys.exit(main(*sys.argv[1:6]))

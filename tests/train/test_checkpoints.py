@@ -109,3 +109,39 @@ def test_the_target_is_read_from_safetensors_and_an_older_torch_file_only_as_ten
     with pytest.raises(Exception, match=r"(?i)weights only|unsupported global"):
         read_target(old)
     assert not marker.exists()
+
+
+def test_each_rank_reads_its_own_copy_of_a_remote_checkpoint(tmp_path):
+    """Ray Train's as_directory() downloads a checkpoint to a directory named by the checkpoint
+    object's id, which every rank's (unpickled) copy of the restored checkpoint shares: a rank that
+    downloads after another finished rewrites the files that rank is reading. private_copy gives
+    each reader its own download, and removing one copy leaves the other whole."""
+    import pickle
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from jepa_ray.train.checkpoints import private_copy
+
+    src = tmp_path / "checkpoint_000004"
+    (src / "engine").mkdir(parents=True)
+    (src / "engine" / "shard.pt").write_bytes(b"x" * 4096)
+    remote = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())  # read through a download, as S3 is
+    rank0 = Checkpoint(str(src).lstrip("/"), filesystem=remote)
+    rank1 = pickle.loads(pickle.dumps(rank0))
+    with rank0.as_directory() as a, rank1.as_directory() as b:
+        assert a == b  # what private_copy avoids: one directory for both ranks
+
+    with private_copy(rank0) as mine:
+        with private_copy(rank1) as theirs:
+            assert mine != theirs and str(src) not in {str(mine), str(theirs)}
+            assert (theirs / "engine" / "shard.pt").read_bytes() == b"x" * 4096
+        assert not theirs.exists()
+        assert (mine / "engine" / "shard.pt").read_bytes() == b"x" * 4096
+    assert not mine.exists()
+    assert (src / "engine" / "shard.pt").exists()
+
+    local = Checkpoint(str(src))
+    with private_copy(local) as d:
+        assert d == src  # a local checkpoint is read in place, never copied or removed
+    assert (src / "engine" / "shard.pt").exists()

@@ -1,24 +1,22 @@
-"""Several Ray nodes on this machine (`nodeloss.py`, in a process of its own): an elastic ZeRO-2
-run loses a worker's node mid-run, goes on with one worker, and grows back to two when a node joins;
+"""Several Ray nodes on this machine (`nodeloss.py`, in a process of its own): an elastic ZeRO-2 or
+ZeRO-3 run loses a worker's node mid-run, goes on with one worker, and grows back to two when a node joins;
 shards and run storage on S3."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from itertools import groupby
 from pathlib import Path
 
+import pytest
+from clusterkit import run_script
 from test_pretrain import _cursor_after
 
 
+@pytest.mark.parametrize("stage", [2, 3])
 def test_an_elastic_run_survives_losing_a_node_and_grows_back_when_one_joins(
-    small_shards, s3_bucket, tmp_path
+    stage, small_shards, s3_bucket, tmp_path
 ):
     import boto3
 
@@ -28,21 +26,8 @@ def test_an_elastic_run_survives_losing_a_node_and_grows_back_when_one_joins(
         if p.is_file():
             s3.upload_file(str(p), bucket, f"shards/{p.relative_to(small_shards)}")
     result = tmp_path / "result.json"
-    script = Path(__file__).with_name("nodeloss.py")
-    args = [str(result), f"s3://{bucket}/shards", f"s3://{bucket}/runs", endpoint]
-    # the cluster's sessions and its address file in a directory of its own: Ray's default one holds
-    # the address ray.init() connects to, which must stay the tests' shared cluster's (or none)
-    ray_tmp = tempfile.mkdtemp(prefix="jrmn", dir="/tmp")  # short: Ray's socket paths live under it
-    try:
-        done = subprocess.run(
-            [sys.executable, str(script), *args],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env={**os.environ, "RAY_TMPDIR": ray_tmp},
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    args = [str(result), f"s3://{bucket}/shards", f"s3://{bucket}/runs/zero{stage}", endpoint, str(stage)]
+    done = run_script(Path(__file__).with_name("nodeloss.py"), args)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
     r = json.loads(result.read_text())
     events, states = r["events"], r["states"]
@@ -69,5 +54,5 @@ def test_an_elastic_run_survives_losing_a_node_and_grows_back_when_one_joins(
     assert steps == sorted(set(steps)) and steps[-1] == r["steps"]
     assert all(math.isfinite(float(row[3])) for row in rows)
     print(
-        f"node loss: first checkpoint of the shrunken group {events['first_checkpoint_after_loss_s']:.1f} s after it"
+        f"ZeRO-{stage} node loss: first checkpoint of the shrunken group {events['first_checkpoint_after_loss_s']:.1f} s after it"
     )
