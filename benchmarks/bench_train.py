@@ -103,10 +103,15 @@ def memory_worker(loop_config: dict) -> None:
         student = model.student
         psi = sum(p.numel() for p in student.parameters())
         tc = cfg.train.model_copy(update={"zero_stage": stage, "grad_accum": 2})
+        ds_config = deepspeed_config(tc, cfg.pipeline.batch_size, False, psi, model.width)
+        if stage >= 1:  # buckets of 1/16 of the student, as a model above 64M parameters gets them:
+            # the check is of the partitioned states; a small model's 4M-element floor would dwarf them
+            bucket = max(psi // 16 // 256 * 256, 256)
+            ds_config["zero_optimization"].update(
+                reduce_bucket_size=bucket, allgather_bucket_size=bucket, stage3_prefetch_bucket_size=bucket
+            )
         engine, *_ = deepspeed.initialize(
-            model=student,
-            model_parameters=param_groups(student),
-            config=deepspeed_config(tc, cfg.pipeline.batch_size, False, psi, model.width),
+            model=student, model_parameters=param_groups(student), config=ds_config
         )
         target = _ptrs([*model.target.parameters(), *model.target.buffers()])
         peak, where = 0, ""

@@ -6,7 +6,11 @@
   time spent waiting for data, time per optimizer step in each phase (data, forward, backward,
   DeepSpeed step: clipping, ZeRO communication, optimizer), peak memory per rank (accelerator
   memory on GPUs, resident memory on CPUs) and, on GPUs, MFU (model FLOPs per second over the
-  GPUs' peak). Medians over the logging intervals after the first (which holds start-up).
+  GPUs' peak). Medians over the logging intervals after the first (which holds start-up). Beside
+  each size, the compute ceiling: as many processes as workers, each with a worker's resources,
+  training the same model on one fixed batch all at once, with no data pipeline and no
+  communication. Its scaling is what the cluster's compute allows (two workers on two shared cores
+  cannot reach 2x); `of ceiling` says how much of it the run gets.
 - `bench_stream`: the input pipeline alone (the training sequence, `jepa_ray.stream.feed`, read
   and transformed by Ray Data as a run reads it), in samples/s and per CPU, against the decode
   limit: one process decoding, augmenting and masking the same samples with nothing else to do.
@@ -119,6 +123,7 @@ def bench_train(cfg: Config, workers: list[int], steps: int, out: Path, verbose:
     flops = train_flops_per_sample(cfg, dims)
     peak = _gpu_peak_tflops() if cfg.train.use_gpu else None
     rows = []
+    batch = _one_batch(cfg)
     for size, c, name in runs:
         log.info("bench train: %d worker(s), %d steps (run %s)", size, steps, name)
         t0 = time.perf_counter()
@@ -136,11 +141,17 @@ def bench_train(cfg: Config, workers: list[int], steps: int, out: Path, verbose:
             **{k: _median(intervals, k) for k in PHASES},
             "peak_mem_mb_per_rank": max(float(r["peak_mem_mb"]) for r in intervals if r.get("peak_mem_mb")),
             "mfu": sps * flops / (size * peak * 1e12) if peak else None,
+            "ceiling_samples_per_s": compute_ceiling(cfg, dims, batch, size, steps),
         }
         rows.append(row)
-    base = rows[0]["samples_per_s_per_worker"]
+    base, ceiling = rows[0]["samples_per_s_per_worker"], rows[0]["ceiling_samples_per_s"]
     for row in rows:
         row["scaling_efficiency"] = row["samples_per_s_per_worker"] / base if base else None
+        # per-process ceiling throughput over the smallest size's: what the compute lets scaling reach
+        row["ceiling_scaling"] = (
+            row["ceiling_samples_per_s"] / row["workers"] / (ceiling / rows[0]["workers"])
+        )
+        row["of_ceiling"] = row["scaling_efficiency"] / row["ceiling_scaling"]
     doc = {
         "command": "bench train",
         "config": {
@@ -159,20 +170,103 @@ def bench_train(cfg: Config, workers: list[int], steps: int, out: Path, verbose:
     return doc
 
 
+def _one_batch(cfg: Config) -> dict:
+    """One training micro-batch of the config (its first samples, augmented, masked and collated)."""
+    from jepa_ray.stream.pipeline import collate, open_split
+    from jepa_ray.stream.reader import raw_block
+    from jepa_ray.stream.transform import transform_batch
+
+    split = open_split(cfg.train.shards, "train", cfg.train.storage)
+    rows = _first_rows(split, cfg.pipeline.batch_size)
+    block = _numpy_columns(raw_block(rows))
+    return collate(transform_batch(block, split.spec, cfg.pipeline, train=True, epoch=0))
+
+
+class _Compute:
+    """A process training the config's model on one fixed batch: forward, backward, AdamW, EMA."""
+
+    def __init__(self, cfg: Config, dims: dict, batch: dict) -> None:
+        import torch
+
+        from jepa_ray.model.jepa import JEPA
+        from jepa_ray.model.optim import Schedule, make_optimizer
+        from jepa_ray.train.loop import to_device
+
+        torch.manual_seed(0)
+        self.device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
+        self.model = JEPA(dims, cfg.model).to(self.device)
+        self.schedule = Schedule(total_steps=10**6, warmup_steps=1)
+        self.optimizer = make_optimizer(self.model, self.schedule)
+        self.batch = to_device(batch, self.device)
+        bf16 = cfg.train.use_gpu and cfg.train.precision in ("auto", "bf16")
+        self.autocast = (self.device.type, torch.bfloat16) if bf16 else None
+
+    def run(self, steps: int) -> float:
+        """Seconds for `steps` training steps."""
+        import contextlib
+
+        import torch
+
+        from jepa_ray.model.optim import train_step
+
+        ctx = torch.autocast(*self.autocast) if self.autocast else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with ctx:
+            for step in range(steps):
+                train_step(self.model, self.optimizer, self.batch, step, self.schedule)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def compute_ceiling(cfg: Config, dims: dict, batch: dict, size: int, steps: int) -> float:
+    """Samples/s of `size` _Compute processes together, each with a training worker's resources and
+    placed as Ray Train places workers (one placement group, packed), all stepping at once."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    tc = cfg.train
+    bundle = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {}), **tc.worker_resources}
+    pg = placement_group([bundle] * size, strategy="PACK")
+    ray.get(pg.ready())
+    try:
+        actor = ray.remote(_Compute)
+        procs = [
+            actor.options(
+                num_cpus=tc.cpus_per_worker,
+                num_gpus=1 if tc.use_gpu else 0,
+                resources=tc.worker_resources,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            ).remote(cfg, dims, batch)
+            for i in range(size)
+        ]
+        ray.get([p.run.remote(3) for p in procs])  # built and warm, every one of them
+        timed = max(10, steps)
+        seconds = ray.get([p.run.remote(timed) for p in procs])
+        for p in procs:
+            ray.kill(p)
+    finally:
+        remove_placement_group(pg)
+    return sum(timed * len(batch["key"]) / s for s in seconds)
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def _train_table(rows: list[dict]) -> str:
     head = (
-        f"{'workers':>7} {'samples/s':>10} {'/worker':>8} {'scaling':>8} {'data wait':>9} "
-        f"{'data ms':>8} {'fwd ms':>7} {'bwd ms':>7} {'step ms':>8} {'peak MB/rank':>12} {'MFU':>6}"
+        f"{'workers':>7} {'samples/s':>10} {'/worker':>8} {'scaling':>8} {'ceiling':>8} {'of ceiling':>10} "
+        f"{'data wait':>9} {'data ms':>8} {'fwd ms':>7} {'bwd ms':>7} {'step ms':>8} {'peak MB/rank':>12} "
+        f"{'MFU':>6}"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['samples_per_s_per_worker']:>8.1f} "
-            f"{_fmt(r['scaling_efficiency'], '>8.2f')} {_fmt(r['data_wait'], '>9.1%')} "
+            f"{_fmt(r['scaling_efficiency'], '>8.2f')} {_fmt(r['ceiling_scaling'], '>8.2f')} "
+            f"{_fmt(r['of_ceiling'], '>10.0%')} {_fmt(r['data_wait'], '>9.1%')} "
             f"{_fmt(r['ms_data'], '>8.1f')} {_fmt(r['ms_forward'], '>7.1f')} {_fmt(r['ms_backward'], '>7.1f')} "
             f"{_fmt(r['ms_step'], '>8.1f')} {r['peak_mem_mb_per_rank']:>12.0f} {_fmt(r['mfu'], '>6.1%')}"
         )
@@ -185,6 +279,13 @@ def _plot_train(ax_pair, rows: list[dict]) -> None:
     left.plot(sizes, [r["samples_per_s"] for r in rows], "o-", label="measured")
     base = rows[0]["samples_per_s_per_worker"]
     left.plot(sizes, [base * s for s in sizes], "--", color="grey", label="linear")
+    left.plot(
+        sizes,
+        [base * r["ceiling_scaling"] * r["workers"] for r in rows],
+        ":",
+        color="black",
+        label="compute ceiling",
+    )
     left.set_xlabel("workers")
     left.set_ylabel("samples/s")
     left.legend(fontsize=8)
@@ -253,9 +354,29 @@ def bench_stream(cfg: Config, samples: int, out: Path, verbose: bool = False) ->
 
 def _decode_limit(split, cfg: Config, most: int = 256) -> float:
     """Samples/s of one process decoding, augmenting and masking the split's first samples."""
-    from jepa_ray.storage import Store
-    from jepa_ray.stream.reader import raw_block, tar_samples
+    from jepa_ray.stream.reader import raw_block
     from jepa_ray.stream.transform import transform_batch
+
+    rows = _first_rows(split, most)
+    blocks = [_numpy_columns(raw_block(rows[i : i + 32])) for i in range(0, len(rows), 32)]
+    # the first call pays one-off set-up (about a second: imports, caches), which a pipeline's
+    # long-lived workers pay once too: warm up, then time
+    transform_batch(blocks[0], split.spec, cfg.pipeline, train=True, epoch=0)
+    t0 = time.perf_counter()
+    for block in blocks:
+        transform_batch(block, split.spec, cfg.pipeline, train=True, epoch=0)
+    return len(rows) / max(time.perf_counter() - t0, 1e-9)
+
+
+def _numpy_columns(table) -> dict:
+    """A block as Ray Data hands it to a numpy-format map_batches (the transform's input)."""
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def _first_rows(split, most: int) -> list[dict]:
+    """The split's first `most` raw samples, read as the stream reads them."""
+    from jepa_ray.storage import Store
+    from jepa_ray.stream.reader import tar_samples
 
     store = Store(split.url, split.storage)
     rows: list[dict] = []
@@ -265,12 +386,7 @@ def _decode_limit(split, cfg: Config, most: int = 256) -> float:
             rows.extend(tar_samples(f, name, None, lambda *a: None))
         if len(rows) >= most:
             break
-    rows = rows[:most]
-    t0 = time.perf_counter()
-    for i in range(0, len(rows), 32):
-        block = raw_block(rows[i : i + 32]).to_pydict()
-        transform_batch(block, split.spec, cfg.pipeline, train=True, epoch=0)
-    return len(rows) / max(time.perf_counter() - t0, 1e-9)
+    return rows[:most]
 
 
 def _plot_stream(ax_pair, rows: list[dict]) -> None:

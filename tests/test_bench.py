@@ -33,7 +33,7 @@ def test_bench_train_on_1_and_2_workers_writes_its_table_json_and_plot(small_sha
     doc = json.loads((out / "bench-train.json").read_text())
     rows = doc["rows"]
     assert [row["workers"] for row in rows] == [1, 2]  # sorted, the smallest is the baseline
-    assert rows[0]["scaling_efficiency"] == 1.0
+    assert rows[0]["scaling_efficiency"] == 1.0 and rows[0]["ceiling_scaling"] == 1.0
     for row in rows:
         assert row["samples_per_s"] > 0
         assert row["samples_per_s_per_worker"] == pytest.approx(row["samples_per_s"] / row["workers"])
@@ -44,6 +44,13 @@ def test_bench_train_on_1_and_2_workers_writes_its_table_json_and_plot(small_sha
         assert all(row[k] is not None and row[k] >= 0 for k in PHASES) and row["ms_forward"] > 0
         assert row["peak_mem_mb_per_rank"] > 100  # a worker process with torch and DeepSpeed loaded
         assert row["mfu"] is None  # no GPU
+        # the compute ceiling: as many bare training processes at once, no data, no communication
+        assert row["ceiling_samples_per_s"] > 0
+        assert row["ceiling_scaling"] == pytest.approx(
+            row["ceiling_samples_per_s"] / row["workers"] / rows[0]["ceiling_samples_per_s"]
+        )
+        assert 0 < row["ceiling_scaling"] < 1.25  # two processes on two cores: at most about 2x
+        assert row["of_ceiling"] == pytest.approx(row["scaling_efficiency"] / row["ceiling_scaling"])
     assert doc["flops_per_sample"] > 0
     table = (out / "bench-train.txt").read_text()
     assert table.splitlines()[0].split()[:3] == ["workers", "samples/s", "/worker"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -96,5 +97,8 @@ class MetricsLog:
         return out
 
     def close(self) -> None:
+        """Flush and upload; a remote run's local staging directory is removed."""
         self.tb.close()
         self.sync()
+        if self.remote:
+            shutil.rmtree(self.dir, ignore_errors=True)
