@@ -425,6 +425,100 @@ def _print_evaluation(metrics: dict, out: Path) -> None:
 
 
 @app.command()
+def index(
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help="Exported encoder (.safetensors), or a run / checkpoint directory (local or s3://)."
+        ),
+    ],
+    data: Annotated[str, typer.Option(help="Prepared shards (local or s3://) to index.")],
+    out: Annotated[str, typer.Option(help="Index directory (local or s3://); a rerun adds what is new.")],
+    modality: Annotated[
+        str | None, typer.Option(help="image, ehr or joint (index.modality; default image).")
+    ] = None,
+    rebuild: Annotated[
+        bool, typer.Option(help="Replace the index's vectors instead of adding to them.")
+    ] = False,
+    verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Embed an archive's shards (Ray Data batch inference) into a similar-case index: FAISS,
+    exact up to index.exact_max vectors, IVF above; each vector with its sample's safe metadata.
+    A rerun embeds only the shards not indexed yet (or changed) and drops those the data lost."""
+    from jepa_ray.search.index import build_index
+
+    try:
+        cfg = _setup(config, [*(overrides or []), *([f"index.modality={modality}"] if modality else [])])
+        init_ray(cfg.ray_address, verbose)
+        logs = _log_to(cfg, out, "index")
+        r = build_index(encoder, data, out, cfg, rebuild=rebuild, verbose=verbose)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    console.print(
+        f"index {r.url}: {r.vectors} vectors ({r.kind}); added {r.added} from {len(r.shards_embedded)} "
+        f"shard(s), removed {r.removed}; {r.seconds:.1f} s\nlog: {logs}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def search(
+    index_url: Annotated[str, typer.Option("--index", help="Index directory (local or s3://).")],
+    dicom: Annotated[Path | None, typer.Option(help="A DICOM file to find similar cases to.")] = None,
+    key: Annotated[
+        str | None, typer.Option(help="A sample of the index (its key) to find similar cases to.")
+    ] = None,
+    k: Annotated[int | None, typer.Option(help="Neighbours to return (index.k; default 10).")] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help='Metadata filter: column = value, !=, in (a, b), joined by and; e.g. "split = test".'
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the result as JSON here.")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """The k nearest cases of an index to a DICOM file (decoded as `prepare` decodes, embedded by
+    the index's encoder) or to one of its samples, with cosine distances and safe metadata."""
+    from jepa_ray.search.query import open_index, search_vectors, vector_of_dicom, vector_of_key
+
+    try:
+        cfg = _setup(config, overrides)
+        if (dicom is None) == (key is None):
+            raise JepaRayError("give one query: --dicom FILE or --key KEY")
+        idx = open_index(index_url, cfg.train.storage, cfg.index.nprobe)
+        if key is not None:
+            vector, query = vector_of_key(idx, key), {"key": key}
+        else:
+            vector, safe = vector_of_dicom(idx, str(dicom), cfg)
+            query = {"dicom": dicom.name, **safe}
+        [hits] = search_vectors(idx, vector[None], k or cfg.index.k, where, exclude=[key] if key else None)
+    except JepaRayError as e:
+        raise _fail(e) from None
+    doc = {"index": index_url, "query": query, "where": where, "neighbours": hits}
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(doc, indent=1) + "\n")
+    columns = ["key", "distance", "subject", "split", "site", "modality", "view"]
+    labels = sorted({c for h in hits for c in h if c.startswith("label_")})
+    table = Table(*columns, *labels, title=f"{len(hits)} nearest to {query.get('key') or query.get('dicom')}")
+    for h in hits:
+        table.add_row(
+            *[f"{h[c]:.4f}" if c == "distance" else str(h.get(c, "")) for c in columns],
+            *[str(h.get(c, "")) for c in labels],
+        )
+    console.print(table)
+    if json_out is not None:
+        console.print(f"json: {json_out}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the cohort, shards, run and export.")] = Path(
         "demo"

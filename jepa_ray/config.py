@@ -802,6 +802,33 @@ class TuneConfig(_Strict):
     seed: int = Field(0, description="Seed of the random and optuna searchers.")
 
 
+class IndexConfig(_Strict):
+    """`jepa-ray index` and `search`: a similar-case index of an archive's embeddings (FAISS).
+    The data and the index are reached with train.storage (S3 endpoint and credentials)."""
+
+    modality: Literal["image", "ehr", "joint"] = Field(
+        "image",
+        description="Which embedding is indexed: the target encoder on the image alone, the EHR alone, "
+        "or both. A DICOM query needs image or joint.",
+    )
+    splits: list[str] | None = Field(None, description="Splits indexed; default: every split of the shards.")
+    exact_max: int = Field(
+        200_000,
+        ge=1,
+        description="Up to this many vectors the index is exact (every vector compared); above, an IVF "
+        "index (inverted lists, index.nprobe of them searched per query).",
+    )
+    nlist: int | None = Field(
+        None,
+        ge=1,
+        description="IVF lists; default 4 x sqrt(vectors), at least 64 (set when the IVF index is built).",
+    )
+    nprobe: int = Field(
+        32, ge=1, description="IVF lists searched per query: more is slower and closer to exact."
+    )
+    k: int = Field(10, ge=1, description="Neighbours returned by search (--k overrides).")
+
+
 class Config(_Strict):
     """Root of a jepa-ray config file; each command reads its own section."""
 
@@ -812,6 +839,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     ray_address: str | None = Field(None, description="Ray cluster address; default: start a local Ray.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -34,7 +34,7 @@ from jepa_ray.redact import redact, redact_text
 from jepa_ray.upload import Upload, config_in_checkout, config_paths, plan_upload, resolve_checkout, staged
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-ENTRYPOINTS = ("pretrain", "tune", "evaluate", "prepare", "bench")
+ENTRYPOINTS = ("pretrain", "tune", "evaluate", "prepare", "bench", "index")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CONNECT_TIMEOUT_S = 5.0
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -104,8 +104,9 @@ class Embedder:
             out = embed_batch(self.model, b, self.regions)
         out = {k: v.cpu().numpy() for k, v in out.items()}
         out["key"], out["meta"] = batch["key"], batch["meta"]
-        if SPLIT in batch:
-            out[SPLIT] = batch[SPLIT]
+        for passed in (SPLIT, "shard"):  # routing columns, when the dataset carries them
+            if passed in batch:
+                out[passed] = batch[passed]
         for name in EHR_ARRAYS:
             out[name] = batch[name]
         return out
@@ -224,7 +225,7 @@ def extract(
         except ShardError as e:
             log.warning("%s", e)
             continue
-        _check_dims(source, shards.spec.model_dims(pcfg), data)
+        check_dims(source, shards.spec.model_dims(pcfg), data)
         path = folder / f"{split}.parquet"
         key = {
             "encoder": fingerprint,
@@ -280,7 +281,7 @@ def _tag(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
     return {**batch, SPLIT: np.full(n, split, dtype=object)}
 
 
-def _check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> None:
+def check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> None:
     """The encoder must have been trained on shards with the same EHR vocabulary and features."""
     model_dims = {"channels": 1, "volume_size": None, "tubelet": None, "mixed": False, **source.info["dims"]}
     for k in (

@@ -102,7 +102,7 @@ def new_ledger(limit: int):
     return ray.remote(num_cpus=0)(SkipLedger).options(scheduling_strategy=here()).remote(limit)
 
 
-def _transform(batch, spec, cfg, train, ledger):
+def _transform(batch, spec, cfg, train, ledger, keep_shard=False):
     from jepa_ray.stream.reader import current_epoch, report_bad
 
     def on_bad(shard: str, key: str, reason: str) -> None:
@@ -110,11 +110,18 @@ def _transform(batch, spec, cfg, train, ledger):
 
     # evaluation draws the same masks on every pass, so validation losses compare across epochs
     epoch = current_epoch() if train else 0
-    return transform_batch(batch, spec, cfg, train=train, epoch=epoch, on_bad=on_bad)
+    out = transform_batch(batch, spec, cfg, train=train, epoch=epoch, on_bad=on_bad)
+    if keep_shard:  # each row's shard (a search index tracks what each shard contributed)
+        shard_of = dict(zip((str(k) for k in batch["key"]), (str(s) for s in batch["shard"]), strict=True))
+        out["shard"] = np.array([shard_of[str(k)] for k in out["key"]], dtype=object)
+    return out
 
 
-def build_dataset(shards: ShardSet, cfg: PipelineConfig, *, train: bool, ledger: Any = None):
-    """A `ray.data.Dataset` of transformed batches (numpy columns, see transform.py).
+def build_dataset(
+    shards: ShardSet, cfg: PipelineConfig, *, train: bool, ledger: Any = None, keep_shard: bool = False
+):
+    """A `ray.data.Dataset` of transformed batches (numpy columns, see transform.py); with
+    `keep_shard`, a `shard` column names each row's shard.
 
     train: file order shuffled per epoch (seeded), random crops and jitter; otherwise file order as
     in the manifest and no augmentation. Masks are drawn in both modes (the validation loss needs
@@ -140,7 +147,13 @@ def build_dataset(shards: ShardSet, cfg: PipelineConfig, *, train: bool, ledger:
         _transform,
         batch_size=None,  # each block the reader yields (ROWS_PER_BLOCK samples) is one call
         batch_format="numpy",
-        fn_kwargs={"spec": shards.spec, "cfg": cfg, "train": train, "ledger": ledger},
+        fn_kwargs={
+            "spec": shards.spec,
+            "cfg": cfg,
+            "train": train,
+            "ledger": ledger,
+            "keep_shard": keep_shard,
+        },
         zero_copy_batch=True,
     )
     # Output blocks of ~BLOCK_SAMPLES samples: a task hands them on as it goes instead of gathering

@@ -1,0 +1,393 @@
+"""`jepa-ray index`: an archive's embeddings in a FAISS index, kept on local disk or S3.
+
+    shards (manifest) -> the shards not yet indexed, or changed since (sha256)
+      -> build_dataset(train=False, keep_shard) -> map_batches(Embedder)   # evaluation's actor pool
+      -> INDEX/parts/<shard>.parquet   id, key, vector (L2-normalised), safe metadata
+      -> INDEX/vectors.faiss          ids -> vectors: exact (flat) or IVF
+      -> INDEX/index.json             written last: encoder, modality, shards indexed, counts
+      -> INDEX/encoder.safetensors    the encoder, so that a query embeds as the archive did
+      -> INDEX/data-manifest.json     the shards' manifest: how a query DICOM is decoded
+
+FAISS, not a vector database: the index is one file beside plain parquet, read by any process that
+has the file (a laptop, a Ray job, a notebook), with exact search (every vector compared, the
+reference) and IVF (inverted lists over k-means centroids) in one maintained library; IVF rather
+than HNSW because it removes vectors (a shard re-prepared, a subject withdrawn) and adds them
+without a rebuild. Vectors are L2-normalised and compared by inner product: the distance reported
+is the cosine distance, 1 - cos.
+
+A rerun embeds only shards it has not indexed (or whose bytes changed) and drops the rows of shards
+the data no longer has. `index.json` records the sha256 of `vectors.faiss`: an index file from an
+interrupted run that does not match it is rebuilt from the parts, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jepa_ray.config import Config
+from jepa_ray.errors import ConfigError
+from jepa_ray.storage import Store
+
+log = logging.getLogger("jepa_ray.search")
+
+FORMAT = 1
+INDEX_FILE = "index.json"
+FAISS_FILE = "vectors.faiss"
+PARTS = "parts"
+ENCODER = "encoder.safetensors"
+DATA_MANIFEST = "data-manifest.json"
+COLUMNS = {"image": "emb_image", "ehr": "emb_ehr", "joint": "emb_joint"}
+META = ("key", "subject", "split", "site", "modality", "view", "has_image", "has_ehr", "shard")
+TRAIN_MIN = 39  # FAISS wants at least 39 training points per IVF list
+
+
+@dataclass
+class IndexResult:
+    """What `build_index` did."""
+
+    url: str
+    kind: str  # "exact" or "ivf"
+    vectors: int
+    added: int
+    removed: int
+    shards_embedded: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def faiss():
+    try:
+        import faiss as f
+    except ImportError as e:  # pragma: no cover - a dependency of the package
+        raise ConfigError("jepa-ray index needs faiss-cpu (pip install faiss-cpu)") from e
+    return f
+
+
+def part_name(shard: str) -> str:
+    return f"{PARTS}/{shard.removesuffix('.tar')}.parquet"
+
+
+def normalise(v: np.ndarray) -> np.ndarray:
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def safe_meta(meta_json: str, shard: str) -> dict[str, Any]:
+    """The columns kept per sample: pseudonyms, split, site, modality, view, labels (`label_<name>`)."""
+    m = json.loads(meta_json)
+    dicom = m.get("dicom") or {}
+    row = {
+        "subject": m.get("subject"),
+        "split": m.get("split"),
+        "site": m.get("site"),
+        "modality": dicom.get("modality"),
+        "view": dicom.get("view"),
+        "has_image": bool(m.get("has_image", False)),
+        "has_ehr": bool(m.get("has_ehr", False)),
+        "shard": shard,
+    }
+    for name, value in (m.get("labels") or {}).items():
+        row[f"label_{name}"] = None if value is None else int(value)
+    return row
+
+
+def _encoder_key(info: dict[str, Any], weights: bytes) -> str:
+    return hashlib.sha256(weights + json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_index(
+    encoder: str, data: str, out: str, cfg: Config, *, rebuild: bool = False, verbose: bool = False
+) -> IndexResult:
+    """Index the shards at `data` with `encoder` (an export, run or checkpoint) into `out`; a rerun
+    adds what is new. Ray must be connected (the embedding is Ray Data batch inference)."""
+    import tempfile
+
+    from jepa_ray.eval.evaluate import resolve_encoder
+    from jepa_ray.shards.manifest import read_manifest
+
+    t0 = time.perf_counter()
+    ic, storage = cfg.index, cfg.train.storage
+    store = Store(out, storage)
+    store.makedirs()
+    with tempfile.TemporaryDirectory(prefix="jepa-index-") as tmp:
+        source = resolve_encoder(encoder, cfg, Path(tmp))
+        weights = Path(source.weights).read_bytes()
+        info_json = Path(source.weights).with_suffix(".json").read_bytes()
+    enc_key = _encoder_key(source.info, weights)
+    if rebuild:  # an interrupted rebuild must not leave the old index.json over new parts
+        store.remove(INDEX_FILE)
+    state = _read_state(store)
+    if state is not None:
+        _check_same(state, out, enc_key, ic.modality, data)
+    manifest = read_manifest(Store(data, storage))
+    splits = ic.splits or sorted(manifest.get("splits", {}))
+    unknown = [s for s in splits if s not in manifest.get("splits", {})]
+    if unknown:
+        raise ConfigError(
+            f"index.splits: {unknown[0]!r} is not a split of {data} (it has "
+            f"{', '.join(sorted(manifest.get('splits', {})))})"
+        )
+    wanted = {s["name"]: s for s in manifest["shards"] if s["split"] in splits}
+    indexed = {} if state is None else state["shards"]
+    todo = sorted(n for n, s in wanted.items() if indexed.get(n, {}).get("sha256") != s["sha256"])
+    gone = sorted(n for n in indexed if n not in wanted or n in todo)
+    if state is None:
+        store.write_bytes(ENCODER, weights)
+        store.write_bytes(ENCODER.replace(".safetensors", ".json"), info_json)
+    log.info(
+        "index %s: %d shards indexed, %d to embed, %d to drop",
+        out,
+        len(indexed) - len(gone),
+        len(todo),
+        len(gone),
+    )
+
+    next_id = 0 if state is None else state["next_id"]
+    removed_ids = np.concatenate(
+        [
+            pq.read_table(io.BytesIO(store.read_bytes(part_name(n))), columns=["id"])["id"].to_numpy()
+            for n in gone
+        ]
+        or [np.zeros(0, np.int64)]
+    )
+    new_parts, next_id = _embed_shards(source, data, manifest, todo, cfg, store, next_id, verbose)
+    shards = {n: v for n, v in indexed.items() if n not in gone}
+    for name, rows in new_parts.items():
+        shards[name] = {"sha256": wanted[name]["sha256"], "vectors": rows}
+    kept = {part_name(n) for n in shards}
+    for name in store.list(PARTS):  # dropped shards, and leftovers of an interrupted first build
+        if name not in kept:
+            store.remove(name)
+    total = sum(v["vectors"] for v in shards.values())
+    if total == 0:
+        raise ConfigError(f"{data}: no sample to index in split(s) {', '.join(splits)}")
+
+    kind = "exact" if total <= ic.exact_max else "ivf"
+    index = None
+    if state is not None and state.get("kind") == kind and not rebuild:
+        index = _load_faiss(store, state)
+    if index is None:  # first build, a change of kind, or an index file that is not the recorded one
+        index = _new_index(kind, store, shards, ic.nlist)
+        _add_parts(index, store, shards)
+    else:
+        if len(removed_ids):
+            index.remove_ids(np.ascontiguousarray(removed_ids, dtype=np.int64))
+        _add_parts(index, store, {n: shards[n] for n in new_parts})
+    if index.ntotal != total:
+        raise RuntimeError(f"{out}: the index holds {index.ntotal} vectors, the parts {total}")
+    blob = faiss().serialize_index(index).tobytes()
+    store.write_bytes(FAISS_FILE, blob)
+    state = {
+        "format": FORMAT,
+        "encoder": enc_key,
+        "encoder_info": source.info,
+        "modality": ic.modality,
+        "data": data,
+        "splits": splits,
+        "kind": kind,
+        "nlist": getattr(index, "nlist", None),
+        "dim": index.d,
+        "vectors": total,
+        "next_id": next_id,
+        "faiss_sha256": hashlib.sha256(blob).hexdigest(),
+        "shards": dict(sorted(shards.items())),
+    }
+    # what a query is decoded and transformed with: the shards' image settings and features
+    store.write_bytes(DATA_MANIFEST, json.dumps(manifest).encode())
+    store.write_bytes(INDEX_FILE, json.dumps(state, indent=1).encode())
+    added = sum(new_parts.values())
+    return IndexResult(
+        url=out,
+        kind=kind,
+        vectors=total,
+        added=added,
+        removed=len(removed_ids),
+        shards_embedded=sorted(new_parts),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _read_state(store: Store) -> dict[str, Any] | None:
+    if not store.exists(INDEX_FILE):
+        return None
+    try:
+        state = json.loads(store.read_bytes(INDEX_FILE))
+    except ValueError as e:
+        raise ConfigError(f"{store.uri(INDEX_FILE)}: unreadable ({e}); rebuild it with --rebuild") from None
+    if state.get("format") != FORMAT:
+        raise ConfigError(
+            f"{store.uri(INDEX_FILE)}: index format {state.get('format')}, this jepa-ray reads {FORMAT}"
+        )
+    return state
+
+
+def _check_same(state: dict[str, Any], out: str, enc_key: str, modality: str, data: str) -> None:
+    """A rerun adds to the index only what the same encoder embeds the same way."""
+    if state["encoder"] != enc_key:
+        raise ConfigError(
+            f"{out}: indexed with another encoder; its vectors would not compare with this one's. "
+            "Use --rebuild to replace them, or another --out"
+        )
+    if state["modality"] != modality:
+        raise ConfigError(
+            f"{out}: holds {state['modality']} embeddings, not index.modality={modality}; "
+            "use --rebuild or another --out"
+        )
+    if state["data"] != data:
+        log.warning("%s: was built from %s; adding the shards of %s", out, state["data"], data)
+
+
+def _embed_shards(
+    source, data: str, manifest: dict, todo: list[str], cfg: Config, store: Store, next_id: int, verbose: bool
+) -> tuple[dict[str, int], int]:
+    """Embed the shards in `todo` (one Ray Data execution) and write one part per shard; returns
+    {shard: vectors} and the next free id."""
+    import ray.data
+
+    from jepa_ray.console import ray_data_progress
+    from jepa_ray.eval.embed import Embedder, check_dims, eval_pipeline
+    from jepa_ray.stream.pipeline import build_dataset, new_ledger, open_split
+
+    if not todo:
+        return {}, next_id
+    pcfg = eval_pipeline(cfg, source.info)
+    by_split: dict[str, list[str]] = {}
+    split_of = {s["name"]: s["split"] for s in manifest["shards"]}
+    for name in todo:
+        by_split.setdefault(split_of[name], []).append(name)
+    ledger = new_ledger(pcfg.max_bad_samples)
+    column = COLUMNS[cfg.index.modality]
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in todo}
+    vectors: dict[str, list[np.ndarray]] = {name: [] for name in todo}
+    try:
+        datasets = []
+        for split, names in by_split.items():
+            whole = open_split(data, split, cfg.train.storage)
+            check_dims(source, whole.spec.model_dims(pcfg), data)
+            keep = [i for i, p in enumerate(whole.paths) if p.rsplit("/", 1)[-1] in set(names)]
+            subset = replace(
+                whole, paths=[whole.paths[i] for i in keep], expected={n: whole.expected[n] for n in names}
+            )
+            datasets.append(build_dataset(subset, pcfg, train=False, ledger=ledger, keep_shard=True))
+        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs={
+                "source": source,
+                "regions": cfg.eval.regions,
+                "use_gpu": cfg.eval.use_gpu,
+            },
+            batch_size=cfg.eval.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),
+            num_gpus=1 if cfg.eval.use_gpu else 0,
+        )
+        ray_data_progress(ds.context, verbose)
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for i, shard in enumerate(batch["shard"]):
+                rows[str(shard)].append(
+                    {"key": str(batch["key"][i]), **safe_meta(str(batch["meta"][i]), str(shard))}
+                )
+                vectors[str(shard)].append(batch[column][i])
+    finally:
+        ray.kill(ledger)
+    counts = {}
+    for name in todo:
+        n = len(rows[name])
+        ids = np.arange(next_id, next_id + n, dtype=np.int64)
+        next_id += n
+        dim = len(vectors[name][0]) if n else 0
+        vec = normalise(np.stack(vectors[name])) if n else np.zeros((0, dim), np.float32)
+        table = pa.table(
+            {
+                "id": ids,
+                **{c: [r.get(c) for r in rows[name]] for c in META},
+                **{
+                    c: [r.get(c) for r in rows[name]]
+                    for c in sorted({k for r in rows[name] for k in r} - set(META))
+                },
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), max(dim, 1))
+                if n
+                else pa.array([], pa.list_(pa.float32())),
+            }
+        )
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        store.write_bytes(part_name(name), sink.getvalue())
+        counts[name] = n
+        log.info("indexed %s: %d vectors", name, n)
+    return counts, next_id
+
+
+def read_part(store: Store, shard: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(store.read_bytes(part_name(shard))), columns=columns)
+
+
+def part_vectors(table: pa.Table) -> np.ndarray:
+    col = table.column("vector").combine_chunks()
+    if len(col) == 0:
+        return np.zeros((0, 0), np.float32)
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(col), -1)
+
+
+def _new_index(kind: str, store: Store, shards: dict[str, dict], nlist: int | None):
+    f = faiss()
+    dim = None
+    for name, v in shards.items():
+        if v["vectors"]:
+            dim = part_vectors(read_part(store, name, ["vector"])).shape[1]
+            break
+    if kind == "exact":
+        return f.IndexIDMap2(f.IndexFlatIP(dim))
+    total = sum(v["vectors"] for v in shards.values())
+    lists = nlist or max(64, int(4 * math.sqrt(total)))
+    lists = min(lists, max(1, total // TRAIN_MIN))
+    index = f.IndexIVFFlat(f.IndexFlatIP(dim), dim, lists, f.METRIC_INNER_PRODUCT)
+    index.train(_training_sample(store, shards, lists * 256))
+    return index
+
+
+def _training_sample(store: Store, shards: dict[str, dict], most: int) -> np.ndarray:
+    """Up to `most` vectors drawn evenly from every part (k-means of the IVF lists)."""
+    total = sum(v["vectors"] for v in shards.values())
+    rng = np.random.default_rng(0)
+    out = []
+    for name, v in sorted(shards.items()):
+        if not v["vectors"]:
+            continue
+        vec = part_vectors(read_part(store, name, ["vector"]))
+        take = max(1, round(len(vec) * min(1.0, most / total)))
+        out.append(vec[rng.choice(len(vec), min(take, len(vec)), replace=False)])
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def _add_parts(index, store: Store, shards: dict[str, dict]) -> None:
+    for name, v in sorted(shards.items()):
+        if v["vectors"]:
+            t = read_part(store, name, ["id", "vector"])
+            index.add_with_ids(part_vectors(t), np.ascontiguousarray(t["id"].to_numpy(), dtype=np.int64))
+
+
+def _load_faiss(store: Store, state: dict[str, Any]):
+    """The index file, if it is the one index.json recorded (else None: rebuilt from the parts)."""
+    if not store.exists(FAISS_FILE):
+        return None
+    blob = store.read_bytes(FAISS_FILE)
+    if hashlib.sha256(blob).hexdigest() != state.get("faiss_sha256"):
+        log.warning(
+            "%s: not the index file index.json records (an interrupted run?): rebuilding it",
+            store.uri(FAISS_FILE),
+        )
+        return None
+    return faiss().deserialize_index(np.frombuffer(blob, dtype=np.uint8))
