@@ -823,8 +823,18 @@ class IndexConfig(_Strict):
         ge=1,
         description="IVF lists; default 4 x sqrt(vectors), at least 64 (set when the IVF index is built).",
     )
-    nprobe: int = Field(
-        32, ge=1, description="IVF lists searched per query: more is slower and closer to exact."
+    nprobe: int | None = Field(
+        None,
+        ge=1,
+        description="IVF lists searched per query (more is slower and closer to exact). Default: what "
+        "`index` chose, the fewest (from 8, doubling) whose recall@10 against exact search reached "
+        "index.recall_target on 256 of the archive's own vectors.",
+    )
+    recall_target: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="recall@10 against exact search that an IVF index's nprobe is chosen for.",
     )
     k: int = Field(10, ge=1, description="Neighbours returned by search (--k overrides).")
 

@@ -51,6 +51,7 @@ DATA_MANIFEST = "data-manifest.json"
 COLUMNS = {"image": "emb_image", "ehr": "emb_ehr", "joint": "emb_joint"}
 META = ("key", "subject", "split", "site", "modality", "view", "has_image", "has_ehr", "shard")
 TRAIN_MIN = 39  # FAISS wants at least 39 training points per IVF list
+RECALL_QUERIES = 256  # archive vectors queried to choose an IVF index's nprobe
 
 
 @dataclass
@@ -186,6 +187,19 @@ def build_index(
         _add_parts(index, store, {n: shards[n] for n in new_parts})
     if index.ntotal != total:
         raise RuntimeError(f"{out}: the index holds {index.ntotal} vectors, the parts {total}")
+    nprobe, recall = None, None
+    if kind == "ivf":  # the lists an archive's own queries need for recall@10 >= index.recall_target
+        queries = _training_sample(store, shards, RECALL_QUERIES)
+        nprobe, recall = tune_nprobe(
+            index, _part_chunks(store, shards), queries, ic.nprobe or 8, ic.recall_target
+        )
+        log.info("IVF: nprobe %d gives recall@10 %.3f against exact search", nprobe, recall)
+        if recall < ic.recall_target:
+            log.warning(
+                "IVF recall@10 is %.3f even searching every list: set index.exact_max above %d for exact search",
+                recall,
+                total,
+            )
     blob = faiss().serialize_index(index).tobytes()
     store.write_bytes(FAISS_FILE, blob)
     state = {
@@ -197,6 +211,8 @@ def build_index(
         "splits": splits,
         "kind": kind,
         "nlist": getattr(index, "nlist", None),
+        "nprobe": nprobe,  # IVF: lists searched per query, and the recall@10 it gave on this archive
+        "recall_at_10": recall,
         "dim": index.d,
         "vectors": total,
         "next_id": next_id,
@@ -341,21 +357,29 @@ def part_vectors(table: pa.Table) -> np.ndarray:
     return np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(col), -1)
 
 
-def _new_index(kind: str, store: Store, shards: dict[str, dict], nlist: int | None):
+def new_faiss_index(kind: str, dim: int, total: int, nlist: int | None = None, sample=None):
+    """An empty FAISS index for `total` vectors of `dim`: exact (flat, inner product, by id), or IVF
+    with `nlist` lists (default 4 sqrt(total), at least 64, at most total / 39) trained on `sample`
+    (a callable: most -> that many vectors at most)."""
     f = faiss()
-    dim = None
-    for name, v in shards.items():
-        if v["vectors"]:
-            dim = part_vectors(read_part(store, name, ["vector"])).shape[1]
-            break
     if kind == "exact":
         return f.IndexIDMap2(f.IndexFlatIP(dim))
-    total = sum(v["vectors"] for v in shards.values())
     lists = nlist or max(64, int(4 * math.sqrt(total)))
-    lists = min(lists, max(1, total // TRAIN_MIN))
+    lists = max(1, min(lists, total // TRAIN_MIN))
     index = f.IndexIVFFlat(f.IndexFlatIP(dim), dim, lists, f.METRIC_INNER_PRODUCT)
-    index.train(_training_sample(store, shards, lists * 256))
+    # k-means costs points x lists: 39 points a list (FAISS's minimum) up to 256, at most ~100k
+    index.train(np.ascontiguousarray(sample(max(lists * TRAIN_MIN, min(lists * 256, 100_000))), np.float32))
     return index
+
+
+def _new_index(kind: str, store: Store, shards: dict[str, dict], nlist: int | None):
+    dim = next(
+        part_vectors(read_part(store, name, ["vector"])).shape[1]
+        for name, v in shards.items()
+        if v["vectors"]
+    )
+    total = sum(v["vectors"] for v in shards.values())
+    return new_faiss_index(kind, dim, total, nlist, lambda most: _training_sample(store, shards, most))
 
 
 def _training_sample(store: Store, shards: dict[str, dict], most: int) -> np.ndarray:
@@ -370,6 +394,47 @@ def _training_sample(store: Store, shards: dict[str, dict], most: int) -> np.nda
         take = max(1, round(len(vec) * min(1.0, most / total)))
         out.append(vec[rng.choice(len(vec), min(take, len(vec)), replace=False)])
     return np.ascontiguousarray(np.concatenate(out))
+
+
+def exact_top(chunks, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k most similar vectors to each query, over (ids, vectors) chunks: brute force,
+    one chunk in memory at a time."""
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    for ids, vectors in chunks:
+        sims = queries @ vectors.T
+        if sims.shape[1] > k:  # the chunk's own k best first: a partial sort
+            part = np.argpartition(-sims, k, axis=1)[:, :k]
+            sims, cand = np.take_along_axis(sims, part, 1), np.asarray(ids)[part]
+        else:
+            cand = np.broadcast_to(np.asarray(ids), sims.shape)
+        s, i = np.concatenate([best_s, sims], axis=1), np.concatenate([best_i, cand], axis=1)
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
+    return best_i
+
+
+def tune_nprobe(
+    index, chunks, queries: np.ndarray, start: int, target: float, k: int = 10
+) -> tuple[int, float]:
+    """The smallest nprobe (start, doubling, up to every list) whose recall@k against exact search
+    reaches `target` on these queries; (nprobe, its recall). The index is left set to it."""
+    truth = exact_top(chunks, queries, k)
+    nprobe = min(start, index.nlist)
+    while True:
+        index.nprobe = nprobe
+        _, found = index.search(queries, k)
+        recall = float(np.mean([len(set(found[i]) & set(truth[i])) / k for i in range(len(queries))]))
+        if recall >= target or nprobe >= index.nlist:
+            return nprobe, recall
+        nprobe = min(nprobe * 2, index.nlist)
+
+
+def _part_chunks(store: Store, shards: dict[str, dict]):
+    for name, v in sorted(shards.items()):
+        if v["vectors"]:
+            t = read_part(store, name, ["id", "vector"])
+            yield t["id"].to_numpy(), part_vectors(t)
 
 
 def _add_parts(index, store: Store, shards: dict[str, dict]) -> None:

@@ -50,7 +50,9 @@ class Index:
     meta: pd.DataFrame  # one row per vector, indexed by id
 
 
-def open_index(url: str, storage: StorageConfig | None = None, nprobe: int = 32) -> Index:
+def open_index(url: str, storage: StorageConfig | None = None, nprobe: int | None = None) -> Index:
+    """An index for search; an IVF index searches `nprobe` lists per query (None: the number
+    `index` chose for the archive's recall target)."""
     store = Store(url, storage or StorageConfig())
     if not store.exists(INDEX_FILE):
         raise ConfigError(f"{url}: not a jepa-ray index (no {INDEX_FILE}); build one with `jepa-ray index`")
@@ -64,7 +66,7 @@ def open_index(url: str, storage: StorageConfig | None = None, nprobe: int = 32)
         )
     index = faiss().deserialize_index(np.frombuffer(blob, dtype=np.uint8))
     if hasattr(index, "nprobe"):
-        index.nprobe = min(nprobe, index.nlist)
+        index.nprobe = min(nprobe or state.get("nprobe") or 32, index.nlist)
     frames = [read_part(store, name).drop(["vector"]).to_pandas() for name in state["shards"]]
     meta = pd.concat(frames, ignore_index=True).set_index("id") if frames else pd.DataFrame()
     return Index(url, store, state, index, meta)

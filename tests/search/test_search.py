@@ -166,6 +166,8 @@ def test_an_ivf_index_on_s3_finds_what_exact_search_finds(archive, s3_bucket, tm
     cfg = load_config(overrides=[*PIPELINE, "index.exact_max=10", f"train.storage.endpoint_url={endpoint}"])
     built = build_index(str(enc), str(shards), url, cfg)
     assert built.kind == "ivf"
+    state = open_index(url, cfg.train.storage).state
+    assert state["recall_at_10"] >= 0.95 and state["nprobe"] >= 1  # chosen against exact search
     keys, vecs, _ = _all(url, cfg.train.storage)
     idx = open_index(url, cfg.train.storage, nprobe=1000)  # every list: exact
     for qi in (1, 5):
@@ -236,3 +238,25 @@ def test_a_query_dicom_finds_its_own_study_and_its_identifiers_go_nowhere(
     assert r.exit_code != 0 and "bad.dcm" in r.output and "cannot be used as a query" in r.output
     r = CliRunner().invoke(app, ["search", "--index", out, *PIPELINE])
     assert r.exit_code != 0 and "--dicom FILE or --key KEY" in r.output
+
+
+def test_an_ivf_index_searches_as_many_lists_as_its_recall_target_needs():
+    """Unclustered vectors (IVF's worst case): nprobe rises until recall@10 against brute force
+    reaches the target, and exact_top is brute force."""
+    from jepa_ray.search.index import exact_top, new_faiss_index, normalise, tune_nprobe
+
+    rng = np.random.default_rng(0)
+    x = normalise(rng.standard_normal((6000, 32)))
+    q = x[rng.choice(6000, 64, replace=False)]
+    sims = q @ x.T
+    truth = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+    chunks = [(np.arange(i, i + 1000), x[i : i + 1000]) for i in range(0, 6000, 1000)]
+    assert (exact_top(chunks, q, 10) == truth).all()
+
+    index = new_faiss_index("ivf", 32, 6000, 64, lambda most: x[:most])
+    index.add_with_ids(x, np.arange(6000, dtype=np.int64))
+    nprobe, recall = tune_nprobe(index, chunks, q, 1, 0.95)
+    assert recall >= 0.95 and 1 < nprobe <= 64 and index.nprobe == nprobe
+    index.nprobe = max(nprobe // 2, 1)
+    _, found = index.search(q, 10)
+    assert np.mean([len(set(found[i]) & set(truth[i])) / 10 for i in range(64)]) < 0.95  # the smallest

@@ -1,0 +1,234 @@
+"""Similar-case search: speed of the index at archive scale, and whether neighbours are similar cases.
+
+speed — System: jepa-ray's FAISS indexes (`jepa_ray.search.index.new_faiss_index`: exact flat, and
+IVF with the default lists and the nprobe `jepa-ray index` chooses: the fewest lists, from 8 doubling,
+whose recall@10 reaches index.recall_target on 256 of the indexed vectors) over n synthetic unit vectors (a mixture of 1,000
+clusters, dimension 384: ViT-S's width) at n = 10^4, 10^5, 10^6. Baseline: exact brute force in
+numpy on the same vectors (one matrix product and a partial sort per batch of queries), measured in
+the same run. Reported: build time and rate, queries/s (batches of 1,000 queries), recall@10 of
+IVF against exact, index memory (serialised bytes).
+ratio = IVF queries/s / brute-force queries/s at the largest n (higher is better), with its
+recall@10 (target >= 0.95).
+
+quality — System: indexes of the demo's test split queried against its train split (the
+historical cases) with the demo's pretrained JEPA, its MAE baseline (same data, masks, steps) and
+random inits (3 seeds), image embeddings. Per query, the k = 10 nearest training cases: their mean
+distance to the query in the synthetic cohort's ground-truth latent space (standardised), over
+the mean distance of random pairs (lower is better; 1 = no better than chance), and precision@10
+of same-label neighbours for each binary label, over the label's base rate.
+
+    python benchmarks/bench_search.py speed [--quick] [--out FILE.json]
+    python benchmarks/bench_search.py quality --demo DIR [--out FILE.json]   # DIR: a `jepa-ray demo --out DIR`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_prepare import hardware
+
+DIM = 384
+K = 10
+
+
+def _vectors(n: int, rng: np.random.Generator, centers: np.ndarray | None) -> np.ndarray:
+    """Unit vectors: a mixture around `centers`, or, with None, isotropic (no structure at all:
+    the worst case for IVF, whose lists assume the vectors cluster)."""
+    noise = rng.standard_normal((n, DIM), np.float32)
+    v = noise if centers is None else centers[rng.integers(0, len(centers), n)] + 0.35 * noise
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _brute(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    out = []
+    for i in range(0, len(q), 250):
+        s = q[i : i + 250] @ x.T
+        top = np.argpartition(-s, k, axis=1)[:, :k]
+        order = np.take_along_axis(s, top, 1).argsort(axis=1)[:, ::-1]
+        out.append(np.take_along_axis(top, order, 1))
+    return np.concatenate(out), len(q) / (time.perf_counter() - t0)
+
+
+def speed(sizes: list[int], queries: int, isotropic: bool = False) -> dict:
+    import faiss
+
+    from jepa_ray.config import IndexConfig
+    from jepa_ray.search.index import new_faiss_index, tune_nprobe
+
+    rng = np.random.default_rng(0)
+    centers = None if isotropic else rng.standard_normal((1000, DIM)).astype(np.float32)
+    q = _vectors(queries, rng, centers)
+    recall_target = IndexConfig().recall_target
+    rows = []
+    for n in sizes:
+        x = _vectors(n, rng, centers)
+        truth, brute_qps = _brute(x, q, K)
+        row = {"n": n, "dim": DIM, "brute_force_qps": brute_qps}
+        for kind in ("exact", "ivf"):
+            t0 = time.perf_counter()
+
+            def sample(most: int, x=x, n=n) -> np.ndarray:
+                return x[rng.choice(n, min(most, n), replace=False)]
+
+            index = new_faiss_index(kind, DIM, n, None, sample)
+            index.add_with_ids(x, np.arange(n, dtype=np.int64))
+            build = time.perf_counter() - t0
+            if kind == "ivf":  # as `jepa-ray index` does: nprobe for the recall target on 256 of its vectors
+                t1 = time.perf_counter()
+                probe = x[rng.choice(n, 256, replace=False)]
+                chunks = (
+                    (np.arange(i, min(i + 100_000, n)), x[i : i + 100_000]) for i in range(0, n, 100_000)
+                )
+                tune_nprobe(index, chunks, probe, 8, recall_target)
+                tuning = time.perf_counter() - t1
+            t0 = time.perf_counter()
+            _, found = index.search(q, K)
+            qps = queries / (time.perf_counter() - t0)
+            recall = float(np.mean([len(set(found[i]) & set(truth[i])) / K for i in range(queries)]))
+            row[kind] = {
+                "build_s": build,
+                "vectors_per_s": n / build,
+                "qps": qps,
+                "vs_brute_force": qps / brute_qps,
+                "recall_at_10": recall,
+                "bytes": int(faiss.serialize_index(index).nbytes),
+                **(
+                    {"nlist": index.nlist, "nprobe": index.nprobe, "tuning_s": tuning}
+                    if kind == "ivf"
+                    else {}
+                ),
+            }
+            del index
+        rows.append(row)
+        ivf = row["ivf"]
+        print(
+            f"n={n:>8}: brute {brute_qps:8.0f} q/s | exact {row['exact']['qps']:8.0f} q/s "
+            f"build {row['exact']['build_s']:.1f}s | IVF {ivf['qps']:8.0f} q/s ({ivf['vs_brute_force']:.1f}x) "
+            f"recall@10 {ivf['recall_at_10']:.3f} build {ivf['build_s']:.1f}s, "
+            f"{ivf['bytes'] / 2**20:.0f} MiB, nlist {ivf['nlist']} nprobe {ivf['nprobe']}",
+            flush=True,
+        )
+    last = rows[-1]["ivf"]
+    return {
+        "rows": rows,
+        "ratio": last["vs_brute_force"],
+        "recall_at_10": last["recall_at_10"],
+        "meets_target": last["recall_at_10"] >= 0.95,
+    }
+
+
+def quality(demo: Path, seeds: int = 3) -> dict:
+    """Neighbours of test-split queries among the training cases, per encoder."""
+    import pandas as pd
+    import ray
+
+    from jepa_ray.config import load_config
+    from jepa_ray.eval.embed import EncoderSource, extract, read_embeddings
+    from jepa_ray.eval.evaluate import LATENTS, resolve_encoder
+    from jepa_ray.ingest.deid import Pseudonymizer
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    salt = [f"prepare.deid.salt_file={demo / 'salt'}"] if (demo / "salt").exists() else []
+    import jepa_ray
+
+    cfg = load_config(Path(jepa_ray.__file__).parent / "configs" / "demo-cpu.yaml", salt)
+    shards = str(demo / "shards")
+    pz = Pseudonymizer(cfg.prepare.deid.resolve_salt())
+    table = pd.read_parquet(demo / "cohort" / "latents.parquet")
+    factors = list(LATENTS)
+    values = table[factors].to_numpy(float)
+    values = (values - values.mean(0)) / values.std(0)  # each factor standardised
+    z = {pz.subject(sid): values[i] for i, sid in enumerate(table["subject_id"])}
+    work = demo / "bench-search"
+    pre = resolve_encoder(str(demo / "encoder.safetensors"), cfg, work)
+    sources = [pre]
+    if (demo / "mae.safetensors").exists():
+        sources.append(resolve_encoder(str(demo / "mae.safetensors"), cfg, work, name="mae"))
+    sources += [EncoderSource(f"random_init_{s}", None, pre.info, seed=s) for s in range(seeds)]
+    out = {"factors": factors, "k": K, "encoders": {}}
+    for src in sources:
+        paths = extract(src, shards, ["train", "test"], cfg, work)
+        tr, te = read_embeddings(paths["train"]), read_embeddings(paths["test"])
+        keep_tr, keep_te = tr["has_image"].astype(bool), te["has_image"].astype(bool)
+        xa = tr["emb_image"][keep_tr]
+        xq = te["emb_image"][keep_te]
+        xa = xa / np.linalg.norm(xa, axis=1, keepdims=True)
+        xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+        meta_a = [json.loads(m) for m in tr["meta"][keep_tr]]
+        meta_q = [json.loads(m) for m in te["meta"][keep_te]]
+        # the shards carry subject pseudonyms: the cohort's ids pseudonymised with the demo's salt
+        za = np.stack([z[m["subject"]] for m in meta_a])
+        zq = np.stack([z[m["subject"]] for m in meta_q])
+        nn = np.argsort(-(xq @ xa.T), axis=1)[:, :K]
+        near = np.mean([np.linalg.norm(za[nn[i]] - zq[i], axis=1).mean() for i in range(len(xq))])
+        rng = np.random.default_rng(0)
+        rand = np.mean(
+            np.linalg.norm(za[rng.integers(0, len(za), 20000)] - zq[rng.integers(0, len(zq), 20000)], axis=1)
+        )
+        labels = sorted({k for m in meta_a for k in (m.get("labels") or {})})
+        prec = {}
+        for lab in labels:
+            ya = np.array([(m.get("labels") or {}).get(lab, -1) for m in meta_a])
+            yq = np.array([(m.get("labels") or {}).get(lab, -1) for m in meta_q])
+            pos = yq == 1
+            if pos.sum() == 0:
+                continue
+            p_at_k = np.mean([(ya[nn[i]] == 1).mean() for i in np.flatnonzero(pos)])
+            prec[lab] = {"precision_at_10": float(p_at_k), "base_rate": float((ya == 1).mean())}
+        # per factor: |z_neighbour - z_query| over |z_a - z_b| of random pairs
+        per = {
+            f: float(
+                np.mean([np.abs(za[nn[i], j] - zq[i, j]).mean() for i in range(len(xq))])
+                / np.mean(
+                    np.abs(za[rng.integers(0, len(za), 20000), j] - zq[rng.integers(0, len(zq), 20000), j])
+                )
+            )
+            for j, f in enumerate(factors)
+        }
+        out["encoders"][src.name] = {
+            "latent_distance_ratio": float(near / rand),
+            "per_factor_ratio": per,
+            "precision_at_10": prec,
+            "queries": len(xq),
+            "archive": len(xa),
+        }
+        print(src.name, json.dumps(out["encoders"][src.name]), flush=True)
+    ray.shutdown()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["speed", "quality"])
+    ap.add_argument("--quick", action="store_true", help="speed: 10^4 and 10^5 vectors only")
+    ap.add_argument("--isotropic", action="store_true", help="speed: unclustered vectors (IVF's worst case)")
+    ap.add_argument("--demo", type=Path, help="quality: the output directory of a `jepa-ray demo` run")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.what == "speed":
+        doc = speed([10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000], 1000, args.isotropic)
+        doc["vectors"] = "isotropic" if args.isotropic else "mixture of 1,000 clusters"
+        print(
+            f"ratio: IVF / brute-force queries/s at the largest n = {doc['ratio']:.1f} (recall@10 {doc['recall_at_10']:.3f}, target >= 0.95)"
+        )
+    else:
+        if args.demo is None:
+            ap.error("quality needs --demo DIR")
+        doc = quality(args.demo)
+    doc = {"benchmark": f"search {args.what}", "hardware": hardware(), **doc}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
