@@ -46,6 +46,11 @@ class SynthConfig(_Strict):
     )
     ct_size: int = Field(96, ge=16, le=512, description="Rows and columns of each CT slice.")
     ct_slices: int = Field(32, ge=2, le=512, description="Slices per CT series (the chest, apex to base).")
+    masks: bool = Field(
+        True,
+        description="Write each radiograph's ground-truth structure masks (lungs, heart, bone, lung zones) as "
+        "PNGs under masks/, as an annotation export would (masks/structures.json says how).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:

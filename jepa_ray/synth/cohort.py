@@ -273,6 +273,7 @@ def _plan_images(
             study_uid=uids[0],
             series_uid=uids[1],
             sop_uid=uids[2],
+            masks=cfg.masks,
         )
         if ct_draw.random() < cfg.ct_fraction:  # its own stream: radiographs do not depend on it
             job = _as_ct(job, cfg, ct_draw)
@@ -312,6 +313,20 @@ def _as_ct(job: Radiograph, cfg: SynthConfig, rng: np.random.Generator) -> CTStu
         frame_uid=uids[0],
         sop_uids=tuple(uids[1:]),
     )
+
+
+def _write_mask_legend(out: Path) -> None:
+    """masks/structures.json: the masks' convention and what each structure is."""
+    from jepa_ray.synth.phantom import STRUCTURES
+
+    legend = {
+        "convention": "one 8-bit PNG per structure and radiograph, 255 inside and 0 outside, with the "
+        "DICOM image's rows and columns (its stored pixel grid): masks/<the image's path under dicom/, "
+        "without .dcm>/<structure>.png",
+        "structures": STRUCTURES,
+    }
+    (out / "masks").mkdir(exist_ok=True)
+    (out / "masks" / "structures.json").write_text(json.dumps(legend, indent=1) + "\n")
 
 
 def write_study(job: Radiograph | CTStudy, root: str) -> int:
@@ -556,6 +571,8 @@ def write_cohort(out: Path, cfg: SynthConfig, *, workers: int = 1) -> dict[str, 
     logger.info("synthetic cohort: %d subjects, %d images, writing to %s", cfg.subjects, len(jobs), out)
     (out / "dicom").mkdir()
     _write_images(jobs, out, workers)
+    if cfg.masks:
+        _write_mask_legend(out)
     n_events = _write_ehr(out, cfg, co, rng)
     _write_truth(out, co, rng)
     (out / "phi_planted.json").write_text(json.dumps(phi, indent=1) + "\n")

@@ -90,6 +90,7 @@ class Radiograph:
     study_uid: str
     series_uid: str
     sop_uid: str
+    masks: bool = False  # also write its ground-truth structure masks (write_masks)
 
 
 def _lerp_index(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,12 +158,16 @@ def draw_chest(
     thorax: float,
     ap: bool,
     rng: np.random.Generator,
+    masks: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Attenuation map (float32, `shape`) of a frontal chest radiograph at `spacing` mm per pixel.
 
     `thorax` is the half-width of the bony thorax in mm. The heart's width follows `cardiac`
     (cardiothoracic ratio ~0.44 + 0.07 * cardiac), the amount of patchy airspace opacity and of
     pleural fluid follows `lung`, and bone density falls with `frailty`.
+
+    `masks`, when given, receives the ground truth of what was drawn (bool, `shape`): STRUCTURES.
+    Drawing them takes nothing from `rng`: the image is the same with or without.
     """
     rows, cols = shape
     tw = thorax
@@ -191,6 +196,8 @@ def draw_chest(
         m *= np.clip((dome[None, :] - y[rs][:, None]) / 4.0, 0, 1)
         air[rs, cs] = np.maximum(air[rs, cs], m)
         lungs.append((cx, ax, cy, ay, base))
+        if masks is not None:  # the patient's right lung is on the image's left (side -1)
+            _lung_masks(masks, "right" if side < 0 else "left", shape, rs, cs, m > 0.5)
 
     # airspace opacities: patchy blobs, more of them and larger with `lung`, lower zones favoured
     opac = np.zeros((rows, cols), np.float32)
@@ -223,6 +230,9 @@ def draw_chest(
     hh = np.clip(0.8 * hw, 45, 95)
     rs, cs, heart = _ellipse(x, y, hw / 3 - 4, lungs[0][4] - 0.72 * hh, hw, hh, 3.0)
     air[rs, cs] *= 1 - 0.95 * heart
+    if masks is not None:
+        masks["heart"] = np.zeros(shape, bool)
+        masks["heart"][rs, cs] = heart > 0.5
     # aortic knob and gastric bubble
     rs, cs, knob = _ellipse(x, y, 0.16 * tw, 0.3 * length, 17, 15, 3.0)
     air[rs, cs] *= 1 - 0.9 * knob
@@ -253,6 +263,8 @@ def draw_chest(
     vert = 0.65 + 0.35 * np.cos(2 * np.pi * (y + rng.uniform(0, 25)) / 25.0) ** 2
     bone[:, cs] += 0.8 * np.outer(vert, np.clip(1 - (x[cs] / 22) ** 4, 0, 1))
 
+    if masks is not None:  # ribs, clavicles and spine where the bone is at least a quarter dense
+        masks["bone"] = bone > 0.25
     bone *= 0.28 * float(np.clip(1 - 0.15 * frailty, 0.55, 1.3))
     att = 0.95 * soft
     att -= 0.62 * air
@@ -261,6 +273,53 @@ def draw_chest(
     r0, c0 = int(rows * 0.05), int(cols * (0.06 if rng.random() < 0.5 else 0.9))
     att[r0 : r0 + max(4, rows // 40), c0 : c0 + max(3, cols // 60)] = 1.8
     return att
+
+
+STRUCTURES = {
+    "right_lung": "the patient's right lung field (the image's left), cut by its hemidiaphragm",
+    "left_lung": "the patient's left lung field",
+    "heart": "the cardiac silhouette",
+    "bone": "posterior ribs, clavicles and thoracic spine",
+    **{
+        f"{side}_{zone}": f"the {zone} third of the {side} lung, by height from apex to diaphragm"
+        for side in ("right", "left")
+        for zone in ("upper", "middle", "lower")
+    },
+}
+
+
+def _lung_masks(
+    masks: dict, side: str, shape: tuple[int, int], rs: slice, cs: slice, inside: np.ndarray
+) -> None:
+    """A lung's mask and its three zones: thirds of its height (rows) from apex to diaphragm."""
+    lung = np.zeros(shape, bool)
+    lung[rs, cs] = inside
+    masks[f"{side}_lung"] = lung
+    rows = np.flatnonzero(lung.any(axis=1))
+    edges = (np.linspace(rows[0], rows[-1] + 1, 4) if len(rows) else np.zeros(4)).round().astype(int)
+    for k, zone in enumerate(("upper", "middle", "lower")):
+        band = np.zeros(shape, bool)
+        band[edges[k] : edges[k + 1]] = True
+        masks[f"{side}_{zone}"] = lung & band
+
+
+def mask_dir(image_path: str) -> str:
+    """Where an image's masks go, relative to the cohort root: masks/<its path under dicom/, no suffix>/."""
+    return "masks/" + image_path.removeprefix("dicom/").removesuffix(".dcm")
+
+
+def write_masks(masks: dict[str, np.ndarray], root: str | Path, image_path: str) -> int:
+    """One 8-bit PNG per structure (255 inside, 0 outside; the image's rows x columns); bytes written."""
+    from PIL import Image
+
+    folder = Path(root) / mask_dir(image_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for name in STRUCTURES:
+        path = folder / f"{name}.png"
+        Image.fromarray(masks[name].astype(np.uint8) * 255).save(path, optimize=True)
+        written += path.stat().st_size
+    return written
 
 
 def expose(
@@ -354,7 +413,8 @@ def write_radiograph(job: Radiograph, root: str | Path) -> int:
     """Draw, expose and write one radiograph; returns the bytes written."""
     rng = np.random.default_rng(np.random.SeedSequence(job.entropy))
     shape = (job.rows, job.cols)
-    att = draw_chest(shape, job.spacing, *job.z, thorax=job.thorax, ap=job.ap, rng=rng)
+    masks: dict[str, np.ndarray] | None = {} if job.masks else None
+    att = draw_chest(shape, job.spacing, *job.z, thorax=job.thorax, ap=job.ap, rng=rng, masks=masks)
     stored = expose(att, SITES[job.site], job.bits, rng, collimate=job.collimate)
     if job.monochrome1:
         stored = (2**job.bits - 1) - stored
@@ -370,4 +430,4 @@ def write_radiograph(job: Radiograph, root: str | Path) -> int:
     path = Path(root) / job.path
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
-    return path.stat().st_size
+    return path.stat().st_size + (write_masks(masks, root, job.path) if masks is not None else 0)

@@ -419,3 +419,58 @@ def test_rerun_with_the_same_config_is_a_no_op_and_another_config_is_refused(tmp
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(FileExistsError, match="not empty"):
         write_cohort(out, SynthConfig(subjects=7, seed=3, min_size=64, max_size=80))
+
+
+def test_masks_are_written_beside_each_radiograph_and_follow_its_anatomy(cohort, dicoms, latents):
+    """The ground-truth structure masks: one PNG per structure in the image's pixel grid, lung zones
+    partitioning each lung, the heart's mask tracking the cardiac latent and the pixels the phantom
+    drew (lungs dark, heart bright), listed in masks/structures.json."""
+    from PIL import Image
+
+    from jepa_ray.synth.phantom import STRUCTURES, mask_dir
+
+    out, _ = cohort
+    legend = json.loads((out / "masks" / "structures.json").read_text())
+    assert set(legend["structures"]) == set(STRUCTURES) and "rows and columns" in legend["convention"]
+    widths, centroids, cardiac = [], [], []
+    for path, ds in dicoms:
+        folder = out / mask_dir(str(path.relative_to(out)))
+        m = {}
+        for name in STRUCTURES:
+            png = np.asarray(Image.open(folder / f"{name}.png"))
+            assert png.shape == (ds.Rows, ds.Columns) and png.dtype == np.uint8
+            assert set(np.unique(png)) <= {0, 255}
+            m[name] = png == 255
+        for side in ("right", "left"):
+            zones = [m[f"{side}_{z}"] for z in ("upper", "middle", "lower")]
+            assert (np.logical_or.reduce(zones) == m[f"{side}_lung"]).all() and sum(
+                z.sum() for z in zones
+            ) == m[f"{side}_lung"].sum()
+            assert all(z.any() for z in zones)
+        # the patient's right lung is on the image's left
+        cols = np.arange(ds.Columns)
+        assert (cols * m["right_lung"]).sum() / m["right_lung"].sum() < ds.Columns / 2
+        assert (cols * m["left_lung"]).sum() / m["left_lung"].sum() > ds.Columns / 2
+        a = _corrected(ds)
+        lung_only = (m["right_lung"] | m["left_lung"]) & ~m["heart"] & ~m["bone"]
+        assert a[lung_only].mean() < a[m["heart"] & ~m["bone"]].mean()
+        sp = float(ds.ImagerPixelSpacing[1])
+        heart_cols = np.flatnonzero(m["heart"].any(axis=0))
+        thorax = (
+            np.flatnonzero(m["left_lung"].any(axis=0))[-1] - np.flatnonzero(m["right_lung"].any(axis=0))[0]
+        ) * sp
+        widths.append((heart_cols[-1] - heart_cols[0]) * sp / thorax)
+        centroids.append(((cols * m["heart"]).sum() / m["heart"].sum() - ds.Columns / 2) * sp / thorax)
+        cardiac.append(latents.loc[int(ds.PatientID), "cardiac"])
+    assert np.corrcoef(widths, cardiac)[0, 1] > 0.8  # the cardiothoracic ratio follows the latent
+    assert np.corrcoef(centroids, cardiac)[0, 1] > 0.5  # a wider heart reaches further left
+
+
+def test_masks_leave_the_images_unchanged(tmp_path):
+    cfg = SynthConfig(subjects=4, seed=5, min_size=64, max_size=96)
+    write_cohort(tmp_path / "with", cfg)
+    write_cohort(tmp_path / "without", cfg.model_copy(update={"masks": False}))
+    with_masks, without = _tree_hash(tmp_path / "with" / "dicom"), _tree_hash(tmp_path / "without" / "dicom")
+    assert with_masks == without and with_masks
+    assert not (tmp_path / "without" / "masks").exists()
+    assert len(list((tmp_path / "with" / "masks").rglob("*.png"))) == len(with_masks) * 10
