@@ -128,6 +128,13 @@ def prepare(
         str | None, typer.Option(help="Static table (parquet or CSV) keyed by subject_id.")
     ] = None,
     outcomes: Annotated[str | None, typer.Option(help="Outcome table (labels, time-to-event).")] = None,
+    masks: Annotated[
+        str | None,
+        typer.Option(
+            help="Ground-truth structure masks of the images (DIR/<image path under --dicom, no .dcm>/<structure>.png), "
+            "kept in the shards for evaluation only."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
@@ -139,7 +146,14 @@ def prepare(
         init_ray(cfg.ray_address)
         logs = _log_to(cfg, out, "prepare")
         result = run_prepare(
-            out, cfg.prepare, dicom=dicom, meds=meds, static=static, outcomes=outcomes, show_progress=True
+            out,
+            cfg.prepare,
+            dicom=dicom,
+            meds=meds,
+            static=static,
+            outcomes=outcomes,
+            masks=masks,
+            show_progress=True,
         )
     except JepaRayError as e:
         raise _fail(e) from None

@@ -115,10 +115,12 @@ def prepare(
     meds: str | None = None,
     static: str | None = None,
     outcomes: str | None = None,
+    masks: str | None = None,
     show_progress: bool = False,
 ) -> PrepareResult:
-    """Ingest DICOM + MEDS into shards under `out` (local dir or s3://); resumable and idempotent."""
-    _check_inputs(dicom=dicom, meds=meds, static=static, outcomes=outcomes)
+    """Ingest DICOM + MEDS into shards under `out` (local dir or s3://); resumable and idempotent.
+    `masks`: an annotation export's structure masks (`jepa_ray.ingest.masks`), kept for evaluation."""
+    _check_inputs(dicom=dicom, meds=meds, static=static, outcomes=outcomes, masks=masks)
     pz = Pseudonymizer(cfg.deid.resolve_salt())
     store = _open_output(out, cfg, pz)
     records = _Records(pz.path if cfg.deid.input_paths == "hashed" else (lambda rel: rel))
@@ -135,12 +137,13 @@ def prepare(
 
     samples, vocab, stats, ehr_info = _link_and_split(pz, cfg, headers, tables, id_map, dicom_root, records)
     del tables, headers  # raw identifiers stay in memory no longer than needed
+    allowed = _attach_masks(samples, masks, dicom_root, files)
 
     plan = _plan_shards(samples, cfg)
     todo, written = _shards_to_write(store, plan, cfg, vocab, pz)
     clock.lap("plan")
     # the writers are Ray tasks, whose working directory is not this process's: an absolute location
-    _write(store, todo, written, plan, cfg, store.uri("").rstrip("/"), show_progress)
+    _write(store, todo, written, plan, cfg, store.uri("").rstrip("/"), show_progress, allowed)
     clock.lap("write")
 
     manifest = _write_manifest(store, plan, written, vocab, cfg, pz, records, len(files), ehr_info, stats)
@@ -149,6 +152,20 @@ def prepare(
     result = _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
     result.seconds = clock.laps
     return result
+
+
+def _attach_masks(samples: list[SampleSpec], masks: str | None, dicom_root: Path | None, files: list[str]):
+    """Each sample's DICOM paths that have a mask folder under `masks`; the structures allowed."""
+    if masks is None or dicom_root is None:
+        return None
+    from jepa_ray.ingest.masks import allowed_names, mask_dirs
+
+    root = Path(masks).resolve()
+    found = mask_dirs(dicom_root, root, files)
+    for s in samples:
+        s.masks = {p: found[p] for p, _ in s.dicoms if p in found} or None
+    logger.info("masks: %d of %d DICOM files have a mask folder under %s", len(found), len(files), masks)
+    return allowed_names(root)
 
 
 def _check_inputs(**inputs: str | None) -> None:
@@ -373,12 +390,13 @@ def _write(
     cfg: PrepareConfig,
     out: str,
     show_progress: bool,
+    allowed_masks: set[str] | None = None,
 ) -> None:
     """Decode and write the shards to do (Ray tasks), then remove shards no longer planned. From
     here until the new manifest is written the old one no longer describes the shards: it is
     removed first, so nothing reads a half-rewritten set as if it were the old one."""
     store.remove(MANIFEST)
-    failures = write_shards(todo, cfg, out, written, show_progress)
+    failures = write_shards(todo, cfg, out, written, show_progress, allowed_masks=allowed_masks)
     _remove_stale(store, {name for name, _, _ in plan})
     if failures:
         raise PrepareError(

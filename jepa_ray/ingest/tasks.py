@@ -133,6 +133,7 @@ def write_shards(
     records: dict[str, dict[str, Any]],
     show_progress: bool,
     decode: Callable[..., list[dict[str, Any]]] = decode_images,
+    allowed_masks: set[str] | None = None,
 ) -> list[tuple[str, str]]:
     """Decode and write the shards still to do; returns (shard, error) for those that failed.
 
@@ -158,7 +159,7 @@ def write_shards(
                 name, split, fp, specs = job
                 # decode tasks get only the paths; the EHR arrays and metadata go to the writer alone
                 chunks = [specs[i : i + step] for i in range(0, len(specs), step)]
-                refs = [_decode_remote(decoder, c, cfg) for c in chunks]
+                refs = [_decode_remote(decoder, c, cfg, allowed_masks) for c in chunks]
                 pending[write.remote(name, split, fp, specs, out, cfg.storage, *refs)] = (job, chunks, refs)
             done, _ = ray.wait(list(pending), num_returns=1)
             job, chunks, refs = pending.pop(done[0])
@@ -170,7 +171,7 @@ def write_shards(
                     "shard %s failed (%s); decoding its failed parts sample by sample", name, error_type(e)
                 )
                 try:
-                    decoded = _decoded(chunks, refs, cfg, decode)
+                    decoded = _decoded(chunks, refs, cfg, decode, allowed_masks)
                     records[name] = ray.get(write.remote(name, split, fp, specs, out, cfg.storage, decoded))
                 except Exception as e2:  # the write itself fails: report it, keep the rest
                     cause = getattr(e2, "cause", None) or e2
@@ -179,13 +180,27 @@ def write_shards(
     return failures
 
 
-def _decode_remote(remote, specs: list[SampleSpec], cfg: PrepareConfig):
+def _decode_remote(
+    remote, specs: list[SampleSpec], cfg: PrepareConfig, allowed_masks: set[str] | None = None
+):
     return remote.remote(
-        [s.dicoms for s in specs], cfg.image, cfg.volume, [s.kind for s in specs], cfg.limits
+        [s.dicoms for s in specs],
+        cfg.image,
+        cfg.volume,
+        [s.kind for s in specs],
+        cfg.limits,
+        [s.masks for s in specs],
+        allowed_masks,
     )
 
 
-def _decoded(chunks: list[list[SampleSpec]], refs: list, cfg: PrepareConfig, decode) -> list[dict[str, Any]]:
+def _decoded(
+    chunks: list[list[SampleSpec]],
+    refs: list,
+    cfg: PrepareConfig,
+    decode,
+    allowed_masks: set[str] | None = None,
+) -> list[dict[str, Any]]:
     """Every sample's decoded image, from the chunk tasks that succeeded and, for those that failed,
     from one task per sample; a sample whose task fails alone has no image, its files quarantined."""
     import ray
@@ -196,7 +211,11 @@ def _decoded(chunks: list[list[SampleSpec]], refs: list, cfg: PrepareConfig, dec
         try:
             out.extend(ray.get(ref))
         except Exception:
-            out.extend(each_alone(lambda spec: _decode_remote(alone, [spec], cfg), chunk, _crashed_sample))
+            out.extend(
+                each_alone(
+                    lambda spec: _decode_remote(alone, [spec], cfg, allowed_masks), chunk, _crashed_sample
+                )
+            )
     return out
 
 

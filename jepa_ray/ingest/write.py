@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from jepa_ray.config import ImageConfig, LimitsConfig, StorageConfig, VolumeConfig
+from jepa_ray.ingest.masks import mask_stats, read_masks
 from jepa_ray.ingest.quarantine import dicom_record, unexpected_error
 from jepa_ray.shards.format import SCHEMA_VERSION, dumps, encode_npy, encode_npz
 from jepa_ray.storage import Store
@@ -39,6 +40,7 @@ class SampleSpec:
     ehr: dict[str, np.ndarray] | None  # the ehr.npz arrays (encoded by the shard task)
     meta: dict[str, Any] = field(default_factory=dict)
     kind: str = "image"  # "image": one 2-D image of the study; "ct": the study's CT series as a volume
+    masks: dict[str, str] | None = None  # DICOM path -> its ground-truth mask folder (ingest.masks)
 
 
 def shard_fingerprint(shard: str, samples: list[SampleSpec], context: dict[str, Any]) -> str:
@@ -49,6 +51,10 @@ def shard_fingerprint(shard: str, samples: list[SampleSpec], context: dict[str, 
         for path, source in s.dicoms:
             st = os.stat(path)
             h.update(f"{source}|{st.st_size}|{st.st_mtime_ns}".encode())
+        for path, folder in sorted(
+            (s.masks or {}).items()
+        ):  # only when masks are given: old shards keep theirs
+            h.update(f"masks|{path}|{mask_stats(folder)}".encode())
         for name, arr in sorted((s.ehr or {}).items()):
             h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
             h.update(np.ascontiguousarray(arr).tobytes())
@@ -62,20 +68,24 @@ def decode_images(
     volume_cfg: VolumeConfig | None = None,
     kinds: list[str] | None = None,
     limits: LimitsConfig | None = None,
+    masks: list[dict[str, str] | None] | None = None,
+    allowed_masks: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Decode each sample's image: the first of its study's DICOMs that decodes, or, for a sample
     of kind "ct", its CT series as one volume (`_decode_ct`).
 
     Per sample: {"image": .npy bytes or None, "meta": image metadata, "quarantine": records of the
-    files that failed, "skipped": records of the study's other images, left out}. No exception
-    escapes: an unexpected one quarantines the file (or the CT study) it came from, by type only
-    (its message could quote header text).
+    files that failed, "skipped": records of the study's other images, left out}, and "mask"
+    (mask.npz bytes) when `masks` (per sample, DICOM path -> mask folder) has the chosen image's.
+    No exception escapes: an unexpected one quarantines the file (or the CT study) it came from,
+    by type only (its message could quote header text).
     """
     from jepa_ray.errors import InvalidDicomError
     from jepa_ray.ingest.image import read_image
 
     out: list[dict[str, Any]] = []
-    for dicoms, kind in zip(samples, kinds or ["image"] * len(samples), strict=True):
+    masks = masks or [None] * len(samples)
+    for dicoms, kind, folders in zip(samples, kinds or ["image"] * len(samples), masks, strict=True):
         if kind == "ct":
             try:
                 out.append(_decode_ct(dicoms, volume_cfg, limits))
@@ -103,8 +113,32 @@ def decode_images(
                 continue
             res["image"] = encode_npy(image)
             res["meta"] = {"image": image_meta, "dicom": header.safe}
+            if folders and path in folders:
+                _add_masks(res, folders[path], source, image_meta, image_cfg.size, limits, allowed_masks)
         out.append(res)
     return out
+
+
+def _add_masks(res, folder, source, image_meta, size, limits, allowed) -> None:
+    """The chosen image's masks into res["mask"] (names in meta.masks); a mask that cannot be used
+    is quarantined on its own, the image kept."""
+    from jepa_ray.errors import InvalidDicomError
+
+    try:
+        planes, names = read_masks(
+            folder,
+            tuple(image_meta["orig_shape"]),
+            image_meta["valid_box"],
+            size,
+            (limits or LimitsConfig()).max_pixels,
+            allowed,
+        )
+    except InvalidDicomError as e:
+        res["quarantine"].append({**dicom_record(f"{source} (masks)", e.reason, e.detail), "kind": "mask"})
+        return
+    if names:
+        res["mask"] = encode_npz({"masks": planes})
+        res["meta"]["masks"] = names
 
 
 def no_image(quarantine: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -234,6 +268,9 @@ def write_shard(
                 sample: dict[str, Any] = {"__key__": spec.key, "meta.json": dumps(meta)}
                 if image is not None:
                     sample["image.npy"] = image
+                if dec.get("mask") is not None:  # ground truth for evaluation; training never reads it
+                    sample["mask.npz"] = dec["mask"]
+                    counts["masks"] += 1
                 if spec.ehr is not None:
                     sample["ehr.npz"] = encode_npz(spec.ehr)
                 writer.write(sample)
@@ -260,6 +297,7 @@ def write_shard(
         "ehr": counts["ehr"],
         "paired": counts["paired"],
         "volume": counts["volume"],
+        "masks": counts["masks"],
         "bytes": size,
         "sha256": sha.hexdigest(),
         "sites": dict(sites),

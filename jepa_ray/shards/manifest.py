@@ -37,6 +37,8 @@ def build_manifest(
         s["shards"].append(r["name"])
         for k in ("samples", "image", "ehr", "paired"):
             s[k] += r[k]
+        if r.get("masks"):  # samples with ground-truth masks (evaluation only)
+            s["masks"] = s.get("masks", 0) + r["masks"]
     for s in splits.values():
         s["image_only"] = s["image"] - s["paired"]
         s["ehr_only"] = s["ehr"] - s["paired"]

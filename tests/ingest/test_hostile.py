@@ -192,10 +192,10 @@ def test_a_shard_whose_decoding_kills_a_worker_is_written_without_that_image(ray
     files = [rle_image(tmp_path / f"{i}.dcm", patient=f"P{i}") for i in range(4)]
     killer = str(files[1])
 
-    def decode(samples, image_cfg, volume_cfg, kinds, limits):
+    def decode(samples, image_cfg, volume_cfg, kinds, limits, *masks):
         if any(path == killer for dicoms in samples for path, _ in dicoms):
             os._exit(1)
-        return decode_images(samples, image_cfg, volume_cfg, kinds, limits)
+        return decode_images(samples, image_cfg, volume_cfg, kinds, limits, *masks)
 
     ehr = {"codes": np.zeros(1, np.int32)}
     specs = [
