@@ -12,7 +12,8 @@ recall@10 (target >= 0.95).
 
 quality — System: indexes of the demo's test split queried against its train split (the
 historical cases) with the demo's pretrained JEPA, its MAE baseline (same data, masks, steps) and
-random inits (3 seeds), image embeddings. Per query, the k = 10 nearest training cases: their mean
+random inits (3 seeds), image embeddings pooled (what `jepa-ray index` indexes) and as region
+tokens (the layout kept), beside raw pixels (the input ceiling). Per query, the k = 10 nearest training cases: their mean
 distance to the query in the synthetic cohort's ground-truth latent space (standardised), over
 the mean distance of random pairs (lower is better; 1 = no better than chance), and precision@10
 of same-label neighbours for each binary label, over the label's base rate.
@@ -154,55 +155,99 @@ def quality(demo: Path, seeds: int = 3) -> dict:
         sources.append(resolve_encoder(str(demo / "mae.safetensors"), cfg, work, name="mae"))
     sources += [EncoderSource(f"random_init_{s}", None, pre.info, seed=s) for s in range(seeds)]
     out = {"factors": factors, "k": K, "encoders": {}}
+    raw = _raw_images(Path(shards))
     for src in sources:
         paths = extract(src, shards, ["train", "test"], cfg, work)
         tr, te = read_embeddings(paths["train"]), read_embeddings(paths["test"])
         keep_tr, keep_te = tr["has_image"].astype(bool), te["has_image"].astype(bool)
-        xa = tr["emb_image"][keep_tr]
-        xq = te["emb_image"][keep_te]
-        xa = xa / np.linalg.norm(xa, axis=1, keepdims=True)
-        xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
         meta_a = [json.loads(m) for m in tr["meta"][keep_tr]]
         meta_q = [json.loads(m) for m in te["meta"][keep_te]]
         # the shards carry subject pseudonyms: the cohort's ids pseudonymised with the demo's salt
         za = np.stack([z[m["subject"]] for m in meta_a])
         zq = np.stack([z[m["subject"]] for m in meta_q])
-        nn = np.argsort(-(xq @ xa.T), axis=1)[:, :K]
-        near = np.mean([np.linalg.norm(za[nn[i]] - zq[i], axis=1).mean() for i in range(len(xq))])
-        rng = np.random.default_rng(0)
-        rand = np.mean(
-            np.linalg.norm(za[rng.integers(0, len(za), 20000)] - zq[rng.integers(0, len(zq), 20000)], axis=1)
-        )
-        labels = sorted({k for m in meta_a for k in (m.get("labels") or {})})
-        prec = {}
-        for lab in labels:
-            ya = np.array([(m.get("labels") or {}).get(lab, -1) for m in meta_a])
-            yq = np.array([(m.get("labels") or {}).get(lab, -1) for m in meta_q])
-            pos = yq == 1
-            if pos.sum() == 0:
-                continue
-            p_at_k = np.mean([(ya[nn[i]] == 1).mean() for i in np.flatnonzero(pos)])
-            prec[lab] = {"precision_at_10": float(p_at_k), "base_rate": float((ya == 1).mean())}
-        # per factor: |z_neighbour - z_query| over |z_a - z_b| of random pairs
-        per = {
-            f: float(
-                np.mean([np.abs(za[nn[i], j] - zq[i, j]).mean() for i in range(len(xq))])
-                / np.mean(
-                    np.abs(za[rng.integers(0, len(za), 20000), j] - zq[rng.integers(0, len(zq), 20000), j])
-                )
-            )
-            for j, f in enumerate(factors)
+        width = tr["emb_image"].shape[1]
+        variants = {
+            "pooled": (tr["emb_image"][keep_tr], te["emb_image"][keep_te]),
+            # the regions x regions grid of patch tokens, each layer-normed, concatenated: the layout kept
+            "regions": (
+                _regions(tr["img_tokens"][keep_tr], width),
+                _regions(te["img_tokens"][keep_te], width),
+            ),
         }
+        if not out["encoders"]:  # the raw-input ceiling: the stored pixels at 16 x 16, standardised
+            variants_raw = (
+                np.stack([raw[k] for k in tr["key"][keep_tr]]),
+                np.stack([raw[k] for k in te["key"][keep_te]]),
+            )
+            out["raw_pixels"] = _neighbour_quality(*variants_raw, za, zq, meta_a, meta_q, factors)
+            print("raw_pixels", json.dumps(out["raw_pixels"]), flush=True)
         out["encoders"][src.name] = {
-            "latent_distance_ratio": float(near / rand),
-            "per_factor_ratio": per,
-            "precision_at_10": prec,
-            "queries": len(xq),
-            "archive": len(xa),
+            name: _neighbour_quality(xa, xq, za, zq, meta_a, meta_q, factors)
+            for name, (xa, xq) in variants.items()
         }
         print(src.name, json.dumps(out["encoders"][src.name]), flush=True)
     ray.shutdown()
     return out
+
+
+def _regions(tokens: np.ndarray, width: int) -> np.ndarray:
+    t = tokens.astype(np.float32).reshape(len(tokens), -1, width)
+    t = (t - t.mean(-1, keepdims=True)) / (t.std(-1, keepdims=True) + 1e-6)
+    return t.reshape(len(tokens), -1)
+
+
+def _raw_images(shards: Path) -> dict[str, np.ndarray]:
+    """key -> the stored image average-pooled to 16 x 16, flattened and standardised."""
+    import io
+    import tarfile
+
+    out = {}
+    for tar in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                if ext == "image.npy":
+                    a = np.load(io.BytesIO(tf.extractfile(m).read()))[0].astype(np.float32)
+                    s = a.shape[0] // 16
+                    v = a[: s * 16, : s * 16].reshape(16, s, 16, s).mean((1, 3)).ravel()
+                    out[key] = (v - v.mean()) / (v.std() + 1e-6)
+    return out
+
+
+def _neighbour_quality(xa, xq, za, zq, meta_a, meta_q, factors) -> dict:
+    """The k nearest archive cases of each query (cosine): latent distance over random pairs (all
+    factors, and each), and precision@k of label-positive queries with the label's base rate."""
+    xa = xa / np.linalg.norm(xa, axis=1, keepdims=True)
+    xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    nn = np.argsort(-(xq @ xa.T), axis=1)[:, :K]
+    rng = np.random.default_rng(0)
+    ia, iq = rng.integers(0, len(za), 20000), rng.integers(0, len(zq), 20000)
+    near = np.mean([np.linalg.norm(za[nn[i]] - zq[i], axis=1).mean() for i in range(len(xq))])
+    rand = np.mean(np.linalg.norm(za[ia] - zq[iq], axis=1))
+    per = {
+        f: float(
+            np.mean([np.abs(za[nn[i], j] - zq[i, j]).mean() for i in range(len(xq))])
+            / np.mean(np.abs(za[ia, j] - zq[iq, j]))
+        )
+        for j, f in enumerate(factors)
+    }
+    prec = {}
+    for lab in sorted({k for m in meta_a for k in (m.get("labels") or {})}):
+        ya = np.array([(m.get("labels") or {}).get(lab, -1) for m in meta_a])
+        yq = np.array([(m.get("labels") or {}).get(lab, -1) for m in meta_q])
+        pos = np.flatnonzero(yq == 1)
+        if len(pos):
+            prec[lab] = {
+                "precision_at_10": float(np.mean([(ya[nn[i]] == 1).mean() for i in pos])),
+                "base_rate": float((ya == 1).mean()),
+            }
+    return {
+        "latent_distance_ratio": float(near / rand),
+        "per_factor_ratio": per,
+        "precision_at_10": prec,
+        "queries": len(xq),
+        "archive": len(xa),
+    }
 
 
 def main() -> int:
