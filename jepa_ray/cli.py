@@ -579,7 +579,14 @@ def demo(
             write_cohort(cohort, cfg.synth)
         init_ray(cfg.ray_address, verbose)
         console.print(f"[bold]2/{steps} prepare[/] -> {shards}")
-        result = run_prepare(str(shards), cfg.prepare, **cohort_inputs(cohort), show_progress=True)
+        masks = cohort / "masks"  # the phantoms' ground truth: the evaluation's segmentation heads
+        result = run_prepare(
+            str(shards),
+            cfg.prepare,
+            **cohort_inputs(cohort),
+            masks=str(masks) if masks.is_dir() else None,
+            show_progress=True,
+        )
         if not result.ok:
             raise JepaRayError("prepare failed: " + "; ".join(result.problems))
         cfg.train.shards = str(shards)

@@ -25,7 +25,7 @@ import numpy as np
 from jepa_ray.config import Config
 from jepa_ray.errors import ConfigError
 from jepa_ray.eval import attentive, probes
-from jepa_ray.eval.embed import EncoderSource, extract, read_embeddings
+from jepa_ray.eval.embed import EncoderSource, eval_pipeline, extract, read_embeddings
 from jepa_ray.eval.samples import Split
 
 log = logging.getLogger("jepa_ray.eval")
@@ -151,10 +151,45 @@ def evaluate(
             metrics["latent_r2"][name] = _latent_r2(by_split, z, reports, cfg)
             if ec.attentive:
                 metrics["latent_r2_attentive"][name] = _latent_r2_attentive(by_split, z, reports, cfg)
+    if any(v.get("masks") for v in manifest.get("splits", {}).values()):
+        metrics["segmentation"] = _segmentation(sources, data, reports, cfg)
     metrics.update(_survival(tables, manifest, reports, cfg))
     metrics["comparison"] = _compare(tables, z, label_names, reports, cfg)
     write_report(metrics, out)
     return metrics
+
+
+def _segmentation(sources: list[EncoderSource], data: str, reports: list[str], cfg: Config) -> dict:
+    """Dice of the segmentation heads on each encoder's frozen patch tokens,
+    for shards with ground-truth masks (`prepare --masks`); 2-D images only."""
+    from jepa_ray.errors import ShardError
+    from jepa_ray.eval.segmentation import load_split as load_annotated
+    from jepa_ray.eval.segmentation import segmentation_probe
+    from jepa_ray.stream.pipeline import open_split
+
+    ec, out = cfg.eval, {}
+    for source in sources:
+        pcfg = eval_pipeline(cfg, source.info)
+        if pcfg.dims != 2:
+            log.info("segmentation: 2-D images only; skipped for pipeline.dims=%s", pcfg.dims)
+            return {}
+        model = source.build()
+        splits = {}
+        for split in dict.fromkeys([ec.fit_split, *reports]):
+            try:
+                annotated = load_annotated(model, open_split(data, split, cfg.train.storage), pcfg)
+            except ShardError:
+                continue
+            if annotated is not None:
+                splits[split] = annotated
+        if ec.fit_split not in splits or len(splits) < 2:
+            log.info("segmentation: too few annotated samples (splits with masks: %s)", sorted(splits))
+            return {}
+        out[source.name] = segmentation_probe(
+            splits, ec.fit_split, [s for s in reports if s in splits], pcfg.patch_size, ec.bootstrap, ec.seed
+        )
+        log.info("segmentation (%s): %s", source.name, {h: v for h, v in out[source.name].items()})
+    return out
 
 
 def _counts(splits: dict[str, Split]) -> dict[str, Any]:

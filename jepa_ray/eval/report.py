@@ -201,6 +201,17 @@ def report_markdown(metrics: dict[str, Any]) -> str:
                 ks = sorted(int(k.split("@")[1]) for k in v if k.startswith("recall@"))
                 vals = ", ".join(f"@{k} {_fmt(v[f'recall@{k}'])} ({_fmt(v[f'chance@{k}'])})" for k in ks)
                 lines.append(f"| {name} | {split} | {direction} | {v['n']} | {vals} |")
+    seg = metrics.get("segmentation") or {}
+    if seg:
+        lines += ["", "## Segmentation from frozen patch tokens (Dice, bootstrap 95% CI)", ""]
+        lines += ["| encoder | head | split | structure | Dice |", "|---|---|---|---|---|"]
+        for name, heads in seg.items():
+            for head, by_split in heads.items():
+                for split, row in by_split.items():
+                    for structure, v in row.items():
+                        lines.append(
+                            f"| {name} | {head} | {split} | {structure} | {_fmt(v['dice'], v['ci'])} |"
+                        )
     header, rows = comparison(metrics)
     if rows:
         lines += ["", "## Pretrained against the other encoders (paired bootstrap 95% CI, same samples)", ""]

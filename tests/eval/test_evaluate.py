@@ -37,7 +37,9 @@ def cohort(tmp_path_factory, ray_session):
             'prepare.split.external_sites=["Quenby Lakes General Hospital"]',
         ]
     ).prepare
-    assert prepare(str(root / "shards"), cfg, **cohort_inputs(root / "cohort")).ok
+    assert prepare(
+        str(root / "shards"), cfg, **cohort_inputs(root / "cohort"), masks=str(root / "cohort" / "masks")
+    ).ok
     return root / "cohort", root / "shards"
 
 
@@ -122,6 +124,21 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
         assert r["n"] == m["latent_r2"][name]["test"]["n"] and 1 <= r["epochs"] <= 8
         assert set(r["r2"]) == {"cardiac", "lung", "frailty"} and all(-5 < v <= 1 for v in r["r2"].values())
     assert "| attentive | test |" in report and "| image | cardiomegaly | attentive |" in report
+
+    # the segmentation heads on frozen patch tokens (the shards carry the phantoms' masks)
+    for name in ("pretrained", "random_init", "mae"):
+        for head in ("linear", "conv"):
+            for split in ("test", "external"):
+                row = m["segmentation"][name][head][split]
+                assert set(row) >= {"heart", "right_lung", "left_upper", "mean"}
+                for v in row.values():
+                    assert 0 <= v["ci"][0] <= v["dice"] <= v["ci"][1] <= 1
+    lung = m["segmentation"]["pretrained"]["conv"]["test"]["right_lung"]["dice"]
+    assert lung > 0.5  # the lung fields are large and where the tokens' positions say
+    assert (
+        "## Segmentation from frozen patch tokens" in report
+        and "| pretrained | conv | test | heart |" in report
+    )
 
     # the MAE baseline goes through every evaluation, and the pretrained encoder is compared with
     # each other one on the same samples (paired differences with their intervals)

@@ -1,0 +1,193 @@
+"""Dense read-out: segmentation probes on frozen patch tokens, Dice per structure with 95% intervals.
+
+For the samples whose shards carry ground-truth masks (`prepare --masks`): the image goes through
+the evaluation transform (the whole stored square resized to pipeline.image_size, no
+augmentation), its masks through the same resize (a pixel inside when at least half of it is),
+and the target encoder's patch tokens (image alone) are kept frozen. Two heads are fit on the fit
+split and scored on the report splits:
+
+- `linear`: one linear map per patch token to the logits of its p x p pixels of every structure
+  (the tokens' own resolution, upsampled by the patch: what a token knows about its patch);
+- `conv`: a small decoder, 3 x 3 convolution over the token grid, bilinear upsampling by the
+  patch, 3 x 3 convolution to the structures (neighbouring tokens may help).
+
+Dice = 2|P ∩ G| / (|P| + |G|) per sample and structure (1 when both are empty), its mean over the
+split's samples with a percentile bootstrap interval over samples. The samples are read and
+embedded in this process: annotated sets are usually small; a large one wants the Ray Data path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jepa_ray.eval.probes import bootstrap_ci
+
+log = logging.getLogger("jepa_ray.eval")
+
+
+@dataclass
+class SegSplit:
+    """A split's annotated samples: frozen patch tokens and masks at the encoder's input size."""
+
+    keys: list[str]
+    tokens: np.ndarray  # (n, g, g, D) float32
+    masks: np.ndarray  # (n, S, H, W) bool, H = W = pipeline.image_size
+    names: list[str]  # the structures, in the masks' order
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per sample and structure, (n, S): 2|P ∩ G| / (|P| + |G|), 1 where both are empty."""
+    inter = (pred & truth).sum(axis=(-2, -1))
+    total = pred.sum(axis=(-2, -1)) + truth.sum(axis=(-2, -1))
+    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+
+
+def _head(kind: str, width: int, structures: int, patch: int):
+    import torch.nn as nn
+
+    if kind == "linear":
+        return nn.Sequential(nn.Conv2d(width, structures * patch * patch, 1), nn.PixelShuffle(patch))
+    return nn.Sequential(
+        nn.Conv2d(width, 128, 3, padding=1),
+        nn.GELU(),
+        nn.Upsample(scale_factor=patch, mode="bilinear", align_corners=False),
+        nn.Conv2d(128, structures, 3, padding=1),
+    )
+
+
+def fit_head(kind: str, fit: SegSplit, patch: int, steps: int = 400, lr: float = 3e-3, seed: int = 0):
+    """A head of `kind` ("linear" or "conv") trained on the fit split: `steps` AdamW steps on
+    mini-batches of 32, BCE per pixel."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    x = torch.from_numpy(fit.tokens).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(fit.masks.astype(np.float32))
+    mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-6
+    head = _head(kind, x.shape[1], y.shape[1], patch)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (min(32, len(x)),), generator=g)
+        loss = F.binary_cross_entropy_with_logits(head((x[idx] - mean) / std), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    head.eval()
+
+    def predict(split: SegSplit) -> np.ndarray:
+        with torch.no_grad():
+            t = torch.from_numpy(split.tokens).permute(0, 3, 1, 2).contiguous()
+            return (head((t - mean) / std) > 0).numpy()
+
+    return predict
+
+
+def segmentation_probe(
+    splits: dict[str, SegSplit], fit_split: str, reports: list[str], patch: int, bootstrap: int, seed: int = 0
+) -> dict[str, Any]:
+    """{head: {split: {structure: {"dice", "ci"}, "mean": {...}}}} for both heads."""
+    fit = splits[fit_split]
+    out: dict[str, Any] = {}
+    for kind in ("linear", "conv"):
+        predict = fit_head(kind, fit, patch, seed=seed)
+        out[kind] = {}
+        for split in reports:
+            if split not in splits:
+                continue
+            s = splits[split]
+            d = dice(predict(s), s.masks)  # (n, S)
+            row = {
+                name: {
+                    "dice": float(d[:, j].mean()),
+                    "ci": bootstrap_ci(lambda v: float(v.mean()), (d[:, j],), bootstrap, seed),
+                }
+                for j, name in enumerate(s.names)
+            }
+            row["mean"] = {
+                "dice": float(d.mean()),
+                "ci": bootstrap_ci(lambda v: float(v.mean()), (d.mean(axis=1),), bootstrap, seed),
+            }
+            out[kind][split] = row
+    return out
+
+
+def load_split(model, shards, cfg) -> SegSplit | None:
+    """The annotated samples of one split (a ShardSet): tokens from `model` (eval mode), masks
+    resized as the image is; None when no sample of the split has masks."""
+    import torch
+    import torch.nn.functional as F
+
+    from jepa_ray.shards.format import decode_npz
+    from jepa_ray.storage import Store
+    from jepa_ray.stream.pipeline import collate
+    from jepa_ray.stream.reader import raw_block
+    from jepa_ray.stream.transform import transform_batch
+
+    store = Store(shards.url, shards.storage)
+    rows, masks = [], {}
+    for path in shards.paths:
+        name = path.rsplit("/", 1)[-1]
+        with store.open(name) as f:
+            for sample in _with_masks(f, name):
+                rows.append(sample)
+                masks[sample["key"]] = decode_npz(sample.pop("mask"))["masks"]
+    if not rows:
+        return None
+    names = None
+    keys, tokens, planes = [], [], []
+    size = cfg.image_size
+    n = (size // cfg.patch_size) ** 2
+    g = size // cfg.patch_size
+    for i in range(0, len(rows), 32):
+        block = raw_block(rows[i : i + 32])
+        cols = {c: block.column(c).to_numpy(zero_copy_only=False) for c in block.column_names}
+        batch = transform_batch(cols, shards.spec, cfg, train=False, epoch=0)
+        with torch.no_grad():
+            enc = model.encode(collate(batch), "image")
+        tok = enc["tokens"][:, 1 : 1 + n].float().reshape(-1, g, g, enc["tokens"].shape[-1])
+        for j, key in enumerate(batch["key"]):
+            meta = _meta(batch["meta"][j])
+            names = names or meta.get("masks")
+            if meta.get("masks") != names:  # another set of structures: left out of this split's probe
+                continue
+            m = torch.from_numpy(masks[str(key)].astype(np.float32))[None]
+            m = F.interpolate(m, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+            keys.append(str(key))
+            tokens.append(tok[j].numpy())
+            planes.append((m >= 0.5).numpy())
+    if not keys:
+        return None
+    return SegSplit(keys, np.stack(tokens), np.stack(planes), list(names))
+
+
+def _meta(raw) -> dict:
+    import json
+
+    return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+
+
+def _with_masks(f, shard: str):
+    """The samples of a shard that have an image and masks, with the mask bytes under "mask"."""
+    import tarfile
+
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=f, mode="r|") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, _, rest = info.name.rpartition("/")[2].partition(".")
+            field = rest.split(".", 1)[0]
+            if current is None or current["key"] != key:
+                if current is not None and "mask" in current and "image" in current:
+                    yield current
+                current = {"key": key, "shard": shard}
+            if field in ("image", "ehr", "meta", "mask"):
+                current[field] = tar.extractfile(info).read()
+    if current is not None and "mask" in current and "image" in current:
+        yield current
