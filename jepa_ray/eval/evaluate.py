@@ -188,7 +188,15 @@ def _segmentation(sources: list[EncoderSource], data: str, reports: list[str], c
         out[source.name] = segmentation_probe(
             splits, ec.fit_split, [s for s in reports if s in splits], pcfg.patch_size, ec.bootstrap, ec.seed
         )
-        log.info("segmentation (%s): %s", source.name, {h: v for h, v in out[source.name].items()})
+        log.info(
+            "segmentation (%s): mean Dice %s",
+            source.name,
+            ", ".join(
+                f"{h}/{sp} {r['mean']['dice']:.3f}"
+                for h, v in out[source.name].items()
+                for sp, r in v.items()
+            ),
+        )
     return out
 
 
