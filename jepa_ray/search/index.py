@@ -185,8 +185,12 @@ def build_index(
         if len(removed_ids):
             index.remove_ids(np.ascontiguousarray(removed_ids, dtype=np.int64))
         _add_parts(index, store, {n: shards[n] for n in new_parts})
-    if index.ntotal != total:
-        raise RuntimeError(f"{out}: the index holds {index.ntotal} vectors, the parts {total}")
+    if index.ntotal != total:  # parts rewritten by an interrupted run under the old record: rebuild
+        log.warning(
+            "%s: the index file holds %d vectors, the parts %d: rebuilding it", out, index.ntotal, total
+        )
+        index = _new_index(kind, store, shards, ic.nlist)
+        _add_parts(index, store, shards)
     nprobe, recall = None, None
     if kind == "ivf":  # the lists an archive's own queries need for recall@10 >= index.recall_target
         queries = _training_sample(store, shards, RECALL_QUERIES)
