@@ -46,8 +46,13 @@ def allowed_names(masks_root: Path) -> set[str] | None:
     if not legend.is_file():
         return None
     try:
-        return {str(k) for k in json.loads(legend.read_text())["structures"]}
-    except (ValueError, KeyError, TypeError):
+        doc = json.loads(legend.read_text())
+        return (
+            {str(k) for key in ("structures", "ct_structures") for k in doc.get(key, {})}
+            if isinstance(doc, dict)
+            else set()
+        )
+    except (ValueError, TypeError, AttributeError):
         return set()  # a legend that cannot be read admits nothing rather than everything
 
 

@@ -312,11 +312,13 @@ def _as_ct(job: Radiograph, cfg: SynthConfig, rng: np.random.Generator) -> CTStu
         series_uid=job.series_uid,
         frame_uid=uids[0],
         sop_uids=tuple(uids[1:]),
+        masks=job.masks,
     )
 
 
 def _write_mask_legend(out: Path) -> None:
     """masks/structures.json: the masks' convention and what each structure is."""
+    from jepa_ray.synth.ct_phantom import CT_STRUCTURES
     from jepa_ray.synth.phantom import STRUCTURES
 
     legend = {
@@ -324,6 +326,7 @@ def _write_mask_legend(out: Path) -> None:
         "DICOM image's rows and columns (its stored pixel grid): masks/<the image's path under dicom/, "
         "without .dcm>/<structure>.png",
         "structures": STRUCTURES,
+        "ct_structures": CT_STRUCTURES,  # a CT series: masks per slice, at each slice file's path
     }
     (out / "masks").mkdir(exist_ok=True)
     (out / "masks" / "structures.json").write_text(json.dumps(legend, indent=1) + "\n")

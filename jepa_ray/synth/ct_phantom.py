@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from jepa_ray.synth.phantom import SITES, UID_ROOT
+from jepa_ray.synth.phantom import SITES, UID_ROOT, write_masks
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -48,14 +48,24 @@ class CTStudy:
     series_uid: str
     frame_uid: str  # FrameOfReferenceUID
     sop_uids: tuple[str, ...]  # one per slice, from the top
+    masks: bool = False  # also write each slice's ground-truth structure masks (as for radiographs)
 
 
 def _ellipsoid(x, y, z, cx, cy, cz, rx, ry, rz) -> np.ndarray:
     return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z - cz) / rz) ** 2 <= 1
 
 
-def draw_ct(job: CTStudy, rng: np.random.Generator) -> np.ndarray:
-    """(slices, size, size) float32 HU of one chest CT."""
+CT_STRUCTURES = {
+    "right_lung": "the patient's right lung (negative x, LPS)",
+    "left_lung": "the patient's left lung",
+    "heart": "the heart",
+    "bone": "the vertebral body and the ribs",
+}
+
+
+def draw_ct(job: CTStudy, rng: np.random.Generator, masks: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """(slices, size, size) float32 HU of one chest CT; `masks`, when given, receives the ground
+    truth of CT_STRUCTURES (bool, the same shape), at no cost to `rng`."""
     cardiac, lung, frailty = job.z
     half = job.size * job.spacing / 2
     axis = (np.arange(job.size) + 0.5) * job.spacing - half
@@ -69,13 +79,18 @@ def draw_ct(job: CTStudy, rng: np.random.Generator) -> np.ndarray:
     height = -zs[-1]
     lungs = np.zeros(z.shape, bool)
     for side in (-1, 1):
-        lungs |= _ellipsoid(x, y, z, side * 0.48 * t, 4, -0.45 * height, 0.4 * t, 0.55 * t, 0.5 * height)
+        one = _ellipsoid(x, y, z, side * 0.48 * t, 4, -0.45 * height, 0.4 * t, 0.55 * t, 0.5 * height)
+        lungs |= one
+        if masks is not None:
+            masks["right_lung" if side < 0 else "left_lung"] = one
     hu[lungs] = -860 + 25 * rng.standard_normal(lungs.sum())  # parenchyma and small vessels
     # heart: its transverse size follows the cardiothoracic ratio, as on the radiographs
     ctr = float(np.clip(0.44 + 0.07 * cardiac + rng.normal(0, 0.012), 0.3, 0.75))
     rx = ctr * t
     heart = _ellipsoid(x, y, z, 0.22 * rx, -0.18 * t, -0.72 * height, rx, 0.62 * rx, 0.32 * height)
     hu[heart] = 45
+    if masks is not None:
+        masks["heart"] = heart
     # airspace opacities: blobs in the lungs, more and larger with `lung`
     for _ in range(min(int(rng.poisson(2.0 * np.exp(lung))), 30)):
         side = rng.choice([-1, 1])
@@ -97,6 +112,10 @@ def draw_ct(job: CTStudy, rng: np.random.Generator) -> np.ndarray:
     ring = (x / (t + 6)) ** 2 + (y / (0.72 * (t + 6))) ** 2
     ribs = (ring >= 0.93) & (ring <= 1.0) & (np.mod(-z, 24) < 9)
     hu[ribs] = bone * 0.8
+    if masks is not None:
+        masks["bone"] = ((x / 16) ** 2 + ((y - 0.62 * t) / 14) ** 2 <= 1) | ribs
+        for name in ("right_lung", "left_lung"):  # the heart and the spine displace lung
+            masks[name] = masks[name] & ~heart & ~masks["bone"]
     hu += job.noise * rng.standard_normal(hu.shape).astype(np.float32)
     return np.clip(hu, -1024, 3071)
 
@@ -159,7 +178,8 @@ def _dataset(job: CTStudy, k: int, top: float) -> Dataset:
 def write_ct_series(job: CTStudy, root: str | Path) -> int:
     """Draw one chest CT and write it as one file per slice; returns the bytes written."""
     rng = np.random.default_rng(np.random.SeedSequence(job.entropy))
-    hu = draw_ct(job, rng)
+    masks: dict[str, np.ndarray] | None = {} if job.masks else None
+    hu = draw_ct(job, rng, masks)
     stored = np.clip(np.round(hu + 1024), 0, 4095).astype("<u2")
     folder = Path(root) / job.path
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,4 +192,8 @@ def write_ct_series(job: CTStudy, root: str | Path) -> int:
         path = folder / f"{names[k] + 1:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         total += path.stat().st_size
+        if masks is not None:  # one PNG per structure and slice, beside the slice's own path
+            total += write_masks(
+                {n: m[k] for n, m in masks.items()}, root, str(path.relative_to(root)), CT_STRUCTURES
+            )
     return total

@@ -308,14 +308,16 @@ def mask_dir(image_path: str) -> str:
     return "masks/" + image_path.removeprefix("dicom/").removesuffix(".dcm")
 
 
-def write_masks(masks: dict[str, np.ndarray], root: str | Path, image_path: str) -> int:
+def write_masks(
+    masks: dict[str, np.ndarray], root: str | Path, image_path: str, structures: dict[str, str] | None = None
+) -> int:
     """One 8-bit PNG per structure (255 inside, 0 outside; the image's rows x columns); bytes written."""
     from PIL import Image
 
     folder = Path(root) / mask_dir(image_path)
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
-    for name in STRUCTURES:
+    for name in structures or STRUCTURES:
         path = folder / f"{name}.png"
         Image.fromarray(masks[name].astype(np.uint8) * 255).save(path, optimize=True)
         written += path.stat().st_size

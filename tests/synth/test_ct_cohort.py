@@ -125,3 +125,50 @@ def test_a_broken_series_is_quarantined_and_ct_is_skipped_when_volumes_are_off(
         ConfigError, match=r"pipeline\.dims=3 trains on CT volumes, but these shards hold only 2-D"
     ):
         open_split(str(out2), "train").spec.model_dims(load_config(overrides=["pipeline.dims=3"]).pipeline)
+
+
+def test_ct_series_write_per_slice_masks_that_follow_the_anatomy(tmp_path):
+    """Each CT slice gets its structures' masks beside its own path: lungs at air-like HU, the heart
+    at soft tissue, and the heart's volume growing with the cardiac latent."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import pydicom
+    from PIL import Image
+
+    from jepa_ray.config import SynthConfig
+    from jepa_ray.synth.cohort import write_cohort
+    from jepa_ray.synth.ct_phantom import CT_STRUCTURES
+    from jepa_ray.synth.phantom import mask_dir
+
+    out = tmp_path / "ct"
+    write_cohort(
+        out,
+        SynthConfig(subjects=12, seed=4, ct_fraction=1.0, ct_size=48, ct_slices=12, min_size=64, max_size=64),
+    )
+    assert set(json.loads((out / "masks" / "structures.json").read_text())["ct_structures"]) == set(
+        CT_STRUCTURES
+    )
+    latents = pd.read_parquet(out / "latents.parquet").set_index("subject_id")
+    volumes, cardiac = {}, {}
+    for path in sorted((out / "dicom").rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        folder = out / mask_dir(str(path.relative_to(out)))
+        m = {n: np.asarray(Image.open(folder / f"{n}.png")) == 255 for n in CT_STRUCTURES}
+        assert all(v.shape == hu.shape for v in m.values())
+        lungs = m["right_lung"] | m["left_lung"]
+        if lungs.sum() > 20 and m["heart"].sum() > 20:
+            assert np.median(hu[lungs]) < -500 < np.median(hu[m["heart"]])
+        cols = np.arange(hu.shape[1])
+        if m["right_lung"].any() and m["left_lung"].any():  # LPS: the patient's right on the image's left
+            assert (cols * m["right_lung"]).sum() / m["right_lung"].sum() < (cols * m["left_lung"]).sum() / m[
+                "left_lung"
+            ].sum()
+        series = str(path.parent)
+        volumes[series] = volumes.get(series, 0) + int(m["heart"].sum())
+        cardiac[series] = latents.loc[int(ds.PatientID), "cardiac"]
+    series = sorted(volumes)
+    assert len(series) >= 8
+    assert np.corrcoef([volumes[s] for s in series], [cardiac[s] for s in series])[0, 1] > 0.6
