@@ -250,20 +250,8 @@ def extract(
             )
             for split, (shards, _) in pending.items()
         ]
-        ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
-        ds = ds.map_batches(
-            Embedder,
-            fn_constructor_kwargs={
-                "source": source,
-                "regions": cfg.eval.regions,
-                "use_gpu": cfg.eval.use_gpu,
-            },
-            batch_size=cfg.eval.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),
-            num_gpus=1 if cfg.eval.use_gpu else 0,
-        )
-        ray_data_progress(ds.context, verbose)  # off: one log line per split instead (below)
+        # progress bars off: one log line per split instead (below)
+        ds = embedded(tagged, source, cfg, verbose)
         targets = {split: folder / f"{split}.parquet" for split in pending}
         rows = _write_parquet(ds.iter_batches(batch_format="numpy", batch_size=None), targets)
     finally:
@@ -273,6 +261,24 @@ def extract(
         log.info("%s/%s: %d samples embedded -> %s", source.name, split, rows[split], targets[split])
         paths[split] = targets[split]
     return paths
+
+
+def embedded(datasets: list, source: EncoderSource, cfg: Config, verbose: bool = False):
+    """The datasets (transformed batches) unioned and embedded by an actor pool of `source`
+    (`eval.actors` actors, `eval.batch_size`, one GPU each with `eval.use_gpu`): one execution."""
+    import ray.data
+
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"source": source, "regions": cfg.eval.regions, "use_gpu": cfg.eval.use_gpu},
+        batch_size=cfg.eval.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),
+        num_gpus=1 if cfg.eval.use_gpu else 0,
+    )
+    ray_data_progress(ds.context, verbose)
+    return ds
 
 
 def _tag(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:

@@ -163,11 +163,11 @@ def _segmentation(sources: list[EncoderSource], data: str, reports: list[str], c
     """Dice of the segmentation heads on each encoder's frozen patch tokens,
     for shards with ground-truth masks (`prepare --masks`); 2-D images only."""
     from jepa_ray.errors import ShardError
-    from jepa_ray.eval.segmentation import load_split as load_annotated
-    from jepa_ray.eval.segmentation import segmentation_probe
+    from jepa_ray.eval.segmentation import annotated, encode, segmentation_probe
     from jepa_ray.stream.pipeline import open_split
 
     ec, out = cfg.eval, {}
+    read: dict[tuple[str, str], Any] = {}  # (split, pipeline) -> its annotated samples, for every encoder
     for source in sources:
         pcfg = eval_pipeline(cfg, source.info)
         if pcfg.dims != 2:
@@ -176,12 +176,14 @@ def _segmentation(sources: list[EncoderSource], data: str, reports: list[str], c
         model = source.build()
         splits = {}
         for split in dict.fromkeys([ec.fit_split, *reports]):
-            try:
-                annotated = load_annotated(model, open_split(data, split, cfg.train.storage), pcfg)
-            except ShardError:
-                continue
-            if annotated is not None:
-                splits[split] = annotated
+            cached = (split, pcfg.model_dump_json())
+            if cached not in read:
+                try:
+                    read[cached] = annotated(open_split(data, split, cfg.train.storage), pcfg)
+                except ShardError:
+                    read[cached] = None
+            if read[cached] is not None:
+                splits[split] = encode(model, read[cached], pcfg)
         if ec.fit_split not in splits or len(splits) < 2:
             log.info("segmentation: too few annotated samples (splits with masks: %s)", sorted(splits))
             return {}

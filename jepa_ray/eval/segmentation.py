@@ -117,40 +117,51 @@ def segmentation_probe(
     return out
 
 
-def load_split(model, shards, cfg) -> SegSplit | None:
-    """The annotated samples of one split (a ShardSet): tokens from `model` (eval mode), masks
-    resized as the image is; None when no sample of the split has masks."""
+@dataclass
+class Annotated:
+    """A split's annotated samples through the evaluation transform, before any encoder: the
+    transformed batches, and per kept sample its key and masks at the input size."""
+
+    batches: list[dict]  # transform_batch outputs
+    keep: list[list[int]]  # per batch, the rows kept (those with this split's structures)
+    keys: list[str]
+    masks: np.ndarray  # (n, S, H, W) bool
+    names: list[str]
+
+
+def annotated(shards, cfg) -> Annotated | None:
+    """The annotated samples of one split (a ShardSet), masks resized as the image is; None when
+    no sample of the split has masks. Encoder-independent: read once, encoded by every encoder."""
     import torch
     import torch.nn.functional as F
 
     from jepa_ray.shards.format import decode_npz
     from jepa_ray.storage import Store
-    from jepa_ray.stream.pipeline import collate
-    from jepa_ray.stream.reader import raw_block
+    from jepa_ray.stream.reader import FIELDS, raw_block, tar_samples
     from jepa_ray.stream.transform import transform_batch
 
     store = Store(shards.url, shards.storage)
     rows, masks = [], {}
     for path in shards.paths:
         name = path.rsplit("/", 1)[-1]
+
+        def damaged(where: str, reason: str, lost: int, name=name) -> None:
+            log.warning("segmentation: shard %s %s: %s", name, where, reason)
+
         with store.open(name) as f:
-            for sample in _with_masks(f, name):
-                rows.append(sample)
-                masks[sample["key"]] = decode_npz(sample.pop("mask"))["masks"]
+            for sample in tar_samples(f, name, None, damaged, fields=(*FIELDS, "mask")):
+                if sample.get("mask") is not None and sample.get("image") is not None:
+                    masks[sample["key"]] = decode_npz(sample.pop("mask"))["masks"]
+                    rows.append(sample)
     if not rows:
         return None
-    names = None
-    keys, tokens, planes = [], [], []
-    size = cfg.image_size
-    n = (size // cfg.patch_size) ** 2
-    g = size // cfg.patch_size
+    size, names = cfg.image_size, None
+    batches, keep, keys, planes = [], [], [], []
     for i in range(0, len(rows), 32):
         block = raw_block(rows[i : i + 32])
         cols = {c: block.column(c).to_numpy(zero_copy_only=False) for c in block.column_names}
         batch = transform_batch(cols, shards.spec, cfg, train=False, epoch=0)
-        with torch.no_grad():
-            enc = model.encode(collate(batch), "image")
-        tok = enc["tokens"][:, 1 : 1 + n].float().reshape(-1, g, g, enc["tokens"].shape[-1])
+        kept = []
         for j, key in enumerate(batch["key"]):
             meta = _meta(batch["meta"][j])
             names = names or meta.get("masks")
@@ -158,36 +169,39 @@ def load_split(model, shards, cfg) -> SegSplit | None:
                 continue
             m = torch.from_numpy(masks[str(key)].astype(np.float32))[None]
             m = F.interpolate(m, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+            kept.append(j)
             keys.append(str(key))
-            tokens.append(tok[j].numpy())
             planes.append((m >= 0.5).numpy())
+        batches.append(batch)
+        keep.append(kept)
     if not keys:
         return None
-    return SegSplit(keys, np.stack(tokens), np.stack(planes), list(names))
+    return Annotated(batches, keep, keys, np.stack(planes), list(names))
+
+
+def encode(model, data: Annotated, cfg) -> SegSplit:
+    """The annotated samples' frozen patch tokens from `model` (eval mode), (n, g, g, D)."""
+    import torch
+
+    from jepa_ray.stream.pipeline import collate
+
+    g = cfg.image_size // cfg.patch_size
+    tokens = []
+    for batch, kept in zip(data.batches, data.keep, strict=True):
+        with torch.no_grad():
+            enc = model.encode(collate(batch), "image")
+        tok = enc["tokens"][:, 1 : 1 + g * g].float().reshape(-1, g, g, enc["tokens"].shape[-1])
+        tokens += [tok[j].numpy() for j in kept]
+    return SegSplit(data.keys, np.stack(tokens), data.masks, data.names)
+
+
+def load_split(model, shards, cfg) -> SegSplit | None:
+    """`annotated` then `encode`: one split's tokens from `model` and its masks."""
+    data = annotated(shards, cfg)
+    return None if data is None else encode(model, data, cfg)
 
 
 def _meta(raw) -> dict:
     import json
 
     return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-
-
-def _with_masks(f, shard: str):
-    """The samples of a shard that have an image and masks, with the mask bytes under "mask"."""
-    import tarfile
-
-    current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=f, mode="r|") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            key, _, rest = info.name.rpartition("/")[2].partition(".")
-            field = rest.split(".", 1)[0]
-            if current is None or current["key"] != key:
-                if current is not None and "mask" in current and "image" in current:
-                    yield current
-                current = {"key": key, "shard": shard}
-            if field in ("image", "ehr", "meta", "mask"):
-                current[field] = tar.extractfile(info).read()
-    if current is not None and "mask" in current and "image" in current:
-        yield current

@@ -177,7 +177,9 @@ def build_index(
     kind = "exact" if total <= ic.exact_max else "ivf"
     index = None
     if state is not None and state.get("kind") == kind and not rebuild:
-        index = _load_faiss(store, state)
+        index = load_faiss(store, state)
+        if index is None:
+            log.warning("%s: not the index file index.json records (an interrupted run?): rebuilding it", out)
     if index is None:  # first build, a change of kind, or an index file that is not the recorded one
         index = _new_index(kind, store, shards, ic.nlist)
         _add_parts(index, store, shards)
@@ -273,10 +275,9 @@ def _embed_shards(
 ) -> tuple[dict[str, int], int]:
     """Embed the shards in `todo` (one Ray Data execution) and write one part per shard; returns
     {shard: vectors} and the next free id."""
-    import ray.data
+    import ray
 
-    from jepa_ray.console import ray_data_progress
-    from jepa_ray.eval.embed import Embedder, check_dims, eval_pipeline
+    from jepa_ray.eval.embed import check_dims, embedded, eval_pipeline
     from jepa_ray.stream.pipeline import build_dataset, new_ledger, open_split
 
     if not todo:
@@ -300,20 +301,7 @@ def _embed_shards(
                 whole, paths=[whole.paths[i] for i in keep], expected={n: whole.expected[n] for n in names}
             )
             datasets.append(build_dataset(subset, pcfg, train=False, ledger=ledger, keep_shard=True))
-        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-        ds = ds.map_batches(
-            Embedder,
-            fn_constructor_kwargs={
-                "source": source,
-                "regions": cfg.eval.regions,
-                "use_gpu": cfg.eval.use_gpu,
-            },
-            batch_size=cfg.eval.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),
-            num_gpus=1 if cfg.eval.use_gpu else 0,
-        )
-        ray_data_progress(ds.context, verbose)
+        ds = embedded(datasets, source, cfg, verbose)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             for i, shard in enumerate(batch["shard"]):
                 rows[str(shard)].append(
@@ -448,15 +436,11 @@ def _add_parts(index, store: Store, shards: dict[str, dict]) -> None:
             index.add_with_ids(part_vectors(t), np.ascontiguousarray(t["id"].to_numpy(), dtype=np.int64))
 
 
-def _load_faiss(store: Store, state: dict[str, Any]):
-    """The index file, if it is the one index.json recorded (else None: rebuilt from the parts)."""
+def load_faiss(store: Store, state: dict[str, Any]):
+    """The index file, if it is the one index.json recorded (else None)."""
     if not store.exists(FAISS_FILE):
         return None
     blob = store.read_bytes(FAISS_FILE)
     if hashlib.sha256(blob).hexdigest() != state.get("faiss_sha256"):
-        log.warning(
-            "%s: not the index file index.json records (an interrupted run?): rebuilding it",
-            store.uri(FAISS_FILE),
-        )
         return None
     return faiss().deserialize_index(np.frombuffer(blob, dtype=np.uint8))

@@ -30,6 +30,7 @@ from jepa_ray.search.index import (
     FAISS_FILE,
     INDEX_FILE,
     faiss,
+    load_faiss,
     normalise,
     part_vectors,
     read_part,
@@ -57,14 +58,11 @@ def open_index(url: str, storage: StorageConfig | None = None, nprobe: int | Non
     if not store.exists(INDEX_FILE):
         raise ConfigError(f"{url}: not a jepa-ray index (no {INDEX_FILE}); build one with `jepa-ray index`")
     state = json.loads(store.read_bytes(INDEX_FILE))
-    import hashlib
-
-    blob = store.read_bytes(FAISS_FILE)
-    if hashlib.sha256(blob).hexdigest() != state["faiss_sha256"]:
+    index = load_faiss(store, state)
+    if index is None:
         raise ConfigError(
             f"{store.uri(FAISS_FILE)}: not the index file {INDEX_FILE} records; rerun `jepa-ray index` to repair it"
         )
-    index = faiss().deserialize_index(np.frombuffer(blob, dtype=np.uint8))
     if hasattr(index, "nprobe"):
         index.nprobe = min(nprobe or state.get("nprobe") or 32, index.nlist)
     frames = [read_part(store, name).drop(["vector"]).to_pandas() for name in state["shards"]]

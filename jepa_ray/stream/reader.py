@@ -131,8 +131,11 @@ def raw_block(rows: list[dict[str, Any]], extra: dict[str, list] | None = None):
     return pa.table(cols)
 
 
-def tar_samples(f: Any, shard: str, expected: int | None, damaged) -> Iterator[dict[str, Any]]:
-    """The complete samples of one webdataset tar, in order: {"key", "shard", <field>: bytes}.
+def tar_samples(
+    f: Any, shard: str, expected: int | None, damaged, fields: tuple[str, ...] = FIELDS
+) -> Iterator[dict[str, Any]]:
+    """The complete samples of one webdataset tar, in order: {"key", "shard", <field>: bytes} for
+    the `fields` asked for (training's: image, ehr, meta).
 
     Damage (a cut file, a corrupt header, fewer samples than the manifest's `expected`) ends the
     stream after the last complete sample and is reported once as `damaged(where, reason, lost)`."""
@@ -154,7 +157,7 @@ def tar_samples(f: Any, shard: str, expected: int | None, damaged) -> Iterator[d
                         last = current["key"]
                         yield current
                     current = {"key": key, "shard": shard}
-                if field in FIELDS:
+                if field in fields:
                     current[field] = data
     except (tarfile.TarError, EOFError, zlib.error) as e:
         problem = f"the tar is damaged ({type(e).__name__}: {e})"
