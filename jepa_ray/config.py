@@ -669,6 +669,11 @@ class EvalConfig(_Strict):
         description="Image tokens kept for fusion heads: patch tokens average-pooled to a regions x regions grid.",
     )
     bootstrap: int = Field(200, ge=0, description="Bootstrap resamples for the 95% intervals (0: none).")
+    segmentation_steps: int = Field(
+        400,
+        ge=1,
+        description="AdamW steps (mini-batches of 32) of each segmentation head, for shards with masks.",
+    )
     knn_k: int = Field(10, ge=1, description="Neighbours of the kNN probe (cosine).")
     recall_at: list[int] = Field([1, 5, 10], description="k of the retrieval recall@k.")
     random_baseline: bool = Field(True, description="Also evaluate a random-init encoder of the same shape.")
@@ -842,6 +847,13 @@ class IndexConfig(_Strict):
         description="recall@10 against exact search that an IVF index's nprobe is chosen for.",
     )
     k: int = Field(10, ge=1, description="Neighbours returned by search (--k overrides).")
+    group_samples: int = Field(
+        65_536,
+        ge=1,
+        description="Shards are embedded in groups of about this many samples (whole shards), one Ray Data "
+        "execution each; a group's vectors are held until its parts are written, so this bounds "
+        "`index`'s memory (~1.6 KB per sample at width 384).",
+    )
 
 
 class Config(_Strict):

@@ -160,8 +160,8 @@ def evaluate(
 
 
 def _segmentation(sources: list[EncoderSource], data: str, reports: list[str], cfg: Config) -> dict:
-    """Dice of the segmentation heads on each encoder's frozen patch tokens,
-    for shards with ground-truth masks (`prepare --masks`); 2-D images only."""
+    """Dice of the segmentation heads on each encoder's frozen patch tokens, for shards with
+    ground-truth masks (`prepare --masks`): radiographs (pipeline.dims=2) or CT volumes (3)."""
     from jepa_ray.errors import ShardError
     from jepa_ray.eval.segmentation import annotated, encode, segmentation_probe
     from jepa_ray.stream.pipeline import open_split
@@ -170,8 +170,8 @@ def _segmentation(sources: list[EncoderSource], data: str, reports: list[str], c
     read: dict[tuple[str, str], Any] = {}  # (split, pipeline) -> its annotated samples, for every encoder
     for source in sources:
         pcfg = eval_pipeline(cfg, source.info)
-        if pcfg.dims != 2:
-            log.info("segmentation: 2-D images only; skipped for pipeline.dims=%s", pcfg.dims)
+        if pcfg.dims == "mixed":
+            log.info("segmentation: one kind of image at a time; skipped for pipeline.dims=mixed")
             return {}
         model = source.build()
         splits = {}
@@ -188,7 +188,13 @@ def _segmentation(sources: list[EncoderSource], data: str, reports: list[str], c
             log.info("segmentation: too few annotated samples (splits with masks: %s)", sorted(splits))
             return {}
         out[source.name] = segmentation_probe(
-            splits, ec.fit_split, [s for s in reports if s in splits], pcfg.patch_size, ec.bootstrap, ec.seed
+            splits,
+            ec.fit_split,
+            [s for s in reports if s in splits],
+            tuple(pcfg.tubelet) if pcfg.dims == 3 else pcfg.patch_size,
+            ec.bootstrap,
+            ec.seed,
+            ec.segmentation_steps,
         )
         log.info(
             "segmentation (%s): mean Dice %s",

@@ -1,15 +1,19 @@
 """Dense read-out: segmentation probes on frozen patch tokens, Dice per structure with 95% intervals.
 
 For the samples whose shards carry ground-truth masks (`prepare --masks`): the image goes through
-the evaluation transform (the whole stored square resized to pipeline.image_size, no
-augmentation), its masks through the same resize (a pixel inside when at least half of it is),
-and the target encoder's patch tokens (image alone) are kept frozen. Two heads are fit on the fit
-split and scored on the report splits:
+the evaluation transform (the whole stored square resized to pipeline.image_size, or the whole
+stored CT volume resized to pipeline.volume_size; no augmentation), its masks through the same
+resize (a pixel or voxel inside when at least half of it is), and the target encoder's patch
+tokens (image alone) are kept frozen. Two heads are fit on the fit split and scored on the report
+splits, in 2-D for radiographs and in 3-D for CT volumes (pipeline.dims=3):
 
-- `linear`: one linear map per patch token to the logits of its p x p pixels of every structure
-  (the tokens' own resolution, upsampled by the patch: what a token knows about its patch);
+- `linear`: one linear map per patch token to the logits of its p x p pixels (tz x ty x tx voxels
+  of a tubelet) of every structure (the tokens' own resolution, upsampled by the patch: what a
+  token knows about its patch);
 - `conv`: a small decoder, 3 x 3 convolution over the token grid, bilinear upsampling by the
-  patch, 3 x 3 convolution to the structures (neighbouring tokens may help).
+  patch, 3 x 3 convolution to the structures (neighbouring tokens may help); in 3-D, 3 x 3 x 3
+  convolution over the token grid, then each token's tz x ty x tx voxels from its own context, as
+  the linear head lays them out (a full-resolution 3-D decoder would cost most of the probe).
 
 Dice = 2|P ∩ G| / (|P| + |G|) per sample and structure (1 when both are empty), its mean over the
 split's samples with a percentile bootstrap interval over samples. The samples are read and
@@ -34,41 +38,79 @@ class SegSplit:
     """A split's annotated samples: frozen patch tokens and masks at the encoder's input size."""
 
     keys: list[str]
-    tokens: np.ndarray  # (n, g, g, D) float32
-    masks: np.ndarray  # (n, S, H, W) bool, H = W = pipeline.image_size
+    tokens: np.ndarray  # (n, g, g, D), or (n, gz, gy, gx, D) for volumes; float32
+    masks: np.ndarray  # (n, S, H, W) bool at pipeline.image_size, or (n, S, Z, Y, X) at volume_size
     names: list[str]  # the structures, in the masks' order
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per sample and structure, (n, S): 2|P ∩ G| / (|P| + |G|), 1 where both are empty."""
-    inter = (pred & truth).sum(axis=(-2, -1))
-    total = pred.sum(axis=(-2, -1)) + truth.sum(axis=(-2, -1))
+    """Per sample and structure, (n, S): 2|P ∩ G| / (|P| + |G|), 1 where both are empty; over
+    every axis after the structure's (pixels or voxels)."""
+    axes = tuple(range(2, truth.ndim))
+    inter = (pred & truth).sum(axis=axes)
+    total = pred.sum(axis=axes) + truth.sum(axis=axes)
     return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
 
 
-def _head(kind: str, width: int, structures: int, patch: int):
+def _unpatch(structures: int, patch: tuple[int, ...]):
+    """(B, S * prod(patch), *grid) -> (B, S, *(grid * patch)): each token's logits laid out over its
+    patch (PixelShuffle, in any number of dimensions)."""
     import torch.nn as nn
 
+    class Unpatch(nn.Module):
+        def forward(self, x):
+            b, grid = x.shape[0], x.shape[2:]
+            d = len(patch)
+            x = x.reshape(b, structures, *patch, *grid)
+            # (B, S, p1..pd, g1..gd) -> (B, S, g1, p1, ..., gd, pd)
+            order = [0, 1] + [k for i in range(d) for k in (2 + d + i, 2 + i)]
+            return x.permute(*order).reshape(
+                b, structures, *(g * p for g, p in zip(grid, patch, strict=True))
+            )
+
+    return Unpatch()
+
+
+def _head(kind: str, width: int, structures: int, patch: tuple[int, ...]):
+    import math
+
+    import torch.nn as nn
+
+    three = len(patch) == 3
+    conv = nn.Conv3d if three else nn.Conv2d
     if kind == "linear":
-        return nn.Sequential(nn.Conv2d(width, structures * patch * patch, 1), nn.PixelShuffle(patch))
+        return nn.Sequential(conv(width, structures * math.prod(patch), 1), _unpatch(structures, patch))
+    if three:  # neighbouring tokens, then each token's voxels from its own context: a
+        # full-resolution 3-D decoder would cost most of the probe, and trilinear upsampling of
+        # per-token logits cannot draw an edge inside a tubelet
+        return nn.Sequential(
+            conv(width, 64, 3, padding=1),
+            nn.GELU(),
+            conv(64, structures * math.prod(patch), 1),
+            _unpatch(structures, patch),
+        )
     return nn.Sequential(
-        nn.Conv2d(width, 128, 3, padding=1),
+        conv(width, 128, 3, padding=1),
         nn.GELU(),
         nn.Upsample(scale_factor=patch, mode="bilinear", align_corners=False),
-        nn.Conv2d(128, structures, 3, padding=1),
+        conv(128, structures, 3, padding=1),
     )
 
 
-def fit_head(kind: str, fit: SegSplit, patch: int, steps: int = 400, lr: float = 3e-3, seed: int = 0):
+def fit_head(
+    kind: str, fit: SegSplit, patch: int | tuple[int, ...], steps: int = 400, lr: float = 3e-3, seed: int = 0
+):
     """A head of `kind` ("linear" or "conv") trained on the fit split: `steps` AdamW steps on
-    mini-batches of 32, BCE per pixel."""
+    mini-batches of 32, BCE per pixel (voxel). `patch`: the 2-D patch side, or the 3-D tubelet."""
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    x = torch.from_numpy(fit.tokens).permute(0, 3, 1, 2).contiguous()
+    x = torch.from_numpy(fit.tokens).movedim(-1, 1).contiguous()
     y = torch.from_numpy(fit.masks.astype(np.float32))
-    mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-6
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch,) * (x.ndim - 2)
+    axes = (0, *range(2, x.ndim))
+    mean, std = x.mean(axes, keepdim=True), x.std(axes, keepdim=True) + 1e-6
     head = _head(kind, x.shape[1], y.shape[1], patch)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
@@ -82,20 +124,27 @@ def fit_head(kind: str, fit: SegSplit, patch: int, steps: int = 400, lr: float =
 
     def predict(split: SegSplit) -> np.ndarray:
         with torch.no_grad():
-            t = torch.from_numpy(split.tokens).permute(0, 3, 1, 2).contiguous()
+            t = torch.from_numpy(split.tokens).movedim(-1, 1).contiguous()
             return (head((t - mean) / std) > 0).numpy()
 
     return predict
 
 
 def segmentation_probe(
-    splits: dict[str, SegSplit], fit_split: str, reports: list[str], patch: int, bootstrap: int, seed: int = 0
+    splits: dict[str, SegSplit],
+    fit_split: str,
+    reports: list[str],
+    patch: int | tuple[int, ...],
+    bootstrap: int,
+    seed: int = 0,
+    steps: int = 400,
 ) -> dict[str, Any]:
-    """{head: {split: {structure: {"dice", "ci"}, "mean": {...}}}} for both heads."""
+    """{head: {split: {structure: {"dice", "ci"}, "mean": {...}}}} for both heads, each trained
+    `steps` steps."""
     fit = splits[fit_split]
     out: dict[str, Any] = {}
     for kind in ("linear", "conv"):
-        predict = fit_head(kind, fit, patch, seed=seed)
+        predict = fit_head(kind, fit, patch, steps=steps, seed=seed)
         out[kind] = {}
         for split in reports:
             if split not in splits:
@@ -125,13 +174,14 @@ class Annotated:
     batches: list[dict]  # transform_batch outputs
     keep: list[list[int]]  # per batch, the rows kept (those with this split's structures)
     keys: list[str]
-    masks: np.ndarray  # (n, S, H, W) bool
+    masks: np.ndarray  # (n, S, H, W) bool, or (n, S, Z, Y, X) for volumes
     names: list[str]
 
 
 def annotated(shards, cfg) -> Annotated | None:
     """The annotated samples of one split (a ShardSet), masks resized as the image is; None when
-    no sample of the split has masks. Encoder-independent: read once, encoded by every encoder."""
+    no sample of the split has masks. Encoder-independent: read once, encoded by every encoder.
+    pipeline.dims=2 takes the radiographs, 3 the CT volumes (the transform leaves out the other kind)."""
     import torch
     import torch.nn.functional as F
 
@@ -155,7 +205,9 @@ def annotated(shards, cfg) -> Annotated | None:
                     rows.append(sample)
     if not rows:
         return None
-    size, names = cfg.image_size, None
+    three = cfg.dims == 3
+    size = tuple(cfg.volume_size) if three else (cfg.image_size, cfg.image_size)
+    names = None
     batches, keep, keys, planes = [], [], [], []
     for i in range(0, len(rows), 32):
         block = raw_block(rows[i : i + 32])
@@ -168,7 +220,13 @@ def annotated(shards, cfg) -> Annotated | None:
             if meta.get("masks") != names:  # another set of structures: left out of this split's probe
                 continue
             m = torch.from_numpy(masks[str(key)].astype(np.float32))[None]
-            m = F.interpolate(m, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+            if m.ndim != 2 + len(size):  # a mask of the other kind of image (kept in a mixed set)
+                continue
+            m = (
+                F.interpolate(m, size=size, mode="trilinear", align_corners=False)[0]
+                if three
+                else F.interpolate(m, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            )
             kept.append(j)
             keys.append(str(key))
             planes.append((m >= 0.5).numpy())
@@ -180,17 +238,22 @@ def annotated(shards, cfg) -> Annotated | None:
 
 
 def encode(model, data: Annotated, cfg) -> SegSplit:
-    """The annotated samples' frozen patch tokens from `model` (eval mode), (n, g, g, D)."""
+    """The annotated samples' frozen patch tokens from `model` (eval mode), (n, *grid, D)."""
+    import math
+
     import torch
 
     from jepa_ray.stream.pipeline import collate
 
-    g = cfg.image_size // cfg.patch_size
+    grid = cfg.grids[-1]
+    n = math.prod(grid)
     tokens = []
     for batch, kept in zip(data.batches, data.keep, strict=True):
+        if not kept:
+            continue
         with torch.no_grad():
             enc = model.encode(collate(batch), "image")
-        tok = enc["tokens"][:, 1 : 1 + g * g].float().reshape(-1, g, g, enc["tokens"].shape[-1])
+        tok = enc["tokens"][:, 1 : 1 + n].float().reshape(-1, *grid, enc["tokens"].shape[-1])
         tokens += [tok[j].numpy() for j in kept]
     return SegSplit(data.keys, np.stack(tokens), data.masks, data.names)
 

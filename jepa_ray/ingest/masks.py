@@ -56,6 +56,46 @@ def allowed_names(masks_root: Path) -> set[str] | None:
         return set()  # a legend that cannot be read admits nothing rather than everything
 
 
+MAX_STRUCTURES = 64  # structures per image or volume: more is not an annotation export
+
+
+def _structures(folder: Path, allowed: set[str] | None) -> dict[str, Path]:
+    """{structure: its PNG} of a mask folder, names checked (see the module docstring)."""
+    found = {
+        p.stem: p
+        for p in sorted(folder.glob("*.png"))
+        if NAME.match(p.stem) and (allowed is None or p.stem in allowed)
+    }
+    if len(found) > MAX_STRUCTURES:
+        raise InvalidDicomError(
+            str(folder), "mask_too_many", f"{len(found)} structures, more than {MAX_STRUCTURES}"
+        )
+    return found
+
+
+def _read_png(path: Path, folder: str, shape: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """A mask PNG's pixels as bool (rows, cols), nonzero inside; its size must be `shape`."""
+    from PIL import Image
+
+    rows, cols = shape
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise InvalidDicomError(folder, "mask_too_large", f"a mask of {w} x {h} pixels")
+            if (h, w) != (rows, cols):
+                raise InvalidDicomError(
+                    folder, "mask_shape_mismatch", f"a mask of {h} x {w} for an image of {rows} x {cols}"
+                )
+            return np.asarray(im.convert("L")) > 0
+    except InvalidDicomError:
+        raise
+    except Exception as e:  # a corrupt or hostile file: its type only
+        raise InvalidDicomError(
+            folder, "mask_unreadable", f"a mask cannot be read ({type(e).__name__})"
+        ) from None
+
+
 def read_masks(
     folder: str,
     shape: tuple[int, int],
@@ -66,32 +106,15 @@ def read_masks(
 ) -> tuple[np.ndarray, list[str]]:
     """(uint8 0/1 masks (structures, size, size) in the stored image's grid, their names).
     `shape` is the DICOM's (rows, cols), `box` the image's valid box in the stored square.
-    InvalidDicomError (reasons mask_unreadable, mask_shape_mismatch, mask_too_large) otherwise."""
+    InvalidDicomError (reasons mask_unreadable, mask_shape_mismatch, mask_too_large,
+    mask_too_many) otherwise."""
     from PIL import Image
 
     rows, cols = shape
     y0, x0, y1, x1 = box
     names, planes = [], []
-    for path in sorted(Path(folder).glob("*.png")):
-        name = path.stem
-        if not NAME.match(name) or (allowed is not None and name not in allowed):
-            continue
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise InvalidDicomError(folder, "mask_too_large", f"a mask of {w} x {h} pixels")
-                if (h, w) != (rows, cols):
-                    raise InvalidDicomError(
-                        folder, "mask_shape_mismatch", f"a mask of {h} x {w} for an image of {rows} x {cols}"
-                    )
-                inside = np.asarray(im.convert("L")) > 0
-        except InvalidDicomError:
-            raise
-        except Exception as e:  # a corrupt or hostile file: its type only
-            raise InvalidDicomError(
-                folder, "mask_unreadable", f"a mask cannot be read ({type(e).__name__})"
-            ) from None
+    for name, path in _structures(Path(folder), allowed).items():
+        inside = _read_png(path, folder, shape, max_pixels)
         # the image's resize (bilinear over the whole grid, aspect kept), then the centred padding
         small = Image.fromarray(inside.astype(np.float32)).resize(
             (x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=(0, 0, cols, rows), reducing_gap=3.0
@@ -105,12 +128,70 @@ def read_masks(
     return np.stack(planes), names
 
 
+def slice_folder(folders: dict[str, str], path: str, frame: int | None) -> Path | None:
+    """The mask folder of one slice: its file's folder, or for a frame of a multi-frame file the
+    folder's `frame-<n>/` (n from 1, DICOM's frame numbering); None when the export has none."""
+    folder = folders.get(path)
+    if folder is None:
+        return None
+    if frame is None:
+        return Path(folder)
+    sub = Path(folder) / f"frame-{frame + 1}"
+    return sub if sub.is_dir() else None
+
+
+def read_volume_masks(
+    folders: dict[str, str],
+    volume,
+    cfg,
+    max_pixels: int,
+    allowed: set[str] | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """(uint8 0/1 masks (structures, Z, Y, X) in the stored volume's grid, their names) of a CT
+    series whose slices each have a mask folder (`folders`: DICOM path -> folder). `volume` is the
+    assembled `series.Volume` (its ordered `refs`, shape and spacing); every mask goes through the
+    volume's own resampling, crop and padding (`series.resample`), a voxel inside when at least half
+    of it is. A structure a slice's folder lacks is empty on that slice (exports often write only
+    the slices a structure touches); a slice without a folder makes the masks unusable
+    (`mask_incomplete`): an unannotated slice is not known to be empty. One structure's volume is in
+    memory at a time."""
+    from jepa_ray.ingest.series import Volume, resample
+
+    refs = volume.refs
+    slices = [slice_folder(folders, r.path, r.frame) for r in refs]
+    missing = sum(s is None for s in slices)
+    first = str(next((s for s in slices if s is not None), refs[0].path))
+    if missing:
+        raise InvalidDicomError(
+            first,
+            "mask_incomplete",
+            f"{missing} of the series' {len(refs)} slices have no mask folder: the masks are left out",
+        )
+    per_slice = [_structures(s, allowed) for s in slices]
+    names = sorted({n for found in per_slice for n in found})
+    if len(names) > MAX_STRUCTURES:
+        raise InvalidDicomError(
+            first, "mask_too_many", f"{len(names)} structures, more than {MAX_STRUCTURES}"
+        )
+    shape = volume.hu.shape[1:]
+    planes = []
+    for name in names:
+        stack = np.zeros(volume.hu.shape, np.float32)
+        for k, found in enumerate(per_slice):
+            if name in found:
+                stack[k] = _read_png(found[name], str(slices[k]), shape, max_pixels)
+        planes.append(resample(Volume(stack, volume.spacing), cfg, pad=0.0) >= 0.5)
+    if not planes:
+        return np.zeros((0, *cfg.size), np.uint8), []
+    return np.stack(planes).astype(np.uint8), names
+
+
 def mask_stats(folder: str) -> str:
     """Sizes and mtimes of a mask folder's PNGs (what decides whether a shard is rewritten)."""
     import os
 
     parts = []
-    for path in sorted(Path(folder).glob("*.png")):
+    for path in sorted(Path(folder).rglob("*.png")):  # frame-<n>/ of a multi-frame file too
         st = os.stat(path)
-        parts.append(f"{path.name}|{st.st_size}|{st.st_mtime_ns}")
+        parts.append(f"{path.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}")
     return ";".join(parts)

@@ -65,6 +65,7 @@ class Volume:
     spacing: tuple[float, float, float]  # mm: between slices, rows, columns
     paths: list[str] = field(default_factory=list)
     multi_frame: bool = False
+    refs: list[SliceRef] = field(default_factory=list)  # the slices in the volume's order
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
@@ -287,12 +288,14 @@ def assemble(refs: list[SliceRef], cfg: VolumeConfig, limits: LimitsConfig | Non
         spacing=(step, *refs[0].spacing),
         paths=sorted({r.path for r in refs}),
         multi_frame=refs[0].frame is not None,
+        refs=refs,
     )
 
 
-def resample(volume: Volume, cfg: VolumeConfig) -> np.ndarray:
-    """Trilinear resampling to `cfg.spacing`, centred crop or pad (with `cfg.pad_hu`) to `cfg.size`,
-    in one pass: only the voxels that are kept are computed. (Z, Y, X) float32 in HU."""
+def resample(volume: Volume, cfg: VolumeConfig, pad: float | None = None) -> np.ndarray:
+    """Trilinear resampling to `cfg.spacing`, centred crop or pad (with `pad`, by default
+    `cfg.pad_hu`) to `cfg.size`, in one pass: only the voxels that are kept are computed.
+    (Z, Y, X) float32 in HU (or in the units of `volume.hu`: masks go through it too)."""
     import torch
     import torch.nn.functional as F
 
@@ -307,7 +310,7 @@ def resample(volume: Volume, cfg: VolumeConfig) -> np.ndarray:
     src = torch.from_numpy(np.ascontiguousarray(volume.hu))[None, None]
     out = F.grid_sample(src, grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
     keep = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
-    out[~keep] = cfg.pad_hu
+    out[~keep] = cfg.pad_hu if pad is None else pad
     return out.numpy()
 
 
@@ -343,7 +346,8 @@ def read_volume(
     limits: LimitsConfig | None = None,
 ) -> tuple[np.ndarray, dict]:
     """A series' slices -> the windowed, fixed-size volume (C, Z, Y, X) float32 in [0, 1] and its
-    metadata (spacing before and after, slices, windows)."""
+    metadata (spacing before and after, slices, windows). `on_volume` sees the assembled volume
+    (HU, slices in order, `refs`) before it is resampled."""
     volume = assemble(refs, cfg, limits)
     if on_volume is not None:
         on_volume(volume)

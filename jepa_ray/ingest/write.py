@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from jepa_ray.config import ImageConfig, LimitsConfig, StorageConfig, VolumeConfig
-from jepa_ray.ingest.masks import mask_stats, read_masks
+from jepa_ray.ingest.masks import mask_stats, read_masks, read_volume_masks
 from jepa_ray.ingest.quarantine import dicom_record, unexpected_error
 from jepa_ray.shards.format import SCHEMA_VERSION, dumps, encode_npy, encode_npz
 from jepa_ray.storage import Store
@@ -88,7 +88,7 @@ def decode_images(
     for dicoms, kind, folders in zip(samples, kinds or ["image"] * len(samples), masks, strict=True):
         if kind == "ct":
             try:
-                out.append(_decode_ct(dicoms, volume_cfg, limits))
+                out.append(_decode_ct(dicoms, volume_cfg, limits, folders, allowed_masks))
             except Exception as e:  # a bug or an input no check foresaw: this study only
                 out.append(no_image([unexpected_error(source, e, "this CT study") for _, source in dicoms]))
             continue
@@ -147,11 +147,18 @@ def no_image(quarantine: list[dict[str, Any]] | None = None) -> dict[str, Any]:
 
 
 def _decode_ct(
-    dicoms: list[tuple[str, str]], cfg: VolumeConfig | None, limits: LimitsConfig | None = None
+    dicoms: list[tuple[str, str]],
+    cfg: VolumeConfig | None,
+    limits: LimitsConfig | None = None,
+    folders: dict[str, str] | None = None,
+    allowed_masks: set[str] | None = None,
 ) -> dict[str, Any]:
     """A CT study -> the windowed volume (C, Z, Y, X) float16 of its largest series; the other
     series are skipped, a series that is not one regular volume is quarantined (one record, the
-    reason of `jepa_ray.ingest.series`), and so is every file that cannot be read."""
+    reason of `jepa_ray.ingest.series`), and so is every file that cannot be read. With `folders`
+    (slice path -> mask folder), the series' masks go through the volume's resampling into
+    res["mask"] (`ingest.masks.read_volume_masks`); masks that cannot be used are quarantined on
+    their own, the volume kept."""
     from jepa_ray.errors import InvalidDicomError
     from jepa_ray.ingest.header import read_header
     from jepa_ray.ingest.series import group_series, read_volume
@@ -182,8 +189,21 @@ def _decode_ct(
         ]
     if not ranked:
         return res
+    mask: dict[str, Any] = {}
+
+    def masks_of(volume) -> None:  # while the assembled volume (slice order, spacing) is at hand
+        if not folders or not any(r.path in folders for r in volume.refs):
+            return
+        try:
+            mask["planes"], mask["names"] = read_volume_masks(
+                folders, volume, cfg, (limits or LimitsConfig()).max_pixels, allowed_masks
+            )
+        except InvalidDicomError as e:
+            src = source[volume.refs[0].path]
+            mask["problem"] = {**dicom_record(f"{src} (masks)", e.reason, e.detail), "kind": "mask"}
+
     try:
-        volume, meta = read_volume(ranked[0], cfg, limits=limits)
+        volume, meta = read_volume(ranked[0], cfg, on_volume=masks_of, limits=limits)
     except InvalidDicomError as e:
         files = sorted({r.path for r in ranked[0]})
         detail = f"{e.detail} (a series of {len(files)} files, all left out)"
@@ -191,6 +211,11 @@ def _decode_ct(
         return res
     res["image"] = encode_npy(volume.astype(np.float16))
     res["meta"] = {"image": meta, "dicom": read_header(ranked[0][0].path, limits).safe}
+    if "problem" in mask:
+        res["quarantine"].append(mask["problem"])
+    elif mask.get("names"):
+        res["mask"] = encode_npz({"masks": mask["planes"]})
+        res["meta"]["masks"] = mask["names"]
     return res
 
 

@@ -100,3 +100,60 @@ def test_a_bad_mask_is_quarantined_alone_and_an_unlisted_name_goes_nowhere(
     assert result.ok and manifest["counts"]["image"] == len(imaged)
     blob = b"".join(b for s in samples.values() for b in s.values()) + (out / "manifest.json").read_bytes()
     assert b"quixote" not in blob.lower()
+
+
+def test_ct_masks_follow_the_volume_through_resampling_and_an_incomplete_series_keeps_its_volume(
+    ray_session, ct_cohort, cohort_inputs, tmp_path
+):
+    """Per-slice CT masks are stacked in the series' spatial order (not file order) and resampled
+    with the volume: lungs at the lung window's dark end, the heart's volume follows the cardiac
+    latent; a series with a slice lacking masks loses its masks only."""
+    from conftest import CT_VOLUME
+
+    from jepa_ray.synth.ct_phantom import CT_STRUCTURES
+
+    root = ct_cohort[0]
+    masks = tmp_path / "masks"
+    shutil.copytree(root / "masks", masks)
+    # a CT series' folder holds one sub-folder per slice, without the radiographs' lung zones
+    series = sorted(
+        {p.parent.parent for p in masks.rglob("heart.png") if not (p.parent / "right_upper.png").exists()}
+    )
+    incomplete = series[0]
+    shutil.rmtree(sorted(incomplete.iterdir())[3])  # one slice of one series unannotated
+    cfg = load_config(overrides=[*CT_VOLUME, "prepare.image.size=64"]).prepare
+    out = tmp_path / "shards"
+    result = prepare(str(out), cfg, **cohort_inputs(root), masks=str(masks))
+    assert result.ok, result.problems
+    manifest = json.loads((out / "manifest.json").read_text())
+    records = [q for q in manifest["quarantine"]["items"] if q["kind"] == "mask"]
+    assert [q["reason"] for q in records] == ["mask_incomplete"]
+    volumes = {
+        k: s
+        for k, s in _samples(out).items()
+        if json.loads(s["meta.json"]).get("image", {}).get("kind") == "ct_volume"
+    }
+    assert len(volumes) >= 8
+    assert sum("mask.npz" in s for s in volumes.values()) == len(volumes) - 1  # the incomplete one
+    lat = pd.read_parquet(root / "latents.parquet")
+    pz = Pseudonymizer(os.environ["JEPA_RAY_SALT"].encode())
+    cardiac = {pz.subject(str(r.subject_id)): r.cardiac for r in lat.itertuples()}
+    hearts, truth = [], []
+    for s in volumes.values():
+        if "mask.npz" not in s:
+            continue
+        meta = json.loads(s["meta.json"])
+        assert meta["masks"] == sorted(CT_STRUCTURES)
+        planes = decode_npz(s["mask.npz"])["masks"]
+        assert planes.shape == (len(CT_STRUCTURES), 16, 40, 40) and set(np.unique(planes)) <= {0, 1}
+        m = dict(zip(meta["masks"], planes.astype(bool), strict=True))
+        lung_window = np.load(io.BytesIO(s["image.npy"]))[0].astype(float)  # (Z, Y, X) in [0, 1]
+        lungs = (m["right_lung"] | m["left_lung"]) & ~m["heart"] & ~m["bone"]
+        assert lungs.sum() > 50 and m["heart"].sum() > 20
+        assert lung_window[lungs].mean() < 0.4 < lung_window[m["heart"] & ~m["bone"]].mean()
+        # slices in spatial order: the lungs' extent is one run of slices, no holes from file order
+        rows = np.flatnonzero((m["right_lung"] | m["left_lung"]).any(axis=(1, 2)))
+        assert (np.diff(rows) == 1).all()
+        hearts.append(m["heart"].sum())
+        truth.append(cardiac[meta["subject"]])
+    assert np.corrcoef(hearts, truth)[0, 1] > 0.5
