@@ -162,7 +162,10 @@ def build_index(
         ]
         or [np.zeros(0, np.int64)]
     )
-    new_parts, next_id = _embed_shards(source, data, manifest, todo, cfg, store, next_id, verbose)
+    new_parts: dict[str, int] = {}
+    for group in _groups(todo, wanted, ic.group_samples):
+        counts, next_id = _embed_shards(source, data, manifest, group, cfg, store, next_id, verbose)
+        new_parts.update(counts)
     shards = {n: v for n, v in indexed.items() if n not in gone}
     for name, rows in new_parts.items():
         shards[name] = {"sha256": wanted[name]["sha256"], "vectors": rows}
@@ -268,6 +271,21 @@ def _check_same(state: dict[str, Any], out: str, enc_key: str, modality: str, da
         )
     if state["data"] != data:
         log.warning("%s: was built from %s; adding the shards of %s", out, state["data"], data)
+
+
+def _groups(todo: list[str], shards: dict[str, dict], most: int) -> list[list[str]]:
+    """`todo` in order, cut into runs of whole shards of at most `most` samples (a larger shard
+    alone)."""
+    groups: list[list[str]] = []
+    size = 0
+    for name in todo:
+        n = int(shards[name].get("samples", 0))
+        if not groups or size + n > most:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
 
 
 def _embed_shards(

@@ -74,8 +74,9 @@ def test_an_index_is_the_evaluations_embeddings_searched_exactly_and_grows_by_ne
     assert first.kind == "exact" and first.added == first.vectors == train.samples
     assert first.shards_embedded == sorted(train.expected)
 
-    # every split now: only the shards not indexed yet are embedded
-    cfg = load_config(overrides=PIPELINE)
+    # every split now: only the shards not indexed yet are embedded, in groups of at most 10 samples
+    # (whole shards of 8: one execution per shard), which must not change ids or vectors
+    cfg = load_config(overrides=[*PIPELINE, "index.group_samples=10"])
     second = build_index(str(enc), str(shards), out, cfg)
     manifest = json.loads((shards / "manifest.json").read_text())
     assert second.shards_embedded == sorted(s["name"] for s in manifest["shards"] if s["split"] != "train")
@@ -118,6 +119,15 @@ def test_an_index_is_the_evaluations_embeddings_searched_exactly_and_grows_by_ne
         search_vectors(idx, vecs[0][None], 5, where="hospital = x")
     with pytest.raises(ConfigError, match="cannot read"):
         search_vectors(idx, vecs[0][None], 5, where="split ~ test")
+
+
+def test_shards_are_embedded_in_groups_of_whole_shards_up_to_the_sample_bound():
+    from jepa_ray.search.index import _groups
+
+    shards = {"a": {"samples": 4}, "b": {"samples": 4}, "c": {"samples": 9}, "d": {"samples": 1}}
+    assert _groups(["a", "b", "c", "d"], shards, 8) == [["a", "b"], ["c"], ["d"]]
+    assert _groups(["a", "b", "c", "d"], shards, 100) == [["a", "b", "c", "d"]]
+    assert _groups([], shards, 8) == []
 
 
 def test_a_dropped_shard_leaves_the_index_and_another_encoder_is_refused(archive, tmp_path, ray_session):
