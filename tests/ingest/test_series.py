@@ -207,3 +207,51 @@ def test_volume_settings_are_validated_by_the_config():
             ]
         )
     assert AXIAL == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def test_slice_masks_follow_the_slices_spatial_order_and_the_volumes_resampling(tmp_path):
+    """Per-slice mask PNGs of shuffled slice files, and per-frame ones of a shuffled enhanced file,
+    both give the mask of the spatially ordered truth resampled as the volume is; a structure a
+    slice's folder lacks is empty there."""
+    from PIL import Image
+
+    from jepa_ray.ingest.masks import read_volume_masks
+    from jepa_ray.ingest.series import Volume
+
+    hu = phantom(8)
+    truth = np.zeros(hu.shape, bool)  # a box that moves with the slice index: order matters
+    for k in range(8):
+        truth[k, 2 + k : 10 + k, 3:12] = True
+    cfg = VolumeConfig(min_slices=4, spacing=(5.0, 1.6, 1.4), size=(6, 16, 16))
+    expected = resample(Volume(truth.astype(np.float32), (2.5, 0.8, 0.7)), cfg, pad=0.0) >= 0.5
+    assert 0 < expected.sum() < expected.size
+
+    def write(folder: Path, plane: np.ndarray, with_heart: bool) -> None:
+        folder.mkdir(parents=True)
+        Image.fromarray(plane.astype(np.uint8) * 255).save(folder / "lesion.png")
+        if with_heart:
+            Image.fromarray(np.zeros(plane.shape, np.uint8)).save(folder / "heart.png")
+
+    order = [5, 2, 7, 0, 3, 6, 1, 4]
+    paths = write_series(tmp_path / "slices", hu, order=order)
+    folders = {}
+    for path, k in zip(paths, order, strict=True):
+        folders[str(path)] = str(tmp_path / "masks" / path.stem)
+        write(Path(folders[str(path)]), truth[k], with_heart=k != 4)
+    volume = _volume(paths, cfg)
+    planes, names = read_volume_masks(folders, volume, cfg, 10**6)
+    assert names == ["heart", "lesion"] and planes.shape == (2, 6, 16, 16)
+    np.testing.assert_array_equal(planes[1].astype(bool), expected)
+    assert not planes[0].any()
+
+    enhanced = write_enhanced(tmp_path / "enhanced.dcm", hu, order=order)
+    root = tmp_path / "masks-enhanced"
+    for frame, k in enumerate(order):
+        write(root / f"frame-{frame + 1}", truth[k], with_heart=True)
+    planes, names = read_volume_masks({str(enhanced): str(root)}, _volume([enhanced], cfg), cfg, 10**6)
+    np.testing.assert_array_equal(planes[names.index("lesion")].astype(bool), expected)
+
+    shutil.rmtree(root / "frame-3")  # one frame unannotated: not known to be empty
+    with pytest.raises(InvalidDicomError, match="1 of the series' 8 slices have no mask folder") as e:
+        read_volume_masks({str(enhanced): str(root)}, _volume([enhanced], cfg), cfg, 10**6)
+    assert e.value.reason == "mask_incomplete"
