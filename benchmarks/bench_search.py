@@ -10,16 +10,21 @@ IVF against exact, index memory (serialised bytes).
 ratio = IVF queries/s / brute-force queries/s at the largest n (higher is better), with its
 recall@10 (target >= 0.95).
 
-quality — System: indexes of the demo's test split queried against its train split (the
-historical cases) with the demo's pretrained JEPA, its MAE baseline (same data, masks, steps) and
-random inits (3 seeds), image embeddings pooled (what `jepa-ray index` indexes) and as region
-tokens (the layout kept), beside raw pixels (the input ceiling). Per query, the k = 10 nearest training cases: their mean
-distance to the query in the synthetic cohort's ground-truth latent space (standardised), over
-the mean distance of random pairs (lower is better; 1 = no better than chance), and precision@10
-of same-label neighbours for each binary label, over the label's base rate.
+quality — System: the demo's test split queried against its train split (the historical cases)
+with the demo's pretrained JEPA (and more pretraining seeds, --pretrained), its MAE baseline (same
+data, masks, steps) and random inits (3 seeds), each image as what `jepa-ray index` can index:
+`pooled` (index.vectors=pooled), `regions` (index.vectors=regions), each as embedded
+(index.centre=none), `_site_centred` (index.centre=site, what `index` compares), `_centred` (one
+archive mean for every site) and `_whitened` (PCA-whitening fit on the archive); beside raw pixels
+(the input ceiling). Per query, the k = 10 nearest training cases: their mean distance to the
+query in the synthetic cohort's ground-truth latent space (standardised), over the mean distance
+of random pairs (lower is better; 1 = no better than chance), and precision@10 of same-label
+neighbours for each binary label, over the label's base rate. The summary gives each encoder
+group's min-max over seeds.
 
     python benchmarks/bench_search.py speed [--quick] [--out FILE.json]
-    python benchmarks/bench_search.py quality --demo DIR [--out FILE.json]   # DIR: a `jepa-ray demo --out DIR`
+    python benchmarks/bench_search.py quality --demo DIR [--pretrained ENC ...] [--out FILE.json]
+        # DIR: a `jepa-ray demo --out DIR`; ENC: exports of more pretraining seeds on its shards
 """
 
 from __future__ import annotations
@@ -126,8 +131,9 @@ def speed(sizes: list[int], queries: int, isotropic: bool = False) -> dict:
     }
 
 
-def quality(demo: Path, seeds: int = 3) -> dict:
-    """Neighbours of test-split queries among the training cases, per encoder."""
+def quality(demo: Path, seeds: int = 3, pretrained: list[Path] | None = None) -> dict:
+    """Neighbours of test-split queries among the training cases, per encoder; `pretrained`: more
+    pretraining seeds of the demo's JEPA (exports), as pretrained_1, pretrained_2, ..."""
     import pandas as pd
     import ray
 
@@ -151,6 +157,8 @@ def quality(demo: Path, seeds: int = 3) -> dict:
     work = demo / "bench-search"
     pre = resolve_encoder(str(demo / "encoder.safetensors"), cfg, work)
     sources = [pre]
+    for i, path in enumerate(pretrained or [], start=1):
+        sources.append(resolve_encoder(str(path), cfg, work, name=f"pretrained_{i}"))
     if (demo / "mae.safetensors").exists():
         sources.append(resolve_encoder(str(demo / "mae.safetensors"), cfg, work, name="mae"))
     sources += [EncoderSource(f"random_init_{s}", None, pre.info, seed=s) for s in range(seeds)]
@@ -165,14 +173,10 @@ def quality(demo: Path, seeds: int = 3) -> dict:
         # the shards carry subject pseudonyms: the cohort's ids pseudonymised with the demo's salt
         za = np.stack([z[m["subject"]] for m in meta_a])
         zq = np.stack([z[m["subject"]] for m in meta_q])
-        width = tr["emb_image"].shape[1]
         variants = {
             "pooled": (tr["emb_image"][keep_tr], te["emb_image"][keep_te]),
             # the regions x regions grid of patch tokens, each layer-normed, concatenated: the layout kept
-            "regions": (
-                _regions(tr["img_tokens"][keep_tr], width),
-                _regions(te["img_tokens"][keep_te], width),
-            ),
+            "regions": (_regions(tr, keep_tr), _regions(te, keep_te)),
         }
         if not out["encoders"]:  # the raw-input ceiling: the stored pixels at 16 x 16, standardised
             variants_raw = (
@@ -180,20 +184,101 @@ def quality(demo: Path, seeds: int = 3) -> dict:
                 np.stack([raw[k] for k in te["key"][keep_te]]),
             )
             out["raw_pixels"] = _neighbour_quality(*variants_raw, za, zq, meta_a, meta_q, factors)
+            out["raw_pixels_whitened"] = _neighbour_quality(
+                *_whiten(*variants_raw), za, zq, meta_a, meta_q, factors
+            )
             print("raw_pixels", json.dumps(out["raw_pixels"]), flush=True)
+        # hypothesis 2: the archive's own statistics, no labels: PCA-whitening fit on the archive
+        # (every direction of the embedding equally weighted, so that the few directions a
+        # nuisance such as the site's detector dominates no longer decide the nearest cases), and
+        # per-site centring (each vector minus its site's archive mean)
+        for name in ("pooled", "regions"):
+            xa, xq = variants[name]
+            variants[f"{name}_whitened"] = _whiten(xa, xq)
+            variants[f"{name}_site_centred"] = _site_centre(xa, xq, meta_a, meta_q)
+            variants[f"{name}_centred"] = _site_centre(xa, xq, [{}] * len(xa), [{}] * len(xq))  # one mean
         out["encoders"][src.name] = {
             name: _neighbour_quality(xa, xq, za, zq, meta_a, meta_q, factors)
             for name, (xa, xq) in variants.items()
         }
         print(src.name, json.dumps(out["encoders"][src.name]), flush=True)
     ray.shutdown()
+    out["summary"] = _summary(out)
+    for line in out["summary"]["lines"]:
+        print(line)
     return out
 
 
-def _regions(tokens: np.ndarray, width: int) -> np.ndarray:
-    t = tokens.astype(np.float32).reshape(len(tokens), -1, width)
-    t = (t - t.mean(-1, keepdims=True)) / (t.std(-1, keepdims=True) + 1e-6)
-    return t.reshape(len(tokens), -1)
+def _summary(out: dict) -> dict:
+    """Per variant: the latent-distance ratio (all factors, cardiac, lung) of the pretrained seeds
+    and of the random inits, min-max over seeds, with the MAE and the raw pixels beside."""
+    groups = {"pretrained": [], "random_init": [], "mae": []}
+    for name in out["encoders"]:
+        for g in groups:
+            if name == g or name.startswith(g + "_"):
+                groups[g].append(name)
+    rows, lines = {}, []
+    variants = next(iter(out["encoders"].values())).keys()
+    for variant in variants:
+        rows[variant] = {}
+        for g, names in groups.items():
+            vals = [out["encoders"][n][variant] for n in names]
+            if not vals:
+                continue
+            ratios = {
+                "all": [v["latent_distance_ratio"] for v in vals],
+                "cardiac": [v["per_factor_ratio"]["cardiac"] for v in vals],
+                "lung": [v["per_factor_ratio"]["lung"] for v in vals],
+            }
+            rows[variant][g] = {m: [min(r), max(r)] for m, r in ratios.items()}
+        cells = [
+            f"{g} {rows[variant][g]['all'][0]:.3f}-{rows[variant][g]['all'][1]:.3f} "
+            f"(lung {rows[variant][g]['lung'][0]:.3f}-{rows[variant][g]['lung'][1]:.3f})"
+            for g in groups
+            if g in rows[variant]
+        ]
+        lines.append(f"{variant:22s} " + " | ".join(cells))
+    raw = out.get("raw_pixels_whitened", {})
+    if raw:
+        lines.append(
+            f"{'raw pixels whitened':22s} {raw['latent_distance_ratio']:.3f} (lung {raw['per_factor_ratio']['lung']:.3f})"
+        )
+    return {"ratios_min_max": rows, "lines": lines}
+
+
+def _whiten(xa: np.ndarray, xq: np.ndarray, energy: float = 0.99) -> tuple[np.ndarray, np.ndarray]:
+    """PCA-whitening fit on the archive xa (after L2 normalisation), applied to both: the
+    components holding `energy` of the variance, each scaled to unit variance."""
+    xa = xa / np.linalg.norm(xa, axis=1, keepdims=True)
+    xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    mean = xa.mean(0)
+    _, sv, vt = np.linalg.svd(xa - mean, full_matrices=False)
+    var = sv**2 / len(xa)
+    keep = int(np.searchsorted(np.cumsum(var) / var.sum(), energy)) + 1
+    w = vt[:keep].T / np.sqrt(var[:keep] + 1e-6 * var[0])
+    return (xa - mean) @ w, (xq - mean) @ w
+
+
+def _site_centre(xa, xq, meta_a, meta_q) -> tuple[np.ndarray, np.ndarray]:
+    """What `jepa-ray index` compares with index.centre=site: each vector minus its site's archive
+    mean (the archive's overall mean for a site the archive lacks), normalised."""
+    from jepa_ray.search.index import ALL_SITES, comparable, normalise
+
+    xa = normalise(xa)
+    sa = [m.get("site", "") for m in meta_a]
+    present = np.linalg.norm(xa, axis=1) > 0
+    centres = {s: xa[present & (np.array(sa) == s)].mean(0) for s in set(sa)}
+    centres[ALL_SITES] = xa[present].mean(0)
+    return comparable(xa, sa, centres), comparable(xq, [m.get("site", "") for m in meta_q], centres)
+
+
+def _regions(emb: dict, keep: np.ndarray) -> np.ndarray:
+    """What `jepa-ray index` indexes with index.vectors=regions."""
+    from jepa_ray.search.index import vectors_from
+
+    return vectors_from(
+        {"emb_image": emb["emb_image"][keep], "img_tokens": emb["img_tokens"][keep]}, "image", "regions"
+    )
 
 
 def _raw_images(shards: Path) -> dict[str, np.ndarray]:
@@ -256,6 +341,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="speed: 10^4 and 10^5 vectors only")
     ap.add_argument("--isotropic", action="store_true", help="speed: unclustered vectors (IVF's worst case)")
     ap.add_argument("--demo", type=Path, help="quality: the output directory of a `jepa-ray demo` run")
+    ap.add_argument(
+        "--pretrained", type=Path, action="append", help="quality: another pretraining seed's export"
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.what == "speed":
@@ -267,7 +355,7 @@ def main() -> int:
     else:
         if args.demo is None:
             ap.error("quality needs --demo DIR")
-        doc = quality(args.demo)
+        doc = quality(args.demo, pretrained=args.pretrained)
     doc = {"benchmark": f"search {args.what}", "hardware": hardware(), **doc}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

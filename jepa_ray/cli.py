@@ -500,7 +500,7 @@ def search(
 ) -> None:
     """The k nearest cases of an index to a DICOM file (decoded as `prepare` decodes, embedded by
     the index's encoder) or to one of its samples, with cosine distances and safe metadata."""
-    from jepa_ray.search.query import open_index, search_vectors, vector_of_dicom, vector_of_key
+    from jepa_ray.search.query import open_index, search_vectors, site_of_key, vector_of_dicom, vector_of_key
 
     try:
         cfg = _setup(config, overrides)
@@ -508,11 +508,13 @@ def search(
             raise JepaRayError("give one query: --dicom FILE or --key KEY")
         idx = open_index(index_url, cfg.train.storage, cfg.index.nprobe)
         if key is not None:
-            vector, query = vector_of_key(idx, key), {"key": key}
+            vector, query = vector_of_key(idx, key), {"key": key, "site": site_of_key(idx, key)}
         else:
             vector, safe = vector_of_dicom(idx, str(dicom), cfg)
             query = {"dicom": dicom.name, **safe}
-        [hits] = search_vectors(idx, vector[None], k or cfg.index.k, where, exclude=[key] if key else None)
+        [hits] = search_vectors(
+            idx, vector[None], k or cfg.index.k, where, exclude=[key] if key else None, sites=[query["site"]]
+        )
     except JepaRayError as e:
         raise _fail(e) from None
     doc = {"index": index_url, "query": query, "where": where, "neighbours": hits}

@@ -821,6 +821,17 @@ class IndexConfig(_Strict):
         description="Which embedding is indexed: the target encoder on the image alone, the EHR alone, "
         "or both. A DICOM query needs image or joint.",
     )
+    vectors: Literal["pooled", "regions"] = Field(
+        "pooled",
+        description="What stands for an image: `pooled`, the mean of its patch tokens (width numbers), or "
+        "`regions`, its eval.regions x eval.regions grid of pooled patch tokens, each layer-normed, "
+        "concatenated (regions² x width numbers: where things are is kept). index.modality=image only.",
+    )
+    centre: Literal["none", "site"] = Field(
+        "site",
+        description="`site`: each vector minus the mean of its site's vectors before comparison (a "
+        "site's detector and protocol otherwise decide the nearest cases); `none`: as embedded.",
+    )
     splits: list[str] | None = Field(None, description="Splits indexed; default: every split of the shards.")
     exact_max: int = Field(
         200_000,

@@ -3,7 +3,8 @@
     shards (manifest) -> the shards not yet indexed, or changed since (sha256)
       -> build_dataset(train=False, keep_shard) -> map_batches(Embedder)   # evaluation's actor pool
       -> INDEX/parts/<shard>.parquet   id, key, vector (L2-normalised), safe metadata
-      -> INDEX/vectors.faiss          ids -> vectors: exact (flat) or IVF
+      -> INDEX/centres.npz            index.centre=site: each site's mean vector
+      -> INDEX/vectors.faiss          ids -> comparable vectors (site-centred, normalised): flat or IVF
       -> INDEX/index.json             written last: encoder, modality, shards indexed, counts
       -> INDEX/encoder.safetensors    the encoder, so that a query embeds as the archive did
       -> INDEX/data-manifest.json     the shards' manifest: how a query DICOM is decoded
@@ -13,7 +14,16 @@ has the file (a laptop, a Ray job, a notebook), with exact search (every vector 
 reference) and IVF (inverted lists over k-means centroids) in one maintained library; IVF rather
 than HNSW because it removes vectors (a shard re-prepared, a subject withdrawn) and adds them
 without a rebuild. Vectors are L2-normalised and compared by inner product: the distance reported
-is the cosine distance, 1 - cos.
+is the cosine distance, 1 - cos, between the comparable vectors.
+
+What stands for an image (`index.vectors`): `pooled`, the mean of its patch tokens, or `regions`,
+its grid of region tokens (eval.regions² pooled patch tokens, each layer-normed, concatenated),
+which keeps where things are. With `index.centre=site` (the default) a vector is compared after
+its site's mean is taken off: on a multi-site archive the site's detector and protocol otherwise
+decide the nearest cases (measured: benchmarks/bench_search.py quality). A site's mean is fixed
+when the site is first indexed (later additions keep it, so the FAISS index stays incremental);
+`--rebuild` refits every mean. A query from a site the archive lacks is centred on the mean of
+every indexed vector.
 
 A rerun embeds only shards it has not indexed (or whose bytes changed) and drops the rows of shards
 the data no longer has. `index.json` records the sha256 of `vectors.faiss`: an index file from an
@@ -48,6 +58,8 @@ FAISS_FILE = "vectors.faiss"
 PARTS = "parts"
 ENCODER = "encoder.safetensors"
 DATA_MANIFEST = "data-manifest.json"
+CENTRES = "centres.npz"
+ALL_SITES = "*"  # the centre of a site the archive lacks: the mean of every indexed vector
 COLUMNS = {"image": "emb_image", "ehr": "emb_ehr", "joint": "emb_joint"}
 META = ("key", "subject", "split", "site", "modality", "view", "has_image", "has_ehr", "shard")
 TRAIN_MIN = 39  # FAISS wants at least 39 training points per IVF list
@@ -82,6 +94,66 @@ def part_name(shard: str) -> str:
 def normalise(v: np.ndarray) -> np.ndarray:
     v = np.ascontiguousarray(v, dtype=np.float32)
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def vectors_from(columns: dict[str, Any], modality: str, vectors: str) -> np.ndarray:
+    """The vectors that stand for a batch's samples (rows), from the Embedder's columns: the
+    modality's pooled embedding, or (`regions`) the region tokens each layer-normed, concatenated."""
+    if vectors == "pooled":
+        return np.asarray(columns[COLUMNS[modality]], np.float32)
+    width = np.asarray(columns["emb_image"]).shape[1]
+    t = np.asarray(columns["img_tokens"], np.float32)
+    t = t.reshape(len(t), -1, width)
+    t = (t - t.mean(-1, keepdims=True)) / (t.std(-1, keepdims=True) + 1e-6)
+    return t.reshape(len(t), -1)
+
+
+def comparable(vec: np.ndarray, sites, centres: dict[str, np.ndarray] | None) -> np.ndarray:
+    """What FAISS compares: each normalised vector minus its site's centre (a site without one:
+    the archive's overall centre), normalised again; a zero vector (the sample lacks the
+    modality) stays zero. `centres` None: the vectors as they are."""
+    vec = normalise(vec)
+    if not centres:
+        return vec
+    shift = np.stack([centres.get(str(s), centres[ALL_SITES]) for s in sites]) if len(vec) else vec
+    present = np.linalg.norm(vec, axis=1, keepdims=True) > 0
+    return normalise(np.where(present, vec - shift, 0.0))
+
+
+def read_centres(store: Store) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(store.read_bytes(CENTRES)), allow_pickle=False) as z:
+        return dict(zip((str(n) for n in z["sites"]), z["centres"], strict=True))
+
+
+def _fit_centres(store: Store, shards: dict[str, dict], have: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`have` plus the mean vector of every site that has none yet, over the parts (vectors of
+    samples that lack the modality, all zero, left out); the overall mean once, at the first fit."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for name, v in sorted(shards.items()):
+        if not v["vectors"]:
+            continue
+        t = read_part(store, name, ["site", "vector"])
+        vec, sites = part_vectors(t), np.array([str(x) for x in t["site"].to_pylist()])
+        present = np.linalg.norm(vec, axis=1) > 0
+        for site in set(sites[present]) | ({ALL_SITES} - have.keys()):
+            if site in have:
+                continue
+            rows = present if site == ALL_SITES else present & (sites == site)
+            sums[site] = sums.get(site, 0) + vec[rows].sum(0)
+            counts[site] = counts.get(site, 0) + int(rows.sum())
+    out = dict(have)
+    out.update({site: (sums[site] / max(counts[site], 1)).astype(np.float32) for site in sums})
+    return out
+
+
+def _write_centres(store: Store, centres: dict[str, np.ndarray]) -> str:
+    names = sorted(centres)
+    sink = io.BytesIO()
+    np.savez(sink, sites=np.array(names), centres=np.stack([centres[n] for n in names]))
+    blob = sink.getvalue()
+    store.write_bytes(CENTRES, blob)
+    return hashlib.sha256(blob).hexdigest()
 
 
 def safe_meta(meta_json: str, shard: str) -> dict[str, Any]:
@@ -130,7 +202,11 @@ def build_index(
         store.remove(INDEX_FILE)
     state = _read_state(store)
     if state is not None:
-        _check_same(state, out, enc_key, ic.modality, data)
+        _check_same(state, out, enc_key, ic, data)
+    if ic.vectors == "regions" and ic.modality != "image":
+        raise ConfigError(
+            f"index.vectors=regions is an image's region tokens; index.modality is {ic.modality}"
+        )
     manifest = read_manifest(Store(data, storage))
     splits = ic.splits or sorted(manifest.get("splits", {}))
     unknown = [s for s in splits if s not in manifest.get("splits", {})]
@@ -177,6 +253,14 @@ def build_index(
     if total == 0:
         raise ConfigError(f"{data}: no sample to index in split(s) {', '.join(splits)}")
 
+    centres, centres_sha = None, None
+    if ic.centre == "site":  # the sites already centred keep their means: their vectors stay valid
+        have = read_centres(store) if state is not None and store.exists(CENTRES) else {}
+        # a site not centred yet can only be in the parts just written
+        centres = _fit_centres(store, {n: shards[n] for n in new_parts} if have else shards, have)
+        centres_sha = (
+            _write_centres(store, centres) if centres.keys() != have.keys() else state["centres_sha256"]
+        )
     kind = "exact" if total <= ic.exact_max else "ivf"
     index = None
     if state is not None and state.get("kind") == kind and not rebuild:
@@ -184,23 +268,23 @@ def build_index(
         if index is None:
             log.warning("%s: not the index file index.json records (an interrupted run?): rebuilding it", out)
     if index is None:  # first build, a change of kind, or an index file that is not the recorded one
-        index = _new_index(kind, store, shards, ic.nlist)
-        _add_parts(index, store, shards)
+        index = _new_index(kind, store, shards, ic.nlist, centres)
+        _add_parts(index, store, shards, centres)
     else:
         if len(removed_ids):
             index.remove_ids(np.ascontiguousarray(removed_ids, dtype=np.int64))
-        _add_parts(index, store, {n: shards[n] for n in new_parts})
+        _add_parts(index, store, {n: shards[n] for n in new_parts}, centres)
     if index.ntotal != total:  # parts rewritten by an interrupted run under the old record: rebuild
         log.warning(
             "%s: the index file holds %d vectors, the parts %d: rebuilding it", out, index.ntotal, total
         )
-        index = _new_index(kind, store, shards, ic.nlist)
-        _add_parts(index, store, shards)
+        index = _new_index(kind, store, shards, ic.nlist, centres)
+        _add_parts(index, store, shards, centres)
     nprobe, recall = None, None
     if kind == "ivf":  # the lists an archive's own queries need for recall@10 >= index.recall_target
-        queries = _training_sample(store, shards, RECALL_QUERIES)
+        queries = _training_sample(store, shards, RECALL_QUERIES, centres)
         nprobe, recall = tune_nprobe(
-            index, _part_chunks(store, shards), queries, ic.nprobe or 8, ic.recall_target
+            index, _part_chunks(store, shards, centres), queries, ic.nprobe or 8, ic.recall_target
         )
         log.info("IVF: nprobe %d gives recall@10 %.3f against exact search", nprobe, recall)
         if recall < ic.recall_target:
@@ -216,6 +300,9 @@ def build_index(
         "encoder": enc_key,
         "encoder_info": source.info,
         "modality": ic.modality,
+        "embedding": ic.vectors,  # index.vectors: pooled or regions
+        "centre": ic.centre,
+        "centres_sha256": centres_sha,
         "data": data,
         "splits": splits,
         "kind": kind,
@@ -257,8 +344,15 @@ def _read_state(store: Store) -> dict[str, Any] | None:
     return state
 
 
-def _check_same(state: dict[str, Any], out: str, enc_key: str, modality: str, data: str) -> None:
+def _check_same(state: dict[str, Any], out: str, enc_key: str, ic, data: str) -> None:
     """A rerun adds to the index only what the same encoder embeds the same way."""
+    modality = ic.modality
+    for key, setting, default in (("embedding", "vectors", "pooled"), ("centre", "centre", "none")):
+        if state.get(key, default) != getattr(ic, setting):
+            raise ConfigError(
+                f"{out}: built with index.{setting}={state.get(key, default)}, not {getattr(ic, setting)}; "
+                "use --rebuild or another --out"
+            )
     if state["encoder"] != enc_key:
         raise ConfigError(
             f"{out}: indexed with another encoder; its vectors would not compare with this one's. "
@@ -306,7 +400,6 @@ def _embed_shards(
     for name in todo:
         by_split.setdefault(split_of[name], []).append(name)
     ledger = new_ledger(pcfg.max_bad_samples)
-    column = COLUMNS[cfg.index.modality]
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in todo}
     vectors: dict[str, list[np.ndarray]] = {name: [] for name in todo}
     try:
@@ -321,11 +414,12 @@ def _embed_shards(
             datasets.append(build_dataset(subset, pcfg, train=False, ledger=ledger, keep_shard=True))
         ds = embedded(datasets, source, cfg, verbose)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            vec = vectors_from(batch, cfg.index.modality, cfg.index.vectors)
             for i, shard in enumerate(batch["shard"]):
                 rows[str(shard)].append(
                     {"key": str(batch["key"][i]), **safe_meta(str(batch["meta"][i]), str(shard))}
                 )
-                vectors[str(shard)].append(batch[column][i])
+                vectors[str(shard)].append(vec[i])
     finally:
         ray.kill(ledger)
     counts = {}
@@ -382,25 +476,34 @@ def new_faiss_index(kind: str, dim: int, total: int, nlist: int | None = None, s
     return index
 
 
-def _new_index(kind: str, store: Store, shards: dict[str, dict], nlist: int | None):
+def _new_index(kind: str, store: Store, shards: dict[str, dict], nlist: int | None, centres=None):
     dim = next(
         part_vectors(read_part(store, name, ["vector"])).shape[1]
         for name, v in shards.items()
         if v["vectors"]
     )
     total = sum(v["vectors"] for v in shards.values())
-    return new_faiss_index(kind, dim, total, nlist, lambda most: _training_sample(store, shards, most))
+    return new_faiss_index(
+        kind, dim, total, nlist, lambda most: _training_sample(store, shards, most, centres)
+    )
 
 
-def _training_sample(store: Store, shards: dict[str, dict], most: int) -> np.ndarray:
-    """Up to `most` vectors drawn evenly from every part (k-means of the IVF lists)."""
+def _part(store: Store, name: str, centres, ids: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+    """(ids or None, the comparable vectors) of one part."""
+    t = read_part(store, name, ["id", "vector", "site"] if centres else ["id", "vector"])
+    vec = comparable(part_vectors(t), t["site"].to_pylist() if centres else None, centres)
+    return (t["id"].to_numpy() if ids else None), vec
+
+
+def _training_sample(store: Store, shards: dict[str, dict], most: int, centres=None) -> np.ndarray:
+    """Up to `most` comparable vectors drawn evenly from every part (k-means of the IVF lists)."""
     total = sum(v["vectors"] for v in shards.values())
     rng = np.random.default_rng(0)
     out = []
     for name, v in sorted(shards.items()):
         if not v["vectors"]:
             continue
-        vec = part_vectors(read_part(store, name, ["vector"]))
+        _, vec = _part(store, name, centres)
         take = max(1, round(len(vec) * min(1.0, most / total)))
         out.append(vec[rng.choice(len(vec), min(take, len(vec)), replace=False)])
     return np.ascontiguousarray(np.concatenate(out))
@@ -440,18 +543,15 @@ def tune_nprobe(
         nprobe = min(nprobe * 2, index.nlist)
 
 
-def _part_chunks(store: Store, shards: dict[str, dict]):
+def _part_chunks(store: Store, shards: dict[str, dict], centres=None):
     for name, v in sorted(shards.items()):
         if v["vectors"]:
-            t = read_part(store, name, ["id", "vector"])
-            yield t["id"].to_numpy(), part_vectors(t)
+            yield _part(store, name, centres, ids=True)
 
 
-def _add_parts(index, store: Store, shards: dict[str, dict]) -> None:
-    for name, v in sorted(shards.items()):
-        if v["vectors"]:
-            t = read_part(store, name, ["id", "vector"])
-            index.add_with_ids(part_vectors(t), np.ascontiguousarray(t["id"].to_numpy(), dtype=np.int64))
+def _add_parts(index, store: Store, shards: dict[str, dict], centres=None) -> None:
+    for ids, vec in _part_chunks(store, shards, centres):
+        index.add_with_ids(vec, np.ascontiguousarray(ids, dtype=np.int64))
 
 
 def load_faiss(store: Store, state: dict[str, Any]):

@@ -4,7 +4,9 @@ A query DICOM goes through `prepare`'s decoding (the index keeps the shards' man
 windowing, limits) and the evaluation transform, then through the encoder the archive was embedded
 with (kept in the index). Nothing of its header beyond `prepare`'s allowlist is read into the
 result: the result holds the neighbours' safe metadata and, of the query, its allowlisted modality
-and view only.
+and view, and its site's pseudonym when the de-identification salt is at hand (an index centred
+per site compares the query after its site's mean is taken off; without the salt, or for a site
+the archive lacks, after the archive's overall mean).
 
 Filters (`--where`): `column = value`, `!=`, `in (a, b)`, joined by `and`, over the index's
 columns (split, site, modality, view, subject, has_image, has_ehr, label_<name>); values are
@@ -13,7 +15,9 @@ compared as text, so `label_lung = 1` and `site = site-3f2a` both work.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +29,22 @@ import pandas as pd
 from jepa_ray.config import Config, StorageConfig
 from jepa_ray.errors import ConfigError, JepaRayError
 from jepa_ray.search.index import (
+    CENTRES,
     DATA_MANIFEST,
     ENCODER,
     FAISS_FILE,
     INDEX_FILE,
+    comparable,
     faiss,
     load_faiss,
-    normalise,
     part_vectors,
+    read_centres,
     read_part,
+    vectors_from,
 )
 from jepa_ray.storage import Store
+
+log = logging.getLogger("jepa_ray.search")
 
 _CLAUSE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=|!=|\bin\b)\s*(.+?)\s*$", re.IGNORECASE)
 
@@ -49,6 +58,7 @@ class Index:
     state: dict[str, Any]
     faiss_index: Any
     meta: pd.DataFrame  # one row per vector, indexed by id
+    centres: dict[str, np.ndarray] | None = None  # index.centre=site: each site's mean vector
 
 
 def open_index(url: str, storage: StorageConfig | None = None, nprobe: int | None = None) -> Index:
@@ -67,7 +77,15 @@ def open_index(url: str, storage: StorageConfig | None = None, nprobe: int | Non
         index.nprobe = min(nprobe or state.get("nprobe") or 32, index.nlist)
     frames = [read_part(store, name).drop(["vector"]).to_pandas() for name in state["shards"]]
     meta = pd.concat(frames, ignore_index=True).set_index("id") if frames else pd.DataFrame()
-    return Index(url, store, state, index, meta)
+    centres = None
+    if state.get("centre") == "site":
+        blob = store.read_bytes(CENTRES) if store.exists(CENTRES) else b""
+        if hashlib.sha256(blob).hexdigest() != state.get("centres_sha256"):
+            raise ConfigError(
+                f"{store.uri(CENTRES)}: not the site centres {INDEX_FILE} records; rerun `jepa-ray index --rebuild`"
+            )
+        centres = read_centres(store)
+    return Index(url, store, state, index, meta, centres)
 
 
 def parse_where(where: str | None, columns: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -125,10 +143,16 @@ def allowed_ids(index: Index, where: str | None) -> np.ndarray | None:
 
 
 def search_vectors(
-    index: Index, queries: np.ndarray, k: int, where: str | None = None, exclude: list[str] | None = None
+    index: Index,
+    queries: np.ndarray,
+    k: int,
+    where: str | None = None,
+    exclude: list[str] | None = None,
+    sites: list[str | None] | None = None,
 ) -> list[list[dict[str, Any]]]:
     """The k nearest vectors to each query (cosine distance), with their metadata; `exclude`: a key
-    per query never returned for it (the query itself)."""
+    per query never returned for it (the query itself); `sites`: each query's site pseudonym, for
+    an index centred per site (None or a site the archive lacks: the archive's overall centre)."""
     f = faiss()
     ids = allowed_ids(index, where)
     extra = 1 if exclude else 0
@@ -141,7 +165,8 @@ def search_vectors(
             params = f.SearchParametersIVF(sel=selector, nprobe=index.faiss_index.nprobe)
         else:
             params = f.SearchParameters(sel=selector)
-    q = normalise(np.atleast_2d(queries))
+    q = np.atleast_2d(queries)
+    q = comparable(q, sites or [None] * len(q), index.centres)
     want = min(k + extra, index.faiss_index.ntotal)
     sims, found = index.faiss_index.search(q, want, params=params)
     results = []
@@ -168,6 +193,11 @@ def _plain(v):
     return v
 
 
+def site_of_key(index: Index, key: str) -> str | None:
+    hit = index.meta.index[index.meta["key"] == key]
+    return None if len(hit) == 0 else _plain(index.meta.loc[hit[0], "site"])
+
+
 def vector_of_key(index: Index, key: str) -> np.ndarray:
     hit = index.meta.index[index.meta["key"] == key]
     if len(hit) == 0:
@@ -179,7 +209,8 @@ def vector_of_key(index: Index, key: str) -> np.ndarray:
 
 
 def vector_of_dicom(index: Index, path: str, cfg: Config) -> tuple[np.ndarray, dict[str, Any]]:
-    """The query DICOM's embedding, as the archive's samples were embedded; and its safe fields."""
+    """The query DICOM's vector, as the archive's samples were embedded; and its safe fields
+    (modality, view; site: its pseudonym, None without the salt)."""
     import tempfile
 
     import torch
@@ -223,4 +254,25 @@ def vector_of_dicom(index: Index, path: str, cfg: Config) -> tuple[np.ndarray, d
     with torch.no_grad():
         out = embed_batch(model, batch, cfg.eval.regions)
     dicom = dec["meta"].get("dicom") or {}
-    return out[COLUMNS[modality]][0].numpy(), {"modality": dicom.get("modality"), "view": dicom.get("view")}
+    columns = {
+        k: v.float().numpy() for k, v in out.items() if k in ("emb_image", "img_tokens", COLUMNS[modality])
+    }
+    vector = vectors_from(columns, modality, index.state.get("embedding", "pooled"))[0]
+    return vector, {
+        "modality": dicom.get("modality"),
+        "view": dicom.get("view"),
+        "site": _site(path, cfg, prep),
+    }
+
+
+def _site(path: str, cfg: Config, prep) -> str | None:
+    """The query's site pseudonym, as `prepare` would write it; None without the salt."""
+    from jepa_ray.ingest.deid import Pseudonymizer
+    from jepa_ray.ingest.header import read_header
+
+    try:
+        salt = cfg.prepare.deid.resolve_salt()
+    except ConfigError:
+        log.info("no de-identification salt: the query's site is unknown (centred on the archive's mean)")
+        return None
+    return Pseudonymizer(salt).site(read_header(path, prep.limits).institution)

@@ -68,7 +68,8 @@ def test_an_index_is_the_evaluations_embeddings_searched_exactly_and_grows_by_ne
 
     shards, enc = archive
     out = str(tmp_path / "index")
-    cfg = load_config(overrides=[*PIPELINE, "index.splits=[train]"])
+    # as embedded (index.centre=none): search must be brute force over the evaluation's vectors
+    cfg = load_config(overrides=[*PIPELINE, "index.centre=none", "index.splits=[train]"])
     first = build_index(str(enc), str(shards), out, cfg)
     train = open_split(str(shards), "train")
     assert first.kind == "exact" and first.added == first.vectors == train.samples
@@ -76,7 +77,7 @@ def test_an_index_is_the_evaluations_embeddings_searched_exactly_and_grows_by_ne
 
     # every split now: only the shards not indexed yet are embedded, in groups of at most 10 samples
     # (whole shards of 8: one execution per shard), which must not change ids or vectors
-    cfg = load_config(overrides=[*PIPELINE, "index.group_samples=10"])
+    cfg = load_config(overrides=[*PIPELINE, "index.centre=none", "index.group_samples=10"])
     second = build_index(str(enc), str(shards), out, cfg)
     manifest = json.loads((shards / "manifest.json").read_text())
     assert second.shards_embedded == sorted(s["name"] for s in manifest["shards"] if s["split"] != "train")
@@ -119,6 +120,79 @@ def test_an_index_is_the_evaluations_embeddings_searched_exactly_and_grows_by_ne
         search_vectors(idx, vecs[0][None], 5, where="hospital = x")
     with pytest.raises(ConfigError, match="cannot read"):
         search_vectors(idx, vecs[0][None], 5, where="split ~ test")
+
+
+def _centred(vecs: np.ndarray, sites: list[str], centres: dict[str, np.ndarray]) -> np.ndarray:
+    """Each vector minus its site's centre, normalised; zero vectors (no image) stay zero."""
+    out = np.array(vecs, np.float64)
+    for i, site in enumerate(sites):
+        if np.linalg.norm(out[i]) > 0:
+            out[i] = out[i] - centres[site]
+            out[i] /= np.linalg.norm(out[i])
+    return out
+
+
+def test_region_vectors_are_the_evaluations_region_tokens_and_each_site_keeps_the_centre_it_was_given(
+    archive, tmp_path, ray_session
+):
+    from jepa_ray.eval.embed import extract, read_embeddings
+    from jepa_ray.eval.evaluate import resolve_encoder
+    from jepa_ray.search.index import normalise
+
+    shards, enc = archive
+    out = str(tmp_path / "index")
+    base = [*PIPELINE, "index.vectors=regions"]  # index.centre=site is the default
+    build_index(str(enc), str(shards), out, load_config(overrides=[*base, "index.splits=[train]"]))
+    _, vecs1, rows1 = _all(out)
+    first = open_index(out).centres
+    present = np.linalg.norm(vecs1, axis=1) > 0
+    for site in {r["site"] for r in rows1}:
+        mine = present & np.array([r["site"] == site for r in rows1])
+        np.testing.assert_allclose(first[site], vecs1[mine].mean(0), atol=1e-5)
+
+    # every split now: the sites centred by the first run keep their centres (the vectors already
+    # in FAISS stay comparable with the new ones)
+    cfg = load_config(overrides=base)
+    build_index(str(enc), str(shards), out, cfg)
+    idx = open_index(out)
+    assert all(np.array_equal(idx.centres[site], c) for site, c in first.items())
+
+    # the vectors: the evaluation's region tokens, each region layer-normed, then L2-normalised
+    keys, vecs, rows = _all(out)
+    emb = read_embeddings(
+        extract(resolve_encoder(str(enc), cfg, tmp_path), str(shards), ["test"], cfg, tmp_path)["test"]
+    )
+    width = emb["emb_image"].shape[1]
+    t = np.asarray(emb["img_tokens"], np.float32).reshape(len(emb["key"]), -1, width)
+    assert t.shape[1] == cfg.eval.regions**2
+    t = (t - t.mean(-1, keepdims=True)) / (t.std(-1, keepdims=True) + 1e-6)
+    where = {k: i for i, k in enumerate(keys)}
+    np.testing.assert_allclose(
+        vecs[[where[k] for k in emb["key"]]], normalise(t.reshape(len(t), -1)), atol=1e-3
+    )
+
+    # search ranks by the site-centred vectors, from a key (its own site) or a vector and a site
+    sites = [r["site"] for r in rows]
+    centred = _centred(vecs, sites, idx.centres)
+    for qi in (0, 9, len(keys) - 1):
+        order = [keys[i] for i in np.argsort(-(centred @ centred[qi]), kind="stable") if i != qi][:5]
+        [hits] = search_vectors(idx, vecs[qi][None], 5, exclude=[keys[qi]], sites=[sites[qi]])
+        assert [h["key"] for h in hits] == order
+    r = CliRunner().invoke(
+        app, ["search", "--index", out, "--key", keys[9], "--k", "5", "--json", str(tmp_path / "r.json")]
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [h["key"] for h in doc["neighbours"]] == [
+        keys[i] for i in np.argsort(-(centred @ centred[9]), kind="stable") if i != 9
+    ][:5]
+
+    with pytest.raises(ConfigError, match=r"built with index\.centre=site, not none"):
+        build_index(str(enc), str(shards), out, load_config(overrides=[*base, "index.centre=none"]))
+    with pytest.raises(ConfigError, match=r"index\.vectors=regions"):
+        build_index(
+            str(enc), str(shards), str(tmp_path / "ehr"), load_config(overrides=[*base, "index.modality=ehr"])
+        )
 
 
 def test_shards_are_embedded_in_groups_of_whole_shards_up_to_the_sample_bound():
@@ -180,9 +254,11 @@ def test_an_ivf_index_on_s3_finds_what_exact_search_finds(archive, s3_bucket, tm
     assert state["recall_at_10"] >= 0.95 and state["nprobe"] >= 1  # chosen against exact search
     keys, vecs, _ = _all(url, cfg.train.storage)
     idx = open_index(url, cfg.train.storage, nprobe=1000)  # every list: exact
+    sites = [r["site"] for r in _all(url, cfg.train.storage)[2]]
+    centred = _centred(vecs, sites, idx.centres)
     for qi in (1, 5):
-        [hits] = search_vectors(idx, vecs[qi][None], 5, exclude=[keys[qi]])
-        order = [keys[i] for i in np.argsort(-(vecs @ vecs[qi]), kind="stable") if i != qi][:5]
+        [hits] = search_vectors(idx, vecs[qi][None], 5, exclude=[keys[qi]], sites=[sites[qi]])
+        order = [keys[i] for i in np.argsort(-(centred @ centred[qi]), kind="stable") if i != qi][:5]
         assert [h["key"] for h in hits] == order
     r = CliRunner().invoke(
         app,
@@ -219,12 +295,16 @@ def test_a_query_dicom_finds_its_own_study_and_its_identifiers_go_nowhere(
     query = tmp_path / "query.dcm"
     ds.save_as(query)
 
-    # the same pixels as an archive sample: that sample is the nearest, at distance ~0
+    # the same pixels and site as an archive sample: that sample is the nearest, at distance ~0
     idx = open_index(out)
-    vector, safe = vector_of_dicom(idx, str(query), cfg)
-    [hits] = search_vectors(idx, vector[None], 3)
+    vector, safe = vector_of_dicom(idx, str(src), cfg)
+    [hits] = search_vectors(idx, vector[None], 3, sites=[safe["site"]])
     assert hits[0]["distance"] < 1e-4 and hits[1]["distance"] > 1e-3
-    assert set(safe) == {"modality", "view"}
+    assert set(safe) == {"modality", "view", "site"} and safe["site"] == hits[0]["site"]
+    # the planted identifiers change nothing but the site: a pseudonym the archive lacks
+    planted_vector, planted = vector_of_dicom(idx, str(query), cfg)
+    np.testing.assert_allclose(planted_vector, vector, atol=1e-6)
+    assert planted["site"].startswith("site-") and planted["site"] not in set(idx.meta["site"])
 
     result = tmp_path / "result.json"
     r = CliRunner().invoke(
