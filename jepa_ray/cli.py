@@ -365,13 +365,34 @@ def export(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML config (train.storage reaches an s3:// run).")
     ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="jepa-ray (safetensors + JSON: context, target, predictor) or hf (the target encoder as a "
+            "transformers ViTModel directory: --out is the directory).",
+        ),
+    ] = "jepa-ray",
     overrides: Overrides = None,
 ) -> None:
-    """Consolidated fp32 context and target encoder weights from any ZeRO stage (safetensors + JSON)."""
+    """Consolidated fp32 context and target encoder weights from any ZeRO stage (safetensors + JSON),
+    or the target encoder in Hugging Face transformers' ViT format (--format hf)."""
+    import tempfile
+
     from jepa_ray.train.export import export as run_export
 
     try:
+        if fmt not in ("jepa-ray", "hf"):
+            raise JepaRayError(f"--format {fmt}: jepa-ray or hf")
         cfg = _setup(config, overrides)
+        if fmt == "hf":
+            from jepa_ray.model.interop import export_hf
+
+            with tempfile.TemporaryDirectory(prefix="jepa-export-") as tmp:
+                weights, _ = run_export(run, Path(tmp) / "encoder.safetensors", cfg.train.storage)
+                export_hf(str(weights), str(out))
+            console.print(f"transformers ViTModel: {out} (ViTModel.from_pretrained)")
+            return
         weights, info = run_export(run, out, cfg.train.storage)
     except JepaRayError as e:
         raise _fail(e) from None

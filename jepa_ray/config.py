@@ -540,6 +540,35 @@ class ModelConfig(_Strict):
         "is I-JEPA's.",
     )
 
+    init_from: str | None = Field(
+        None,
+        description="Start the context and target encoders from a ViT checkpoint file (safetensors, local or "
+        "s3://): a timm or Hugging Face ViT / DINOv2 state dict, or a jepa-ray export. Patch embedding, "
+        "positions (resized to the run's grid), blocks and final norm are mapped by name; what does not "
+        "map is listed in the log. Nothing is downloaded: point at a file (docs/interop.md).",
+    )
+    init_normalize: tuple[list[float], list[float]] | None = Field(
+        None,
+        description="Per-channel (mean, std) of [0, 1] pixels the model.init_from checkpoint was trained with, "
+        "folded into its patch embedding when its channels (RGB) differ from the run's (gray). Default: "
+        "ImageNet's, what timm and Hugging Face ViTs use.",
+    )
+    positions: Literal["auto", "sincos", "learned"] = Field(
+        "auto",
+        description="Image patch positions: fixed sin-cos, or a learned table (initialised to sin-cos, or to "
+        "a checkpoint's positions). auto: learned with model.init_from, else sin-cos.",
+    )
+    norm_eps: float = Field(
+        1e-5,
+        gt=0,
+        description="LayerNorm epsilon of the encoders. To reproduce a checkpoint's features exactly, its own: "
+        "1e-6 for timm ViTs and DINOv2, 1e-12 for Hugging Face ViT.",
+    )
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.positions == "learned" or (self.positions == "auto" and self.init_from is not None)
+
     @field_validator("ema")
     @classmethod
     def _ema(cls, v: tuple[float, float]) -> tuple[float, float]:

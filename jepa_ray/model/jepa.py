@@ -64,13 +64,15 @@ class Encoder(nn.Module):
         mlp_ratio: float,
         checkpoint: int = 0,
         numeric: str = "linear",
+        learned_positions: bool = False,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.dims = dims
-        self.image = ImageTokenizer(dims, width)
+        self.image = ImageTokenizer(dims, width, learned_positions)
         self.ehr = EhrTokenizer(dims, width, numeric)
         self.global_token = learned(1, 1, width)
-        self.trunk = Trunk(width, depth, heads, mlp_ratio, checkpoint)
+        self.trunk = Trunk(width, depth, heads, mlp_ratio, checkpoint, eps)
 
     def forward(
         self,
@@ -305,7 +307,15 @@ class JEPA(nn.Module):
             p_heads -= 1
         self.dims, self.cfg, self.width = dims, cfg, width
         context = Encoder(
-            dims, width, depth, heads, cfg.mlp_ratio, cfg.activation_checkpointing, cfg.numeric_embedding
+            dims,
+            width,
+            depth,
+            heads,
+            cfg.mlp_ratio,
+            cfg.activation_checkpointing,
+            cfg.numeric_embedding,
+            cfg.learned_positions,
+            cfg.norm_eps,
         )
         predictor = Predictor(
             dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio, reconstruct=cfg.objective == "mae"

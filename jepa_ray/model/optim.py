@@ -48,7 +48,8 @@ def param_groups(model: JEPA) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # the target encoder moves by EMA only
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        # a learned position table is an embedding: not decayed (as ViT / timm do)
+        (no_decay if p.ndim <= 1 or name.endswith((".bias", "image.pos")) else decay).append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
 
 

@@ -86,7 +86,7 @@ class ImageTokenizer(nn.Module):
     the image slots (a sample of the smaller grid leaves the slots past its own empty).
     """
 
-    def __init__(self, dims: InputDims, width: int) -> None:
+    def __init__(self, dims: InputDims, width: int, learned_positions: bool = False) -> None:
         super().__init__()
         self.dims = dims
         if dims.volume_size is not None and not dims.mixed:
@@ -95,7 +95,10 @@ class ImageTokenizer(nn.Module):
             self.patch = nn.Conv2d(
                 1 if dims.mixed else dims.channels, width, dims.patch_size, stride=dims.patch_size
             )
-        self.register_buffer("pos", sincos_grid(dims.grids[0], width), persistent=False)  # (N, D)
+        if learned_positions:  # a table that trains, from sin-cos (or a checkpoint's positions)
+            self.pos = nn.Parameter(sincos_grid(dims.grids[0], width))
+        else:
+            self.register_buffer("pos", sincos_grid(dims.grids[0], width), persistent=False)  # (N, D)
         self.modality = learned(width)
         if dims.mixed:
             self.patch3 = nn.Conv3d(dims.channels, width, dims.tubelet, stride=dims.tubelet)

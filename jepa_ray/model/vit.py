@@ -64,11 +64,11 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
@@ -84,10 +84,12 @@ class Trunk(nn.Module):
     instead of keeping them (activation checkpointing), when gradients are being recorded.
     """
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, checkpoint: int = 0) -> None:
+    def __init__(
+        self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, checkpoint: int = 0, eps: float = 1e-5
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps)
         self.checkpoint = depth if checkpoint < 0 else min(checkpoint, depth)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:

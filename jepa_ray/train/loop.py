@@ -322,6 +322,10 @@ def set_up(loop_config: dict[str, Any]) -> Worker:
 
     torch.manual_seed(pc.seed)  # the same initial weights on every rank
     model = JEPA(loop_config["dims"], cfg.model)
+    if cfg.model.init_from:  # a public ViT's (or an export's) weights; a resumed run's checkpoint wins
+        from jepa_ray.model.interop import init_from
+
+        init_from(model, cfg.model.init_from, pc.normalize, tc.storage, cfg.model.init_normalize)
     student = model.student
     accum = tc.accumulation(pc.batch_size, world)
     if not tc.use_gpu:

@@ -202,6 +202,17 @@ def build_trainer(
                 "train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)"
             )
         feed, dims = _feed(cfg, ledger, verbose)
+    if cfg.model.init_from:  # a checkpoint that does not fit fails here, naming the key, not in every worker
+        from jepa_ray.model.interop import init_from
+        from jepa_ray.model.jepa import JEPA
+
+        init_from(
+            JEPA(dims, cfg.model),
+            cfg.model.init_from,
+            cfg.pipeline.normalize,
+            tc.storage,
+            cfg.model.init_normalize,
+        )
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "dims": dims,

@@ -412,3 +412,52 @@ def test_a_run_on_s3_resumes_from_its_newest_good_checkpoint_and_exports_there(
     assert sum(p.numel() for p in model.context.parameters()) > 0
     with pytest.raises(ConfigError, match=f"s3://{bucket}/runs/missing: no checkpoint"):
         export(f"s3://{bucket}/runs/missing", tmp_path / "x", cfg.train.storage)
+
+
+def test_a_run_starts_from_a_public_vit_and_exports_back_to_it(small_shards, tmp_path, ray_session):
+    """A transformers ViT (random weights, saved to a file) initialises both encoders of a ZeRO-2 run;
+    three steps at a negligible learning rate later, the run's export loads in transformers and gives
+    that ViT's features on the same image. A checkpoint of another width fails before any worker."""
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTModel
+    from typer.testing import CliRunner
+
+    from jepa_ray.cli import app
+
+    vit = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        image_size=32,
+        patch_size=8,
+        num_channels=1,
+        layer_norm_eps=1e-6,
+    )
+    torch.manual_seed(11)
+    source = ViTModel(vit, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        source.embeddings.position_embeddings.normal_(0, 0.5)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    init = [f"model.init_from={tmp_path / 'vit.safetensors'}", "model.norm_eps=1e-6"]
+    cfg = _cfg(small_shards, tmp_path, *init, "train.steps=3", "train.lr=1e-9", "train.zero_stage=2")
+    info = pretrain(cfg, name="from-vit")
+    r = CliRunner().invoke(app, ["export", info.run_url, "--out", str(tmp_path / "hf"), "--format", "hf"])
+    assert r.exit_code == 0, r.output
+    back = ViTModel.from_pretrained(str(tmp_path / "hf"), add_pooling_layer=False)
+    image = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            back.eval()(pixel_values=image).last_hidden_state,
+            source(pixel_values=image).last_hidden_state,
+            atol=1e-4,
+            rtol=1e-4,
+        )
+
+    wide = ViTModel(ViTConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_channels=1))
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ConfigError, match=r"patch embedding weight has shape \(96, 1, 16, 16\)"):
+        build_trainer(
+            _cfg(small_shards, tmp_path, f"model.init_from={tmp_path / 'wide.safetensors'}"), name="wide"
+        )
+    assert not (tmp_path / "runs" / "wide").exists()
