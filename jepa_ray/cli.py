@@ -394,9 +394,24 @@ def export(
             console.print(f"transformers ViTModel: {out} (ViTModel.from_pretrained)")
             return
         weights, info = run_export(run, out, cfg.train.storage)
+        tracked = _log_export(run, cfg, [Path(weights), Path(info)])
     except JepaRayError as e:
         raise _fail(e) from None
     console.print(f"encoder weights: {weights}\nmodel description: {info}")
+    if tracked:
+        console.print(f"logged to MLflow run {tracked}")
+
+
+def _log_export(run: str, cfg: Config, files: list[Path]) -> str | None:
+    """The export's files into the run's MLflow run, when it was tracked (the run directory, or
+    the checkpoint's run directory, records one)."""
+    from jepa_ray.train.tracking import log_export
+
+    for url in (run.rstrip("/"), run.rstrip("/").rsplit("/", 1)[0]):
+        tracked = log_export(url, cfg.train.storage, files)
+        if tracked:
+            return tracked
+    return None
 
 
 @app.command()

@@ -637,6 +637,19 @@ class TrainConfig(_Strict):
         1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
     )
     val_batches: int = Field(2, ge=0, description="Validation batches per report (fixed masks; 0: none).")
+    tracker: Literal["none", "mlflow"] = Field(
+        "none",
+        description="Also log the run to an experiment tracker: mlflow (parameters, metrics, loss plot, "
+        "the exported encoder; docs/interop.md). The CSV and TensorBoard files are always written.",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server (http://host:5000, sqlite:///file); default $MLFLOW_TRACKING_URI.",
+    )
+    experiment: str = Field("jepa-ray", description="MLflow experiment the runs go to.")
+    tracker_parent: str | None = Field(
+        None, description="MLflow run id the run is a child of (set by `jepa-ray tune` for its trials)."
+    )
     time_phases: bool = Field(
         False,
         description="On GPUs, wait for the device between the phases of a step so that the reported "

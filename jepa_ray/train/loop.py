@@ -368,7 +368,12 @@ def set_up(loop_config: dict[str, Any]) -> Worker:
     w.batches = _hook_batches(w) if hooks.batches is not None else _feed_batches(w, feed)
     w.val = _val_batches(w, feed, max(tc.val_batches, hooks.val_batches))
     if rank == 0:
-        w.metrics_log = MetricsLog(w.run_url, tc.storage, w.position.step)
+        tracker = None
+        if tc.tracker == "mlflow":
+            from jepa_ray.train.tracking import Tracker
+
+            tracker = Tracker(cfg, w.run_url)
+        w.metrics_log = MetricsLog(w.run_url, tc.storage, w.position.step, tracker)
     w.window.reset()  # the first interval's throughput starts here
     return w
 
@@ -551,6 +556,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     w.engine.train()
     try:
         run(w)
+    except BaseException:
+        if w.metrics_log is not None and w.metrics_log.tracker is not None:
+            w.metrics_log.tracker.finish([], failed=True)  # a restarted group sets it running again
+        raise
     finally:
         if hasattr(w.batches, "close"):
             w.batches.close()

@@ -21,7 +21,8 @@ PLOT_NAME = "loss.png"
 
 
 class MetricsLog:
-    def __init__(self, run_url: str, storage: StorageConfig, resume_step: int) -> None:
+    def __init__(self, run_url: str, storage: StorageConfig, resume_step: int, tracker=None) -> None:
+        self.tracker = tracker  # an experiment tracker's run (jepa_ray.train.tracking), or None
         self.remote = is_remote(run_url)
         self.store = Store(run_url.rstrip("/") + "/metrics", storage)
         self.dir = Path(tempfile.mkdtemp(prefix="jepa-metrics-")) if self.remote else Path(self.store.root)
@@ -63,6 +64,8 @@ class MetricsLog:
             if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
         self.tb.flush()
+        if self.tracker is not None:
+            self.tracker.log(step, metrics)
 
     def sync(self) -> None:
         """Upload the files when the run lives on S3 (a no-op for a local run directory)."""
@@ -96,9 +99,12 @@ class MetricsLog:
         plt.close(fig)
         return out
 
-    def close(self) -> None:
-        """Flush and upload; a remote run's local staging directory is removed."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and upload (the tracker gets the plot and CSV); a remote run's local staging
+        directory is removed."""
         self.tb.close()
         self.sync()
+        if self.tracker is not None:
+            self.tracker.finish([self.dir / PLOT_NAME, self.csv], failed=failed)
         if self.remote:
             shutil.rmtree(self.dir, ignore_errors=True)

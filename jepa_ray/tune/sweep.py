@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from jepa_ray.config import Config
@@ -162,6 +163,28 @@ def run_trial(
     trainer.fit()
 
 
+def _parent_run(cfg: Config, name: str, url: str) -> str:
+    """The sweep's MLflow parent run, made once and kept in the sweep directory (a resumed sweep's
+    trials join the same parent)."""
+    import json
+
+    from jepa_ray.storage import Store
+    from jepa_ray.train.tracking import TRACKER_FILE, parent_run, tracking_uri
+
+    store = Store(url, cfg.train.storage)
+    if store.exists(TRACKER_FILE):
+        known = json.loads(store.read_bytes(TRACKER_FILE))
+        if known.get("tracking_uri") == tracking_uri(cfg):
+            return known["run_id"]
+    run_id = parent_run(cfg, name)
+    store.makedirs()
+    store.write_bytes(
+        TRACKER_FILE,
+        json.dumps({"tracker": "mlflow", "tracking_uri": tracking_uri(cfg), "run_id": run_id}).encode(),
+    )
+    return run_id
+
+
 def sweep_name(cfg: Config, name: str | None = None) -> str:
     """A sweep's name: `name`, else tune.name, else one made from the time (tune-YYYYmmdd-HHMMSS)."""
     from jepa_ray.train.trainer import plain_name
@@ -186,6 +209,8 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False, verbose
     base["train"]["storage_path"] = f"{url}/{TRIALS_DIR}"
     base["train"]["log_every"] = cfg.tune.eval_every  # every report carries the objective
     base["train"]["name"] = None
+    if cfg.train.tracker == "mlflow" and not cfg.train.tracker_parent:  # trials are its child runs
+        base["train"]["tracker_parent"] = _parent_run(cfg, name, url)
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, objective=objective, verbose=verbose),
@@ -249,7 +274,13 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False, verbose
     grid = tuner.fit()
     from jepa_ray.tune.results import write_outputs
 
-    return write_outputs(cfg, name, url, grid, objective)
+    info = write_outputs(cfg, name, url, grid, objective)
+    parent = base["train"].get("tracker_parent")
+    if cfg.train.tracker == "mlflow" and parent:
+        from jepa_ray.train.tracking import finish_sweep
+
+        finish_sweep(cfg, parent, [Path(url) / f for f in ("results.csv", "results.md", "heatmap.png")])
+    return info
 
 
 def _exists(url: str, cfg: Config) -> bool:

@@ -54,7 +54,7 @@ def _cfg(shards, root: Path, *overrides: str):
 STEPS = 30  # ASHA's rungs at 5, 10 and 20 steps (grace period 5, reduction factor 2): three chances to stop
 
 
-def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_path):
+def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_path, mlflow_server):
     cfg = _cfg(
         tune_shards,
         tmp_path,
@@ -67,6 +67,9 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
         "tune.asha.grace_period=5",
         "tune.asha.reduction_factor=2",
         "tune.measure_all=true",
+        "train.tracker=mlflow",
+        f"train.tracking_uri={mlflow_server}",
+        "train.experiment=sweep-tests",
     )
     info = sweep(cfg, name="grid")
     rows = info.rows
@@ -122,6 +125,33 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
 
     with pytest.raises(ConfigError, match=r"a sweep named 'grid' already exists.*--resume"):
         sweep(cfg, name="grid")
+
+    # MLflow: one parent run for the sweep, each trial a child run with its own point of the space
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=mlflow_server)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("sweep-tests").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("jepa_ray.kind") == "sweep"]
+    parent = mlflow.get_run(parent.info.run_id)
+    assert parent.info.run_name == "grid"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 == len(runs) - 1
+    assert {(c.data.params["pipeline.mask.mask_ratio"], c.data.params["model.predictor_depth"]) for c in children} == {
+        ("0.3", "1"), ("0.3", "2"), ("0.7", "1"), ("0.7", "2")
+    }  # fmt: skip
+    status = {
+        (
+            float(c.data.params["pipeline.mask.mask_ratio"]),
+            int(c.data.params["model.predictor_depth"]),
+        ): c.info.status
+        for c in children
+    }
+    for r in rows:  # a trial ASHA stopped early was killed; one that ran its steps finished
+        point = (r["pipeline.mask.mask_ratio"], r["model.predictor_depth"])
+        assert status[point] == ("KILLED" if r["stopped_early"] else "FINISHED"), (r, status)
+    assert all("loss" in c.data.metrics for c in children)
+    assert parent.info.status == "FINISHED"
+    assert "results.csv" in {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
 
 
 def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(

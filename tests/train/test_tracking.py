@@ -1,0 +1,77 @@
+"""`train.tracker=mlflow` against a real MLflow tracking server (sqlite backend, artifacts served),
+started on 127.0.0.1 for the session (conftest's `mlflow_server`): the run, its parameters, metrics and artifacts are read back
+through MLflow's own client; a resumed run logs into the same MLflow run; export adds the encoder."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from jepa_ray.cli import app
+from jepa_ray.config import load_config
+from jepa_ray.train.trainer import pretrain
+
+SMALL = [
+    "pipeline.image_size=32",
+    "pipeline.patch_size=8",
+    "pipeline.max_events=12",
+    "pipeline.batch_size=4",
+    "train.cpus_per_worker=0.5",
+    "train.warmup_steps=1",
+    "train.log_every=2",
+    "train.checkpoint_every=2",
+    "train.val_batches=1",
+]
+
+
+def test_a_run_logs_its_config_metrics_and_artifacts_to_mlflow_and_a_resume_continues_it(
+    mlflow_server, small_shards, tmp_path, ray_session
+):
+    from mlflow import MlflowClient
+
+    def cfg(steps: int):
+        return load_config(
+            overrides=[
+                f"train.shards={small_shards}",
+                f"train.storage_path={tmp_path / 'runs'}",
+                *SMALL,
+                f"train.steps={steps}",
+                "train.tracker=mlflow",
+                f"train.tracking_uri={mlflow_server}",
+                "train.experiment=jepa-ray-tests",
+            ]
+        )
+
+    info = pretrain(cfg(4), name="tracked")
+    mlflow = MlflowClient(tracking_uri=mlflow_server)
+    experiment = mlflow.get_experiment_by_name("jepa-ray-tests")
+    [run] = mlflow.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.steps"] == "4" and params["pipeline.image_size"] == "32"
+    assert params["model.preset"] == "tiny" and params["train.tracker"] == "mlflow"
+    with (Path(info.run_url) / "metrics" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    history = mlflow.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, round(m.value, 5)) for m in history] == [
+        (int(r["step"]), round(float(r["loss"]), 5)) for r in rows
+    ]
+    assert [m.step for m in history] == [2, 4]
+    assert {"val_loss", "lr", "samples_per_s"} <= set(run.data.metrics)
+    artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
+    assert {"metrics.csv", "loss.png"} <= artifacts, artifacts
+
+    # export adds the encoder to the same MLflow run
+    r = CliRunner().invoke(app, ["export", info.run_url, "--out", str(tmp_path / "encoder.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert run.info.run_id in r.output
+    encoder = {a.path for a in mlflow.list_artifacts(run.info.run_id, "encoder")}
+    assert encoder == {"encoder/encoder.safetensors", "encoder/encoder.json"}
+
+    # the same run, resumed to more steps: the same MLflow run, its history continued
+    pretrain(cfg(6), name="tracked")
+    [again] = mlflow.search_runs([experiment.experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
