@@ -147,6 +147,17 @@ def _fit_centres(store: Store, shards: dict[str, dict], have: dict[str, np.ndarr
     return out
 
 
+def _recorded_centres(store: Store, state: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """The site centres index.json records ({} when there is no index yet, or the file is missing
+    or not the one recorded: then every centre is refitted and every vector re-added)."""
+    if state is None or not store.exists(CENTRES):
+        return {}
+    if hashlib.sha256(store.read_bytes(CENTRES)).hexdigest() != state.get("centres_sha256"):
+        log.warning("%s: not the site centres index.json records: refitting them", store.uri(CENTRES))
+        return {}
+    return read_centres(store)
+
+
 def _write_centres(store: Store, centres: dict[str, np.ndarray]) -> str:
     names = sorted(centres)
     sink = io.BytesIO()
@@ -253,9 +264,10 @@ def build_index(
     if total == 0:
         raise ConfigError(f"{data}: no sample to index in split(s) {', '.join(splits)}")
 
-    centres, centres_sha = None, None
+    centres, centres_sha, refit = None, None, False
     if ic.centre == "site":  # the sites already centred keep their means: their vectors stay valid
-        have = read_centres(store) if state is not None and store.exists(CENTRES) else {}
+        have = _recorded_centres(store, state)
+        refit = state is not None and not have  # centres lost or changed: every vector is re-added
         # a site not centred yet can only be in the parts just written
         centres = _fit_centres(store, {n: shards[n] for n in new_parts} if have else shards, have)
         centres_sha = (
@@ -263,7 +275,7 @@ def build_index(
         )
     kind = "exact" if total <= ic.exact_max else "ivf"
     index = None
-    if state is not None and state.get("kind") == kind and not rebuild:
+    if state is not None and state.get("kind") == kind and not rebuild and not refit:
         index = load_faiss(store, state)
         if index is None:
             log.warning("%s: not the index file index.json records (an interrupted run?): rebuilding it", out)

@@ -18,7 +18,13 @@ from jepa_ray.model.jepa import JEPA
 from jepa_ray.stream.pipeline import open_split
 
 PIPELINE = ["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_events=12"]
-EVAL = ["eval.bootstrap=20", "eval.survival_epochs=20", "eval.attentive_epochs=8", "eval.batch_size=32"]
+EVAL = [
+    "eval.bootstrap=20",
+    "eval.survival_epochs=20",
+    "eval.attentive_epochs=8",
+    "eval.batch_size=32",
+    "eval.segmentation_steps=100",
+]
 
 
 @pytest.fixture(scope="module")

@@ -187,6 +187,16 @@ def test_region_vectors_are_the_evaluations_region_tokens_and_each_site_keeps_th
         keys[i] for i in np.argsort(-(centred @ centred[9]), kind="stable") if i != 9
     ][:5]
 
+    # centres that are not the recorded ones (lost, or rewritten): refitted, every vector re-added
+    (Path(out) / "centres.npz").unlink()
+    build_index(str(enc), str(shards), out, cfg)
+    idx = open_index(out)
+    refit = _centred(vecs, sites, idx.centres)
+    assert not np.array_equal(idx.centres[rows[0]["site"]], first[rows[0]["site"]])  # now over every split
+    order = [keys[i] for i in np.argsort(-(refit @ refit[9]), kind="stable") if i != 9][:5]
+    [hits] = search_vectors(idx, vecs[9][None], 5, exclude=[keys[9]], sites=[sites[9]])
+    assert [h["key"] for h in hits] == order
+
     with pytest.raises(ConfigError, match=r"built with index\.centre=site, not none"):
         build_index(str(enc), str(shards), out, load_config(overrides=[*base, "index.centre=none"]))
     with pytest.raises(ConfigError, match=r"index\.vectors=regions"):
