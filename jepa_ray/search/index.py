@@ -147,14 +147,13 @@ def _fit_centres(store: Store, shards: dict[str, dict], have: dict[str, np.ndarr
     return out
 
 
-def _recorded_centres(store: Store, state: dict[str, Any] | None) -> dict[str, np.ndarray]:
-    """The site centres index.json records ({} when there is no index yet, or the file is missing
-    or not the one recorded: then every centre is refitted and every vector re-added)."""
+def recorded_centres(store: Store, state: dict[str, Any] | None) -> dict[str, np.ndarray] | None:
+    """The site centres index.json records; None when there is no index yet, or the file is missing
+    or is not the one recorded."""
     if state is None or not store.exists(CENTRES):
-        return {}
+        return None
     if hashlib.sha256(store.read_bytes(CENTRES)).hexdigest() != state.get("centres_sha256"):
-        log.warning("%s: not the site centres index.json records: refitting them", store.uri(CENTRES))
-        return {}
+        return None
     return read_centres(store)
 
 
@@ -266,8 +265,10 @@ def build_index(
 
     centres, centres_sha, refit = None, None, False
     if ic.centre == "site":  # the sites already centred keep their means: their vectors stay valid
-        have = _recorded_centres(store, state)
+        have = recorded_centres(store, state) or {}
         refit = state is not None and not have  # centres lost or changed: every vector is re-added
+        if refit:
+            log.warning("%s: not the site centres index.json records: refitting them", store.uri(CENTRES))
         # a site not centred yet can only be in the parts just written
         centres = _fit_centres(store, {n: shards[n] for n in new_parts} if have else shards, have)
         centres_sha = (

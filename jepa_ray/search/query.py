@@ -15,7 +15,6 @@ compared as text, so `label_lung = 1` and `site = site-3f2a` both work.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -38,8 +37,8 @@ from jepa_ray.search.index import (
     faiss,
     load_faiss,
     part_vectors,
-    read_centres,
     read_part,
+    recorded_centres,
     vectors_from,
 )
 from jepa_ray.storage import Store
@@ -79,12 +78,11 @@ def open_index(url: str, storage: StorageConfig | None = None, nprobe: int | Non
     meta = pd.concat(frames, ignore_index=True).set_index("id") if frames else pd.DataFrame()
     centres = None
     if state.get("centre") == "site":
-        blob = store.read_bytes(CENTRES) if store.exists(CENTRES) else b""
-        if hashlib.sha256(blob).hexdigest() != state.get("centres_sha256"):
+        centres = recorded_centres(store, state)
+        if centres is None:
             raise ConfigError(
-                f"{store.uri(CENTRES)}: not the site centres {INDEX_FILE} records; rerun `jepa-ray index --rebuild`"
+                f"{store.uri(CENTRES)}: not the site centres {INDEX_FILE} records; rerun `jepa-ray index` to refit them"
             )
-        centres = read_centres(store)
     return Index(url, store, state, index, meta, centres)
 
 
