@@ -189,7 +189,7 @@ def test_region_vectors_are_the_evaluations_region_tokens_and_each_site_keeps_th
 
     # centres that are not the recorded ones (lost, or rewritten): refitted, every vector re-added
     (Path(out) / "centres.npz").unlink()
-    with pytest.raises(ConfigError, match="not the site centres index.json records"):
+    with pytest.raises(ConfigError, match=r"not the site centres index\.json records"):
         open_index(out)
     build_index(str(enc), str(shards), out, cfg)
     idx = open_index(out)
