@@ -126,6 +126,27 @@ def _wait_for_free_cpus(need: float, what: str, wait_s: float) -> None:
     )
 
 
+def _preflight(cfg: Config, dims: dict) -> None:
+    """What would fail in every worker after the start, said here, before any actor exists: an
+    experiment tracker without a server or client; a model.init_from checkpoint that does not fit
+    (the error names the key)."""
+    if cfg.train.tracker == "mlflow":
+        from jepa_ray.train.tracking import client, tracking_uri
+
+        client(tracking_uri(cfg))
+    if cfg.model.init_from:
+        from jepa_ray.model.interop import init_from
+        from jepa_ray.model.jepa import JEPA
+
+        init_from(
+            JEPA(dims, cfg.model),
+            cfg.model.init_from,
+            cfg.pipeline.normalize,
+            cfg.train.storage,
+            cfg.model.init_normalize,
+        )
+
+
 def _feed(cfg: Config, ledger: Any = None, verbose: bool = False) -> tuple[Any, dict]:
     """The run's `Feed` actor over the train (and val, when present) split, and the model input
     dims. Both splits count their skipped samples in `ledger` (a new `SkipLedger` actor when None).
@@ -149,6 +170,7 @@ def _feed(cfg: Config, ledger: Any = None, verbose: bool = False) -> tuple[Any, 
             f"{tc.shards}: {train.samples} training samples over {tc.max_workers} workers is less than one "
             f"batch of pipeline.batch_size={cfg.pipeline.batch_size} per worker"
         )
+    _preflight(cfg, train.spec.model_dims(cfg.pipeline))
     ledger = ledger if ledger is not None else new_ledger(cfg.pipeline.max_bad_samples)
     cpus = max(ray.cluster_resources().get("CPU", 1.0) - tc.min_workers * tc.cpus_per_worker, 1.0)
     feed = new_feed(train, val, cfg.pipeline, ledger, cpus, verbose, tc.max_workers)
@@ -195,6 +217,7 @@ def build_trainer(
     if hooks is not None and hooks.batches is not None:
         if hooks.dims is None:
             raise ValueError("hooks that replace the shards' batches must give the model input dims")
+        _preflight(cfg, hooks.dims)
         feed, dims = None, hooks.dims
     else:
         if tc.shards is None:
@@ -202,17 +225,6 @@ def build_trainer(
                 "train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)"
             )
         feed, dims = _feed(cfg, ledger, verbose)
-    if cfg.model.init_from:  # a checkpoint that does not fit fails here, naming the key, not in every worker
-        from jepa_ray.model.interop import init_from
-        from jepa_ray.model.jepa import JEPA
-
-        init_from(
-            JEPA(dims, cfg.model),
-            cfg.model.init_from,
-            cfg.pipeline.normalize,
-            tc.storage,
-            cfg.model.init_normalize,
-        )
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "dims": dims,

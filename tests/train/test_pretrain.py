@@ -303,6 +303,7 @@ def test_export_reproduces_the_trained_mae(fixed, small_shards, tmp_path, ray_se
         (["train.offload_params=true"], "offload_params needs zero_stage 3"),
         (["train.worker_resources={trainer: 1}"], r"2 workers x 1 'trainer' needs 2; the Ray cluster has 0"),
         (["pipeline.batch_size=64"], "less than one batch"),
+        (["train.tracker=mlflow"], "train.tracker=mlflow needs a tracking server"),
     ],
 )
 def test_bad_configs_fail_before_any_worker_starts(overrides, message, small_shards, tmp_path, ray_session):
