@@ -191,18 +191,21 @@ def _plain(v):
     return v
 
 
-def site_of_key(index: Index, key: str) -> str | None:
-    hit = index.meta.index[index.meta["key"] == key]
-    return None if len(hit) == 0 else _plain(index.meta.loc[hit[0], "site"])
-
-
-def vector_of_key(index: Index, key: str) -> np.ndarray:
+def _id_of_key(index: Index, key: str) -> int:
     hit = index.meta.index[index.meta["key"] == key]
     if len(hit) == 0:
         raise ConfigError(f"--key {key}: no such sample in the index {index.url}")
-    shard = index.meta.loc[hit[0], "shard"]
-    table = read_part(index.store, shard, ["id", "vector"])
-    row = int(np.flatnonzero(table["id"].to_numpy() == hit[0])[0])
+    return int(hit[0])
+
+
+def site_of_key(index: Index, key: str) -> str | None:
+    return _plain(index.meta.loc[_id_of_key(index, key), "site"])
+
+
+def vector_of_key(index: Index, key: str) -> np.ndarray:
+    vid = _id_of_key(index, key)
+    table = read_part(index.store, index.meta.loc[vid, "shard"], ["id", "vector"])
+    row = int(np.flatnonzero(table["id"].to_numpy() == vid)[0])
     return part_vectors(table)[row]
 
 

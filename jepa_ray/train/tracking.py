@@ -83,6 +83,17 @@ def parent_run(cfg, name: str) -> str:
     return run.info.run_id
 
 
+def recorded_run(store: Store) -> dict[str, str] | None:
+    """The MLflow run a directory (a run's, a sweep's) recorded: {tracking_uri, run_id}, or None."""
+    return json.loads(store.read_bytes(TRACKER_FILE)) if store.exists(TRACKER_FILE) else None
+
+
+def record_run(store: Store, uri: str, run_id: str) -> None:
+    store.write_bytes(
+        TRACKER_FILE, json.dumps({"tracker": "mlflow", "tracking_uri": uri, "run_id": run_id}).encode()
+    )
+
+
 def _params(mlflow, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 
@@ -99,7 +110,7 @@ class Tracker:
         self.mlflow = client(self.uri)
         self.store = Store(run_url, cfg.train.storage)
         name = run_url.rstrip("/").rsplit("/", 1)[-1]
-        known = json.loads(self.store.read_bytes(TRACKER_FILE)) if self.store.exists(TRACKER_FILE) else None
+        known = recorded_run(self.store)
         if known is not None and known.get("tracking_uri") == self.uri:
             self.run_id = known["run_id"]
             self.mlflow.update_run(self.run_id, status="RUNNING")
@@ -113,10 +124,7 @@ class Tracker:
         )
         self.run_id = run.info.run_id
         _params(self.mlflow, self.run_id, flatten(cfg.model_dump(mode="json")))
-        self.store.write_bytes(
-            TRACKER_FILE,
-            json.dumps({"tracker": "mlflow", "tracking_uri": self.uri, "run_id": self.run_id}).encode(),
-        )
+        record_run(self.store, self.uri, self.run_id)
         log.info("mlflow: run %s in %s", self.run_id, self.uri)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -142,10 +150,9 @@ class Tracker:
 
 def log_export(run_url: str, storage, files: list[Path]) -> str | None:
     """Add an export's files to the run's MLflow run, when the run was tracked; its run id."""
-    store = Store(run_url, storage)
-    if not store.exists(TRACKER_FILE):
+    known = recorded_run(Store(run_url, storage))
+    if known is None:
         return None
-    known = json.loads(store.read_bytes(TRACKER_FILE))
     mlflow = client(known["tracking_uri"])
     for path in files:
         mlflow.log_artifact(known["run_id"], str(path), artifact_path="encoder")

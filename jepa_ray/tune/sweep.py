@@ -166,22 +166,16 @@ def run_trial(
 def _parent_run(cfg: Config, name: str, url: str) -> str:
     """The sweep's MLflow parent run, made once and kept in the sweep directory (a resumed sweep's
     trials join the same parent)."""
-    import json
-
     from jepa_ray.storage import Store
-    from jepa_ray.train.tracking import TRACKER_FILE, parent_run, tracking_uri
+    from jepa_ray.train.tracking import parent_run, record_run, recorded_run, tracking_uri
 
     store = Store(url, cfg.train.storage)
-    if store.exists(TRACKER_FILE):
-        known = json.loads(store.read_bytes(TRACKER_FILE))
-        if known.get("tracking_uri") == tracking_uri(cfg):
-            return known["run_id"]
+    known = recorded_run(store)
+    if known is not None and known.get("tracking_uri") == tracking_uri(cfg):
+        return known["run_id"]
     run_id = parent_run(cfg, name)
     store.makedirs()
-    store.write_bytes(
-        TRACKER_FILE,
-        json.dumps({"tracker": "mlflow", "tracking_uri": tracking_uri(cfg), "run_id": run_id}).encode(),
-    )
+    record_run(store, tracking_uri(cfg), run_id)
     return run_id
 
 
