@@ -369,29 +369,36 @@ def export(
         str,
         typer.Option(
             "--format",
-            help="jepa-ray (safetensors + JSON: context, target, predictor) or hf (the target encoder as a "
-            "transformers ViTModel directory: --out is the directory).",
+            help="jepa-ray (safetensors + JSON: context, target, predictor), hf (the target encoder as a "
+            "transformers ViTModel directory) or timm (a directory timm.create_model('local-dir:<out>', "
+            "pretrained=True) loads); for hf and timm --out is the directory.",
         ),
     ] = "jepa-ray",
     overrides: Overrides = None,
 ) -> None:
     """Consolidated fp32 context and target encoder weights from any ZeRO stage (safetensors + JSON),
-    or the target encoder in Hugging Face transformers' ViT format (--format hf)."""
+    or the target encoder in Hugging Face transformers' (--format hf) or timm's (--format timm) ViT
+    format."""
     import tempfile
 
     from jepa_ray.train.export import export as run_export
 
     try:
-        if fmt not in ("jepa-ray", "hf"):
-            raise JepaRayError(f"--format {fmt}: jepa-ray or hf")
+        if fmt not in ("jepa-ray", "hf", "timm"):
+            raise JepaRayError(f"--format {fmt}: jepa-ray, hf or timm")
         cfg = _setup(config, overrides)
-        if fmt == "hf":
-            from jepa_ray.model.interop import export_hf
+        if fmt in ("hf", "timm"):
+            from jepa_ray.model.interop import export_hf, export_timm
 
             with tempfile.TemporaryDirectory(prefix="jepa-export-") as tmp:
                 weights, _ = run_export(run, Path(tmp) / "encoder.safetensors", cfg.train.storage)
-                export_hf(str(weights), str(out))
-            console.print(f"transformers ViTModel: {out} (ViTModel.from_pretrained)")
+                (export_hf if fmt == "hf" else export_timm)(str(weights), str(out))
+            if fmt == "hf":
+                console.print(f"transformers ViTModel: {out} (ViTModel.from_pretrained)")
+            else:
+                console.print(
+                    f"timm VisionTransformer: {out} (timm.create_model('local-dir:{out}', pretrained=True))"
+                )
             return
         weights, info = run_export(run, out, cfg.train.storage)
         tracked = _log_export(run, cfg, [Path(weights), Path(info)])

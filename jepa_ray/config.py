@@ -637,18 +637,25 @@ class TrainConfig(_Strict):
         1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
     )
     val_batches: int = Field(2, ge=0, description="Validation batches per report (fixed masks; 0: none).")
-    tracker: Literal["none", "mlflow"] = Field(
+    tracker: Literal["none", "mlflow", "wandb"] = Field(
         "none",
-        description="Also log the run to an experiment tracker: mlflow (parameters, metrics, loss plot, "
-        "the exported encoder; docs/interop.md). The CSV and TensorBoard files are always written.",
+        description="Also log the run to an experiment tracker: mlflow or wandb (parameters, metrics, "
+        "loss plot, the exported encoder; docs/interop.md). The CSV and TensorBoard files are always written.",
     )
     tracking_uri: str | None = Field(
         None,
         description="MLflow tracking server (http://host:5000, sqlite:///file); default $MLFLOW_TRACKING_URI.",
     )
-    experiment: str = Field("jepa-ray", description="MLflow experiment the runs go to.")
+    experiment: str = Field("jepa-ray", description="MLflow experiment, or W&B project, the runs go to.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="W&B: offline writes the run under <run>/wandb/ (upload later with `wandb sync`); "
+        "online sends it to the W&B server ($WANDB_API_KEY, $WANDB_BASE_URL for a self-hosted one).",
+    )
     tracker_parent: str | None = Field(
-        None, description="MLflow run id the run is a child of (set by `jepa-ray tune` for its trials)."
+        None,
+        description="What the run belongs to (set by `jepa-ray tune` for its trials): MLflow, the "
+        "parent run's id; W&B, the run group.",
     )
     time_phases: bool = Field(
         False,

@@ -1,6 +1,6 @@
 """Weights in and out of the layouts other tools use: start a run from a public ViT checkpoint
 (`model.init_from`), export the target encoder as a Hugging Face `transformers` ViT
-(`jepa-ray export --format hf`).
+(`jepa-ray export --format hf`) or a timm VisionTransformer (`--format timm`).
 
 Checkpoints read (safetensors only: a pickle can run code), by their key names:
 
@@ -395,4 +395,108 @@ def export_hf(weights: str, out: str) -> str:
     info = json.loads(Path(weights).with_suffix(".json").read_text())
     hf = to_hf(load_jepa(weights), info["pipeline"])
     hf.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+TIMM_ARCHITECTURE = "vit_base_patch16_224"  # a registered timm ViT; model_args set every size
+TIMM_EPS = 1e-6  # the LayerNorm epsilon of timm's ViT (a config.json cannot set another)
+
+
+def timm_checkpoint(model, pipeline: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The target encoder as a timm `VisionTransformer` (class token, learned positions, final norm
+    on the tokens, `global_pool="avg"` over the patches): its state dict and the `config.json` that
+    `timm.create_model("local-dir:<dir>", pretrained=True)` reads. `forward_features` gives
+    jepa-ray's image tokens [global | patches], `forward` (no classifier) the pooled embedding."""
+    enc, dims = model.target, model.dims
+    if dims.volume_size is not None or dims.mixed:
+        raise ConfigError("export --format timm: a 2-D image encoder only (a ViT takes 2-D images)")
+    own = {k: v.detach().float() for k, v in enc.state_dict().items()}
+    block = enc.trunk.blocks[0]
+    width = own["global_token"].shape[-1]
+    pos = torch.zeros(1, dims.patches + 1, width)
+    pos[0, 1:] = (enc.image.pos + enc.image.modality).detach()
+    state = {
+        "cls_token": own["global_token"].reshape(1, 1, width),
+        "pos_embed": pos,
+        "patch_embed.proj.weight": own["image.patch.weight"],
+        "patch_embed.proj.bias": own["image.patch.bias"],
+        "norm.weight": own["trunk.norm.weight"],
+        "norm.bias": own["trunk.norm.bias"],
+    }
+    for i in range(len(enc.trunk.blocks)):
+        src, dst = f"trunk.blocks.{i}.", f"blocks.{i}."
+        for part in ("weight", "bias"):
+            state |= {
+                dst + f"norm1.{part}": own[src + f"norm1.{part}"],
+                dst + f"attn.qkv.{part}": own[src + f"attn.qkv.{part}"],  # [q; k; v], heads inside
+                dst + f"attn.proj.{part}": own[src + f"attn.proj.{part}"],
+                dst + f"norm2.{part}": own[src + f"norm2.{part}"],
+                dst + f"mlp.fc1.{part}": own[src + f"mlp.0.{part}"],
+                dst + f"mlp.fc2.{part}": own[src + f"mlp.2.{part}"],
+            }
+    mean, std = pipeline.get("normalize", (0.0, 1.0))
+    args = {
+        "img_size": dims.image_size,
+        "patch_size": dims.patch_size,
+        "in_chans": dims.channels,
+        "embed_dim": width,
+        "depth": len(enc.trunk.blocks),
+        "num_heads": block.attn.heads,
+        "mlp_ratio": block.mlp[0].out_features / width,
+        "qkv_bias": True,
+        "class_token": True,
+        "global_pool": "avg",
+        "fc_norm": False,  # the final norm on every token, then the mean, as jepa-ray pools
+        "num_classes": 0,
+    }
+    config = {
+        "architecture": TIMM_ARCHITECTURE,
+        "num_classes": 0,
+        "num_features": width,
+        "global_pool": "avg",
+        "model_args": args,
+        "pretrained_cfg": {
+            "input_size": [dims.channels, dims.image_size, dims.image_size],
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": [mean] * dims.channels,
+            "std": [std] * dims.channels,
+            "num_classes": 0,
+        },
+        "jepa_ray": {
+            "pipeline": pipeline,
+            "norm_eps": block.norm1.eps,
+            "pooled": "forward() (the mean of forward_features()[:, 1:])",
+        },
+    }
+    return {k: v.contiguous() for k, v in state.items()}, config
+
+
+def export_timm(weights: str, out: str) -> str:
+    """A jepa-ray export (.safetensors + .json) -> a directory timm loads without jepa-ray:
+    `timm.create_model("local-dir:<out>", pretrained=True)` (config.json, model.safetensors)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from jepa_ray.model.io import load_jepa
+
+    info = json.loads(Path(weights).with_suffix(".json").read_text())
+    model = load_jepa(weights)
+    state, config = timm_checkpoint(model, info["pipeline"])
+    eps = config["jepa_ray"]["norm_eps"]
+    if not math.isclose(eps, TIMM_EPS):
+        log.warning(
+            "export --format timm: the encoder's LayerNorm epsilon is %g, timm's ViT uses %g: timm's "
+            "features are close to jepa-ray's, not equal (about 1e-3 per token element at 1e-5); train "
+            "with model.norm_eps=1e-6 for an exact match",
+            eps,
+            TIMM_EPS,
+        )
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

@@ -368,11 +368,9 @@ def set_up(loop_config: dict[str, Any]) -> Worker:
     w.batches = _hook_batches(w) if hooks.batches is not None else _feed_batches(w, feed)
     w.val = _val_batches(w, feed, max(tc.val_batches, hooks.val_batches))
     if rank == 0:
-        tracker = None
-        if tc.tracker == "mlflow":
-            from jepa_ray.train.tracking import Tracker
+        from jepa_ray.train.tracking import open_tracker
 
-            tracker = Tracker(cfg, w.run_url)
+        tracker = open_tracker(cfg, w.run_url)
         w.metrics_log = MetricsLog(w.run_url, tc.storage, w.position.step, tracker)
     w.window.reset()  # the first interval's throughput starts here
     return w

@@ -68,9 +68,12 @@ class MetricsLog:
             self.tracker.log(step, metrics)
 
     def sync(self) -> None:
-        """Upload the files when the run lives on S3 (a no-op for a local run directory)."""
+        """Upload the files when the run lives on S3 (a no-op for a local run directory), the
+        tracker's too."""
         if not self.remote:
             return
+        if self.tracker is not None:
+            self.tracker.sync()
         for path in self.dir.rglob("*"):
             if path.is_file():
                 self.store.fs.put_file(str(path), self.store.path(str(path.relative_to(self.dir))))

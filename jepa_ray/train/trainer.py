@@ -130,10 +130,9 @@ def _preflight(cfg: Config, dims: dict) -> None:
     """What would fail in every worker after the start, said here, before any actor exists: an
     experiment tracker without a server or client; a model.init_from checkpoint that does not fit
     (the error names the key)."""
-    if cfg.train.tracker == "mlflow":
-        from jepa_ray.train.tracking import client, tracking_uri
+    from jepa_ray.train.tracking import check
 
-        client(tracking_uri(cfg))
+    check(cfg)
     if cfg.model.init_from:
         from jepa_ray.model.interop import init_from
         from jepa_ray.model.jepa import JEPA

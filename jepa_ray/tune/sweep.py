@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -163,22 +164,6 @@ def run_trial(
     trainer.fit()
 
 
-def _parent_run(cfg: Config, name: str, url: str) -> str:
-    """The sweep's MLflow parent run, made once and kept in the sweep directory (a resumed sweep's
-    trials join the same parent)."""
-    from jepa_ray.storage import Store
-    from jepa_ray.train.tracking import parent_run, record_run, recorded_run, tracking_uri
-
-    store = Store(url, cfg.train.storage)
-    known = recorded_run(store)
-    if known is not None and known.get("tracking_uri") == tracking_uri(cfg):
-        return known["run_id"]
-    run_id = parent_run(cfg, name)
-    store.makedirs()
-    record_run(store, tracking_uri(cfg), run_id)
-    return run_id
-
-
 def sweep_name(cfg: Config, name: str | None = None) -> str:
     """A sweep's name: `name`, else tune.name, else one made from the time (tune-YYYYmmdd-HHMMSS)."""
     from jepa_ray.train.trainer import plain_name
@@ -203,8 +188,10 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False, verbose
     base["train"]["storage_path"] = f"{url}/{TRIALS_DIR}"
     base["train"]["log_every"] = cfg.tune.eval_every  # every report carries the objective
     base["train"]["name"] = None
-    if cfg.train.tracker == "mlflow" and not cfg.train.tracker_parent:  # trials are its child runs
-        base["train"]["tracker_parent"] = _parent_run(cfg, name, url)
+    if cfg.train.tracker != "none" and not cfg.train.tracker_parent:  # trials: its child runs / group
+        from jepa_ray.train.tracking import sweep_parent
+
+        base["train"]["tracker_parent"] = sweep_parent(cfg, name, url)
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, objective=objective, verbose=verbose),
@@ -270,10 +257,18 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False, verbose
 
     info = write_outputs(cfg, name, url, grid, objective)
     parent = base["train"].get("tracker_parent")
-    if cfg.train.tracker == "mlflow" and parent:
+    if cfg.train.tracker != "none" and parent:
+        from jepa_ray.storage import Store
         from jepa_ray.train.tracking import finish_sweep
 
-        finish_sweep(cfg, parent, [Path(url) / f for f in ("results.csv", "results.md", "heatmap.png")])
+        store = Store(url, cfg.train.storage)
+        with tempfile.TemporaryDirectory(prefix="jepa-sweep-") as staging:  # the tables, local or on S3
+            tables = []
+            for table in ("results.csv", "results.md", "heatmap.png"):
+                if store.exists(table):
+                    tables.append(Path(staging) / table)
+                    tables[-1].write_bytes(store.read_bytes(table))
+            finish_sweep(cfg, parent, url, info.rows, tables)
     return info
 
 

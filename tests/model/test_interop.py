@@ -9,12 +9,13 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from interopkit import timm_to_transformers, timm_vit_layout
+from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
 from jepa_ray.config import ModelConfig
 from jepa_ray.errors import ConfigError
-from jepa_ray.model.interop import export_hf, init_from
+from jepa_ray.model.interop import TIMM_ARCHITECTURE, export_hf, export_timm, init_from
 from jepa_ray.model.io import save_jepa
 from jepa_ray.model.jepa import JEPA
 from jepa_ray.model.tokenizers import InputDims
@@ -264,3 +265,78 @@ def test_timm_names_fused_qkv_and_layer_scale_map_to_the_same_features(tmp_path)
         ours = jepa.encode(batch, "image")["tokens"][:, : 1 + DIMS.patches]
         theirs = d2(pixel_values=batch["image"]).last_hidden_state
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["sincos", "learned"])
+def test_the_target_encoder_exported_for_timm_gives_jepa_rays_features_and_initialises_a_run(
+    tmp_path, positions
+):
+    torch.manual_seed(9)
+    model = dict(width=32, depth=2, heads=4, positions=positions, norm_eps=1e-6)
+    jepa = JEPA(DIMS, ModelConfig(**model)).eval()
+    with torch.no_grad():
+        for p in jepa.target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipeline = {"image_size": 32, "patch_size": 8, "normalize": list(NORMALIZE)}
+    weights = save_jepa(jepa, tmp_path / "encoder.safetensors", pipeline)
+    out = tmp_path / "timm"
+    export_timm(str(weights), str(out))
+    config = json.loads((out / "config.json").read_text())  # what timm's local-dir: loader reads
+    assert config["architecture"] == TIMM_ARCHITECTURE and config["num_classes"] == 0
+    assert config["model_args"] == {
+        "img_size": 32,
+        "patch_size": 8,
+        "in_chans": 1,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 4,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "class_token": True,
+        "global_pool": "avg",
+        "fc_norm": False,
+        "num_classes": 0,
+    }
+    cfg = config["pretrained_cfg"]
+    assert (cfg["input_size"], cfg["mean"], cfg["std"]) == ([1, 32, 32], [0.5], [0.25])
+    state = load_file(str(out / "model.safetensors"))
+    layout = timm_vit_layout(depth=2, width=32, hidden=128, patches=DIMS.patches, channels=1, patch=8)
+    assert {k: tuple(v.shape) for k, v in state.items()} == layout
+
+    hf = ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=32,
+            patch_size=8,
+            num_channels=1,
+            layer_norm_eps=1e-6,
+        ),
+        add_pooling_layer=False,
+    ).eval()
+    hf.load_state_dict(timm_to_transformers(state, depth=2))
+    batch = _batch()
+    with torch.no_grad():
+        ours = jepa.encode(batch, "image")
+        theirs = hf(pixel_values=batch["image"]).last_hidden_state  # timm's forward_features
+    torch.testing.assert_close(theirs, ours["tokens"][:, : 1 + DIMS.patches], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs[:, 1:].mean(1), ours["pooled"], atol=1e-5, rtol=1e-5)
+
+    # and back: the timm checkpoint initialises a run with the same features
+    back = JEPA(DIMS, ModelConfig(**model | {"positions": "learned"})).eval()
+    report = init_from(back, str(out / "model.safetensors"), NORMALIZE)
+    assert report.layout == "timm" and report.unused == []
+    with torch.no_grad():
+        again = back.encode(batch, "image")
+    torch.testing.assert_close(again["pooled"], ours["pooled"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_timm_export_of_an_encoder_with_another_epsilon_says_so(tmp_path, caplog):
+    jepa = JEPA(DIMS, ModelConfig(width=32, depth=2, heads=4)).eval()  # norm_eps 1e-5
+    weights = save_jepa(jepa, tmp_path / "encoder.safetensors", {"image_size": 32, "patch_size": 8})
+    with caplog.at_level("WARNING", logger="jepa_ray.model"):
+        export_timm(str(weights), str(tmp_path / "timm"))
+    assert "LayerNorm epsilon is 1e-05, timm's ViT uses 1e-06" in caplog.text
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["jepa_ray"]["norm_eps"] == 1e-5

@@ -455,6 +455,23 @@ def test_a_run_starts_from_a_public_vit_and_exports_back_to_it(small_shards, tmp
             rtol=1e-4,
         )
 
+    # --format timm: timm's layout, run by transformers' ViT (the same computation; interopkit)
+    from interopkit import timm_to_transformers
+    from safetensors.torch import load_file
+
+    r = CliRunner().invoke(app, ["export", info.run_url, "--out", str(tmp_path / "timm"), "--format", "timm"])
+    assert r.exit_code == 0, r.output
+    assert "local-dir:" in r.output
+    as_timm = ViTModel(vit, add_pooling_layer=False).eval()
+    as_timm.load_state_dict(timm_to_transformers(load_file(str(tmp_path / "timm" / "model.safetensors")), 2))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            as_timm(pixel_values=image).last_hidden_state,
+            source(pixel_values=image).last_hidden_state,
+            atol=1e-4,
+            rtol=1e-4,
+        )
+
     wide = ViTModel(ViTConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_channels=1))
     save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(tmp_path / "wide.safetensors"))
     with pytest.raises(ConfigError, match=r"patch embedding weight has shape \(96, 1, 16, 16\)"):

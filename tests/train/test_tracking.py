@@ -75,3 +75,66 @@ def test_a_run_logs_its_config_metrics_and_artifacts_to_mlflow_and_a_resume_cont
     [again] = mlflow.search_runs([experiment.experiment_id])
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
+
+
+def test_a_run_logs_to_wandb_offline_and_export_and_a_resume_join_the_same_wandb_run(
+    small_shards, tmp_path, ray_session, monkeypatch
+):
+    """train.tracker=wandb (offline): the run's files under <run>/wandb/, read back with wandb's
+    own record definitions: the config, every report's metrics at its step, the loss plot and CSV
+    as an artifact, exit code 0; export's encoder and a resume are the same W&B run."""
+    import json
+
+    from wandbkit import offline_runs
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "not-here"))  # the run's directory wins
+
+    def cfg(steps: int):
+        return load_config(
+            overrides=[
+                f"train.shards={small_shards}",
+                f"train.storage_path={tmp_path / 'runs'}",
+                *SMALL,
+                f"train.steps={steps}",
+                "train.tracker=wandb",
+                "train.experiment=jepa-ray-tests",
+            ]
+        )
+
+    info = pretrain(cfg(4), name="wb-tracked")
+    run_dir = Path(info.run_url)
+    recorded = json.loads((run_dir / "tracker.json").read_text())
+    assert recorded["tracker"] == "wandb" and recorded["mode"] == "offline"
+    [run] = offline_runs(None, str(run_dir))
+    assert (run.run_id, run.project, run.name) == (recorded["run_id"], "jepa-ray-tests", "wb-tracked")
+    assert run.job_type == "pretrain" and run.group == ""
+    assert run.config["train"]["steps"] == 4 and run.config["pipeline"]["image_size"] == 32
+    assert run.config["train"]["tracker"] == "wandb"
+    with (run_dir / "metrics" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(h["_step"], round(h["loss"], 5)) for h in run.history] == [
+        (int(r["step"]), round(float(r["loss"]), 5)) for r in rows
+    ]
+    assert [h["_step"] for h in run.history] == [2, 4]
+    assert {"val_loss", "lr", "samples_per_s"} <= set(run.history[-1])
+    assert run.artifacts == [
+        {"name": "wb-tracked-metrics", "type": "metrics", "files": ["loss.png", "metrics.csv"]}
+    ]
+    assert run.exit_code == 0
+    assert not (tmp_path / "not-here").exists()
+
+    # export adds the encoder to the same W&B run
+    r = CliRunner().invoke(app, ["export", info.run_url, "--out", str(tmp_path / "encoder.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert run.run_id in r.output
+    _, exported = offline_runs(None, str(run_dir))
+    assert exported.run_id == run.run_id and exported.exit_code == 0
+    assert exported.artifacts == [
+        {"name": "wb-tracked-encoder", "type": "model", "files": ["encoder.json", "encoder.safetensors"]}
+    ]
+
+    # resumed to more steps: the same W&B run, its history continued
+    pretrain(cfg(6), name="wb-tracked")
+    *_, resumed = offline_runs(None, str(run_dir))
+    assert resumed.run_id == run.run_id and resumed.exit_code == 0
+    assert [h["_step"] for h in resumed.history] == [6]

@@ -161,6 +161,7 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
     nothing on the local disk; a sweep interrupted (SIGINT) after its first trial resumes from the
     bucket without rerunning that trial, and resuming a finished sweep runs nothing."""
     import s3fs
+    from wandbkit import offline_runs
 
     endpoint, bucket = s3_bucket
     overrides = [
@@ -172,6 +173,8 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
         "tune.eval_every=5",
         "tune.asha.enabled=false",
         "tune.max_concurrent_trials=1",
+        "train.tracker=wandb",  # offline: the runs' W&B files go to the bucket too
+        "train.experiment=sweep-tests",
     ]
     cfg = _cfg(tune_shards, tmp_path, *overrides)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
@@ -225,8 +228,40 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
         assert fs.glob(f"{root}/{TRIALS_DIR}/{r['trial']}/checkpoint_*/")
     assert not list(tmp_path.iterdir())  # nothing of the sweep went to the local disk
 
+    # W&B: each trial a run of the group "resumable" (the interrupted one resumed into the same
+    # run), and a `sweep` run with the results table
+    recorded = json.loads(fs.cat(f"{root}/tracker.json"))
+    assert recorded["tracker"] == "wandb" and recorded["run_id"] == "resumable"
+    for r in info.rows:
+        # an attempt killed by the interrupt keeps the file as its last checkpoint uploaded it,
+        # possibly before W&B flushed a record
+        runs = [w for w in offline_runs(fs, f"{root}/{TRIALS_DIR}/{r['trial']}") if w.run_id]
+        trial_run = json.loads(fs.cat(f"{root}/{TRIALS_DIR}/{r['trial']}/tracker.json"))["run_id"]
+        assert runs and {w.run_id for w in runs} == {trial_run}
+        assert {(w.group, w.job_type) for w in runs} == {("resumable", "trial")}, runs
+        configs = [w.config["pipeline"] for w in runs if "pipeline" in w.config]  # a resume sends none
+        assert configs and all(c["mask"]["mask_ratio"] == r["pipeline.mask.mask_ratio"] for c in configs)
+        assert runs[-1].exit_code == 0 and runs[-1].history[-1]["_step"] == 10
+        assert runs[-1].history[-1]["objective"] == pytest.approx(r["objective"])
+        assert runs[-1].summary["stopped_early"] is False
+    *earlier, sweep_run = offline_runs(fs, root)  # an interrupted sweep writes its outputs so far too
+    assert {w.run_id for w in earlier} <= {sweep_run.run_id}
+    assert (sweep_run.run_id, sweep_run.name) == (recorded["sweep_run"], "resumable")
+    assert (sweep_run.group, sweep_run.job_type, sweep_run.exit_code) == ("resumable", "sweep", 0)
+    table = sweep_run.history[0]
+    assert (table["results/_type"], table["results/nrows"]) == ("table-file", 2)
+    assert table["results/ncols"] == len(info.rows[0])
+    assert sweep_run.artifacts[-1:] == [  # after the table's own artifact
+        {
+            "name": "resumable-results",
+            "type": "sweep-results",
+            "files": ["heatmap.png", "results.csv", "results.md"],
+        }
+    ]
+
     again = sweep(cfg, name="resumable", resume=True)  # everything finished: nothing to run
     assert [(r["trial"], r["steps"]) for r in again.rows] == [(r["trial"], r["steps"]) for r in info.rows]
+    assert {w.run_id for w in offline_runs(fs, root)} == {recorded["sweep_run"]}
     with pytest.raises(ConfigError, match="--resume: no sweep at"):
         sweep(cfg, name="never-started", resume=True)
 
