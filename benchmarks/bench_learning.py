@@ -172,27 +172,35 @@ def readouts(pooled: np.ndarray, tokens: np.ndarray, z: np.ndarray, groups: list
     return {r: dict(zip(FACTORS, v, strict=True)) for r, v in values.items()}
 
 
-def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
-    """Retrieval recall@5 (test) and Cox c-index per strategy (test, external) of one encoder."""
+def held_splits(held: dict, model=None) -> dict:
+    """One study per subject of each held split (as `evaluate` picks them): the encoder's embeddings
+    when `model` is given, else the raw input (8 x 8-pooled pixels as `raw_image`), beside the EHR
+    arrays."""
     import torch
 
     from jepa_ray.eval.embed import EHR_ARRAYS, embed_batch
     from jepa_ray.eval.evaluate import first_studies
-    from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
-    from jepa_ray.eval.probes import recall_at
     from jepa_ray.eval.samples import Split
-    from jepa_ray.eval.survival import evaluate_survival
 
-    model.eval()
+    if model is not None:
+        model.eval()
     splits = {}
     for name, batches in held.items():
         cols: dict[str, list] = {}
         with torch.no_grad():
             for b in batches:
-                out = {
-                    k: v.float().numpy() if v.is_floating_point() else v.numpy()
-                    for k, v in embed_batch(model, b, 4).items()
-                }
+                if model is not None:
+                    out = {
+                        k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                        for k, v in embed_batch(model, b, 4).items()
+                    }
+                else:
+                    pooled = torch.nn.functional.adaptive_avg_pool2d(b["image"].float(), 8)
+                    out = {
+                        "raw_image": pooled.flatten(1).numpy(),
+                        "has_image": b["has_image"].numpy(),
+                        "has_ehr": b["has_ehr"].numpy(),
+                    }
                 out |= {k: b[k].numpy() for k in EHR_ARRAYS}
                 for k, v in out.items():
                     cols.setdefault(k, []).append(v)
@@ -204,10 +212,59 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
         splits[name] = Split(
             {k: v[idx] for k, v in cols.items()}, [meta[i] for i in idx], len(meta) - len(idx)
         )
-    model.train()
+    if model is not None:
+        model.train()
+    return splits
+
+
+def mapped_recall(x: dict, y: dict, both: dict) -> dict:
+    """Recall@5 on test of a ridge map fit on train from x to y (rows with both modalities; each
+    side standardised on train, missing values 0): what a learned linear read-out retrieves."""
+    from sklearn.linear_model import RidgeCV
+
+    from jepa_ray.eval.probes import recall_at
+
+    def prep(a: dict) -> dict:
+        mu, sd = np.nanmean(a["train"], 0), np.nanstd(a["train"], 0) + 1e-6
+        return {k: np.nan_to_num((v - mu) / sd) for k, v in a.items()}
+
+    xs, ys = (
+        prep({k: x[k][both[k]] for k in ("train", "test")}),
+        prep({k: y[k][both[k]] for k in ("train", "test")}),
+    )
+    ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(xs["train"], ys["train"])
+    return recall_at(ridge.predict(xs["test"]), ys["test"], [RETRIEVAL_K])
+
+
+def raw_retrieval(held: dict, manifest: dict) -> dict:
+    """The raw-input ceiling of image -> EHR retrieval: a ridge from 8 x 8-pooled pixels to the raw
+    EHR features (the Cox baseline's), fit on train, recall@5 of the true partner on test."""
+    from jepa_ray.eval.features import raw_ehr_features
+
+    splits = held_splits({k: held[k] for k in ("train", "test")})
+    ehr = raw_ehr_features(splits, manifest, "train")
+    both = {k: s.cols["has_image"].astype(bool) & s.cols["has_ehr"].astype(bool) for k, s in splits.items()}
+    return mapped_recall({k: s.cols["raw_image"] for k, s in splits.items()}, ehr, both)
+
+
+def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
+    """Retrieval recall@5 (test: the predictor's image -> EHR prediction, and a ridge map fit on
+    train from the pooled image embedding to the raw EHR features) and Cox c-index per strategy
+    (test, external) of one encoder."""
+    from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
+    from jepa_ray.eval.probes import recall_at
+    from jepa_ray.eval.survival import evaluate_survival
+
+    splits = held_splits(held, model)
     test = splits["test"]
     both = test.cols["has_image"].astype(bool) & test.cols["has_ehr"].astype(bool)
     retrieval = recall_at(test.cols["q_img2ehr"][both], test.cols["g_ehr"][both], [RETRIEVAL_K])
+    ehr = raw_ehr_features(splits, manifest, "train")
+    pair = {
+        k: splits[k].cols["has_image"].astype(bool) & splits[k].cols["has_ehr"].astype(bool)
+        for k in ("train", "test")
+    }
+    retrieval["mapped"] = mapped_recall({k: splits[k].cols["emb_image"] for k in pair}, ehr, pair)
     surv = evaluate_survival(
         {k: fusion_inputs(s, "death") for k, s in splits.items()},
         raw=raw_ehr_features(splits, manifest, "train"),
@@ -321,6 +378,15 @@ def main() -> int:
         flush=True,
     )
 
+    retrieval_ceiling = None
+    if do_downstream:
+        retrieval_ceiling = raw_retrieval(held, manifest)
+        print(
+            f"raw input: image -> EHR recall@{RETRIEVAL_K} {retrieval_ceiling[f'recall@{RETRIEVAL_K}']:.3f}"
+            f" (chance {retrieval_ceiling[f'chance@{RETRIEVAL_K}']:.3f})",
+            flush=True,
+        )
+
     runs = []
     for seed in range(seeds):
         run: dict = {"seed": seed}
@@ -361,7 +427,9 @@ def main() -> int:
                 d = run[arm]["downstream"]
                 print(
                     f"seed {seed} {arm:<6} recall@{RETRIEVAL_K} {d['retrieval'].get(f'recall@{RETRIEVAL_K}', float('nan')):.3f}"
-                    f" (chance {d['retrieval'].get(f'chance@{RETRIEVAL_K}', float('nan')):.3f})  fusion - unimodal:"
+                    f" (chance {d['retrieval'].get(f'chance@{RETRIEVAL_K}', float('nan')):.3f};"
+                    f" ridge from the pooled embedding {d['retrieval']['mapped'].get(f'recall@{RETRIEVAL_K}', float('nan')):.3f})"
+                    "  fusion - unimodal:"
                     f" test {fusion_margin(d['cindex'], 'test'):+.3f}  external {fusion_margin(d['cindex'], 'external'):+.3f}",
                     flush=True,
                 )
@@ -374,7 +442,12 @@ def main() -> int:
     )
     for line in lines:
         print(line)
-    results: dict = {"runs": runs, "raw_ceiling": ceiling, **stats}
+    results: dict = {
+        "runs": runs,
+        "raw_ceiling": ceiling,
+        "retrieval_raw_ceiling": retrieval_ceiling,
+        **stats,
+    }
     if do_downstream and "jepa" in args.arms:
         rec = [r["jepa"]["downstream"]["retrieval"] for r in runs]
         results["retrieval_over_chance"] = [

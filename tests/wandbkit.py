@@ -52,6 +52,7 @@ class OfflineRun:
     history: list[dict] = field(default_factory=list)  # each: {"_step": n, metric: value, ...}
     summary: dict = field(default_factory=dict)
     artifacts: list[dict] = field(default_factory=list)  # each: {"name", "type", "files"}
+    files: list[str] = field(default_factory=list)  # run files (under the run folder's files/)
     exit_code: int | None = None
 
 
@@ -75,6 +76,8 @@ def read_run(data: bytes) -> OfflineRun:
         elif kind == "artifact":
             files = sorted(c.path for c in r.artifact.manifest.contents)
             run.artifacts.append({"name": r.artifact.name, "type": r.artifact.type, "files": files})
+        elif kind == "files":
+            run.files += [f.path for f in r.files.files]
         elif kind == "exit":
             run.exit_code = r.exit.exit_code
     return run

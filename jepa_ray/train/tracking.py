@@ -212,13 +212,25 @@ def _wandb_run(known: dict[str, Any], where: Path, **init):
     )
 
 
-def _wandb_artifact(run, name: str, kind: str, files: list[Path]) -> None:
+def _wandb_artifact(run, name: str, kind: str, files: list[Path], copy: bool) -> None:
+    """An artifact of `files`. copy: W&B copies them into its staging area now (small files that
+    may be removed before a sync); else it refers to them where they are (an export's encoder)."""
     wandb = _wandb()
     artifact = wandb.Artifact(name, type=kind)
     for path in files:
         if path.exists():
-            artifact.add_file(str(path), policy="immutable")  # no staging copy of an encoder
+            artifact.add_file(str(path), policy="mutable" if copy else "immutable")
     run.log_artifact(artifact)
+
+
+def _wandb_save(run, path: Path) -> None:
+    """`path` as a run file, copied into the run's own folder (`wandb.save` links it), so that it
+    travels with an offline run wherever the folder goes."""
+    run.save(str(path), base_path=str(path.parent), policy="now")
+    kept = Path(run.dir) / path.name
+    if kept.is_symlink():
+        kept.unlink()
+        shutil.copy2(path, kept)
 
 
 class _WandbFiles:
@@ -283,8 +295,11 @@ class WandbTracker:
         if self.ended:
             return
         self.ended = True
-        if any(p.exists() for p in artifacts):
-            _wandb_artifact(self.run, f"{self.name}-metrics", "metrics", artifacts)
+        present = [p for p in artifacts if p.exists()]
+        for path in present:
+            _wandb_save(self.run, path)
+        if present:
+            _wandb_artifact(self.run, f"{self.name}-metrics", "metrics", present, copy=True)
         self.run.finish(exit_code=1 if failed else 0)
         self.files.close()
 
@@ -298,7 +313,7 @@ def log_export(run_url: str, storage, files: list[Path]) -> str | None:
     if known["tracker"] == "wandb":
         files_at = _WandbFiles(store)
         run = _wandb_run(known, files_at.dir)
-        _wandb_artifact(run, f"{run_url.rstrip('/').rsplit('/', 1)[-1]}-encoder", "model", files)
+        _wandb_artifact(run, f"{run_url.rstrip('/').rsplit('/', 1)[-1]}-encoder", "model", files, copy=False)
         run.finish()
         files_at.close()
         return known["run_id"]
@@ -387,7 +402,9 @@ def _finish_wandb_sweep(cfg, group: str, url: str, rows: list[dict], artifacts: 
     columns = sorted({k for r in rows for k in r})
     table = wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])
     run.log({"results": table})
-    _wandb_artifact(run, f"{group}-results", "sweep-results", artifacts)
+    for path in artifacts:
+        _wandb_save(run, path)
+    _wandb_artifact(run, f"{group}-results", "sweep-results", artifacts, copy=True)
     run.finish(exit_code=0)
     files_at.close()
 

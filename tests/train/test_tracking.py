@@ -120,6 +120,10 @@ def test_a_run_logs_to_wandb_offline_and_export_and_a_resume_join_the_same_wandb
     assert run.artifacts == [
         {"name": "wb-tracked-metrics", "type": "metrics", "files": ["loss.png", "metrics.csv"]}
     ]
+    assert {"loss.png", "metrics.csv"} <= set(run.files)  # also run files, inside the run's folder
+    [folder] = (run_dir / "wandb").glob("offline-run-*")
+    kept = folder / "files" / "metrics.csv"
+    assert not kept.is_symlink() and kept.read_bytes() == (run_dir / "metrics" / "metrics.csv").read_bytes()
     assert run.exit_code == 0
     assert not (tmp_path / "not-here").exists()
 

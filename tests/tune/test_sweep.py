@@ -244,6 +244,8 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
         assert runs[-1].exit_code == 0 and runs[-1].history[-1]["_step"] == 10
         assert runs[-1].history[-1]["objective"] == pytest.approx(r["objective"])
         assert runs[-1].summary["stopped_early"] is False
+        assert {"loss.png", "metrics.csv"} <= set(runs[-1].files)  # in the folder uploaded to S3:
+        assert fs.glob(f"{root}/{TRIALS_DIR}/{r['trial']}/wandb/offline-run-*/files/metrics.csv")
     *earlier, sweep_run = offline_runs(fs, root)  # an interrupted sweep writes its outputs so far too
     assert {w.run_id for w in earlier} <= {sweep_run.run_id}
     assert (sweep_run.run_id, sweep_run.name) == (recorded["sweep_run"], "resumable")
@@ -251,6 +253,7 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
     table = sweep_run.history[0]
     assert (table["results/_type"], table["results/nrows"]) == ("table-file", 2)
     assert table["results/ncols"] == len(info.rows[0])
+    assert {"results.csv", "results.md", "heatmap.png"} <= set(sweep_run.files)
     assert sweep_run.artifacts[-1:] == [  # after the table's own artifact
         {
             "name": "resumable-results",
