@@ -25,7 +25,7 @@ Headline: `ratio` = the share of (seed, factor) cells in which the JEPA's attent
 both its random init and the MAE; the target 1.0 means every factor in every seed. benchmarks/README.md
 reports every other figure beside it, with its spread over seeds.
 
-    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--out F]
+    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--set K=V] [--out F]
 """
 
 from __future__ import annotations
@@ -329,6 +329,14 @@ def main() -> int:
         "--downstream-arms", nargs="+", default=["jepa"], choices=ARMS, help="arms scored downstream (slow)"
     )
     ap.add_argument("--workdir", type=Path, default=None, help="reuse a cohort and its shards")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a pipeline setting for every arm, e.g. pipeline.mask.policy.cross_modal=0.5 (repeatable)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     subjects = args.subjects or (1000 if args.quick else 1600)
@@ -351,7 +359,12 @@ def main() -> int:
     t0 = time.perf_counter()
     shards = cohort(work, subjects)
     cfg = load_config(
-        overrides=["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_events=32"]
+        overrides=[
+            "pipeline.image_size=32",
+            "pipeline.patch_size=8",
+            "pipeline.max_events=32",
+            *args.overrides,
+        ]
     ).pipeline
     spec, train = load_split(shards, "train", cfg)
     latents = pd.read_parquet(work / "cohort" / "latents.parquet")
