@@ -218,22 +218,17 @@ def held_splits(held: dict, model=None) -> dict:
 
 
 def mapped_recall(x: dict, y: dict, both: dict) -> dict:
-    """Recall@5 on test of a ridge map fit on train from x to y (rows with both modalities; each
-    side standardised on train, missing values 0): what a learned linear read-out retrieves."""
-    from sklearn.linear_model import RidgeCV
+    """Recall@5 on test of a ridge map fit on train from x to y (rows with both modalities)."""
+    from jepa_ray.eval.probes import linear_map_recall
 
-    from jepa_ray.eval.probes import recall_at
-
-    def prep(a: dict) -> dict:
-        mu, sd = np.nanmean(a["train"], 0), np.nanstd(a["train"], 0) + 1e-6
-        return {k: np.nan_to_num((v - mu) / sd) for k, v in a.items()}
-
-    xs, ys = (
-        prep({k: x[k][both[k]] for k in ("train", "test")}),
-        prep({k: y[k][both[k]] for k in ("train", "test")}),
-    )
-    ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(xs["train"], ys["train"])
-    return recall_at(ridge.predict(xs["test"]), ys["test"], [RETRIEVAL_K])
+    rows = {k: (x[k][both[k]], y[k][both[k]]) for k in ("train", "test")}
+    return linear_map_recall(
+        {k: v[0] for k, v in rows.items()},
+        {k: v[1] for k, v in rows.items()},
+        "train",
+        ["test"],
+        [RETRIEVAL_K],
+    )["test"]
 
 
 def raw_retrieval(held: dict, manifest: dict) -> dict:

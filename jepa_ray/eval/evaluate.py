@@ -146,7 +146,7 @@ def evaluate(
         )
     for name, by_split in tables.items():
         metrics["probe"][name] = _probes(by_split, label_names, reports, cfg)
-        metrics["retrieval"][name] = {s: _retrieval(by_split[s], ec.recall_at) for s in reports}
+        metrics["retrieval"][name] = _retrieval(by_split, reports, manifest, cfg)
         if z is not None:
             metrics["latent_r2"][name] = _latent_r2(by_split, z, reports, cfg)
             if ec.attentive:
@@ -285,12 +285,34 @@ def _probes(splits: dict[str, Split], labels: list[str], reports: list[str], cfg
     return out
 
 
-def _retrieval(s: Split, ks: list[int]) -> dict:
-    both = s.cols["has_image"].astype(bool) & s.cols["has_ehr"].astype(bool)
-    return {
-        "image_to_ehr": probes.recall_at(s.cols["q_img2ehr"][both], s.cols["g_ehr"][both], ks),
-        "ehr_to_image": probes.recall_at(s.cols["q_ehr2img"][both], s.cols["g_img"][both], ks),
-    }
+def _retrieval(by_split: dict[str, Split], reports: list[str], manifest: dict, cfg: Config) -> dict:
+    """Recall@k per report split: the predictor's cross-modal predictions against the other
+    modality's target embeddings (image_to_ehr, ehr_to_image), and a ridge map fit on the fit split
+    from the pooled image embedding to the raw EHR features (image_to_ehr_linear: one gallery for
+    every encoder)."""
+    from jepa_ray.eval.features import raw_ehr_features
+
+    ks, fit = cfg.eval.recall_at, cfg.eval.fit_split
+    both = {k: s.cols["has_image"].astype(bool) & s.cols["has_ehr"].astype(bool) for k, s in by_split.items()}
+    out = {}
+    for name in reports:
+        c, b = by_split[name].cols, both[name]
+        out[name] = {
+            "image_to_ehr": probes.recall_at(c["q_img2ehr"][b], c["g_ehr"][b], ks),
+            "ehr_to_image": probes.recall_at(c["q_ehr2img"][b], c["g_img"][b], ks),
+        }
+    raw = raw_ehr_features(by_split, manifest, fit)
+    splits = dict.fromkeys([fit, *reports])
+    linear = probes.linear_map_recall(
+        {k: by_split[k].cols["emb_image"][both[k]] for k in splits},
+        {k: raw[k][both[k]] for k in splits},
+        fit,
+        reports,
+        ks,
+    )
+    for name in reports:
+        out[name]["image_to_ehr_linear"] = linear[name]
+    return out
 
 
 def _latents(path: str, cfg: Config) -> dict[str, np.ndarray]:

@@ -122,6 +122,31 @@ def cv_latent_r2(
     return [float(r2_score(z[:, j], pred[:, j])) for j in range(z.shape[1])]
 
 
+def linear_map_recall(
+    x: dict[str, np.ndarray], y: dict[str, np.ndarray], fit: str, report: list[str], ks: list[int]
+) -> dict[str, dict]:
+    """Per split of `report`: recall@k of retrieving row i of y[split] from row i of x[split]
+    through a ridge map from x to y fit on the `fit` split (each side standardised on it, missing
+    values 0, the penalty by cross-validation): the linear read-out of cross-modal retrieval, which
+    asks what of y a representation x carries, whatever its own space."""
+    from sklearn.linear_model import RidgeCV
+
+    if len(x[fit]) < 10:
+        return {
+            s: {"n": len(x.get(s, ())), "note": f"{len(x[fit])} {fit} samples with both modalities"}
+            for s in report
+        }
+
+    def prep(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mu = np.nanmean(a[fit], 0)
+        sd = np.nanstd(a[fit], 0) + 1e-6
+        return {k: np.nan_to_num((v - np.nan_to_num(mu)) / np.nan_to_num(sd, nan=1.0)) for k, v in a.items()}
+
+    xs, ys = prep(x), prep(y)
+    ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(xs[fit], ys[fit])
+    return {s: recall_at(ridge.predict(xs[s]), ys[s], ks) if len(xs[s]) else {"n": 0} for s in report}
+
+
 def recall_at(query: np.ndarray, gallery: np.ndarray, ks: list[int]) -> dict:
     """Recall@k of retrieving row i of `gallery` with row i of `query`, and chance k/n.
 

@@ -84,7 +84,7 @@ def summary(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             ]
         )
     retrieval = metrics.get("retrieval", {})
-    for direction in ("image_to_ehr", "ehr_to_image"):
+    for direction in ("image_to_ehr", "image_to_ehr_linear", "ehr_to_image"):
 
         def r5(e, s, direction=direction):
             return retrieval.get(e, {}).get(s, {}).get(direction, {}).get("recall@5")

@@ -117,6 +117,9 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
 
     r = m["retrieval"]["pretrained"]["external"]["image_to_ehr"]
     assert r["n"] == m["counts"]["external"]["both"] and r["chance@5"] == pytest.approx(5 / r["n"])
+    linear = m["retrieval"]["pretrained"]["external"]["image_to_ehr_linear"]  # a ridge map fit on train
+    assert linear["n"] == r["n"] and 0 <= linear["recall@5"] <= 1
+    assert "image_to_ehr_linear" in (out / "report.md").read_text()
     assert set(m["latent_r2"]["pretrained"]["test"]["r2"]) == {"cardiac", "lung", "frailty"}
 
     # the attentive probe on the image tokens, beside the linear one (eval.attentive is on by default)

@@ -65,3 +65,18 @@ def test_latent_r2_is_high_for_linear_factors_and_near_zero_for_noise():
     noise = rng.standard_normal((500, 40))
     res = probes.latent_r2(noise[:400], z[:400], {"test": (noise[400:], z[400:])})
     assert max(res["test"]["r2"]) < 0.05
+
+
+def test_the_linear_map_read_out_retrieves_what_x_carries_of_y_and_nothing_else():
+    rng = np.random.default_rng(3)
+    x = {"train": rng.standard_normal((200, 8)), "test": rng.standard_normal((60, 8))}
+    w = rng.standard_normal((8, 12))
+    y = {k: v @ w + 0.05 * rng.standard_normal((len(v), 12)) for k, v in x.items()}
+    y["train"][rng.random(y["train"].shape) < 0.05] = np.nan  # missing raw features
+    carried = probes.linear_map_recall(x, y, "train", ["test"], [1, 5])["test"]
+    assert carried["n"] == 60 and carried["recall@1"] > 0.9 and carried["chance@5"] == 5 / 60
+    unrelated = {k: rng.standard_normal((len(v), 12)) for k, v in x.items()}
+    none = probes.linear_map_recall(x, unrelated, "train", ["test"], [5])["test"]
+    assert none["recall@5"] < 3 * none["chance@5"]
+    few = probes.linear_map_recall({k: v[:6] for k, v in x.items()}, y, "train", ["test"], [5])["test"]
+    assert "note" in few and "6 train samples" in few["note"]
