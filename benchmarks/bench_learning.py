@@ -242,6 +242,43 @@ def raw_retrieval(held: dict, manifest: dict) -> dict:
     return mapped_recall({k: s.cols["raw_image"] for k, s in splits.items()}, ehr, both)
 
 
+def raw_fusion(held: dict, manifest: dict, truth: dict) -> dict:
+    """The raw-input ceiling of fusion: ridge Cox heads (the raw baseline's, `RidgeCox`) fit on the
+    training split's subjects with both modalities, on raw EHR features, 8 x 8-pooled pixels, both
+    concatenated, and the true latents (the oracle), Harrell's c-index on test and external."""
+    from jepa_ray.eval.features import raw_ehr_features
+    from jepa_ray.eval.survival import RidgeCox, harrell
+
+    splits = held_splits(held)
+    ehr = raw_ehr_features(splits, manifest, "train")
+    designs = {
+        "ehr": lambda k: ehr[k],
+        "image": lambda k: splits[k].cols["raw_image"],
+        "ehr+image": lambda k: np.concatenate([ehr[k], splits[k].cols["raw_image"]], 1),
+        "latents": lambda k: np.array([truth[m["subject"]] for m in splits[k].meta], float),
+    }
+    rows, tte = {}, {}
+    for k, sp in splits.items():
+        time, event = sp.tte("death")
+        tte[k] = (time, event)
+        rows[k] = sp.cols["has_image"].astype(bool) & sp.cols["has_ehr"].astype(bool)
+        rows[k] &= ~np.isnan(time) & (time > 0)
+    out: dict = {}
+    for name, x in designs.items():
+        r = rows["train"]
+        model = RidgeCox(x("train")[r], tte["train"][0][r], tte["train"][1][r])
+        out[name] = {}
+        for split in ("test", "external"):
+            r = rows[split]
+            time, event = tte[split]
+            out[name][split] = float(harrell(time[r], event[r], model.risk(x(split)[r])))
+    out["fusion_margin"] = {
+        split: out["ehr+image"][split] - max(out["ehr"][split], out["image"][split])
+        for split in ("test", "external")
+    }
+    return out
+
+
 def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
     """Retrieval recall@5 (test: the predictor's image -> EHR prediction, and a ridge map fit on
     train from the pooled image embedding to the raw EHR features) and Cox c-index per strategy
@@ -386,8 +423,14 @@ def main() -> int:
         flush=True,
     )
 
-    retrieval_ceiling = None
+    retrieval_ceiling = fusion_ceiling = None
     if do_downstream:
+        fusion_ceiling = raw_fusion(held, manifest, truth)
+        print(
+            "raw input: Harrell test / external "
+            + "  ".join(f"{k} {v['test']:.3f} / {v['external']:.3f}" for k, v in fusion_ceiling.items()),
+            flush=True,
+        )
         retrieval_ceiling = raw_retrieval(held, manifest)
         print(
             f"raw input: image -> EHR recall@{RETRIEVAL_K} {retrieval_ceiling[f'recall@{RETRIEVAL_K}']:.3f}"
@@ -454,6 +497,7 @@ def main() -> int:
         "runs": runs,
         "raw_ceiling": ceiling,
         "retrieval_raw_ceiling": retrieval_ceiling,
+        "fusion_raw_ceiling": fusion_ceiling,
         **stats,
     }
     if do_downstream and "jepa" in args.arms:
