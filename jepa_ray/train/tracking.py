@@ -21,8 +21,9 @@ runs (`mlflow.parentRunId`), or a W&B group named after the sweep holding the tr
 
 MLflow's server is `train.tracking_uri`, else $MLFLOW_TRACKING_URI; every worker must reach it.
 W&B runs offline by default (`train.wandb_mode`): the run's files are written under
-`<run>/wandb/` (on S3 too: staged on rank 0, uploaded at the end), for `wandb sync` from a machine
-that reaches the W&B server; `online` sends them as they come ($WANDB_API_KEY).
+`<run>/wandb/` (on S3 too: staged on rank 0, uploaded at every checkpoint and at the end), for
+`wandb sync` from a machine that reaches the W&B server; `online` sends them as they come
+($WANDB_API_KEY).
 """
 
 from __future__ import annotations
