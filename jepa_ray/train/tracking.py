@@ -352,13 +352,14 @@ def sweep_parent(cfg, name: str, url: str) -> str:
     return run_id
 
 
-def finish_sweep(cfg, parent: str, url: str, rows: list[dict], artifacts: list[Path]) -> None:
+def finish_sweep(cfg, parent: str, url: str, trials: str, rows: list[dict], artifacts: list[Path]) -> None:
     """A sweep's end. MLflow: its tables as the parent run's artifacts, the parent FINISHED, and each
     child run still RUNNING (a trial the scheduler stopped early: its workers were stopped, not
     ended) KILLED. W&B: each trial stopped early ended (exit code 0, summary `stopped_early`), and a
-    `sweep` run in the group with the results as a table and the tables as artifacts."""
+    `sweep` run in the group with the results as a table and the tables as artifacts. `trials`:
+    where the trials' run directories are (each row's `trial` names one)."""
     if cfg.train.tracker == "wandb":
-        _finish_wandb_sweep(cfg, parent, url, rows, artifacts)
+        _finish_wandb_sweep(cfg, parent, url, trials, rows, artifacts)
         return
     mlflow = client(tracking_uri(cfg))
     run = mlflow.get_run(parent)
@@ -374,15 +375,15 @@ def finish_sweep(cfg, parent: str, url: str, rows: list[dict], artifacts: list[P
     mlflow.set_terminated(parent, "FINISHED")
 
 
-def _finish_wandb_sweep(cfg, group: str, url: str, rows: list[dict], artifacts: list[Path]) -> None:
-    from jepa_ray.tune.sweep import TRIALS_DIR
-
+def _finish_wandb_sweep(
+    cfg, group: str, url: str, trials: str, rows: list[dict], artifacts: list[Path]
+) -> None:
     wandb = _wandb()
     sweep = Store(url, cfg.train.storage)
     for row in rows:
         if not row.get("stopped_early"):
             continue
-        trial = Store(f"{sweep.url}/{TRIALS_DIR}/{row['trial']}", cfg.train.storage)
+        trial = Store(f"{trials.rstrip('/')}/{row['trial']}", cfg.train.storage)
         known = recorded_run(trial)
         if known is None or known["tracker"] != "wandb":
             continue

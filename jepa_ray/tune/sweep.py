@@ -268,7 +268,7 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False, verbose
                 if store.exists(table):
                     tables.append(Path(staging) / table)
                     tables[-1].write_bytes(store.read_bytes(table))
-            finish_sweep(cfg, parent, url, info.rows, tables)
+            finish_sweep(cfg, parent, url, f"{url}/{TRIALS_DIR}", info.rows, tables)
     return info
 
 
