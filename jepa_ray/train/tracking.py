@@ -273,6 +273,7 @@ class WandbTracker:
             "name": self.name,
             "group": cfg.train.tracker_parent,
             "job_type": "trial" if cfg.train.tracker_parent else "pretrain",
+            "ended": False,
         }
         self.files = _WandbFiles(self.store)
         self.run = _wandb_run(known, self.files.dir, config=cfg.model_dump(mode="json"))
@@ -303,6 +304,7 @@ class WandbTracker:
             _wandb_artifact(self.run, f"{self.name}-metrics", "metrics", present, copy=True)
         self.run.finish(exit_code=1 if failed else 0)
         self.files.close()
+        record_run(self.store, {**recorded_run(self.store), "ended": not failed})
 
 
 def log_export(run_url: str, storage, files: list[Path]) -> str | None:
@@ -355,7 +357,9 @@ def sweep_parent(cfg, name: str, url: str) -> str:
 def finish_sweep(cfg, parent: str, url: str, trials: str, rows: list[dict], artifacts: list[Path]) -> None:
     """A sweep's end. MLflow: its tables as the parent run's artifacts, the parent FINISHED, and each
     child run still RUNNING (a trial the scheduler stopped early: its workers were stopped, not
-    ended) KILLED. W&B: each trial stopped early ended (exit code 0, summary `stopped_early`), and a
+    ended) KILLED, or FINISHED when the trial ran all its steps (ASHA stops a trial at its last
+    report too, which can come before its run ended). W&B: each trial whose run did not end itself
+    ended (exit code 0, summary `stopped_early`), and a
     `sweep` run in the group with the results as a table and the tables as artifacts. `trials`:
     where the trials' run directories are (each row's `trial` names one)."""
     if cfg.train.tracker == "wandb":
@@ -366,9 +370,12 @@ def finish_sweep(cfg, parent: str, url: str, trials: str, rows: list[dict], arti
     children = mlflow.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000
     )
+    stopped = {r["trial"]: bool(r.get("stopped_early")) for r in rows}
     for child in children:
-        if child.info.status == "RUNNING":
-            mlflow.set_terminated(child.info.run_id, "KILLED")
+        if child.info.status == "RUNNING":  # its workers were stopped before they ended it
+            trial = child.data.tags.get("jepa_ray.run_url", "").rstrip("/").rsplit("/", 1)[-1]
+            # a trial that ran all its steps can be stopped at its last report (ASHA stops at max_t)
+            mlflow.set_terminated(child.info.run_id, "KILLED" if stopped.get(trial, True) else "FINISHED")
     for path in artifacts:
         if path.exists():
             mlflow.log_artifact(parent, str(path))
@@ -380,19 +387,18 @@ def _finish_wandb_sweep(
 ) -> None:
     wandb = _wandb()
     sweep = Store(url, cfg.train.storage)
-    for row in rows:
-        if not row.get("stopped_early"):
-            continue
+    for row in rows:  # trials whose workers were stopped before they ended their runs
         trial = Store(f"{trials.rstrip('/')}/{row['trial']}", cfg.train.storage)
         known = recorded_run(trial)
-        if known is None or known["tracker"] != "wandb":
+        if known is None or known["tracker"] != "wandb" or known.get("ended"):
             continue
         files_at = _WandbFiles(trial)
         run = _wandb_run(known, files_at.dir)
-        run.summary["stopped_early"] = True
+        run.summary["stopped_early"] = bool(row.get("stopped_early"))
         run.summary["stopped_at_step"] = row.get("steps")
         run.finish(exit_code=0)
         files_at.close()
+        record_run(trial, {**known, "ended": True})
     group_known = recorded_run(sweep) or {}
     run_id = group_known.get("sweep_run") or secrets.token_hex(6)  # a resumed sweep: the same run
     if group_known.get("tracker") == "wandb":
