@@ -16,6 +16,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Ray Train's watcher for cloud spot-instance preemption: one more actor process per run (3-4 s of
 # this machine's two cores), and nothing here is ever preempted
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's controller polls its workers every 2 s by default; each start, checkpoint and end of
+# a run waits for a poll. Every 0.5 s: 6-9 s less per short run on this machine (the public-ViT run
+# test, 33 s -> 24-28 s).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,7 @@ def main(result_path: str, shards: str, storage: str, endpoint: str, stage: str)
             while not any(s["world_size"] == 2 for s in _states(fs, run)):
                 time.sleep(0.5)
             # Ray Train's controller takes a checkpoint as the run's latest when it next polls the
-            # workers (every 2 s): a loss before that resumes from the one before it
+            # workers (every 2 s; 0.5 s under the tests): a loss before that resumes from the one before it
             time.sleep(5)
             alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             hosts = {a.node_id for a in alive}
