@@ -17,11 +17,16 @@ grow back to 2 workers. What happened is written to RESULT.json for the test to 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 
+# Ray Train's default poll of the workers: at 0.5 s (what conftest.py sets for the suite's short
+# runs) the group, shrunk to one worker, never grew back when the node joined (twice in two runs);
+# at the default it does
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "2"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
