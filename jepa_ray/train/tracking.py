@@ -36,6 +36,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -242,20 +243,43 @@ class _WandbFiles:
         self.store = store
         self.remote = is_remote(store.url)
         self.dir = Path(tempfile.mkdtemp(prefix="jepa-wandb-")) if self.remote else Path(store.root)
+        self.sent: dict[Path, tuple[int, int]] = {}  # (size, mtime) of each file as last uploaded
 
     def upload(self) -> None:
-        """Copy the files so far (on S3; a no-op for a local directory). A run file caught while
-        being appended ends in a partial record, which W&B's reader stops at."""
+        """Copy the files changed since the last upload (on S3; a no-op for a local directory). A
+        run file caught while being appended ends in a partial record, which W&B's reader stops at."""
         if not self.remote:
             return
         for path in sorted((self.dir / "wandb").rglob("*")):
-            if path.is_file() and not path.is_symlink():
+            if not path.is_file() or path.is_symlink():
+                continue
+            st = path.stat()
+            if self.sent.get(path) != (st.st_size, st.st_mtime_ns):
                 self.store.fs.put_file(str(path), self.store.path(str(path.relative_to(self.dir))))
+                self.sent[path] = (st.st_size, st.st_mtime_ns)
 
     def close(self) -> None:
         self.upload()
         if self.remote:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def _wandb_session(store: Store, known: dict[str, Any], exit_code: int | None = 0, **init):
+    """A W&B run reopened (or made) for `store`'s directory, its files staged there (uploaded when
+    it is on S3); ended when the block ends, with `exit_code` (None: W&B's default), or 1 when the
+    block raised."""
+    files = _WandbFiles(store)
+    run = _wandb_run(known, files.dir, **init)
+    try:
+        yield run
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    else:
+        run.finish(exit_code=exit_code)
+    finally:
+        files.close()
 
 
 class WandbTracker:
@@ -280,6 +304,7 @@ class WandbTracker:
         if cfg.train.tracker_parent:  # a trial resumed after an interrupted sweep marked it stopped
             self.run.summary["stopped_early"] = False
         record_run(self.store, known)
+        self.known = known
         self.ended = False
         log.info("wandb: run %s (%s) in project %s", known["run_id"], mode, project)
 
@@ -304,7 +329,7 @@ class WandbTracker:
             _wandb_artifact(self.run, f"{self.name}-metrics", "metrics", present, copy=True)
         self.run.finish(exit_code=1 if failed else 0)
         self.files.close()
-        record_run(self.store, {**recorded_run(self.store), "ended": not failed})
+        record_run(self.store, {**self.known, "ended": not failed})
 
 
 def log_export(run_url: str, storage, files: list[Path]) -> str | None:
@@ -314,11 +339,9 @@ def log_export(run_url: str, storage, files: list[Path]) -> str | None:
     if known is None:
         return None
     if known["tracker"] == "wandb":
-        files_at = _WandbFiles(store)
-        run = _wandb_run(known, files_at.dir)
-        _wandb_artifact(run, f"{run_url.rstrip('/').rsplit('/', 1)[-1]}-encoder", "model", files, copy=False)
-        run.finish()
-        files_at.close()
+        with _wandb_session(store, known, exit_code=None) as run:  # the run's own exit code stays
+            name = f"{run_url.rstrip('/').rsplit('/', 1)[-1]}-encoder"
+            _wandb_artifact(run, name, "model", files, copy=False)
         return known["run_id"]
     mlflow = client(known["tracking_uri"])
     for path in files:
@@ -392,12 +415,9 @@ def _finish_wandb_sweep(
         known = recorded_run(trial)
         if known is None or known["tracker"] != "wandb" or known.get("ended"):
             continue
-        files_at = _WandbFiles(trial)
-        run = _wandb_run(known, files_at.dir)
-        run.summary["stopped_early"] = bool(row.get("stopped_early"))
-        run.summary["stopped_at_step"] = row.get("steps")
-        run.finish(exit_code=0)
-        files_at.close()
+        with _wandb_session(trial, known) as run:
+            run.summary["stopped_early"] = bool(row.get("stopped_early"))
+            run.summary["stopped_at_step"] = row.get("steps")
         record_run(trial, {**known, "ended": True})
     group_known = recorded_run(sweep) or {}
     run_id = group_known.get("sweep_run") or secrets.token_hex(6)  # a resumed sweep: the same run
@@ -405,16 +425,13 @@ def _finish_wandb_sweep(
         record_run(sweep, {**group_known, "sweep_run": run_id})
     known = {"project": cfg.train.experiment, "mode": cfg.train.wandb_mode, "run_id": run_id}
     known |= {"name": group, "group": group, "job_type": "sweep"}
-    files_at = _WandbFiles(sweep)
-    run = _wandb_run(known, files_at.dir, config=cfg.model_dump(mode="json"))
-    columns = sorted({k for r in rows for k in r})
-    table = wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])
-    run.log({"results": table})
-    for path in artifacts:
-        _wandb_save(run, path)
-    _wandb_artifact(run, f"{group}-results", "sweep-results", artifacts, copy=True)
-    run.finish(exit_code=0)
-    files_at.close()
+    with _wandb_session(sweep, known, config=cfg.model_dump(mode="json")) as run:
+        columns = sorted({k for r in rows for k in r})
+        table = wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])
+        run.log({"results": table})
+        for path in artifacts:
+            _wandb_save(run, path)
+        _wandb_artifact(run, f"{group}-results", "sweep-results", artifacts, copy=True)
 
 
 def _cell(value):

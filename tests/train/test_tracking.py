@@ -142,3 +142,50 @@ def test_a_run_logs_to_wandb_offline_and_export_and_a_resume_join_the_same_wandb
     *_, resumed = offline_runs(None, str(run_dir))
     assert resumed.run_id == run.run_id and resumed.exit_code == 0
     assert [h["_step"] for h in resumed.history] == [6]
+
+
+def test_wandb_files_on_s3_are_uploaded_again_only_when_they_changed(tmp_path, monkeypatch):
+    """At every checkpoint a run on S3 uploads its staged W&B files: the ones it sent before and that
+    have not changed since are not sent again (a long run's media and config would be, each time)."""
+    import os
+    from types import SimpleNamespace
+
+    from jepa_ray.train import tracking
+
+    sent: list[str] = []
+    store = SimpleNamespace(
+        url="s3://bucket/runs/r1",
+        fs=SimpleNamespace(put_file=lambda src, dst: sent.append(dst)),
+        path=lambda rel: f"bucket/runs/r1/{rel}",
+    )
+    monkeypatch.setattr(tracking.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "stage"))
+    files = tracking._WandbFiles(store)
+    run = tmp_path / "stage" / "wandb" / "offline-run-1"
+    (run / "files").mkdir(parents=True)
+    (run / "run-1.wandb").write_bytes(b"a" * 10)
+    (run / "files" / "config.yaml").write_text("x: 1\n")
+    (run / "files" / "link").symlink_to(run / "run-1.wandb")  # a link is never sent
+    files.upload()
+    assert sorted(sent) == [
+        "bucket/runs/r1/wandb/offline-run-1/files/config.yaml",
+        "bucket/runs/r1/wandb/offline-run-1/run-1.wandb",
+    ]
+    sent.clear()
+    files.upload()
+    assert sent == []  # nothing changed
+    with (run / "run-1.wandb").open("ab") as f:  # the log grows; the config stays
+        f.write(b"b")
+    (run / "files" / "metrics.csv").write_text("step,loss\n")
+    files.upload()
+    assert sorted(sent) == [
+        "bucket/runs/r1/wandb/offline-run-1/files/metrics.csv",
+        "bucket/runs/r1/wandb/offline-run-1/run-1.wandb",
+    ]
+    sent.clear()
+    st = (run / "files" / "metrics.csv").stat()
+    os.utime(
+        run / "files" / "metrics.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000)
+    )  # rewritten, same size
+    files.close()
+    assert sent == ["bucket/runs/r1/wandb/offline-run-1/files/metrics.csv"]
+    assert not (tmp_path / "stage").exists()  # the staging directory goes with the run
