@@ -14,7 +14,8 @@ the same encoder weights and see the same batches and masks):
   raw     the input itself: 8 x 8-pooled pixels (linear, kNN) or the 16 pixel patches (attentive)
 
 Read-outs of the latent factors the images were drawn from (cardiac: heart width; lung: opacities
-and fluid; frailty: bone density), out-of-fold R² over the training split's images, folds grouped
+and fluid; frailty: bone density; mass: a lung mass's diameter, which no EHR value follows and which
+raises the hazard of death), out-of-fold R² over the training split's images, folds grouped
 by subject: linear (ridge on the mean-pooled target-encoder tokens), attentive (a cross-attention
 pooling head trained on the frozen patch tokens, `jepa_ray.eval.attentive`), kNN (cosine, k=20,
 on the pooled embedding). Downstream, on held-out subjects (one study per subject, as `evaluate`):
@@ -45,7 +46,7 @@ from bench_prepare import hardware
 
 os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
 TARGET = 1.0  # JEPA attentive R² above random init and MAE in every (seed, factor) cell
-FACTORS = ("cardiac", "lung", "frailty")
+FACTORS = ("cardiac", "lung", "frailty", "mass")
 ARMS = ("random", "jepa", "mae")
 READOUTS = ("linear", "attentive", "knn")
 EXTERNAL_SITE = "Oristell University Hospital"  # the 4th synthetic site
@@ -299,7 +300,7 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
     retrieval["mapped"] = mapped_recall({k: splits[k].cols["emb_image"] for k in pair}, ehr, pair)
     surv = evaluate_survival(
         {k: fusion_inputs(s, "death") for k, s in splits.items()},
-        raw=raw_ehr_features(splits, manifest, "train"),
+        raw=ehr,
         fit_split="train",
         val_split="val",
         report_splits=("test", "external"),

@@ -25,13 +25,18 @@ import numpy as np
 from jepa_ray.config import Config
 from jepa_ray.errors import ConfigError
 from jepa_ray.eval import attentive, probes
+from jepa_ray.eval.compare import align
 from jepa_ray.eval.embed import EncoderSource, eval_pipeline, extract, read_embeddings
+from jepa_ray.eval.features import raw_ehr_features
 from jepa_ray.eval.samples import Split
 
 log = logging.getLogger("jepa_ray.eval")
 
 INPUTS = {"image": "emb_image", "ehr": "emb_ehr", "joint": "emb_joint"}
-LATENTS = ("cardiac", "lung", "frailty")
+# the synthetic cohort's latent factors; `mass` (a finding only its images show) is absent from
+# cohorts written before it, which evaluate without it
+LATENTS = ("cardiac", "lung", "frailty", "mass")
+REQUIRED_LATENTS = LATENTS[:3]
 
 
 def resolve_encoder(encoder: str, cfg: Config, out: Path, name: str = "pretrained") -> EncoderSource:
@@ -111,7 +116,7 @@ def evaluate(
     if ec.random_baseline:
         sources.append(EncoderSource("random_init", None, pretrained.info, seed=ec.seed))
     sources += baseline_sources(list(baselines), cfg, out)
-    z = _latents(latents, cfg) if latents else None  # a bad file fails before any embedding
+    factors, z = _latents(latents, cfg) if latents else ((), None)  # a bad file fails before any embedding
     wanted = list(dict.fromkeys([ec.fit_split, ec.val_split, *ec.report_splits]))
     manifest = read_manifest(Store(data, cfg.train.storage))
     label_names = list(manifest["ehr"].get("labels", []))
@@ -144,17 +149,23 @@ def evaluate(
             f"--latents {latents}: no subject matches the shards; is {cfg.prepare.deid.salt_env} the salt "
             "the shards were prepared with?"
         )
+    # the raw EHR features, once (every encoder's tables hold the same samples, perhaps in another
+    # order): the linear retrieval's gallery and the classical Cox model's input
+    raw = raw_ehr_features(splits, manifest, ec.fit_split)
     for name, by_split in tables.items():
         metrics["probe"][name] = _probes(by_split, label_names, reports, cfg)
-        metrics["retrieval"][name] = _retrieval(by_split, reports, manifest, cfg)
+        ordered = {k: raw[k][align(by_split[k].cols["key"], s.cols["key"])] for k, s in splits.items()}
+        metrics["retrieval"][name] = _retrieval(by_split, reports, ordered, cfg)
         if z is not None:
-            metrics["latent_r2"][name] = _latent_r2(by_split, z, reports, cfg)
+            metrics["latent_r2"][name] = _latent_r2(by_split, factors, z, reports, cfg)
             if ec.attentive:
-                metrics["latent_r2_attentive"][name] = _latent_r2_attentive(by_split, z, reports, cfg)
+                metrics["latent_r2_attentive"][name] = _latent_r2_attentive(
+                    by_split, factors, z, reports, cfg
+                )
     if any(v.get("masks") for v in manifest.get("splits", {}).values()):
         metrics["segmentation"] = _segmentation(sources, data, reports, cfg)
-    metrics.update(_survival(tables, manifest, reports, cfg))
-    metrics["comparison"] = _compare(tables, z, label_names, reports, cfg)
+    metrics.update(_survival(tables, raw, reports, cfg))
+    metrics["comparison"] = _compare(tables, factors, z, label_names, reports, cfg)
     write_report(metrics, out)
     return metrics
 
@@ -285,13 +296,13 @@ def _probes(splits: dict[str, Split], labels: list[str], reports: list[str], cfg
     return out
 
 
-def _retrieval(by_split: dict[str, Split], reports: list[str], manifest: dict, cfg: Config) -> dict:
+def _retrieval(
+    by_split: dict[str, Split], reports: list[str], raw: dict[str, np.ndarray], cfg: Config
+) -> dict:
     """Recall@k per report split: the predictor's cross-modal predictions against the other
     modality's target embeddings (image_to_ehr, ehr_to_image), and a ridge map fit on the fit split
-    from the pooled image embedding to the raw EHR features (image_to_ehr_linear: one gallery for
-    every encoder)."""
-    from jepa_ray.eval.features import raw_ehr_features
-
+    from the pooled image embedding to the raw EHR features `raw` (image_to_ehr_linear: one gallery
+    for every encoder)."""
     ks, fit = cfg.eval.recall_at, cfg.eval.fit_split
     both = {k: s.cols["has_image"].astype(bool) & s.cols["has_ehr"].astype(bool) for k, s in by_split.items()}
     out = {}
@@ -301,7 +312,6 @@ def _retrieval(by_split: dict[str, Split], reports: list[str], manifest: dict, c
             "image_to_ehr": probes.recall_at(c["q_img2ehr"][b], c["g_ehr"][b], ks),
             "ehr_to_image": probes.recall_at(c["q_ehr2img"][b], c["g_img"][b], ks),
         }
-    raw = raw_ehr_features(by_split, manifest, fit)
     splits = dict.fromkeys([fit, *reports])
     linear = probes.linear_map_recall(
         {k: by_split[k].cols["emb_image"][both[k]] for k in splits},
@@ -315,9 +325,10 @@ def _retrieval(by_split: dict[str, Split], reports: list[str], manifest: dict, c
     return out
 
 
-def _latents(path: str, cfg: Config) -> dict[str, np.ndarray]:
-    """Ground-truth factors per pseudonymous subject (the cohort's latents.parquet, raw ids
-    pseudonymised with the data's salt, which must be the one `prepare` used)."""
+def _latents(path: str, cfg: Config) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+    """The factors of LATENTS the file has, and their values per pseudonymous subject (the cohort's
+    latents.parquet, raw ids pseudonymised with the data's salt, which must be the one `prepare`
+    used)."""
     import pandas as pd
 
     from jepa_ray.ingest.deid import Pseudonymizer
@@ -326,31 +337,46 @@ def _latents(path: str, cfg: Config) -> dict[str, np.ndarray]:
         table = pd.read_parquet(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--latents {path}: cannot read it as parquet ({e})") from e
-    missing = [c for c in ("subject_id", *LATENTS) if c not in table.columns]
+    missing = [c for c in ("subject_id", *REQUIRED_LATENTS) if c not in table.columns]
     if missing:
         raise ConfigError(f"--latents {path}: missing column(s) {', '.join(missing)}")
+    factors = tuple(f for f in LATENTS if f in table.columns)
     pz = Pseudonymizer(cfg.prepare.deid.resolve_salt())
     z = {
-        pz.subject(r.subject_id): np.array([getattr(r, f) for f in LATENTS], float)
+        pz.subject(r.subject_id): np.array([getattr(r, f) for f in factors], float)
         for r in table.itertuples()
     }
-    return z
+    return factors, z
 
 
-def _latent_r2(splits: dict[str, Split], z: dict[str, np.ndarray], reports: list[str], cfg: Config) -> dict:
+def _latent_r2(
+    splits: dict[str, Split],
+    factors: tuple[str, ...],
+    z: dict[str, np.ndarray],
+    reports: list[str],
+    cfg: Config,
+) -> dict:
     def xz(s: Split) -> tuple[np.ndarray, np.ndarray]:
         keep = s.cols["has_image"].astype(bool) & np.array([subj in z for subj in s.subjects])
         return s.cols["emb_image"][keep], np.stack([z[subj] for subj in s.subjects[keep]])
 
     res = probes.latent_r2(*xz(splits[cfg.eval.fit_split]), {s: xz(splits[s]) for s in reports})
     return {
-        split: {"r2": dict(zip(LATENTS, r["r2"], strict=True)), "n": r["n"], "alpha": r["alpha"]}
+        split: {
+            "r2": dict(zip(factors, r["r2"], strict=True)),
+            "n": r["n"],
+            "alpha": dict(zip(factors, r["alpha"], strict=True)),
+        }
         for split, r in res.items()
     }
 
 
 def _latent_r2_attentive(
-    splits: dict[str, Split], z: dict[str, np.ndarray], reports: list[str], cfg: Config
+    splits: dict[str, Split],
+    factors: tuple[str, ...],
+    z: dict[str, np.ndarray],
+    reports: list[str],
+    cfg: Config,
 ) -> dict:
     """{split: {"r2": {factor: R²}, "n", "epochs"}}: the attentive probe from image tokens to the
     latent factors, fit on the fit split's imaged subjects with latents."""
@@ -363,15 +389,17 @@ def _latent_r2_attentive(
         *xz(splits[cfg.eval.fit_split]), {s: xz(splits[s]) for s in reports}, attentive_settings(cfg)
     )
     return {
-        split: {"r2": dict(zip(LATENTS, r["r2"], strict=True)), "n": r["n"], "epochs": r["epochs"]}
+        split: {"r2": dict(zip(factors, r["r2"], strict=True)), "n": r["n"], "epochs": r["epochs"]}
         for split, r in res.items()
     }
 
 
-def _survival(tables: dict[str, dict[str, Split]], manifest: dict, reports: list[str], cfg: Config) -> dict:
+def _survival(
+    tables: dict[str, dict[str, Split]], raw: dict[str, np.ndarray], reports: list[str], cfg: Config
+) -> dict:
     """Time-to-event heads on every encoder's embeddings (random init under a `random_init:` prefix)
-    and the classical Cox model on raw EHR features."""
-    from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
+    and the classical Cox model on the raw EHR features `raw`."""
+    from jepa_ray.eval.features import fusion_inputs
     from jepa_ray.eval.survival import evaluate_survival
 
     endpoints = sorted({k for s in tables["pretrained"].values() for m in s.meta for k in m.get("tte", {})})
@@ -390,7 +418,6 @@ def _survival(tables: dict[str, dict[str, Split]], manifest: dict, reports: list
         epochs=ec.survival_epochs,
     )
     splits = tables["pretrained"]
-    raw = raw_ehr_features(splits, manifest, ec.fit_split)
     res = evaluate_survival({k: fusion_inputs(s, endpoint) for k, s in splits.items()}, raw=raw, **kwargs)
     cindex, counts = res["cindex"], {"pretrained": res["counts"]}
     for name, by_split in tables.items():
@@ -406,6 +433,7 @@ def _survival(tables: dict[str, dict[str, Split]], manifest: dict, reports: list
 
 def _compare(
     tables: dict[str, dict[str, Split]],
+    factors: tuple[str, ...],
     z: dict[str, np.ndarray] | None,
     labels: list[str],
     reports: list[str],
@@ -418,7 +446,7 @@ def _compare(
 
     ec = cfg.eval
     tasks: dict = {}
-    for j, factor in enumerate(LATENTS if z is not None else ()):
+    for j, factor in enumerate(factors if z is not None else ()):
 
         def latent(s: Split, j=j) -> tuple[np.ndarray, np.ndarray]:
             rows = s.cols["has_image"].astype(bool) & np.array([subj in z for subj in s.subjects])

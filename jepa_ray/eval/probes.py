@@ -95,16 +95,19 @@ def knn_scores(x_fit: np.ndarray, y_fit: np.ndarray, x: np.ndarray, k: int) -> n
 
 
 def latent_r2(x_fit: np.ndarray, z_fit: np.ndarray, reports: dict[str, tuple]) -> dict:
-    """Ridge from standardised embeddings to each latent factor (alpha by leave-one-out on the fit
-    split); R² per factor on each reported split: {split: {"r2": [per factor], "n", "alpha"}}."""
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHA_GRID)).fit(x_fit, z_fit)
+    """Ridge from standardised embeddings to each latent factor (each factor's alpha by leave-one-out
+    on the fit split, so that its R² does not depend on which other factors are fit beside it); R²
+    per factor on each reported split: {split: {"r2": [per factor], "n", "alpha": [per factor]}}."""
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHA_GRID, alpha_per_target=True)).fit(
+        x_fit, z_fit
+    )
     out = {}
     for split, (x, z) in reports.items():
-        pred = model.predict(x)
+        pred = model.predict(x).reshape(len(x), -1)
         out[split] = {
             "r2": [float(r2_score(z[:, j], pred[:, j])) for j in range(z.shape[1])],
             "n": len(z),
-            "alpha": float(model[-1].alpha_),
+            "alpha": [float(a) for a in np.atleast_1d(model[-1].alpha_)],
         }
     return out
 

@@ -45,7 +45,7 @@ def summary(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
     rows: list[list[str]] = []
     r2, r2_att = metrics.get("latent_r2", {}), metrics.get("latent_r2_attentive", {})
-    for factor in ("cardiac", "lung", "frailty") if r2 else ():
+    for factor in _factors(r2):
         # the attentive probe's row right under the ridge one, short enough not to wrap
         shown = [(f"latent R² {factor}", r2)] + ([("  attentive", r2_att)] if r2_att else [])
         for name, table in shown:
@@ -127,6 +127,14 @@ def comparison(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _factors(r2: dict[str, Any]) -> list[str]:
+    """The latent factors of a latent_r2 table ({encoder: {split: {"r2": {factor: R²}}}}), in order."""
+    for by_split in r2.values():
+        for res in by_split.values():
+            return list(res["r2"])
+    return []
+
+
 def _short(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
@@ -181,9 +189,10 @@ def report_markdown(metrics: dict[str, Any]) -> str:
             "ridge: on the pooled image embedding; attentive: the attentive probe on the image tokens.",
             "",
         ]
+        factors = _factors(metrics["latent_r2"])
         lines += [
-            "| encoder | probe | split | n | cardiac | lung | frailty |",
-            "|---|---|---|---|---|---|---|",
+            "| encoder | probe | split | n | " + " | ".join(factors) + " |",
+            "|---|---|---|---|" + "---|" * len(factors),
         ]
         for name, by_split in metrics["latent_r2"].items():
             att = metrics.get("latent_r2_attentive", {}).get(name, {})
@@ -191,7 +200,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
                 for probe, res in (("ridge", r), ("attentive", att.get(split))):
                     if res is None:
                         continue
-                    vals = " | ".join(f"{res['r2'][k]:.3f}" for k in ("cardiac", "lung", "frailty"))
+                    vals = " | ".join(f"{res['r2'][k]:.3f}" for k in factors)
                     lines.append(f"| {name} | {probe} | {split} | {res['n']} | {vals} |")
     lines += ["", "## Cross-modal retrieval (recall@k; chance = k/n)", ""]
     lines += ["| encoder | split | direction | n | recall@k (chance) |", "|---|---|---|---|---|"]

@@ -1,7 +1,9 @@
 """A synthetic multimodal cohort written as a hospital export: DICOM radiographs plus MEDS EHR.
 
 Three latent factors per subject (`cardiac`, `lung`, `frailty`) drive the images, the EHR and the
-outcomes. Layout under `out`:
+outcomes. A fourth, `mass`, is an imaging finding the EHR does not record (a lung mass not yet
+diagnosed): its diameter on the images grows with it, and so does the hazard of death, so that
+survival depends on something only the images show (as it does in practice). Layout under `out`:
 
     dicom/site<k>/<study:06d>/1.dcm   chest radiographs (CR/DX), fake PHI in the headers
     dicom/site<k>/<study:06d>/NNN.dcm chest CT series, one file per slice (`ct_fraction` of the
@@ -12,8 +14,8 @@ outcomes. Layout under `out`:
     static.parquet                    subject_id, age, sex, bmi, smoking (subjects with EHR)
     outcomes.parquet                  subject_id, index_time, cardiomegaly, abnormal_lung,
                                       death_time, death_event (every subject)
-    latents.parquet                   ground truth: subject_id, cardiac, lung, frailty, site,
-                                      has_image, has_ehr
+    latents.parquet                   ground truth: subject_id, cardiac, lung, frailty, mass,
+                                      site, has_image, has_ehr
     phi_planted.json                  ground truth: every fake PHI string written into a header
 """
 
@@ -37,7 +39,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 import jepa_ray
 from jepa_ray.config import SynthConfig
 from jepa_ray.synth.ct_phantom import CTStudy, write_ct_series
-from jepa_ray.synth.phantom import SITES, UID_ROOT, Radiograph, write_radiograph
+from jepa_ray.synth.phantom import SITES, UID_ROOT, Mass, Radiograph, write_radiograph
 
 logger = logging.getLogger(__name__)
 logging.getLogger("openjpeg.encode").setLevel(logging.WARNING)  # one INFO line per encoded tile
@@ -128,6 +130,8 @@ class _Cohort:
 
     ids: np.ndarray  # (n,) int64 MEDS subject_id
     z: np.ndarray  # (n, 3) cardiac, lung, frailty
+    mass: list[Mass]  # per subject
+    mass_z: np.ndarray  # (n,) the latent the mass's diameter follows
     site: np.ndarray  # (n,) int64
     has_image: np.ndarray  # (n,) bool
     has_ehr: np.ndarray  # (n,) bool
@@ -176,9 +180,20 @@ def _draw_cohort(cfg: SynthConfig, rng: np.random.Generator) -> _Cohort:
     index = _WINDOW_START + day + rng.integers(7 * 3600, 22 * 3600, n) * 1_000_000
     birth = ((index - (age * _US_YEAR).astype(np.int64)) // _US_DAY) * _US_DAY
 
+    # the mass, from a stream of its own (the other draws do not depend on it): independent of the
+    # other latents, 40 mm across at the mean, 18 mm 2 sd below it and 89 mm 2 sd above
+    draw = np.random.default_rng(np.random.SeedSequence([cfg.seed % 2**64, 0x3A55]))
+    mass_z = draw.standard_normal(n)
+    # in an upper lung zone (where most lung cancers arise), either side
+    side, u, v = draw.choice([-1, 1], n), draw.uniform(-0.3, 0.3, n), draw.uniform(-0.5, -0.2, n)
+    mass = [
+        Mass(round(40 * float(np.exp(0.4 * m)), 2), int(s), float(a), float(b))
+        for m, s, a, b in zip(mass_z, side, u, v, strict=True)
+    ]
+
     # survival from the index: Weibull, log-hazard linear in the latents; censored at the data
     # extraction date and by loss to follow-up
-    lp = 0.5 * z[:, 0] + 0.5 * z[:, 1] + 0.7 * z[:, 2]
+    lp = 0.5 * z[:, 0] + 0.5 * z[:, 1] + 0.7 * z[:, 2] + 0.6 * mass_z
     t_event = _US_DAY + 2700 * _US_DAY * (rng.exponential(size=n) / np.exp(lp)) ** (1 / 1.2)
     t_lost = _US_DAY + rng.exponential(12 * _US_YEAR, n)
     t_end = index + np.minimum(t_event, t_lost).astype(np.int64)
@@ -197,7 +212,22 @@ def _draw_cohort(cfg: SynthConfig, rng: np.random.Generator) -> _Cohort:
         st = np.sort(np.concatenate([[index[i]], later]))
         studies.append(st[st < death[i]])  # nobody is imaged after death or loss to follow-up
     thorax = 148 + 9 * rng.standard_normal(n) + np.where(male, 7, -5) - 2 * z[:, 2]
-    return _Cohort(ids, z, site, has_image, has_ehr, male, birth, index, studies, death, death_event, thorax)
+    return _Cohort(
+        ids,
+        z,
+        mass,
+        mass_z,
+        site,
+        has_image,
+        has_ehr,
+        male,
+        birth,
+        index,
+        studies,
+        death,
+        death_event,
+        thorax,
+    )
 
 
 def _fake_name(rng: np.random.Generator, given: tuple[str, ...]) -> str:
@@ -274,6 +304,7 @@ def _plan_images(
             series_uid=uids[1],
             sop_uid=uids[2],
             masks=cfg.masks,
+            mass=co.mass[i],
         )
         if ct_draw.random() < cfg.ct_fraction:  # its own stream: radiographs do not depend on it
             job = _as_ct(job, cfg, ct_draw)
@@ -313,6 +344,7 @@ def _as_ct(job: Radiograph, cfg: SynthConfig, rng: np.random.Generator) -> CTStu
         frame_uid=uids[0],
         sop_uids=tuple(uids[1:]),
         masks=job.masks,
+        mass=job.mass,
     )
 
 
@@ -525,6 +557,7 @@ def _write_truth(out: Path, co: _Cohort, rng: np.random.Generator) -> None:
             "cardiac": pa.array(z[:, 0], pa.float64()),
             "lung": pa.array(z[:, 1], pa.float64()),
             "frailty": pa.array(z[:, 2], pa.float64()),
+            "mass": pa.array(co.mass_z[o], pa.float64()),
             "site": pa.array(co.site[o], pa.int64()),
             "has_image": pa.array(co.has_image[o], pa.bool_()),
             "has_ehr": pa.array(co.has_ehr[o], pa.bool_()),

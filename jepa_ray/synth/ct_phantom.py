@@ -1,5 +1,5 @@
 """Chest-CT phantoms: a volume in Hounsfield units drawn from the same latent state as the
-radiographs (heart size, lung opacities and effusion, bone density), written as a series of
+radiographs (heart size, lung opacities and effusion, bone density, a mass), written as a series of
 single-slice CT files with the headers a scanner writes (orientation, positions, spacing, rescale).
 
 Coordinates are millimetres in the patient frame (DICOM LPS): x from the patient's right to left,
@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from jepa_ray.synth.phantom import SITES, UID_ROOT, write_masks
+from jepa_ray.synth.phantom import SITES, UID_ROOT, Mass, write_masks
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -49,6 +49,7 @@ class CTStudy:
     frame_uid: str  # FrameOfReferenceUID
     sop_uids: tuple[str, ...]  # one per slice, from the top
     masks: bool = False  # also write each slice's ground-truth structure masks (as for radiographs)
+    mass: Mass | None = None
 
 
 def _ellipsoid(x, y, z, cx, cy, cz, rx, ry, rz) -> np.ndarray:
@@ -102,6 +103,10 @@ def draw_ct(job: CTStudy, rng: np.random.Generator, masks: dict[str, np.ndarray]
         r = rng.uniform(6, 18) * (1 + 0.15 * max(lung, 0))
         blob = _ellipsoid(x, y, z, *c, r, r * rng.uniform(0.7, 1.3), r) & lungs
         hu[blob] = rng.uniform(-150, 20)
+    if job.mass is not None:  # the radiographs' mass: a soft-tissue sphere where they show it
+        m = job.mass
+        c = (m.side * 0.48 * t + m.u * 0.4 * t, 0.0, -0.45 * height - m.v * 0.5 * height)  # v > 0: lower
+        hu[_ellipsoid(x, y, z, *c, m.diameter / 2, m.diameter / 2, m.diameter / 2) & lungs] = 35
     # pleural fluid: a dependent (posterior) layer at the bases
     if rng.random() < 1 / (1 + np.exp(-(1.4 * lung + 0.8 * cardiac - 2.6))):
         level = 0.55 * t - rng.uniform(5, 25)

@@ -60,6 +60,18 @@ SITES: tuple[SiteProfile, ...] = (
 
 
 @dataclass(frozen=True)
+class Mass:
+    """A solitary pulmonary mass of one subject, the same on each of their studies: its diameter in
+    mm, the lung it lies in (-1: the patient's right, on the image's left; 1: left) and its centre
+    as fractions (-1..1) of that lung's half-width and half-height."""
+
+    diameter: float
+    side: int
+    u: float
+    v: float
+
+
+@dataclass(frozen=True)
 class Radiograph:
     """Everything needed to draw and write one radiograph file, independent of any other."""
 
@@ -91,6 +103,7 @@ class Radiograph:
     series_uid: str
     sop_uid: str
     masks: bool = False  # also write its ground-truth structure masks (write_masks)
+    mass: Mass | None = None
 
 
 def _lerp_index(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,12 +172,14 @@ def draw_chest(
     ap: bool,
     rng: np.random.Generator,
     masks: dict[str, np.ndarray] | None = None,
+    mass: Mass | None = None,
 ) -> np.ndarray:
     """Attenuation map (float32, `shape`) of a frontal chest radiograph at `spacing` mm per pixel.
 
     `thorax` is the half-width of the bony thorax in mm. The heart's width follows `cardiac`
     (cardiothoracic ratio ~0.44 + 0.07 * cardiac), the amount of patchy airspace opacity and of
-    pleural fluid follows `lung`, and bone density falls with `frailty`.
+    pleural fluid follows `lung`, and bone density falls with `frailty`. A `mass` is a round opacity
+    of its diameter where it says (it takes nothing from `rng`).
 
     `masks`, when given, receives the ground truth of what was drawn (bool, `shape`): STRUCTURES.
     Drawing them takes nothing from `rng`: the image is the same with or without.
@@ -269,6 +284,11 @@ def draw_chest(
     att = 0.95 * soft
     att -= 0.62 * air
     att += bone
+    if mass is not None:  # a solid, round soft-tissue opacity with a soft edge, over whatever lies behind it
+        cx, ax, cy, ay, _base = lungs[0 if mass.side < 0 else 1]
+        r = mass.diameter / 2
+        rs, cs, m = _ellipse(x, y, cx + mass.u * ax, cy + mass.v * ay, r, r, 1.5)
+        att[rs, cs] += 0.45 * m
     # a lead side marker in the upper corner
     r0, c0 = int(rows * 0.05), int(cols * (0.06 if rng.random() < 0.5 else 0.9))
     att[r0 : r0 + max(4, rows // 40), c0 : c0 + max(3, cols // 60)] = 1.8
@@ -416,7 +436,9 @@ def write_radiograph(job: Radiograph, root: str | Path) -> int:
     rng = np.random.default_rng(np.random.SeedSequence(job.entropy))
     shape = (job.rows, job.cols)
     masks: dict[str, np.ndarray] | None = {} if job.masks else None
-    att = draw_chest(shape, job.spacing, *job.z, thorax=job.thorax, ap=job.ap, rng=rng, masks=masks)
+    att = draw_chest(
+        shape, job.spacing, *job.z, thorax=job.thorax, ap=job.ap, rng=rng, masks=masks, mass=job.mass
+    )
     stored = expose(att, SITES[job.site], job.bits, rng, collimate=job.collimate)
     if job.monochrome1:
         stored = (2**job.bits - 1) - stored

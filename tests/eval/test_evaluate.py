@@ -120,7 +120,8 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     linear = m["retrieval"]["pretrained"]["external"]["image_to_ehr_linear"]  # a ridge map fit on train
     assert linear["n"] == r["n"] and 0 <= linear["recall@5"] <= 1
     assert "image_to_ehr_linear" in (out / "report.md").read_text()
-    assert set(m["latent_r2"]["pretrained"]["test"]["r2"]) == {"cardiac", "lung", "frailty"}
+    assert list(m["latent_r2"]["pretrained"]["test"]["r2"]) == ["cardiac", "lung", "frailty", "mass"]
+    assert "| n | cardiac | lung | frailty | mass |" in (out / "report.md").read_text()
 
     # the attentive probe on the image tokens, beside the linear one (eval.attentive is on by default)
     image = m["probe"]["pretrained"]["image"]["cardiomegaly"]
@@ -131,7 +132,9 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     for name in ("pretrained", "random_init"):
         r = m["latent_r2_attentive"][name]["test"]
         assert r["n"] == m["latent_r2"][name]["test"]["n"] and 1 <= r["epochs"] <= 8
-        assert set(r["r2"]) == {"cardiac", "lung", "frailty"} and all(-5 < v <= 1 for v in r["r2"].values())
+        assert set(r["r2"]) == {"cardiac", "lung", "frailty", "mass"} and all(
+            -5 < v <= 1 for v in r["r2"].values()
+        )
     assert "| attentive | test |" in report and "| image | cardiomegaly | attentive |" in report
 
     # the segmentation heads on frozen patch tokens (the shards carry the phantoms' masks)
@@ -179,8 +182,8 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     assert "co_attention" in result.output and "latent R² cardiac" in result.output
     assert "pretrained minus" in result.output and "no interval" in result.output  # eval.bootstrap=0
     assert (
-        result.output.count("  attentive") == 3 and "image attentive" in result.output
-    )  # beside ridge, linear
+        result.output.count("  attentive") == 4 and "image attentive" in result.output
+    )  # beside ridge (one row per latent factor), linear
     assert (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns == stamp
 
 
@@ -204,7 +207,8 @@ def test_bad_inputs_are_named(cohort, encoder, tmp_path, ray_session):
     other.with_suffix(".json").write_text(json.dumps(info))
     with pytest.raises(ConfigError, match=r"vocab_size .* the encoder was trained with"):
         evaluate(str(other), str(shards), cfg, tmp_path / "d")
-    # latents of another cohort (or shards prepared with another salt): nothing joins
+    # latents of another cohort (or shards prepared with another salt; this one written before the
+    # `mass` factor, which is optional): nothing joins
     strangers = tmp_path / "strangers.parquet"
     pd.DataFrame(
         {"subject_id": [1, 2], "cardiac": [0.0, 1], "lung": [0.0, 1], "frailty": [0.0, 1]}

@@ -65,6 +65,13 @@ def test_latent_r2_is_high_for_linear_factors_and_near_zero_for_noise():
     noise = rng.standard_normal((500, 40))
     res = probes.latent_r2(noise[:400], z[:400], {"test": (noise[400:], z[400:])})
     assert max(res["test"]["r2"]) < 0.05
+    # each factor's alpha is its own: a factor's R² is the same fit alone or beside a noisy one
+    # (which wants far stronger shrinkage), as the paired comparisons of `evaluate` fit it
+    mixed = np.stack([z[:, 0], rng.standard_normal(500)], 1)
+    res = probes.latent_r2(x[:400], mixed[:400], {"test": (x[400:], mixed[400:])})["test"]
+    alone = probes.latent_r2(x[:400], mixed[:400, :1], {"test": (x[400:], mixed[400:, :1])})["test"]
+    assert res["r2"][0] == pytest.approx(alone["r2"][0]) and res["alpha"][0] == alone["alpha"][0]
+    assert res["alpha"][1] > res["alpha"][0]
 
 
 def test_the_linear_map_read_out_retrieves_what_x_carries_of_y_and_nothing_else():

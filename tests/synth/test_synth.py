@@ -100,7 +100,7 @@ def test_tables_have_the_stated_columns_and_types(cohort):
         pa.bool_(),
     ]
     lat = pq.read_schema(out / "latents.parquet")
-    assert lat.names == ["subject_id", "cardiac", "lung", "frailty", "site", "has_image", "has_ehr"]
+    assert lat.names == ["subject_id", "cardiac", "lung", "frailty", "mass", "site", "has_image", "has_ehr"]
     assert lat.field("site").type == pa.int64() and lat.field("has_ehr").type == pa.bool_()
 
     st = pq.read_table(out / "static.parquet").to_pandas()
@@ -284,6 +284,13 @@ def test_labs_follow_latents(events, latents):
     def subject_mean(code: str) -> pd.Series:
         return events[events["code"] == code].groupby("subject_id")["numeric_value"].mean()
 
+    # the mass is an imaging finding: no measurement and no code of the EHR follows it
+    for code in ("LAB//BNP", "LAB//CRP", "LAB//HGB", "VITAL//SPO2", "VITAL//HR"):
+        values = subject_mean(code)
+        assert abs(np.corrcoef(values, latents.loc[values.index, "mass"])[0, 1]) < 0.35, code
+    coded = events.groupby("subject_id").size()
+    assert abs(np.corrcoef(coded, latents.loc[coded.index, "mass"])[0, 1]) < 0.35
+
     bnp = subject_mean("LAB//BNP")
     assert np.corrcoef(np.log(bnp), latents.loc[bnp.index, "cardiac"])[0, 1] > 0.5
     spo2 = subject_mean("VITAL//SPO2")
@@ -298,23 +305,29 @@ def test_labs_follow_latents(events, latents):
     )
 
 
-def test_death_hazard_follows_latent_risk(cohort, latents):
-    o = pq.read_table(cohort[0] / "outcomes.parquet").to_pandas().set_index("subject_id")
-    risk = (
-        (0.5 * latents["cardiac"] + 0.5 * latents["lung"] + 0.7 * latents["frailty"]).loc[o.index].to_numpy()
-    )
-    time = (o["death_time"] - o["index_time"]).dt.total_seconds().to_numpy()
-    event = o["death_event"].to_numpy()
-    assert 0.1 < event.mean() < 0.8
-    high = risk > np.median(risk)
-    assert time[high].mean() < time[~high].mean() and event[high].mean() > event[~high].mean()
-    # Harrell's concordance: higher risk, earlier event
+def _harrell(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:
+    """Harrell's concordance: higher risk, earlier event."""
     pairs = concordant = 0
     for i in np.flatnonzero(event):
         later = time > time[i]
         pairs += later.sum()
         concordant += (risk[i] > risk[later]).sum()
-    assert concordant / pairs > 0.6
+    return concordant / pairs
+
+
+def test_death_hazard_follows_latent_risk(cohort, latents):
+    o = pq.read_table(cohort[0] / "outcomes.parquet").to_pandas().set_index("subject_id")
+    lat = latents.loc[o.index]
+    without_mass = (0.5 * lat["cardiac"] + 0.5 * lat["lung"] + 0.7 * lat["frailty"]).to_numpy()
+    risk = without_mass + 0.6 * lat["mass"].to_numpy()
+    time = (o["death_time"] - o["index_time"]).dt.total_seconds().to_numpy()
+    event = o["death_event"].to_numpy()
+    assert 0.1 < event.mean() < 0.8
+    high = risk > np.median(risk)
+    assert time[high].mean() < time[~high].mean() and event[high].mean() > event[~high].mean()
+    assert _harrell(risk, time, event) > 0.6
+    # the mass, which only the images show, carries hazard of its own
+    assert _harrell(risk, time, event) > _harrell(without_mass, time, event) + 0.02
     labels = o[["cardiomegaly", "abnormal_lung"]].mean()
     assert labels.between(0.1, 0.55).all()
     assert latents.loc[o.index[o["cardiomegaly"]], "cardiac"].mean() > 0.5
@@ -474,3 +487,18 @@ def test_masks_leave_the_images_unchanged(tmp_path):
     assert with_masks == without and with_masks
     assert not (tmp_path / "without" / "masks").exists()
     assert len(list((tmp_path / "with" / "masks").rglob("*.png"))) == len(with_masks) * 10
+
+
+def test_a_mass_is_a_round_opacity_of_its_diameter_in_the_lung_it_names():
+    from jepa_ray.synth.phantom import Mass, draw_chest
+
+    kw = {"thorax": 148.0, "ap": False}
+    plain = draw_chest((400, 400), 1.0, 0.0, 0.0, 0.0, rng=np.random.default_rng(3), **kw)
+    for mass in (Mass(16.0, -1, 0.2, -0.2), Mass(40.0, 1, -0.1, 0.1)):
+        drawn = draw_chest((400, 400), 1.0, 0.0, 0.0, 0.0, rng=np.random.default_rng(3), mass=mass, **kw)
+        changed = np.abs(drawn - plain) > 0.05
+        # the same image otherwise (the mass takes nothing from the random stream), denser where it is
+        assert (drawn >= plain - 1e-6).all()
+        assert 2 * np.sqrt(changed.sum() / np.pi) == pytest.approx(mass.diameter, rel=0.2)
+        cols = np.flatnonzero(changed.any(axis=0))
+        assert np.sign(cols.mean() - 200) == mass.side  # the patient's right lung is the image's left
