@@ -4,7 +4,8 @@ Every head is a Cox model trained with the partial likelihood of torchsurv (Efro
 split, stopped early on the validation split; Harrell's and Uno's c-index come from
 scikit-survival, with percentile-bootstrap 95% intervals. Strategies and missing modalities:
 
-    image            Cox on the pooled image embedding      samples without an image: excluded, counted
+    image            Cox on the image tokens, pooled by a   samples without an image: excluded, counted
+                     learned query (attentive pooling)
     ehr              Cox on the pooled EHR embedding        samples without EHR: excluded, counted
     late_fusion      Cox on the two unimodal risks          a missing modality's risk is its training mean
     contrastive      InfoNCE-aligned projections, averaged  a missing modality: the present one's projection
@@ -123,6 +124,23 @@ class _Attend(nn.Module):
         return self.norm(q + out)
 
 
+class _Pool(nn.Module):
+    """Cox head on the image tokens: a learned query attends to them (the attentive probe's pooling),
+    so that a finding in one region is not averaged away as in the mean-pooled embedding."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.img = nn.Linear(dim, HIDDEN)
+        self.query = nn.Parameter(torch.zeros(1, 1, HIDDEN))
+        self.attend = _Attend(dim)
+        self.out = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        img = self.img(x["img_tokens"])
+        keep = x["has_image"][:, None].expand(-1, img.shape[1])
+        return self.out(self.attend(self.query.expand(len(img), -1, -1), img, keep)[:, 0]).squeeze(-1)
+
+
 class _CrossAttention(nn.Module):
     """EHR tokens (and a learned query token) attend to image tokens; masked mean; Cox."""
 
@@ -234,8 +252,13 @@ class _Strategy:
         rows_v = self.rows(val, np.arange(len(val.time))) if val is not None else None
         tf, ef = fit.time[rows_f], fit.event[rows_f]
         tv, ev = (val.time[rows_v], val.event[rows_v]) if val is not None else (None, None)
-        if name in ("image", "ehr"):
-            col = "img_pooled" if name == "image" else "ehr_pooled"
+        if name == "image":
+            xv = _tensors(val, rows_v) if val is not None else None
+            self.model = fit_cox(
+                _Pool(fit.img_pooled.shape[1]), _tensors(fit, rows_f), tf, ef, xv, tv, ev, steps
+            )
+        elif name == "ehr":
+            col = "ehr_pooled"
             self.std = _Standard(getattr(fit, col)[rows_f])
             self.col = col
             xv = self.std(getattr(val, col)[rows_v]) if val is not None else None
@@ -275,13 +298,13 @@ class _Strategy:
 
     def risk(self, d: FusionInputs, rows: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            if self.name in ("image", "ehr"):
+            if self.name == "ehr":
                 x = self.std(getattr(d, self.col)[rows])
             elif self.name == "late_fusion":
                 x = self._unimodal(d, rows)
             elif self.name == "contrastive":
                 x = self._aligned(d, rows)
-            else:
+            else:  # the token heads: image, cross- and co-attention
                 x = _tensors(d, rows)
             return self.model(x).numpy().astype(float)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from lifelines.utils import concordance_index
 
 from jepa_ray.eval.survival import STRATEGIES, FusionInputs, evaluate_survival, harrell, uno
@@ -161,3 +162,44 @@ def test_a_split_without_comparable_pairs_gets_a_note_not_a_crash():
     assert "harrell" not in out and out["note"].startswith("no comparable pairs") and out["events"] == 1
     out = _scores(time, np.array([True, False, False, False]), np.arange(4.0), train, bootstrap=10, seed=0)
     assert out["harrell"] == 0.0 and "note" not in out  # defined: the earliest event had the lowest risk
+
+
+def test_the_image_head_finds_a_finding_in_one_token_that_the_pooled_embedding_averages_away():
+    """A lesion in one of 16 image regions, anywhere: its token is marked (a direction of its own)
+    and its size (another direction) sets the hazard; a mean over the tokens divides it by 16 and
+    buries it under the other tokens' variation. The image head attends to the marked token."""
+    from jepa_ray.eval.survival import _Linear, _Standard, fit_cox
+
+    def problem(n: int, rng) -> FusionInputs:
+        marker, size = np.eye(16)[0], np.eye(16)[1]
+        a = rng.standard_normal(n)
+        img = 2.0 * rng.standard_normal((n, 16, 16))
+        where = rng.integers(0, 16, n)
+        img[np.arange(n), where] += 6 * marker + 3 * a[:, None] * size
+        event_t, cens_t = rng.exponential(1 / np.exp(a)), rng.exponential(2.0, n)
+        return FusionInputs(
+            img_tokens=img.astype(np.float32),
+            ehr_tokens=np.zeros((n, 2, 16), np.float32),
+            ehr_keep=np.zeros((n, 2), bool),
+            has_image=np.ones(n, bool),
+            has_ehr=np.zeros(n, bool),
+            img_pooled=img.mean(1).astype(np.float32),
+            ehr_pooled=np.zeros((n, 16), np.float32),
+            time=np.minimum(event_t, cens_t) * 365 + 1,
+            event=event_t <= cens_t,
+        )
+
+    rng = np.random.default_rng(5)
+    splits = {"train": problem(1500, rng), "val": problem(300, rng), "test": problem(800, rng)}
+    res = evaluate_survival(splits, report_splits=("test",), bootstrap=0, epochs=300)
+    attentive = res["cindex"]["image"]["test"]["harrell"]
+    # the same Cox fit on the mean-pooled embedding, as the image head was before
+    fit, val, test = splits["train"], splits["val"], splits["test"]
+    std = _Standard(fit.img_pooled)
+    linear = fit_cox(
+        _Linear(16), std(fit.img_pooled), fit.time, fit.event, std(val.img_pooled), val.time, val.event, 300
+    )
+    with torch.no_grad():
+        pooled = harrell(test.time, test.event, linear(std(test.img_pooled)).numpy().astype(float))
+    # (a Cox model on the lesion's true size reaches about 0.74 here)
+    assert attentive > 0.64 and attentive > pooled + 0.05, (attentive, pooled)
