@@ -103,10 +103,12 @@ def draw_ct(job: CTStudy, rng: np.random.Generator, masks: dict[str, np.ndarray]
         r = rng.uniform(6, 18) * (1 + 0.15 * max(lung, 0))
         blob = _ellipsoid(x, y, z, *c, r, r * rng.uniform(0.7, 1.3), r) & lungs
         hu[blob] = rng.uniform(-150, 20)
+    lesion = np.zeros(z.shape, bool)
     if job.mass is not None:  # the radiographs' mass: a soft-tissue sphere where they show it
         m = job.mass
         c = (m.side * 0.48 * t + m.u * 0.4 * t, 0.0, -0.45 * height - m.v * 0.5 * height)  # v > 0: lower
-        hu[_ellipsoid(x, y, z, *c, m.diameter / 2, m.diameter / 2, m.diameter / 2) & lungs] = 35
+        lesion = _ellipsoid(x, y, z, *c, m.diameter / 2, m.diameter / 2, m.diameter / 2) & lungs
+        hu[lesion] = 35
     # pleural fluid: a dependent (posterior) layer at the bases
     if rng.random() < 1 / (1 + np.exp(-(1.4 * lung + 0.8 * cardiac - 2.6))):
         level = 0.55 * t - rng.uniform(5, 25)
@@ -119,8 +121,8 @@ def draw_ct(job: CTStudy, rng: np.random.Generator, masks: dict[str, np.ndarray]
     hu[ribs] = bone * 0.8
     if masks is not None:
         masks["bone"] = ((x / 16) ** 2 + ((y - 0.62 * t) / 14) ** 2 <= 1) | ribs
-        for name in ("right_lung", "left_lung"):  # the heart and the spine displace lung
-            masks[name] = masks[name] & ~heart & ~masks["bone"]
+        for name in ("right_lung", "left_lung"):  # the heart, the spine and a mass displace lung
+            masks[name] = masks[name] & ~heart & ~masks["bone"] & ~lesion
     hu += job.noise * rng.standard_normal(hu.shape).astype(np.float32)
     return np.clip(hu, -1024, 3071)
 
