@@ -62,28 +62,34 @@ def test_the_loss_is_the_hidden_contents_and_needs_no_target_encoder(split, samp
     batch = make_batch(split, samples, *overrides)
     model = _mae(split).eval()
     assert model.targets(batch) == (None, None)
-    torch.set_grad_enabled(False)
-    out = model(batch)
-    assert torch.isfinite(out["loss"]) and out["loss"] > 0
-    assert out["targets"] == batch["img_tgt_keep"].sum() + batch["ehr_tgt"].sum()
-    # the loss moves with the hidden content, and only with it
-    hidden_px = ~batch["img_ctx"].reshape(-1, *model.dims.grid)
-    px = hidden_px.repeat_interleave(8, 1).repeat_interleave(8, 2).unsqueeze(1)
-    b, m, k = batch["img_tgt_idx"].shape
-    keep = batch["img_tgt_keep"].reshape(b, m * k).long()  # padded entries point at slot 0: add, not set
-    targeted = torch.zeros_like(keep).scatter_add_(1, batch["img_tgt_idx"].reshape(b, m * k), keep) > 0
-    tgt_px = (
-        targeted.reshape(-1, *model.dims.grid).repeat_interleave(8, 1).repeat_interleave(8, 2).unsqueeze(1)
-    )
-    outside = dict(batch, image=torch.where(px & ~tgt_px, torch.randn_like(batch["image"]), batch["image"]))
-    assert float(model(outside)["loss"]) == pytest.approx(float(out["loss"]), rel=1e-6)
-    if batch["img_tgt_keep"].any():
-        inside = dict(batch, image=torch.where(tgt_px, torch.randn_like(batch["image"]), batch["image"]))
-        assert abs(float(model(inside)["loss"]) - float(out["loss"])) > 1e-4
-    if batch["ehr_tgt"].any():
-        values = torch.where(batch["ehr_tgt"], batch["ehr_value"] + 3.0, batch["ehr_value"])
-        assert abs(float(model(dict(batch, ehr_value=values))["loss"]) - float(out["loss"])) > 1e-4
-    torch.set_grad_enabled(True)
+    with torch.no_grad():  # scoped: a failed assertion must not leave gradients off for later tests
+        out = model(batch)
+        assert torch.isfinite(out["loss"]) and out["loss"] > 0
+        assert out["targets"] == batch["img_tgt_keep"].sum() + batch["ehr_tgt"].sum()
+        # the loss moves with the hidden content, and only with it
+        hidden_px = ~batch["img_ctx"].reshape(-1, *model.dims.grid)
+        px = hidden_px.repeat_interleave(8, 1).repeat_interleave(8, 2).unsqueeze(1)
+        b, m, k = batch["img_tgt_idx"].shape
+        keep = batch["img_tgt_keep"].reshape(b, m * k).long()  # padded entries point at slot 0: add, not set
+        targeted = torch.zeros_like(keep).scatter_add_(1, batch["img_tgt_idx"].reshape(b, m * k), keep) > 0
+        tgt_px = (
+            targeted.reshape(-1, *model.dims.grid)
+            .repeat_interleave(8, 1)
+            .repeat_interleave(8, 2)
+            .unsqueeze(1)
+        )
+        outside = dict(
+            batch, image=torch.where(px & ~tgt_px, torch.randn_like(batch["image"]), batch["image"])
+        )
+        assert float(model(outside)["loss"]) == pytest.approx(float(out["loss"]), rel=1e-6)
+        if batch["img_tgt_keep"].any():
+            inside = dict(batch, image=torch.where(tgt_px, torch.randn_like(batch["image"]), batch["image"]))
+            # beyond the tolerance within which outside content left it (few image targets under
+            # cross_modal=1 move the mean over every target by little)
+            assert float(model(inside)["loss"]) != pytest.approx(float(out["loss"]), rel=1e-5)
+        if batch["ehr_tgt"].any():
+            values = torch.where(batch["ehr_tgt"], batch["ehr_value"] + 3.0, batch["ehr_value"])
+            assert abs(float(model(dict(batch, ehr_value=values))["loss"]) - float(out["loss"])) > 1e-4
 
 
 def test_hidden_content_does_not_reach_the_mae_context_encoder(split, samples):
