@@ -219,17 +219,17 @@ def held_splits(held: dict, model=None) -> dict:
 
 
 def mapped_recall(x: dict, y: dict, both: dict) -> dict:
-    """Recall@5 on test of a ridge map fit on train from x to y (rows with both modalities)."""
+    """Recall@5 on test and external of a ridge map fit on train from x to y (rows with both
+    modalities; an x wider than 128 values through its principal components, as `evaluate`)."""
     from jepa_ray.eval.probes import linear_map_recall
 
-    rows = {k: (x[k][both[k]], y[k][both[k]]) for k in ("train", "test")}
     return linear_map_recall(
-        {k: v[0] for k, v in rows.items()},
-        {k: v[1] for k, v in rows.items()},
+        {k: x[k][both[k]] for k in both},
+        {k: y[k][both[k]] for k in both},
         "train",
-        ["test"],
+        ["test", "external"],
         [RETRIEVAL_K],
-    )["test"]
+    )
 
 
 def raw_retrieval(held: dict, manifest: dict) -> dict:
@@ -237,7 +237,7 @@ def raw_retrieval(held: dict, manifest: dict) -> dict:
     EHR features (the Cox baseline's), fit on train, recall@5 of the true partner on test."""
     from jepa_ray.eval.features import raw_ehr_features
 
-    splits = held_splits({k: held[k] for k in ("train", "test")})
+    splits = held_splits({k: held[k] for k in ("train", "test", "external")})
     ehr = raw_ehr_features(splits, manifest, "train")
     both = {k: s.cols["has_image"].astype(bool) & s.cols["has_ehr"].astype(bool) for k, s in splits.items()}
     return mapped_recall({k: s.cols["raw_image"] for k, s in splits.items()}, ehr, both)
@@ -281,9 +281,10 @@ def raw_fusion(held: dict, manifest: dict, truth: dict) -> dict:
 
 
 def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
-    """Retrieval recall@5 (test: the predictor's image -> EHR prediction, and a ridge map fit on
-    train from the pooled image embedding to the raw EHR features) and Cox c-index per strategy
-    (test, external) of one encoder."""
+    """Retrieval recall@5 (test: the predictor's image -> EHR prediction; test and external: a ridge
+    map fit on train to the raw EHR features from the pooled image embedding (`mapped`) and from
+    the 4 x 4 grid of patch tokens (`mapped_tokens`, `evaluate`'s linear read-out)) and Cox c-index
+    per strategy (test, external) of one encoder."""
     from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
     from jepa_ray.eval.probes import recall_at
     from jepa_ray.eval.survival import evaluate_survival
@@ -295,9 +296,12 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
     ehr = raw_ehr_features(splits, manifest, "train")
     pair = {
         k: splits[k].cols["has_image"].astype(bool) & splits[k].cols["has_ehr"].astype(bool)
-        for k in ("train", "test")
+        for k in ("train", "test", "external")
     }
     retrieval["mapped"] = mapped_recall({k: splits[k].cols["emb_image"] for k in pair}, ehr, pair)
+    retrieval["mapped_tokens"] = mapped_recall(
+        {k: splits[k].cols["img_tokens"].reshape(len(splits[k]), -1) for k in pair}, ehr, pair
+    )
     surv = evaluate_survival(
         {k: fusion_inputs(s, "death") for k, s in splits.items()},
         raw=ehr,
@@ -312,6 +316,11 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
         for strategy, by_split in surv["cindex"].items()
     }
     return {"retrieval": retrieval, "cindex": cindex}
+
+
+def over_chance(r: dict) -> float:
+    """Recall@5 over its chance level (NaN where a split had nothing to retrieve)."""
+    return r.get(f"recall@{RETRIEVAL_K}", float("nan")) / r.get(f"chance@{RETRIEVAL_K}", float("nan"))
 
 
 def fusion_margin(cindex: dict, split: str) -> float:
@@ -434,8 +443,8 @@ def main() -> int:
         )
         retrieval_ceiling = raw_retrieval(held, manifest)
         print(
-            f"raw input: image -> EHR recall@{RETRIEVAL_K} {retrieval_ceiling[f'recall@{RETRIEVAL_K}']:.3f}"
-            f" (chance {retrieval_ceiling[f'chance@{RETRIEVAL_K}']:.3f})",
+            f"raw input: image -> EHR recall@{RETRIEVAL_K} / chance, test {over_chance(retrieval_ceiling['test']):.2f}"
+            f"  external {over_chance(retrieval_ceiling['external']):.2f}",
             flush=True,
         )
 
@@ -477,10 +486,12 @@ def main() -> int:
                     continue
                 run[arm]["downstream"] = downstream(model, held, manifest, seed)
                 d = run[arm]["downstream"]
+                r = d["retrieval"]
                 print(
-                    f"seed {seed} {arm:<6} recall@{RETRIEVAL_K} {d['retrieval'].get(f'recall@{RETRIEVAL_K}', float('nan')):.3f}"
-                    f" (chance {d['retrieval'].get(f'chance@{RETRIEVAL_K}', float('nan')):.3f};"
-                    f" ridge from the pooled embedding {d['retrieval']['mapped'].get(f'recall@{RETRIEVAL_K}', float('nan')):.3f})"
+                    f"seed {seed} {arm:<6} recall@{RETRIEVAL_K} / chance: predictor {over_chance(r):.2f},"
+                    f" ridge from the pooled embedding {over_chance(r['mapped']['test']):.2f},"
+                    f" from the tokens {over_chance(r['mapped_tokens']['test']):.2f}"
+                    f" (external {over_chance(r['mapped_tokens']['external']):.2f})"
                     "  fusion - unimodal:"
                     f" test {fusion_margin(d['cindex'], 'test'):+.3f}  external {fusion_margin(d['cindex'], 'external'):+.3f}",
                     flush=True,
@@ -503,17 +514,20 @@ def main() -> int:
     }
     if do_downstream and "jepa" in args.arms:
         rec = [r["jepa"]["downstream"]["retrieval"] for r in runs]
-        results["retrieval_over_chance"] = [
-            x[f"recall@{RETRIEVAL_K}"] / x[f"chance@{RETRIEVAL_K}"] for x in rec
-        ]
+        results["retrieval_over_chance"] = {
+            "predictor": [over_chance(x) for x in rec],
+            **{
+                f"{read}_{split}": [over_chance(x[read][split]) for x in rec]
+                for read in ("mapped", "mapped_tokens")
+                for split in ("test", "external")
+            },
+        }
         results["fusion_margin"] = {
             s: [fusion_margin(r["jepa"]["downstream"]["cindex"], s) for r in runs]
             for s in ("test", "external")
         }
-        print(
-            f"JEPA recall@{RETRIEVAL_K} / chance per seed: "
-            + " ".join(f"{v:.2f}" for v in results["retrieval_over_chance"])
-        )
+        for read, v in results["retrieval_over_chance"].items():
+            print(f"JEPA recall@{RETRIEVAL_K} / chance per seed ({read}): " + " ".join(f"{x:.2f}" for x in v))
         for s, v in results["fusion_margin"].items():
             print(
                 f"JEPA best fusion - best unimodal c-index ({s}) per seed: "

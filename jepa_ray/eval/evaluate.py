@@ -301,8 +301,9 @@ def _retrieval(
 ) -> dict:
     """Recall@k per report split: the predictor's cross-modal predictions against the other
     modality's target embeddings (image_to_ehr, ehr_to_image), and a ridge map fit on the fit split
-    from the pooled image embedding to the raw EHR features `raw` (image_to_ehr_linear: one gallery
-    for every encoder)."""
+    from the image's region tokens (the eval.regions grid, flattened) to the raw EHR features `raw`
+    (image_to_ehr_linear: one gallery for every encoder; the mean-pooled embedding averages away
+    where a finding is)."""
     ks, fit = cfg.eval.recall_at, cfg.eval.fit_split
     both = {k: s.cols["has_image"].astype(bool) & s.cols["has_ehr"].astype(bool) for k, s in by_split.items()}
     out = {}
@@ -314,7 +315,7 @@ def _retrieval(
         }
     splits = dict.fromkeys([fit, *reports])
     linear = probes.linear_map_recall(
-        {k: by_split[k].cols["emb_image"][both[k]] for k in splits},
+        {k: by_split[k].image_tokens()[both[k]].reshape(both[k].sum(), -1) for k in splits},
         {k: raw[k][both[k]] for k in splits},
         fit,
         reports,

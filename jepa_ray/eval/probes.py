@@ -18,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength of the logistic probe
 ALPHA_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # ridge strength of the latent probe
 FINE_ALPHA_GRID = tuple(np.logspace(-2, 4, 13))  # the same, finer: for the cross-validated probe
+MAP_DIMS = 128  # principal components a wider input of the retrieval map is reduced to
 
 
 def bootstrap_ci(metric, arrays: tuple[np.ndarray, ...], n: int, seed: int, valid=None) -> list[float] | None:
@@ -126,12 +127,17 @@ def cv_latent_r2(
 
 
 def linear_map_recall(
-    x: dict[str, np.ndarray], y: dict[str, np.ndarray], fit: str, report: list[str], ks: list[int]
-) -> dict[str, dict]:
+    x: dict[str, np.ndarray], y: dict[str, np.ndarray], fit: str, report: list[str], ks: list[int],
+    max_dims: int = MAP_DIMS,
+) -> dict[str, dict]:  # fmt: skip
     """Per split of `report`: recall@k of retrieving row i of y[split] from row i of x[split]
     through a ridge map from x to y fit on the `fit` split (each side standardised on it, missing
     values 0, the penalty by cross-validation): the linear read-out of cross-modal retrieval, which
-    asks what of y a representation x carries, whatever its own space."""
+    asks what of y a representation x carries, whatever its own space. An x wider than `max_dims`
+    (a grid of region tokens: 16 x 768 values at ViT-B width) is first reduced to its `max_dims`
+    principal components on the fit split, each standardised, so that the map stays well posed and
+    cheap on any encoder."""
+    from sklearn.decomposition import PCA
     from sklearn.linear_model import RidgeCV
 
     if len(x[fit]) < 10:
@@ -146,6 +152,10 @@ def linear_map_recall(
         return {k: np.nan_to_num((v - np.nan_to_num(mu)) / np.nan_to_num(sd, nan=1.0)) for k, v in a.items()}
 
     xs, ys = prep(x), prep(y)
+    dims = min(max_dims, len(xs[fit]) - 1)
+    if xs[fit].shape[1] > dims:
+        pca = PCA(dims, random_state=0).fit(xs[fit])
+        xs = prep({k: pca.transform(v) if len(v) else v[:, :dims] for k, v in xs.items()})
     ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(xs[fit], ys[fit])
     return {s: recall_at(ridge.predict(xs[s]), ys[s], ks) if len(xs[s]) else {"n": 0} for s in report}
 

@@ -87,3 +87,18 @@ def test_the_linear_map_read_out_retrieves_what_x_carries_of_y_and_nothing_else(
     assert none["recall@5"] < 3 * none["chance@5"]
     few = probes.linear_map_recall({k: v[:6] for k, v in x.items()}, y, "train", ["test"], [5])["test"]
     assert "note" in few and "6 train samples" in few["note"]
+
+
+def test_the_linear_map_read_out_reduces_a_wide_token_grid_to_its_principal_components():
+    # 16 region tokens x 40 values = 640 inputs from 200 training rows: the map goes through the
+    # fit split's top principal components, which hold the 8 factors y follows
+    rng = np.random.default_rng(4)
+    z = {"train": rng.standard_normal((200, 8)), "test": rng.standard_normal((60, 8))}
+    mix, w = rng.standard_normal((8, 640)), rng.standard_normal((8, 12))
+    x = {k: v @ mix + 0.3 * rng.standard_normal((len(v), 640)) for k, v in z.items()}
+    y = {k: v @ w + 0.05 * rng.standard_normal((len(v), 12)) for k, v in z.items()}
+    wide = probes.linear_map_recall(x, y, "train", ["test"], [1])["test"]
+    assert wide["recall@1"] > 0.9
+    # fewer components than factors lose what y needs: the reduction is real
+    narrow = probes.linear_map_recall(x, y, "train", ["test"], [1], max_dims=2)["test"]
+    assert narrow["recall@1"] < wide["recall@1"] - 0.3
