@@ -152,8 +152,8 @@ def linear_map_recall(
         return {k: np.nan_to_num((v - np.nan_to_num(mu)) / np.nan_to_num(sd, nan=1.0)) for k, v in a.items()}
 
     xs, ys = prep(x), prep(y)
-    dims = min(max_dims, len(xs[fit]) - 1)
-    if xs[fit].shape[1] > dims:
+    if xs[fit].shape[1] > max_dims:
+        dims = min(max_dims, len(xs[fit]))  # no more components than fit samples
         pca = PCA(dims, random_state=0).fit(xs[fit])
         xs = prep({k: pca.transform(v) if len(v) else v[:, :dims] for k, v in xs.items()})
     ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(xs[fit], ys[fit])
