@@ -49,6 +49,35 @@ def test_out_of_range_values_fail_naming_key_and_value(space, message):
         check_space(_cfg(f"tune.space={space}", "tune.searcher=random"))
 
 
+@pytest.mark.parametrize(
+    ("space", "why"),
+    [
+        ("{model.objective: {values: [jepa, mae]}}", "losses of different kinds do not compare"),
+        ("{model.sigreg: {values: [0.0, 0.1]}}", "it weighs a second term into the loss"),
+        (
+            "{pipeline.mask.mask_ratio: {values: [0.4, 0.6]}, model.predictor_depth: {values: [1, 2]}}",
+            "the loss measures the predictor as much as the encoder",
+        ),
+    ],
+)
+def test_val_loss_is_refused_for_a_sweep_that_changes_the_loss_or_the_predictor(space, why):
+    from jepa_ray.tune.sweep import check_objective
+
+    cfg = _cfg(f"tune.space={space}", "tune.objective=val_loss")
+    key = space.split(":")[0].strip("{") if "predictor" not in space else "model.predictor_depth"
+    with pytest.raises(ConfigError, match=rf"tune.objective=val_loss: the sweep varies {key}, and {why}"):
+        check_objective(cfg, "val_loss", 1000)
+    check_objective(cfg, "lidar_context", 1000)  # the same sweep under another objective is fine
+    # mask ratio and learning rate leave the loss comparable (every trial answers the same masks)
+    check_objective(
+        _cfg(
+            "tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6]}, train.lr: {values: [0.001, 0.003]}}"
+        ),
+        "val_loss",
+        1000,
+    )
+
+
 def test_dimension_needs_exactly_one_kind():
     with pytest.raises(ConfigError, match="give exactly one of values, uniform, loguniform, randint"):
         _cfg("tune.space={train.lr: {values: [0.001], loguniform: [0.0001, 0.01]}}")
