@@ -31,12 +31,17 @@ DRIVER_CPU = 0.01  # each trial's own actor only drives its TorchTrainer (Tune n
 _STATE_GLOB = "experiment_state-"
 
 
-# sweep keys across which the model's own loss (tune.objective=val_loss) ranks nothing: they change
-# the loss itself, or the predictor whose error it is (on the learning benchmark's cohort val_loss
-# ordered predictor depths 4 > 1 > 2 in one seed and 2 > 4 > 1 in the next: bench_labelfree.py)
-VAL_LOSS_INCOMPARABLE = {
+# sweep keys across which the model's own loss (tune.objective=val_loss) is not one quantity: losses
+# of different kinds; never measured there
+VAL_LOSS_KINDS = {
     "model.objective": "losses of different kinds do not compare",
     "model.loss": "losses of different kinds do not compare",
+}
+# sweep keys across which it is one quantity but ranks nothing: they weigh another term into it, or
+# change the predictor whose error it is (on the learning benchmark's cohort val_loss ordered
+# predictor depths 4 > 1 > 2 in one seed and 2 > 4 > 1 in the next: bench_labelfree.py). Refused as
+# the objective; still measured beside another one (tune.measure_all), to be seen doing so
+VAL_LOSS_CONFOUNDED = {
     "model.sigreg": "it weighs a second term into the loss",
     "model.predictor_depth": "the loss measures the predictor as much as the encoder",
     "model.predictor_width": "the loss measures the predictor as much as the encoder",
@@ -61,11 +66,11 @@ def _objective_settings(cfg: Config) -> dict[str, Any]:
     label = None
     if tc.objective not in LABEL_FREE:
         label = pick_label(_val_metas(cfg, split.manifest["splits"]["val"]["shards"]), tc.objective, tc.label)
-    check_objective(cfg, tc.objective, split.samples)
+    check_objective(cfg, tc.objective, split.samples, ranks=True)
     candidates = []
     for name in LABEL_FREE if tc.measure_all else ():
         try:
-            check_objective(cfg, name, split.samples)
+            check_objective(cfg, name, split.samples, ranks=False)
             candidates.append(name)
         except ConfigError as e:
             log.warning("tune.measure_all: %s is left out: %s", name, e)
@@ -78,11 +83,12 @@ def _objective_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-def check_objective(cfg: Config, objective: str, val_samples: int) -> None:
+def check_objective(cfg: Config, objective: str, val_samples: int, ranks: bool = True) -> None:
     """ConfigError, naming the key to change, when `objective` cannot be measured for this sweep:
     LiDAR with too few validation samples on the first worker, an objective that runs the context
     encoder or predictor on one worker while ZeRO-3 shards them, a loss compared across settings
-    that change what the loss measures (VAL_LOSS_INCOMPARABLE)."""
+    that change what it measures (VAL_LOSS_KINDS; VAL_LOSS_CONFOUNDED too when the objective
+    `ranks` the trials, not only measured beside the one that does)."""
     from jepa_ray.tune.labelfree import MIN_CLASSES
     from jepa_ray.tune.objective import STUDENT
 
@@ -101,11 +107,12 @@ def check_objective(cfg: Config, objective: str, val_samples: int) -> None:
             f"tune.objective={objective} runs the context encoder on the first worker alone, which "
             "train.zero_stage=3 shards across workers: use train.zero_stage 1 or 2, or objective lidar or rankme"
         )
-    varied = [k for k in VAL_LOSS_INCOMPARABLE if k in tc.space] if objective == "val_loss" else []
+    refused = VAL_LOSS_KINDS | (VAL_LOSS_CONFOUNDED if ranks else {})
+    varied = [k for k in refused if k in tc.space] if objective == "val_loss" else []
     if varied:
         raise ConfigError(
-            f"tune.objective=val_loss: the sweep varies {varied[0]}, and "
-            f"{VAL_LOSS_INCOMPARABLE[varied[0]]}: use objective lidar_context, lidar or rankme"
+            f"tune.objective=val_loss: the sweep varies {varied[0]}, and {refused[varied[0]]}: "
+            "use objective lidar_context, lidar or rankme"
         )
 
 
