@@ -188,7 +188,7 @@ def attentive_r2(
     return out
 
 
-def cv_attentive_r2(
+def oof_attentive(
     tokens: np.ndarray,
     z: np.ndarray,
     groups: np.ndarray | list,
@@ -196,10 +196,10 @@ def cv_attentive_r2(
     seed: int = 0,
     keep: np.ndarray | None = None,
     settings: AttentiveSettings | None = None,
-) -> list[float]:
-    """Out-of-fold R² per latent factor of the probe from tokens (N, T, D) to z (N, F), folds
+) -> np.ndarray:
+    """Out-of-fold predictions (N, F) of the probe from tokens (N, T, D) to targets z (N, F), folds
     grouped by subject (sklearn GroupKFold), epochs chosen inside each training fold (settings'
-    seed replaced by `seed`): as probes.cv_latent_r2, for a cohort too small for a held-out split."""
+    seed replaced by `seed`)."""
     from sklearn.model_selection import GroupKFold
 
     tokens, keep = check_tokens(tokens, keep)
@@ -214,7 +214,23 @@ def cv_attentive_r2(
     pred = np.zeros_like(z)
     for train, test in GroupKFold(folds).split(tokens, z, groups):
         probe = fit_attentive(tokens[train], z[train], keep[train], settings=settings, groups=groups[train])
-        pred[test] = probe.predict(tokens[test], keep[test])
+        pred[test] = probe.predict(tokens[test], keep[test]).reshape(len(test), -1)
+    return pred
+
+
+def cv_attentive_r2(
+    tokens: np.ndarray,
+    z: np.ndarray,
+    groups: np.ndarray | list,
+    folds: int = 5,
+    seed: int = 0,
+    keep: np.ndarray | None = None,
+    settings: AttentiveSettings | None = None,
+) -> list[float]:
+    """Out-of-fold R² per latent factor of the probe from tokens (N, T, D) to z (N, F)
+    (`oof_attentive`): as probes.cv_latent_r2, for a cohort too small for a held-out split."""
+    pred = oof_attentive(tokens, z, groups, folds, seed, keep, settings)
+    z = np.asarray(z, float).reshape(len(pred), -1)
     return [float(r2_score(z[:, j], pred[:, j])) for j in range(z.shape[1])]
 
 

@@ -4,7 +4,8 @@
       ─> linear and kNN probes on the binary labels (AUROC, bootstrap 95% CI), and an attentive
          probe on the image tokens
       ─> latent-factor R² (synthetic cohorts: the ground truth the images were drawn from), ridge on
-         pooled embeddings and attentive probe on image tokens
+         pooled embeddings and attentive probe on image tokens, held out and out of fold over
+         every split
       ─> cross-modal retrieval (recall@k, chance beside it)
       ─> time-to-event heads under four fusion strategies (Harrell's and Uno's c-index)
       ─> metrics.json, report.md, plots
@@ -33,6 +34,8 @@ from jepa_ray.eval.samples import Split
 log = logging.getLogger("jepa_ray.eval")
 
 INPUTS = {"image": "emb_image", "ehr": "emb_ehr", "joint": "emb_joint"}
+CV_FOLDS = 5  # folds of the out-of-fold latent read-out (grouped by subject)
+OUT_OF_FOLD = "out-of-fold"  # its name where a split's would be, in the comparison
 # the synthetic cohort's latent factors; `mass` (a finding only its images show) is absent from
 # cohorts written before it, which evaluate without it
 LATENTS = ("cardiac", "lung", "frailty", "mass")
@@ -166,6 +169,14 @@ def evaluate(
         metrics["segmentation"] = _segmentation(sources, data, reports, cfg)
     metrics.update(_survival(tables, raw, reports, cfg))
     metrics["comparison"] = _compare(tables, factors, z, label_names, reports, cfg)
+    if z is not None:
+        metrics["latent_r2_cv"], paired = _latent_oof(tables, factors, z, reports, cfg)
+        for other, by_task in paired.items():
+            for task, by_readout in by_task.items():
+                for readout, d in by_readout.items():
+                    metrics["comparison"].setdefault(other, {}).setdefault(task, {}).setdefault(readout, {})[
+                        OUT_OF_FOLD
+                    ] = d
     write_report(metrics, out)
     return metrics
 
@@ -393,6 +404,69 @@ def _latent_r2_attentive(
         split: {"r2": dict(zip(factors, r["r2"], strict=True)), "n": r["n"], "epochs": r["epochs"]}
         for split, r in res.items()
     }
+
+
+def _latent_oof(
+    tables: dict[str, dict[str, Split]],
+    factors: tuple[str, ...],
+    z: dict[str, np.ndarray],
+    reports: list[str],
+    cfg: Config,
+) -> tuple[dict, dict]:
+    """Out-of-fold latent R² over every imaged subject with latents in the fit, validation and
+    reported splits together (CV_FOLDS folds grouped by subject), linear and attentive, per encoder:
+    {encoder: {readout: {factor: R²}, "n", "splits"}}; and the pretrained encoder's paired
+    differences against each other one on those predictions: {other: {"latent R² <factor>":
+    {readout: paired_difference}}}. On a cohort too small for its test split to tell encoders
+    apart (the demo's ~50 subjects), every sample is scored once, by a probe that never saw it."""
+    from sklearn.metrics import r2_score
+
+    from jepa_ray.eval.compare import paired_difference
+
+    ec = cfg.eval
+    ref = tables["pretrained"]
+    rows = {
+        k: ref[k].cols["has_image"].astype(bool) & np.array([subj in z for subj in ref[k].subjects])
+        for k in dict.fromkeys([ec.fit_split, ec.val_split, *reports])
+        if k in ref
+    }
+    groups = np.concatenate([ref[k].subjects[r] for k, r in rows.items()])
+    if len(np.unique(groups)) < 2 * CV_FOLDS:
+        return {}, {}
+    y = np.stack([z[subj] for subj in groups]).astype(float)
+    preds: dict[str, dict[str, np.ndarray]] = {}
+    for name, by_split in tables.items():
+        # every encoder's rows in the pretrained encoder's order: the same sample in every fold
+        order = {k: align(ref[k].cols["key"], by_split[k].cols["key"]) for k in rows}
+        pooled = np.concatenate([by_split[k].cols["emb_image"][order[k]][r] for k, r in rows.items()])
+        preds[name] = {"linear": probes.oof_latent(pooled, y, groups, CV_FOLDS)}
+        if ec.attentive:
+            tokens = np.concatenate([by_split[k].image_tokens()[order[k]][r] for k, r in rows.items()])
+            preds[name]["attentive"] = attentive.oof_attentive(
+                tokens, y, groups, CV_FOLDS, ec.seed, settings=attentive_settings(cfg)
+            )
+    r2 = {
+        name: {
+            readout: {f: float(r2_score(y[:, j], p[:, j])) for j, f in enumerate(factors)}
+            for readout, p in per.items()
+        }
+        | {"n": len(y), "splits": list(rows)}
+        for name, per in preds.items()
+    }
+    paired = {
+        other: {
+            f"latent R² {f}": {
+                readout: paired_difference(
+                    r2_score, y[:, j], preds["pretrained"][readout][:, j], p[:, j], ec.bootstrap, ec.seed
+                )
+                for readout, p in per.items()
+            }
+            for j, f in enumerate(factors)
+        }
+        for other, per in preds.items()
+        if other != "pretrained"
+    }
+    return r2, paired
 
 
 def _survival(

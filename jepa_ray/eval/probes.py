@@ -113,16 +113,24 @@ def latent_r2(x_fit: np.ndarray, z_fit: np.ndarray, reports: dict[str, tuple]) -
     return out
 
 
+def oof_latent(x: np.ndarray, z: np.ndarray, groups, folds: int = 5, alphas=FINE_ALPHA_GRID) -> np.ndarray:
+    """Out-of-fold predictions (N, F) of a ridge from standardised embeddings x (N, D) to z (N, F),
+    folds grouped (by subject: no subject on both sides), each factor's alpha by inner CV on its
+    own (a shared alpha fit to a well-carried factor overfits a faint one beside it)."""
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+
+    ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas, alpha_per_target=True))
+    pred = cross_val_predict(ridge, x, z, groups=groups, cv=GroupKFold(folds))
+    return np.asarray(pred, float).reshape(len(x), -1)
+
+
 def cv_latent_r2(
     x: np.ndarray, z: np.ndarray, groups: list, folds: int = 5, alphas=FINE_ALPHA_GRID
 ) -> list[float]:
-    """Out-of-fold R² per latent factor of a ridge from standardised embeddings x (N, D) to z
-    (N, F), folds grouped (by subject: no subject on both sides), alpha by inner CV. For a cohort
-    small enough that a held-out split would be too noisy to compare two encoders."""
-    from sklearn.model_selection import GroupKFold, cross_val_predict
-
-    ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas))
-    pred = cross_val_predict(ridge, x, z, groups=groups, cv=GroupKFold(folds))
+    """Out-of-fold R² per latent factor of `oof_latent`: for a cohort small enough that a
+    held-out split would be too noisy to compare two encoders."""
+    pred = oof_latent(x, z, groups, folds, alphas)
+    z = np.asarray(z, float).reshape(len(pred), -1)
     return [float(r2_score(z[:, j], pred[:, j])) for j in range(z.shape[1])]
 
 

@@ -186,7 +186,9 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     if metrics.get("latent_r2"):
         lines += ["", "## Ground truth: latent factors from the image (R²)", ""]
         lines += [
-            "ridge: on the pooled image embedding; attentive: the attentive probe on the image tokens.",
+            "ridge: on the pooled image embedding; attentive: the attentive probe on the image tokens; "
+            "out-of-fold: every subject of the named splits scored by a probe fit on the other folds "
+            "(5, grouped by subject), for cohorts whose test split is too small to tell encoders apart.",
             "",
         ]
         factors = _factors(metrics["latent_r2"])
@@ -202,6 +204,13 @@ def report_markdown(metrics: dict[str, Any]) -> str:
                         continue
                     vals = " | ".join(f"{res['r2'][k]:.3f}" for k in factors)
                     lines.append(f"| {name} | {probe} | {split} | {res['n']} | {vals} |")
+        for name, cv in metrics.get("latent_r2_cv", {}).items():
+            for probe, label in (("linear", "ridge"), ("attentive", "attentive")):
+                if probe in cv:
+                    vals = " | ".join(f"{cv[probe][k]:.3f}" for k in factors)
+                    lines.append(
+                        f"| {name} | {label} | out-of-fold ({', '.join(cv['splits'])}) | {cv['n']} | {vals} |"
+                    )
     lines += ["", "## Cross-modal retrieval (recall@k; chance = k/n)", ""]
     lines += ["| encoder | split | direction | n | recall@k (chance) |", "|---|---|---|---|---|"]
     for name, by_split in metrics.get("retrieval", {}).items():

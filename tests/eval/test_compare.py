@@ -50,3 +50,60 @@ def test_align_puts_the_other_encoders_samples_in_order():
     assert b[align(a, b)].tolist() == a.tolist()
     with pytest.raises(ValueError, match="different samples"):
         align(a, np.array(["k1", "k2", "k4"]))
+
+
+def _tables(rng, n_subjects: int = 120, d: int = 16):
+    """Two encoders over the same subjects in four splits: `pretrained` carries factor 0 in its
+    pooled embedding and tokens, `random_init` only noise; the other encoder's rows come back
+    shuffled, as an embedding job may return them."""
+    from jepa_ray.eval.samples import Split
+
+    subjects = [f"s{i:03d}" for i in range(n_subjects)]
+    z = {s: rng.normal(size=2) for s in subjects}
+    a, b, c = (int(n_subjects * f) for f in (0.5, 0.625, 0.8))
+    parts = {
+        "train": subjects[:a],
+        "val": subjects[a:b],
+        "test": subjects[b:c],
+        "external": subjects[c:],
+    }
+    direction = rng.normal(size=d)
+
+    def split(names, carries: bool, order) -> Split:
+        f = np.array([z[s][0] for s in names])
+        pooled = rng.normal(size=(len(names), d)) + (np.outer(f, direction) if carries else 0.0)
+        tokens = np.repeat(pooled[:, None, :], 4, axis=1) + 0.1 * rng.normal(size=(len(names), 4, d))
+        cols = {
+            "has_image": np.ones(len(names), bool),
+            "emb_image": pooled.astype(np.float32),
+            "img_tokens": tokens.reshape(len(names), 4 * d).astype(np.float32),
+            "key": np.array([f"{s}/study" for s in names], dtype=object),
+        }
+        return Split({k: v[order] for k, v in cols.items()}, [{"subject": names[i]} for i in order], 0)
+
+    tables = {"pretrained": {}, "random_init": {}}
+    for name, names in parts.items():
+        tables["pretrained"][name] = split(names, True, np.arange(len(names)))
+        tables["random_init"][name] = split(names, False, rng.permutation(len(names)))
+    return tables, z
+
+
+def test_the_out_of_fold_read_out_scores_every_subject_once_and_sees_a_planted_difference():
+    from jepa_ray.config import load_config
+    from jepa_ray.eval.evaluate import _latent_oof
+
+    rng = np.random.default_rng(5)
+    tables, z = _tables(rng)
+    cfg = load_config(overrides=["eval.attentive=false", "eval.bootstrap=200"])
+    r2, paired = _latent_oof(tables, ("carried", "absent"), z, ["test", "external"], cfg)
+    # every subject of train, val, test and external, once
+    assert r2["pretrained"]["n"] == r2["random_init"]["n"] == 120
+    assert r2["pretrained"]["splits"] == ["train", "val", "test", "external"]
+    assert r2["pretrained"]["linear"]["carried"] > 0.8 and r2["random_init"]["linear"]["carried"] < 0.1
+    carried = paired["random_init"]["latent R² carried"]["linear"]
+    assert carried["n"] == 120 and carried["beyond_noise"] and carried["difference"] > 0.7
+    # a factor neither encoder carries: no difference beyond noise
+    assert not paired["random_init"]["latent R² absent"]["linear"]["beyond_noise"]
+    # too few subjects for the folds: nothing rather than a misleading number
+    small, zs = _tables(rng, n_subjects=8)
+    assert _latent_oof(small, ("carried", "absent"), zs, ["test", "external"], cfg) == ({}, {})

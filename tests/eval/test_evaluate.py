@@ -165,8 +165,18 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
         assert lo <= d["difference"] <= hi and d["beyond_noise"] == (lo > 0 or hi < 0)
         auc = m["comparison"][other]["AUROC cardiomegaly"]["attentive"]["external"]
         assert auc["n"] == m["probe"]["pretrained"]["image"]["cardiomegaly"]["attentive"]["external"]["n"]
+        # out of fold: every imaged subject of train, val, test and external scored once, the a and
+        # b of the paired difference those encoders' out-of-fold R²
+        cv = m["comparison"][other]["latent R² lung"]["attentive"]["out-of-fold"]
+        assert cv["n"] == m["latent_r2_cv"]["pretrained"]["n"] > m["latent_r2"]["pretrained"]["test"]["n"]
+        assert cv["a"] == pytest.approx(m["latent_r2_cv"]["pretrained"]["attentive"]["lung"])
+        assert cv["b"] == pytest.approx(m["latent_r2_cv"][other]["attentive"]["lung"])
     assert (
         "Pretrained against the other encoders" in report and "| latent R² lung, attentive, test |" in report
+    )
+    assert (
+        "| latent R² lung, attentive, out-of-fold |" in report
+        and "out-of-fold (train, val, test, external)" in report
     )
 
     # the command line, on the same output: cached embeddings reused, a one-screen summary
