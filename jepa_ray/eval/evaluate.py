@@ -361,6 +361,11 @@ def _latents(path: str, cfg: Config) -> tuple[tuple[str, ...], dict[str, np.ndar
     return factors, z
 
 
+def _with_latents(s: Split, z: dict[str, np.ndarray]) -> np.ndarray:
+    """(n,) bool: the split's samples with an image whose subject has latent factors."""
+    return s.cols["has_image"].astype(bool) & np.array([subj in z for subj in s.subjects], dtype=bool)
+
+
 def _latent_r2(
     splits: dict[str, Split],
     factors: tuple[str, ...],
@@ -369,7 +374,7 @@ def _latent_r2(
     cfg: Config,
 ) -> dict:
     def xz(s: Split) -> tuple[np.ndarray, np.ndarray]:
-        keep = s.cols["has_image"].astype(bool) & np.array([subj in z for subj in s.subjects])
+        keep = _with_latents(s, z)
         return s.cols["emb_image"][keep], np.stack([z[subj] for subj in s.subjects[keep]])
 
     res = probes.latent_r2(*xz(splits[cfg.eval.fit_split]), {s: xz(splits[s]) for s in reports})
@@ -394,7 +399,7 @@ def _latent_r2_attentive(
     latent factors, fit on the fit split's imaged subjects with latents."""
 
     def xz(s: Split) -> tuple[np.ndarray, np.ndarray]:
-        keep = s.cols["has_image"].astype(bool) & np.array([subj in z for subj in s.subjects])
+        keep = _with_latents(s, z)
         return s.image_tokens()[keep], np.stack([z[subj] for subj in s.subjects[keep]])
 
     res = attentive.attentive_r2(
@@ -426,9 +431,7 @@ def _latent_oof(
     ec = cfg.eval
     ref = tables["pretrained"]
     rows = {
-        k: ref[k].cols["has_image"].astype(bool) & np.array([subj in z for subj in ref[k].subjects])
-        for k in dict.fromkeys([ec.fit_split, ec.val_split, *reports])
-        if k in ref
+        k: _with_latents(ref[k], z) for k in dict.fromkeys([ec.fit_split, ec.val_split, *reports]) if k in ref
     }
     groups = np.concatenate([ref[k].subjects[r] for k, r in rows.items()])
     if len(np.unique(groups)) < 2 * CV_FOLDS:
@@ -524,7 +527,7 @@ def _compare(
     for j, factor in enumerate(factors if z is not None else ()):
 
         def latent(s: Split, j=j) -> tuple[np.ndarray, np.ndarray]:
-            rows = s.cols["has_image"].astype(bool) & np.array([subj in z for subj in s.subjects])
+            rows = _with_latents(s, z)
             return rows, np.array([z[subj][j] for subj in s.subjects[rows]])
 
         tasks[f"latent R² {factor}"] = ("regression", latent)

@@ -258,19 +258,10 @@ class _Strategy:
                 _Pool(fit.img_pooled.shape[1]), _tensors(fit, rows_f), tf, ef, xv, tv, ev, steps
             )
         elif name == "ehr":
-            col = "ehr_pooled"
-            self.std = _Standard(getattr(fit, col)[rows_f])
-            self.col = col
-            xv = self.std(getattr(val, col)[rows_v]) if val is not None else None
+            self.std = _Standard(fit.ehr_pooled[rows_f])
+            xv = self.std(val.ehr_pooled[rows_v]) if val is not None else None
             self.model = fit_cox(
-                _Linear(self.std.mean.shape[0]),
-                self.std(getattr(fit, col)[rows_f]),
-                tf,
-                ef,
-                xv,
-                tv,
-                ev,
-                steps,
+                _Linear(self.std.mean.shape[0]), self.std(fit.ehr_pooled[rows_f]), tf, ef, xv, tv, ev, steps
             )
         elif name == "late_fusion":
             self.parts = {m: _Strategy(m, fit, val, steps, seed) for m in ("image", "ehr")}
@@ -299,7 +290,7 @@ class _Strategy:
     def risk(self, d: FusionInputs, rows: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             if self.name == "ehr":
-                x = self.std(getattr(d, self.col)[rows])
+                x = self.std(d.ehr_pooled[rows])
             elif self.name == "late_fusion":
                 x = self._unimodal(d, rows)
             elif self.name == "contrastive":
