@@ -42,6 +42,14 @@ GRIDS = {  # the second axis beside the mask ratio: bench_tune's, or the learnin
     "lr": ("lr", (3e-4, 1e-3, 3e-3)),
 }
 OBJECTIVES = ("rankme", "lidar", "lidar_context", "val_loss")
+# --grid collapse: settings that shrink the embeddings (no SIGReg; no EMA; a high learning rate),
+# beside the default, at mask ratio 0.5: model overrides and learning rate
+COLLAPSE = {
+    "default": ({}, 1e-3),
+    "no SIGReg, no EMA": ({"sigreg": 0.0, "ema": (0.0, 0.0)}, 1e-3),
+    "no SIGReg, no EMA, lr 1e-2": ({"sigreg": 0.0, "ema": (0.0, 0.0)}, 1e-2),
+    "no SIGReg, lr 3e-2": ({"sigreg": 0.0}, 3e-2),
+}
 TARGET = 0.7  # Spearman(label-free objective, reference) across settings
 BASE = ["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_events=32"]
 
@@ -53,9 +61,21 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def one_setting(
-    train, spec, mask: float, depth: int | None, lr: float, steps: int, seed: int, probe, val, z, groups
+    train,
+    spec,
+    mask: float,
+    depth: int | None,
+    lr: float,
+    steps: int,
+    seed: int,
+    probe,
+    val,
+    z,
+    groups,
+    model_kw: dict | None = None,
 ) -> dict:
-    """Pretrain one setting from seed's initialisation; its reference and objectives."""
+    """Pretrain one setting from seed's initialisation; its reference, objectives and the collapse
+    guard's verdict (against the initialisation, as `jepa-ray tune` judges a trial)."""
     import torch
 
     from jepa_ray.config import ModelConfig, load_config
@@ -68,7 +88,10 @@ def one_setting(
     cfg = load_config(overrides=[*BASE, f"pipeline.mask.mask_ratio={mask}"]).pipeline
     reference_mask = load_config(overrides=BASE).pipeline.mask  # the same questions for every setting
     torch.manual_seed(seed)
-    model = JEPA(spec.model_dims(cfg), ModelConfig(preset="tiny", predictor_depth=depth))
+    model = JEPA(spec.model_dims(cfg), ModelConfig(preset="tiny", predictor_depth=depth, **(model_kw or {})))
+    with torch.no_grad():
+        x0 = np.concatenate([model.encode(b, "both")["pooled"].float().numpy() for b in val])
+    start = {"rankme": labelfree.rankme(x0), "spread": labelfree.spread(x0)}
     t = time.perf_counter()
     losses = train_on_samples(model, train, spec, cfg, steps, lr=lr, batch=32, seed=seed)
     train_s = time.perf_counter() - t
@@ -84,6 +107,9 @@ def one_setting(
         "attentive": dict(zip(bl.FACTORS, attentive, strict=True)),
         "linear": dict(zip(bl.FACTORS, cv_latent_r2(pooled, z, groups), strict=True)),
         "scores": {k: {"value": v[0], "se": v[1]} for k, v in scores.items()},
+        "start": start,
+        "spread": labelfree.spread(both),
+        "collapsed": labelfree.collapsed(both, start),
         "loss_last10": float(np.mean(losses[-10:])),
         "train_s": train_s,
     }
@@ -125,10 +151,67 @@ def analyse(rows: list[dict], seeds: list[int]) -> dict:
     return out
 
 
+def collapse_check(args, train, spec, probe, val, z, groups, seeds: list[int]) -> int:
+    """--grid collapse: per seed, each COLLAPSE setting's val_loss, RankMe, spread, the guard's verdict
+    and the attentive R²; says whether the guard flags exactly the settings val_loss prefers
+    over the default while reading the factors worse."""
+    rows = []
+    for seed in seeds:
+        for name, (model_kw, lr) in COLLAPSE.items():
+            r = one_setting(train, spec, 0.5, None, lr, args.steps, seed, probe, val, z, groups, model_kw)
+            r["setting"]["name"] = name
+            rows.append(r)
+            print(
+                f"seed {seed} {name:<28} val_loss {r['scores']['val_loss']['value']:+.3f}  RankMe "
+                f"{r['scores']['rankme']['value']:.1f} (start {r['start']['rankme']:.1f})  spread "
+                f"{r['spread']:.3f} (start {r['start']['spread']:.3f})  attentive R² "
+                f"{np.mean(list(r['attentive'].values())):.3f}  guard: {r['collapsed'] or 'healthy'}",
+                flush=True,
+            )
+    # a "fooled" setting: val_loss ranks it above the default, the ground truth below
+    fooled, flagged = [], []
+    for seed in seeds:
+        mine = {r["setting"]["name"]: r for r in rows if r["seed"] == seed}
+        ref = mine["default"]
+
+        def read(r: dict) -> float:
+            return float(np.mean(list(r["attentive"].values())))
+
+        def loss(r: dict) -> float:
+            return r["scores"]["val_loss"]["value"]
+
+        for name, r in mine.items():
+            if r["collapsed"]:
+                flagged.append([seed, name])
+            if name != "default" and loss(r) > loss(ref) and read(r) < read(ref):
+                fooled.append([seed, name])
+    print(
+        f"val_loss fooled (better than the default, worse attentive R²): {fooled}; guard flagged: {flagged}"
+    )
+    report = {
+        "name": "labelfree-collapse",
+        "hardware": hardware(),
+        "config": {"seeds": args.seeds, "steps": args.steps, "subjects": args.subjects, "batch": 32,
+                   "settings": {k: {"model": v[0], "lr": v[1]} for k, v in COLLAPSE.items()}},
+        "results": {"rows": rows, "fooled": fooled, "flagged": flagged},
+        "guard_catches_every_fooled": all(f in flagged for f in fooled),
+        "guard_spares_the_default": not any(name == "default" for _, name in flagged),
+    }  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--grid", choices=sorted(GRIDS), default="depth", help="the axis beside the mask ratio")
+    ap.add_argument(
+        "--grid",
+        choices=[*sorted(GRIDS), "collapse"],
+        default="depth",
+        help="the axis beside the mask ratio; collapse: the collapse guard against settings that shrink the embeddings",
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--subjects", type=int, default=1600)
     ap.add_argument("--workdir", type=Path, default=None, help="reuse the learning benchmark's cohort")
@@ -158,6 +241,8 @@ def main() -> int:
 
     rows = []
     seeds = list(range(args.seeds))
+    if args.grid == "collapse":
+        return collapse_check(args, train, spec, probe, val, z, groups, seeds)
     axis, values = GRIDS[args.grid]
     for seed in seeds:
         for mask in MASK_RATIOS:

@@ -292,7 +292,7 @@ def tune(
     objective: Annotated[
         str | None,
         typer.Option(
-            help="rankme | lidar | lidar_context | val_loss | probe_auroc | cindex (tune.objective)."
+            help="val_loss | lidar_context | lidar | rankme | probe_auroc | cindex (tune.objective; default: val_loss, see docs/sweeps.md)."
         ),
     ] = None,
     resume: Annotated[

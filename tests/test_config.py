@@ -86,9 +86,20 @@ def test_mask_ratio_is_one_override_away():
     assert cfg.mask.mask_ratio == 0.7 and cfg.mask.target_scale is None
 
 
-def test_the_default_tune_objective_fits_the_zero_stage():
-    assert load_config().tune.objective == "lidar_context"
-    # lidar_context runs the context encoder on one worker, which ZeRO-3 shards: the default moves
+def test_the_default_tune_objective_fits_the_sweep_and_the_zero_stage():
+    assert load_config().tune.objective == "val_loss"
+    lr = "tune.space={train.lr: {values: [0.001, 0.003]}, pipeline.mask.mask_ratio: {values: [0.5, 0.7]}}"
+    assert load_config(overrides=[lr]).tune.objective == "val_loss"
+    # val_loss does not compare predictors, losses or SIGReg weights: the default moves to lidar_context
+    for key in ("model.predictor_depth", "model.sigreg", "model.objective"):
+        values = {
+            "model.predictor_depth": "[1, 2]",
+            "model.sigreg": "[0.0, 0.05]",
+            "model.objective": "[jepa, mae]",
+        }
+        cfg = load_config(overrides=[f"tune.space={{{key}: {{values: {values[key]}}}}}"])
+        assert cfg.tune.objective == "lidar_context", key
+    # val_loss and lidar_context run the context encoder on one worker, which ZeRO-3 shards
     zero3 = load_config(overrides=["train.zero_stage=3"])
     assert zero3.tune.objective == "lidar"
     assert type(zero3).model_validate(zero3.model_dump()).tune.objective == "lidar"

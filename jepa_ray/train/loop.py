@@ -299,6 +299,20 @@ def _skip_cpu_shm_op() -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
+def initial_model(cfg: Config, dims: dict) -> JEPA:
+    """The model a run starts from, the same on every rank and in every restart: drawn from
+    pipeline.seed (which seeds torch's global generator), then a public ViT's (or an export's)
+    weights with model.init_from."""
+    torch.manual_seed(cfg.pipeline.seed)
+    model = JEPA(dims, cfg.model)
+    if cfg.model.init_from:
+        from jepa_ray.model.interop import init_from
+
+        pc = cfg.pipeline
+        init_from(model, cfg.model.init_from, pc.normalize, cfg.train.storage, cfg.model.init_normalize)
+    return model
+
+
 def set_up(loop_config: dict[str, Any]) -> Worker:
     """The model inside its DeepSpeed engine, the schedules, the data, and the position restored
     from the newest checkpoint that loads (when Ray Train restored one)."""
@@ -320,12 +334,7 @@ def set_up(loop_config: dict[str, Any]) -> Worker:
         device = torch.device("cpu")
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and tc.use_gpu)
 
-    torch.manual_seed(pc.seed)  # the same initial weights on every rank
-    model = JEPA(loop_config["dims"], cfg.model)
-    if cfg.model.init_from:  # a public ViT's (or an export's) weights; a resumed run's checkpoint wins
-        from jepa_ray.model.interop import init_from
-
-        init_from(model, cfg.model.init_from, pc.normalize, tc.storage, cfg.model.init_normalize)
+    model = initial_model(cfg, loop_config["dims"])  # a resumed run's checkpoint replaces it below
     student = model.student
     accum = tc.accumulation(pc.batch_size, world)
     if not tc.use_gpu:

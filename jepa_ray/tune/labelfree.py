@@ -15,6 +15,12 @@ that a trial with mask ratio 0.3 and one with 0.7 answer the same questions.
 
 Each comes with a bootstrap standard error: over samples (rankme), surrogate classes (lidar) or
 chunks of samples (val_loss). All are deterministic given the weights and the batches.
+
+Each is fooled by a collapsed encoder: a JEPA whose embeddings shrink onto a few directions (or one
+point) predicts its own targets all the better, and centred RankMe and LiDAR measure only noise
+once every sample maps to one point. `collapsed` compares the target encoder's pooled embeddings
+with those of the encoder the run started from; a trial that lost half of their effective rank
+or half of their spread is ranked last whatever its label-free score (`jepa_ray.tune.objective`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ BOOTSTRAP = 100
 LIDAR_BOOTSTRAP = 50  # each resample is two eigendecompositions of a D x D matrix
 REFERENCE_SEED = 20231206  # the masks' seed, the same for every trial of every sweep
 CHUNKS = 4  # val_loss: each batch is scored in this many chunks (the bootstrap's units)
+# collapse guard: the share of the starting encoder's RankMe or spread a trial must keep. On the
+# learning benchmark's cohort, the 48 settings of bench_labelfree.py's two grids kept 1.0-1.2x the
+# start's RankMe; runs without SIGReg, at a high learning rate or with no EMA, kept 0.17-0.30x
+# (attentive R² 0.11-0.22 against 0.57) or 0.04x of the spread, and each had the better val_loss
+COLLAPSE_FRACTION = 0.5
 
 
 def effective_rank(values: np.ndarray, eps: float = EPS) -> float:
@@ -52,6 +63,25 @@ def rankme(x: np.ndarray) -> float:
     `jepa_ray.model.jepa.embedding_stats`)."""
     x = np.asarray(x, np.float64)
     return effective_rank(np.linalg.svd(x - x.mean(0), compute_uv=False), eps=1e-12)
+
+
+def spread(x: np.ndarray) -> float:
+    """Mean per-dimension standard deviation of the L2-normalised embeddings (n, d), times sqrt(d):
+    near 1 for embeddings spread over the sphere, 0 when every sample maps to one point (where
+    centred RankMe measures only numerical noise)."""
+    x = np.asarray(x, np.float64)
+    x = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+    return float(x.std(0).mean() * math.sqrt(x.shape[1]))
+
+
+def collapsed(x: np.ndarray, start: dict[str, float], fraction: float = COLLAPSE_FRACTION) -> str | None:
+    """Why embeddings (n, d) count as collapsed against `start` (the `rankme` and `spread` of the
+    encoder the run started from, on the same samples), or None: below `fraction` of either."""
+    now = {"rankme": rankme(x), "spread": spread(x)}
+    for name, value in now.items():
+        if value < fraction * start[name]:
+            return f"{name} {value:.3g} < {fraction:g} x {start[name]:.3g} at the start"
+    return None
 
 
 def lidar(z: np.ndarray, delta: float = DELTA) -> float:

@@ -14,7 +14,9 @@ Labelled, on the pooled target-encoder embeddings (image and EHR together):
   (stratified k-fold on the validation samples that carry it).
 - `cindex`: out-of-fold Harrell's c-index of a ridge Cox model on a time-to-event outcome.
 
-Every measurement comes with a bootstrap standard error (`objective_se`).
+Every measurement comes with a bootstrap standard error (`objective_se`). A label-free objective is
+-inf (ranked last, stopped by ASHA) for a trial whose encoder collapsed against the one it started
+from (`jepa_ray.tune.labelfree.collapsed`), which every one of them would otherwise score well.
 """
 
 from __future__ import annotations
@@ -128,22 +130,31 @@ def measure(
     *,
     mask: dict[str, Any] | None = None,
     candidates: tuple[str, ...] | list[str] = (),
+    start: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """{"rankme", "objective", "objective_se"} from these (already on-device) batches, and for a
-    labelled objective its value under its own name and the samples it used; `candidates`: also
-    every named label-free objective as `lf_<name>` and `lf_<name>_se`. `mask`: the reference mask
-    setting of the label-free objectives (a MaskConfig as a dict; default MaskConfig())."""
+    """{"rankme", "spread", "objective", "objective_se"} from these (already on-device) batches, and
+    for a labelled objective its value under its own name and the samples it used; `candidates`:
+    also every named label-free objective as `lf_<name>` and `lf_<name>_se`. `mask`: the reference
+    mask setting of the label-free objectives (a MaskConfig as a dict; default MaskConfig()).
+    `start`: `embedding_start` of the encoder the run started from, on the same batches; then also
+    "collapsed" (1.0 or 0.0), and a label-free objective of a collapsed encoder is -inf."""
     from jepa_ray.config import MaskConfig
-    from jepa_ray.tune.labelfree import rankme, scores
+    from jepa_ray.tune.labelfree import collapsed, rankme, scores, spread
 
     ref = MaskConfig.model_validate(mask or {})
-    x = torch.cat([model.encode(b, "both")["pooled"].float().cpu() for b in batches]).numpy()
+    x = pooled_embeddings(model, batches)
     out: dict[str, float] = {}
     names = list(dict.fromkeys([*candidates, *([objective] if objective in LABEL_FREE else [])]))
     for name, (value, se) in scores(names, model, batches, ref, x).items():
         out |= {f"lf_{name}": value, f"lf_{name}_se": se}
     out["rankme"] = out.get("lf_rankme", rankme(x))
+    out["spread"] = spread(x)
+    why = None if start is None else collapsed(x, start)
+    if start is not None:
+        out["collapsed"] = float(why is not None)
     if objective in LABEL_FREE:
+        if why is not None:
+            return out | {"objective": float("-inf"), "objective_se": float("nan")}
         return out | {"objective": out[f"lf_{objective}"], "objective_se": out[f"lf_{objective}_se"]}
     metas = batch_outcomes(batches)
     if objective == "probe_auroc":
@@ -164,19 +175,42 @@ def measure(
     }
 
 
+def pooled_embeddings(model: Any, batches: list[dict[str, Any]]) -> np.ndarray:
+    """(samples, D): the target encoder's pooled embeddings (image and EHR together)."""
+    return torch.cat([model.encode(b, "both")["pooled"].float().cpu() for b in batches]).numpy()
+
+
+@torch.no_grad()
+def embedding_start(worker: Worker, batches: list[dict[str, Any]]) -> dict[str, float]:
+    """RankMe and spread of the encoder the worker's run started from (`initial_model`, rebuilt: the
+    same after a restart), on these batches: the collapse guard's reference."""
+    from jepa_ray.train.loop import initial_model
+    from jepa_ray.tune.labelfree import rankme, spread
+
+    with torch.random.fork_rng(devices=[]):  # leaves the run's random state alone
+        model = initial_model(worker.cfg, worker.dims).to(worker.device).eval()
+    x = pooled_embeddings(model, batches)
+    del model
+    return {"rankme": rankme(x), "spread": spread(x)}
+
+
 class ObjectiveHooks(Hooks):
     """A trial's hook into its training loop: at every report, rank 0 measures the objective on its
     first validation batches (the target encoder is whole on every rank, even under ZeRO-3).
-    `objective`: kind, label, batches, and optionally mask and candidates (see `measure`)."""
+    `objective`: kind, label, batches, and optionally mask and candidates (see `measure`). The
+    collapse guard's reference is measured at the first report, from the rebuilt starting encoder."""
 
     def __init__(self, objective: dict[str, Any]) -> None:
         self.objective = objective
         self.val_batches = objective["batches"]
+        self.start: dict[str, float] | None = None
 
     def on_report(self, worker: Worker, metrics: dict[str, float]) -> None:
         if worker.rank != 0:
             return
         o = self.objective
         batches = [to_device(b, worker.device) for b in worker.val[: o["batches"]]]
-        extra = {"mask": o.get("mask"), "candidates": o.get("candidates", ())}
+        if self.start is None and o["kind"] in LABEL_FREE:
+            self.start = embedding_start(worker, batches)
+        extra = {"mask": o.get("mask"), "candidates": o.get("candidates", ()), "start": self.start}
         metrics.update(measure(worker.model, batches, o["kind"], o["label"], **extra))

@@ -69,6 +69,8 @@ def trial_rows(cfg: Config, grid: Any, objective: dict[str, Any]) -> list[dict[s
             "objective": _finite(m.get("objective")),
             "objective_se": _finite(m.get("objective_se")),
             "rankme": _finite(m.get("rankme")),
+            "spread": _finite(m.get("spread")),
+            **({"collapsed": bool(m["collapsed"])} if "collapsed" in m else {}),
             **{k: _finite(v) for k, v in sorted(m.items()) if k.startswith("lf_")},
             "steps": step,
             "stopped_early": (not failed) and step < cfg.train.steps,
@@ -245,6 +247,12 @@ def _markdown(
     failed = [r for r in rows if r["status"] == "ERROR"]
     for r in failed:
         lines.append(f"Failed: {r['trial']}: {r.get('error', '')}")
+    collapsed = [r["trial"] for r in rows if r.get("collapsed")]
+    if collapsed:
+        lines.append(
+            f"Collapsed (below half the starting encoder's RankMe or spread; ranked last, whatever "
+            f"{objective['kind']} said): {', '.join(map(str, collapsed))}."
+        )
     lines.append("objective_se: bootstrap standard error of the objective on the validation samples.")
     lines.append(_noise_line(gap))
     for name, c in (candidates or {}).items():

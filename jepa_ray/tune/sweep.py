@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jepa_ray.config import Config
+from jepa_ray.config import VAL_LOSS_CONFOUNDED, VAL_LOSS_KINDS, Config
 from jepa_ray.errors import ConfigError
 from jepa_ray.tune.results import SweepInfo
 from jepa_ray.tune.space import check_space, trial_config, trials_planned, tune_space
@@ -29,24 +29,6 @@ log = logging.getLogger("jepa_ray.tune")
 TRIALS_DIR = "trials"
 DRIVER_CPU = 0.01  # each trial's own actor only drives its TorchTrainer (Tune needs a non-empty request)
 _STATE_GLOB = "experiment_state-"
-
-
-# sweep keys across which the model's own loss (tune.objective=val_loss) is not one quantity: losses
-# of different kinds; never measured there
-VAL_LOSS_KINDS = {
-    "model.objective": "losses of different kinds do not compare",
-    "model.loss": "losses of different kinds do not compare",
-}
-# sweep keys across which it is one quantity but ranks nothing: they weigh another term into it, or
-# change the predictor whose error it is (on the learning benchmark's cohort val_loss ordered
-# predictor depths 4 > 1 > 2 in one seed and 2 > 4 > 1 in the next: bench_labelfree.py). Refused as
-# the objective; still measured beside another one (tune.measure_all), to be seen doing so
-VAL_LOSS_CONFOUNDED = {
-    "model.sigreg": "it weighs a second term into the loss",
-    "model.predictor_depth": "the loss measures the predictor as much as the encoder",
-    "model.predictor_width": "the loss measures the predictor as much as the encoder",
-    "model.predictor_heads": "the loss measures the predictor as much as the encoder",
-}
 
 
 def _objective_settings(cfg: Config) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from jepa_ray.model.jepa import JEPA
 from jepa_ray.stream.local import raw_batch, read_samples
 from jepa_ray.stream.pipeline import collate, open_split
 from jepa_ray.stream.transform import transform_batch
-from jepa_ray.tune.labelfree import MIN_CLASSES, bootstrap_se, lidar, rankme
-from jepa_ray.tune.objective import LABEL_FREE, measure
+from jepa_ray.tune.labelfree import MIN_CLASSES, bootstrap_se, collapsed, lidar, rankme, spread
+from jepa_ray.tune.objective import LABEL_FREE, measure, pooled_embeddings
 
 
 def _views(k: int, n: int = 96, q: int = 8, d: int = 16, seed: int = 0) -> np.ndarray:
@@ -115,3 +115,35 @@ def test_a_reconstruction_model_is_measured_too(val):
     batches = _batches(val)[:1]
     out = measure(_model(val, objective="mae"), batches, "val_loss", None, candidates=LABEL_FREE)
     assert all(np.isfinite(out[f"lf_{n}"]) and out[f"lf_{n}_se"] > 0 for n in LABEL_FREE)
+
+
+def test_collapse_is_told_from_the_starting_encoder():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 64)) + 3.0  # spread over many directions, off the origin
+    start = {"rankme": rankme(x), "spread": spread(x)}
+    assert collapsed(x, start) is None
+    assert collapsed(1.1 * x + 0.05 * rng.standard_normal(x.shape), start) is None  # training moves it
+    # onto 3 directions: RankMe falls, the spread need not
+    low = x[:, :3] @ rng.standard_normal((3, 64))
+    assert collapsed(low, start).startswith("rankme ")
+    # onto one point: centred RankMe measures only the noise left (high), the spread is gone
+    point = np.ones((128, 64)) + 1e-6 * rng.standard_normal((128, 64))
+    assert rankme(point) > 0.5 * start["rankme"] and spread(point) < 1e-3
+    assert collapsed(point, start).startswith("spread ")
+
+
+def test_a_collapsed_encoder_is_ranked_last_by_every_label_free_objective(val):
+    batches = _batches(val)
+    model = _model(val)
+    x = pooled_embeddings(model, batches)
+    start = {"rankme": rankme(x), "spread": spread(x)}
+    for name in LABEL_FREE:
+        healthy = measure(model, batches, name, None, start=start)
+        assert healthy["collapsed"] == 0.0 and np.isfinite(healthy["objective"]), name
+    with torch.no_grad():  # every sample's pooled embedding is the final norm's bias: one point
+        model.target.trunk.norm.weight.zero_()
+    for name in LABEL_FREE:
+        out = measure(model, batches, name, None, start=start)
+        assert out["collapsed"] == 1.0 and out["objective"] == float("-inf"), name
+        assert np.isfinite(out[f"lf_{name}"])  # what it would have scored is still reported
+    assert measure(model, batches, "val_loss", None)["objective"] > float("-inf")  # no reference, no guard

@@ -13,7 +13,7 @@ from lifelines.utils import concordance_index
 from jepa_ray.config import load_config
 from jepa_ray.errors import ConfigError
 from jepa_ray.tune.objective import cv_cindex, measure, pick_label, probe_auroc
-from jepa_ray.tune.results import best_config, best_row, runner_up_gap, spearman
+from jepa_ray.tune.results import _markdown, best_config, best_row, runner_up_gap, spearman
 from jepa_ray.tune.space import check_space, trials_planned, tune_space
 
 GRID = (
@@ -216,6 +216,16 @@ def test_best_is_chosen_among_the_longest_runs_and_written_as_a_runnable_config(
     data = best_config(cfg, best)
     assert "tune" not in data and data["pipeline"]["mask"]["mask_ratio"] == 0.6
     assert data["train"]["shards"] == "/data/shards"
+    # a collapsed trial (objective -inf, left out like a failed one) is never the best, and is named
+    rows.append({"trial": "e", "pipeline.mask.mask_ratio": 0.9, "objective": None, "rankme": 1.2, "collapsed": True, "steps": 100, "status": "TERMINATED"})  # fmt: skip
+    assert best_row(rows)["trial"] == "b"
+    md = _markdown(
+        cfg, [r | {"stopped_early": False} for r in rows], best_row(rows), None, {"kind": "val_loss"}
+    )
+    assert (
+        "Collapsed (below half the starting encoder's RankMe or spread; ranked last, whatever val_loss said): e."
+        in md
+    )
 
 
 def test_optuna_proposes_values_inside_the_space():

@@ -217,6 +217,9 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
     assert info.url == f"s3://{root}"
     assert len(info.rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 10 for r in info.rows)
     assert all(r["objective_se"] > 0 for r in info.rows)  # the default objective, with its SE
+    # val_loss by default, guarded against collapse by the starting encoder (rebuilt on resume)
+    assert cfg.tune.objective == "val_loss" and all(r["objective"] < 0 for r in info.rows)
+    assert all(r["collapsed"] is False and r["spread"] > 0.05 for r in info.rows)
     fs.invalidate_cache()
     for d, (csv_bytes, events) in before.items():
         assert fs.cat(f"{d}/metrics/metrics.csv") == csv_bytes
