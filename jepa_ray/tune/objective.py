@@ -15,8 +15,8 @@ Labelled, on the pooled target-encoder embeddings (image and EHR together):
 - `cindex`: out-of-fold Harrell's c-index of a ridge Cox model on a time-to-event outcome.
 
 Every measurement comes with a bootstrap standard error (`objective_se`). A label-free objective is
--inf (ranked last, stopped by ASHA) for a trial whose encoder collapsed against the one it started
-from (`jepa_ray.tune.labelfree.collapsed`), which every one of them would otherwise score well.
+COLLAPSED (ranked last, stopped by ASHA) for a trial whose encoder collapsed against the one it
+started from (`jepa_ray.tune.labelfree.collapsed`), which every one of them would otherwise score well.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from jepa_ray.train.loop import Hooks, Worker, to_device
 FOLDS = 5
 LABEL_FREE = ("rankme", "lidar", "lidar_context", "val_loss")
 STUDENT = ("lidar_context", "val_loss")  # need the context encoder (and predictor) whole on rank 0
+# a collapsed trial's label-free objective: below any score, yet finite, because ASHA's rung cutoff
+# is a percentile interpolated between trials (with -inf it becomes -inf or NaN and stops no one)
+COLLAPSED = -1e30
 
 
 def batch_outcomes(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,7 +140,7 @@ def measure(
     also every named label-free objective as `lf_<name>` and `lf_<name>_se`. `mask`: the reference
     mask setting of the label-free objectives (a MaskConfig as a dict; default MaskConfig()).
     `start`: `embedding_start` of the encoder the run started from, on the same batches; then also
-    "collapsed" (1.0 or 0.0), and a label-free objective of a collapsed encoder is -inf."""
+    "collapsed" (1.0 or 0.0), and a label-free objective of a collapsed encoder is COLLAPSED."""
     from jepa_ray.config import MaskConfig
     from jepa_ray.tune.labelfree import collapsed, rankme, scores, spread
 
@@ -154,7 +157,7 @@ def measure(
         out["collapsed"] = float(why is not None)
     if objective in LABEL_FREE:
         if why is not None:
-            return out | {"objective": float("-inf"), "objective_se": float("nan")}
+            return out | {"objective": COLLAPSED, "objective_se": float("nan")}
         return out | {"objective": out[f"lf_{objective}"], "objective_se": out[f"lf_{objective}_se"]}
     metas = batch_outcomes(batches)
     if objective == "probe_auroc":

@@ -66,7 +66,7 @@ def trial_rows(cfg: Config, grid: Any, objective: dict[str, Any]) -> list[dict[s
         row = {
             "trial": m.get("trial_id") or Path(result.path).name,
             **params,
-            "objective": _finite(m.get("objective")),
+            "objective": None if m.get("collapsed") else _finite(m.get("objective")),  # ranked last
             "objective_se": _finite(m.get("objective_se")),
             "rankme": _finite(m.get("rankme")),
             "spread": _finite(m.get("spread")),

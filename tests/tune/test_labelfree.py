@@ -14,7 +14,7 @@ from jepa_ray.stream.local import raw_batch, read_samples
 from jepa_ray.stream.pipeline import collate, open_split
 from jepa_ray.stream.transform import transform_batch
 from jepa_ray.tune.labelfree import MIN_CLASSES, bootstrap_se, collapsed, lidar, rankme, spread
-from jepa_ray.tune.objective import LABEL_FREE, measure, pooled_embeddings
+from jepa_ray.tune.objective import COLLAPSED, LABEL_FREE, measure, pooled_embeddings
 
 
 def _views(k: int, n: int = 96, q: int = 8, d: int = 16, seed: int = 0) -> np.ndarray:
@@ -144,6 +144,6 @@ def test_a_collapsed_encoder_is_ranked_last_by_every_label_free_objective(val):
         model.target.trunk.norm.weight.zero_()
     for name in LABEL_FREE:
         out = measure(model, batches, name, None, start=start)
-        assert out["collapsed"] == 1.0 and out["objective"] == float("-inf"), name
+        assert out["collapsed"] == 1.0 and out["objective"] == COLLAPSED, name
         assert np.isfinite(out[f"lf_{name}"])  # what it would have scored is still reported
-    assert measure(model, batches, "val_loss", None)["objective"] > float("-inf")  # no reference, no guard
+    assert measure(model, batches, "val_loss", None)["objective"] > COLLAPSED  # no reference, no guard

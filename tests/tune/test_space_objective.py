@@ -216,7 +216,7 @@ def test_best_is_chosen_among_the_longest_runs_and_written_as_a_runnable_config(
     data = best_config(cfg, best)
     assert "tune" not in data and data["pipeline"]["mask"]["mask_ratio"] == 0.6
     assert data["train"]["shards"] == "/data/shards"
-    # a collapsed trial (objective -inf, left out like a failed one) is never the best, and is named
+    # a collapsed trial (its objective left out, like a failed one's) is never the best, and is named
     rows.append({"trial": "e", "pipeline.mask.mask_ratio": 0.9, "objective": None, "rankme": 1.2, "collapsed": True, "steps": 100, "status": "TERMINATED"})  # fmt: skip
     assert best_row(rows)["trial"] == "b"
     md = _markdown(
