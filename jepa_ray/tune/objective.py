@@ -191,7 +191,8 @@ def embedding_start(worker: Worker, batches: list[dict[str, Any]]) -> dict[str, 
     from jepa_ray.tune.labelfree import rankme, spread
 
     with torch.random.fork_rng(devices=[]):  # leaves the run's random state alone
-        model = initial_model(worker.cfg, worker.dims).to(worker.device).eval()
+        model = initial_model(worker.cfg, worker.dims)
+    model.target.to(worker.device).eval()  # all that `encode` runs: the rest stays on the CPU
     x = pooled_embeddings(model, batches)
     del model
     return {"rankme": rankme(x), "spread": spread(x)}
