@@ -809,10 +809,12 @@ VAL_LOSS_KINDS = {
 }
 # sweep keys across which it is one quantity but ranks nothing: they weigh another term into it, or
 # change the predictor whose error it is (on the learning benchmark's cohort val_loss ordered
-# predictor depths 4 > 1 > 2 in one seed and 2 > 4 > 1 in the next: bench_labelfree.py). Refused as
-# the objective; still measured beside another one (tune.measure_all), to be seen doing so
+# predictor depths 4 > 1 > 2 in one seed and 2 > 4 > 1 in the next: bench_labelfree.py), or the
+# target it predicts (the EMA average: how far it lags the context encoder). Refused as the
+# objective; still measured beside another one (tune.measure_all), to be seen doing so
 VAL_LOSS_CONFOUNDED = {
     "model.sigreg": "it weighs a second term into the loss",
+    "model.ema": "it changes the target encoder whose latents the loss predicts",
     "model.predictor_depth": "the loss measures the predictor as much as the encoder",
     "model.predictor_width": "the loss measures the predictor as much as the encoder",
     "model.predictor_heads": "the loss measures the predictor as much as the encoder",
@@ -852,7 +854,7 @@ class TuneConfig(_Strict):
         "Default val_loss: against the attentive probe's R² of the learning cohort's ground-truth "
         "factors it ranked mask ratios x learning rates best (Spearman +0.92 / +0.55 over two seeds; "
         "lidar_context +0.43 / +0.53), see benchmarks/README.md. A sweep that names none and varies "
-        "the predictor, the loss or model.sigreg (which val_loss cannot compare) uses lidar_context; a "
+        "the predictor, the loss, model.sigreg or model.ema (which val_loss cannot compare) uses lidar_context; a "
         "ZeRO-3 one uses lidar (lidar_context and val_loss need the whole context encoder on one worker).",
     )
     measure_all: bool = Field(

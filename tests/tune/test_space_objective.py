@@ -54,6 +54,7 @@ def test_out_of_range_values_fail_naming_key_and_value(space, message):
     [
         ("{model.objective: {values: [jepa, mae]}}", "losses of different kinds do not compare"),
         ("{model.sigreg: {values: [0.0, 0.1]}}", "it weighs a second term into the loss"),
+        ("{model.ema: {values: [[0.99, 1.0], [0.996, 1.0]]}}", "it changes the target encoder whose latents"),
         (
             "{pipeline.mask.mask_ratio: {values: [0.4, 0.6]}, model.predictor_depth: {values: [1, 2]}}",
             "the loss measures the predictor as much as the encoder",
