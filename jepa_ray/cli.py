@@ -324,27 +324,40 @@ def tune(
 
 
 def _print_sweep(info) -> None:
+    from rich import box
+
     rows = info.rows
     keys = [k for k in rows[0] if "." in k] if rows else []
-    short = [k.rsplit(".", 1)[-1] for k in keys]
-    table = Table(
-        "best", "trial", *short, "objective", "rankme", "steps", "early", "status", title=f"sweep {info.name}"
-    )
+    table = Table(title=f"sweep {info.name}", box=box.SIMPLE_HEAD)
+    for name in ("trial", *(k.rsplit(".", 1)[-1] for k in keys)):
+        table.add_column(name, no_wrap=True)
+    for name, width in (("objective", 9), ("± SE", 6), ("steps", 5)):
+        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    table.add_column("status", no_wrap=True)
+
+    def number(v: float | None, digits: int) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
     for r in rows:
         best = info.best is not None and r["trial"] == info.best["trial"]
-        fmt = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        status = "error" if r["status"] == "ERROR" else "early" if r["stopped_early"] else "done"
         table.add_row(
-            "*" if best else "",
-            r["trial"],
-            *fmt,
-            "-" if r["objective"] is None else f"{r['objective']:.4f}",
-            "-" if r["rankme"] is None else f"{r['rankme']:.2f}",
+            ("* " if best else "  ") + str(r["trial"]),
+            *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys),
+            "collapsed" if r.get("collapsed") else number(r["objective"], 4),
+            number(r.get("objective_se"), 4),
             str(r["steps"]),
-            "yes" if r["stopped_early"] else "",
-            r["status"],
+            status,
         )
     console.print(table)
-    console.print("* best: the highest objective among the trials that ran the most steps")
+    console.print(
+        "* best: the highest objective among the trials that ran the most steps; ± SE: its bootstrap "
+        "standard error; early: stopped by ASHA"
+    )
+    if info.best is not None:
+        from jepa_ray.tune.results import noise_line
+
+        console.print(noise_line(info.gap))
     if info.spearman is not None:
         sp = info.spearman
         console.print(

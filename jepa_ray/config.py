@@ -969,7 +969,8 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _default_tune_objective(self) -> Config:
         # val_loss and lidar_context run the context encoder on the first worker alone, which ZeRO-3
-        # shards across workers; val_loss does not compare settings of its own predictor or loss
+        # shards across workers; val_loss does not compare settings of its own loss, predictor or
+        # target (VAL_LOSS_KINDS, VAL_LOSS_CONFOUNDED)
         if "objective" in self.tune.model_fields_set:
             return self
         if self.train.zero_stage == 3:

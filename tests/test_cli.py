@@ -121,12 +121,25 @@ def test_sweep_summary_marks_the_best_trial(capsys):
             "status": "TERMINATED",
         }
 
-    rows = [row("t0", 0.3, 1, 0.9, 40), row("t1", 0.5, 2, 0.7, 120)]
+    rows = [row("t0", 0.3, 1, 0.9, 40), row("t1", 0.5, 2, 0.7, 120), row("t2", 0.7, 1, None, 120)]
+    rows[1]["objective_se"] = 0.02
+    rows[2]["collapsed"] = True  # ranked last by the collapse guard
     sp = {"rho": -0.5, "step": 40, "trials": 2}
-    _print_sweep(SweepInfo("s", "/x", rows, rows[1], sp, {}, {"best.yaml": "/x/best.yaml"}))
+    gap = {"runner_up": "t3", "gap": 0.01, "se": 0.03, "beyond_noise": False}
+    _print_sweep(SweepInfo("s", "/x", rows, rows[1], sp, {}, {"best.yaml": "/x/best.yaml"}, gap=gap))
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if "t1" in line)
-    assert row.split("│")[1].strip() == "*" and "0.7000" in row and "120" in row
-    assert "*" not in next(line for line in lines if "t0" in line).split("│")[1]
+    assert row.split() == ["*", "t1", "0.5", "2", "0.7000", "0.0200", "120", "done"]
+    assert next(line for line in lines if "t0" in line).split() == [
+        "t0",
+        "0.3",
+        "1",
+        "0.9000",
+        "-",
+        "40",
+        "early",
+    ]
+    assert "collapsed" in next(line for line in lines if "t2" in line)
+    assert any("Best beyond noise: no (gap to the runner-up t3 0.01" in line for line in lines)
     assert any("across 2 trials at step 40: -0.50" in line for line in lines)
     assert lines[-1] == "run the best: jepa-ray pretrain --config /x/best.yaml"

@@ -210,7 +210,7 @@ def candidate_spearman(grid: Any, at: int | None = None) -> dict[str, dict[str, 
     return {k[3:]: spearman(history(grid, k), at) for k in candidate_keys(grid)}
 
 
-def _noise_line(gap: dict | None) -> str:
+def noise_line(gap: dict | None) -> str:
     if gap is None:
         return "Best beyond noise: no runner-up that ran as long."
     if gap["se"] is None:
@@ -254,7 +254,7 @@ def _markdown(
             f"{objective['kind']} said): {', '.join(map(str, collapsed))}."
         )
     lines.append("objective_se: bootstrap standard error of the objective on the validation samples.")
-    lines.append(_noise_line(gap))
+    lines.append(noise_line(gap))
     for name, c in (candidates or {}).items():
         lines.append(
             f"Spearman correlation of {name} with the objective across trials: "
