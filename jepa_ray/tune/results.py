@@ -76,7 +76,7 @@ def trial_rows(cfg: Config, grid: Any, objective: dict[str, Any]) -> list[dict[s
             "stopped_early": (not failed) and step < cfg.train.steps,
             "status": "ERROR" if failed else "TERMINATED",
         }
-        if objective["kind"] != "rankme":
+        if objective["kind"] in ("probe_auroc", "cindex"):  # the labelled ones: how many carried it
             row["objective_samples"] = int(m.get("objective_samples") or 0)
         if failed:
             row["error"] = (
