@@ -43,9 +43,17 @@ def _cpu_model() -> str:
 
 
 def hardware() -> dict:
-    import deepspeed
-    import ray
+    """The machine and the stack's versions (None for a package that is not installed: a GPU
+    machine running bench_gpu.py may have no Ray)."""
+    import importlib.metadata
+
     import torch
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
@@ -53,8 +61,8 @@ def hardware() -> dict:
         "cpu_model": _cpu_model(),
         "gpu": gpu,
         "torch": torch.__version__,
-        "ray": ray.__version__,
-        "deepspeed": deepspeed.__version__,
+        "ray": version("ray"),
+        "deepspeed": version("deepspeed"),
         "python": platform.python_version(),
     }
 

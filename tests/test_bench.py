@@ -85,3 +85,36 @@ def test_bench_refuses_what_cannot_run_before_any_run(small_shards, tmp_path, ra
     )  # fmt: skip
     assert r.exit_code != 0 and "needs 4 CPUs; the Ray cluster has 2" in r.output
     assert not (tmp_path / "runs").exists()  # not even the 1-worker run started
+
+
+def test_the_gpu_rows_script_runs_its_benchmarks_and_writes_json(tmp_path):
+    """benchmarks/gpu-rows.sh, the one run a lent GPU machine gets, checked here with QUICK=1 (the tiny
+    model on the CPU): both benchmarks run, the DeepSpeed ZeRO-2 engine included, and leave JSON."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "MASTER_PORT": "29547"}
+    r = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu-rows.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    gpu = json.loads((tmp_path / "gpu.json").read_text())
+    forms = gpu["results"]
+    assert set(forms) == {"fp32", "bf16", "zero2_bf16"}
+    for f in forms.values():
+        assert f["samples_per_s"] == pytest.approx(gpu["config"]["batch"] / f["s_per_step"])
+        assert f["mfu"] is None  # no GPU, no peak to divide by
+    assert gpu["ratios"]["bf16_over_fp32"] == pytest.approx(
+        forms["bf16"]["samples_per_s"] / forms["fp32"]["samples_per_s"]
+    )
+    assert gpu["config"]["flops_per_sample"] > 0 and gpu["hardware"]["gpu"] is None
+    model = json.loads((tmp_path / "model-gpu.json").read_text())
+    assert model["ratio"] > 1.0  # the context encoder pays less with fewer patches visible
+    assert "ZeRO-2 engine / bare bf16" in (tmp_path / "gpu.log").read_text()
