@@ -280,3 +280,34 @@ def test_cindex_objective_and_heatmap_of_list_valued_keys(tmp_path):
     ]
     png = heatmap(cfg, rows, tmp_path / "h.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_collapsed_trials_row_has_no_objective_and_says_why():
+    """What Tune recorded (the guard's -1e30 reached ASHA) becomes a row that is never the best."""
+    from types import SimpleNamespace
+
+    from jepa_ray.tune.objective import COLLAPSED
+    from jepa_ray.tune.results import trial_rows
+
+    cfg = _cfg("tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6]}}", "train.steps=100")
+
+    def result(trial, mask, objective, collapsed):
+        metrics = {
+            "trial_id": trial,
+            "step": 100,
+            "objective": objective,
+            "objective_se": 0.01,
+            "rankme": 9.0,
+        }
+        metrics |= {"spread": 0.6, "collapsed": float(collapsed)}
+        return SimpleNamespace(
+            metrics=metrics, config={"pipeline.mask.mask_ratio": mask}, error=None, path=trial
+        )
+
+    rows = trial_rows(
+        cfg, [result("a", 0.4, -0.6, False), result("b", 0.6, COLLAPSED, True)], {"kind": "val_loss"}
+    )
+    a, b = rows
+    assert (a["objective"], a["collapsed"], b["objective"], b["collapsed"]) == (-0.6, False, None, True)
+    assert "objective_samples" not in a  # a label-free objective counts no labelled samples
+    assert best_row(rows)["trial"] == "a" and runner_up_gap(rows, best_row(rows)) is None
