@@ -16,7 +16,11 @@ depth (`--grid depth`, bench_tune's) or mask ratio x learning rate (`--grid lr`;
 Reported: Spearman of each objective with the reference across the 12 settings, per seed and for the settings' means over
 seeds; the reference's own agreement between seeds (how much ranking there is to find).
 
-    python benchmarks/bench_labelfree.py [--grid depth|lr] [--seeds K] [--steps S] [--workdir DIR] [--out FILE.json]
+`--grid collapse` instead trains settings that shrink the embeddings (no SIGReg, no EMA, a high
+learning rate) beside the default and reports whether `jepa-ray tune`'s collapse guard flags each
+one that `val_loss` alone would rank above the default.
+
+    python benchmarks/bench_labelfree.py [--grid depth|lr|collapse] [--seeds K] [--steps S] [--workdir DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -168,18 +172,18 @@ def collapse_check(args, train, spec, probe, val, z, groups, seeds: list[int]) -
                 f"{np.mean(list(r['attentive'].values())):.3f}  guard: {r['collapsed'] or 'healthy'}",
                 flush=True,
             )
+
+    def read(r: dict) -> float:
+        return float(np.mean(list(r["attentive"].values())))
+
+    def loss(r: dict) -> float:
+        return r["scores"]["val_loss"]["value"]
+
     # a "fooled" setting: val_loss ranks it above the default, the ground truth below
     fooled, flagged = [], []
     for seed in seeds:
         mine = {r["setting"]["name"]: r for r in rows if r["seed"] == seed}
         ref = mine["default"]
-
-        def read(r: dict) -> float:
-            return float(np.mean(list(r["attentive"].values())))
-
-        def loss(r: dict) -> float:
-            return r["scores"]["val_loss"]["value"]
-
         for name, r in mine.items():
             if r["collapsed"]:
                 flagged.append([seed, name])
