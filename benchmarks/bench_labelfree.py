@@ -88,21 +88,20 @@ def one_setting(
     from jepa_ray.model.jepa import JEPA
     from jepa_ray.train.local import train_on_samples
     from jepa_ray.tune import labelfree
+    from jepa_ray.tune.objective import pooled_embeddings
 
     cfg = load_config(overrides=[*BASE, f"pipeline.mask.mask_ratio={mask}"]).pipeline
     reference_mask = load_config(overrides=BASE).pipeline.mask  # the same questions for every setting
     torch.manual_seed(seed)
     model = JEPA(spec.model_dims(cfg), ModelConfig(preset="tiny", predictor_depth=depth, **(model_kw or {})))
-    with torch.no_grad():
-        x0 = np.concatenate([model.encode(b, "both")["pooled"].float().numpy() for b in val])
-    start = {"rankme": labelfree.rankme(x0), "spread": labelfree.spread(x0)}
+    start = labelfree.health(pooled_embeddings(model, val))
     t = time.perf_counter()
     losses = train_on_samples(model, train, spec, cfg, steps, lr=lr, batch=32, seed=seed)
     train_s = time.perf_counter() - t
     pooled, tokens = bl.image_views(model, probe)
     model.eval()
-    with torch.no_grad():
-        both = np.concatenate([model.encode(b, "both")["pooled"].float().numpy() for b in val])
+    both = pooled_embeddings(model, val)
+    now = labelfree.health(both)
     scores = labelfree.scores(list(OBJECTIVES), model, val, reference_mask, both)
     attentive = cv_attentive_r2(tokens, z, groups, seed=seed)
     return {
@@ -112,8 +111,8 @@ def one_setting(
         "linear": dict(zip(bl.FACTORS, cv_latent_r2(pooled, z, groups), strict=True)),
         "scores": {k: {"value": v[0], "se": v[1]} for k, v in scores.items()},
         "start": start,
-        "spread": labelfree.spread(both),
-        "collapsed": labelfree.collapsed(both, start),
+        "spread": now["spread"],
+        "collapsed": labelfree.collapsed(now, start),
         "loss_last10": float(np.mean(losses[-10:])),
         "train_s": train_s,
     }

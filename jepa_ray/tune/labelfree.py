@@ -75,13 +75,19 @@ def spread(x: np.ndarray) -> float:
     return float(x.std(0).mean() * math.sqrt(x.shape[1]))
 
 
-def collapsed(x: np.ndarray, start: dict[str, float], fraction: float = COLLAPSE_FRACTION) -> str | None:
-    """Why embeddings (n, d) count as collapsed against `start` (the `rankme` and `spread` of the
-    encoder the run started from, on the same samples), or None: below `fraction` of either."""
-    now = {"rankme": rankme(x), "spread": spread(x)}
-    for name, value in now.items():
-        if value < fraction * start[name]:
-            return f"{name} {value:.3g} < {fraction:g} x {start[name]:.3g} at the start"
+def health(x: np.ndarray) -> dict[str, float]:
+    """{"rankme", "spread"} of embeddings (n, d): what the collapse guard compares."""
+    return {"rankme": rankme(x), "spread": spread(x)}
+
+
+def collapsed(
+    now: dict[str, float], start: dict[str, float], fraction: float = COLLAPSE_FRACTION
+) -> str | None:
+    """Why embeddings whose `health` is `now` count as collapsed against `start` (the `health` of
+    the encoder the run started from, on the same samples), or None: below `fraction` of either."""
+    for name in ("rankme", "spread"):
+        if now[name] < fraction * start[name]:
+            return f"{name} {now[name]:.3g} < {fraction:g} x {start[name]:.3g} at the start"
     return None
 
 

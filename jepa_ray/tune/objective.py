@@ -150,9 +150,9 @@ def measure(
     names = list(dict.fromkeys([*candidates, *([objective] if objective in LABEL_FREE else [])]))
     for name, (value, se) in scores(names, model, batches, ref, x).items():
         out |= {f"lf_{name}": value, f"lf_{name}_se": se}
-    out["rankme"] = out.get("lf_rankme", rankme(x))
+    out["rankme"] = out["lf_rankme"] if "lf_rankme" in out else rankme(x)  # one SVD, not two
     out["spread"] = spread(x)
-    why = None if start is None else collapsed(x, start)
+    why = None if start is None else collapsed(out, start)
     if start is not None:
         out["collapsed"] = float(why is not None)
     if objective in LABEL_FREE:
@@ -178,6 +178,7 @@ def measure(
     }
 
 
+@torch.no_grad()
 def pooled_embeddings(model: Any, batches: list[dict[str, Any]]) -> np.ndarray:
     """(samples, D): the target encoder's pooled embeddings (image and EHR together)."""
     return torch.cat([model.encode(b, "both")["pooled"].float().cpu() for b in batches]).numpy()
@@ -188,14 +189,14 @@ def embedding_start(worker: Worker, batches: list[dict[str, Any]]) -> dict[str, 
     """RankMe and spread of the encoder the worker's run started from (`initial_model`, rebuilt: the
     same after a restart), on these batches: the collapse guard's reference."""
     from jepa_ray.train.loop import initial_model
-    from jepa_ray.tune.labelfree import rankme, spread
+    from jepa_ray.tune.labelfree import health
 
     with torch.random.fork_rng(devices=[]):  # leaves the run's random state alone
         model = initial_model(worker.cfg, worker.dims)
     model.target.to(worker.device).eval()  # all that `encode` runs: the rest stays on the CPU
     x = pooled_embeddings(model, batches)
     del model
-    return {"rankme": rankme(x), "spread": spread(x)}
+    return health(x)
 
 
 class ObjectiveHooks(Hooks):

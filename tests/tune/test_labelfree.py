@@ -13,7 +13,7 @@ from jepa_ray.model.jepa import JEPA
 from jepa_ray.stream.local import raw_batch, read_samples
 from jepa_ray.stream.pipeline import collate, open_split
 from jepa_ray.stream.transform import transform_batch
-from jepa_ray.tune.labelfree import MIN_CLASSES, bootstrap_se, collapsed, lidar, rankme, spread
+from jepa_ray.tune.labelfree import MIN_CLASSES, bootstrap_se, collapsed, health, lidar, rankme, spread
 from jepa_ray.tune.objective import COLLAPSED, LABEL_FREE, measure, pooled_embeddings
 
 
@@ -120,16 +120,19 @@ def test_a_reconstruction_model_is_measured_too(val):
 def test_collapse_is_told_from_the_starting_encoder():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((128, 64)) + 3.0  # spread over many directions, off the origin
-    start = {"rankme": rankme(x), "spread": spread(x)}
-    assert collapsed(x, start) is None
-    assert collapsed(1.1 * x + 0.05 * rng.standard_normal(x.shape), start) is None  # training moves it
+    start = health(x)
+    assert start == {"rankme": rankme(x), "spread": spread(x)}
+    assert collapsed(start, start) is None
+    assert (
+        collapsed(health(1.1 * x + 0.05 * rng.standard_normal(x.shape)), start) is None
+    )  # training moves it
     # onto 3 directions: RankMe falls, the spread need not
     low = x[:, :3] @ rng.standard_normal((3, 64))
-    assert collapsed(low, start).startswith("rankme ")
+    assert collapsed(health(low), start).startswith("rankme ")
     # onto one point: centred RankMe measures only the noise left (high), the spread is gone
     point = np.ones((128, 64)) + 1e-6 * rng.standard_normal((128, 64))
     assert rankme(point) > 0.5 * start["rankme"] and spread(point) < 1e-3
-    assert collapsed(point, start).startswith("spread ")
+    assert collapsed(health(point), start).startswith("spread ")
 
 
 def test_a_collapsed_encoder_is_ranked_last_by_every_label_free_objective(val):
