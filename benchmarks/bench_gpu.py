@@ -24,13 +24,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import synthetic_batch
+from bench_model import synthetic_batch, timed
 from bench_prepare import hardware
 
 
@@ -62,21 +61,6 @@ def batches(dims, batch: int, visible: float, device: str, n: int = 4) -> list[d
     return out
 
 
-def timed(step, data: list[dict], steps: int, device: str) -> float:
-    """Seconds per step over `steps` steps after 3 warm-up steps."""
-    for b in data[:3]:
-        step(b)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for i in range(steps):
-        step(data[i % len(data)])
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
-
-
 def bare(cfg, dims, data, steps: int, device: str, bf16: bool) -> dict:
     """The single-process training step (jepa_ray.model.optim.train_step), fp32 or bf16 autocast."""
     from jepa_ray.model.jepa import JEPA
@@ -92,7 +76,7 @@ def bare(cfg, dims, data, steps: int, device: str, bf16: bool) -> dict:
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
             train_step(model, optimizer, b, next(counter), schedule)
 
-    return {"s_per_step": timed(step, data, steps, device)}
+    return {"s_per_step": timed(lambda i: step(data[i % len(data)]), steps, device, warmup=3)}
 
 
 def engine(cfg, dims, data, steps: int, device: str) -> dict:
@@ -139,7 +123,7 @@ def engine(cfg, dims, data, steps: int, device: str) -> dict:
         schedule=Schedule(total_steps=1000, lr=1e-4, warmup_steps=10),
         hooks=Hooks(),
     )
-    return {"s_per_step": timed(lambda b: train_step(w, b), data, steps, device)}
+    return {"s_per_step": timed(lambda i: train_step(w, data[i % len(data)]), steps, device, warmup=3)}
 
 
 def main() -> int:

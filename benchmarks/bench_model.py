@@ -52,13 +52,17 @@ def synthetic_batch(dims, b: int, visible: float, device: str) -> dict[str, torc
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
+def timed(fn, repeats: int, device: str, warmup: int = 1) -> float:
+    """Seconds per call of `fn(i)` over calls i = warmup .. warmup + repeats - 1, after `warmup`
+    calls (i = 0 ..) that are not timed; on a GPU the peak-memory counter restarts after them."""
+    for i in range(warmup):
+        fn(i)
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    for i in range(warmup, warmup + repeats):
+        fn(i)
     if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / repeats
@@ -76,11 +80,11 @@ def measure(preset: str, image_size: int, batch: int, repeats: int, device: str,
         b = synthetic_batch(dims, batch, f, device)
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
 
-            def forward(b=b):
+            def forward(_, b=b):
                 with torch.no_grad():
                     model.context(b, b["img_ctx_idx"], b["img_ctx_keep"], b["ehr_ctx"])
 
-            def step(b=b):
+            def step(_, b=b):
                 model.zero_grad(set_to_none=True)
                 model(b)["loss"].backward()
 
