@@ -189,8 +189,7 @@ def held_splits(held: dict, model=None) -> dict:
     import torch
 
     from jepa_ray.eval.embed import EHR_ARRAYS, embed_batch
-    from jepa_ray.eval.evaluate import first_studies
-    from jepa_ray.eval.samples import Split
+    from jepa_ray.eval.evaluate import one_per_subject
 
     if model is not None:
         model.eval()
@@ -216,12 +215,7 @@ def held_splits(held: dict, model=None) -> dict:
                     cols.setdefault(k, []).append(v)
                 cols.setdefault("meta", []).append(np.array(b["meta"], dtype=object))
                 cols.setdefault("key", []).append(np.array(b["key"], dtype=object))
-        cols = {k: np.concatenate(v) for k, v in cols.items()}
-        meta = [json.loads(m) if isinstance(m, str | bytes) else m for m in cols["meta"]]
-        idx = first_studies(meta, list(cols["key"]))
-        splits[name] = Split(
-            {k: v[idx] for k, v in cols.items()}, [meta[i] for i in idx], len(meta) - len(idx)
-        )
+        splits[name] = one_per_subject({k: np.concatenate(v) for k, v in cols.items()})
     if model is not None:
         model.train()
     return splits
@@ -371,6 +365,9 @@ def main() -> int:
     ap.add_argument("--subjects", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument(
+        "--first-seed", type=int, default=0, help="run seeds first .. first + seeds - 1 (default 0)"
+    )
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument(
         "--ema", type=float, nargs=2, default=None, help="JEPA EMA momentum start, end (default: the model's)"
@@ -440,7 +437,7 @@ def main() -> int:
     manifest = read_manifest(Store(str(shards), StorageConfig()))
     setup_s = time.perf_counter() - t0
 
-    raw_pooled, raw_patches = raw_views(probe_batches, 8)
+    raw_pooled, raw_patches = raw_views(probe_batches, cfg.patch_size)
     ceiling = readouts(raw_pooled, raw_patches, z, groups, seed=0, probe_seeds=args.probe_seeds)
     print(
         "raw input: "
@@ -464,7 +461,7 @@ def main() -> int:
         )
 
     runs = []
-    for seed in range(seeds):
+    for seed in range(args.first_seed, args.first_seed + seeds):
         run: dict = {"seed": seed}
         models = {}
         for arm in args.arms:
@@ -557,12 +554,14 @@ def main() -> int:
             "images_train": len(keys),
             "steps": steps,
             "seeds": seeds,
+            "first_seed": args.first_seed,
             "probe_seeds": args.probe_seeds,
             "arms": args.arms,
             "ema": list(args.ema or ModelConfig().ema),
             "model": "tiny",
-            "image_size": 32,
-            "patch_size": 8,
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "overrides": args.overrides,
             "batch": 32,
             "downstream": do_downstream,
             "setup_s": setup_s,

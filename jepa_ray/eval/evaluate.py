@@ -88,12 +88,17 @@ def first_studies(meta: list[dict[str, Any]], keys: list[str]) -> np.ndarray:
     return np.array(sorted(keep), dtype=np.intp)
 
 
-def load_split(path: Path) -> Split:
-    """A cached split, reduced to one sample per subject (its earliest study)."""
-    cols = read_embeddings(path)
-    meta = [json.loads(m) for m in cols["meta"]]
+def one_per_subject(cols: dict[str, np.ndarray]) -> Split:
+    """Columns of embedded samples (with "meta" as JSON and "key"), reduced to one sample per
+    subject (its earliest study)."""
+    meta = [json.loads(m) if isinstance(m, str | bytes) else m for m in cols["meta"]]
     idx = first_studies(meta, list(cols["key"]))
     return Split({k: v[idx] for k, v in cols.items()}, [meta[i] for i in idx], len(meta) - len(idx))
+
+
+def load_split(path: Path) -> Split:
+    """A cached split, reduced to one sample per subject (its earliest study)."""
+    return one_per_subject(read_embeddings(path))
 
 
 def evaluate(
