@@ -383,7 +383,8 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a pipeline setting for every arm, e.g. pipeline.mask.policy.cross_modal=0.5 (repeatable)",
+        help="a pipeline or model setting for every arm, e.g. pipeline.mask.policy.cross_modal=0.5 or "
+        "model.sigreg=0.1 (repeatable; model.preset and model.objective are the arm's)",
     )
     ap.add_argument(
         "--probe-seeds",
@@ -412,14 +413,16 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-learning-"))
     t0 = time.perf_counter()
     shards = cohort(work, subjects)
-    cfg = load_config(
+    loaded = load_config(
         overrides=[
             "pipeline.image_size=32",
             "pipeline.patch_size=8",
             "pipeline.max_events=32",
             *args.overrides,
         ]
-    ).pipeline
+    )
+    cfg = loaded.pipeline
+    model_set = loaded.model.model_dump(exclude_unset=True)  # model.* given with --set
     spec, train = load_split(shards, "train", cfg)
     latents = pd.read_parquet(work / "cohort" / "latents.parquet")
     pz = Pseudonymizer(os.environ["JEPA_RAY_SALT"].encode())
@@ -470,7 +473,9 @@ def main() -> int:
             model = JEPA(
                 spec.model_dims(cfg),
                 ModelConfig(
-                    preset="tiny", objective=objective, **({"ema": tuple(args.ema)} if args.ema else {})
+                    **model_set
+                    | {"preset": "tiny", "objective": objective}
+                    | ({"ema": tuple(args.ema)} if args.ema else {})
                 ),
             )
             t = time.perf_counter()
