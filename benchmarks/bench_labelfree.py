@@ -20,7 +20,8 @@ seeds; the reference's own agreement between seeds (how much ranking there is to
 learning rate) beside the default and reports whether `jepa-ray tune`'s collapse guard flags each
 one that `val_loss` alone would rank above the default.
 
-    python benchmarks/bench_labelfree.py [--grid depth|lr|collapse] [--seeds K] [--steps S] [--workdir DIR] [--out FILE.json]
+    python benchmarks/bench_labelfree.py [--grid depth|lr|collapse] [--seeds K] [--first-seed N] [--probe-seeds P]
+        [--steps S] [--workdir DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ def one_setting(
     z,
     groups,
     model_kw: dict | None = None,
+    probe_seeds: int = 1,
 ) -> dict:
     """Pretrain one setting from seed's initialisation; its reference, objectives and the collapse
-    guard's verdict (against the initialisation, as `jepa-ray tune` judges a trial)."""
+    guard's verdict (against the initialisation, as `jepa-ray tune` judges a trial). The reference
+    averages `probe_seeds` fits of the attentive probe (`bench_learning.readouts`' probe seeds)."""
     import torch
 
     from jepa_ray.config import ModelConfig, load_config
@@ -103,11 +106,12 @@ def one_setting(
     both = pooled_embeddings(model, val)
     now = labelfree.health(both)
     scores = labelfree.scores(list(OBJECTIVES), model, val, reference_mask, both)
-    attentive = cv_attentive_r2(tokens, z, groups, seed=seed)
+    fits = [cv_attentive_r2(tokens, z, groups, seed=seed * probe_seeds + k) for k in range(probe_seeds)]
     return {
         "setting": {"mask_ratio": mask, "predictor_depth": depth, "lr": lr},
         "seed": seed,
-        "attentive": dict(zip(bl.FACTORS, attentive, strict=True)),
+        "attentive": dict(zip(bl.FACTORS, np.mean(fits, 0).tolist(), strict=True)),
+        "attentive_per_probe_seed": [dict(zip(bl.FACTORS, f, strict=True)) for f in fits],
         "linear": dict(zip(bl.FACTORS, cv_latent_r2(pooled, z, groups), strict=True)),
         "scores": {k: {"value": v[0], "se": v[1]} for k, v in scores.items()},
         "start": start,
@@ -210,6 +214,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument(
+        "--first-seed", type=int, default=0, help="run seeds first .. first + seeds - 1 (default 0)"
+    )
+    ap.add_argument(
+        "--probe-seeds",
+        type=int,
+        default=1,
+        help="fits of the attentive probe averaged into each setting's reference (default 1)",
+    )
+    ap.add_argument(
         "--grid",
         choices=[*sorted(GRIDS), "collapse"],
         default="depth",
@@ -243,7 +256,7 @@ def main() -> int:
     val = bl.batches_of(val_samples, list(val_samples), spec, cfg, size=16)
 
     rows = []
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     if args.grid == "collapse":
         return collapse_check(args, train, spec, probe, val, z, groups, seeds)
     axis, values = GRIDS[args.grid]
@@ -251,7 +264,21 @@ def main() -> int:
         for mask in MASK_RATIOS:
             for v in values:
                 depth, lr = (v, 1e-3) if axis == "predictor_depth" else (None, v)
-                r = one_setting(train, spec, mask, depth, lr, args.steps, seed, probe, val, z, groups)
+                r = one_setting(
+                    train,
+                    spec,
+                    mask,
+                    depth,
+                    lr,
+                    args.steps,
+                    seed,
+                    probe,
+                    val,
+                    z,
+                    groups,
+                    None,
+                    args.probe_seeds,
+                )
                 rows.append(r)
                 print(
                     f"seed {seed} mask {mask:<4} {axis} {v}: attentive R² "
@@ -276,7 +303,8 @@ def main() -> int:
         "name": "labelfree",
         "hardware": hardware(),
         "config": {
-            "seeds": args.seeds,
+            "seeds": seeds,
+            "probe_seeds": args.probe_seeds,
             "steps": args.steps,
             "subjects": args.subjects,
             "batch": 32,
