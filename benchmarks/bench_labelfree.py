@@ -82,12 +82,10 @@ def one_setting(
 ) -> dict:
     """Pretrain one setting from seed's initialisation; its reference, objectives and the collapse
     guard's verdict (against the initialisation, as `jepa-ray tune` judges a trial). The reference
-    averages `probe_seeds` fits of the attentive probe (`bench_learning.readouts`' probe seeds)."""
+    averages `probe_seeds` fits of the attentive probe (`bench_learning.readouts`)."""
     import torch
 
     from jepa_ray.config import ModelConfig, load_config
-    from jepa_ray.eval.attentive import cv_attentive_r2
-    from jepa_ray.eval.probes import cv_latent_r2
     from jepa_ray.model.jepa import JEPA
     from jepa_ray.train.local import train_on_samples
     from jepa_ray.tune import labelfree
@@ -106,13 +104,11 @@ def one_setting(
     both = pooled_embeddings(model, val)
     now = labelfree.health(both)
     scores = labelfree.scores(list(OBJECTIVES), model, val, reference_mask, both)
-    fits = [cv_attentive_r2(tokens, z, groups, seed=seed * probe_seeds + k) for k in range(probe_seeds)]
+    read = bl.readouts(pooled, tokens, z, groups, seed, probe_seeds)
     return {
         "setting": {"mask_ratio": mask, "predictor_depth": depth, "lr": lr},
         "seed": seed,
-        "attentive": dict(zip(bl.FACTORS, np.mean(fits, 0).tolist(), strict=True)),
-        "attentive_per_probe_seed": [dict(zip(bl.FACTORS, f, strict=True)) for f in fits],
-        "linear": dict(zip(bl.FACTORS, cv_latent_r2(pooled, z, groups), strict=True)),
+        **read,  # linear, attentive (and each probe fit), kNN
         "scores": {k: {"value": v[0], "se": v[1]} for k, v in scores.items()},
         "start": start,
         "spread": now["spread"],
@@ -265,20 +261,9 @@ def main() -> int:
             for v in values:
                 depth, lr = (v, 1e-3) if axis == "predictor_depth" else (None, v)
                 r = one_setting(
-                    train,
-                    spec,
-                    mask,
-                    depth,
-                    lr,
-                    args.steps,
-                    seed,
-                    probe,
-                    val,
-                    z,
-                    groups,
-                    None,
-                    args.probe_seeds,
-                )
+                    train, spec, mask, depth, lr, args.steps, seed, probe, val, z, groups,
+                    probe_seeds=args.probe_seeds,
+                )  # fmt: skip
                 rows.append(r)
                 print(
                     f"seed {seed} mask {mask:<4} {axis} {v}: attentive R² "
