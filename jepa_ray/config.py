@@ -852,8 +852,8 @@ class TuneConfig(_Strict):
         "(cross-validated logistic probe on a binary label) or cindex (cross-validated ridge Cox on a "
         "time-to-event outcome). Each trial reports it with a bootstrap standard error (objective_se). "
         "Default val_loss: against the attentive probe's R² of the learning cohort's ground-truth "
-        "factors it ranked mask ratios x learning rates best (Spearman +0.94 / +0.55 over two seeds; "
-        "lidar_context +0.34 / +0.57), see benchmarks/README.md. A sweep that names none and varies "
+        "factors it ranked mask ratios x learning rates best (Spearman +0.87 / +0.80 over two seeds; "
+        "lidar_context +0.38 / +0.87), see benchmarks/README.md. A sweep that names none and varies "
         "the predictor, the loss, model.sigreg or model.ema (which val_loss cannot compare) uses lidar_context; a "
         "ZeRO-3 one uses lidar (lidar_context and val_loss need the whole context encoder on one worker).",
     )
