@@ -194,7 +194,7 @@ def collapse_check(args, train, spec, probe, val, z, groups, seeds: list[int]) -
     report = {
         "name": "labelfree-collapse",
         "hardware": hardware(),
-        "config": {"seeds": args.seeds, "steps": args.steps, "subjects": args.subjects, "batch": 32,
+        "config": {"seeds": seeds, "steps": args.steps, "subjects": args.subjects, "batch": 32,
                    "settings": {k: {"model": v[0], "lr": v[1]} for k, v in COLLAPSE.items()}},
         "results": {"rows": rows, "fooled": fooled, "flagged": flagged},
         "guard_catches_every_fooled": all(f in flagged for f in fooled),

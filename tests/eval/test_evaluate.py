@@ -23,7 +23,7 @@ EVAL = [
     "eval.survival_epochs=20",
     "eval.attentive_epochs=8",
     "eval.batch_size=32",
-    "eval.segmentation_steps=100",
+    "eval.segmentation_steps=40",
 ]
 
 

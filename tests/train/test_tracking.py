@@ -18,6 +18,7 @@ SMALL = [
     "pipeline.patch_size=8",
     "pipeline.max_events=12",
     "pipeline.batch_size=4",
+    "train.num_workers=1",  # what is tested is the tracker: one worker starts in less time than two
     "train.cpus_per_worker=0.5",
     "train.warmup_steps=1",
     "train.log_every=2",
