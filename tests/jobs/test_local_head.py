@@ -128,31 +128,6 @@ def test_submit_pretrain_waits_for_success_and_the_checkpoint_is_in_storage(head
     assert logs.returncode == 0 and "run job1: step 4" in logs.stdout
 
 
-def test_a_tune_sweep_runs_as_a_job(head, small_shards, tmp_path):
-    sweeps = tmp_path / "sweeps"
-    args = [
-        "--config",
-        "jepa_ray/configs/tune-demo.yaml",
-        "--name",
-        "sweep1",
-        f"train.shards={small_shards}",
-        f"train.storage_path={sweeps}",
-        "train.steps=10",
-        "train.warmup_steps=2",
-        "train.checkpoint_every=10",
-        "tune.eval_every=5",
-        "tune.eval_batches=2",
-        "tune.asha.grace_period=5",
-        "tune.space={pipeline.mask.mask_ratio: {values: [0.6]}}",  # one trial: the job is what is tested
-    ]
-    out = jepa_ray(head, "submit", "--address", head["url"], "--wait", "--", "tune", *args)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "SUCCEEDED" in out.stdout
-    rows = (sweeps / "sweep1" / "results.csv").read_text().strip().splitlines()
-    assert len(rows) == 2 and "TERMINATED" in rows[1] and "0.6" in rows[1], rows
-    assert (sweeps / "sweep1" / "best.yaml").is_file()
-
-
 def test_a_failing_job_is_reported_failed_with_its_logs_tail(head, tmp_path):
     missing = tmp_path / "no-shards-here"
     out = jepa_ray(

@@ -62,8 +62,9 @@ class KillWorker(Hooks):
     def after_step(self, worker: Worker) -> None:
         if worker.position.step == self.step and worker.rank == 1 and not worker.resumed:
             # Ray Train's controller collects reported checkpoints when it polls the workers
-            # (every 2 s): let it see the last one, as it would in any run with real step times.
-            time.sleep(5)
+            # (every 0.5 s under the tests, conftest.py): let it see the last one, as it would in
+            # any run with real step times
+            time.sleep(2.5)
             os.kill(os.getpid(), signal.SIGKILL)
 
 

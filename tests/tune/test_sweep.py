@@ -170,10 +170,10 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
     overrides = [
         f"train.storage_path=s3://{bucket}/sweeps",
         f"train.storage.endpoint_url={endpoint}",
-        "train.steps=10",
-        "train.checkpoint_every=5",
+        "train.steps=6",
+        "train.checkpoint_every=3",
         "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.7]}}",
-        "tune.eval_every=5",
+        "tune.eval_every=3",
         "tune.asha.enabled=false",
         "tune.max_concurrent_trials=1",
         "train.tracker=wandb",  # offline: the runs' W&B files go to the bucket too
@@ -218,7 +218,7 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
 
     info = sweep(cfg, name="resumable", resume=True)
     assert info.url == f"s3://{root}"
-    assert len(info.rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 10 for r in info.rows)
+    assert len(info.rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 6 for r in info.rows)
     assert all(r["objective_se"] > 0 for r in info.rows)  # the default objective, with its SE
     # val_loss by default, guarded against collapse by the starting encoder (rebuilt on resume)
     assert cfg.tune.objective == "val_loss" and all(r["objective"] < 0 for r in info.rows)
@@ -247,7 +247,7 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
         assert {(w.group, w.job_type) for w in runs} == {("resumable", "trial")}, runs
         configs = [w.config["pipeline"] for w in runs if "pipeline" in w.config]  # a resume sends none
         assert configs and all(c["mask"]["mask_ratio"] == r["pipeline.mask.mask_ratio"] for c in configs)
-        assert runs[-1].exit_code == 0 and runs[-1].history[-1]["_step"] == 10
+        assert runs[-1].exit_code == 0 and runs[-1].history[-1]["_step"] == 6
         assert runs[-1].history[-1]["objective"] == pytest.approx(r["objective"])
         assert runs[-1].summary["stopped_early"] is False
         assert {"loss.png", "metrics.csv"} <= set(runs[-1].files)  # in the folder uploaded to S3:
