@@ -91,9 +91,7 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
         run_csv = tmp_path / "grid" / TRIALS_DIR / r["trial"] / "metrics" / "metrics.csv"
         with run_csv.open() as f:
             steps = [int(float(x["step"])) for x in csv.DictReader(f)]
-        assert steps[0] == EVERY and steps == list(
-            range(EVERY, steps[-1] + 1, EVERY)
-        )  # each report measured it
+        assert steps == list(range(EVERY, steps[-1] + 1, EVERY))  # each report measured it
         # a stopped run may log one more report before its workers are gone
         assert r["steps"] <= steps[-1] <= r["steps"] + EVERY
     sweep_dir = tmp_path / "grid"
