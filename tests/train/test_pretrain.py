@@ -88,84 +88,68 @@ def fixed(small_shards):
     return FixedBatches(per_rank, split.spec.model_dims(cfg))
 
 
-def test_a_zero2_run_trains_checkpoints_reports_and_survives_a_killed_worker(
+def test_a_zero3_run_interrupted_on_two_workers_and_resumed_on_one_trains_as_if_never_resized(
     small_shards, tmp_path, ray_session
 ):
-    """A run over the shards; a worker is killed at step 4: Ray Train restarts the group, which
-    resumes from the step-3 checkpoint and ends as an uninterrupted run would. (ZeRO-0 and ZeRO-3
-    run in the EMA test below, ZeRO-1 in the S3 resume test, ZeRO-3 again in the resize test and
+    """A ZeRO-2 run over the shards on 2 workers throughout, with a fixed global batch of 8 (it
+    trains, checkpoints, reports, and its skip ledger stops with it); a ZeRO-3 run of the same
+    config killed after its step-3 checkpoint on 2 workers and resumed on 1 (its partitions
+    converted to DeepSpeed's universal checkpoint, accumulation 1 -> 2). The stages partition the
+    same arithmetic, and the data sequence, the samples of every step and their SIGReg directions are
+    the same, so the resized run must end with the fixed run's student, EMA target and data cursor.
+    ZeRO-3's universal load restores the weights exactly (the first loss after it is the fixed
+    run's) but its Adam state not quite: a step later the weights are within 3e-4 (the step moved
+    them 2e-3). (ZeRO-0 and ZeRO-3 also run in the EMA test below, ZeRO-1 in the S3 resume test;
+    ZeRO-2 changes size, a worker's node lost and one joining, within one run in
     test_multinode.py: every stage trains, checkpoints and reports.)"""
-    stage = 2
-    cfg = _cfg(small_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=6", "train.max_failures=1")
-    ledgers = _live_ledgers()
-    info = pretrain(cfg, name=f"zero{stage}", hooks=KillWorker(4))
-    assert info.metrics["step"] == 6 and np.isfinite(info.metrics["loss"])
-    assert set(info.metrics) >= REPORTED
-    rows = _rows(info.run_url)
-    steps = [int(r["step"]) for r in rows]
-    # the resumed group logs from its checkpoint on, never a step twice
-    assert steps == sorted(set(steps)) and steps[-1] == 6 and 3 in steps
-    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
-    ckpts = _checkpoints(info.run_url)
-    assert len(ckpts) == 2  # steps 3 and 6, keep_checkpoints=2
-    state = json.loads((ckpts[-1] / STATE_FILE).read_text())
-    assert state["step"] == 6 and state["zero_stage"] == stage
-    # the data sequence went on where the step-3 checkpoint left it (a restarted pass over the
-    # interrupted epoch would end elsewhere): after 6 steps x 2 ranks x 4 samples
-    assert state["samples"] == 48 and state["cursor"] == _cursor_after(small_shards, 48)
-    assert (ckpts[-1] / TARGET_FILE).exists() and any((ckpts[-1] / "engine").iterdir())
-    assert (Path(info.run_url) / "metrics" / "loss.png").stat().st_size > 1000
-    assert any((Path(info.run_url) / "metrics" / "tensorboard").iterdir())
-    assert _live_ledgers(at_most=ledgers) <= ledgers  # the run's skip ledger stops with it
-
-
-def test_a_zero_run_interrupted_on_two_workers_and_resumed_on_one_trains_as_if_never_resized(
-    small_shards, tmp_path, ray_session
-):
-    """ZeRO-2 and ZeRO-3 with a fixed global batch of 8: one run on 2 workers throughout (ZeRO-2:
-    the stages partition the same arithmetic, so it is both stages' reference); for each stage,
-    another killed after its step-3 checkpoint on 2 workers and resumed on 1 (its partitions
-    converted to DeepSpeed's universal checkpoint, accumulation 1 -> 2). The data sequence, the
-    samples of every step and their SIGReg directions are the same, so weights, Adam state and EMA
-    target must come out the same: the resized run ends with the fixed run's student and target, and
-    its data cursor. ZeRO-3's universal load restores the weights exactly (the first loss after it
-    is the fixed run's) but its Adam state not quite: a step later the weights are within 3e-4 (the
-    step moved them 2e-3), where ZeRO-2's are within 1e-5."""
     import ray.train
 
     from jepa_ray.train.export import student_state_dict
 
     common = ("train.steps=5", "train.global_batch=8", "train.max_failures=0")
+    ledgers = _live_ledgers()
     fixed = pretrain(_cfg(small_shards, tmp_path, "train.zero_stage=2", *common), name="fixed")
-    end = _checkpoints(fixed.run_url)[-1]
-    reference = student_state_dict(end), read_target(end)
+    assert fixed.metrics["step"] == 5 and set(fixed.metrics) >= REPORTED
+    rows = _rows(fixed.run_url)
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 5]  # log_every 2, checkpoint_every 3, the end
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    ckpts = _checkpoints(fixed.run_url)
+    state = json.loads((ckpts[-1] / STATE_FILE).read_text())
+    assert [json.loads((c / STATE_FILE).read_text())["step"] for c in ckpts] == [3, 5]
+    assert state["zero_stage"] == 2 and state["world_size"] == 2
+    assert state["samples"] == 40 and state["cursor"] == _cursor_after(small_shards, 40)
+    assert (ckpts[-1] / TARGET_FILE).exists() and any((ckpts[-1] / "engine").iterdir())
+    assert (Path(fixed.run_url) / "metrics" / "loss.png").stat().st_size > 1000
+    assert any((Path(fixed.run_url) / "metrics" / "tensorboard").iterdir())
+    assert _live_ledgers(at_most=ledgers) <= ledgers  # the run's skip ledger stops with it
+    reference = student_state_dict(ckpts[-1]), read_target(ckpts[-1])
     moved = max(float((reference[0]["context." + n] - t).abs().max()) for n, t in reference[1].items())
     assert moved > 1e-3  # the runs trained: what matches below is not the initial weights
-    fixed_losses = {int(r["step"]): float(r["loss"]) for r in _rows(fixed.run_url)}
-    for stage in (2, 3):
-        run = (f"train.zero_stage={stage}", *common)
-        with pytest.raises(ray.train.TrainingFailedError):
-            pretrain(_cfg(small_shards, tmp_path, *run), name=f"resized{stage}", hooks=KillWorker(4))
-        first = _checkpoints(str(tmp_path / "runs" / f"resized{stage}"))
-        assert [json.loads((c / STATE_FILE).read_text())["world_size"] for c in first] == [2]
-        info = pretrain(_cfg(small_shards, tmp_path, *run, "train.num_workers=1"), name=f"resized{stage}")
-        assert info.metrics["step"] == 5 and np.isfinite(info.metrics["loss"])
-        state = json.loads((_checkpoints(info.run_url)[-1] / STATE_FILE).read_text())
-        assert state["world_size"] == 1 and state["resumed_from"]["step"] == 3
-        assert state["samples"] == 5 * 8 and state["cursor"] == _cursor_after(small_shards, 40)
+    fixed_losses = {int(r["step"]): float(r["loss"]) for r in rows}
 
-        end = _checkpoints(info.run_url)[-1]
-        student, target = student_state_dict(end), read_target(end)
-        atol = 1e-5 if stage == 2 else 3e-4
-        for name, w in reference[0].items():
-            torch.testing.assert_close(student[name], w, rtol=1e-4, atol=atol, msg=f"ZeRO-{stage} {name}")
-        for name, t in reference[1].items():
-            torch.testing.assert_close(target[name], t, rtol=1e-4, atol=atol, msg=f"ZeRO-{stage} {name}")
-        # the same loss curve where both logged: step 4 (the first after the resume: the restored
-        # weights) exactly, step 5 to the tolerance of the restored Adam state
-        losses = {int(r["step"]): float(r["loss"]) for r in _rows(info.run_url)}
-        assert losses[4] == pytest.approx(fixed_losses[4], rel=1e-5), stage
-        assert losses[5] == pytest.approx(fixed_losses[5], rel=1e-4 if stage == 2 else 2e-3), stage
+    run = ("train.zero_stage=3", *common)
+    with pytest.raises(ray.train.TrainingFailedError):
+        pretrain(_cfg(small_shards, tmp_path, *run), name="resized", hooks=KillWorker(4))
+    assert _live_ledgers(at_most=ledgers) <= ledgers  # and with a run that failed
+    first = _checkpoints(str(tmp_path / "runs" / "resized"))
+    assert [json.loads((c / STATE_FILE).read_text())["world_size"] for c in first] == [2]
+    info = pretrain(_cfg(small_shards, tmp_path, *run, "train.num_workers=1"), name="resized")
+    assert info.metrics["step"] == 5 and np.isfinite(info.metrics["loss"])
+    end = _checkpoints(info.run_url)[-1]
+    state = json.loads((end / STATE_FILE).read_text())
+    assert state["world_size"] == 1 and state["resumed_from"]["step"] == 3 and state["zero_stage"] == 3
+    assert state["samples"] == 5 * 8 and state["cursor"] == _cursor_after(small_shards, 40)
+
+    student, target = student_state_dict(end), read_target(end)
+    for name, w in reference[0].items():
+        torch.testing.assert_close(student[name], w, rtol=1e-4, atol=3e-4, msg=name)
+    for name, t in reference[1].items():
+        torch.testing.assert_close(target[name], t, rtol=1e-4, atol=3e-4, msg=name)
+    # the same loss curve where both logged: step 4 (the first after the resume: the restored
+    # weights) exactly, step 5 to the tolerance of the restored Adam state
+    losses = {int(r["step"]): float(r["loss"]) for r in _rows(info.run_url)}
+    assert losses[4] == pytest.approx(fixed_losses[4], rel=1e-5)
+    assert losses[5] == pytest.approx(fixed_losses[5], rel=2e-3)
 
 
 def _cursor_after(shards, rows: int) -> list[int]:
@@ -358,14 +342,16 @@ def test_export_names_what_is_not_a_run(tmp_path):
 
 
 def test_a_run_on_s3_resumes_from_its_newest_good_checkpoint_and_exports_there(
-    small_shards, s3_bucket, tmp_path, ray_session
+    small_shards, s3_bucket, tmp_path, ray_session, mlflow_server
 ):
     """storage_path=s3://...: checkpoints and metrics land in the bucket, nothing on the local disk;
     a rerun of the same name resumes from the bucket, from the newest checkpoint that verifies (the
     newest was damaged there), under ZeRO-1 (whose optimizer state needs DeepSpeed's
-    fragment_address through the restricted unpickler); export reads the bucket's checkpoint."""
+    fragment_address through the restricted unpickler), and logs into the MLflow run the
+    interrupted run started; export reads the bucket's checkpoint."""
     import ray.train
     import s3fs
+    from mlflow import MlflowClient
 
     from jepa_ray.model.io import load_jepa
     from jepa_ray.train.export import export
@@ -380,6 +366,9 @@ def test_a_run_on_s3_resumes_from_its_newest_good_checkpoint_and_exports_there(
         "train.steps=6",
         "train.max_failures=0",
         "train.checkpoint_every=2",
+        "train.tracker=mlflow",
+        f"train.tracking_uri={mlflow_server}",
+        "train.experiment=s3-resume",
     )
     with pytest.raises(ray.train.TrainingFailedError):
         pretrain(cfg, name="on-s3", hooks=KillWorker(5))
@@ -407,6 +396,13 @@ def test_a_run_on_s3_resumes_from_its_newest_good_checkpoint_and_exports_there(
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     assert fs.size(f"{run}/metrics/loss.png") > 1000 and fs.glob(f"{run}/metrics/tensorboard/*")
+    # one MLflow run across the interruption, finished by the rerun, its history continued
+    mlflow = MlflowClient(tracking_uri=mlflow_server)
+    [tracked] = mlflow.search_runs([mlflow.get_experiment_by_name("s3-resume").experiment_id])
+    assert tracked.info.run_name == "on-s3" and tracked.info.status == "FINISHED"
+    assert json.loads(fs.cat(f"{run}/tracker.json"))["run_id"] == tracked.info.run_id
+    # steps 2 and 4 before the interruption, 4 again after the resume from step 2 (MLflow keeps both)
+    assert [m.step for m in mlflow.get_metric_history(tracked.info.run_id, "loss")] == [2, 4, 4, 6]
 
     weights, meta = export(info.run_url, tmp_path / "encoder", cfg.train.storage)
     assert json.loads(meta.read_text())["checkpoint"].startswith(f"s3://{run}/checkpoint_")
@@ -443,8 +439,9 @@ def test_a_run_starts_from_a_public_vit_and_exports_back_to_it(small_shards, tmp
         source.embeddings.position_embeddings.normal_(0, 0.5)
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "vit.safetensors"))
     init = [f"model.init_from={tmp_path / 'vit.safetensors'}", "model.norm_eps=1e-6"]
-    cfg = _cfg(small_shards, tmp_path, *init, "train.steps=3", "train.lr=1e-9", "train.zero_stage=2")
-    info = pretrain(cfg, name="from-vit")
+    # one worker: what is tested is the initialisation and the export, not the partitions
+    one = ("train.num_workers=1", "train.steps=3", "train.lr=1e-9", "train.zero_stage=2")
+    info = pretrain(_cfg(small_shards, tmp_path, *init, *one), name="from-vit")
     r = CliRunner().invoke(app, ["export", info.run_url, "--out", str(tmp_path / "hf"), "--format", "hf"])
     assert r.exit_code == 0, r.output
     back = ViTModel.from_pretrained(str(tmp_path / "hf"), add_pooling_layer=False)
