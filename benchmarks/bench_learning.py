@@ -26,7 +26,7 @@ Headline: `ratio` = the share of (seed, factor) cells in which the JEPA's attent
 both its random init and the MAE; the target 1.0 means every factor in every seed. benchmarks/README.md
 reports every other figure beside it, with its spread over seeds.
 
-    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--set K=V] [--out F]
+    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--lr LR] [--set K=V] [--out F]
 """
 
 from __future__ import annotations
@@ -372,6 +372,13 @@ def main() -> int:
     ap.add_argument(
         "--ema", type=float, nargs=2, default=None, help="JEPA EMA momentum start, end (default: the model's)"
     )
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="peak learning rate of the trained arms (default 1e-3, train.lr's; 3e-3 is what the "
+        "label-free sweep of bench_labelfree.py --grid lr picks)",
+    )
     ap.add_argument("--no-downstream", action="store_true", help="skip retrieval and the Cox heads")
     ap.add_argument(
         "--downstream-arms", nargs="+", default=["jepa"], choices=ARMS, help="arms scored downstream (slow)"
@@ -481,7 +488,7 @@ def main() -> int:
             t = time.perf_counter()
             losses = []
             if arm != "random":
-                losses = train_on_samples(model, train, spec, cfg, steps, lr=1e-3, batch=32, seed=seed)
+                losses = train_on_samples(model, train, spec, cfg, steps, lr=args.lr, batch=32, seed=seed)
             train_s = time.perf_counter() - t
             pooled, tokens = image_views(model, probe_batches)
             run[arm] = readouts(pooled, tokens, z, groups, seed, args.probe_seeds)
@@ -568,6 +575,7 @@ def main() -> int:
             "patch_size": cfg.patch_size,
             "overrides": args.overrides,
             "batch": 32,
+            "lr": args.lr,
             "downstream": do_downstream,
             "setup_s": setup_s,
         },
