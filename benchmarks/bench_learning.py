@@ -375,8 +375,8 @@ def main() -> int:
     ap.add_argument(
         "--lr",
         type=float,
-        default=1e-3,
-        help="peak learning rate of the trained arms (default 1e-3, train.lr's; 3e-3 is what the "
+        default=None,
+        help="peak learning rate of the trained arms (default: train.lr's, 1e-3; 3e-3 is what the "
         "label-free sweep of bench_labelfree.py --grid lr picks)",
     )
     ap.add_argument("--no-downstream", action="store_true", help="skip retrieval and the Cox heads")
@@ -429,6 +429,7 @@ def main() -> int:
         ]
     )
     cfg = loaded.pipeline
+    lr = args.lr or loaded.train.lr
     model_set = loaded.model.model_dump(exclude_unset=True)  # model.* given with --set
     spec, train = load_split(shards, "train", cfg)
     latents = pd.read_parquet(work / "cohort" / "latents.parquet")
@@ -488,7 +489,7 @@ def main() -> int:
             t = time.perf_counter()
             losses = []
             if arm != "random":
-                losses = train_on_samples(model, train, spec, cfg, steps, lr=args.lr, batch=32, seed=seed)
+                losses = train_on_samples(model, train, spec, cfg, steps, lr=lr, batch=32, seed=seed)
             train_s = time.perf_counter() - t
             pooled, tokens = image_views(model, probe_batches)
             run[arm] = readouts(pooled, tokens, z, groups, seed, args.probe_seeds)
@@ -575,7 +576,7 @@ def main() -> int:
             "patch_size": cfg.patch_size,
             "overrides": args.overrides,
             "batch": 32,
-            "lr": args.lr,
+            "lr": lr,
             "downstream": do_downstream,
             "setup_s": setup_s,
         },
