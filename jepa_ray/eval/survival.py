@@ -245,7 +245,12 @@ def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> tor
 class _Strategy:
     """A fitted strategy: risk(inputs, rows) -> (rows,) scores, for the rows it can score."""
 
-    def __init__(self, name: str, fit: FusionInputs, val: FusionInputs | None, steps: int, seed: int) -> None:
+    def __init__(
+        self, name: str, fit: FusionInputs, val: FusionInputs | None, steps: int, seed: int,
+        parts: dict[str, _Strategy] | None = None,
+    ) -> None:  # fmt: skip
+        """parts: late fusion's unimodal heads when already fit (same data, steps and seed), else
+        it fits its own."""
         self.name = name
         torch.manual_seed(seed)
         rows_f = self.rows(fit, np.arange(len(fit.time)))
@@ -264,7 +269,11 @@ class _Strategy:
                 _Linear(self.std.mean.shape[0]), self.std(fit.ehr_pooled[rows_f]), tf, ef, xv, tv, ev, steps
             )
         elif name == "late_fusion":
-            self.parts = {m: _Strategy(m, fit, val, steps, seed) for m in ("image", "ehr")}
+            self.parts = {
+                m: (parts or {}).get(m) or _Strategy(m, fit, val, steps, seed) for m in ("image", "ehr")
+            }
+            # the combiner draws its initialisation where fitting both heads here would leave it
+            torch.set_rng_state(self.parts["ehr"].rng_after)
             z = self._unimodal(fit, rows_f, fit_stats=True)
             zv = self._unimodal(val, rows_v) if val is not None else None
             self.model = fit_cox(_Linear(2), z, tf, ef, zv, tv, ev, steps)
@@ -278,6 +287,7 @@ class _Strategy:
             head = _CrossAttention(d, both=name == "co_attention")
             xv = _tensors(val, rows_v) if val is not None else None
             self.model = fit_cox(head, _tensors(fit, rows_f), tf, ef, xv, tv, ev, steps)
+        self.rng_after = torch.get_rng_state()
 
     def rows(self, d: FusionInputs, idx: np.ndarray) -> np.ndarray:
         """The rows of `idx` this strategy scores (unimodal: those with the modality)."""
@@ -429,12 +439,13 @@ def evaluate_survival(
     train = (fit.time, fit.event)
     cindex: dict[str, dict] = {}
     counts: dict[str, dict] = {}
+    fitted: dict[str, _Strategy] = {}  # the unimodal heads, which late fusion combines
     for name in strategies:
         missing = _cannot_fit(name, fit)
         if missing:
             cindex[prefix + name] = {split: {"note": missing} for split in report_splits}
             continue
-        model = _Strategy(name, fit, val, epochs, seed)
+        model = fitted[name] = _Strategy(name, fit, val, epochs, seed, parts=fitted)
         cindex[prefix + name], counts[prefix + name] = {}, {}
         for split in report_splits:
             if split not in splits:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from lifelines.utils import concordance_index
 
+from jepa_ray.eval import survival
 from jepa_ray.eval.survival import STRATEGIES, FusionInputs, evaluate_survival, harrell, uno
 
 
@@ -98,6 +99,24 @@ def test_every_fusion_strategy_beats_the_best_unimodal_head():
         assert c[fused] > best_unimodal + 0.03, (fused, c)
     lo, hi = res["cindex"]["late_fusion"]["test"]["ci95"]["harrell"]
     assert lo < c["late_fusion"] < hi
+
+
+def test_late_fusion_reuses_the_unimodal_heads_and_scores_as_if_it_fit_its_own(monkeypatch):
+    rng = np.random.default_rng(5)
+    splits = {"train": _problem(400, rng), "val": _problem(100, rng), "test": _problem(200, rng)}
+    alone = evaluate_survival(
+        splits, strategies=("late_fusion",), report_splits=("test",), bootstrap=0, epochs=40
+    )
+    fits = []
+    real = survival.fit_cox
+    monkeypatch.setattr(
+        survival, "fit_cox", lambda head, *a, **k: fits.append(type(head).__name__) or real(head, *a, **k)
+    )
+    both = evaluate_survival(
+        splits, strategies=("image", "ehr", "late_fusion"), report_splits=("test",), bootstrap=0, epochs=40
+    )
+    assert fits == ["_Pool", "_Linear", "_Linear"]  # image head, EHR head, combiner: no head fit twice
+    assert both["cindex"]["late_fusion"] == alone["cindex"]["late_fusion"]
 
 
 def test_missing_modalities_are_scored_by_fusion_and_counted_out_of_unimodal_heads():
