@@ -119,7 +119,7 @@ def one_setting(
 
 
 def analyse(rows: list[dict], seeds: list[int]) -> dict:
-    """Spearman of every objective with the reference (mean attentive R², and mean linear R²)."""
+    """Spearman of every objective with each reference: the mean attentive, linear and kNN R²."""
 
     def key(r: dict) -> tuple:
         return tuple(r["setting"].values())
@@ -136,6 +136,7 @@ def analyse(rows: list[dict], seeds: list[int]) -> dict:
     refs = {
         "attentive": lambda r: float(np.mean(list(r["attentive"].values()))),
         "linear": lambda r: float(np.mean(list(r["linear"].values()))),
+        "knn": lambda r: float(np.mean(list(r["knn"].values()))),
     }
     scores = {name: (lambda r, n=name: r["scores"][n]["value"]) for name in OBJECTIVES}
     scores["train_loss"] = lambda r: -r["loss_last10"]

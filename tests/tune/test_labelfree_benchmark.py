@@ -30,6 +30,7 @@ def _rows(quality: dict[int, list[float]], objective, seeds=(0, 1)) -> list[dict
                     "seed": seed,
                     "attentive": dict.fromkeys(FACTORS, q),
                     "linear": dict.fromkeys(FACTORS, -q),
+                    "knn": dict.fromkeys(FACTORS, q**2),
                     "scores": {n: {"value": objective(n, q, i), "se": 0.0} for n in bench.OBJECTIVES},
                     "loss_last10": -q,
                 }
@@ -52,6 +53,8 @@ def test_an_objective_that_follows_the_reference_scores_one_and_one_that_reverse
     assert np.isnan(att["lidar"]["per_seed"][0])  # a constant objective ranks nothing
     # the linear reference is the negated quality here: the signs flip
     assert out["spearman"]["linear"]["val_loss"]["per_seed"] == pytest.approx([-1.0, -1.0])
+    # the kNN reference is a monotone map of the quality: the same ranking
+    assert out["spearman"]["knn"]["val_loss"]["per_seed"] == pytest.approx([1.0, 1.0])
     # two independent random qualities: the reference's own agreement between seeds is what they share
     from scipy.stats import spearmanr
 
