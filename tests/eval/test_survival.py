@@ -57,6 +57,31 @@ IMG_DIRECTION = 0.5 * np.random.default_rng(100).standard_normal((1, 4, 16))
 EHR_DIRECTION = 0.5 * np.random.default_rng(101).standard_normal((1, 6, 16))
 
 
+@pytest.mark.parametrize("rows", [256, 7])  # one block of pairs, and many
+def test_the_bootstrap_intervals_score_the_same_resamples_as_scikit_survival(rows):
+    from jepa_ray.eval.probes import bootstrap_ci
+
+    rng = np.random.default_rng(4)
+    n = 90
+    time = rng.integers(1, 40, n).astype(float)  # tied times
+    event = rng.random(n) < 0.6
+    risk = np.round(rng.standard_normal(n) - 0.03 * time, 1)  # tied risks
+    train_time, train_event = rng.integers(1, 45, 300).astype(float), rng.random(300) < 0.5
+    valid = lambda t, e, r: survival._comparable(t, e)  # noqa: E731
+    for weight, metric in (
+        (np.ones(n), harrell),
+        (
+            survival.uno_weights(train_time, train_event, time, event),
+            lambda t, e, r: uno(train_time, train_event, t, e, r),
+        ),
+    ):
+        fast = survival.bootstrap_cindex(time, event, risk, weight, 60, seed=3, rows=rows)
+        assert fast == pytest.approx(bootstrap_ci(metric, (time, event, risk), 60, 3, valid), abs=1e-12)
+    assert survival.bootstrap_cindex(time, event, risk, np.ones(n), 0, seed=3) is None
+    censored = np.zeros(n, bool)  # no event in any resample: no interval
+    assert survival.bootstrap_cindex(time, censored, risk, np.ones(n), 20, seed=3) is None
+
+
 def _problem(n: int, rng, missing: float = 0.0) -> FusionInputs:
     """log-hazard = a + b; a is written in the image tokens, b in the EHR tokens (plus noise)."""
     a, b = rng.standard_normal(n), rng.standard_normal(n)
