@@ -21,19 +21,27 @@ FINE_ALPHA_GRID = tuple(np.logspace(-2, 4, 13))  # the same, finer: for the cros
 MAP_DIMS = 128  # principal components a wider input of the retrieval map is reduced to
 
 
-def bootstrap_ci(metric, arrays: tuple[np.ndarray, ...], n: int, seed: int, valid=None) -> list[float] | None:
-    """Percentile 95% interval of metric(*resampled arrays) over n resamples (those where
-    `valid(*arrays)` is False, e.g. one class only, are redrawn at most n times); None if n == 0."""
-    if n == 0:
-        return None
+def bootstrap_indices(size: int, n: int, seed: int, valid=None) -> list[np.ndarray]:
+    """Up to n bootstrap resamples of `size` items, as index arrays; those where `valid(idx)` is
+    False (e.g. one class only) are redrawn, at most n times."""
     rng = np.random.default_rng(seed)
-    size, values, tries = len(arrays[0]), [], 0
-    while len(values) < n and tries < 2 * n:
+    out: list[np.ndarray] = []
+    tries = 0
+    while len(out) < n and tries < 2 * n:
         tries += 1
         idx = rng.integers(0, size, size)
-        sample = tuple(a[idx] for a in arrays)
-        if valid is None or valid(*sample):
-            values.append(metric(*sample))
+        if valid is None or valid(idx):
+            out.append(idx)
+    return out
+
+
+def bootstrap_ci(metric, arrays: tuple[np.ndarray, ...], n: int, seed: int, valid=None) -> list[float] | None:
+    """Percentile 95% interval of metric(*resampled arrays) over n resamples (`bootstrap_indices`;
+    `valid(*resampled arrays)` says which to keep); None if n == 0."""
+    if n == 0:
+        return None
+    keep = None if valid is None else (lambda idx: valid(*(a[idx] for a in arrays)))
+    values = [metric(*(a[idx] for a in arrays)) for idx in bootstrap_indices(len(arrays[0]), n, seed, keep)]
     if not values:
         return None
     lo, hi = np.percentile(values, [2.5, 97.5])

@@ -34,6 +34,8 @@ from sksurv.util import Surv
 from torch import nn
 from torchsurv.loss.cox import neg_partial_log_likelihood
 
+from jepa_ray.eval.probes import bootstrap_indices
+
 # torchsurv warns on every call whose batch has tied times; Efron's method is our choice for them
 warnings.filterwarnings("ignore", message="Ties in `time` detected", category=UserWarning)
 
@@ -113,23 +115,18 @@ def bootstrap_cindex(
     tied_tol: float = 1e-8, rows: int = 256,
 ) -> list[float] | None:  # fmt: skip
     """Percentile 95% interval of the weighted c-index (weight 1: Harrell's; `uno_weights`: Uno's)
-    over n bootstrap resamples, drawn as `probes.bootstrap_ci` draws them (the same seed gives the
-    same resamples, those without a comparable pair redrawn) and scored together: a resample is a
+    over n bootstrap resamples (`probes.bootstrap_indices`, as `probes.bootstrap_ci` draws them;
+    those without a comparable pair redrawn) scored together: a resample is a
     vector of counts c, its c-index c'Nc / c'Dc with D[i, j] = w_i where i's event comes before j's
     time (or at it, j censored) and N = D x (1 if risk_i > risk_j, 1/2 if tied), as scikit-survival
     counts pairs. Memory stays (rows x samples) per block of D's rows. None if n == 0."""
     if n == 0:
         return None
-    rng = np.random.default_rng(seed)
-    size, counts, tries = len(time), [], 0
-    while len(counts) < n and tries < 2 * n:
-        tries += 1
-        idx = rng.integers(0, size, size)
-        if _comparable(time[idx], event[idx]):
-            counts.append(np.bincount(idx, minlength=size))
-    if not counts:
+    size = len(time)
+    draws = bootstrap_indices(size, n, seed, lambda idx: _comparable(time[idx], event[idx]))
+    if not draws:
         return None
-    c = np.asarray(counts, dtype=float)  # (resamples, samples)
+    c = np.asarray([np.bincount(idx, minlength=size) for idx in draws], dtype=float)  # (resamples, samples)
     ev = event.astype(bool)
     num, den = np.zeros(len(c)), np.zeros(len(c))
     for lo in range(0, size, rows):
