@@ -41,6 +41,10 @@ warnings.filterwarnings("ignore", message="Ties in `time` detected", category=Us
 
 STRATEGIES = ("image", "ehr", "late_fusion", "contrastive", "cross_attention", "co_attention")
 HIDDEN = 32  # width of projections and attention in the fusion heads
+# steps without a better validation likelihood after which a head stops: on the demo's ~50
+# validation subjects most heads peak within the first 20 of 300 steps, on bench_learning's ~160
+# within 50-220; the steps after a 100-step plateau rarely found better weights
+PATIENCE = 100
 
 
 @dataclass
@@ -238,9 +242,11 @@ def _tensors(d: FusionInputs, idx: np.ndarray) -> dict[str, torch.Tensor]:
 def fit_cox(
     model: nn.Module, x_fit, t_fit: np.ndarray, e_fit: np.ndarray, x_val, t_val: np.ndarray | None,
     e_val: np.ndarray | None, steps: int, lr: float = 3e-3, weight_decay: float = 1e-3, batch: int = 512,
+    patience: int | None = PATIENCE,
 ) -> nn.Module:  # fmt: skip
     """Adam on the negative partial likelihood (mini-batches of `batch`), keeping the weights with
-    the best validation likelihood (checked every 10 steps; the last ones without validation)."""
+    the best validation likelihood (checked every 10 steps; the last ones without validation).
+    With validation, training stops once `patience` steps have not bettered it (None: all `steps`)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     tf, ef = torch.as_tensor(t_fit, dtype=torch.float32), torch.as_tensor(e_fit, dtype=torch.bool)
     # a partial likelihood needs two samples and an event: with less, the last weights are kept
@@ -249,14 +255,18 @@ def fit_cox(
         tv = torch.as_tensor(t_val, dtype=torch.float32).reshape(-1)
         ev = torch.as_tensor(e_val, dtype=torch.bool).reshape(-1)
     gen = torch.Generator().manual_seed(0)
-    best, best_loss = copy.deepcopy(model.state_dict()), float("inf")
+    best, best_loss, best_step = copy.deepcopy(model.state_dict()), float("inf"), 0
     n = len(tf)
     for step in range(steps):
         model.train()
-        idx = torch.randperm(n, generator=gen)[:batch] if n > batch else torch.arange(n)
-        if not ef[idx].any():
+        if n > batch:
+            idx = torch.randperm(n, generator=gen)[:batch]
+            x, t, e = _index(x_fit, idx), tf[idx], ef[idx]
+        else:  # every row, every step
+            x, t, e = x_fit, tf, ef
+        if not e.any():
             continue
-        loss = neg_partial_log_likelihood(model(_index(x_fit, idx)), ef[idx], tf[idx])
+        loss = neg_partial_log_likelihood(model(x), e, t)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -265,7 +275,9 @@ def fit_cox(
             with torch.no_grad():
                 v = float(neg_partial_log_likelihood(model(x_val).reshape(-1), ev, tv))
             if v < best_loss:
-                best, best_loss = copy.deepcopy(model.state_dict()), v
+                best, best_loss, best_step = copy.deepcopy(model.state_dict()), v, step
+            elif patience is not None and step - best_step >= patience:
+                break
     if has_val:
         model.load_state_dict(best)
     return model.eval()

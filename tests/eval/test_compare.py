@@ -107,3 +107,20 @@ def test_the_out_of_fold_read_out_scores_every_subject_once_and_sees_a_planted_d
     # too few subjects for the folds: nothing rather than a misleading number
     small, zs = _tables(rng, n_subjects=8)
     assert _latent_oof(small, ("carried", "absent"), zs, ["test", "external"], cfg) == ({}, {})
+
+
+def test_the_batched_r2_bootstrap_gives_the_per_resample_loop_s_numbers():
+    """R² differences are scored over every resample at once (sklearn's r2_score per resample, as
+    other metrics still are, costs seconds per call in a bootstrap of 200); same draws, same numbers."""
+    from jepa_ray.eval.compare import r2_rows
+
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal(150)
+    a, b = y + rng.standard_normal(150), 0.5 * y + rng.standard_normal(150)
+    fast = paired_difference(r2_score, y, a, b, bootstrap=200, seed=4)
+    loop = paired_difference(lambda t, p: r2_score(t, p), y, a, b, bootstrap=200, seed=4)
+    assert fast["ci95"] == pytest.approx(loop["ci95"], abs=1e-12) and fast["difference"] == loop["difference"]
+    # sklearn's convention on a constant target: 1.0 when predicted exactly, else 0.0
+    rows = r2_rows(np.array([[2.0, 2.0, 2.0], [1.0, 2.0, 3.0]]), np.array([[2.0, 2.0, 2.0], [1.0, 2.0, 4.0]]))
+    assert rows.tolist() == [1.0, r2_score([1.0, 2.0, 3.0], [1.0, 2.0, 4.0])]
+    assert r2_rows(np.full((1, 3), 2.0), np.array([[2.0, 2.0, 2.5]])).tolist() == [0.0]

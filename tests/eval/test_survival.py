@@ -247,3 +247,36 @@ def test_the_image_head_finds_a_finding_in_one_token_that_the_pooled_embedding_a
         pooled = harrell(test.time, test.event, linear(std(test.img_pooled)).numpy().astype(float))
     # (a Cox model on the lesion's true size reaches about 0.74 here)
     assert attentive > 0.64 and attentive > pooled + 0.05, (attentive, pooled)
+
+
+def test_a_head_stops_once_its_validation_likelihood_has_not_improved_for_patience_steps():
+    """The validation split's hazard runs against the fit split's: every step that fits the one
+    worsens the other, so the best weights are the first checked and the fit stops `patience`
+    steps later (without patience it runs every step, and keeps those first weights all the same)."""
+    from jepa_ray.eval.survival import _Linear, fit_cox
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int, sign: float):
+        x = rng.standard_normal((n, 4)).astype(np.float32)
+        t = rng.exponential(1 / np.exp(sign * 1.5 * x[:, 0])) * 365 + 1
+        return torch.from_numpy(x), t, rng.random(n) < 0.7
+
+    (xf, tf, ef), (xv, tv, ev) = split(300, 1.0), split(200, -1.0)
+
+    class Counting(_Linear):
+        steps = 0
+
+        def forward(self, x, *rest):
+            Counting.steps += self.training
+            return super().forward(x, *rest)
+
+    heads = {}
+    for patience in (50, None):
+        Counting.steps = 0
+        torch.manual_seed(0)
+        heads[patience] = fit_cox(Counting(4), xf, tf, ef, xv, tv, ev, steps=1000, patience=patience)
+        heads[f"steps {patience}"] = Counting.steps
+    assert heads["steps None"] == 1000
+    assert heads["steps 50"] == 60  # best at the first check (step 10), then 50 steps
+    assert torch.equal(heads[50].out.weight, heads[None].out.weight)  # the same first-checked weights
