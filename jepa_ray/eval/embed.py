@@ -1,8 +1,8 @@
 """Frozen embeddings of the evaluation splits: Ray Data batch inference, cached as parquet.
 
     open_split(data, split) -> build_dataset(train=False)      # the training pipeline, no augmentation
-      -> union of the splits to embed, rows tagged by split    # one execution per encoder
-      -> map_batches(Embedder, concurrency=eval.actors)        # an actor pool, each holding the encoder
+      -> union of the splits to embed, rows tagged by split    # one execution for all the encoders
+      -> map_batches(Embedder, concurrency=eval.actors)        # an actor pool, each holding them all
       -> <out>/embeddings/<encoder>/<split>.parquet            # streamed to disk batch by batch
 
 Per sample (one row): the key and safe metadata, pooled embeddings of the target encoder seeing the
@@ -85,13 +85,16 @@ def eval_pipeline(cfg: Config, info: dict[str, Any]) -> PipelineConfig:
 
 
 class Embedder:
-    """Ray Data actor: one encoder, transformed numpy batches in, embedding columns out."""
+    """Ray Data actor: an encoder, transformed numpy batches in, embedding columns out. Given a
+    list of encoders it holds them all and names each one's columns `<i>/<column>` (i: its place
+    in the list): the batch is read and transformed once for all of them."""
 
-    def __init__(self, source: EncoderSource, regions: int, use_gpu: bool) -> None:
+    def __init__(self, source: EncoderSource | list[EncoderSource], regions: int, use_gpu: bool) -> None:
         import torch
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = source.build().to(self.device)
+        self.several = isinstance(source, list)
+        self.models = [s.build().to(self.device) for s in (source if self.several else [source])]
         self.regions = regions
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,9 +103,11 @@ class Embedder:
         from jepa_ray.stream.pipeline import collate
 
         b = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in collate(batch).items()}
+        out = {}
         with torch.no_grad():
-            out = embed_batch(self.model, b, self.regions)
-        out = {k: v.cpu().numpy() for k, v in out.items()}
+            for i, model in enumerate(self.models):
+                cols = embed_batch(model, b, self.regions)
+                out |= {f"{i}/{k}" if self.several else k: v.cpu().numpy() for k, v in cols.items()}
         out["key"], out["meta"] = batch["key"], batch["meta"]
         for passed in (SPLIT, "shard"):  # routing columns, when the dataset carries them
             if passed in batch:
@@ -203,69 +208,114 @@ def _masked_mean(x, keep):
 def extract(
     source: EncoderSource, data: str, splits: list[str], cfg: Config, out: Path, *, verbose: bool = False
 ) -> dict[str, Path]:
-    """Embed the splits with a Ray Data actor pool; reuse a cache made from the same encoder, data
-    and settings. Returns split -> parquet path (splits the data lacks are left out, logged).
-    The splits still to embed go through one execution (their datasets unioned, each row tagged
-    with its split): one actor pool loads the encoder once, not once per split.
+    """Embed the splits with a Ray Data actor pool (`extract_many` with one encoder). Returns
+    split -> parquet path (splits the data lacks are left out, logged)."""
+    return extract_many([source], data, splits, cfg, out, verbose=verbose)[source.name]
+
+
+def extract_many(
+    sources: list[EncoderSource],
+    data: str,
+    splits: list[str],
+    cfg: Config,
+    out: Path,
+    *,
+    verbose: bool = False,
+) -> dict[str, dict[str, Path]]:
+    """Embed the splits with every encoder; reuse each cache made from the same encoder, data and
+    settings. Returns encoder name -> split -> parquet path (splits the data lacks are left out,
+    logged). Encoders trained with the same pipeline settings share one execution: the splits still
+    to embed are unioned (each row tagged with its split), read and transformed once, and one actor
+    pool holding those encoders embeds every batch with each of them.
     `verbose`: Ray Data's progress bars on the console (off: one log line per split)."""
-    import ray.data
+    groups: dict[str, list[EncoderSource]] = {}
+    for source in sources:
+        groups.setdefault(eval_pipeline(cfg, source.info).model_dump_json(), []).append(source)
+    paths: dict[str, dict[str, Path]] = {s.name: {} for s in sources}
+    for group in groups.values():
+        _extract_group(group, data, splits, cfg, out, paths, verbose)
+    return paths
+
+
+def _extract_group(
+    sources: list[EncoderSource], data: str, splits: list[str], cfg: Config, out: Path,
+    paths: dict[str, dict[str, Path]], verbose: bool,
+) -> None:  # fmt: skip
+    """`extract_many` for encoders of one pipeline: fills `paths`."""
+    import ray
 
     from jepa_ray.errors import ShardError
     from jepa_ray.stream.pipeline import build_dataset, new_ledger, open_split
 
-    pcfg = eval_pipeline(cfg, source.info)
-    fingerprint = source.fingerprint()  # hashes the weights file: once, not per split
-    folder = out / "embeddings" / source.name
-    folder.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    pending: dict[str, tuple[Any, dict]] = {}  # split -> (its shards, its cache key)
+    pcfg = eval_pipeline(cfg, sources[0].info)
+    opened: dict[str, Any] = {}
     for split in splits:
         try:
-            shards = open_split(data, split, cfg.train.storage)
+            opened[split] = open_split(data, split, cfg.train.storage)
         except ShardError as e:
             log.warning("%s", e)
-            continue
-        check_dims(source, shards.spec.model_dims(pcfg), data)
-        path = folder / f"{split}.parquet"
-        key = {
-            "encoder": fingerprint,
-            "data": data,
-            "shards": sorted(shards.expected.items()),
-            "pipeline": pcfg.model_dump(mode="json"),
-            "regions": cfg.eval.regions,
-        }
-        stamp = folder / f"{split}.json"
-        if path.exists() and stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(key)):
-            log.info("%s/%s: cached embeddings %s", source.name, split, path)
-            paths[split] = path
-        else:
-            pending[split] = (shards, key)
+    pending: dict[int, dict[str, dict]] = {}  # source index -> split -> its cache key
+    for i, source in enumerate(sources):
+        fingerprint = source.fingerprint()  # hashes the weights file: once, not per split
+        folder = out / "embeddings" / source.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, shards in opened.items():
+            check_dims(source, shards.spec.model_dims(pcfg), data)
+            path = folder / f"{split}.parquet"
+            key = {
+                "encoder": fingerprint,
+                "data": data,
+                "shards": sorted(shards.expected.items()),
+                "pipeline": pcfg.model_dump(mode="json"),
+                "regions": cfg.eval.regions,
+            }
+            if _cached(path, key):
+                log.info("%s/%s: cached embeddings %s", source.name, split, path)
+                paths[source.name][split] = path
+            else:
+                pending.setdefault(i, {})[split] = key
     if not pending:
-        return paths
+        return
+    todo = sorted(pending)  # the encoders with something to embed; the Embedder's column prefixes
+    wanted = list(dict.fromkeys(split for i in todo for split in pending[i]))
+    targets = {
+        (k, split): out / "embeddings" / sources[i].name / f"{split}.parquet"
+        for k, i in enumerate(todo)
+        for split in pending[i]
+    }
     ledger = new_ledger(pcfg.max_bad_samples)
     try:
         tagged = [
-            build_dataset(shards, pcfg, train=False, ledger=ledger).map_batches(
+            build_dataset(opened[split], pcfg, train=False, ledger=ledger).map_batches(
                 _tag, fn_kwargs={"split": split}, batch_size=None, batch_format="numpy", zero_copy_batch=True
             )
-            for split, (shards, _) in pending.items()
+            for split in wanted
         ]
         # progress bars off: one log line per split instead (below)
-        ds = embedded(tagged, source, cfg, verbose)
-        targets = {split: folder / f"{split}.parquet" for split in pending}
-        rows = _write_parquet(ds.iter_batches(batch_format="numpy", batch_size=None), targets)
+        several = [sources[i] for i in todo]
+        ds = embedded(tagged, several if len(several) > 1 else several[0], cfg, verbose)
+        rows = _write_parquet(
+            ds.iter_batches(batch_format="numpy", batch_size=None), targets, len(several) > 1
+        )
     finally:
         ray.kill(ledger)
-    for split, (_, key) in pending.items():
-        (folder / f"{split}.json").write_text(json.dumps(key))
-        log.info("%s/%s: %d samples embedded -> %s", source.name, split, rows[split], targets[split])
-        paths[split] = targets[split]
-    return paths
+    for (k, split), target in targets.items():
+        source = sources[todo[k]]
+        target.with_suffix(".json").write_text(json.dumps(pending[todo[k]][split]))
+        log.info("%s/%s: %d samples embedded -> %s", source.name, split, rows[k, split], target)
+        paths[source.name][split] = target
 
 
-def embedded(datasets: list, source: EncoderSource, cfg: Config, verbose: bool = False):
-    """The datasets (transformed batches) unioned and embedded by an actor pool of `source`
-    (`eval.actors` actors, `eval.batch_size`, one GPU each with `eval.use_gpu`): one execution."""
+def _cached(path: Path, key: dict) -> bool:
+    """Whether `path` holds embeddings made under `key` (its stamp beside it says so)."""
+    stamp = path.with_suffix(".json")
+    return path.exists() and stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(key))
+
+
+def embedded(datasets: list, source: EncoderSource | list[EncoderSource], cfg: Config, verbose: bool = False):
+    """The datasets (transformed batches) unioned and embedded by an actor pool of `source`, or
+    of several encoders at once (`Embedder`; `eval.actors` actors, `eval.batch_size`, one GPU each
+    with `eval.use_gpu`): one execution."""
     import ray.data
 
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -310,30 +360,45 @@ def check_dims(source: EncoderSource, data_dims: dict[str, Any], data: str) -> N
             )
 
 
-def _write_parquet(batches: Iterator[dict[str, np.ndarray]], paths: dict[str, Path]) -> dict[str, int]:
-    """Stream numpy batches into one parquet file per split (fixed-size list columns), each row
-    routed by its split column; the row counts. A split that got no row is an error naming it."""
-    writers: dict[str, pq.ParquetWriter] = {}
+def _write_parquet(
+    batches: Iterator[dict[str, np.ndarray]], paths: dict[tuple[int, str], Path], several: bool = False
+) -> dict[tuple[int, str], int]:
+    """Stream numpy batches into one parquet file per (encoder, split) of `paths` (fixed-size list
+    columns), each row routed by its split column; with `several` encoders, encoder k's columns
+    are those named `k/<column>` (beside the shared key, metadata and EHR arrays). The row counts.
+    A file that got no row is an error naming it."""
+    writers: dict[tuple[int, str], pq.ParquetWriter] = {}
     rows = dict.fromkeys(paths, 0)
     try:
         for batch in batches:
             where = batch.pop(SPLIT)
+            shared = {k: v for k, v in batch.items() if "/" not in k}
             for split in np.unique(where):
                 keep = where == split
-                table = pa.table({k: _column(v[keep]) for k, v in batch.items()})
-                if split not in writers:
-                    writers[split] = pq.ParquetWriter(paths[split].with_suffix(".parquet.tmp"), table.schema)
-                writers[split].write_table(table)
-                rows[split] += table.num_rows
+                for target in (t for t in paths if t[1] == split):
+                    cols = shared | _columns_of(batch, target[0]) if several else batch
+                    table = pa.table({k: _column(v[keep]) for k, v in cols.items()})
+                    if target not in writers:
+                        writers[target] = pq.ParquetWriter(
+                            paths[target].with_suffix(".parquet.tmp"), table.schema
+                        )
+                    writers[target].write_table(table)
+                    rows[target] += table.num_rows
     finally:
         for w in writers.values():
             w.close()
-    empty = [str(paths[s]) for s, n in rows.items() if n == 0]
+    empty = [str(paths[t]) for t, n in rows.items() if n == 0]
     if empty:
         raise ConfigError(f"{', '.join(empty)}: no sample to embed")
     for path in paths.values():
         path.with_suffix(".parquet.tmp").replace(path)
     return rows
+
+
+def _columns_of(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """Encoder k's embedding columns of a several-encoder batch, under their own names."""
+    prefix = f"{k}/"
+    return {name[len(prefix) :]: v for name, v in batch.items() if name.startswith(prefix)}
 
 
 def _column(v: np.ndarray) -> pa.Array:

@@ -27,7 +27,7 @@ from jepa_ray.config import Config
 from jepa_ray.errors import ConfigError
 from jepa_ray.eval import attentive, probes
 from jepa_ray.eval.compare import align
-from jepa_ray.eval.embed import EncoderSource, eval_pipeline, extract, read_embeddings
+from jepa_ray.eval.embed import EncoderSource, eval_pipeline, extract_many, read_embeddings
 from jepa_ray.eval.features import raw_ehr_features
 from jepa_ray.eval.samples import Split
 
@@ -128,10 +128,8 @@ def evaluate(
     wanted = list(dict.fromkeys([ec.fit_split, ec.val_split, *ec.report_splits]))
     manifest = read_manifest(Store(data, cfg.train.storage))
     label_names = list(manifest["ehr"].get("labels", []))
-    tables: dict[str, dict[str, Split]] = {}
-    for source in sources:
-        paths = extract(source, data, wanted, cfg, out, verbose=verbose)
-        tables[source.name] = {s: load_split(p) for s, p in paths.items()}
+    embedded = extract_many(sources, data, wanted, cfg, out, verbose=verbose)  # one pass for all
+    tables = {name: {s: load_split(p) for s, p in paths.items()} for name, paths in embedded.items()}
     splits = tables["pretrained"]
     if ec.fit_split not in splits:
         raise ConfigError(f"{data}: no {ec.fit_split!r} split to fit the probes on")

@@ -197,6 +197,40 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     assert (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns == stamp
 
 
+def test_encoders_embedded_in_one_pass_get_what_each_gets_alone(cohort, encoder, mae, tmp_path, ray_session):
+    """`evaluate` reads and transforms the data once for all its encoders; each one's embeddings
+    are those it writes alone (up to float rounding in other batches), and a rerun embeds only
+    what is not cached."""
+    import numpy as np
+
+    from jepa_ray.eval.embed import extract, extract_many, read_embeddings
+    from jepa_ray.eval.evaluate import baseline_sources, resolve_encoder
+
+    shards = str(cohort[1])
+    cfg = load_config(overrides=[*PIPELINE, *EVAL])
+    sources = [resolve_encoder(str(encoder), cfg, tmp_path), *baseline_sources([str(mae)], cfg, tmp_path)]
+    together = extract_many(sources, shards, ["train", "test"], cfg, tmp_path / "together")
+    assert sorted(together) == ["mae", "pretrained"] and all(
+        sorted(p) == ["test", "train"] for p in together.values()
+    )
+    for source in sources:
+        alone = read_embeddings(extract(source, shards, ["test"], cfg, tmp_path / "alone")["test"])
+        both = read_embeddings(together[source.name]["test"])
+        assert set(alone) == set(both) and len(alone["key"]) == len(both["key"]) > 0
+        a, b = np.argsort(alone["key"]), np.argsort(both["key"])
+        for col in ("emb_image", "emb_ehr", "img_tokens", "q_img2ehr"):
+            np.testing.assert_allclose(both[col][b], alone[col][a], atol=1e-3, err_msg=f"{source.name} {col}")
+    pretrained_emb = read_embeddings(together["pretrained"]["test"])["emb_image"]
+    assert not np.allclose(pretrained_emb, read_embeddings(together["mae"]["test"])["emb_image"])
+    # a rerun with one file gone embeds that one only
+    stamps = {(n, s): p.stat().st_mtime_ns for n, by in together.items() for s, p in by.items()}
+    together["mae"]["test"].unlink()
+    again = extract_many(sources, shards, ["train", "test"], cfg, tmp_path / "together")
+    assert again == together and again["mae"]["test"].exists()
+    changed = {k for k, t in stamps.items() if again[k[0]][k[1]].stat().st_mtime_ns != t}
+    assert changed == {("mae", "test")}
+
+
 def test_bad_inputs_are_named(cohort, encoder, tmp_path, ray_session):
     shards = cohort[1]
     cfg = load_config(overrides=[*PIPELINE, *EVAL, "eval.random_baseline=false"])

@@ -50,6 +50,18 @@ def test_the_probe_recovers_a_planted_mask_only_from_tokens_that_carry_it(patch,
         assert result[head]["test"]["mean"]["dice"] == pytest.approx(row["dice"])
 
 
+@pytest.mark.parametrize("patch", [8, 16, 7])
+def test_the_conv_head_covers_every_pixel_of_the_grid_for_even_and_odd_patches(patch):
+    """Its second convolution runs at half resolution for an even patch (logits upsampled x2),
+    at full resolution for an odd one: either way one logit per pixel and structure."""
+    import torch
+
+    from jepa_ray.eval.segmentation import _head
+
+    head = _head("conv", 12, 3, (patch, patch))
+    assert head(torch.randn(2, 12, 4, 5)).shape == (2, 3, 4 * patch, 5 * patch)
+
+
 def test_the_linear_head_lays_each_tokens_logits_over_its_own_patch():
     """The per-token logits go to their patch's pixels (voxels) in order: 2-D as PixelShuffle, 3-D
     with the same (structure, then within-patch row-major) channel order."""
