@@ -172,10 +172,12 @@ def attentive_r2(
     z_fit: np.ndarray,
     reports: dict[str, tuple[np.ndarray, np.ndarray]],
     settings: AttentiveSettings = AttentiveSettings(),
+    probe: AttentiveProbe | None = None,
 ) -> dict:
-    """The probe from tokens (N, T, D) to latent factors z (N, F), fit once; R² per factor on each
-    reported split (tokens, z): {split: {"r2": [per factor], "n", "epochs"}}, as probes.latent_r2."""
-    probe = fit_attentive(tokens_fit, z_fit, settings=settings)
+    """The probe from tokens (N, T, D) to latent factors z (N, F), fit once (or `probe`, already
+    fit on them); R² per factor on each reported split (tokens, z): {split: {"r2": [per factor],
+    "n", "epochs"}}, as probes.latent_r2."""
+    probe = probe or fit_attentive(tokens_fit, z_fit, settings=settings)
     out = {}
     for split, (x, z) in reports.items():
         pred = probe.predict(x).reshape(len(z), -1)

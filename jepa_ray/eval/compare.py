@@ -119,6 +119,7 @@ def compare_encoders(
     bootstrap: int,
     seed: int,
     settings=None,
+    fitted: dict | None = None,
 ) -> dict:
     """The reference encoder against every other one, on the image input, for each task, read-out
     and reported split: {other: {task: {readout: {split: paired_difference dict}}}}.
@@ -126,11 +127,12 @@ def compare_encoders(
     tables: encoder name -> {split name -> `evaluate.Split`}; tasks: name -> (kind, target) with
     kind "regression" or "binary" and target(split) -> (rows (n,) bool, values (rows.sum(),)).
     Both encoders' probes are fit on the same fit samples and scored on the same report samples
-    (each split's samples matched by key).
+    (each split's samples matched by key). `fitted`: probes already fit that way, (name, task,
+    readout) -> predict(x), used instead of fitting them again.
     """
     from jepa_ray.eval.probes import auroc_score
 
-    probes: dict = {}
+    probes: dict = dict(fitted or {})
 
     def probe(name: str, task: str, readout: str):
         if (name, task, readout) not in probes:

@@ -158,20 +158,21 @@ def evaluate(
     # the raw EHR features, once (every encoder's tables hold the same samples, perhaps in another
     # order): the linear retrieval's gallery and the classical Cox model's input
     raw = raw_ehr_features(splits, manifest, ec.fit_split)
+    fitted: dict[tuple[str, str, str], Any] = {}  # (encoder, task, read-out) -> probe: the comparison's
     for name, by_split in tables.items():
-        metrics["probe"][name] = _probes(by_split, label_names, reports, cfg)
+        metrics["probe"][name] = _probes(by_split, label_names, reports, cfg, fitted, name)
         ordered = {k: raw[k][align(by_split[k].cols["key"], s.cols["key"])] for k, s in splits.items()}
         metrics["retrieval"][name] = _retrieval(by_split, reports, ordered, cfg)
         if z is not None:
             metrics["latent_r2"][name] = _latent_r2(by_split, factors, z, reports, cfg)
             if ec.attentive:
                 metrics["latent_r2_attentive"][name] = _latent_r2_attentive(
-                    by_split, factors, z, reports, cfg
+                    by_split, factors, z, reports, cfg, fitted, name
                 )
     if any(v.get("masks") for v in manifest.get("splits", {}).values()):
         metrics["segmentation"] = _segmentation(sources, data, reports, cfg)
     metrics.update(_survival(tables, raw, reports, cfg))
-    metrics["comparison"] = _compare(tables, factors, z, label_names, reports, cfg)
+    metrics["comparison"] = _compare(tables, factors, z, label_names, reports, cfg, fitted)
     if z is not None:
         metrics["latent_r2_cv"], paired = _latent_oof(tables, factors, z, reports, cfg)
         for other, by_task in paired.items():
@@ -264,10 +265,14 @@ def attentive_settings(cfg: Config) -> attentive.AttentiveSettings:
     )
 
 
-def _probes(splits: dict[str, Split], labels: list[str], reports: list[str], cfg: Config) -> dict:
+def _probes(
+    splits: dict[str, Split], labels: list[str], reports: list[str], cfg: Config,
+    fitted: dict | None = None, name: str = "pretrained",
+) -> dict:  # fmt: skip
     """{input: {label: {"linear"|"knn"|"attentive": {split: auroc dict}, "excluded": {split: n}}}}:
     samples lacking the input's modality or the label are excluded and counted; "attentive" (image
-    input, eval.attentive) reads the image tokens."""
+    input, eval.attentive) reads the image tokens. The image input's probes go into `fitted` under
+    (name, "AUROC <label>", read-out), for the comparison to score rather than fit again."""
     ec = cfg.eval
     fit = splits[cfg.eval.fit_split]
     out: dict[str, Any] = {}
@@ -286,11 +291,15 @@ def _probes(splits: dict[str, Split], labels: list[str], reports: list[str], cfg
             score = probes.logistic_probe(fit.cols[col][f], y)
             res: dict[str, Any] = {"linear": {}, "knn": {}, "excluded": {}}
             att = None
+            if inp == "image" and fitted is not None:
+                fitted[name, f"AUROC {label}", "linear"] = score
             if inp == "image" and ec.attentive:
                 if len(y) >= attentive.MIN_SAMPLES:
                     tokens = fit.image_tokens()[f]  # (n_fit, r*r, D)
                     att = attentive.fit_attentive(tokens, y, task="binary", settings=attentive_settings(cfg))
                     res["attentive"] = {}
+                    if fitted is not None:
+                        fitted[name, f"AUROC {label}", "attentive"] = att.predict
                 else:
                     res["attentive_note"] = (
                         f"{len(y)} samples in {ec.fit_split}: too few for the attentive probe"
@@ -397,16 +406,25 @@ def _latent_r2_attentive(
     z: dict[str, np.ndarray],
     reports: list[str],
     cfg: Config,
+    fitted: dict | None = None,
+    name: str = "pretrained",
 ) -> dict:
     """{split: {"r2": {factor: R²}, "n", "epochs"}}: the attentive probe from image tokens to the
-    latent factors, fit on the fit split's imaged subjects with latents."""
+    latent factors, fit on the fit split's imaged subjects with latents; each factor's column of
+    it goes into `fitted` under (name, "latent R² <factor>", "attentive")."""
 
     def xz(s: Split) -> tuple[np.ndarray, np.ndarray]:
         keep = _with_latents(s, z)
         return s.image_tokens()[keep], np.stack([z[subj] for subj in s.subjects[keep]])
 
+    tokens, targets = xz(splits[cfg.eval.fit_split])
+    probe = attentive.fit_attentive(tokens, targets, settings=attentive_settings(cfg))
+    for j, factor in enumerate(factors if fitted is not None else ()):
+        fitted[name, f"latent R² {factor}", "attentive"] = lambda x, j=j: probe.predict(x).reshape(
+            len(x), -1
+        )[:, j]
     res = attentive.attentive_r2(
-        *xz(splits[cfg.eval.fit_split]), {s: xz(splits[s]) for s in reports}, attentive_settings(cfg)
+        tokens, targets, {s: xz(splits[s]) for s in reports}, attentive_settings(cfg), probe=probe
     )
     return {
         split: {"r2": dict(zip(factors, r["r2"], strict=True)), "n": r["n"], "epochs": r["epochs"]}
@@ -519,10 +537,12 @@ def _compare(
     labels: list[str],
     reports: list[str],
     cfg,
+    fitted: dict | None = None,
 ) -> dict:
     """The pretrained encoder against each other one (random init, baselines) on the image input:
     paired bootstrap differences of latent-factor R² and label AUROC, linear and attentive
-    read-outs, per reported split (`jepa_ray.eval.compare`)."""
+    read-outs, per reported split (`jepa_ray.eval.compare`), with the probes already `fitted`
+    (those behind `probe` and `latent_r2_attentive`: the same numbers on both sides)."""
     from jepa_ray.eval.compare import compare_encoders
 
     ec = cfg.eval
@@ -553,4 +573,5 @@ def _compare(
         ec.bootstrap,
         ec.seed,
         attentive_settings(cfg),
+        fitted,
     )

@@ -165,6 +165,12 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
         assert lo <= d["difference"] <= hi and d["beyond_noise"] == (lo > 0 or hi < 0)
         auc = m["comparison"][other]["AUROC cardiomegaly"]["attentive"]["external"]
         assert auc["n"] == m["probe"]["pretrained"]["image"]["cardiomegaly"]["attentive"]["external"]["n"]
+        # the attentive probes compared are those of the probe and latent R² tables, not refits
+        probe_auc = m["probe"][other]["image"]["cardiomegaly"]["attentive"]["external"]["auroc"]
+        assert auc["b"] == pytest.approx(probe_auc)
+        att = m["comparison"][other]["latent R² mass"]["attentive"]["test"]
+        assert att["a"] == pytest.approx(m["latent_r2_attentive"]["pretrained"]["test"]["r2"]["mass"])
+        assert att["b"] == pytest.approx(m["latent_r2_attentive"][other]["test"]["r2"]["mass"])
         # out of fold: every imaged subject of train, val, test and external scored once, the a and
         # b of the paired difference those encoders' out-of-fold R²
         cv = m["comparison"][other]["latent R² lung"]["attentive"]["out-of-fold"]
