@@ -320,23 +320,6 @@ class Feed:
             out.append(_pieces(buffer, first, min(first + b, end)))
         return out
 
-    def prefetch_val(self, world: int, n: int) -> None:
-        """Begin `val`'s pass for `world` ranks and `n` micro-batches in a thread, so that it
-        overlaps the workers' start instead of holding every rank at its first step. A failure is
-        left for `val` to meet again (and raise) when a rank asks."""
-        if self.val_set is None or n == 0:
-            return
-
-        def run() -> None:
-            with self.val_lock:
-                if (world, n) not in self.val_cache:
-                    try:
-                        self.val_cache[world, n] = self._val_pass(world, n)
-                    except Exception:  # `val` meets it again and raises it to the rank
-                        log.debug("validation prefetch failed", exc_info=True)
-
-        threading.Thread(target=run, daemon=True).start()
-
     def _val_pass(self, world: int, n: int) -> tuple[list, int]:
         """The validation split's first n x world micro-batches of rows, in order, as buffer entries."""
         b = self.cfg.batch_size

@@ -173,8 +173,6 @@ def _feed(cfg: Config, ledger: Any = None, verbose: bool = False) -> tuple[Any, 
     ledger = ledger if ledger is not None else new_ledger(cfg.pipeline.max_bad_samples)
     cpus = max(ray.cluster_resources().get("CPU", 1.0) - tc.min_workers * tc.cpus_per_worker, 1.0)
     feed = new_feed(train, val, cfg.pipeline, ledger, cpus, verbose, tc.max_workers)
-    if val is not None:  # the validation batches, read while Ray Train starts the workers
-        feed.prefetch_val.remote(tc.max_workers, tc.val_batches)
     return feed, train.spec.model_dims(cfg.pipeline)
 
 
