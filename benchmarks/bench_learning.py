@@ -21,6 +21,9 @@ pooling head trained on the frozen patch tokens, `jepa_ray.eval.attentive`), kNN
 on the pooled embedding). Downstream, on held-out subjects (one study per subject, as `evaluate`):
 image -> EHR retrieval recall@5 on the test split against its chance level, and Cox heads under
 every fusion strategy (Harrell's c-index on test and external, fit on train, stopped on val).
+With the downstream part, two bounds: what a small supervised CNN reads of each latent from the
+same pixels (`supervised_ceiling`), and the fusion margin an image read-out of a given R² allows
+(`fusion_bound`: the true latents blurred to that R² beside the raw EHR, ridge Cox).
 
 Headline: `ratio` = the share of (seed, factor) cells in which the JEPA's attentive-probe R² beats
 both its random init and the MAE; the target 1.0 means every factor in every seed. benchmarks/README.md
@@ -280,6 +283,111 @@ def raw_fusion(held: dict, manifest: dict, truth: dict) -> dict:
         split: out["ehr+image"][split] - max(out["ehr"][split], out["image"][split])
         for split in ("test", "external")
     }
+    return out
+
+
+def supervised_ceiling(held: dict, truth: dict, seeds: int = 2, epochs: int = 40) -> dict:
+    """What the pixels hold when labels are given: a small CNN (stride-2 convolutions, 32-128
+    channels) trained on the training split's images to regress the four latents, R² per factor
+    on the test split's images, per CNN seed. Above the raw-input probes (linear maps of pixels),
+    it says how far an encoder's frozen read-out could still rise."""
+    import torch
+    from torch import nn
+
+    def images(batches):  # the studies with an image, and their subjects' latents
+        x, z = [], []
+        for b in batches:
+            on = b["has_image"].bool()
+            x.append(b["image"].float()[on])
+            z += [
+                truth[json.loads(m)["subject"]]
+                for m, keep in zip(b["meta"], on.tolist(), strict=True)
+                if keep
+            ]
+        return torch.cat(x), torch.tensor(z, dtype=torch.float32)
+
+    (x, z), (xt, zt) = images(held["train"]), images(held["test"])
+    mu, sd = z.mean(0), z.std(0)
+    out = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        layers, c, size = [nn.Conv2d(x.shape[1], 32, 3, padding=1), nn.GELU()], 32, x.shape[-1]
+        while size > 4:
+            layers += [nn.Conv2d(c, min(2 * c, 128), 3, stride=2, padding=1), nn.GELU()]
+            c, size = min(2 * c, 128), size // 2
+        net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, len(FACTORS)))
+        opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=1e-2)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x)).split(64):
+                loss = ((net(x[idx]) - (z[idx] - mu) / sd) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            pred = net.eval()(xt) * sd + mu
+        r2 = 1 - ((pred - zt) ** 2).sum(0) / ((zt - zt.mean(0)) ** 2).sum(0)
+        out.append(dict(zip(FACTORS, map(float, r2), strict=True)))
+    return {"per_seed": out, "mean": {f: float(np.mean([o[f] for o in out])) for f in FACTORS}}
+
+
+def read_at(z: np.ndarray, r2: float, rng: np.random.Generator) -> np.ndarray:
+    """A read-out of a standardised latent `z` whose R² against it is `r2` (in expectation):
+    sqrt(r2) z plus independent noise of variance 1 - r2."""
+    r2 = float(np.clip(r2, 0.0, 1.0))
+    return np.sqrt(r2) * z + np.sqrt(1 - r2) * rng.standard_normal(len(z))
+
+
+def fusion_bound(held: dict, manifest: dict, truth: dict, r2: dict[str, dict], reps: int = 20) -> dict:
+    """The fusion margin an image read-out of given quality allows. For each named set of R²
+    (factor -> R²), an idealised image read-out (`read_at` of each true latent) under a ridge Cox
+    model (the hazard is log-linear in the latents, so this is the right model), beside the raw
+    EHR features' ridge Cox, and fused: the better per split of one ridge Cox on both designs and
+    of late fusion (a Cox model on the two models' risks), as the benchmark takes the best fusion
+    strategy. Harrell test / external on subjects with both modalities, averaged over `reps` draws
+    of the read-out noise, and the margin of the fusion over the better unimodal model."""
+    from jepa_ray.eval.features import raw_ehr_features
+    from jepa_ray.eval.survival import RidgeCox, harrell
+
+    splits = held_splits(held)
+    raw = raw_ehr_features(splits, manifest, "train")
+    lat, tte, ehr = {}, {}, {}  # subjects with both modalities and follow-up
+    for k, sp in splits.items():
+        time, event = sp.tte("death")
+        rows = (
+            sp.cols["has_image"].astype(bool) & sp.cols["has_ehr"].astype(bool) & ~np.isnan(time) & (time > 0)
+        )
+        lat[k] = np.array([truth[m["subject"]] for m in sp.meta], float)[rows]
+        tte[k], ehr[k] = (time[rows], event[rows]), raw[k][rows]
+
+    def fit(x: dict) -> tuple[np.ndarray, dict]:
+        """Test / external c-index of a ridge Cox model fit on train, and its risk on every split."""
+        model = RidgeCox(x["train"], *tte["train"])
+        risk = {k: model.risk(v) for k, v in x.items()}
+        return np.array([harrell(*tte[s], risk[s]) for s in ("test", "external")]), risk
+
+    alone, ehr_risk = fit(ehr)
+    out: dict = {"ehr": dict(zip(("test", "external"), map(float, alone), strict=True))}
+    for name, quality in r2.items():
+        got = []
+        for rep in range(reps):
+            rng = np.random.default_rng(rep)
+            img = {
+                k: np.stack([read_at(lat[k][:, j], quality[f], rng) for j, f in enumerate(FACTORS)], 1)
+                for k in lat
+            }
+            image, img_risk = fit(img)
+            joint, _ = fit({k: np.concatenate([ehr[k], img[k]], 1) for k in lat})
+            late, _ = fit({k: np.stack([ehr_risk[k], img_risk[k]], 1) for k in lat})
+            both = np.maximum(joint, late)
+            got.append(np.concatenate([image, both, both - np.maximum(alone, image)]))
+        m = np.mean(got, axis=0)
+        out[name] = {
+            "r2": {f: float(quality[f]) for f in FACTORS},
+            **{
+                part: {"test": float(m[2 * i]), "external": float(m[2 * i + 1])}
+                for i, part in enumerate(("image", "fusion", "margin"))
+            },
+        }
     return out
 
 
@@ -551,6 +659,31 @@ def main() -> int:
             s: [fusion_margin(r["jepa"]["downstream"]["cindex"], s) for r in runs]
             for s in ("test", "external")
         }
+        sup = results["supervised_ceiling"] = supervised_ceiling(held, truth)
+        print(
+            "supervised CNN, test R²: " + " ".join(f"{f} {v:.2f}" for f, v in sup["mean"].items()), flush=True
+        )
+        jepa = {f: float(np.mean([r["jepa"]["attentive"][f] for r in runs])) for f in FACTORS}
+        bound = results["fusion_bound"] = fusion_bound(
+            held,
+            manifest,
+            truth,
+            {
+                "jepa_attentive": jepa,
+                "supervised_cnn": sup["mean"],
+                "jepa_with_mass_exact": jepa | {"mass": 1.0},
+                "latents_exact": dict.fromkeys(FACTORS, 1.0),
+            },
+        )
+        for name, b in bound.items():
+            if name != "ehr":
+                print(
+                    f"fusion bound, image read at {name} R²: margin over the better of raw EHR "
+                    f"({bound['ehr']['test']:.3f} / {bound['ehr']['external']:.3f}) and the image alone"
+                    f" ({b['image']['test']:.3f} / {b['image']['external']:.3f}):"
+                    f" test {b['margin']['test']:+.3f}  external {b['margin']['external']:+.3f}",
+                    flush=True,
+                )
         for read, v in results["retrieval_over_chance"].items():
             print(f"JEPA recall@{RETRIEVAL_K} / chance per seed ({read}): " + " ".join(f"{x:.2f}" for x in v))
         for s, v in results["fusion_margin"].items():

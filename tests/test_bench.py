@@ -118,3 +118,27 @@ def test_the_gpu_rows_script_runs_its_benchmarks_and_writes_json(tmp_path):
     model = json.loads((tmp_path / "model-gpu.json").read_text())
     assert model["ratio"] > 1.0  # the context encoder pays less with fewer patches visible
     assert "ZeRO-2 engine / bare bf16" in (tmp_path / "gpu.log").read_text()
+
+
+def test_the_fusion_bounds_read_out_has_the_r2_it_is_asked_for(monkeypatch):
+    """bench_learning's fusion bound blurs each true latent to a given R² (`read_at`); the bound is
+    only what it says if the read-out's R² against the latent is that value, 0 and 1 included."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    # the benchmark sets a salt and a path on import: both are undone after the test
+    monkeypatch.setenv("JEPA_RAY_SALT", "test-salt-not-secret-0123456789abcdef0123")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_learning.py"
+    spec = importlib.util.spec_from_file_location("bench_learning", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    z = np.random.default_rng(0).standard_normal(200_000)
+    for r2 in (0.0, 0.12, 0.34, 0.9, 1.0):
+        x = bench.read_at(z, r2, np.random.default_rng(1))
+        assert np.corrcoef(x, z)[0, 1] ** 2 == pytest.approx(r2, abs=0.005)
+        assert x.std() == pytest.approx(1.0, abs=0.01)  # a standardised read-out, as the latents
+    assert np.array_equal(bench.read_at(z, 1.7, np.random.default_rng(1)), z)  # clipped to exact
