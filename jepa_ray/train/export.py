@@ -10,7 +10,10 @@ storage settings as training; its newest checkpoint is downloaded to a temporary
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,9 +72,13 @@ def student_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_loading():
             if any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
+                if not torch.cuda.is_available():  # what DeepSpeed picks then, without its warning
+                    os.environ.setdefault("DS_ACCELERATOR", "cpu")
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ENGINE_TAG)
+                # its reader prints each step and a progress bar: the export reports what it wrote
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ENGINE_TAG)
             else:  # ZeRO-0 in fp32: the module's weights are whole in the model-states file
                 sd = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     except Exception as e:
