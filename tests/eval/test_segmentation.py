@@ -60,6 +60,8 @@ def test_the_conv_head_covers_every_pixel_of_the_grid_for_even_and_odd_patches(p
 
     head = _head("conv", 12, 3, (patch, patch))
     assert head(torch.randn(2, 12, 4, 5)).shape == (2, 3, 4 * patch, 5 * patch)
+    upsamples = [m.scale_factor for m in head if isinstance(m, torch.nn.Upsample)]
+    assert upsamples == ([patch // 2, 2] if patch % 2 == 0 else [patch])  # no x1 pass for an odd one
 
 
 def test_the_linear_head_lays_each_tokens_logits_over_its_own_patch():
