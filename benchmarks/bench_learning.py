@@ -59,18 +59,18 @@ FUSION = ("late_fusion", "contrastive", "cross_attention", "co_attention")
 UNIMODAL = ("image", "ehr")
 
 
-def cohort(work: Path, subjects: int) -> Path:
-    """Synthetic cohort -> 64 px shards with train / val / test / external splits."""
+def cohort(work: Path, subjects: int, synth: list[str] = ()) -> Path:
+    """Synthetic cohort -> 64 px shards with train / val / test / external splits. `synth`: cohort
+    settings over the benchmark's (synth.K=V); a cohort already in `work` is reused as it is."""
     import ray
 
-    from jepa_ray.config import SynthConfig, load_config
+    from jepa_ray.config import load_config
     from jepa_ray.ingest.prepare import prepare
     from jepa_ray.synth.cohort import cohort_inputs, write_cohort
 
     if not (work / "cohort" / "latents.parquet").exists():
-        write_cohort(
-            work / "cohort", SynthConfig(subjects=subjects, seed=3, sites=4, min_size=128, max_size=256)
-        )
+        base = [f"synth.subjects={subjects}", "synth.seed=3", "synth.sites=4", "synth.min_size=128"]
+        write_cohort(work / "cohort", load_config(overrides=[*base, "synth.max_size=256", *synth]).synth)
     shards = work / "shards"
     if not (shards / "manifest.json").exists():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
@@ -502,6 +502,14 @@ def main() -> int:
         "model.sigreg=0.1 (repeatable; model.preset and model.objective are the arm's)",
     )
     ap.add_argument(
+        "--synth",
+        action="append",
+        default=[],
+        metavar="synth.KEY=VALUE",
+        help="a cohort setting, e.g. synth.mass_contrast=0.9 (repeatable; give a --workdir of its own: "
+        "a cohort already written there is reused as it is)",
+    )
+    ap.add_argument(
         "--probe-seeds",
         type=int,
         default=1,
@@ -527,7 +535,10 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-learning-"))
     t0 = time.perf_counter()
-    shards = cohort(work, subjects)
+    bad = [o for o in args.synth if not o.startswith("synth.")]
+    if bad:
+        raise SystemExit(f"--synth takes synth.KEY=VALUE settings, not {', '.join(bad)}")
+    shards = cohort(work, subjects, args.synth)
     loaded = load_config(
         overrides=[
             "pipeline.image_size=32",
@@ -708,6 +719,7 @@ def main() -> int:
             "image_size": cfg.image_size,
             "patch_size": cfg.patch_size,
             "overrides": args.overrides,
+            "synth": args.synth,
             "batch": 32,
             "lr": lr,
             "downstream": do_downstream,

@@ -51,6 +51,13 @@ class SynthConfig(_Strict):
         description="Write each radiograph's ground-truth structure masks (lungs, heart, bone, lung zones) as "
         "PNGs under masks/, as an annotation export would (masks/structures.json says how).",
     )
+    mass_contrast: float = Field(
+        0.45,
+        gt=0,
+        le=2,
+        description="Attenuation the radiographs' lung mass adds over what lies behind it (0.45: soft "
+        "tissue); higher draws a more conspicuous finding, whose size the images show more plainly.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:

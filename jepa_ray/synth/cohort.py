@@ -187,7 +187,7 @@ def _draw_cohort(cfg: SynthConfig, rng: np.random.Generator) -> _Cohort:
     # in an upper lung zone (where most lung cancers arise), either side
     side, u, v = draw.choice([-1, 1], n), draw.uniform(-0.3, 0.3, n), draw.uniform(-0.5, -0.2, n)
     mass = [
-        Mass(round(40 * float(np.exp(0.4 * m)), 2), int(s), float(a), float(b))
+        Mass(round(40 * float(np.exp(0.4 * m)), 2), int(s), float(a), float(b), cfg.mass_contrast)
         for m, s, a, b in zip(mass_z, side, u, v, strict=True)
     ]
 

@@ -69,6 +69,7 @@ class Mass:
     side: int
     u: float
     v: float
+    contrast: float = 0.45  # attenuation added over what lies behind it (soft tissue)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ def draw_chest(
         cx, ax, cy, ay, _base = lungs[0 if mass.side < 0 else 1]
         r = mass.diameter / 2
         rs, cs, m = _ellipse(x, y, cx + mass.u * ax, cy + mass.v * ay, r, r, 1.5)
-        att[rs, cs] += 0.45 * m
+        att[rs, cs] += mass.contrast * m
     # a lead side marker in the upper corner
     r0, c0 = int(rows * 0.05), int(cols * (0.06 if rng.random() < 0.5 else 0.9))
     att[r0 : r0 + max(4, rows // 40), c0 : c0 + max(3, cols // 60)] = 1.8

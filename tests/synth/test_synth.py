@@ -502,3 +502,22 @@ def test_a_mass_is_a_round_opacity_of_its_diameter_in_the_lung_it_names():
         assert 2 * np.sqrt(changed.sum() / np.pi) == pytest.approx(mass.diameter, rel=0.2)
         cols = np.flatnonzero(changed.any(axis=0))
         assert np.sign(cols.mean() - 200) == mass.side  # the patient's right lung is the image's left
+
+
+def test_a_mass_adds_the_contrast_the_cohort_asks_for():
+    """synth.mass_contrast is the attenuation the mass adds at its centre: the default 0.45 (soft
+    tissue over lung), more for a more conspicuous finding; the rest of the image is unchanged."""
+    from jepa_ray.synth.phantom import Mass, draw_chest
+
+    kw = {"thorax": 148.0, "ap": False}
+    plain = draw_chest((400, 400), 1.0, 0.0, 0.0, 0.0, rng=np.random.default_rng(3), **kw)
+    added = {}
+    for contrast in (0.45, 0.9):
+        mass = Mass(40.0, 1, -0.1, 0.1, contrast)
+        drawn = draw_chest((400, 400), 1.0, 0.0, 0.0, 0.0, rng=np.random.default_rng(3), mass=mass, **kw)
+        added[contrast] = drawn - plain
+        assert added[contrast].max() == pytest.approx(contrast, abs=1e-4)
+    assert np.array_equal(added[0.45] > 1e-6, added[0.9] > 1e-6)  # the same place and size
+    assert SynthConfig().mass_contrast == 0.45
+    with pytest.raises(ValueError, match="mass_contrast"):
+        SynthConfig(mass_contrast=0)
