@@ -69,8 +69,14 @@ def cohort(work: Path, subjects: int, synth: list[str] = ()) -> Path:
     from jepa_ray.synth.cohort import cohort_inputs, write_cohort
 
     if not (work / "cohort" / "latents.parquet").exists():
-        base = [f"synth.subjects={subjects}", "synth.seed=3", "synth.sites=4", "synth.min_size=128"]
-        write_cohort(work / "cohort", load_config(overrides=[*base, "synth.max_size=256", *synth]).synth)
+        base = [
+            f"synth.subjects={subjects}",
+            "synth.seed=3",
+            "synth.sites=4",
+            "synth.min_size=128",
+            "synth.max_size=256",
+        ]
+        write_cohort(work / "cohort", load_config(overrides=[*base, *synth]).synth)
     shards = work / "shards"
     if not (shards / "manifest.json").exists():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
@@ -249,36 +255,53 @@ def raw_retrieval(held: dict, manifest: dict) -> dict:
     return mapped_recall({k: s.cols["raw_image"] for k, s in splits.items()}, ehr, both)
 
 
-def raw_fusion(held: dict, manifest: dict, truth: dict) -> dict:
-    """The raw-input ceiling of fusion: ridge Cox heads (the raw baseline's, `RidgeCox`) fit on the
-    training split's subjects with both modalities, on raw EHR features, 8 x 8-pooled pixels, both
-    concatenated, and the true latents (the oracle), Harrell's c-index on test and external."""
+def followed_pairs(held: dict, manifest: dict, truth: dict) -> dict:
+    """The held subjects with both modalities and follow-up, per split: their (time, event) of
+    death, raw EHR features (the Cox baseline's, imputed with the training split's statistics),
+    8 x 8-pooled pixels and true latents: what the raw-input fusion ceiling and bound read."""
     from jepa_ray.eval.features import raw_ehr_features
-    from jepa_ray.eval.survival import RidgeCox, harrell
 
     splits = held_splits(held)
     ehr = raw_ehr_features(splits, manifest, "train")
-    designs = {
-        "ehr": lambda k: ehr[k],
-        "image": lambda k: splits[k].cols["raw_image"],
-        "ehr+image": lambda k: np.concatenate([ehr[k], splits[k].cols["raw_image"]], 1),
-        "latents": lambda k: np.array([truth[m["subject"]] for m in splits[k].meta], float),
-    }
-    rows, tte = {}, {}
+    out = {}
     for k, sp in splits.items():
         time, event = sp.tte("death")
-        tte[k] = (time, event)
-        rows[k] = sp.cols["has_image"].astype(bool) & sp.cols["has_ehr"].astype(bool)
-        rows[k] &= ~np.isnan(time) & (time > 0)
+        rows = sp.cols["has_image"].astype(bool) & sp.cols["has_ehr"].astype(bool)
+        rows &= ~np.isnan(time) & (time > 0)
+        out[k] = {
+            "tte": (time[rows], event[rows]),
+            "ehr": ehr[k][rows],
+            "image": sp.cols["raw_image"][rows],
+            "latents": np.array([truth[m["subject"]] for m in sp.meta], float)[rows],
+        }
+    return out
+
+
+def ridge_cox(pairs: dict, x: dict) -> tuple[np.ndarray, dict]:
+    """Harrell test / external of a ridge Cox model (`RidgeCox`) fit on train's design x["train"]
+    (rows as `followed_pairs`), and its risk on every split."""
+    from jepa_ray.eval.survival import RidgeCox, harrell
+
+    model = RidgeCox(x["train"], *pairs["train"]["tte"])
+    risk = {k: model.risk(v) for k, v in x.items()}
+    return np.array([harrell(*pairs[s]["tte"], risk[s]) for s in ("test", "external")]), risk
+
+
+def raw_fusion(pairs: dict) -> dict:
+    """The raw-input ceiling of fusion: ridge Cox heads (the raw baseline's, `RidgeCox`) fit on the
+    training split's subjects with both modalities (`followed_pairs`), on raw EHR features,
+    8 x 8-pooled pixels, both concatenated, and the true latents (the oracle), Harrell's c-index on
+    test and external."""
+    designs = {
+        "ehr": lambda p: p["ehr"],
+        "image": lambda p: p["image"],
+        "ehr+image": lambda p: np.concatenate([p["ehr"], p["image"]], 1),
+        "latents": lambda p: p["latents"],
+    }
     out: dict = {}
     for name, x in designs.items():
-        r = rows["train"]
-        model = RidgeCox(x("train")[r], tte["train"][0][r], tte["train"][1][r])
-        out[name] = {}
-        for split in ("test", "external"):
-            r = rows[split]
-            time, event = tte[split]
-            out[name][split] = float(harrell(time[r], event[r], model.risk(x(split)[r])))
+        c, _ = ridge_cox(pairs, {k: x(p) for k, p in pairs.items()})
+        out[name] = {"test": float(c[0]), "external": float(c[1])}
     out["fusion_margin"] = {
         split: out["ehr+image"][split] - max(out["ehr"][split], out["image"][split])
         for split in ("test", "external")
@@ -337,47 +360,29 @@ def read_at(z: np.ndarray, r2: float, rng: np.random.Generator) -> np.ndarray:
     return np.sqrt(r2) * z + np.sqrt(1 - r2) * rng.standard_normal(len(z))
 
 
-def fusion_bound(held: dict, manifest: dict, truth: dict, r2: dict[str, dict], reps: int = 20) -> dict:
+def fusion_bound(pairs: dict, r2: dict[str, dict], reps: int = 20) -> dict:
     """The fusion margin an image read-out of given quality allows. For each named set of R²
     (factor -> R²), an idealised image read-out (`read_at` of each true latent) under a ridge Cox
     model (the hazard is log-linear in the latents, so this is the right model), beside the raw
     EHR features' ridge Cox, and fused: the better per split of one ridge Cox on both designs and
     of late fusion (a Cox model on the two models' risks), as the benchmark takes the best fusion
-    strategy. Harrell test / external on subjects with both modalities, averaged over `reps` draws
-    of the read-out noise, and the margin of the fusion over the better unimodal model."""
-    from jepa_ray.eval.features import raw_ehr_features
-    from jepa_ray.eval.survival import RidgeCox, harrell
-
-    splits = held_splits(held)
-    raw = raw_ehr_features(splits, manifest, "train")
-    lat, tte, ehr = {}, {}, {}  # subjects with both modalities and follow-up
-    for k, sp in splits.items():
-        time, event = sp.tte("death")
-        rows = (
-            sp.cols["has_image"].astype(bool) & sp.cols["has_ehr"].astype(bool) & ~np.isnan(time) & (time > 0)
-        )
-        lat[k] = np.array([truth[m["subject"]] for m in sp.meta], float)[rows]
-        tte[k], ehr[k] = (time[rows], event[rows]), raw[k][rows]
-
-    def fit(x: dict) -> tuple[np.ndarray, dict]:
-        """Test / external c-index of a ridge Cox model fit on train, and its risk on every split."""
-        model = RidgeCox(x["train"], *tte["train"])
-        risk = {k: model.risk(v) for k, v in x.items()}
-        return np.array([harrell(*tte[s], risk[s]) for s in ("test", "external")]), risk
-
-    alone, ehr_risk = fit(ehr)
+    strategy. Harrell test / external on subjects with both modalities (`followed_pairs`),
+    averaged over `reps` draws of the read-out noise, and the margin of the fusion over the better
+    unimodal model."""
+    ehr = {k: p["ehr"] for k, p in pairs.items()}
+    alone, ehr_risk = ridge_cox(pairs, ehr)
     out: dict = {"ehr": dict(zip(("test", "external"), map(float, alone), strict=True))}
     for name, quality in r2.items():
         got = []
         for rep in range(reps):
             rng = np.random.default_rng(rep)
             img = {
-                k: np.stack([read_at(lat[k][:, j], quality[f], rng) for j, f in enumerate(FACTORS)], 1)
-                for k in lat
+                k: np.stack([read_at(p["latents"][:, j], quality[f], rng) for j, f in enumerate(FACTORS)], 1)
+                for k, p in pairs.items()
             }
-            image, img_risk = fit(img)
-            joint, _ = fit({k: np.concatenate([ehr[k], img[k]], 1) for k in lat})
-            late, _ = fit({k: np.stack([ehr_risk[k], img_risk[k]], 1) for k in lat})
+            image, img_risk = ridge_cox(pairs, img)
+            joint, _ = ridge_cox(pairs, {k: np.concatenate([ehr[k], img[k]], 1) for k in pairs})
+            late, _ = ridge_cox(pairs, {k: np.stack([ehr_risk[k], img_risk[k]], 1) for k in pairs})
             both = np.maximum(joint, late)
             got.append(np.concatenate([image, both, both - np.maximum(alone, image)]))
         m = np.mean(got, axis=0)
@@ -577,7 +582,8 @@ def main() -> int:
 
     retrieval_ceiling = fusion_ceiling = None
     if do_downstream:
-        fusion_ceiling = raw_fusion(held, manifest, truth)
+        pairs = followed_pairs(held, manifest, truth)
+        fusion_ceiling = raw_fusion(pairs)
         print(
             "raw input: Harrell test / external "
             + "  ".join(f"{k} {v['test']:.3f} / {v['external']:.3f}" for k, v in fusion_ceiling.items()),
@@ -676,9 +682,7 @@ def main() -> int:
         )
         jepa = {f: float(np.mean([r["jepa"]["attentive"][f] for r in runs])) for f in FACTORS}
         bound = results["fusion_bound"] = fusion_bound(
-            held,
-            manifest,
-            truth,
+            pairs,
             {
                 "jepa_attentive": jepa,
                 "supervised_cnn": sup["mean"],
