@@ -17,7 +17,9 @@ in a training job. Two guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -44,6 +46,14 @@ def _allowed() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def quietly() -> Iterator[None]:
+    """DeepSpeed's checkpoint converters print each step and a progress bar: within the block
+    stdout and stderr are dropped (jepa-ray reports what it wrote itself; errors still raise)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 @contextmanager

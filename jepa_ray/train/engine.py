@@ -169,12 +169,10 @@ def to_universal(directory: Path, out: Path) -> Path:
     their own) made from the ZeRO checkpoint in `directory`, under `out`/UNIVERSAL_TAG; it loads at
     any world size. Its files are read by the restricted unpickler, one process, quietly."""
     import argparse
-    import contextlib
-    import io
 
     from deepspeed.checkpoint.ds_to_universal import main
 
-    from jepa_ray.train.checkpoints import safe_loading
+    from jepa_ray.train.checkpoints import quietly, safe_loading
 
     args = argparse.Namespace(
         input_folder=str(directory / ENGINE_TAG),
@@ -185,7 +183,7 @@ def to_universal(directory: Path, out: Path) -> Path:
         strict=True,
         inject_missing_state=True,  # the version record a Megatron client would add; none is needed here
     )
-    with safe_loading(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with safe_loading(), quietly():
         main(args)
     return out / UNIVERSAL_TAG
 

@@ -10,8 +10,6 @@ storage settings as training; its newest checkpoint is downloaded to a temporary
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import tempfile
@@ -24,7 +22,7 @@ import torch
 from jepa_ray.config import StorageConfig
 from jepa_ray.errors import ConfigError
 from jepa_ray.storage import is_remote, make_filesystem
-from jepa_ray.train.checkpoints import load_error, safe_loading, verify
+from jepa_ray.train.checkpoints import load_error, quietly, safe_loading, verify
 from jepa_ray.train.engine import ENGINE_TAG, STATE_FILE, TARGET_FILE, read_target
 
 
@@ -76,8 +74,7 @@ def student_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
                     os.environ.setdefault("DS_ACCELERATOR", "cpu")
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-                # its reader prints each step and a progress bar: the export reports what it wrote
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                with quietly():
                     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ENGINE_TAG)
             else:  # ZeRO-0 in fp32: the module's weights are whole in the model-states file
                 sd = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
