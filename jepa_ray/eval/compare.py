@@ -67,6 +67,19 @@ def r2_rows(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return np.where(constant, np.where(ss_res == 0, 1.0, 0.0), out)
 
 
+def r2_weighted(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """R² of `pred` against `y` (n,) on each row of sample counts `w` (B, n): r2_rows of the
+    resamples the counts stand for, without building them (resamples of whole subjects differ in
+    length, so they do not stack)."""
+    total = w.sum(1)
+    mean = (w * y).sum(1) / total
+    ss_res = (w * (y - pred) ** 2).sum(1)
+    ss_tot = (w * (y[None] - mean[:, None]) ** 2).sum(1)
+    constant = ss_tot <= 1e-12 * np.maximum(1.0, (w * y**2).sum(1))
+    out = 1.0 - ss_res / np.where(constant, 1.0, ss_tot)
+    return np.where(constant, np.where(ss_res == 0, 1.0, 0.0), out)
+
+
 def align(keys_a: np.ndarray, keys_b: np.ndarray) -> np.ndarray:
     """Indices into b that put b's samples in a's order (the same samples embedded by two encoders
     may come back in another order); ValueError when the two sets of samples differ."""

@@ -444,7 +444,9 @@ def _latent_oof(
     {encoder: {readout: {factor: R²}, "n", "splits"}}; and the pretrained encoder's paired
     differences against each other one on those predictions: {other: {"latent R² <factor>":
     {readout: paired_difference}}}. On a cohort too small for its test split to tell encoders
-    apart (the demo's ~50 subjects), every sample is scored once, by a probe that never saw it."""
+    apart (the demo's ~50 subjects), every sample is scored once, by a probe that never saw it.
+    Each encoder's R² has its bootstrap 95% interval ("ci95"), as the differences do (one study per
+    subject: the samples are independent)."""
     from sklearn.metrics import r2_score
 
     from jepa_ray.eval.compare import paired_difference
@@ -474,14 +476,29 @@ def _latent_oof(
             readout: {f: float(r2_score(y[:, j], p[:, j])) for j, f in enumerate(factors)}
             for readout, p in per.items()
         }
-        | {"n": len(y), "splits": list(rows)}
+        | {
+            "n": len(y),
+            "splits": list(rows),
+            "ci95": {
+                readout: {
+                    f: probes.bootstrap_ci(r2_score, (y[:, j], p[:, j]), ec.bootstrap, ec.seed)
+                    for j, f in enumerate(factors)
+                }
+                for readout, p in per.items()
+            },
+        }
         for name, per in preds.items()
     }
     paired = {
         other: {
             f"latent R² {f}": {
                 readout: paired_difference(
-                    r2_score, y[:, j], preds["pretrained"][readout][:, j], p[:, j], ec.bootstrap, ec.seed
+                    r2_score,
+                    y[:, j],
+                    preds["pretrained"][readout][:, j],
+                    p[:, j],
+                    ec.bootstrap,
+                    ec.seed,
                 )
                 for readout, p in per.items()
             }

@@ -21,18 +21,36 @@ FINE_ALPHA_GRID = tuple(np.logspace(-2, 4, 13))  # the same, finer: for the cros
 MAP_DIMS = 128  # principal components a wider input of the retrieval map is reduced to
 
 
-def bootstrap_indices(size: int, n: int, seed: int, valid=None) -> list[np.ndarray]:
+def bootstrap_indices(size: int, n: int, seed: int, valid=None, groups=None) -> list[np.ndarray]:
     """Up to n bootstrap resamples of `size` items, as index arrays; those where `valid(idx)` is
-    False (e.g. one class only) are redrawn, at most n times."""
+    False (e.g. one class only) are redrawn, at most n times.
+
+    `groups` (one label per item, e.g. each study's subject) makes it a cluster bootstrap: the
+    groups are drawn with replacement, each bringing all its items. Studies of one subject are not
+    independent samples; drawing them one by one would make an interval too narrow."""
     rng = np.random.default_rng(seed)
+    members = None if groups is None else _members(groups, size)
     out: list[np.ndarray] = []
     tries = 0
     while len(out) < n and tries < 2 * n:
         tries += 1
-        idx = rng.integers(0, size, size)
+        if members is None:
+            idx = rng.integers(0, size, size)
+        else:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         if valid is None or valid(idx):
             out.append(idx)
     return out
+
+
+def _members(groups, size: int) -> list[np.ndarray]:
+    """The item indices of each distinct group label."""
+    groups = np.asarray(groups)
+    if len(groups) != size:
+        raise ValueError(f"groups: one label per item needed, got {len(groups)} for {size} items")
+    _, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(inverse))[:-1])
 
 
 def bootstrap_ci(metric, arrays: tuple[np.ndarray, ...], n: int, seed: int, valid=None) -> list[float] | None:

@@ -188,7 +188,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         lines += [
             "ridge: on the pooled image embedding; attentive: the attentive probe on the image tokens; "
             "out-of-fold: every subject of the named splits scored by a probe fit on the other folds "
-            "(5, grouped by subject), for cohorts whose test split is too small to tell encoders apart.",
+            "(5, grouped by subject), for cohorts whose test split is too small to tell encoders apart, "
+            "with its bootstrap 95% interval.",
             "",
         ]
         factors = _factors(metrics["latent_r2"])
@@ -207,7 +208,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         for name, cv in metrics.get("latent_r2_cv", {}).items():
             for probe, label in (("linear", "ridge"), ("attentive", "attentive")):
                 if probe in cv:
-                    vals = " | ".join(f"{cv[probe][k]:.3f}" for k in factors)
+                    ci = cv.get("ci95", {}).get(probe, {})
+                    vals = " | ".join(_fmt(cv[probe][k], ci.get(k)) for k in factors)
                     lines.append(
                         f"| {name} | {label} | out-of-fold ({', '.join(cv['splits'])}) | {cv['n']} | {vals} |"
                     )

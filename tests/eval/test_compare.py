@@ -37,6 +37,41 @@ def test_pairing_sees_a_small_consistent_gain_that_separate_intervals_miss():
     assert d["beyond_noise"] and 0 < d["difference"] < 0.1
 
 
+def test_several_studies_per_subject_are_resampled_by_subject():
+    """Three studies of one subject share its error: drawn one by one they look like three
+    independent samples and the interval is too narrow; drawn by subject it has the right width."""
+    from jepa_ray.eval.compare import r2_weighted
+    from jepa_ray.eval.probes import bootstrap_indices
+
+    rng = np.random.default_rng(2)
+    subjects = 150
+    groups = np.repeat([f"s{i:03d}" for i in rng.permutation(subjects)], 3)  # labels in any order
+    y = np.repeat(rng.normal(size=subjects), 3)
+    a = y + np.repeat(rng.normal(size=subjects), 3) * 0.8  # the subject's error, in each of its studies
+    b = y + np.repeat(rng.normal(size=subjects), 3) * 0.8
+    # every resample is whole subjects: as many subjects as there are, each with all three studies
+    for idx in bootstrap_indices(len(y), 20, 0, groups=groups):
+        _, counts = np.unique(groups[idx], return_counts=True)
+        assert len(idx) % 3 == 0 and np.all(counts % 3 == 0) and counts.sum() == 3 * subjects
+        assert np.all(groups[idx].reshape(-1, 3) == groups[idx].reshape(-1, 3)[:, :1])
+    # the weighted R² is the R² of the resample it stands for
+    draws = bootstrap_indices(len(y), 5, 1, groups=groups)
+    w = np.stack([np.bincount(d, minlength=len(y)) for d in draws])
+    assert r2_weighted(y, a, w) == pytest.approx([r2_score(y[d], a[d]) for d in draws])
+
+    # by subject the interval of a paired difference is about sqrt(3) wider than by study: the
+    # three studies carry one error
+    def width(draws) -> float:
+        w = np.stack([np.bincount(d, minlength=len(y)) for d in draws])
+        lo, hi = np.percentile(r2_weighted(y, a, w) - r2_weighted(y, b, w), [2.5, 97.5])
+        return hi - lo
+
+    by_study = width(bootstrap_indices(len(y), 400, 0))
+    assert 1.4 < width(bootstrap_indices(len(y), 400, 0, groups=groups)) / by_study < 2.2
+    with pytest.raises(ValueError, match="one label per item"):
+        bootstrap_indices(len(y), 5, 0, groups=groups[:-1])
+
+
 def test_bad_input_and_no_bootstrap():
     with pytest.raises(ValueError, match="one per sample"):
         paired_difference(r2_score, np.zeros(3), np.zeros(3), np.zeros(2), 10, 0)

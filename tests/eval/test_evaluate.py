@@ -177,6 +177,11 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
         assert cv["n"] == m["latent_r2_cv"]["pretrained"]["n"] > m["latent_r2"]["pretrained"]["test"]["n"]
         assert cv["a"] == pytest.approx(m["latent_r2_cv"]["pretrained"]["attentive"]["lung"])
         assert cv["b"] == pytest.approx(m["latent_r2_cv"][other]["attentive"]["lung"])
+        # each encoder's out-of-fold R² has its interval too
+        oof = m["latent_r2_cv"][other]
+        for probe in ("linear", "attentive"):
+            for factor, (lo, hi) in oof["ci95"][probe].items():
+                assert lo < hi and lo - 0.05 <= oof[probe][factor] <= hi + 0.05
     assert (
         "Pretrained against the other encoders" in report and "| latent R² lung, attentive, test |" in report
     )
@@ -184,6 +189,8 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
         "| latent R² lung, attentive, out-of-fold |" in report
         and "out-of-fold (train, val, test, external)" in report
     )
+    cv_row = next(x for x in report.splitlines() if x.startswith("| pretrained | attentive | out-of-fold"))
+    assert cv_row.count("[") == len(m["latent_r2_cv"]["pretrained"]["attentive"])  # one interval per factor
 
     # the command line, on the same output: cached embeddings reused, a one-screen summary
     from typer.testing import CliRunner
