@@ -52,6 +52,7 @@ TARGET = 1.0  # JEPA attentive R² above random init and MAE in every (seed, fac
 FACTORS = ("cardiac", "lung", "frailty", "mass")
 ARMS = ("random", "jepa", "mae")
 READOUTS = ("linear", "attentive", "knn")
+BOOTSTRAP = 1000  # subject resamples behind every interval
 EXTERNAL_SITE = "Oristell University Hospital"  # the 4th synthetic site
 SPLITS = ("train", "val", "test", "external")
 RETRIEVAL_K = 5
@@ -156,39 +157,109 @@ def raw_views(batches: list[dict], patch: int) -> tuple[np.ndarray, np.ndarray]:
     return pooled, np.concatenate([patches, where], axis=-1)
 
 
-def cv_knn_r2(x: np.ndarray, z: np.ndarray, groups: list, k: int = 20, folds: int = 5) -> list[float]:
-    """Out-of-fold R² per factor of a cosine kNN regression (mean of the k nearest), folds grouped."""
-    from sklearn.metrics import r2_score
+def oof_knn(x: np.ndarray, z: np.ndarray, groups: list, k: int = 20, folds: int = 5) -> np.ndarray:
+    """Out-of-fold predictions (N, F) of a cosine kNN regression (mean of the k nearest), folds grouped."""
     from sklearn.model_selection import GroupKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsRegressor
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     knn = make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=k, metric="cosine"))
-    pred = cross_val_predict(knn, x, z, groups=groups, cv=GroupKFold(folds))
-    return [float(r2_score(z[:, j], pred[:, j])) for j in range(z.shape[1])]
+    return np.asarray(cross_val_predict(knn, x, z, groups=groups, cv=GroupKFold(folds)), float)
+
+
+def oof_readouts(
+    pooled: np.ndarray, tokens: np.ndarray, z: np.ndarray, groups: list, seed: int, probe_seeds: int = 1
+) -> dict[str, np.ndarray]:
+    """{readout: out-of-fold predictions (N, F, fits)}: one fit of the ridge and of kNN, `probe_seeds`
+    fits of the attentive probe (seeds seed * probe_seeds + k): its own initialisation and batch
+    order move a faint factor's R² by more than the encoders differ (on the learning cohort's seed-2
+    encoders, the mass: 0.215-0.248 at random init over three probe seeds)."""
+    from jepa_ray.eval.attentive import oof_attentive
+    from jepa_ray.eval.probes import oof_latent
+
+    attentive = [oof_attentive(tokens, z, groups, seed=seed * probe_seeds + k) for k in range(probe_seeds)]
+    return {
+        "linear": oof_latent(pooled, z, groups)[..., None],
+        "attentive": np.stack(attentive, -1),
+        "knn": oof_knn(pooled, z, groups)[..., None],
+    }
+
+
+def subject_resamples(groups: list, n: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
+    """(n, N) counts of each image in n bootstrap resamples of the subjects (each drawn subject
+    brings all its images: one subject's images are not independent samples)."""
+    from jepa_ray.eval.probes import bootstrap_indices
+
+    draws = bootstrap_indices(len(groups), n, seed, groups=groups)
+    return np.stack([np.bincount(d, minlength=len(groups)) for d in draws]).astype(float)
+
+
+def resampled_r2(z: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(B, F) R² per resample (rows of `weights`) and factor of predictions (N, F, fits), averaged
+    over the fits."""
+    from jepa_ray.eval.compare import r2_weighted
+
+    return np.stack(
+        [
+            np.mean([r2_weighted(z[:, j], pred[:, j, k], weights) for k in range(pred.shape[2])], axis=0)
+            for j in range(z.shape[1])
+        ],
+        axis=1,
+    )
+
+
+def scores(preds: dict[str, np.ndarray], z: np.ndarray, weights: np.ndarray | None = None) -> dict:
+    """{readout: {factor: out-of-fold R²}} of `oof_readouts` (the attentive probe's R² averaged over
+    its fits, each fit's kept too); with resample `weights`, {"ci95": {readout: {factor: [lo, hi]}}}
+    beside them."""
+    from sklearn.metrics import r2_score
+
+    def r2(pred: np.ndarray) -> list[float]:
+        return [
+            float(np.mean([r2_score(z[:, j], pred[:, j, k]) for k in range(pred.shape[2])]))
+            for j in range(z.shape[1])
+        ]
+
+    out: dict = {r: dict(zip(FACTORS, r2(p), strict=True)) for r, p in preds.items()}
+    fits = preds["attentive"].shape[2]
+    if fits > 1:
+        out["attentive_per_probe_seed"] = [
+            dict(zip(FACTORS, r2(preds["attentive"][..., k : k + 1]), strict=True)) for k in range(fits)
+        ]
+    if weights is not None:
+        out["ci95"] = {
+            r: {f: [float(v) for v in np.percentile(b[:, j], [2.5, 97.5])] for j, f in enumerate(FACTORS)}
+            for r, p in preds.items()
+            for b in [resampled_r2(z, p, weights)]
+        }
+    return out
+
+
+def paired(preds_a: dict, preds_b: dict, z: np.ndarray, weights: np.ndarray) -> dict:
+    """{readout: {factor: {"difference", "ci95", "beyond_noise"}}}: R² of encoder a minus encoder b
+    on the same images, with the 95% interval of the same subject resamples (`subject_resamples`)."""
+    out: dict = {}
+    whole = np.ones((1, len(z)))  # every image once: the R² itself
+    for r in preds_a:
+        d = resampled_r2(z, preds_a[r], weights) - resampled_r2(z, preds_b[r], weights)
+        point = (resampled_r2(z, preds_a[r], whole) - resampled_r2(z, preds_b[r], whole))[0]
+        out[r] = {}
+        for j, f in enumerate(FACTORS):
+            lo, hi = np.percentile(d[:, j], [2.5, 97.5])
+            out[r][f] = {
+                "difference": float(point[j]),
+                "ci95": [float(lo), float(hi)],
+                "beyond_noise": bool(lo > 0 or hi < 0),
+            }
+    return out
 
 
 def readouts(
     pooled: np.ndarray, tokens: np.ndarray, z: np.ndarray, groups: list, seed: int, probe_seeds: int = 1
 ) -> dict:
-    """{readout: {factor: out-of-fold R²}}. The attentive probe is fit `probe_seeds` times (seeds
-    seed * probe_seeds + k) and its R² averaged: its own initialisation and batch order move a faint
-    factor's R² by more than the encoders differ (on the learning cohort's seed-2 encoders, the
-    mass: 0.215-0.248 at random init over three probe seeds); each probe seed's R² is kept too."""
-    from jepa_ray.eval.attentive import cv_attentive_r2
-    from jepa_ray.eval.probes import cv_latent_r2
-
-    each = [cv_attentive_r2(tokens, z, groups, seed=seed * probe_seeds + k) for k in range(probe_seeds)]
-    values = {
-        "linear": cv_latent_r2(pooled, z, groups),
-        "attentive": list(np.mean(each, axis=0)),
-        "knn": cv_knn_r2(pooled, z, groups),
-    }
-    out = {r: dict(zip(FACTORS, map(float, v), strict=True)) for r, v in values.items()}
-    if probe_seeds > 1:
-        out["attentive_per_probe_seed"] = [dict(zip(FACTORS, map(float, v), strict=True)) for v in each]
-    return out
+    """{readout: {factor: out-of-fold R²}} (`oof_readouts`, `scores`)."""
+    return scores(oof_readouts(pooled, tokens, z, groups, seed, probe_seeds), z)
 
 
 def held_splits(held: dict, model=None) -> dict:
@@ -573,7 +644,8 @@ def main() -> int:
     setup_s = time.perf_counter() - t0
 
     raw_pooled, raw_patches = raw_views(probe_batches, cfg.patch_size)
-    ceiling = readouts(raw_pooled, raw_patches, z, groups, seed=0, probe_seeds=args.probe_seeds)
+    resamples = subject_resamples(groups)  # the same for every encoder: intervals are paired
+    ceiling = scores(oof_readouts(raw_pooled, raw_patches, z, groups, 0, args.probe_seeds), z, resamples)
     print(
         "raw input: "
         + "  ".join(f"{r} " + " ".join(f"{v:+.2f}" for v in ceiling[r].values()) for r in READOUTS),
@@ -599,7 +671,7 @@ def main() -> int:
     runs = []
     for seed in range(args.first_seed, args.first_seed + seeds):
         run: dict = {"seed": seed}
-        models = {}
+        models, preds = {}, {}
         for arm in args.arms:
             torch.manual_seed(seed)  # the same encoder initialisation for every arm
             objective = "mae" if arm == "mae" else "jepa"
@@ -617,7 +689,8 @@ def main() -> int:
                 losses = train_on_samples(model, train, spec, cfg, steps, lr=lr, batch=32, seed=seed)
             train_s = time.perf_counter() - t
             pooled, tokens = image_views(model, probe_batches)
-            run[arm] = readouts(pooled, tokens, z, groups, seed, args.probe_seeds)
+            preds[arm] = oof_readouts(pooled, tokens, z, groups, seed, args.probe_seeds)
+            run[arm] = scores(preds[arm], z, resamples)
             run[arm]["train_s"] = train_s
             run[arm]["rankme"] = embedding_stats(torch.from_numpy(pooled))["rankme"]
             if losses:
@@ -630,6 +703,22 @@ def main() -> int:
                 + f"  rankme {run[arm]['rankme']:.1f}  ({train_s:.0f} s)",
                 flush=True,
             )
+        if "jepa" in preds:
+            run["paired"] = {
+                f"jepa-{other}": paired(preds["jepa"], preds[other], z, resamples)
+                for other in ("random", "mae")
+                if other in preds
+            }
+            for name, by_readout in run["paired"].items():
+                print(
+                    f"seed {seed} {name:<11} attentive "
+                    + "  ".join(
+                        f"{f} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                        + ("*" if d["beyond_noise"] else " ")
+                        for f, d in by_readout["attentive"].items()
+                    ),
+                    flush=True,
+                )
         if do_downstream:
             for arm, model in models.items():
                 if arm not in args.downstream_arms:
@@ -655,6 +744,22 @@ def main() -> int:
     )
     for line in lines:
         print(line)
+    if set(args.arms) == set(ARMS):
+        # the paired criterion: the JEPA above both baselines by more than the subject draw explains
+        clear = [
+            all(
+                r["paired"][pair]["attentive"][f]["beyond_noise"]
+                and r["paired"][pair]["attentive"][f]["difference"] > 0
+                for pair in ("jepa-random", "jepa-mae")
+            )
+            for r in runs
+            for f in FACTORS
+        ]
+        stats["beyond_noise"] = float(np.mean(clear))
+        print(
+            f"JEPA attentive R² above random init and MAE beyond noise (paired, subjects resampled, 95%): "
+            f"{sum(clear)} of {len(clear)} (seed, factor) cells"
+        )
     results: dict = {
         "runs": runs,
         "raw_ceiling": ceiling,

@@ -120,25 +120,70 @@ def test_the_gpu_rows_script_runs_its_benchmarks_and_writes_json(tmp_path):
     assert "ZeRO-2 engine / bare bf16" in (tmp_path / "gpu.log").read_text()
 
 
-def test_the_fusion_bounds_read_out_has_the_r2_it_is_asked_for(monkeypatch):
-    """bench_learning's fusion bound blurs each true latent to a given R² (`read_at`); the bound is
-    only what it says if the read-out's R² against the latent is that value, 0 and 1 included."""
+def _bench_learning(monkeypatch):
+    """benchmarks/bench_learning.py as a module; it sets a salt and a path on import, both undone
+    after the test."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    import numpy as np
-
-    # the benchmark sets a salt and a path on import: both are undone after the test
     monkeypatch.setenv("JEPA_RAY_SALT", "test-salt-not-secret-0123456789abcdef0123")
     monkeypatch.setattr(sys, "path", list(sys.path))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_learning.py"
     spec = importlib.util.spec_from_file_location("bench_learning", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_fusion_bounds_read_out_has_the_r2_it_is_asked_for(monkeypatch):
+    """bench_learning's fusion bound blurs each true latent to a given R² (`read_at`); the bound is
+    only what it says if the read-out's R² against the latent is that value, 0 and 1 included."""
+    import numpy as np
+
+    bench = _bench_learning(monkeypatch)
     z = np.random.default_rng(0).standard_normal(200_000)
     for r2 in (0.0, 0.12, 0.34, 0.9, 1.0):
         x = bench.read_at(z, r2, np.random.default_rng(1))
         assert np.corrcoef(x, z)[0, 1] ** 2 == pytest.approx(r2, abs=0.005)
         assert x.std() == pytest.approx(1.0, abs=0.01)  # a standardised read-out, as the latents
     assert np.array_equal(bench.read_at(z, 1.7, np.random.default_rng(1)), z)  # clipped to exact
+
+
+def test_the_learning_benchmarks_intervals_resample_subjects_and_pair_the_encoders(monkeypatch):
+    """bench_learning's per-seed read-outs come with 95% intervals over subject resamples, and
+    the JEPA is compared with each baseline on the same resamples: a planted better encoder is
+    beyond noise, a twin of the same quality is not, on every factor."""
+    import numpy as np
+    from sklearn.metrics import r2_score
+
+    bench = _bench_learning(monkeypatch)
+    rng = np.random.default_rng(0)
+    subjects, studies = 200, 2
+    groups = np.repeat([f"s{i}" for i in range(subjects)], studies).tolist()
+    z = np.repeat(rng.standard_normal((subjects, 4)), studies, axis=0)
+
+    def encoder(noise: float, fits: int = 1) -> dict:  # out-of-fold predictions (N, F, fits)
+        err = lambda: np.repeat(rng.standard_normal((subjects, 4)), studies, axis=0)[..., None]  # noqa: E731
+        return {
+            r: z[..., None] + noise * np.concatenate([err() for _ in range(k)], -1)
+            for r, k in (("linear", 1), ("attentive", fits), ("knn", 1))
+        }
+
+    good, bad, twin = encoder(0.5, fits=3), encoder(1.0, fits=3), encoder(0.5, fits=3)
+    resamples = bench.subject_resamples(groups, n=400)
+    assert resamples.shape == (400, len(groups)) and np.all(resamples.sum(1) == len(groups))
+    got = bench.scores(good, z, resamples)
+    for j, f in enumerate(bench.FACTORS):  # the attentive R²: the mean over the probe's fits
+        fits = [r2_score(z[:, j], good["attentive"][:, j, k]) for k in range(3)]
+        assert got["attentive"][f] == pytest.approx(np.mean(fits))
+        assert got["attentive_per_probe_seed"][1][f] == pytest.approx(fits[1])
+        lo, hi = got["ci95"]["attentive"][f]
+        assert lo < got["attentive"][f] < hi and hi - lo < 0.15
+    better = bench.paired(good, bad, z, resamples)
+    same = bench.paired(good, twin, z, resamples)
+    for f in bench.FACTORS:
+        d = better["attentive"][f]
+        assert d["beyond_noise"] and d["ci95"][0] > 0
+        assert d["difference"] == pytest.approx(got["attentive"][f] - bench.scores(bad, z)["attentive"][f])
+        assert not same["attentive"][f]["beyond_noise"]
