@@ -236,14 +236,19 @@ def scores(preds: dict[str, np.ndarray], z: np.ndarray, weights: np.ndarray | No
     return out
 
 
-def paired(preds_a: dict, preds_b: dict, z: np.ndarray, weights: np.ndarray) -> dict:
+def paired(pairs: list[tuple[dict, dict]], z: np.ndarray, weights: np.ndarray) -> dict:
     """{readout: {factor: {"difference", "ci95", "beyond_noise"}}}: R² of encoder a minus encoder b
-    on the same images, with the 95% interval of the same subject resamples (`subject_resamples`)."""
-    out: dict = {}
+    on the same images, averaged over `pairs` (one per seed, or one), with the 95% interval of the
+    same subject resamples (`subject_resamples`) for every pair: over seeds, the interval of the
+    mean difference, the subjects drawn once for all seeds."""
     whole = np.ones((1, len(z)))  # every image once: the R² itself
-    for r in preds_a:
-        d = resampled_r2(z, preds_a[r], weights) - resampled_r2(z, preds_b[r], weights)
-        point = (resampled_r2(z, preds_a[r], whole) - resampled_r2(z, preds_b[r], whole))[0]
+
+    def diff(w: np.ndarray, r: str) -> np.ndarray:
+        return np.mean([resampled_r2(z, a[r], w) - resampled_r2(z, b[r], w) for a, b in pairs], axis=0)
+
+    out: dict = {}
+    for r in pairs[0][0]:
+        d, point = diff(weights, r), diff(whole, r)[0]
         out[r] = {}
         for j, f in enumerate(FACTORS):
             lo, hi = np.percentile(d[:, j], [2.5, 97.5])
@@ -668,7 +673,7 @@ def main() -> int:
             flush=True,
         )
 
-    runs = []
+    runs, seed_preds = [], []
     for seed in range(args.first_seed, args.first_seed + seeds):
         run: dict = {"seed": seed}
         models, preds = {}, {}
@@ -705,7 +710,7 @@ def main() -> int:
             )
         if "jepa" in preds:
             run["paired"] = {
-                f"jepa-{other}": paired(preds["jepa"], preds[other], z, resamples)
+                f"jepa-{other}": paired([(preds["jepa"], preds[other])], z, resamples)
                 for other in ("random", "mae")
                 if other in preds
             }
@@ -736,6 +741,7 @@ def main() -> int:
                     flush=True,
                 )
         runs.append(run)
+        seed_preds.append(preds)
 
     stats, ratio, lines = (
         summary([{a: r[a] for a in ARMS} for r in runs], ceiling)
@@ -760,6 +766,21 @@ def main() -> int:
             f"JEPA attentive R² above random init and MAE beyond noise (paired, subjects resampled, 95%): "
             f"{sum(clear)} of {len(clear)} (seed, factor) cells"
         )
+    if "jepa" in args.arms:  # the mean difference over seeds, the same subject resamples for all
+        stats["paired_over_seeds"] = {
+            f"jepa-{other}": paired([(p["jepa"], p[other]) for p in seed_preds], z, resamples)
+            for other in ("random", "mae")
+            if other in args.arms
+        }
+        for name, by_readout in stats["paired_over_seeds"].items():
+            print(
+                f"mean over seeds {name:<11} attentive "
+                + "  ".join(
+                    f"{f} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                    + ("*" if d["beyond_noise"] else " ")
+                    for f, d in by_readout["attentive"].items()
+                )
+            )
     results: dict = {
         "runs": runs,
         "raw_ceiling": ceiling,

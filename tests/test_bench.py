@@ -180,10 +180,16 @@ def test_the_learning_benchmarks_intervals_resample_subjects_and_pair_the_encode
         assert got["attentive_per_probe_seed"][1][f] == pytest.approx(fits[1])
         lo, hi = got["ci95"]["attentive"][f]
         assert lo < got["attentive"][f] < hi and hi - lo < 0.15
-    better = bench.paired(good, bad, z, resamples)
-    same = bench.paired(good, twin, z, resamples)
+    better = bench.paired([(good, bad)], z, resamples)
+    same = bench.paired([(good, twin)], z, resamples)
     for f in bench.FACTORS:
         d = better["attentive"][f]
         assert d["beyond_noise"] and d["ci95"][0] > 0
         assert d["difference"] == pytest.approx(got["attentive"][f] - bench.scores(bad, z)["attentive"][f])
         assert not same["attentive"][f]["beyond_noise"]
+    # over seeds: the mean of the seeds' differences, on the same subject resamples
+    pooled = bench.paired([(good, bad), (good, twin)], z, resamples)["attentive"]
+    for f in bench.FACTORS:
+        mean = (better["attentive"][f]["difference"] + same["attentive"][f]["difference"]) / 2
+        assert pooled[f]["difference"] == pytest.approx(mean)
+        assert pooled[f]["ci95"][0] < mean < pooled[f]["ci95"][1]
