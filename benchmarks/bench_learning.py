@@ -26,8 +26,12 @@ same pixels (`supervised_ceiling`), and the fusion margin an image read-out of a
 (`fusion_bound`: the true latents blurred to that R² beside the raw EHR, ridge Cox).
 
 Headline: `ratio` = the share of (seed, factor) cells in which the JEPA's attentive-probe R² beats
-both its random init and the MAE; the target 1.0 means every factor in every seed. benchmarks/README.md
-reports every other figure beside it, with its spread over seeds.
+both its random init and the MAE; the target 1.0 means every factor in every seed. Beside it, the
+paired test: every read-out's 95% interval per seed (`ci95`), the JEPA minus each baseline on the
+same out-of-fold predictions per seed (`paired`) and averaged over seeds (`paired_over_seeds`),
+1,000 bootstrap resamples of the training subjects, each with all its images; `beyond_noise` is
+the share of cells where the JEPA beats both with intervals above zero. benchmarks/README.md
+reports every other figure beside them, with its spread over seeds.
 
     python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--lr LR] [--set K=V] [--out F]
 """
