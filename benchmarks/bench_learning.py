@@ -572,6 +572,13 @@ def main() -> int:
         help="peak learning rate of the trained arms (default: train.lr's, 1e-3; 3e-3 is what the "
         "label-free sweep of bench_labelfree.py --grid lr picks)",
     )
+    ap.add_argument(
+        "--mae-lr",
+        type=float,
+        default=None,
+        help="peak learning rate of the MAE arm alone (default: --lr's); the MAE reads the latents "
+        "best at 1e-4-3e-4, where it stays close to its initialisation (benchmarks/README.md)",
+    )
     ap.add_argument("--no-downstream", action="store_true", help="skip retrieval and the Cox heads")
     ap.add_argument(
         "--downstream-arms", nargs="+", default=["jepa"], choices=ARMS, help="arms scored downstream (slow)"
@@ -695,7 +702,8 @@ def main() -> int:
             t = time.perf_counter()
             losses = []
             if arm != "random":
-                losses = train_on_samples(model, train, spec, cfg, steps, lr=lr, batch=32, seed=seed)
+                rate = args.mae_lr if arm == "mae" and args.mae_lr else lr
+                losses = train_on_samples(model, train, spec, cfg, steps, lr=rate, batch=32, seed=seed)
             train_s = time.perf_counter() - t
             pooled, tokens = image_views(model, probe_batches)
             preds[arm] = oof_readouts(pooled, tokens, z, groups, seed, args.probe_seeds)
@@ -856,6 +864,7 @@ def main() -> int:
             "synth": args.synth,
             "batch": 32,
             "lr": lr,
+            "mae_lr": args.mae_lr or lr,
             "downstream": do_downstream,
             "setup_s": setup_s,
         },
