@@ -264,6 +264,15 @@ def paired(pairs: list[tuple[dict, dict]], z: np.ndarray, weights: np.ndarray) -
     return out
 
 
+def paired_cells(by_factor: dict) -> str:
+    """One line of `paired` differences: each factor's with its interval, * when beyond noise."""
+    return "  ".join(
+        f"{f} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+        + ("*" if d["beyond_noise"] else " ")
+        for f, d in by_factor.items()
+    )
+
+
 def readouts(
     pooled: np.ndarray, tokens: np.ndarray, z: np.ndarray, groups: list, seed: int, probe_seeds: int = 1
 ) -> dict:
@@ -728,13 +737,7 @@ def main() -> int:
             }
             for name, by_readout in run["paired"].items():
                 print(
-                    f"seed {seed} {name:<11} attentive "
-                    + "  ".join(
-                        f"{f} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                        + ("*" if d["beyond_noise"] else " ")
-                        for f, d in by_readout["attentive"].items()
-                    ),
-                    flush=True,
+                    f"seed {seed} {name:<11} attentive " + paired_cells(by_readout["attentive"]), flush=True
                 )
         if do_downstream:
             for arm, model in models.items():
@@ -785,14 +788,7 @@ def main() -> int:
             if other in args.arms
         }
         for name, by_readout in stats["paired_over_seeds"].items():
-            print(
-                f"mean over seeds {name:<11} attentive "
-                + "  ".join(
-                    f"{f} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                    + ("*" if d["beyond_noise"] else " ")
-                    for f, d in by_readout["attentive"].items()
-                )
-            )
+            print(f"mean over seeds {name:<11} attentive " + paired_cells(by_readout["attentive"]))
     results: dict = {
         "runs": runs,
         "raw_ceiling": ceiling,
