@@ -493,12 +493,7 @@ def _latent_oof(
         other: {
             f"latent R² {f}": {
                 readout: paired_difference(
-                    r2_score,
-                    y[:, j],
-                    preds["pretrained"][readout][:, j],
-                    p[:, j],
-                    ec.bootstrap,
-                    ec.seed,
+                    r2_score, y[:, j], preds["pretrained"][readout][:, j], p[:, j], ec.bootstrap, ec.seed
                 )
                 for readout, p in per.items()
             }
