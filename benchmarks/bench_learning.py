@@ -585,8 +585,8 @@ def main() -> int:
         "--mae-lr",
         type=float,
         default=None,
-        help="peak learning rate of the MAE arm alone (default: --lr's); the MAE reads the latents "
-        "best at 1e-4-3e-4, where it stays close to its initialisation (benchmarks/README.md)",
+        help="peak learning rate of the MAE arm alone (default: --lr's); of 1e-4 / 3e-4 / 1e-3 the MAE "
+        "reads the latents best at 1e-4, where it stays close to its initialisation (benchmarks/README.md)",
     )
     ap.add_argument("--no-downstream", action="store_true", help="skip retrieval and the Cox heads")
     ap.add_argument(
