@@ -199,6 +199,11 @@ def subject_resamples(groups: list, n: int = BOOTSTRAP, seed: int = 0) -> np.nda
     return np.stack([np.bincount(d, minlength=len(groups)) for d in draws]).astype(float)
 
 
+def once_each(n: int) -> np.ndarray:
+    """The resample of every image once (1, n): its R² is the R² itself."""
+    return np.ones((1, n))
+
+
 def resampled_r2(z: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(B, F) R² per resample (rows of `weights`) and factor of predictions (N, F, fits), averaged
     over the fits."""
@@ -217,13 +222,9 @@ def scores(preds: dict[str, np.ndarray], z: np.ndarray, weights: np.ndarray | No
     """{readout: {factor: out-of-fold R²}} of `oof_readouts` (the attentive probe's R² averaged over
     its fits, each fit's kept too); with resample `weights`, {"ci95": {readout: {factor: [lo, hi]}}}
     beside them."""
-    from sklearn.metrics import r2_score
 
     def r2(pred: np.ndarray) -> list[float]:
-        return [
-            float(np.mean([r2_score(z[:, j], pred[:, j, k]) for k in range(pred.shape[2])]))
-            for j in range(z.shape[1])
-        ]
+        return [float(v) for v in resampled_r2(z, pred, once_each(len(z)))[0]]
 
     out: dict = {r: dict(zip(FACTORS, r2(p), strict=True)) for r, p in preds.items()}
     fits = preds["attentive"].shape[2]
@@ -245,14 +246,13 @@ def paired(pairs: list[tuple[dict, dict]], z: np.ndarray, weights: np.ndarray) -
     on the same images, averaged over `pairs` (one per seed, or one), with the 95% interval of the
     same subject resamples (`subject_resamples`) for every pair: over seeds, the interval of the
     mean difference, the subjects drawn once for all seeds."""
-    whole = np.ones((1, len(z)))  # every image once: the R² itself
 
     def diff(w: np.ndarray, r: str) -> np.ndarray:
         return np.mean([resampled_r2(z, a[r], w) - resampled_r2(z, b[r], w) for a, b in pairs], axis=0)
 
     out: dict = {}
     for r in pairs[0][0]:
-        d, point = diff(weights, r), diff(whole, r)[0]
+        d, point = diff(weights, r), diff(once_each(len(z)), r)[0]
         out[r] = {}
         for j, f in enumerate(FACTORS):
             lo, hi = np.percentile(d[:, j], [2.5, 97.5])
