@@ -1,8 +1,11 @@
 """EHR inputs: MEDS event parquet, a static table and an outcome table, read into per-subject arrays.
 
 MEDS core columns: `subject_id` (int64), `time` (timestamp; null = static measurement such as
-`GENDER//F`), `code` (string), `numeric_value` (float, null = no value). Bad rows are quarantined
-with their file, row numbers and reason; the rest is kept.
+`GENDER//F`), `code` (string), `numeric_value` (float, null = no value). Exports that stray from it
+are read where the meaning is clear (`_time_column`: offsets to UTC, epoch numbers by magnitude;
+`_value_column`: numbers written as text) and quarantined where not. Bad rows are quarantined with
+their file, row numbers and reason, a file whose column cannot be read at all with its reason; the
+rest is kept. No record or message quotes a cell.
 
 Outcome table conventions: `subject_id`; optional `index_time` (the index date of subjects without
 an image); boolean or 0/1 columns are binary labels; column pairs `<name>_time` + `<name>_event`
@@ -12,7 +15,7 @@ are time-to-event outcomes. Other columns are ignored and listed in the manifest
 from __future__ import annotations
 
 import logging
-import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jepa_ray.ingest.identifiers import identifier_column
+
 logger = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400 * 1_000_000
+_NAT = np.iinfo(np.int64).min  # a missing time (MEDS: a static event) in int64 microseconds
 PAD_ID = 0
 UNK_ID = 1
 
@@ -127,52 +133,218 @@ def meds_files(meds: str | Path) -> list[Path]:
     return files
 
 
-def _key_strings(col: pa.ChunkedArray) -> pa.ChunkedArray:
+class _ColumnError(Exception):
+    """A column that cannot be read as what it should hold: its file (or, in the outcome table, its
+    values) is quarantined with `reason`; `detail` names the column and its type, never a value."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return any(
+        f(t)
+        for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    )
+
+
+def _utf8_text(col: pa.ChunkedArray, name: str) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """A text-like column as strings, and a mask of the values that are not valid UTF-8 (null in the
+    strings). Binary columns and string columns whose bytes are not UTF-8 (parquet does not check)
+    are decoded value by value; numbers become their text."""
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col, t = col.cast(t.value_type), t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        try:
+            col.validate(full=True)
+            return col.cast(pa.string()), np.zeros(len(col), dtype=bool)
+        except pa.ArrowInvalid:
+            col, t = col.cast(pa.large_binary() if pa.types.is_large_string(t) else pa.binary()), pa.binary()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        encoded = col.combine_chunks().dictionary_encode()
+        decoded = []
+        for raw in encoded.dictionary.to_pylist():  # distinct values only: codes repeat
+            try:
+                decoded.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                decoded.append(None)
+        text = pa.array(decoded, pa.string()).take(encoded.indices)
+        bad = np.asarray(pc.and_(encoded.indices.is_valid(), text.is_null()), dtype=bool)
+        return pa.chunked_array([text]), bad
+    if pa.types.is_null(t) or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return col.cast(pa.string()), np.zeros(len(col), dtype=bool)
+    raise _ColumnError("unsupported_column_type", f"{name} is of type {t}; expected text")
+
+
+def _key_strings(col: pa.ChunkedArray, name: str = "subject_id") -> pa.ChunkedArray:
     """Subject ids as trimmed strings (the join key with DICOM PatientID); null where unusable."""
     if pa.types.is_floating(col.type):  # ids that went through a float column: keep whole numbers only
         whole = pc.and_(pc.is_finite(col), pc.equal(col, pc.floor(col)))
         col = pc.if_else(whole, pc.cast(pc.floor(col), pa.int64(), safe=False), pa.scalar(None, pa.int64()))
-    text = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+    text = pc.utf8_trim_whitespace(_utf8_text(col, name)[0])  # not UTF-8: null, like a missing id
     return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
 
 
-def _parse_times(raw: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(microseconds since the epoch, NaT as int64 min; bool mask of unparsable non-null values)."""
-    if pd.api.types.is_datetime64_any_dtype(raw):
-        ser = raw
-        bad = np.zeros(len(ser), dtype=bool)
+# Integer times count from 1970-01-01 UTC in the unit their magnitude says (docs/prepare.md):
+# the largest |value| below 10^11 means seconds (10^11 s is the year 5138), below 10^14
+# milliseconds, below 10^17 microseconds, else nanoseconds. Within 10^8 of 0 in all of them
+# (1966-1973 as seconds, one day as milliseconds) no unit can be told, and the file is quarantined.
+_EPOCH_UNITS = ((10**11, 1_000_000), (10**14, 1_000), (10**17, 1))  # (below, microseconds per unit)
+_EPOCH_AMBIGUOUS = 10**8
+_US_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": -1_000}  # negative: divide by it
+_MAX_US = 253_402_300_800 * 1_000_000  # 10000-01-01: later (or as early before 1970) is not a date
+
+
+def _scale_times(raw: np.ndarray, present: np.ndarray, us_per: int) -> tuple[np.ndarray, np.ndarray]:
+    """Times counted in a unit of `us_per` microseconds (negative: 1/-us_per) -> (microseconds,
+    _NAT where absent or bad; mask of present values that are not finite or beyond the calendar)."""
+    if raw.dtype.kind == "f":
+        with np.errstate(invalid="ignore", over="ignore"):
+            us_f = np.floor(raw * us_per) if us_per > 0 else np.floor(raw / -us_per)
+        ok = present & np.isfinite(us_f) & (np.abs(np.nan_to_num(us_f)) <= _MAX_US)
+        us = np.where(ok, np.nan_to_num(us_f), 0).astype(np.int64)
     else:
-        raw = raw.astype(object)
-        present = (raw.notna() & (raw.astype(str).str.strip() != "")).to_numpy()
-        ser = pd.to_datetime(raw.where(present, None), errors="coerce", format="mixed")
-        bad = present & ser.isna().to_numpy()
-    if getattr(ser.dt, "tz", None) is not None:
-        ser = ser.dt.tz_convert("UTC").dt.tz_localize(None)
-    us = ser.astype("datetime64[us]").to_numpy().astype(np.int64)
-    return us, bad
+        raw = raw.astype(np.int64)
+        ok = present & (np.abs(raw) <= _MAX_US // us_per) if us_per > 0 else present  # int64 ns all fit
+        safe = np.where(ok, raw, 0)
+        us = safe * us_per if us_per > 0 else safe // -us_per  # floor: still before what follows
+    return np.where(ok, us, _NAT), present & ~ok
 
 
-_NAT = np.iinfo(np.int64).min
+def _epoch_unit(raw: np.ndarray, present: np.ndarray, name: str) -> int:
+    """Microseconds per unit of integer epoch times, from their magnitude (the rule above)."""
+    magnitude = np.abs(raw[present].astype(np.float64))
+    largest = float(np.max(magnitude[np.isfinite(magnitude)], initial=0))  # inf: a bad row, not a unit
+    if largest < _EPOCH_AMBIGUOUS:
+        raise _ColumnError(
+            "ambiguous_time_unit",
+            f"{name} holds numbers, not timestamps, all within 10^8 of 0: seconds, milliseconds, "
+            "microseconds or nanoseconds since 1970 cannot be told apart; write a timestamp column",
+        )
+    return next((us for below, us in _EPOCH_UNITS if largest < below), -1_000)
+
+
+def _parse_time_strings(text: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Date-time strings -> (microseconds, _NAT where absent or unparsable; mask of unparsable ones).
+    ISO 8601 first (C speed), then any layout pandas reads. A time with an offset (`-05:00`, `Z`) is
+    converted to UTC; a naive one is taken as UTC, as naive MEDS timestamps are."""
+    s = text.astype(object)
+    present = (s.notna() & (s.astype(str).str.strip() != "")).to_numpy()
+    s = s.where(present, None)
+    us = np.full(len(s), _NAT, dtype=np.int64)
+    with warnings.catch_warnings():  # dateutil's warnings quote the text they could not read
+        warnings.simplefilter("ignore")
+        for layout in ("ISO8601", "mixed"):
+            todo = present & (us == _NAT)
+            if not todo.any():
+                break
+            try:
+                parsed = pd.to_datetime(s[todo], errors="coerce", format=layout, utc=True)
+                us[todo] = _utc_microseconds(parsed)
+            except Exception:  # one odd value must not sink the rest: each distinct text on its own
+                distinct = {v: _parse_one(v) for v in set(s[todo])}
+                us[todo] = [distinct[v] for v in s[todo]]
+    return us, present & (us == _NAT)
+
+
+def _parse_one(value: Any) -> int:
+    try:
+        return int(_utc_microseconds(pd.to_datetime(pd.Series([value]), errors="coerce", utc=True))[0])
+    except Exception:
+        return _NAT
+
+
+def _utc_microseconds(parsed: pd.Series) -> np.ndarray:
+    """tz-aware (UTC) datetimes -> int64 microseconds, NaT as _NAT."""
+    return parsed.dt.tz_convert(None).astype("datetime64[us]").to_numpy().view(np.int64)
+
+
+def _time_column(col: pa.ChunkedArray, name: str = "time") -> tuple[np.ndarray, np.ndarray]:
+    """A time column -> (microseconds since 1970-01-01 UTC, _NAT where null; mask of non-null
+    values that are not a time). Timestamps (any unit; with a zone, as UTC), dates, epoch numbers
+    (unit by magnitude) and date-time strings; any other type raises _ColumnError."""
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col, t = col.cast(t.value_type), t.value_type
+    present = np.asarray(col.is_valid(), dtype=bool)
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        unit = "day" if pa.types.is_date32(t) else "ms" if pa.types.is_date64(t) else t.unit
+        us_per = US_PER_DAY if unit == "day" else _US_PER_UNIT[unit]
+        count = col.cast(pa.int32() if unit == "day" else pa.int64())  # days / units since 1970
+        return _scale_times(pc.fill_null(count, 0).to_numpy(), present, us_per)
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        raw = pc.fill_null(col, 0).to_numpy()
+        if pa.types.is_floating(t):
+            present &= ~np.isnan(raw)  # NaN is a missing time, as null is
+        return _scale_times(raw, present, _epoch_unit(raw, present, name))
+    if pa.types.is_null(t):
+        return np.full(len(col), _NAT, dtype=np.int64), np.zeros(len(col), dtype=bool)
+    if _is_text(t):
+        text, undecodable = _utf8_text(col, name)
+        us, bad = _parse_time_strings(text.to_pandas())
+        return us, bad | undecodable
+    raise _ColumnError("unsupported_column_type", f"{name} is of type {t}; expected a timestamp")
+
+
+def _parse_times(raw: pd.Series, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """`_time_column` for a table read with pandas (the outcome table)."""
+    try:
+        col = pa.chunked_array([pa.array(raw, from_pandas=True)])
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed Python types: read each as text
+        col = pa.chunked_array([pa.array([None if pd.isna(v) else str(v) for v in raw], pa.string())])
+    return _time_column(col, name)
+
+
+_NUMBER = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"  # what a text numeric_value must be to count
+
+
+def _value_column(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """numeric_value -> (float64 values, null = no value; mask of text values that are not a number,
+    which become null). Lab exports write values as text ("3.5", "<5", a note): numbers are read,
+    anything else is counted, never quoted."""
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col, t = col.cast(t.value_type), t.value_type
+    if any(f(t) for f in (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_null)):
+        return col.cast(pa.float64()), np.zeros(len(col), dtype=bool)
+    if _is_text(t):
+        text, undecodable = _utf8_text(col, "numeric_value")
+        text = pc.utf8_trim_whitespace(text)
+        number = pc.fill_null(pc.match_substring_regex(text, _NUMBER), False)
+        values = pc.if_else(number, text, pa.scalar(None, pa.string())).cast(pa.float64())
+        given = pc.fill_null(pc.not_equal(text, ""), False)
+        return values, np.asarray(pc.and_(given, pc.invert(number)), dtype=bool) | undecodable
+    raise _ColumnError("unsupported_column_type", f"numeric_value is of type {t}; expected numbers")
 
 
 def _event_columns(table: pa.Table, rel: str, tables: EhrTables) -> pa.Table:
-    """One file's rows as (subject, time_us, code, value), bad rows quarantined with their numbers."""
+    """One file's rows as (subject, time_us, code, value), bad rows quarantined with their numbers.
+    A column that cannot be read at all raises _ColumnError (the caller quarantines the file)."""
     n = table.num_rows
     keys = _key_strings(table["subject_id"])
-    times, bad_time = _parse_times(table["time"].to_pandas())
-    code = pc.utf8_trim_whitespace(table["code"].cast(pa.string()))
+    times, bad_time = _time_column(table["time"])
+    code, bad_code = _utf8_text(table["code"], "code")
+    code = pc.utf8_trim_whitespace(code)
     if "numeric_value" in table.column_names:
-        value64 = table["numeric_value"].cast(pa.float64())
-        non_finite = pc.fill_null(pc.invert(pc.is_finite(value64)), False)
+        value64, non_numeric = _value_column(table["numeric_value"])
         value = value64.cast(pa.float32(), safe=False)
+        non_finite = pc.fill_null(pc.invert(pc.is_finite(value)), False)  # NaN, inf, beyond float32
     else:
         value = pa.nulls(n, pa.float32())
         non_finite = pa.array(np.zeros(n, dtype=bool))
+        non_numeric = np.zeros(n, dtype=bool)
     checks = [
-        (pc.is_null(keys), "missing_subject", "subject_id is null"),
+        (pc.is_null(keys), "missing_subject", "subject_id is null, empty or not UTF-8 text"),
         (bad_time, "unparsable_time", "time is not a parsable date-time"),
+        (bad_code, "invalid_utf8_code", "code is not valid UTF-8 text (re-encode the export as UTF-8)"),
         (pc.fill_null(pc.equal(code, ""), True), "missing_code", "code is null or empty"),
-        (non_finite, "non_finite_value", "numeric_value is NaN or infinite (use null for no value)"),
+        (
+            non_finite,
+            "non_finite_value",
+            "numeric_value is NaN, infinite or beyond float32 (use null for no value)",
+        ),
     ]
     keep = np.ones(n, dtype=bool)
     for mask, reason, detail in checks:
@@ -182,6 +354,17 @@ def _event_columns(table: pa.Table, rel: str, tables: EhrTables) -> pa.Table:
                 Quarantined(rel, "ehr_rows", reason, detail, np.flatnonzero(bad).tolist())
             )
             keep &= ~bad
+    if (non_numeric & keep).any():  # the event is kept, without its value
+        tables.quarantine.append(
+            Quarantined(
+                rel,
+                "ehr_values",
+                "non_numeric_value",
+                "numeric_value is text that is not a number (a bound such as <5, a note); "
+                "the event is kept without a value",
+                np.flatnonzero(non_numeric & keep).tolist(),
+            )
+        )
     out = pa.table({"subject": keys, "time": pa.array(times), "code": code, "value": value})
     return out.filter(pa.array(keep))
 
@@ -210,14 +393,30 @@ def read_meds(meds: str | Path) -> EhrTables:
             )
             continue
         missing = [c for c in ("subject_id", "time", "code") if c not in table.column_names]
-        if missing:
+        twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+        if missing or twice:
+            reason, detail = (
+                ("missing_columns", f"MEDS columns missing: {', '.join(missing)}")
+                if missing
+                else ("duplicate_columns", f"columns named more than once: {', '.join(twice)}")
+            )
+            tables.quarantine.append(Quarantined(rel, "ehr_file", reason, detail))
+            continue
+        try:
+            part = _event_columns(table, rel, tables)
+        except _ColumnError as e:
+            tables.quarantine.append(Quarantined(rel, "ehr_file", e.reason, e.detail))
+            continue
+        except Exception as e:  # its type only: messages can quote a cell
             tables.quarantine.append(
-                Quarantined(rel, "ehr_file", "missing_columns", f"MEDS columns missing: {', '.join(missing)}")
+                Quarantined(
+                    rel, "ehr_file", "unexpected_error", f"cannot read its columns ({type(e).__name__})"
+                )
             )
             continue
         tables.event_files += 1
         tables.event_rows += table.num_rows
-        parts.append(_event_columns(table, rel, tables))
+        parts.append(part)
     if not parts:
         return tables
     rows = pa.concat_tables(parts)
@@ -269,7 +468,15 @@ def _read_table(path: Path, kind: str, tables: EhrTables) -> pd.DataFrame | None
             Quarantined(path.name, f"{kind}_file", "missing_columns", "no subject_id column")
         )
         return None
-    keys = _key_strings(pa.chunked_array([pa.array(df["subject_id"].tolist())]))
+    try:
+        ids = pa.array(df["subject_id"].tolist())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in one column: each as text
+        ids = pa.array([None if pd.isna(v) else str(v) for v in df["subject_id"]], pa.string())
+    try:
+        keys = _key_strings(pa.chunked_array([ids]))
+    except _ColumnError as e:
+        tables.quarantine.append(Quarantined(path.name, f"{kind}_file", e.reason, e.detail))
+        return None
     df = df.drop(columns=["subject_id"])
     df.index = pd.Index(keys, dtype=object)
     bad = df.index.isna()
@@ -279,7 +486,7 @@ def _read_table(path: Path, kind: str, tables: EhrTables) -> pd.DataFrame | None
                 path.name,
                 f"{kind}_rows",
                 "missing_subject",
-                "subject_id is null",
+                "subject_id is null, empty or not UTF-8 text",
                 np.flatnonzero(bad).tolist(),
             )
         )
@@ -296,33 +503,6 @@ def _read_table(path: Path, kind: str, tables: EhrTables) -> pd.DataFrame | None
         )
     df["_row"] = np.arange(len(df))
     return df[~bad & ~dup]
-
-
-_ID_NAME = re.compile(
-    r"(^|_)(mrn|ssn|nhs|name|first_?name|last_?name|surname|patient_?name|address|street|city|zip|"
-    r"post_?code|phone|email|dob|birth_?date|date_?of_?birth|accession|note|notes|comment|comments|text)($|_)"
-)
-FREE_TEXT_LEN = 48  # a categorical value longer than this is free text, not a category
-
-
-FREE_TEXT_CODE_LEN = 160  # a MEDS code longer than this is a note, not a code (LOINC long names: <~150)
-FREE_TEXT_CODE_WORDS = 16  # nor one of this many words (LOINC long names reach ~13)
-_PERSONAL_PATTERN = re.compile(
-    r"[\w.+-]+@[\w-]+\.[\w.]+"  # an e-mail address
-    r"|(?<!\d)\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)"  # a phone number
-    r"|(?<!\d)(19|20)\d\d-[01]\d-[0-3]\d(?!\d)|(?<!\d)[0-3]?\d/[0-3]?\d/(19|20)?\d\d(?!\d)"  # a date
-    r"|\b\d{3}-\d{2}-\d{4}\b"  # a social security number
-)
-
-
-def free_text_code(code: str) -> str | None:
-    """Why a MEDS code looks like free text or carries a personal detail (it is then never a
-    vocabulary entry, and never written anywhere), or None for a code."""
-    if len(code) > FREE_TEXT_CODE_LEN or len(code.split()) >= FREE_TEXT_CODE_WORDS:
-        return "free_text"
-    if _PERSONAL_PATTERN.search(code):
-        return "personal_pattern"
-    return None
 
 
 def _check_declared(path: Path, df: pd.DataFrame, numeric: set[str], categorical: set[str]) -> None:
@@ -349,37 +529,6 @@ def _check_declared(path: Path, df: pd.DataFrame, numeric: set[str], categorical
             "; ".join(problems)
             + f" (prepare.ehr.static_numeric/static_categorical; the table has {present})",
         )
-
-
-def identifier_column(name: str, s: pd.Series) -> str | None:
-    """Why a static column looks like an identifier or free text (and must not be copied), or None.
-
-    By name (mrn, name, address, phone, dob, notes, ...); a text column whose values are long or
-    multi-word, or mostly distinct; a numeric column of distinct integers (a record number)."""
-    if _ID_NAME.search(name.strip().lower()):
-        return "identifier_name: the column's name says it identifies a person or holds free text"
-    values = s.dropna()
-    n = len(values)
-    if n == 0:
-        return None
-    if pd.api.types.is_object_dtype(s) or isinstance(s.dtype, pd.CategoricalDtype | pd.StringDtype):
-        text = values.astype(str)
-        if (text.str.len() > FREE_TEXT_LEN).any() or (text.str.count(" ") >= 3).any():
-            return "free_text: values longer than a category (or of several words)"
-        distinct = text.nunique()
-        if n >= 20 and distinct > 0.5 * n:
-            return f"high_cardinality: {distinct} distinct values among {n} rows, like an identifier"
-    elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-        v = values.to_numpy(dtype=np.float64)
-        finite = v[np.isfinite(v)]
-        if (
-            n >= 20
-            and finite.size == n
-            and np.all(finite == np.round(finite))
-            and len(np.unique(finite)) == n
-        ) and np.ptp(finite) >= n:  # distinct integers spread wider than a count: record numbers
-            return "identifier_values: distinct integers on every row, like a record number"
-    return None
 
 
 def read_static(
@@ -474,7 +623,21 @@ def read_outcomes(path: str | Path, tables: EhrTables) -> EhrTables:
     times = {}
     for name in ["index_time", *[f"{n}_time" for n in tte]]:
         if name in df.columns:
-            us, bad = _parse_times(df[name])
+            try:
+                us, bad = _parse_times(df[name], name)
+            except _ColumnError as e:  # the whole column: its values are dropped, the rows kept
+                us = np.full(len(df), _NAT, dtype=np.int64)
+                bad = df[name].notna().to_numpy()
+                tables.quarantine.append(
+                    Quarantined(
+                        path.name,
+                        "outcome_values",
+                        e.reason,
+                        f"{e.detail}; the column's values are dropped",
+                        df["_row"].to_numpy()[bad].tolist(),
+                    )
+                )
+                bad = np.zeros(len(df), dtype=bool)
             if bad.any():
                 tables.quarantine.append(
                     Quarantined(

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from jepa_ray.ingest.ehr import PAD_ID, UNK_ID, US_PER_DAY, EhrTables, free_text_code
+from jepa_ray.ingest.ehr import PAD_ID, UNK_ID, US_PER_DAY, EhrTables
+from jepa_ray.ingest.identifiers import age_column, free_text_code
 
 
 @dataclass
@@ -102,7 +102,10 @@ def fit_vocab(
     categorical = []
     for name in list(tables.static_categorical):
         c = Counter(r[name] for r in static_rows if r[name] is not None)
-        values = sorted((v for v in c if c[v] >= min_subjects), key=lambda x: (-c[x], x))
+        # read_static drops a column holding a personal detail; this keeps any such value out regardless
+        values = sorted(
+            (v for v in c if c[v] >= min_subjects and free_text_code(v) is None), key=lambda x: (-c[x], x)
+        )
         if c and not values:
             tables.static_categorical.remove(name)
             tables.dropped_columns.append(
@@ -119,7 +122,6 @@ def fit_vocab(
     return vocab
 
 
-_AGE_COLUMN = re.compile(r"^age($|_|[^a-z])", re.IGNORECASE)
 DAYS_PER_YEAR = 365.25
 
 
@@ -143,8 +145,9 @@ def subject_ehr(
 
     Returns None when the subject has no EHR or nothing of it precedes the index time. Event
     times are in days relative to the index time (all negative), rounded down to
-    `time_resolution_days` (the birth event, MEDS_BIRTH*, to whole years) and never earlier than `max_age_years`; static
-    columns named age* are capped there too. Values stay raw; the manifest's statistics normalise
+    `time_resolution_days` (the birth event, MEDS_BIRTH*, to whole years) and never earlier than
+    `max_age_years`; static age columns (`identifiers.age_column`: AgeAtIndex, patient_age, ...) are
+    capped there too. Values stay raw; the manifest's statistics normalise
     them downstream.
     """
     ev = tables.events.get(key)
@@ -177,7 +180,7 @@ def subject_ehr(
     if st is not None:
         for i, f in enumerate(vocab.static_numeric):
             num[i] = st.get(f["name"], np.nan)
-            if max_age_years is not None and _AGE_COLUMN.match(f["name"]) and num[i] > max_age_years:
+            if max_age_years is not None and age_column(f["name"]) and num[i] > max_age_years:
                 num[i] = max_age_years
         for i, f in enumerate(vocab.static_categorical):
             v = st.get(f["name"])

@@ -1,0 +1,159 @@
+"""Personal data by its shape: which MEDS codes, category values and static columns identify someone.
+
+EHR text reaches the manifest (the vocabulary) and the shards only as codes and category values;
+these checks decide which text is not a code or a category. They read shapes, never look anyone
+up, and name a reason, never the text. Codes are `//`-separated (MEDS): the first part names the
+vocabulary (`SNOMED//44054006`, `LAB//51221//mg/dL`). What counts as what is listed in
+docs/privacy.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import numpy as np
+import pandas as pd
+
+FREE_TEXT_LEN = 48  # a categorical value longer than this is free text, not a category
+FREE_TEXT_CODE_LEN = 160  # a MEDS code longer than this is a note, not a code (LOINC long names: <~150)
+FREE_TEXT_CODE_WORDS = 16  # nor one of this many words (LOINC long names reach ~13)
+
+_MONTH = (
+    r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+    r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
+)
+# Shapes that are personal wherever they appear, in a code or a category value.
+_PERSONAL = re.compile(
+    "|".join(
+        [
+            r"[\w.+-]+@[\w-]+\.[\w.-]+",  # an e-mail address
+            r"\bhttps?://|\bwww\.",  # a web address
+            # phone numbers
+            r"(?<![\w+])\+\d(?:[ .()/-]{0,2}\d){7,14}(?!\d)",  # international: +44 20 7946 0958
+            r"(?<!\d)(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\d)",  # (555) 123-4567, 555.123.4567
+            r"(?<![\d.-])[2-9]\d\d[.-]\d{4}(?![\d.-])",  # local (exchanges start 2-9): 555-0100, 555.0100
+            r"(?<![\d.])0\d{1,4}(?: \d{2,4}){2,4}(?![\d.])",  # national, spaced: 020 7946 0958
+            # dates (a year alone is not one)
+            r"(?<!\d)(?:19|20)\d\d(?P<iso>[-/.])[01]?\d(?P=iso)[0-3]?\d(?!\d)",  # 2013-04-15, 2013/4/15, 2013.04.15
+            r"(?<![\d.])[0-3]?\d/[0-3]?\d/(?:19|20)?\d\d(?![\d.])",  # 4/15/2013, 15/4/13
+            r"(?<![\d.])[0-3]?\d(?P<dmy>[.-])[0-3]?\d(?P=dmy)(?:19|20)\d\d(?![\d.])",  # 15.04.2013, 04-15-2013
+            rf"\b\d{{1,2}}(?:st|nd|rd|th)?[ .-]*{_MONTH}\.?,?[ .-]*(?:\d{{4}}|\d\d)\b",  # 15 Apr 2013, 15-Apr-13
+            rf"\b{_MONTH}\.?[ -]+\d{{1,2}}(?:st|nd|rd|th)?,?[ -]+(?:\d{{4}}|\d\d)\b",  # April 15 2013
+            rf"\b{_MONTH}\.?,?[ -]+(?:19|20)\d\d\b",  # April 2013
+            # social security and record numbers
+            r"(?<!\d)\d{3}(?P<ssn>[- ])\d{2}(?P=ssn)\d{4}(?!\d)",  # 123-45-6789, 123 45 6789
+            r"mrn\W*\d{3,}",  # MRN 0042, XYZMRN0042
+        ]
+    ),
+    re.IGNORECASE,
+)
+# Digit shapes that real vocabularies also use (SNOMED CT ids have 6-18 digits, NDC 10-11, OMOP
+# concept ids up to 10): personal only where no part of the code names such a vocabulary.
+_DIGIT_RUN = re.compile(r"(?<![\d.])\d{9,}(?!\d)")  # an SSN, phone or record number without separators
+_COMPACT_DATE = re.compile(
+    r"(?<!\d)(?:(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"  # 20130415
+    r"|(?:0[1-9]|[12]\d|3[01])(?:0[1-9]|1[0-2])(?:19|20)\d\d"  # 15042013
+    r"|(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?:19|20)\d\d)(?!\d)"  # 04152013
+)
+_NUMERIC_VOCABULARY = re.compile(
+    r"^(?:snomed\w*|sct\w*|rx_?norm\w*|rxcui|ndc\w*|loinc\w*|cpt\w*|hcpcs\w*|icd\w*|omop\w*|concept\w*"
+    r"|meddra\w*|cvx|din|pzn|atc)$"
+)
+# Words that make a column (or a code vocabulary) identifying: people, contact, place, dates, free text.
+IDENTIFYING_WORDS = frozenset(
+    {
+        *("name", "names", "firstname", "lastname", "surname", "fullname", "givenname", "familyname"),
+        *("maidenname", "initials", "mrn", "ssn", "nhs", "accession", "passport", "license", "licence"),
+        *("phone", "telephone", "tel", "mobile", "cellphone", "fax", "pager", "email", "contact"),
+        *("address", "street", "city", "town", "county", "zip", "zipcode", "postcode", "postalcode"),
+        *("geocode", "latitude", "longitude"),
+        *("date", "dates", "dob", "birthdate", "birthday", "dt", "dttm", "datetime", "timestamp"),
+        *("yyyymmdd", "ddmmyyyy", "mmddyyyy", "ymd"),
+        *("note", "notes", "comment", "comments", "text", "remark", "remarks", "narrative"),
+    }
+)
+
+
+def name_words(name: str) -> list[str]:
+    """A column or vocabulary name as lower-case words: `AgeAtIndex` -> age, at, index;
+    `zip5` -> zip, 5; `PCPContact` -> pcp, contact; `e-mail` -> e, mail."""
+    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
+    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", spaced)
+    return re.findall(r"[a-z]+|\d+", spaced.lower())
+
+
+def identifying_name(name: str) -> bool:
+    """Does a column's name say it holds an identifier, a place, a date or free text (a word of
+    it, or two adjacent words joined: `e-mail`, `zip code`, `birth date`)?"""
+    words = name_words(name)
+    terms = set(words) | {a + b for a, b in itertools.pairwise(words)}
+    return bool(terms & IDENTIFYING_WORDS)
+
+
+def age_column(name: str) -> bool:
+    """Is this static column an age (the word `age`: AgeAtIndex, patient_age, age_years; not
+    dosage or stage)?"""
+    return bool({"age", "ages"} & set(name_words(name)))
+
+
+def personal_text(text: str, numeric_vocabulary: bool = False) -> bool:
+    """Does this text hold an e-mail or web address, a phone, social security or record number,
+    or a date? Long digit runs and undelimited dates count too, unless `numeric_vocabulary`."""
+    if _PERSONAL.search(text):
+        return True
+    return not numeric_vocabulary and bool(_DIGIT_RUN.search(text) or _COMPACT_DATE.search(text))
+
+
+def free_text_code(code: str) -> str | None:
+    """Why a MEDS code looks like free text or carries a personal detail (it is then never a
+    vocabulary entry, and never written anywhere), or None for a code."""
+    if len(code) > FREE_TEXT_CODE_LEN or len(code.split()) >= FREE_TEXT_CODE_WORDS:
+        return "free_text"
+    parts = code.split("//")
+    numeric = any(_NUMERIC_VOCABULARY.match("".join(name_words(p))) for p in parts[:-1])
+    if personal_text(code, numeric_vocabulary=numeric):
+        return "personal_pattern"
+    if len(parts) > 1 and "".join(name_words(parts[0])) in IDENTIFYING_WORDS:
+        return "identifier_vocabulary"  # SSN//…, MRN//…, PHONE//…, NOTE//…: whatever follows
+    return None
+
+
+def identifier_column(name: str, s: pd.Series) -> str | None:
+    """Why a static column looks like an identifier, a date or free text (and must not be copied),
+    or None. By name (`identifying_name`); a text column whose values are long or multi-word,
+    hold a personal detail (`personal_text`) or are mostly distinct; a numeric column of whole
+    numbers shaped like yyyymmdd dates, or of distinct integers (a record number). The reason
+    names the rule, never a value."""
+    if identifying_name(name):
+        return "identifier_name: the column's name says it identifies a person, a place or a date, or holds free text"
+    values = s.dropna()
+    n = len(values)
+    if n == 0:
+        return None
+    if pd.api.types.is_object_dtype(s) or isinstance(s.dtype, pd.CategoricalDtype | pd.StringDtype):
+        text = values.astype(str)
+        if (text.str.len() > FREE_TEXT_LEN).any() or (text.str.count(" ") >= 3).any():
+            return "free_text: values longer than a category (or of several words)"
+        if any(personal_text(v) for v in text.unique()):
+            return "personal_values: values hold a date, phone number, e-mail address or identifier-shaped number"
+        distinct = text.nunique()
+        if n >= 20 and distinct > 0.5 * n:
+            return f"high_cardinality: {distinct} distinct values among {n} rows, like an identifier"
+    elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        v = values.to_numpy(dtype=np.float64)
+        finite = v[np.isfinite(v)]
+        whole = finite.size == n and bool(np.all(finite == np.round(finite)))
+        if whole and _yyyymmdd_dates(finite):
+            return "date_values: whole numbers shaped like yyyymmdd dates"
+        if (whole and n >= 20 and len(np.unique(finite)) == n) and np.ptp(finite) >= n:
+            return "identifier_values: distinct integers on every row, like a record number"
+    return None
+
+
+def _yyyymmdd_dates(v: np.ndarray) -> bool:
+    """Are all these whole numbers calendar dates written as yyyymmdd (1900-2099)?"""
+    if not np.all((v >= 19000101) & (v <= 20991231)):
+        return False
+    parsed = pd.to_datetime(pd.Series(v.astype(np.int64).astype(str)), format="%Y%m%d", errors="coerce")
+    return bool(parsed.notna().all())
