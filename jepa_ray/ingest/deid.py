@@ -41,7 +41,10 @@ class Pseudonymizer:
     salt: bytes = field(repr=False)
 
     def _digest(self, kind: str, value: str) -> str:
-        return hmac.new(self.salt, f"{kind}\x1f{value}".encode(), hashlib.sha256).hexdigest()
+        # UTF-8; a file name that is not UTF-8 (held by Python with surrogate escapes, as
+        # `os.fsdecode` gives it) hashes as its own bytes, so distinct names stay distinct
+        text = f"{kind}\x1f{value}".encode("utf-8", "surrogateescape")
+        return hmac.new(self.salt, text, hashlib.sha256).hexdigest()
 
     def subject(self, subject_id: str | int) -> str:
         """Pseudonym of a subject (MEDS subject_id, or DICOM PatientID when it has no EHR)."""
@@ -58,7 +61,8 @@ class Pseudonymizer:
         return "site-" + self._digest("site", institution.strip().casefold())[:8]
 
     def path(self, relative_path: str) -> str:
-        """Pseudonym of an input path, for manifests whose paths may carry identifiers."""
+        """Pseudonym of an input path, for manifests whose paths may carry identifiers; a path that
+        is not UTF-8 is hashed as its bytes (see `_digest`)."""
         return "path-" + self._digest("path", relative_path)[:16]
 
     def unit(self, subject_pseudonym: str) -> float:

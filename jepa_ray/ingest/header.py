@@ -10,6 +10,7 @@ Every failure of a DICOM read (here, in `jepa_ray.ingest.decode` or `jepa_ray.in
 raises `InvalidDicomError(path, reason, detail)`; `reason` is one of:
 
 - `unreadable_file`: the file cannot be opened (missing, permissions, a directory).
+- `not_regular_file`: a named pipe, socket or device: never read (`prepare` does not list them).
 - `not_dicom`: empty, or neither a DICOM Part 10 file ('DICM' at byte 128) nor a raw dataset.
 - `truncated`: the file ends before the dataset or its pixel data does.
 - `unreadable_header`: pydicom cannot parse the header (corrupt, not truncated).
@@ -37,6 +38,7 @@ import logging
 import math
 import os
 import re
+import stat
 import struct
 import warnings
 import zlib
@@ -54,6 +56,7 @@ from pydicom.uid import UID
 
 from jepa_ray.config import LimitsConfig
 from jepa_ray.errors import InvalidDicomError
+from jepa_ray.ingest.listing import entry_kind
 
 logger = logging.getLogger(__name__)
 
@@ -246,14 +249,29 @@ def _check_inflated_size(f: BinaryIO, path: str, start: int, limit: int) -> None
                 return
 
 
+def _open_regular(path: str) -> BinaryIO:
+    """`path` opened for reading, if it is a regular file (a folder fails to open). Opened without
+    blocking and checked on the open descriptor: a named pipe would otherwise block the open until
+    something writes to it, and a device could be read forever."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    try:
+        f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | nonblocking))  # noqa: SIM115
+    except OSError as e:
+        raise InvalidDicomError(path, "unreadable_file", f"cannot open the file: {e.strerror}") from None
+    mode = os.fstat(f.fileno()).st_mode
+    if stat.S_ISREG(mode):
+        if nonblocking:
+            os.set_blocking(f.fileno(), True)
+        return f
+    f.close()
+    raise InvalidDicomError(path, "not_regular_file", f"{entry_kind(mode)}, not a regular file: never read")
+
+
 def read_dataset(path: str, pixels: bool, limits: LimitsConfig | None = None) -> Dataset:
     """dcmread `path` once (with or without pixels); every failure becomes InvalidDicomError. Files
     over `limits` (size on disk, inflated size of a deflated dataset) are refused before parsing."""
     limits = limits or LimitsConfig()
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below; the size check needs the handle
-    except OSError as e:
-        raise InvalidDicomError(path, "unreadable_file", f"cannot open the file: {e.strerror}") from None
+    f = _open_regular(path)
     with f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:

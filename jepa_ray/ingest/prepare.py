@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +23,7 @@ from jepa_ray.config import PrepareConfig
 from jepa_ray.errors import PrepareError
 from jepa_ray.ingest import ehr as ehrlib
 from jepa_ray.ingest.deid import Pseudonymizer
+from jepa_ray.ingest.listing import Listing, Unread, list_files, printable_path
 from jepa_ray.ingest.quarantine import dicom_record
 from jepa_ray.ingest.tasks import TaskMap, crashed_scan, scan_headers, write_shards
 from jepa_ray.ingest.vocab import fit_vocab, subject_ehr
@@ -65,15 +66,6 @@ def _to_us(t: datetime | None) -> int | None:
     return None if t is None else int(np.datetime64(t, "us").astype(np.int64))
 
 
-def _list_dicom_files(root: Path) -> list[Path]:
-    """Every regular file under `root` except hidden ones (hospital exports often lack `.dcm`)."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-    return files
-
-
 def _drop_pixel_text_risks(headers: list[Any], cfg: PrepareConfig, quarantine: list, name) -> list[Any]:
     """Quarantine images that may carry identifying text in their pixels (deid.burned_in,
     deid.secondary_capture); return the rest."""
@@ -102,7 +94,7 @@ def _rank_images(headers: list[Any]) -> list[Any]:
 class _Records:
     """The quarantine and skip records of one run, and how an input file is named in them."""
 
-    name_input: Any  # relative path -> the name written (a salted hash, or the path itself)
+    name_input: Any  # relative path -> the name written (a salted hash, or the path as text)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
@@ -123,12 +115,14 @@ def prepare(
     _check_inputs(dicom=dicom, meds=meds, static=static, outcomes=outcomes, masks=masks)
     pz = Pseudonymizer(cfg.deid.resolve_salt())
     store = _open_output(out, cfg, pz)
-    records = _Records(pz.path if cfg.deid.input_paths == "hashed" else (lambda rel: rel))
+    records = _Records(pz.path if cfg.deid.input_paths == "hashed" else printable_path)
     clock = _Clock()
 
     # the header scan runs as Ray tasks while the driver reads the EHR
     dicom_root = Path(dicom).resolve() if dicom else None
-    files = _dicom_files(dicom_root)
+    listing = _dicom_files(dicom_root, dicom)
+    files = listing.files
+    n_files = len(files) + _record_unread(listing.unread, dicom_root, records)
     scan = _start_scan(files, cfg, show_progress)
     tables, id_map = _read_ehr(cfg, meds=meds, static=static, outcomes=outcomes)
     clock.lap("ehr")
@@ -146,7 +140,7 @@ def prepare(
     _write(store, todo, written, plan, cfg, store.uri("").rstrip("/"), show_progress, allowed)
     clock.lap("write")
 
-    manifest = _write_manifest(store, plan, written, vocab, cfg, pz, records, len(files), ehr_info, stats)
+    manifest = _write_manifest(store, plan, written, vocab, cfg, pz, records, n_files, ehr_info, stats)
     clock.lap("manifest")
     logger.info("prepare phases (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in clock.laps.items()))
     result = _judge(manifest, cfg, written=len(todo), skipped=len(plan) - len(todo))
@@ -189,10 +183,44 @@ def _open_output(out: str, cfg: PrepareConfig, pz: Pseudonymizer) -> Store:
     return store
 
 
-def _dicom_files(root: Path | None) -> list[str]:
+def _dicom_files(root: Path | None, given: str | None) -> Listing:
+    """The files under --dicom (`jepa_ray.ingest.listing`: regular files, links followed once),
+    and the entries not read; --dicom may also name one file."""
     if root is None:
-        return []
-    return [str(p) for p in _list_dicom_files(root)] if root.is_dir() else [str(root)]
+        return Listing()
+    if not root.is_dir():
+        return Listing(files=[str(root)])  # the header scan refuses anything but a regular file
+    try:
+        return list_files(root)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise PrepareError(
+            f"--dicom {printable_path(given or str(root))}: cannot list the folder ({why})"
+        ) from None
+
+
+def _record_unread(unread: list[Unread], root: Path | None, records: _Records) -> int:
+    """Record the entries under --dicom that are not read: quarantined (kind `dicom` for a file,
+    `dicom_folder` for a folder that cannot be listed), or skipped when read under another path.
+    Returns how many files were quarantined (they count among the DICOM inputs)."""
+    files = 0
+    for u in unread:
+        name = records.name_input(_rel(u.path, root))
+        if not u.quarantined:
+            first = records.name_input(_rel(u.same_as, root)) if u.same_as else None
+            detail = f"{u.detail} ({first})" if first else u.detail
+            records.skipped.append({"input": name, "reason": u.reason, "detail": detail})
+            continue
+        kind = "dicom" if u.what == "file" else "dicom_folder"
+        records.quarantine.append({"input": name, "kind": kind, "reason": u.reason, "detail": u.detail})
+        files += u.what == "file"
+    quarantined = Counter(u.reason for u in unread if u.quarantined)
+    if quarantined:
+        logger.warning(
+            "under --dicom, not read: %s (recorded in the manifest's quarantine)",
+            ", ".join(f"{n} {reason}" for reason, n in sorted(quarantined.items())),
+        )
+    return files
 
 
 def _start_scan(files: list[str], cfg: PrepareConfig, show_progress: bool) -> TaskMap:

@@ -5,7 +5,9 @@ Two reasons come from failures no check foresaw, and keep the error's type only,
 (which could quote header text): `unexpected_error` (an exception while reading an input; the rest
 of the run goes on) and `worker_crashed` (reading the input ended its worker process, also when it
 was read alone). The reasons of a file that is not a usable DICOM are listed in
-`jepa_ray.ingest.header`.
+`jepa_ray.ingest.header`; those of an entry under `--dicom` that is not read at all (a named pipe,
+a link that leads nowhere, a folder that cannot be listed: kind `dicom_folder`) in
+`jepa_ray.ingest.listing`.
 """
 
 from __future__ import annotations

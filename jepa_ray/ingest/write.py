@@ -44,17 +44,18 @@ class SampleSpec:
 
 
 def shard_fingerprint(shard: str, samples: list[SampleSpec], context: dict[str, Any]) -> str:
-    """Hash of everything that decides a shard's bytes, except the pixels (file size + mtime stand in)."""
+    """Hash of everything that decides a shard's bytes, except the pixels (file size + mtime stand in).
+    Paths are hashed as UTF-8, a file name that is not UTF-8 as its own bytes (surrogate escapes)."""
     h = hashlib.sha256(dumps({"schema": SCHEMA_VERSION, "shard": shard, "context": context}))
     for s in samples:
         h.update(s.key.encode())
         for path, source in s.dicoms:
             st = os.stat(path)
-            h.update(f"{source}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(f"{source}|{st.st_size}|{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
         for path, folder in sorted(
             (s.masks or {}).items()
         ):  # only when masks are given: old shards keep theirs
-            h.update(f"masks|{path}|{mask_stats(folder)}".encode())
+            h.update(f"masks|{path}|{mask_stats(folder)}".encode("utf-8", "surrogateescape"))
         for name, arr in sorted((s.ehr or {}).items()):
             h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
             h.update(np.ascontiguousarray(arr).tobytes())

@@ -76,3 +76,26 @@ def test_the_fingerprint_is_slow_to_test_and_the_salt_never_printed():
     # a manifest written before the slow fingerprint still identifies its salt
     legacy = pz._digest("fingerprint", "jepa-ray")[:16]
     assert pz.matches(legacy) and not Pseudonymizer(b"t" * 40).matches(legacy) and not pz.matches(None)
+
+
+def test_a_path_that_is_not_utf8_hashes_as_its_bytes_and_utf8_paths_keep_their_pseudonyms():
+    """A Latin-1 file name from a Windows export (Python holds its byte 0xFC as a surrogate escape)
+    is pseudonymised as its bytes; a UTF-8 path's pseudonym is what it always was, so shards
+    written before keep their keys and input names."""
+    import hashlib
+    import hmac
+    import os
+
+    salt = b"s" * 40
+    pz = Pseudonymizer(salt)
+
+    def expected(kind: str, raw: bytes) -> str:
+        return hmac.new(salt, kind.encode() + b"\x1f" + raw, hashlib.sha256).hexdigest()
+
+    for utf8 in ("site0/000001/1.dcm", "Müller/ü.dcm"):
+        assert pz.path(utf8) == "path-" + expected("path", utf8.encode("utf-8"))[:16]
+    latin1 = os.fsdecode(b"M\xfcller.dcm")
+    assert pz.path(latin1) == "path-" + expected("path", b"M\xfcller.dcm")[:16]
+    assert len({pz.path(latin1), pz.path("Müller.dcm"), pz.path(os.fsdecode(b"M\xfdller.dcm"))}) == 3
+    # a study keyed by its file's path (no StudyInstanceUID, no SOPInstanceUID)
+    assert pz.study("P1", latin1) == "s" + expected("study", b"P1\x1fM\xfcller.dcm")[:20]
