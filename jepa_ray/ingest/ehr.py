@@ -15,8 +15,9 @@ are time-to-event outcomes. Other columns are ignored and listed in the manifest
 from __future__ import annotations
 
 import logging
+import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jepa_ray.ingest.identifiers import identifier_column
+from jepa_ray.ingest.listing import Listing, Unread, entry_kind, list_files
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class EhrTables:
     dropped_columns: list[dict[str, str]] = field(default_factory=list)  # identifiers / free text
     dropped_codes: dict[str, int] = field(default_factory=dict)  # reason -> distinct codes (never the text)
     quarantine: list[Quarantined] = field(default_factory=list)
+    # MEDS files reached by a second path, read once under the first (paths relative to the root)
+    skipped: list[Unread] = field(default_factory=list)
     event_rows: int = 0
     event_files: int = 0
     # every kept MEDS row, sorted by subject then time, for vectorised statistics
@@ -123,14 +127,48 @@ def _rel(path: Path, root: Path | None) -> str:
     return path.name
 
 
-def meds_files(meds: str | Path) -> list[Path]:
-    """The event parquet files of a MEDS root (`data/**/*.parquet`), a data dir, or one file."""
+def meds_files(meds: str | Path) -> Listing:
+    """The event parquet files of a MEDS root (`data/**/*.parquet`), a data dir, or one file, in
+    sorted path order, and the entries under the folder that are not read: the folder is listed as
+    `--dicom` is (`jepa_ray.ingest.listing`: links followed, each file once, a named pipe never
+    opened). A path that is neither a folder nor a regular file (a named pipe: reading it would wait
+    for a writer) and a folder that cannot be listed raise InvalidEhrError naming them."""
+    from jepa_ray.errors import InvalidEhrError
+
     p = Path(meds)
-    if p.is_file():
-        return [p]
+    if not p.is_dir():
+        if os.path.exists(p) and not p.is_file():
+            what = entry_kind(os.stat(p).st_mode)
+            raise InvalidEhrError(str(p), "not_regular_file", f"{what}, not a file or folder: never opened")
+        return Listing(files=[str(p)] if p.is_file() else [])
     data = p / "data" if (p / "data").is_dir() else p
-    files = sorted(data.rglob("*.parquet"))
-    return files
+    try:
+        listing = list_files(data, suffix=".parquet")
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise InvalidEhrError(str(data), "unreadable_folder", f"cannot list the folder ({why})") from None
+    listing.files.sort(key=Path)  # the order of a sorted rglob: rows that tie keep their file order
+    return listing
+
+
+def _record_unread(unread: list[Unread], root: Path, tables: EhrTables) -> None:
+    """Record the entries under the MEDS folder that are not read: quarantined (kind `ehr_file`, or
+    `ehr_folder` for a folder that cannot be listed) with the listing's reason, or skipped when
+    read under another path."""
+    for u in unread:
+        rel = _rel(Path(u.path), root)
+        if u.quarantined:
+            kind = "ehr_file" if u.what == "file" else "ehr_folder"
+            tables.quarantine.append(Quarantined(rel, kind, u.reason, u.detail))
+        else:
+            tables.skipped.append(replace(u, path=rel, same_as=_rel(Path(u.same_as or ""), root)))
+    quarantined = sorted({u.reason for u in unread if u.quarantined})
+    if quarantined:
+        logger.warning(
+            "under the MEDS folder, %d entries not read (%s): recorded in the quarantine",
+            sum(u.quarantined for u in unread),
+            ", ".join(quarantined),
+        )
 
 
 class _ColumnError(Exception):
@@ -376,7 +414,9 @@ def read_meds(meds: str | Path) -> EhrTables:
     """
     tables = EhrTables()
     root = Path(meds) if Path(meds).is_dir() else Path(meds).parent
-    files = meds_files(meds)
+    listing = meds_files(meds)
+    _record_unread(listing.unread, root, tables)
+    files = [Path(f) for f in listing.files]
     if not files:
         tables.quarantine.append(Quarantined(str(meds), "ehr_file", "no_meds_files", "no *.parquet found"))
         return tables

@@ -12,17 +12,27 @@ are read (its text chunks never); a structure's name, which becomes a column of 
 must look like one (`[a-z][a-z0-9_]*`, at most 40 characters) and, when the export has a
 `structures.json` legend, be listed there; other files are left out. A mask that cannot be used
 (unreadable, not the image's size, too large) is quarantined on its own: the image is kept.
+
+A mask folder is listed as `--dicom` is (`jepa_ray.ingest.listing`): links are followed, and a
+structure's entry that is not a regular file (a named pipe, which would block whoever opens it; a
+link that leads nowhere) or a folder that cannot be listed is never opened and makes the image's
+masks unusable, with the listing's reason. Two names for one PNG are two structures.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from jepa_ray.errors import InvalidDicomError
+from jepa_ray.ingest.listing import Listing, list_files
+
+logger = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 LEGEND = "structures.json"
@@ -43,8 +53,11 @@ def mask_dirs(dicom_root: Path, masks_root: Path, paths: list[str]) -> dict[str,
 def allowed_names(masks_root: Path) -> set[str] | None:
     """The structures a legend lists (None: no legend, any well-formed name)."""
     legend = masks_root / LEGEND
-    if not legend.is_file():
+    if not os.path.lexists(legend):
         return None
+    if not legend.is_file():  # a named pipe, a link that leads nowhere: never opened
+        logger.warning("%s is not a regular file: no mask structure is admitted", legend)
+        return set()
     try:
         doc = json.loads(legend.read_text())
         return (
@@ -59,13 +72,38 @@ def allowed_names(masks_root: Path) -> set[str] | None:
 MAX_STRUCTURES = 64  # structures per image or volume: more is not an annotation export
 
 
+def _list(folder: str | Path) -> Listing:
+    """The PNGs under a mask folder, and the entries not read (`jepa_ray.ingest.listing`)."""
+    try:
+        return list_files(folder, suffix=".png")
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise InvalidDicomError(
+            str(folder), "unreadable_folder", f"cannot list the mask folder ({why}): its masks are left out"
+        ) from None
+
+
 def _structures(folder: Path, allowed: set[str] | None) -> dict[str, Path]:
-    """{structure: its PNG} of a mask folder, names checked (see the module docstring)."""
-    found = {
-        p.stem: p
-        for p in sorted(folder.glob("*.png"))
-        if NAME.match(p.stem) and (allowed is None or p.stem in allowed)
-    }
+    """{structure: its PNG} of a mask folder (its own files, not its subfolders'), names checked
+    (see the module docstring). A structure's entry that cannot be read raises InvalidDicomError
+    with the listing's reason (not_regular_file, unreadable_file; unreadable_folder for the folder)."""
+    folder = Path(folder)
+    listing = _list(folder)
+
+    def structure(path: str) -> str | None:
+        name = Path(path).stem
+        mine = os.path.dirname(path) == str(folder)
+        return name if mine and NAME.match(name) and (allowed is None or name in allowed) else None
+
+    found = {name: Path(p) for p in listing.files if (name := structure(p))}
+    for u in listing.unread:
+        name = structure(u.path) if u.what == "file" else None
+        if name is None:  # not a structure of this folder: left out, never opened
+            continue
+        if u.quarantined:
+            raise InvalidDicomError(str(folder), u.reason, f"{name}.png: {u.detail}")
+        found[name] = Path(u.same_as or u.path)  # a second name for a PNG read under its first
+    found = dict(sorted(found.items()))
     if len(found) > MAX_STRUCTURES:
         raise InvalidDicomError(
             str(folder), "mask_too_many", f"{len(found)} structures, more than {MAX_STRUCTURES}"
@@ -187,11 +225,15 @@ def read_volume_masks(
 
 
 def mask_stats(folder: str) -> str:
-    """Sizes and mtimes of a mask folder's PNGs (what decides whether a shard is rewritten)."""
-    import os
-
+    """Sizes and mtimes of a mask folder's PNGs, and the reasons of the entries not read (what
+    decides whether a shard is rewritten). Nothing is opened."""
+    try:
+        listing = _list(folder)
+    except InvalidDicomError as e:
+        return e.reason
     parts = []
-    for path in sorted(Path(folder).rglob("*.png")):  # frame-<n>/ of a multi-frame file too
+    for path in sorted(map(Path, listing.files)):  # frame-<n>/ of a multi-frame file too
         st = os.stat(path)
         parts.append(f"{path.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}")
+    parts += [f"{Path(u.path).relative_to(folder)}|{u.reason}" for u in listing.unread]
     return ";".join(parts)

@@ -23,7 +23,7 @@ from jepa_ray.config import PrepareConfig
 from jepa_ray.errors import PrepareError
 from jepa_ray.ingest import ehr as ehrlib
 from jepa_ray.ingest.deid import Pseudonymizer
-from jepa_ray.ingest.listing import Listing, Unread, list_files, printable_path
+from jepa_ray.ingest.listing import Listing, Unread, entry_kind, list_files, printable_path
 from jepa_ray.ingest.quarantine import dicom_record
 from jepa_ray.ingest.tasks import TaskMap, crashed_scan, scan_headers, write_shards
 from jepa_ray.ingest.vocab import fit_vocab, subject_ehr
@@ -112,7 +112,7 @@ def prepare(
 ) -> PrepareResult:
     """Ingest DICOM + MEDS into shards under `out` (local dir or s3://); resumable and idempotent.
     `masks`: an annotation export's structure masks (`jepa_ray.ingest.masks`), kept for evaluation."""
-    _check_inputs(dicom=dicom, meds=meds, static=static, outcomes=outcomes, masks=masks)
+    _check_inputs(cfg.ehr.id_map, dicom=dicom, meds=meds, static=static, outcomes=outcomes, masks=masks)
     pz = Pseudonymizer(cfg.deid.resolve_salt())
     store = _open_output(out, cfg, pz)
     records = _Records(pz.path if cfg.deid.input_paths == "hashed" else printable_path)
@@ -162,12 +162,17 @@ def _attach_masks(samples: list[SampleSpec], masks: str | None, dicom_root: Path
     return allowed_names(root)
 
 
-def _check_inputs(**inputs: str | None) -> None:
+def _check_inputs(id_map: str | None = None, **inputs: str | None) -> None:
+    """Each input given exists and is a file or folder: a named pipe (or a link to one) is refused
+    unopened, since opening it for reading waits for a writer, maybe forever."""
     if inputs["dicom"] is None and inputs["meds"] is None:
         raise PrepareError("nothing to ingest: give --dicom and/or --meds")
-    for label, path in inputs.items():
+    for label, path in [*((f"--{k}", v) for k, v in inputs.items()), ("prepare.ehr.id_map", id_map)]:
         if path is not None and not Path(path).exists():
-            raise PrepareError(f"--{label} {path}: no such file or directory")
+            raise PrepareError(f"{label} {path}: no such file or directory")
+        if path is not None and not (Path(path).is_file() or Path(path).is_dir()):
+            what = entry_kind(os.stat(path).st_mode)
+            raise PrepareError(f"{label} {printable_path(path)}: {what}, not a file or folder: never opened")
 
 
 def _open_output(out: str, cfg: PrepareConfig, pz: Pseudonymizer) -> Store:
@@ -321,6 +326,9 @@ def _link_and_split(
         record = q.to_json()
         record["input"] = records.name_input(record["input"])
         records.quarantine.append(record)
+    for u in tables.skipped:  # a second path to a MEDS file: read once, under the first
+        detail = f"{u.detail} ({records.name_input(u.same_as)})"
+        records.skipped.append({"input": records.name_input(u.path), "reason": u.reason, "detail": detail})
     return samples, vocab, dict(stats), ehr_info
 
 
