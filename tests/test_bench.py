@@ -193,3 +193,32 @@ def test_the_learning_benchmarks_intervals_resample_subjects_and_pair_the_encode
         mean = (better["attentive"][f]["difference"] + same["attentive"][f]["difference"]) / 2
         assert pooled[f]["difference"] == pytest.approx(mean)
         assert pooled[f]["ci95"][0] < mean < pooled[f]["ci95"][1]
+
+
+def test_the_learning_benchmarks_grid_readout_reads_a_factor_spread_over_positions(monkeypatch):
+    """A factor written into every patch token along a direction of each position's own (as bone
+    density is spread over ribs and spine) averages away in the mean-pooled tokens; the grid
+    read-out, a ridge on the tokens concatenated in grid order, reads it, and `cells_won` counts
+    the cells of one read-out."""
+    import numpy as np
+    from sklearn.metrics import r2_score
+
+    bench = _bench_learning(monkeypatch)
+    rng = np.random.default_rng(0)
+    n, positions, dim = 400, 4, 8
+    z = rng.standard_normal((n, 4))
+    directions = rng.standard_normal((positions, dim))
+    directions -= directions.mean(0)  # they cancel in the mean over positions
+    tokens = 0.5 * rng.standard_normal((n, positions, dim)) + z[:, 2, None, None] * directions
+    groups = [f"s{i}" for i in range(n)]
+    preds = bench.oof_readouts(tokens.mean(1), tokens, z, groups, seed=0)
+    assert set(preds) == set(bench.READOUTS) and preds["grid"].shape == (n, 4, 1)
+    assert r2_score(z[:, 2], preds["grid"][:, 2, 0]) > 0.9
+    assert r2_score(z[:, 2], preds["linear"][:, 2, 0]) < 0.1
+    runs = [
+        {arm: {"grid": dict(zip(bench.FACTORS, v, strict=True))} for arm, v in cells.items()}
+        for cells in (
+            {"jepa": [0.6, 0.7, 0.5, 0.3], "random": [0.5, 0.7, 0.6, 0.2], "mae": [0.4, 0.6, 0.4, 0.1]},
+        )
+    ]
+    assert bench.cells_won(runs, "grid") == [True, False, False, True]
