@@ -755,6 +755,13 @@ class EvalConfig(_Strict):
     attentive_heads: int = Field(
         4, ge=1, description="Attention heads of the attentive probe; must divide the encoder width."
     )
+    grid: bool = Field(
+        True,
+        description="Also read the latent factors out of fold with a ridge on the eval.regions² image tokens "
+        "concatenated in grid order (a weight for every position: a factor spread thinly over many "
+        "positions, which pooling and the attentive probe miss); past 4,096 features through their "
+        "principal components, fit within each training fold.",
+    )
     seed: int = Field(0, description="Seed of heads, probes and bootstrap.")
 
 

@@ -5,7 +5,8 @@
          probe on the image tokens
       ─> latent-factor R² (synthetic cohorts: the ground truth the images were drawn from), ridge on
          pooled embeddings and attentive probe on image tokens, held out and out of fold over
-         every split
+         every split; out of fold also a ridge on the image tokens in grid order (a weight per
+         position)
       ─> cross-modal retrieval (recall@k, chance beside it)
       ─> time-to-event heads under four fusion strategies (Harrell's and Uno's c-index)
       ─> metrics.json, report.md, plots
@@ -440,7 +441,9 @@ def _latent_oof(
     cfg: Config,
 ) -> tuple[dict, dict]:
     """Out-of-fold latent R² over every imaged subject with latents in the fit, validation and
-    reported splits together (CV_FOLDS folds grouped by subject), linear and attentive, per encoder:
+    reported splits together (CV_FOLDS folds grouped by subject), per encoder and read-out (linear:
+    ridge on the pooled embedding; grid: ridge on the image tokens concatenated in grid order, past
+    probes.GRID_DIMS features through their principal components within each fold; attentive):
     {encoder: {readout: {factor: R²}, "n", "splits"}}; and the pretrained encoder's paired
     differences against each other one on those predictions: {other: {"latent R² <factor>":
     {readout: paired_difference}}}. On a cohort too small for its test split to tell encoders
@@ -466,8 +469,13 @@ def _latent_oof(
         order = {k: align(ref[k].cols["key"], by_split[k].cols["key"]) for k in rows}
         pooled = np.concatenate([by_split[k].cols["emb_image"][order[k]][r] for k, r in rows.items()])
         preds[name] = {"linear": probes.oof_latent(pooled, y, groups, CV_FOLDS)}
+        if not (ec.grid or ec.attentive):
+            continue
+        tokens = stack_tokens({k: by_split[k].image_tokens()[order[k]][r] for k, r in rows.items()}, name)
+        if ec.grid:  # a weight for every position: what pooling and one shared value map average away
+            grid = tokens.reshape(len(tokens), -1)  # (N, T*D), tokens in grid order
+            preds[name]["grid"] = probes.oof_latent(grid, y, groups, CV_FOLDS, max_dims=probes.GRID_DIMS)
         if ec.attentive:
-            tokens = np.concatenate([by_split[k].image_tokens()[order[k]][r] for k, r in rows.items()])
             preds[name]["attentive"] = attentive.oof_attentive(
                 tokens, y, groups, CV_FOLDS, ec.seed, settings=attentive_settings(cfg)
             )
@@ -503,6 +511,20 @@ def _latent_oof(
         if other != "pretrained"
     }
     return r2, paired
+
+
+def stack_tokens(parts: dict[str, np.ndarray], encoder: str) -> np.ndarray:
+    """The image tokens of several splits, each (n_k, T, D), as one (N, T, D) array; ValueError
+    naming the splits if their token counts differ (samples of another image size), which the grid
+    read-out, a weight per position, cannot line up."""
+    counts = {k: t.shape[1:] for k, t in parts.items()}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{k}: {c[0]} tokens of width {c[1]}" for k, c in counts.items())
+        raise ValueError(
+            f"{encoder}: image token counts differ between splits ({shown}); the grid read-out needs "
+            "one image size (pipeline.image_size, eval.regions) for every sample"
+        )
+    return np.concatenate(list(parts.values()))
 
 
 def _survival(

@@ -19,6 +19,9 @@ C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength of the logistic pr
 ALPHA_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # ridge strength of the latent probe
 FINE_ALPHA_GRID = tuple(np.logspace(-2, 4, 13))  # the same, finer: for the cross-validated probe
 MAP_DIMS = 128  # principal components a wider input of the retrieval map is reduced to
+# features the grid read-out (image tokens in grid order) keeps: wider inputs (16 x 768 at ViT-B) go
+# through their leading principal components, fit inside each training fold
+GRID_DIMS = 4096
 
 
 def bootstrap_indices(size: int, n: int, seed: int, valid=None, groups=None) -> list[np.ndarray]:
@@ -139,15 +142,37 @@ def latent_r2(x_fit: np.ndarray, z_fit: np.ndarray, reports: dict[str, tuple]) -
     return out
 
 
-def oof_latent(x: np.ndarray, z: np.ndarray, groups, folds: int = 5, alphas=FINE_ALPHA_GRID) -> np.ndarray:
+def oof_latent(
+    x: np.ndarray,
+    z: np.ndarray,
+    groups,
+    folds: int = 5,
+    alphas=FINE_ALPHA_GRID,
+    max_dims: int | None = None,
+) -> np.ndarray:
     """Out-of-fold predictions (N, F) of a ridge from standardised embeddings x (N, D) to z (N, F),
     folds grouped (by subject: no subject on both sides), each factor's alpha by inner CV on its
-    own (a shared alpha fit to a well-carried factor overfits a faint one beside it)."""
-    from sklearn.model_selection import GroupKFold, cross_val_predict
+    own (a shared alpha fit to a well-carried factor overfits a faint one beside it).
 
-    ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas, alpha_per_target=True))
-    pred = cross_val_predict(ridge, x, z, groups=groups, cv=GroupKFold(folds))
-    return np.asarray(pred, float).reshape(len(x), -1)
+    `max_dims` (GRID_DIMS for the grid read-out): an x wider than that is reduced, inside each fold
+    and fit on its training rows only, to its leading max_dims principal components before the
+    ridge. They are not whitened: a ridge is rotation-invariant, so components spanning the
+    training rows (rows - 1 of them, the rank of the centred fold) give the ridge on every
+    standardised feature, alpha choice included; a fold of at most max_dims + 1 training rows is
+    therefore fit without the PCA, to the same predictions at a fraction of the cost."""
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import GroupKFold
+
+    x = np.asarray(x)
+    z = np.asarray(z, float).reshape(len(x), -1)
+    pred = np.zeros(z.shape)
+    for train, held in GroupKFold(folds).split(x, z, groups):
+        steps: list = [StandardScaler()]
+        if max_dims is not None and x.shape[1] > max_dims and len(train) - 1 > max_dims:
+            steps.append(PCA(max_dims, random_state=0))
+        ridge = make_pipeline(*steps, RidgeCV(alphas=alphas, alpha_per_target=True))
+        pred[held] = ridge.fit(x[train], z[train]).predict(x[held]).reshape(len(held), -1)
+    return pred
 
 
 def cv_latent_r2(

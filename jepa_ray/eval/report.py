@@ -140,6 +140,8 @@ def _short(v: float | None) -> str:
 
 
 def report_markdown(metrics: dict[str, Any]) -> str:
+    from jepa_ray.eval.probes import GRID_DIMS
+
     lines = ["# jepa-ray evaluation", ""]
     enc = metrics.get("encoder", {})
     lines += [f"Encoder: `{enc.get('weights')}` (step {enc.get('step')}); data: `{metrics.get('data')}`.", ""]
@@ -187,6 +189,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         lines += ["", "## Ground truth: latent factors from the image (R²)", ""]
         lines += [
             "ridge: on the pooled image embedding; attentive: the attentive probe on the image tokens; "
+            "grid (out of fold only): a ridge on the image tokens concatenated in grid order, a weight for "
+            f"every position (past {GRID_DIMS:,} features, their principal components within each fold); "
             "out-of-fold: every subject of the named splits scored by a probe fit on the other folds "
             "(5, grouped by subject), for cohorts whose test split is too small to tell encoders apart, "
             "with its bootstrap 95% interval.",
@@ -206,7 +210,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
                     vals = " | ".join(f"{res['r2'][k]:.3f}" for k in factors)
                     lines.append(f"| {name} | {probe} | {split} | {res['n']} | {vals} |")
         for name, cv in metrics.get("latent_r2_cv", {}).items():
-            for probe, label in (("linear", "ridge"), ("attentive", "attentive")):
+            for probe, label in (("linear", "ridge"), ("grid", "grid"), ("attentive", "attentive")):
                 if probe in cv:
                     ci = cv.get("ci95", {}).get(probe, {})
                     vals = " | ".join(_fmt(cv[probe][k], ci.get(k)) for k in factors)

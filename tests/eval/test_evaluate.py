@@ -179,9 +179,18 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
         assert cv["b"] == pytest.approx(m["latent_r2_cv"][other]["attentive"]["lung"])
         # each encoder's out-of-fold R² has its interval too
         oof = m["latent_r2_cv"][other]
-        for probe in ("linear", "attentive"):
+        for probe in ("linear", "grid", "attentive"):
             for factor, (lo, hi) in oof["ci95"][probe].items():
                 assert lo < hi and lo - 0.05 <= oof[probe][factor] <= hi + 0.05
+        # the grid read-out (ridge on the 16 tokens in grid order), paired on the same predictions
+        assert list(oof["grid"]) == ["cardiac", "lung", "frailty", "mass"]
+        grid = m["comparison"][other]["latent R² frailty"]["grid"]["out-of-fold"]
+        assert grid["n"] == cv["n"] and grid["a"] == pytest.approx(
+            m["latent_r2_cv"]["pretrained"]["grid"]["frailty"]
+        )
+        assert grid["b"] == pytest.approx(oof["grid"]["frailty"]) and grid["difference"] == pytest.approx(
+            grid["a"] - grid["b"]
+        )
     assert (
         "Pretrained against the other encoders" in report and "| latent R² lung, attentive, test |" in report
     )
@@ -191,6 +200,13 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     )
     cv_row = next(x for x in report.splitlines() if x.startswith("| pretrained | attentive | out-of-fold"))
     assert cv_row.count("[") == len(m["latent_r2_cv"]["pretrained"]["attentive"])  # one interval per factor
+    grid_row = next(x for x in report.splitlines() if x.startswith("| mae | grid | out-of-fold"))
+    grid_ci = saved["latent_r2_cv"]["mae"]["ci95"]["grid"]["cardiac"]
+    assert (
+        f"| {saved['latent_r2_cv']['mae']['grid']['cardiac']:.3f} [{grid_ci[0]:.3f}, {grid_ci[1]:.3f}] |"
+        in grid_row
+    )
+    assert "| latent R² mass, grid, out-of-fold |" in report
 
     # the command line, on the same output: cached embeddings reused, a one-screen summary
     from typer.testing import CliRunner
@@ -208,6 +224,96 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
         result.output.count("  attentive") == 4 and "image attentive" in result.output
     )  # beside ridge (one row per latent factor), linear
     assert (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns == stamp
+
+
+def _token_tables(rng, carried: dict[str, float], tokens: int = 16, width: int = 8, n: int = 40):
+    """({encoder: {split: Split}}, z): 3 x n subjects; each encoder's image tokens carry the one
+    latent factor (frailty) at the given strength along a direction of each position's own that
+    sums to zero over the grid (bone density over ribs and spine): the mean-pooled embedding
+    carries none of it."""
+    import numpy as np
+
+    from jepa_ray.eval.samples import Split
+
+    subjects = [f"s{i:03d}" for i in range(3 * n)]
+    frailty = rng.standard_normal(len(subjects))
+    z = {s: np.array([f]) for s, f in zip(subjects, frailty, strict=True)}
+    tables = {}
+    for name, strength in carried.items():
+        w = rng.standard_normal((tokens, width))
+        w -= w.mean(0)  # (T, D): pooled over positions, nothing left
+        t = strength * frailty[:, None, None] * w + rng.standard_normal((len(subjects), tokens, width))
+        tables[name] = {
+            split: Split(
+                cols={
+                    "key": np.array(subjects[i * n : (i + 1) * n]),
+                    "has_image": np.ones(n, bool),
+                    "emb_image": t[i * n : (i + 1) * n].mean(1),
+                    "img_tokens": t[i * n : (i + 1) * n].reshape(n, -1).astype(np.float16),
+                },
+                meta=[{"subject": s} for s in subjects[i * n : (i + 1) * n]],
+                dropped_later_studies=0,
+            )
+            for i, split in enumerate(("train", "val", "test"))
+        }
+    return tables, z
+
+
+def test_the_grid_read_out_finds_a_factor_spread_over_positions_that_pooling_misses():
+    """`_latent_oof` on in-memory tables (no Ray): the grid read-out (ridge on the tokens in grid
+    order) reads what the pooled ridge cannot, without the attentive probe, with its interval and
+    paired differences; eval.grid=false leaves it out."""
+    import numpy as np
+
+    from jepa_ray.eval.evaluate import _latent_oof
+    from jepa_ray.eval.report import report_markdown
+
+    tables, z = _token_tables(np.random.default_rng(0), {"pretrained": 0.0, "random_init": 0.6})
+    cfg = load_config(overrides=["eval.attentive=false", "eval.bootstrap=50"])
+    r2, paired = _latent_oof(tables, ("frailty",), z, ["test"], cfg)
+    for name in ("pretrained", "random_init"):
+        assert list(r2[name]) == ["linear", "grid", "n", "splits", "ci95"] and r2[name]["n"] == 120
+        assert r2[name]["linear"]["frailty"] < 0.1  # pooled: the spread factor is gone
+    assert r2["random_init"]["grid"]["frailty"] > 0.5 > 0.1 > r2["pretrained"]["grid"]["frailty"]
+    lo, hi = r2["random_init"]["ci95"]["grid"]["frailty"]
+    assert lo <= r2["random_init"]["grid"]["frailty"] <= hi and lo > 0.3
+    # the pretrained encoder lost it: worse beyond noise under grid, within noise under the pooled ridge
+    d = paired["random_init"]["latent R² frailty"]["grid"]
+    assert d["a"] == pytest.approx(r2["pretrained"]["grid"]["frailty"])
+    assert d["b"] == pytest.approx(r2["random_init"]["grid"]["frailty"])
+    assert d["difference"] < -0.4 and d["ci95"][1] < 0 and d["beyond_noise"]
+    assert not paired["random_init"]["latent R² frailty"]["linear"]["beyond_noise"]
+    # the report's out-of-fold rows: one per read-out, each value with its interval
+    held_out = {"pretrained": {"test": {"r2": {"frailty": 0.0}, "n": 40}}}
+    md = report_markdown({"latent_r2": held_out, "latent_r2_cv": r2})
+    row = next(
+        x for x in md.splitlines() if x.startswith("| random_init | grid | out-of-fold (train, val, test)")
+    )
+    assert row.endswith(f"| 120 | {r2['random_init']['grid']['frailty']:.3f} [{lo:.3f}, {hi:.3f}] |")
+    off, _ = _latent_oof(
+        tables, ("frailty",), z, ["test"], load_config(overrides=["eval.attentive=false", "eval.grid=false"])
+    )
+    assert "grid" not in off["pretrained"] and "grid" not in off["pretrained"]["ci95"]
+
+
+def test_image_tokens_of_another_size_are_named_not_concatenated():
+    import numpy as np
+
+    from jepa_ray.eval.evaluate import _latent_oof, stack_tokens
+
+    parts = {"train": np.zeros((5, 16, 8)), "test": np.zeros((3, 16, 8))}
+    assert stack_tokens(parts, "pretrained").shape == (8, 16, 8)
+    with pytest.raises(
+        ValueError,
+        match=r"mae: image token counts differ between splits \(train: 16 tokens of width 8, test: 4 tokens of width 8\)",
+    ):
+        stack_tokens({"train": np.zeros((5, 16, 8)), "test": np.zeros((3, 4, 8))}, "mae")
+    # through the out-of-fold read-out: a test split embedded at another image size
+    tables, z = _token_tables(np.random.default_rng(1), {"pretrained": 1.0})
+    small, _ = _token_tables(np.random.default_rng(1), {"pretrained": 1.0}, tokens=4)
+    tables["pretrained"]["test"] = small["pretrained"]["test"]
+    with pytest.raises(ValueError, match="image token counts differ"):
+        _latent_oof(tables, ("frailty",), z, ["test"], load_config(overrides=["eval.attentive=false"]))
 
 
 def test_encoders_embedded_in_one_pass_get_what_each_gets_alone(cohort, encoder, mae, tmp_path, ray_session):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.linear_model import RidgeCV
 from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from jepa_ray.eval import probes
 
@@ -102,3 +105,75 @@ def test_the_linear_map_read_out_reduces_a_wide_token_grid_to_its_principal_comp
     # fewer components than factors lose what y needs: the reduction is real
     narrow = probes.linear_map_recall(x, y, "train", ["test"], [1], max_dims=2)["test"]
     assert narrow["recall@1"] < wide["recall@1"] - 0.3
+
+
+def _spread(rng, n: int, width: int, scales) -> tuple[np.ndarray, np.ndarray]:
+    """(x, u): len(scales) factors u mixed into every one of `width` features (+-scale each) under
+    unit noise: the first spread thinly, as bone density over the ribs and spine."""
+    u = rng.standard_normal((n, len(scales)))
+    return (u * scales) @ rng.choice([-1.0, 1.0], (len(scales), width)) + rng.standard_normal((n, width)), u
+
+
+def test_the_capped_oof_ridge_reads_a_signal_spread_over_10k_features():
+    # 200 subjects (two studies each) x 10,000 features, a token grid's width at ViT-B is 12k-150k
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(5)
+    x, u = _spread(rng, 200, 10_000, [0.1, 0.3, 0.3])
+    groups = np.arange(200) // 2  # no subject on both sides of a fold
+    pred = probes.oof_latent(x, u[:, :1], groups, max_dims=probes.GRID_DIMS)
+    assert pred.shape == (200, 1) and r2_score(u[:, 0], pred[:, 0]) > 0.6
+    noise = probes.oof_latent(rng.standard_normal((200, 10_000)), u[:, :1], groups, max_dims=probes.GRID_DIMS)
+    assert r2_score(u[:, 0], noise[:, 0]) < 0.05
+
+
+def test_the_capped_oof_ridge_fits_its_components_on_each_training_fold_only(monkeypatch):
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import GroupKFold
+
+    rng = np.random.default_rng(6)
+    x, u = _spread(rng, 150, 2_000, [1.0, 1.0, 1.0])
+    groups = np.arange(150) // 3
+    fits: list[np.ndarray] = []
+    fit_transform = PCA.fit_transform
+
+    def spy(self, a, y=None):
+        fits.append(np.asarray(a).copy())
+        return fit_transform(self, a, y)
+
+    monkeypatch.setattr(PCA, "fit_transform", spy)
+    pred = probes.oof_latent(x, u, groups, max_dims=16)  # 2,000 features, 120 training rows: reduced
+    assert min(r2_score(u[:, j], pred[:, j]) for j in range(3)) > 0.8  # 3 factors fit in 16 components
+    # one PCA per fold, on exactly that fold's training rows (standardised on them): none held out
+    folds = list(GroupKFold(5).split(x, u, groups))
+    assert len(fits) == 5
+    for (train, _), a in zip(folds, fits, strict=True):
+        assert a.shape == (len(train), 2_000) == (120, 2_000)
+        np.testing.assert_allclose(a, (x[train] - x[train].mean(0)) / x[train].std(0), atol=1e-6)
+    # under the cap, and when the fold's rows are fewer than the cap: the plain ridge, no PCA
+    fits.clear()
+    probes.oof_latent(x[:, :500], u, groups, max_dims=probes.GRID_DIMS)
+    probes.oof_latent(x, u, groups, max_dims=probes.GRID_DIMS)
+    assert fits == []
+
+
+def test_components_spanning_the_fold_give_the_full_ridge_and_fewer_lose_a_faint_factor():
+    # why a fold of at most max_dims + 1 rows skips the PCA: not whitened, components spanning the
+    # training rows leave the ridge (and its alpha choice) as it was, a ridge being rotation-invariant
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(7)
+    x, u = _spread(rng, 120, 600, [0.1, 0.5, 0.5, 0.5])
+    ridge = [StandardScaler(), RidgeCV(alphas=probes.FINE_ALPHA_GRID, alpha_per_target=True)]
+    full = make_pipeline(*ridge).fit(x[:96], u[:96, :1])
+    ridge = [StandardScaler(), RidgeCV(alphas=probes.FINE_ALPHA_GRID, alpha_per_target=True)]
+    spanning = make_pipeline(ridge[0], PCA(95), ridge[1]).fit(x[:96], u[:96, :1])
+    np.testing.assert_allclose(spanning.predict(x[96:]), full.predict(x[96:]), rtol=1e-5, atol=1e-8)
+    assert spanning[-1].alpha_ == full[-1].alpha_
+    # 2 components hold the loud factors, not the faint one: the reduction is real
+    groups = np.arange(120)
+    wide = probes.oof_latent(x, u[:, :1], groups)
+    narrow = probes.oof_latent(x, u[:, :1], groups, max_dims=2)
+    assert r2_score(u[:, 0], wide[:, 0]) > 0.5 > r2_score(u[:, 0], narrow[:, 0]) + 0.3
