@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jepa_ray.ingest import ehr
+from jepa_ray.ingest import ehr, identifiers
 from jepa_ray.ingest import vocab as vocab_mod
 
 
@@ -136,7 +136,7 @@ def test_identifier_and_free_text_columns_are_recognised():
         "history": pd.Series(["smoker, stopped in 2015 after a heart attack"] * n),  # several words
     }
     for name, s in columns.items():
-        assert ehr.identifier_column(name, s) is not None, name
+        assert identifiers.identifier_column(name, s) is not None, name
     usual = {
         "age": pd.Series(rng.integers(30, 90, n).astype(float)),
         "sex": pd.Series(rng.choice(["F", "M"], n)),
@@ -147,7 +147,7 @@ def test_identifier_and_free_text_columns_are_recognised():
         "stage": pd.Series(rng.choice(["stage II", "stage III"], n)),  # one space is a category
     }
     for name, s in usual.items():
-        assert ehr.identifier_column(name, s) is None, name
+        assert identifiers.identifier_column(name, s) is None, name
 
 
 def test_only_values_and_codes_shared_by_k_training_subjects_are_kept(tmp_path):
