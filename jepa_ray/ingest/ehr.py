@@ -15,7 +15,9 @@ are time-to-event outcomes. Other columns are ignored and listed in the manifest
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,12 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jepa_ray.ingest.identifiers import identifier_column
-from jepa_ray.ingest.listing import Listing, Unread, entry_kind, list_files
+from jepa_ray.ingest.identifiers import age_column, identifier_column
+from jepa_ray.ingest.listing import Listing, Unread, entry_kind, list_files, not_regular_file, printable_path
 
 logger = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400 * 1_000_000
+MAX_AGE_YEARS = 90.0  # HIPAA Safe Harbor (ages over 89 are one group); prepare.ehr.max_age_years
 _NAT = np.iinfo(np.int64).min  # a missing time (MEDS: a static event) in int64 microseconds
 PAD_ID = 0
 UNK_ID = 1
@@ -357,6 +360,41 @@ def _value_column(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
     raise _ColumnError("unsupported_column_type", f"numeric_value is of type {t}; expected numbers")
 
 
+# An age written as text: a number with an optional unit (`104`, ` 95 `, `95.0`, `104 years`, `104y`,
+# `70 yo`), or an open range (`90+`, `>89`, `>= 90`, `≥90`)
+_AGE = re.compile(
+    r"^(?P<above>>=?|≥)?\s*(?P<n>\d+(?:\.\d*)?|\.\d+)\s*(?P<plus>\+)?\s*"
+    r"(?:y|yo|y/o|yrs?|years?)?\.?(?:\s*old)?$",
+    re.IGNORECASE,
+)
+
+
+def _age_from_text(text: str, cap: float | None) -> float | None:
+    """An age written as text, in years, or None when it is not one. An open range is an age only
+    when it reaches `cap` (`90+`, `>89`: the cap); below it (`65+`) the age is unknown."""
+    m = _AGE.match(text)
+    if m is None:
+        return None
+    n = float(m["n"])
+    if not (m["above"] or m["plus"]):
+        return n
+    lowest = math.floor(n) + 1 if m["above"] == ">" else n  # ages in whole years: >89 is 90 or more
+    return cap if cap is not None and lowest >= cap else None
+
+
+def _age_values(s: pd.Series, cap: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """A static age column -> (years, NaN = missing, not yet capped; mask of values that are not an
+    age, which become NaN). Numbers are read as they are, anything else as text (`_age_from_text`);
+    blank text is missing. Careless exports write ages as text: it must be capped as numbers are."""
+    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        return s.to_numpy(dtype=np.float64, na_value=np.nan), np.zeros(len(s), dtype=bool)
+    text = [None if pd.api.types.is_scalar(v) and pd.isna(v) else str(v).strip() for v in s.astype(object)]
+    ages = {t: _age_from_text(t, cap) for t in set(text) if t}
+    unreadable = np.array([bool(t) and ages[t] is None for t in text], dtype=bool)
+    values = [np.nan if not t or ages[t] is None else ages[t] for t in text]
+    return np.array(values, dtype=np.float64), unreadable
+
+
 def _event_columns(table: pa.Table, rel: str, tables: EhrTables) -> pa.Table:
     """One file's rows as (subject, time_us, code, value), bad rows quarantined with their numbers.
     A column that cannot be read at all raises _ColumnError (the caller quarantines the file)."""
@@ -493,7 +531,20 @@ def read_meds(meds: str | Path) -> EhrTables:
     return tables
 
 
+def _regular_file(path: Path) -> None:
+    """Refuse, unopened, a table that is not a regular file (a named pipe's open would wait for a
+    writer, maybe forever; a folder would be read as a dataset of whatever it holds)."""
+    what = not_regular_file(path)
+    if what is not None:
+        from jepa_ray.errors import InvalidEhrError
+
+        raise InvalidEhrError(
+            printable_path(str(path)), "not_regular_file", f"{what}, not a regular file: never opened"
+        )
+
+
 def _read_table(path: Path, kind: str, tables: EhrTables) -> pd.DataFrame | None:
+    _regular_file(path)
     try:
         df = pd.read_csv(path) if path.suffix == ".csv" else pq.read_table(path).to_pandas()
     except Exception as e:
@@ -546,7 +597,8 @@ def _read_table(path: Path, kind: str, tables: EhrTables) -> pd.DataFrame | None
 
 
 def _check_declared(path: Path, df: pd.DataFrame, numeric: set[str], categorical: set[str]) -> None:
-    """Declared static columns must exist, be declared once, and numeric ones hold numbers."""
+    """Declared static columns must exist, be declared once, and numeric ones hold numbers (ages may
+    be text: `_age_values` reads them); an age is never a category, whose values would escape the cap."""
     from jepa_ray.errors import InvalidEhrError
 
     present = sorted(set(df.columns) - {"_row"})
@@ -558,10 +610,14 @@ def _check_declared(path: Path, df: pd.DataFrame, numeric: set[str], categorical
     wrong = sorted(
         c
         for c in numeric & set(present)
-        if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])
+        if not age_column(c)
+        and (not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]))
     )
     if wrong:
         problems.append(f"{wrong} declared numeric but hold {[str(df[c].dtype) for c in wrong]} values")
+    ages = sorted(c for c in categorical if age_column(c))
+    if ages:
+        problems.append(f"{ages} are ages, read as numbers to be capped: declare them in static_numeric")
     if problems:
         raise InvalidEhrError(
             str(path),
@@ -576,10 +632,15 @@ def read_static(
     tables: EhrTables,
     numeric: list[str] | None = None,
     categorical: list[str] | None = None,
+    max_age_years: float | None = MAX_AGE_YEARS,
 ) -> EhrTables:
     """Read the static table: numeric columns → numeric features, text/bool → categorical. With
     `numeric` or `categorical` given, only those columns, as declared (the others are dropped as
-    `undeclared`). A column that looks like an identifier or free text is dropped either way."""
+    `undeclared`). A column that looks like an identifier or free text is dropped either way. An age
+    column (`identifiers.age_column`) is always numeric, also when written as text (`_age_values`:
+    text that is no age becomes missing and its rows are recorded, never quoted), and capped at
+    `max_age_years` here, so that every statistic and stored value comes from capped ages (None: no
+    cap). A path that is not a regular file raises InvalidEhrError unopened."""
     path = Path(path)
     df = _read_table(path, "static", tables)
     if df is None:
@@ -599,6 +660,21 @@ def read_static(
         if why is not None:
             tables.dropped_columns.append({"table": "static", "column": col, "reason": why})
             continue
+        if age_column(col):  # a number, also when written as text, so that it can be capped
+            ages, unreadable = _age_values(s, max_age_years)
+            if unreadable.any():
+                tables.quarantine.append(
+                    Quarantined(
+                        path.name,
+                        "static_values",
+                        "non_numeric_value",
+                        f"column {col}: text that is not an age (a note, a range below the cap); "
+                        "treated as missing",
+                        df["_row"].to_numpy()[unreadable].tolist(),
+                    )
+                )
+            df[col] = ages
+            s = df[col]
         if col in as_category or (
             not declared
             and (
@@ -621,7 +697,10 @@ def read_static(
                         df["_row"].to_numpy()[inf].tolist(),
                     )
                 )
-                df.loc[inf, col] = np.nan
+                vals[inf] = np.nan
+            if max_age_years is not None and age_column(col):
+                vals = np.minimum(vals, max_age_years)  # NaN stays missing
+            df[col] = vals
             tables.static_numeric.append(col)
         else:  # dates and the like: identifying or not meaningful as a static feature
             ignored.append(col)
@@ -639,7 +718,8 @@ def read_static(
 
 
 def read_outcomes(path: str | Path, tables: EhrTables) -> EhrTables:
-    """Read the outcome table (labels, time-to-event pairs, optional index_time)."""
+    """Read the outcome table (labels, time-to-event pairs, optional index_time). A path that is not
+    a regular file raises InvalidEhrError unopened."""
     path = Path(path)
     df = _read_table(path, "outcome", tables)
     if df is None:
@@ -721,8 +801,10 @@ def read_outcomes(path: str | Path, tables: EhrTables) -> EhrTables:
 
 
 def read_id_map(path: str | Path) -> dict[str, str]:
-    """DICOM PatientID → MEDS subject_id, from a parquet/CSV with columns patient_id, subject_id."""
+    """DICOM PatientID → MEDS subject_id, from a parquet/CSV with columns patient_id, subject_id.
+    A path that is not a regular file raises InvalidEhrError unopened."""
     path = Path(path)
+    _regular_file(path)
     df = pd.read_csv(path, dtype=str) if path.suffix == ".csv" else pq.read_table(path).to_pandas()
     missing = {"patient_id", "subject_id"} - set(df.columns)
     if missing:

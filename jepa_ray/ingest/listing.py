@@ -188,6 +188,18 @@ def entry_kind(mode: int) -> str:
     return next((name for test, name in _SPECIAL if test(mode)), "an entry of an unknown type")
 
 
+def not_regular_file(path: str | Path) -> str | None:
+    """What `path` (links followed) is when it exists and is not a regular file (a folder, a named
+    pipe, a socket, a device), or None. Asked before opening: a named pipe's open waits for a writer."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing or unreachable: opening it fails at once, with the reader's own error
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return "a folder" if stat.S_ISDIR(mode) else entry_kind(mode)
+
+
 def _special(path: str, mode: int, through_link: bool = False) -> Unread:
     via = "a link to " if through_link else ""
     return Unread(

@@ -245,7 +245,8 @@ def _read_ehr(
 ) -> tuple[ehrlib.EhrTables, dict | None]:
     tables = ehrlib.read_meds(meds) if meds is not None else ehrlib.EhrTables()
     if static is not None:
-        ehrlib.read_static(static, tables, cfg.ehr.static_numeric, cfg.ehr.static_categorical)
+        e = cfg.ehr
+        ehrlib.read_static(static, tables, e.static_numeric, e.static_categorical, e.max_age_years)
     if outcomes is not None:
         ehrlib.read_outcomes(outcomes, tables)
     id_map = ehrlib.read_id_map(cfg.ehr.id_map) if cfg.ehr.id_map else None

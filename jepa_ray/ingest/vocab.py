@@ -87,7 +87,7 @@ def fit_vocab(
                 "count": int(n[i]),
             }
     static_rows = [tables.static[k] for k in train_subjects if k in tables.static]
-    numeric = []
+    numeric = []  # age columns arrive capped (read_static): no statistic says more than the cap
     for name in tables.static_numeric:
         v = np.array([r[name] for r in static_rows], dtype=np.float64)
         ok = v[~np.isnan(v)]
