@@ -172,7 +172,8 @@ class EhrConfig(_Strict):
         90.0,
         gt=0,
         description="Ages above this are written as this (HIPAA Safe Harbor: over 89 is one group): "
-        "the birth event's time and static columns named age*.",
+        "the birth event's time, static columns named age* (text ages too) and the values of MEDS age codes "
+        "(AGE..., LOINC//30525-0, ... in their unit).",
     )
     static_numeric: list[str] | None = Field(
         None,

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jepa_ray.ingest.identifiers import age_column, identifier_column
+from jepa_ray.ingest.identifiers import age_code_units, age_column, identifier_column
 from jepa_ray.ingest.listing import Listing, Unread, entry_kind, list_files, not_regular_file, printable_path
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class EhrTables:
     row_value: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     vocab_ids: np.ndarray | None = None  # vocabulary id per code_names entry, set by fit_vocab
     birth_codes: np.ndarray | None = None  # per code_names entry: the MEDS birth event (vocab.py)
+    age_scales: np.ndarray | None = None  # per code_names entry: an age code's units per year, else NaN
 
     def subjects(self) -> set[str]:
         """Subjects with any EHR (events or a static row)."""
@@ -445,8 +446,28 @@ def _event_columns(table: pa.Table, rel: str, tables: EhrTables) -> pa.Table:
     return out.filter(pa.array(keep))
 
 
-def read_meds(meds: str | Path) -> EhrTables:
-    """Read MEDS event files into per-subject arrays; bad files and rows are quarantined.
+def age_scales(code_names: list[str]) -> np.ndarray:
+    """Per code: how many of its unit make a year when it records an age
+    (`identifiers.age_code_units`: AGE, AGE_MONTHS, LOINC//30525-0, ...), NaN when it does not."""
+    return np.array([np.nan if (u := age_code_units(c)) is None else u for c in code_names], np.float64)
+
+
+def cap_ages(values: np.ndarray, codes: np.ndarray, scales: np.ndarray, max_age_years: float) -> np.ndarray:
+    """Event values with those of age codes capped at `max_age_years`, in their code's unit
+    (`scales`: `age_scales`, indexed by `codes`); NaN stays missing, other codes' values as they are."""
+    scale = scales[codes]
+    age = ~np.isnan(scale)
+    if not age.any():
+        return values
+    out = values.copy()
+    out[age] = np.minimum(values[age], (max_age_years * scale[age]).astype(values.dtype))
+    return out
+
+
+def read_meds(meds: str | Path, max_age_years: float | None = MAX_AGE_YEARS) -> EhrTables:
+    """Read MEDS event files into per-subject arrays; bad files and rows are quarantined. The
+    values of age codes (`identifiers.age_code`) are capped at `max_age_years` here (`cap_ages`;
+    None: no cap), so that every statistic and stored value comes from capped ages.
 
     Columnar throughout (pyarrow compute, numpy), so large extracts read at C speed.
     """
@@ -510,6 +531,9 @@ def read_meds(meds: str | Path) -> EhrTables:
     code_index = rank[codes.indices.to_numpy()].astype(np.int32)
     times = rows["time"].to_numpy()
     values = rows["value"].to_numpy(zero_copy_only=False).astype(np.float32)  # nulls become NaN
+    tables.age_scales = age_scales(tables.code_names)
+    if max_age_years is not None:  # before any statistic (vocab.fit_vocab) or shard sees them
+        values = cap_ages(values, code_index, tables.age_scales, max_age_years)
     subject_index = subjects.indices.to_numpy()
     starts = np.flatnonzero(np.r_[True, subject_index[1:] != subject_index[:-1]])
     bounds = [*starts.tolist(), len(subject_index)]

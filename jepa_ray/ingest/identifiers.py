@@ -97,6 +97,55 @@ def age_column(name: str) -> bool:
     return bool({"age", "ages"} & set(name_words(name)))
 
 
+# Standard concepts whose value is a person's age, as a part of a MEDS code under any vocabulary
+# name (`LOINC//30525-0`, `SNOMEDCT//397669002`, `LOINC/21612-7`): their values are capped as ages.
+AGE_CONCEPT_CODES = frozenset(
+    {
+        "30525-0",  # LOINC: Age
+        "21611-9",  # LOINC: Age - Estimated
+        "21612-7",  # LOINC: Age - Reported
+        "29553-5",  # LOINC: Age calculated
+        "30972-4",  # LOINC: Age at onset of adverse event
+        "397669002",  # SNOMED CT: Age
+        "424144002",  # SNOMED CT: Current chronological age
+        "445518008",  # SNOMED CT: Age at onset
+    }
+)
+# An age code's unit, by a word of the code: how many of the unit make a year. Years are the
+# default, and win over any other unit named beside them (the lower cap: never more than the cap).
+AGE_UNITS_PER_YEAR = {
+    **dict.fromkeys(("year", "years", "yr", "yrs", "y", "yo", "a"), 1.0),  # a: UCUM annum
+    **dict.fromkeys(("month", "months", "mo", "mos", "mth", "mths"), 12.0),
+    **dict.fromkeys(("week", "weeks", "wk", "wks"), 365.25 / 7),
+    **dict.fromkeys(("day", "days", "d"), 365.25),
+    **dict.fromkeys(("hour", "hours", "hr", "hrs", "h"), 365.25 * 24),
+}
+
+
+def age_code(code: str) -> bool:
+    """Does this MEDS code record a person's age: a `//`-separated part of it is an age name
+    (`age_column`: AGE, AGE_AT_ADMISSION, Age at visit, DEMOGRAPHICS//AGE; not DOSAGE, STAGE,
+    LAB//PAGE), or a part between slashes is one of `AGE_CONCEPT_CODES` (LOINC//30525-0)?"""
+    if any(age_column(p) for p in code.split("//")):
+        return True
+    return any(p.strip() in AGE_CONCEPT_CODES for p in re.split(r"/+", code))
+
+
+def age_code_units(code: str) -> float | None:
+    """How many of its unit make a year when this MEDS code records an age (`age_code`), else
+    None. The unit is the last word of a part (`AGE_MONTHS`, `AGE//mo`, `LOINC//30525-0//d`,
+    `Age (days)`) or a word after `in` (`AgeInMonths`, `age in weeks`), by `AGE_UNITS_PER_YEAR`;
+    with none, or with years named too, years (1)."""
+    if not age_code(code):
+        return None
+    units = set()
+    for part in code.split("//"):
+        words = name_words(part)
+        named = words[-1:] + [w for prev, w in itertools.pairwise(words) if prev == "in"]
+        units |= {AGE_UNITS_PER_YEAR[w] for w in named if w in AGE_UNITS_PER_YEAR}
+    return min(units, default=1.0)
+
+
 def personal_text(text: str, numeric_vocabulary: bool = False) -> bool:
     """Does this text hold an e-mail or web address, a phone, social security or record number,
     or a date? Long digit runs and undelimited dates count too, unless `numeric_vocabulary`."""

@@ -243,9 +243,9 @@ def _start_scan(files: list[str], cfg: PrepareConfig, show_progress: bool) -> Ta
 def _read_ehr(
     cfg: PrepareConfig, *, meds: str | None, static: str | None, outcomes: str | None
 ) -> tuple[ehrlib.EhrTables, dict | None]:
-    tables = ehrlib.read_meds(meds) if meds is not None else ehrlib.EhrTables()
+    e = cfg.ehr
+    tables = ehrlib.read_meds(meds, e.max_age_years) if meds is not None else ehrlib.EhrTables()
     if static is not None:
-        e = cfg.ehr
         ehrlib.read_static(static, tables, e.static_numeric, e.static_categorical, e.max_age_years)
     if outcomes is not None:
         ehrlib.read_outcomes(outcomes, tables)

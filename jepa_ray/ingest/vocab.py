@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from jepa_ray.ingest.ehr import PAD_ID, UNK_ID, US_PER_DAY, EhrTables
+from jepa_ray.ingest.ehr import PAD_ID, UNK_ID, US_PER_DAY, EhrTables, age_scales, cap_ages
 from jepa_ray.ingest.identifiers import age_column, free_text_code
 
 
@@ -87,7 +87,7 @@ def fit_vocab(
                 "count": int(n[i]),
             }
     static_rows = [tables.static[k] for k in train_subjects if k in tables.static]
-    numeric = []  # age columns arrive capped (read_static): no statistic says more than the cap
+    numeric = []  # age columns and codes arrive capped (read_static, read_meds): no statistic says more
     for name in tables.static_numeric:
         v = np.array([r[name] for r in static_rows], dtype=np.float64)
         ok = v[~np.isnan(v)]
@@ -132,6 +132,13 @@ def _birth_codes(tables: EhrTables) -> np.ndarray:
     return tables.birth_codes
 
 
+def _age_scales(tables: EhrTables) -> np.ndarray:
+    """Per code_names entry: an age code's units per year, else NaN (cached on the tables)."""
+    if tables.age_scales is None or len(tables.age_scales) != len(tables.code_names):
+        tables.age_scales = age_scales(tables.code_names)
+    return tables.age_scales
+
+
 def subject_ehr(
     tables: EhrTables,
     vocab: Vocab,
@@ -146,9 +153,10 @@ def subject_ehr(
     Returns None when the subject has no EHR or nothing of it precedes the index time. Event
     times are in days relative to the index time (all negative), rounded down to
     `time_resolution_days` (the birth event, MEDS_BIRTH*, to whole years) and never earlier than
-    `max_age_years`; static age columns (`identifiers.age_column`: AgeAtIndex, patient_age, ...) are
-    capped there too. Values stay raw; the manifest's statistics normalise
-    them downstream.
+    `max_age_years`; static age columns (`identifiers.age_column`: AgeAtIndex, patient_age, ...) and
+    the values of age codes (`identifiers.age_code`: AGE, LOINC//30525-0, ..., in their unit) are
+    capped there too (`read_static` and `read_meds` cap them as they read). Values stay raw
+    otherwise; the manifest's statistics normalise them downstream.
     """
     ev = tables.events.get(key)
     st = tables.static.get(key)
@@ -168,7 +176,10 @@ def subject_ehr(
         if max_age_years is not None:
             days = np.maximum(days, -max_age_years * DAYS_PER_YEAR)
         out["event_time"] = days.astype(np.float32)
-        out["event_value"] = ev.values[lo:n].astype(np.float32)
+        values = ev.values[lo:n].astype(np.float32)
+        if max_age_years is not None:
+            values = cap_ages(values, ev.codes[lo:n], _age_scales(tables), max_age_years)
+        out["event_value"] = values
         out["static_code"] = ids[ev.static_codes]
     else:
         out["event_code"] = np.zeros(0, np.int32)
