@@ -10,6 +10,7 @@ docs/privacy.md; keep the two in step.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 import numpy as np
@@ -91,10 +92,61 @@ def identifying_name(name: str) -> bool:
     return bool(terms & IDENTIFYING_WORDS)
 
 
+# Words that exports run together with `age` in an all-caps or lower-case name (PATIENTAGE,
+# AGEATVISIT, AGEINMONTHS, AGEGROUP). A word is an age name only when all that is left around `age`
+# is made of these (at most two each side), so dosage, stage, page, manage, agent, image, average,
+# usage, package or teenage never are. Keep them to words no English -age word is built from.
+AGE_NAME_WORDS = frozenset(
+    {
+        *("patient", "pt", "subject", "person", "current", "baseline", "index", "study", "enrollment"),
+        *("visit", "admission", "admit", "encounter", "exam", "scan", "surgery", "procedure"),
+        *("death", "onset", "diagnosis", "dx", "at", "in"),
+        *("years", "yrs", "yr", "months", "mos", "weeks", "wks", "days", "hours", "hrs"),
+    }
+)
+AGE_NAME_WORDS_AFTER = AGE_NAME_WORDS | {"group", "band", "range", "bracket", "category"}  # not bandage
+
+
+def _known_words(text: str, words: frozenset[str], most: int = 2) -> list[str] | None:
+    """`text` as at most `most` of `words` (`atvisit` -> at, visit), or None."""
+    if not text:
+        return []
+    if most == 0:
+        return None
+    for i in range(len(text), 0, -1):
+        rest = _known_words(text[i:], words, most - 1) if text[:i] in words else None
+        if rest is not None:
+            return [text[:i], *rest]
+    return None
+
+
+def _age_name_words(word: str) -> list[str]:
+    """A lower-case word split where it runs `age` together with AGE_NAME_WORDS (`patientage` ->
+    patient, age; `ageinmonths` -> age, in, months); any other word as it is (`dosage`)."""
+    for m in re.finditer("(?=age)", word):
+        before = _known_words(word[: m.start()], AGE_NAME_WORDS)
+        after = _known_words(word[m.start() + 3 :], AGE_NAME_WORDS_AFTER)
+        if before is not None and after is not None and (before or after):
+            return [*before, "age", *after]
+    return [word]
+
+
+# `age` followed by one of these qualifies another quantity (an age-adjusted eGFR, an age-specific
+# reference range): not an age, so its values are never capped as one
+AGE_QUALIFIERS = frozenset(
+    {"adjusted", "adj", "corrected", "related", "specific", "standardized", "standardised", "matched"}
+)
+
+
 def age_column(name: str) -> bool:
-    """Is this static column an age (the word `age`: AgeAtIndex, patient_age, age_years; not
-    dosage or stage)?"""
-    return bool({"age", "ages"} & set(name_words(name)))
+    """Is this static column an age: a word of its name is `age` (AgeAtIndex, patient_age,
+    age_years; not dosage or stage), also run together with AGE_NAME_WORDS (PATIENTAGE, AGEATVISIT),
+    and not qualifying another quantity (`AGE_QUALIFIERS`: age-adjusted eGFR)?"""
+    words = [w for x in name_words(name) for w in _age_name_words(x)]
+    return any(
+        w in ("age", "ages") and (i + 1 == len(words) or words[i + 1] not in AGE_QUALIFIERS)
+        for i, w in enumerate(words)
+    )
 
 
 # Standard concepts whose value is a person's age, as a part of a MEDS code under any vocabulary
@@ -140,10 +192,39 @@ def age_code_units(code: str) -> float | None:
         return None
     units = set()
     for part in code.split("//"):
-        words = name_words(part)
+        words = [w for x in name_words(part) for w in _age_name_words(x)]
         named = words[-1:] + [w for prev, w in itertools.pairwise(words) if prev == "in"]
         units |= {AGE_UNITS_PER_YEAR[w] for w in named if w in AGE_UNITS_PER_YEAR}
     return min(units, default=1.0)
+
+
+# A number in an age code's text and what bounds it: `>89`, `over 89`, `AGE_GT_89` (ages above
+# it), `<95`, `under 95` (ages below it); otherwise the number itself is an age it names (`95`,
+# `>=90`, `90+`, either end of `90-94`).
+_AGE_NUMBER = re.compile(
+    r"(?:(?P<above>>(?!=)|(?<![a-z])(?:over|above|gt|(?:older|greater|more)[\s_]*than)(?![a-z]))"
+    r"|(?P<below><(?!=)|(?<![a-z])(?:under|below|lt|(?:younger|less)[\s_]*than)(?![a-z])))?"
+    r"[\s_:=-]*(?P<n>\d{1,3}(?:,\d{3})+(?![\d,])|\d+(?:\.\d+)?)",  # 36,500 days: one number
+    re.IGNORECASE,
+)
+
+
+def age_over_cap(code: str, max_age_years: float) -> bool:
+    """Does this MEDS code record an age (`age_code`) and its text name one at or above
+    `max_age_years`, in the code's unit (`age_code_units`): `AGE//104`, `Age 92`,
+    `AGE_GROUP//95-99`, `AGE_BAND//90+`, `AGE//>89`, `AGE_MONTHS//1200`; not `AGE_GROUP//85-89`,
+    `AGE//89+`, `AGE//<90`, `AGE_MONTHS//95`? A standard age concept (`LOINC//30525-0`) is no age.
+    Whole years: `>89` names 90 and up, `<95` up to 94."""
+    units = age_code_units(code)
+    if units is None:
+        return False
+    text = "/".join(p for p in re.split(r"/+", code) if p.strip() not in AGE_CONCEPT_CODES)
+    for m in _AGE_NUMBER.finditer(text):
+        n = float(m["n"].replace(",", ""))
+        named = math.floor(n) + 1 if m["above"] else math.ceil(n) - 1 if m["below"] else n
+        if named >= max_age_years * units:
+            return True
+    return False
 
 
 def personal_text(text: str, numeric_vocabulary: bool = False) -> bool:
@@ -154,9 +235,10 @@ def personal_text(text: str, numeric_vocabulary: bool = False) -> bool:
     return not numeric_vocabulary and bool(_DIGIT_RUN.search(text) or _COMPACT_DATE.search(text))
 
 
-def free_text_code(code: str) -> str | None:
+def free_text_code(code: str, max_age_years: float | None = None) -> str | None:
     """Why a MEDS code looks like free text or carries a personal detail (it is then never a
-    vocabulary entry, and never written anywhere), or None for a code."""
+    vocabulary entry, and never written anywhere), or None for a code. With `max_age_years`, an
+    age code whose text names an age at or above it (`age_over_cap`) is one too."""
     if len(code) > FREE_TEXT_CODE_LEN or len(code.split()) >= FREE_TEXT_CODE_WORDS:
         return "free_text"
     parts = code.split("//")
@@ -165,6 +247,8 @@ def free_text_code(code: str) -> str | None:
         return "personal_pattern"
     if len(parts) > 1 and "".join(name_words(parts[0])) in IDENTIFYING_WORDS:
         return "identifier_vocabulary"  # SSN//…, MRN//…, PHONE//…, NOTE//…: whatever follows
+    if max_age_years is not None and age_over_cap(code, max_age_years):
+        return "age_over_cap"  # AGE//104, AGE_GROUP//95-99: HIPAA Safe Harbor, as capped values are
     return None
 
 

@@ -294,7 +294,7 @@ def _link_and_split(
     ehr_subjects = tables.subjects()
     subject_split = _assign_splits(pz, cfg, chosen, imaged_subjects | ehr_subjects)
     train = {s for s, sp in subject_split.items() if sp == "train"}
-    vocab = fit_vocab(tables, train, cfg.ehr.min_code_count, cfg.ehr.min_subjects)
+    vocab = fit_vocab(tables, train, cfg.ehr.min_code_count, cfg.ehr.min_subjects, cfg.ehr.max_age_years)
     stats: dict[str, int] = defaultdict(int)
     ctx = _SampleContext(pz, cfg, tables, vocab, subject_split, stats)
     samples = [
@@ -321,7 +321,7 @@ def _link_and_split(
         "time_to_event": tables.tte_names,
         "ignored_columns": tables.ignored_columns,
         "dropped_columns": tables.dropped_columns,  # identifiers / free text: never copied
-        "dropped_codes": tables.dropped_codes,  # free-text codes, by reason: counts only
+        "dropped_codes": tables.dropped_codes,  # free-text, personal, over-cap age codes, by reason: counts only
     }
     for q in tables.quarantine:
         record = q.to_json()

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from jepa_ray.ingest.ehr import PAD_ID, UNK_ID, US_PER_DAY, EhrTables, age_scales, cap_ages
+from jepa_ray.ingest.ehr import MAX_AGE_YEARS, PAD_ID, UNK_ID, US_PER_DAY, EhrTables, age_scales, cap_ages
 from jepa_ray.ingest.identifiers import age_column, free_text_code
 
 
@@ -44,14 +44,18 @@ class Vocab:
 
 
 def fit_vocab(
-    tables: EhrTables, train_subjects: set[str], min_count: int = 1, min_subjects: int = 1
+    tables: EhrTables,
+    train_subjects: set[str],
+    min_count: int = 1,
+    min_subjects: int = 1,
+    max_age_years: float | None = MAX_AGE_YEARS,
 ) -> Vocab:
     """Fit the code vocabulary and value statistics on the training subjects' EHR. A code or a
     categorical value is kept only when `min_count` rows and `min_subjects` distinct training
     subjects have it (k-anonymity of what the manifest lists), and when it does not look like free
-    text or hold a personal detail (`free_text_code`: counted by reason in `tables.dropped_codes`,
-    never written); a categorical column left with no value is dropped (recorded in
-    `tables.dropped_columns`)."""
+    text, hold a personal detail or, as an age code, name an age at or above `max_age_years` in its
+    text (`free_text_code`: counted by reason in `tables.dropped_codes`, never written); a
+    categorical column left with no value is dropped (recorded in `tables.dropped_columns`)."""
     in_train = np.array([k in train_subjects for k in tables.row_keys], dtype=bool)
     rows = in_train[tables.row_subject] if in_train.size else np.zeros(0, dtype=bool)
     n_codes = len(tables.code_names)
@@ -63,7 +67,7 @@ def fit_vocab(
         holders = np.bincount((pairs % n_codes).astype(np.int64), minlength=n_codes)
         counts = np.where(holders >= min_subjects, counts, 0)
     for i, name in enumerate(tables.code_names):
-        why = free_text_code(name)
+        why = free_text_code(name, max_age_years)
         if why is not None:
             counts[i] = 0
             tables.dropped_codes[why] = tables.dropped_codes.get(why, 0) + 1
@@ -104,7 +108,8 @@ def fit_vocab(
         c = Counter(r[name] for r in static_rows if r[name] is not None)
         # read_static drops a column holding a personal detail; this keeps any such value out regardless
         values = sorted(
-            (v for v in c if c[v] >= min_subjects and free_text_code(v) is None), key=lambda x: (-c[x], x)
+            (v for v in c if c[v] >= min_subjects and free_text_code(v, max_age_years) is None),
+            key=lambda x: (-c[x], x),
         )
         if c and not values:
             tables.static_categorical.remove(name)
