@@ -83,7 +83,7 @@ def test_missing_inputs_and_manifest_are_clear_errors(ray_session, tmp_path):
     r = runner.invoke(app, ["prepare", "--out", str(tmp_path / "o"), "--dicom", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "--dicom" in r.output and "no such file" in r.output
     r = runner.invoke(app, ["prepare", "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "nothing to ingest" in r.output
+    assert r.exit_code == 2 and "nothing to ingest" in r.output and "--static" in r.output
     r = runner.invoke(app, ["inspect", str(tmp_path)])
     assert r.exit_code == 2 and "no manifest" in r.output
 

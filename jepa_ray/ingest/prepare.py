@@ -129,7 +129,12 @@ def prepare(
     headers = _collect_headers(scan, dicom_root, records)
     clock.lap("scan")
 
-    samples, vocab, stats, ehr_info = _link_and_split(pz, cfg, headers, tables, id_map, dicom_root, records)
+    # a static table alone (a registry: one row per patient) is the cohort; beside DICOM or MEDS,
+    # its rows of subjects found in neither are orphans (a mistyped id), as outcome rows are
+    cohort = set(tables.static) if dicom is None and meds is None else set()
+    samples, vocab, stats, ehr_info = _link_and_split(
+        pz, cfg, headers, tables, id_map, dicom_root, records, cohort
+    )
     del tables, headers  # raw identifiers stay in memory no longer than needed
     allowed = _attach_masks(samples, masks, dicom_root, files)
 
@@ -165,8 +170,8 @@ def _attach_masks(samples: list[SampleSpec], masks: str | None, dicom_root: Path
 def _check_inputs(id_map: str | None = None, **inputs: str | None) -> None:
     """Each input given exists and is a file or folder: a named pipe (or a link to one) is refused
     unopened, since opening it for reading waits for a writer, maybe forever."""
-    if inputs["dicom"] is None and inputs["meds"] is None:
-        raise PrepareError("nothing to ingest: give --dicom and/or --meds")
+    if inputs["dicom"] is None and inputs["meds"] is None and inputs["static"] is None:
+        raise PrepareError("nothing to ingest: give --dicom, --meds and/or --static")
     for label, path in [*((f"--{k}", v) for k, v in inputs.items()), ("prepare.ehr.id_map", id_map)]:
         if path is not None and not Path(path).exists():
             raise PrepareError(f"{label} {path}: no such file or directory")
@@ -272,9 +277,11 @@ def _link_and_split(
     id_map: dict | None,
     dicom_root: Path | None,
     records: _Records,
+    cohort: set[str] = frozenset(),
 ) -> tuple[list[SampleSpec], Any, dict[str, int], dict[str, Any]]:
     """Link images to subjects, group them into studies, split by subject, fit the vocabulary on
-    the training split, and describe every sample: (samples, vocab, stats, the manifest's EHR info)."""
+    the training split, and describe every sample: (samples, vocab, stats, the manifest's EHR info).
+    `cohort`: subjects known without images or MEDS events (a static table given alone)."""
 
     def name_of(h: Any) -> str:
         return records.name_input(_rel(h.path, dicom_root))
@@ -290,7 +297,7 @@ def _link_and_split(
         )
     chosen = _group_studies([h for h in headers if h.patient_id], id_map)
     imaged_subjects = {sk[0] for sk in chosen}
-    _quarantine_unknown(tables, imaged_subjects | set(tables.events), records.quarantine)
+    _quarantine_unknown(tables, imaged_subjects | set(tables.events) | cohort, records.quarantine)
     ehr_subjects = tables.subjects()
     subject_split = _assign_splits(pz, cfg, chosen, imaged_subjects | ehr_subjects)
     train = {s for s, sp in subject_split.items() if sp == "train"}
