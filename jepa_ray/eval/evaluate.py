@@ -338,8 +338,12 @@ def _retrieval(
             "ehr_to_image": probes.recall_at(c["q_ehr2img"][b], c["g_img"][b], ks),
         }
     splits = dict.fromkeys([fit, *reports])
+
+    def flat(t: np.ndarray) -> np.ndarray:  # (n, r*r, D) -> (n, r*r*D), also for n = 0 (no image)
+        return t.reshape(len(t), int(np.prod(t.shape[1:])))
+
     linear = probes.linear_map_recall(
-        {k: by_split[k].image_tokens()[both[k]].reshape(both[k].sum(), -1) for k in splits},
+        {k: flat(by_split[k].image_tokens()[both[k]]) for k in splits},
         {k: raw[k][both[k]] for k in splits},
         fit,
         reports,

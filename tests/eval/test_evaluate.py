@@ -401,3 +401,30 @@ def test_a_real_clinical_table_goes_through_prepare_without_images(tmp_path, ray
     assert (
         "image" not in sample and set(meta["tte"]) == {"recurrence"} and meta["tte"]["recurrence"]["days"] > 0
     )
+
+
+def test_retrieval_on_a_cohort_without_images_says_so_instead_of_failing():
+    """An EHR-only cohort (a registry table: no sample has an image) evaluates: the retrieval rows
+    say there is no sample with both modalities."""
+    import numpy as np
+
+    from jepa_ray.eval.evaluate import _retrieval
+    from jepa_ray.eval.samples import Split
+
+    n, d = 30, 8
+    cols = {
+        "key": np.array([f"s{i}" for i in range(n)]),
+        "has_image": np.zeros(n, bool),
+        "has_ehr": np.ones(n, bool),
+        "emb_image": np.zeros((n, d), np.float32),
+        "img_tokens": np.zeros((n, 16 * d), np.float16),
+        **{c: np.zeros((n, d), np.float32) for c in ("q_img2ehr", "g_ehr", "q_ehr2img", "g_img")},
+    }
+    splits = {k: Split(dict(cols), [{"subject": s} for s in cols["key"]], 0) for k in ("train", "test")}
+    raw = {k: np.ones((n, 5)) for k in splits}
+    out = _retrieval(splits, ["test"], raw, load_config())
+    assert out["test"]["image_to_ehr"] == {"n": 0, "note": "no sample with both modalities"}
+    assert (
+        out["test"]["image_to_ehr_linear"]["n"] == 0
+        and "with both modalities" in out["test"]["image_to_ehr_linear"]["note"]
+    )

@@ -37,7 +37,7 @@ def _registry(tmp_path):
 
 
 def test_a_static_table_alone_is_an_ehr_only_cohort(ray_session, tmp_path):
-    static, outcomes = _registry(tmp_path)
+    static, _ = _registry(tmp_path)
     cfg = load_config(overrides=["prepare.split.external_sites=[]"]).prepare
     result = prepare(
         str(tmp_path / "out"),
