@@ -8,7 +8,6 @@ age-named static column is read as an age, never kept as a category."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 
 import numpy as np
@@ -17,8 +16,7 @@ import pyarrow as pa
 import pytest
 from test_ehr_hostile import _events
 from test_ehr_hostile import _meds as _meds_files
-from test_meds_age import _meds, _us
-from typer.testing import CliRunner
+from test_meds_age import _meds, _us, prepare_all_train
 
 from jepa_ray.errors import InvalidEhrError
 from jepa_ray.ingest import ehr
@@ -233,20 +231,13 @@ def test_an_age_band_in_an_age_named_static_column_is_never_a_category(tmp_path)
 
 
 def test_no_over_cap_age_code_reaches_the_outputs_of_prepare(ray_session, tmp_path, caplog):
-    from jepa_ray.cli import app
 
     over = ["AGE//104", "AGE_GROUP//95-99", "AGE_BAND//90+", "AGE//>89", "Age 92", "DEMOGRAPHICS//AGE//97"]
     kept = ["AGE_GROUP//18-64", "AGE//45", "AGE//mo", "AGE_AT_ADMISSION"]
     subjects = list(range(101, 113))
     meds = _meds(tmp_path, {c: [50.0] * len(subjects) for c in over + kept}, subjects)
     out = tmp_path / "out"
-    with caplog.at_level(logging.DEBUG):
-        r = CliRunner().invoke(
-            app,
-            ["prepare", "--meds", str(meds), "--out", str(out),
-             "prepare.ehr.min_subjects=2", "prepare.split.val=0", "prepare.split.test=0"],
-        )  # fmt: skip
-    assert r.exit_code == 0, r.output[-2000:]
+    r = prepare_all_train(meds, out, caplog, min_subjects=2)
     text = (out / "manifest.json").read_text()
     manifest = json.loads(text)
     assert set(manifest["ehr"]["codes"][2:]) == {*kept, "LAB//CRP"}

@@ -171,20 +171,13 @@ def test_subject_ehr_caps_age_values_of_tables_read_without_a_cap(tmp_path):
 
 
 def test_no_over_cap_age_event_reaches_the_outputs_of_prepare(ray_session, tmp_path, caplog):
-    from jepa_ray.cli import app
     from jepa_ray.shards.format import decode_npz
 
     subjects = list(range(101, 101 + len(AGES)))
     codes = {c: AGES for c in YEAR_CODES} | {"AGE_MONTHS": MONTHS}
     meds = _meds(tmp_path, codes, subjects)
     out = tmp_path / "out"
-    with caplog.at_level(logging.DEBUG):
-        r = CliRunner().invoke(
-            app,
-            ["prepare", "--meds", str(meds), "--out", str(out),
-             "prepare.ehr.min_subjects=1", "prepare.split.val=0", "prepare.split.test=0"],
-        )  # fmt: skip
-    assert r.exit_code == 0, r.output[-2000:]
+    r = prepare_all_train(meds, out, caplog, min_subjects=1)
     text = (out / "manifest.json").read_text()
     manifest = json.loads(text)
     vocab = manifest["ehr"]
@@ -209,3 +202,18 @@ def test_no_over_cap_age_event_reaches_the_outputs_of_prepare(ray_session, tmp_p
     assert max(stored["AGE_MONTHS"]) == CAP * 12
     written = text + r.output + caplog.text
     assert _over_cap(written) == []
+
+
+def prepare_all_train(meds, out, caplog, min_subjects: int):
+    """`jepa-ray prepare --meds` with every subject in the training split (the statistics are all
+    of theirs), logging captured at DEBUG; the CLI result, asserted successful."""
+    from jepa_ray.cli import app
+
+    with caplog.at_level(logging.DEBUG):
+        r = CliRunner().invoke(
+            app,
+            ["prepare", "--meds", str(meds), "--out", str(out),
+             f"prepare.ehr.min_subjects={min_subjects}", "prepare.split.val=0", "prepare.split.test=0"],
+        )  # fmt: skip
+    assert r.exit_code == 0, r.output[-2000:]
+    return r
