@@ -413,6 +413,35 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
     assert (tmp_path / "encoder.safetensors").exists() and (tmp_path / "eval" / "metrics.json").exists()
 
 
+def test_the_real_table_benchmark_judges_the_criterion_over_splits():
+    """`bench_real_ehr --splits/--seeds`: the paired differences per run, their mean with a t
+    interval, and in how many runs the per-run criterion held."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_real_ehr import summarise
+
+    def doc(ehr, rnd, raw):
+        h = {"ehr": ehr, "random_init:ehr": rnd, "raw_ehr_cox": raw}
+        return {
+            "results": {"test": {k: {"harrell": v} for k, v in h.items()}},
+            "learns": ehr >= rnd and ehr >= raw - 0.02,
+        }
+
+    s = summarise([doc(0.70, 0.66, 0.70), doc(0.60, 0.62, 0.66), doc(0.68, 0.64, 0.69)])
+    assert s["runs"] == 3 and s["learns_in"] == 2
+    d = s["pretrained_minus_raw_cox"]
+    assert d["values"] == [0.0, -0.06, -0.01] and d["mean"] == pytest.approx(-0.07 / 3)
+    # t(0.975, 2) = 4.303; sd of (0, -0.06, -0.01) = 0.03215
+    half = 4.303 * 0.032146 / 3**0.5
+    assert d["ci95"] == pytest.approx([d["mean"] - half, d["mean"] + half], abs=1e-4)
+    assert s["pretrained_minus_random_init"]["mean"] == pytest.approx(0.02)
+    assert s["raw_cox"]["mean"] == pytest.approx(0.6833, abs=1e-4)
+    one = summarise([doc(0.70, 0.66, 0.70)])
+    assert one["pretrained"]["ci95"] is None and one["learns_in"] == 1
+
+
 def test_retrieval_on_a_cohort_without_images_says_so_instead_of_failing():
     """An EHR-only cohort (a registry table: no sample has an image) evaluates: the retrieval rows
     say there is no sample with both modalities."""
