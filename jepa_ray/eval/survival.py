@@ -426,15 +426,16 @@ class _Strategy:
 
 class RidgeCox:
     """Ridge Cox (scikit-survival) on a feature matrix (raw EHR features, embeddings): fit-split
-    mean imputation + missing indicators, standardised; `risk(x)` scores new rows."""
+    mean imputation + missing indicators, standardised; `risk(x)` scores new rows. `alpha`: the
+    ridge penalty (1: the classical baseline of `evaluate`)."""
 
-    def __init__(self, x: np.ndarray, time: np.ndarray, event: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, time: np.ndarray, event: np.ndarray, alpha: float = 1.0) -> None:
         self.mean = np.nan_to_num(np.nanmean(np.where(np.isnan(x).all(0), 0.0, x), axis=0))
         self.indicators = np.isnan(x).any(0)
         z = self._design(x)
         self.keep = z.std(0) > 1e-9
         self.std = _Standard(z[:, self.keep])
-        self.model = CoxPHSurvivalAnalysis(alpha=1.0, n_iter=200)
+        self.model = CoxPHSurvivalAnalysis(alpha=alpha, n_iter=200)
         self.model.fit(self.std(z[:, self.keep]).numpy(), Surv.from_arrays(event.astype(bool), time))
 
     def _design(self, x: np.ndarray) -> np.ndarray:
