@@ -27,6 +27,9 @@ One test split of GBSG2 holds about 150 patients and 64 events: its c-index inte
 salts. `--splits K` draws K splits (each by its own salt, since the split follows the pseudonym),
 prepares, pretrains and evaluates each anew, and judges the criterion over them: the mean
 difference pretrained - raw Cox with its t interval, and in how many runs `learns` holds.
+Every run also reads the three representations alike over the whole table (`cross_validated`:
+a ridge Cox model, 5-fold over every patient with follow-up), about four times the patients of one
+test split; the criterion is judged on it too (`learns_cv`).
 
 `--table` takes another real survival table that ships with scikit-survival, written as a registry
 would be: one static row per patient in the table's own dtypes, no MEDS events (`prepare` with
