@@ -390,7 +390,9 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from bench_real_ehr import ROWS, run
 
-    doc = run("gbsg2", tmp_path, ["eval.bootstrap=20", "eval.survival_epochs=60"], steps=4)
+    doc = run(
+        "gbsg2", tmp_path, ["eval.bootstrap=20", "eval.survival_epochs=60"], steps=4, cv_alphas=(100.0,)
+    )
     assert doc["config"]["subjects"] == 686
     split = open_split(str(tmp_path / "shards"), "train")
     assert split.spec.num_names == ["age", "tsize", "pnodes"]
@@ -416,6 +418,7 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
     assert (cv["n"], cv["events"], cv["folds"]) == (686, 299, 5)
     for name in ROWS:
         assert len(cv[name]["folds"]) == 5 and 0.5 < cv[name]["harrell"] < 0.85
+        assert cv[name]["alpha"] == [100.0] * 5
     assert cv["raw_ehr_cox"]["harrell"] > 0.62  # about 0.68 over the whole table
     h = {name: cv[name]["harrell"] for name in ROWS}
     assert doc["learns_cv"] == (h["ehr"] >= h["random_init:ehr"] and h["ehr"] >= h["raw_ehr_cox"] - 0.02)
