@@ -52,7 +52,7 @@ def _cfg(shards, root: Path, *overrides: str):
 
 
 EVERY = 4  # a report, with the objective measured, every 4 steps
-STEPS = 16  # ASHA's rungs at 4 and 8 steps (grace period 4, reduction factor 2): two chances to stop
+STEPS = 12  # ASHA's rungs at 4 and 8 steps (grace period 4, reduction factor 2): two chances to stop
 
 
 def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_path, mlflow_server):
