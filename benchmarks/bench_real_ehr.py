@@ -359,7 +359,7 @@ def main() -> int:
     import ray
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-real-ehr-"))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
     docs = []
     for split in range(args.splits):
         # prepare reads the salt as it starts; split 0 keeps the given one
