@@ -214,7 +214,9 @@ def main() -> int:
             "model.heads=4",
         ],
     )
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    ray.init(
+        num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING"
+    )
     cfg.train.shards = _prepare(workdir, cfg)
     dims = open_split(cfg.train.shards, "train").spec.model_dims(cfg.pipeline)
 

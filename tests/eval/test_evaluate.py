@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -391,7 +392,12 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
     from bench_real_ehr import ROWS, run
 
     doc = run(
-        "gbsg2", tmp_path, ["eval.bootstrap=20", "eval.survival_epochs=60"], steps=4, cv_alphas=(100.0,)
+        "gbsg2",
+        tmp_path,
+        ["eval.bootstrap=20", "eval.survival_epochs=60"],
+        steps=4,
+        cv_alphas=(100.0,),
+        cv_repeats=2,
     )
     assert doc["config"]["subjects"] == 686
     split = open_split(str(tmp_path / "shards"), "train")
@@ -415,10 +421,13 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
     assert (tmp_path / "encoder.safetensors").exists() and (tmp_path / "eval" / "metrics.json").exists()
     # the cross-validated read-out: every subject (all 686 have follow-up), each row read alike
     cv = doc["results"]["cv"]
-    assert (cv["n"], cv["events"], cv["folds"]) == (686, 299, 5)
-    for name in ROWS:
-        assert len(cv[name]["folds"]) == 5 and 0.5 < cv[name]["harrell"] < 0.85
-        assert cv[name]["alpha"] == [100.0] * 5
+    assert (cv["n"], cv["events"], cv["folds"], cv["repeats"]) == (686, 299, 5, 2)
+    for name in ROWS:  # two partitions into 5 folds: 10 scores, each partition's mean, their mean
+        r = cv[name]
+        assert len(r["folds"]) == 10 and r["alpha"] == [100.0] * 10 and 0.5 < r["harrell"] < 0.85
+        assert r["repeats"] == pytest.approx([np.mean(r["folds"][:5]), np.mean(r["folds"][5:])], abs=1e-4)
+        assert r["harrell"] == pytest.approx(np.mean(r["repeats"]), abs=1e-4)
+        assert r["repeats"][0] != r["repeats"][1]  # another partition, other folds
     assert cv["raw_ehr_cox"]["harrell"] > 0.62  # about 0.68 over the whole table
     h = {name: cv[name]["harrell"] for name in ROWS}
     assert doc["learns_cv"] == (h["ehr"] >= h["random_init:ehr"] and h["ehr"] >= h["raw_ehr_cox"] - 0.02)
