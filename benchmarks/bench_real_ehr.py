@@ -440,8 +440,9 @@ def print_run(doc: dict) -> None:
     )
     cv = doc["results"]["cv"]
     print(
-        f"cross-validated over {cv['n']} subjects ({cv['events']} events, {cv['folds']} folds, ridge Cox "
-        "on each): " + ", ".join(f"{name} {cv[name]['harrell']:.3f}" for name in ROWS)
+        f"cross-validated over {cv['n']} subjects ({cv['events']} events, {cv['folds']} folds x "
+        f"{cv.get('repeats', 1)} partitions, ridge Cox on each): "
+        + ", ".join(f"{name} {cv[name]['harrell']:.3f}" for name in ROWS)
     )
     print(
         f"pretrained >= random init and >= raw Cox - 0.02: test split {doc['learns']}, cross-validated {doc['learns_cv']}"
