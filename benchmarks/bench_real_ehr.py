@@ -245,7 +245,7 @@ def cross_validated(
     (cached by `evaluate` under `eval_dir`) and on the raw features, all read the same way: the
     penalty chosen in each training part by a 3-fold inner split, the c-index averaged over folds
     and over `repeats` partitions into folds (partition r drawn by seed + r; one partition moves the
-    difference between two encoders by about 0.005 on GBSG2). About four times the patients one
+    difference between two encoders by up to 0.009 on GBSG2). About four times the patients one
     test split holds, so it separates encoders a test split cannot; but the pretrained encoder saw
     the train split's rows (without outcomes) while it trained, which the random init and the raw
     features did not."""
