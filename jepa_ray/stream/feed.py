@@ -220,6 +220,7 @@ class Feed:
         self.generation = 0
         self.val_cache: dict[tuple, list] = {}
         self.val_lock = threading.Lock()  # the ranks ask at once: one pass serves them all
+        self.primed: tuple[int | None, tuple | None] = (None, None)  # (generation, cursor) of `prime`
         self._reset(1)
 
     def _reset(self, world: int) -> None:
@@ -229,16 +230,39 @@ class Feed:
         self.asked = [0] * world  # each rank's latest requested first row
         self.error: BaseException | None = None
 
-    def start(self, cursor: tuple[int, int, int], world: int, rows: int, lookahead: int) -> int:
-        """Begin the sequence at `cursor` for `world` ranks; `rows`: what the run still needs."""
+    def prime(self, cursor: tuple[int, int, int], rows: int, lookahead: int) -> int:
+        """Begin the sequence at `cursor` before any rank asks: a run's driver calls it while its
+        worker group starts (tens of seconds: processes, imports, the process group), so that the
+        first batch is ready when rank 0 starts the same cursor. A `start` elsewhere replaces it,
+        at the cost of the rows read for nothing."""
         with self.cond:
-            self.generation += 1
-            self._reset(world)
-            self.lookahead = lookahead
-            gen = self.generation
-            self.cond.notify_all()  # an older generation's filler stops
+            gen = self._next_generation(1, lookahead)
+            self.primed = (gen, tuple(cursor))
         threading.Thread(target=self._fill, args=(gen, Cursor(*cursor), rows), daemon=True).start()
         return gen
+
+    def start(self, cursor: tuple[int, int, int], world: int, rows: int, lookahead: int) -> int:
+        """Begin the sequence at `cursor` for `world` ranks; `rows`: what the run still needs (the
+        first execution's epochs; the sequence goes on past them either way). A primed sequence
+        at the same cursor is carried on, not restarted (no rank has taken from it yet)."""
+        with self.cond:
+            primed, at = self.primed
+            self.primed = (None, None)
+            if primed == self.generation and at == tuple(cursor) and self.error is None:
+                self.world, self.asked, self.lookahead = world, [0] * world, lookahead
+                self.cond.notify_all()
+                return primed
+            gen = self._next_generation(world, lookahead)
+        threading.Thread(target=self._fill, args=(gen, Cursor(*cursor), rows), daemon=True).start()
+        return gen
+
+    def _next_generation(self, world: int, lookahead: int) -> int:
+        """(Under the lock.) A new generation for `world` ranks; an older one's filler stops."""
+        self.generation += 1
+        self._reset(world)
+        self.lookahead = lookahead
+        self.cond.notify_all()
+        return self.generation
 
     def _fill(self, gen: int, cursor: Cursor, rows: int) -> None:
         order = Order(self.train, self.cfg.seed, self.cfg.shuffle_buffer, True)

@@ -52,6 +52,25 @@ def zero_buckets(params: int, width: int) -> dict[str, int]:
     }
 
 
+def load_deepspeed() -> Any:
+    """`import deepspeed`, without the MLflow import its autotuner makes when MLflow is installed
+    (2-3 s of every Ray Train worker's start on a CPU). jepa-ray never runs DeepSpeed's autotuner,
+    its only user of MLflow; a process that has imported MLflow (train.tracker=mlflow) keeps it."""
+    import sys
+
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+    finally:
+        if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]  # a later `import mlflow` loads it
+    return deepspeed
+
+
 def deepspeed_config(
     tc: TrainConfig, micro_batch: int, bf16: bool, params: int, width: int, accum: int | None = None
 ) -> dict[str, Any]:

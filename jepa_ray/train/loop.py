@@ -39,6 +39,7 @@ from jepa_ray.train.engine import (
     deepspeed_config,
     ema_update,
     load_checkpoint,
+    load_deepspeed,
     save_checkpoint,
 )
 
@@ -316,10 +317,11 @@ def initial_model(cfg: Config, dims: dict) -> JEPA:
 def set_up(loop_config: dict[str, Any]) -> Worker:
     """The model inside its DeepSpeed engine, the schedules, the data, and the position restored
     from the newest checkpoint that loads (when Ray Train restored one)."""
-    import deepspeed
     import ray.train
 
     from jepa_ray.train.metrics import MetricsLog
+
+    deepspeed = load_deepspeed()
 
     cfg = Config.model_validate(loop_config["config"])
     tc, pc = cfg.train, cfg.pipeline

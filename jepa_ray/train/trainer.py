@@ -176,6 +176,30 @@ def _feed(cfg: Config, ledger: Any = None, verbose: bool = False) -> tuple[Any, 
     return feed, train.spec.model_dims(cfg.pipeline)
 
 
+def _has_checkpoints(url: str, storage) -> bool:
+    """Whether the run at `url` has a checkpoint (it resumes from one); True when that cannot be
+    read, so that nothing is primed for a cursor that may not be the run's."""
+    from jepa_ray.storage import Store
+
+    store = Store(url, storage)
+    try:
+        return bool(store.fs.glob(store.path("checkpoint_*")))
+    except (FileNotFoundError, OSError):
+        return True
+
+
+def _prime(feed: Any, cfg: Config) -> None:
+    """Start a new run's data stream at its beginning while the worker group starts (`Feed.prime`):
+    the group's start (processes, imports, the process group) and the stream's (the execution, its
+    tasks' processes, the first shards read and decoded) overlap instead of adding up."""
+    from jepa_ray.stream.feed import lookahead_rows
+
+    tc, pc = cfg.train, cfg.pipeline
+    world = tc.max_workers
+    rows = tc.steps * tc.accumulation(pc.batch_size, world) * pc.batch_size * world
+    feed.prime.remote((0, 0, 0), rows, lookahead_rows(pc, world))
+
+
 def storage_target(base: str, storage) -> tuple[str, Any]:
     """(path, pyarrow filesystem or None) for Ray's storage_path/storage_filesystem: a local
     directory as is, an s3:// URL as bucket/prefix on a filesystem built from `storage`."""
@@ -224,6 +248,8 @@ def build_trainer(
                 "train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)"
             )
         feed, dims = _feed(cfg, ledger, verbose)
+        if not _has_checkpoints(run_url(cfg, name), tc.storage):
+            _prime(feed, cfg)
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "dims": dims,

@@ -40,6 +40,11 @@ def _draw(ray, feed, cfg, world: int, start, micro_batches: int):
     """[(epoch, key)] of `micro_batches` steps of `world` ranks in sequence order, and the cursor
     after the last rank's last sample (what a checkpoint records)."""
     gen = ray.get(feed.start.remote(start, world, micro_batches * world * B, lookahead_rows(cfg, world)))
+    return _take(ray, feed, gen, world, micro_batches)
+
+
+def _take(ray, feed, gen: int, world: int, micro_batches: int):
+    """`_draw`'s rows and cursor from generation `gen` of the feed, already started."""
     rows, cursor = [], None
     for m in range(micro_batches):
         for rank in range(world):
@@ -75,6 +80,23 @@ def test_restarts_at_other_world_sizes_deliver_every_sample_once_per_epoch_in_on
     assert max(per_epoch) >= 2
     # a new epoch is a new order (of shards and within them)
     assert [k for e, k in whole if e == 0] != [k for e, k in whole if e == 1]
+
+
+def test_a_primed_sequence_is_carried_on_by_a_start_at_its_cursor_and_replaced_by_one_elsewhere(
+    ray_session, feed, cfg
+):
+    """`prime` (the driver, while the worker group starts) begins the sequence; rank 0's `start`
+    at the same cursor carries it on, with the rows an unprimed start gives; elsewhere it restarts."""
+    ray, look = ray_session, lookahead_rows(cfg, 2)
+    plain, cursor = _draw(ray, feed, cfg, 2, (0, 0, 0), 3)
+    primed = ray.get(feed.prime.remote((0, 0, 0), 64, look))
+    gen = ray.get(feed.start.remote((0, 0, 0), 2, 64, look))
+    assert gen == primed and _take(ray, feed, gen, 2, 3)[0] == plain
+
+    primed = ray.get(feed.prime.remote((0, 0, 0), 64, look))
+    gen = ray.get(feed.start.remote(cursor, 1, 8, look))
+    assert gen == primed + 1
+    assert _take(ray, feed, gen, 1, 2)[0] == _draw(ray, feed, cfg, 1, cursor, 2)[0]
 
 
 def test_units_cover_the_shards_once_and_hold_at_least_the_shuffle_buffer(split):

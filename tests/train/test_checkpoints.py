@@ -145,3 +145,16 @@ def test_each_rank_reads_its_own_copy_of_a_remote_checkpoint(tmp_path):
     with private_copy(local) as d:
         assert d == src  # a local checkpoint is read in place, never copied or removed
     assert (src / "engine" / "shard.pt").exists()
+
+
+def test_only_a_run_without_checkpoints_primes_its_stream_at_the_start(tmp_path):
+    """The driver starts a new run's data stream at row 0 while the worker group starts; a run
+    that resumes (a checkpoint exists) starts where its checkpoint says, so nothing is primed."""
+    from jepa_ray.train.trainer import _has_checkpoints
+
+    run = tmp_path / "run"
+    assert not _has_checkpoints(str(run), None)  # not there yet
+    (run / "metrics").mkdir(parents=True)
+    assert not _has_checkpoints(str(run), None)  # started, no checkpoint written
+    (run / "checkpoint_2026-12-04_17-35-56.685766").mkdir()
+    assert _has_checkpoints(str(run), None)
