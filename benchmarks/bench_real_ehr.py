@@ -40,6 +40,7 @@ same command judges whether the defaults carry to a table they were not tuned on
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -53,6 +54,8 @@ from bench_prepare import hardware
 TARGET = 0.95
 CV_ALPHAS = (10.0, 100.0, 1000.0, 10000.0)  # ridge penalties the cross-validated read-out chooses among
 CV_REPEATS = 5  # partitions into folds the cross-validated read-out averages over
+LABEL_FRACTIONS = (0.05, 0.1, 0.2, 0.5)  # few-label read-outs: the fraction of each training part labelled
+MIN_LABELLED = 24  # the fewest labelled rows a few-label read-out fits on (8 per inner fold)
 ROWS = {  # the test split's c-index rows the benchmark compares, and how it prints them
     "ehr": "Cox on JEPA EHR embeddings",
     "random_init:ehr": "Cox on random-init EHR embeddings",
@@ -170,10 +173,12 @@ def run(
     steps: int,
     cv_alphas: tuple[float, ...] | None = None,
     cv_repeats: int = CV_REPEATS,
+    label_fractions: tuple[float, ...] = LABEL_FRACTIONS,
 ) -> dict:
     """The benchmark on a running Ray: write `table`, prepare, pretrain `steps` steps, export,
     evaluate, read out cross-validated (among `cv_alphas`, default CV_ALPHAS; over `cv_repeats`
-    partitions into folds); its result document (without hardware)."""
+    partitions into folds; with all labels and with `label_fractions` of them); its result
+    document (without hardware)."""
     from jepa_ray.config import load_config
     from jepa_ray.eval.evaluate import evaluate
     from jepa_ray.ingest.prepare import prepare
@@ -203,7 +208,9 @@ def run(
     info = pretrain(cfg, name=table)
     weights, _ = export(info.run_url, workdir / "encoder.safetensors")
     metrics = evaluate(str(weights), cfg.train.shards, cfg, workdir / "eval")
-    cv = cross_validated(workdir / "eval", alphas=cv_alphas or CV_ALPHAS, repeats=cv_repeats)
+    cv = cross_validated(
+        workdir / "eval", alphas=cv_alphas or CV_ALPHAS, repeats=cv_repeats, fractions=label_fractions
+    )
     wall = time.perf_counter() - t0
     rows = {name: metrics["cindex"][name]["test"] for name in ROWS}
     h = {name: r["harrell"] for name, r in rows.items()}
@@ -239,6 +246,7 @@ def cross_validated(
     seed: int = 0,
     alphas: tuple[float, ...] = CV_ALPHAS,
     repeats: int = 1,
+    fractions: tuple[float, ...] = (),
 ) -> dict:
     """Harrell's c-index of a ridge Cox model over every subject with follow-up (train, val and test
     together), `folds`-fold, on the pooled embeddings of the pretrained and the random-init encoder
@@ -248,7 +256,12 @@ def cross_validated(
     difference between two encoders by up to 0.009 on GBSG2). About four times the patients one
     test split holds, so it separates encoders a test split cannot; but the pretrained encoder saw
     the train split's rows (without outcomes) while it trained, which the random init and the raw
-    features did not."""
+    features did not.
+
+    `fractions` (each below 1): the same read-out with only that fraction of each training part
+    labelled (at least MIN_LABELLED rows), scored on the whole held-out fold: the few-label regime
+    self-supervised pretraining is for. The labelled rows are drawn by (partition, fold, fraction),
+    the same for the three representations, so their differences are paired."""
     import numpy as np
 
     from jepa_ray.eval.evaluate import load_split
@@ -280,31 +293,51 @@ def cross_validated(
         model = RidgeCox(x[train], time[train], event[train], alpha=alpha)
         return harrell(time[test], event[test], model.risk(x[test]))
 
-    out = {"n": len(time), "events": int(event.sum()), "folds": folds, "repeats": repeats}
-    for row in ROWS:
-        x, scores, chosen = xs[row][ok], [], []
-        for fold, f in ((fold, f) for fold in partitions for f in range(folds)):
+    def inner_score(x, train, alpha, few):
+        """The penalty's mean c-index over a 3-fold split of `train`; with `few` labelled rows a
+        fold may hold no event or a fit fail: those folds are left out (NaN)."""
+        inner = np.arange(len(train)) % 3
+        scores = []
+        for i in range(3):
+            try:
+                scores.append(fit_score(x, train[inner != i], train[inner == i], alpha))
+            except (ValueError, ArithmeticError, np.linalg.LinAlgError):
+                if not few:
+                    raise
+                scores.append(np.nan)
+        return np.nanmean(scores) if np.isfinite(scores).any() else -np.inf
+
+    def read(x, fraction: float) -> dict:
+        scores, chosen, labelled = [], [], []
+        few = fraction < 1
+        for (r, fold), f in itertools.product(enumerate(partitions), range(folds)):
             train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            inner = np.arange(len(train)) % 3
+            if few:
+                rng = np.random.default_rng([seed + r, f, round(fraction * 10_000)])
+                take = min(max(round(fraction * len(train)), MIN_LABELLED), len(train))
+                train = np.sort(rng.permutation(train)[:take])
+            labelled.append(len(train))
             alpha = (
-                alphas[0]
-                if len(alphas) == 1
-                else max(
-                    alphas,
-                    key=lambda a: np.mean(
-                        [fit_score(x, train[inner != i], train[inner == i], a) for i in range(3)]
-                    ),
-                )
+                alphas[0] if len(alphas) == 1 else max(alphas, key=lambda a: inner_score(x, train, a, few))
             )
             scores.append(fit_score(x, train, test, alpha))
             chosen.append(alpha)
-        out[row] = {
+        return {
             "harrell": float(np.mean(scores)),
             "folds": [round(c, 4) for c in scores],  # partition by partition
             "repeats": [
                 round(float(np.mean(scores[r * folds : (r + 1) * folds])), 4) for r in range(repeats)
             ],
             "alpha": chosen,
+            "labelled": int(np.mean(labelled)),
+        }
+
+    out = {"n": len(time), "events": int(event.sum()), "folds": folds, "repeats": repeats}
+    for row in ROWS:
+        out[row] = read(xs[row][ok], 1.0)
+    if fractions:
+        out["label_fractions"] = {
+            str(fraction): {row: read(xs[row][ok], fraction) for row in ROWS} for fraction in fractions
         }
     return out
 
@@ -337,7 +370,16 @@ def summarise(docs: list[dict]) -> dict:
 
     out = {"runs": len(docs), **over([{k: d["results"]["test"][k]["harrell"] for k in ROWS} for d in docs])}
     if all("cv" in d["results"] for d in docs):
-        out["cv"] = over([{k: d["results"]["cv"][k]["harrell"] for k in ROWS} for d in docs])
+        cvs = [d["results"]["cv"] for d in docs]
+        out["cv"] = over([{k: cv[k]["harrell"] for k in ROWS} for cv in cvs])
+        fractions = [set(cv.get("label_fractions", {})) for cv in cvs]
+        if fractions[0] and all(f == fractions[0] for f in fractions):  # the few-label read-outs
+            out["cv"]["label_fractions"] = {}
+            for f in sorted(fractions[0], key=float):
+                h = [{k: cv["label_fractions"][f][k]["harrell"] for k in ROWS} for cv in cvs]
+                out["cv"]["label_fractions"][f] = over(h) | {
+                    "pretrained_at_least_random_init_in": sum(r["ehr"] >= r["random_init:ehr"] for r in h)
+                }
     return out
 
 
@@ -370,10 +412,19 @@ def main() -> int:
         default=CV_REPEATS,
         help=f"partitions into folds the whole-table read-out averages over (default {CV_REPEATS})",
     )
+    ap.add_argument(
+        "--label-fractions",
+        type=lambda v: tuple(float(f) for f in v.split(",") if f),
+        default=LABEL_FRACTIONS,
+        help="fractions of each training part labelled in the few-label whole-table read-outs, comma "
+        f"separated; '' for none (default {','.join(map(str, LABEL_FRACTIONS))})",
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.mask.ehr_mask_ratio=0.8")
     args = ap.parse_args()
     if args.splits < 1 or args.seeds < 1 or args.cv_repeats < 1:
         ap.error("--splits, --seeds and --cv-repeats take a count of at least 1")
+    if not all(0 < f < 1 for f in args.label_fractions):
+        ap.error(f"--label-fractions: each fraction must lie in (0, 1), not {args.label_fractions}")
     salt = os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -391,7 +442,14 @@ def main() -> int:
             many = args.splits > 1 or args.seeds > 1
             where = workdir / f"split{split}-seed{seed}" if many else workdir
             overrides = [f"pipeline.seed={seed}", *args.overrides] if args.seeds > 1 else args.overrides
-            doc = run(args.table, where, overrides, 100 if args.quick else 400, cv_repeats=args.cv_repeats)
+            doc = run(
+                args.table,
+                where,
+                overrides,
+                100 if args.quick else 400,
+                cv_repeats=args.cv_repeats,
+                label_fractions=args.label_fractions,
+            )
             doc["split"], doc["seed"] = split, seed if args.seeds > 1 else None
             docs.append(doc)
             print_run(doc)
@@ -418,6 +476,13 @@ def main() -> int:
                 f"{d['ci95'][1]:+.3f}]"
             )
         print(f"cross-validated: learns in {cv['learns_in']} of {len(docs)}")
+        for f, few in cv.get("label_fractions", {}).items():
+            d, e = few["pretrained_minus_random_init"], few["pretrained_minus_raw_cox"]
+            print(
+                f"  {float(f):.0%} of the labels: pretrained - random init {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, "
+                f"{d['ci95'][1]:+.3f}] (at least random init in {few['pretrained_at_least_random_init_in']} of "
+                f"{len(docs)}), pretrained - raw Cox {e['mean']:+.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]"
+            )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -444,6 +509,11 @@ def print_run(doc: dict) -> None:
         f"{cv.get('repeats', 1)} partitions, ridge Cox on each): "
         + ", ".join(f"{name} {cv[name]['harrell']:.3f}" for name in ROWS)
     )
+    for f, few in cv.get("label_fractions", {}).items():
+        print(
+            f"  {float(f):.0%} of the labels ({few['ehr']['labelled']} per training part): "
+            + ", ".join(f"{name} {few[name]['harrell']:.3f}" for name in ROWS)
+        )
     print(
         f"pretrained >= random init and >= raw Cox - 0.02: test split {doc['learns']}, cross-validated {doc['learns_cv']}"
     )

@@ -398,6 +398,7 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
         steps=4,
         cv_alphas=(100.0,),
         cv_repeats=2,
+        label_fractions=(0.2,),
     )
     assert doc["config"]["subjects"] == 686
     split = open_split(str(tmp_path / "shards"), "train")
@@ -429,6 +430,13 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
         assert r["harrell"] == pytest.approx(np.mean(r["repeats"]), abs=1e-4)
         assert r["repeats"][0] != r["repeats"][1]  # another partition, other folds
     assert cv["raw_ehr_cox"]["harrell"] > 0.62  # about 0.68 over the whole table
+    # a fifth of each training part labelled (686 x 4/5 x 1/5 = 110 patients), the same for each row
+    few = cv["label_fractions"]["0.2"]
+    for name in ROWS:
+        r = few[name]
+        assert r["labelled"] == 110 and len(r["folds"]) == 10 and 0.5 < r["harrell"] < 0.85
+        assert r["folds"] != cv[name]["folds"]  # fitted on fewer patients
+    assert few["raw_ehr_cox"]["harrell"] < cv["raw_ehr_cox"]["harrell"]  # fewer labels, a weaker model
     h = {name: cv[name]["harrell"] for name in ROWS}
     assert doc["learns_cv"] == (h["ehr"] >= h["random_init:ehr"] and h["ehr"] >= h["raw_ehr_cox"] - 0.02)
 
@@ -442,15 +450,14 @@ def test_the_real_table_benchmark_judges_the_criterion_over_splits():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from bench_real_ehr import summarise
 
-    def doc(ehr, rnd, raw, cv=(0.68, 0.67, 0.68)):
+    def doc(ehr, rnd, raw, cv=(0.68, 0.67, 0.68), few=None):
         h = {"ehr": ehr, "random_init:ehr": rnd, "raw_ehr_cox": raw}
-        c = dict(zip(h, cv, strict=True))
-        return {
-            "results": {
-                "test": {k: {"harrell": v} for k, v in h.items()},
-                "cv": {k: {"harrell": v} for k, v in c.items()},
+        c = {k: {"harrell": v} for k, v in zip(h, cv, strict=True)}
+        if few is not None:  # {fraction: (pretrained, random init, raw)}
+            c["label_fractions"] = {
+                f: {k: {"harrell": v} for k, v in zip(h, row, strict=True)} for f, row in few.items()
             }
-        }
+        return {"results": {"test": {k: {"harrell": v} for k, v in h.items()}, "cv": c}}
 
     s = summarise([doc(0.70, 0.66, 0.70), doc(0.60, 0.62, 0.66), doc(0.68, 0.64, 0.69)])
     assert s["runs"] == 3 and s["learns_in"] == 2
@@ -467,6 +474,22 @@ def test_the_real_table_benchmark_judges_the_criterion_over_splits():
     assert s["cv"]["learns_in"] == 1 and s["cv"]["pretrained_minus_random_init"]["values"] == [0.01, -0.03]
     one = summarise([doc(0.70, 0.66, 0.70)])
     assert one["pretrained"]["ci95"] is None and one["learns_in"] == 1
+    assert "label_fractions" not in one["cv"]
+    # the few-label read-outs, fraction by fraction: paired differences and a count
+    s = summarise(
+        [
+            doc(0.70, 0.66, 0.70, few={"0.1": (0.62, 0.60, 0.63), "0.5": (0.66, 0.66, 0.67)}),
+            doc(0.70, 0.66, 0.70, few={"0.1": (0.61, 0.60, 0.60), "0.5": (0.65, 0.66, 0.66)}),
+        ]
+    )
+    few = s["cv"]["label_fractions"]
+    assert list(few) == ["0.1", "0.5"]
+    assert few["0.1"]["pretrained_minus_random_init"]["values"] == [0.02, 0.01]
+    assert (
+        few["0.1"]["pretrained_at_least_random_init_in"] == 2
+        and few["0.5"]["pretrained_at_least_random_init_in"] == 1
+    )
+    assert few["0.5"]["pretrained_minus_raw_cox"]["mean"] == pytest.approx(-0.01)
 
 
 def test_retrieval_on_a_cohort_without_images_says_so_instead_of_failing():
