@@ -58,6 +58,7 @@ CV_ALPHAS = (10.0, 100.0, 1000.0, 10000.0)  # ridge penalties the cross-validate
 CV_REPEATS = 5  # partitions into folds the cross-validated read-out averages over
 LABEL_FRACTIONS = (0.05, 0.1, 0.2, 0.5)  # few-label read-outs: the fraction of each training part labelled
 MIN_LABELLED = 24  # the fewest labelled rows a few-label read-out fits on (8 per inner fold)
+MIN_EVENTS = 6  # ... and the fewest events among them (2 per inner fold): a Cox fit needs events
 ROWS = {  # the test split's c-index rows the benchmark compares, and how it prints them
     "ehr": "Cox on JEPA EHR embeddings",
     "random_init:ehr": "Cox on random-init EHR embeddings",
@@ -223,7 +224,7 @@ def run(
         "config": {
             "dataset": "GBSG2 (scikit-survival)" if table == "gbsg2" else REGISTRIES[table][1],
             "subjects": result.manifest["counts"]["samples"],
-            "steps": steps,
+            "steps": cfg.train.steps,  # an override of train.steps wins over `steps`
             "model": cfg.model.model_dump(mode="json"),
             "workers": cfg.train.num_workers,
             "overrides": overrides,
@@ -240,6 +241,19 @@ def run(
 def learns(h: dict[str, float]) -> bool:
     """The criterion on one set of c-indices: pretrained >= random init and >= raw Cox - 0.02."""
     return h["ehr"] >= h["random_init:ehr"] and h["ehr"] >= h["raw_ehr_cox"] - 0.02
+
+
+def labelled_rows(drawn, event, fraction: float):
+    """The labelled rows of a few-label read-out, sorted: the first `fraction` of the `drawn`
+    training rows (at least MIN_LABELLED), and as many more as bring in MIN_EVENTS events, so that
+    a table with rare events still gets a fit with events in it (all of them when fewer exist)."""
+    import numpy as np
+
+    take = min(max(round(fraction * len(drawn)), MIN_LABELLED), len(drawn))
+    seen = np.cumsum(event[drawn] > 0)
+    if seen.size and seen[take - 1] < MIN_EVENTS:
+        take = max(take, int(np.searchsorted(seen, min(MIN_EVENTS, seen[-1]))) + 1)
+    return np.sort(drawn[:take])
 
 
 def cross_validated(
@@ -261,7 +275,7 @@ def cross_validated(
     features did not.
 
     `fractions` (each below 1): the same read-out with only that fraction of each training part
-    labelled (at least MIN_LABELLED rows), scored on the whole held-out fold: the few-label regime
+    labelled (`labelled_rows`), scored on the whole held-out fold: the few-label regime
     self-supervised pretraining is for. The labelled rows are drawn by (partition, fold, fraction),
     the same for the three representations, so their differences are paired."""
     import numpy as np
@@ -316,8 +330,7 @@ def cross_validated(
             train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
             if few:
                 rng = np.random.default_rng([seed + r, f, round(fraction * 10_000)])
-                take = min(max(round(fraction * len(train)), MIN_LABELLED), len(train))
-                train = np.sort(rng.permutation(train)[:take])
+                train = labelled_rows(rng.permutation(train), event, fraction)
             labelled.append(len(train))
             alpha = (
                 alphas[0] if len(alphas) == 1 else max(alphas, key=lambda a: inner_score(x, train, a, few))
@@ -388,6 +401,9 @@ def summarise(docs: list[dict]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (< 3 minutes on 2 CPUs)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="pretraining steps (default 400; 100 with --quick)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     ap.add_argument(
         "--table",
@@ -423,8 +439,8 @@ def main() -> int:
     )
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.mask.ehr_mask_ratio=0.8")
     args = ap.parse_args()
-    if args.splits < 1 or args.seeds < 1 or args.cv_repeats < 1:
-        ap.error("--splits, --seeds and --cv-repeats take a count of at least 1")
+    if args.splits < 1 or args.seeds < 1 or args.cv_repeats < 1 or (args.steps or 1) < 1:
+        ap.error("--steps, --splits, --seeds and --cv-repeats take a count of at least 1")
     if not all(0 < f < 1 for f in args.label_fractions):
         ap.error(f"--label-fractions: each fraction must lie in (0, 1), not {args.label_fractions}")
     salt = os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
@@ -448,7 +464,7 @@ def main() -> int:
                 args.table,
                 where,
                 overrides,
-                100 if args.quick else 400,
+                args.steps or (100 if args.quick else 400),
                 cv_repeats=args.cv_repeats,
                 label_fractions=args.label_fractions,
             )

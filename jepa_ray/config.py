@@ -701,6 +701,10 @@ class TrainConfig(_Strict):
             return self.grad_accum
         return self.global_batch // (micro_batch * world)
 
+    def rows(self, steps: int, micro_batch: int, world: int) -> int:
+        """Samples `steps` optimizer steps read at `world` workers (every rank's micro-batches)."""
+        return steps * self.accumulation(micro_batch, world) * micro_batch * world
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.offload_params and self.zero_stage != 3:

@@ -144,5 +144,8 @@ def test_workers_elastic_range_and_global_batch():
     b = cfg.pipeline.batch_size
     assert [cfg.train.accumulation(b, w) for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
     assert load_config().train.accumulation(b, 3) == 1  # no global_batch: train.grad_accum
+    # what a run's remaining steps read: the global batch per step, whatever the world size
+    assert [cfg.train.rows(10, b, w) for w in (1, 2, 3, 4)] == [960] * 4
+    assert load_config(overrides=["train.grad_accum=5"]).train.rows(10, b, 3) == 10 * 5 * 8 * 3
     with pytest.raises(ConfigError, match=r"global_batch=64 is not a multiple of pipeline\.batch_size=8 x 3"):
         load_config(overrides=["train.num_workers=[2, 4]", "pipeline.batch_size=8", "train.global_batch=64"])

@@ -424,7 +424,7 @@ def _feed_batches(w: Worker, feed: Any) -> Iterator[dict]:
     tc, pc, pos = w.cfg.train, w.cfg.pipeline, w.position
     gen = 0
     if w.rank == 0:
-        rows = (tc.steps - pos.step) * tc.accumulation(pc.batch_size, w.world) * pc.batch_size * w.world
+        rows = tc.rows(tc.steps - pos.step, pc.batch_size, w.world)
         start = pos.cursor or (0, 0, 0)
         gen = ray.get(feed.start.remote(start, w.world, rows, lookahead_rows(pc, w.world)))
     gen = int(_all_reduce([gen], w.device)[0])

@@ -196,7 +196,7 @@ def _prime(feed: Any, cfg: Config) -> None:
 
     tc, pc = cfg.train, cfg.pipeline
     world = tc.max_workers
-    rows = tc.steps * tc.accumulation(pc.batch_size, world) * pc.batch_size * world
+    rows = tc.rows(tc.steps, pc.batch_size, world)
     feed.prime.remote((0, 0, 0), rows, lookahead_rows(pc, world))
 
 

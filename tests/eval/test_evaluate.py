@@ -492,6 +492,30 @@ def test_the_real_table_benchmark_judges_the_criterion_over_splits():
     assert few["0.5"]["pretrained_minus_raw_cox"]["mean"] == pytest.approx(-0.01)
 
 
+def test_a_few_label_read_out_labels_enough_events_to_fit_on():
+    """`bench_real_ehr.labelled_rows`: the first fraction of the drawn rows, at least MIN_LABELLED
+    of them, and more where those hold fewer than MIN_EVENTS events (a table with rare events)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_real_ehr import MIN_EVENTS, MIN_LABELLED, labelled_rows
+
+    drawn = np.random.default_rng(0).permutation(1000)
+    common = (np.arange(1000) % 2).astype(float)  # every second row an event
+    rows = labelled_rows(drawn, common, 0.1)
+    assert rows.tolist() == sorted(drawn[:100])
+    assert labelled_rows(drawn, common, 0.01).tolist() == sorted(drawn[:MIN_LABELLED])
+    rare = np.zeros(1000)
+    rare[drawn[[5, 150, 300, 450, 600, 750, 900]]] = 1  # 7 events, the 6th at draw position 750
+    rows = labelled_rows(drawn, rare, 0.1)
+    assert len(rows) == 751 and rare[rows].sum() == MIN_EVENTS
+    few = np.zeros(1000)
+    few[drawn[[3, 400]]] = 1  # fewer than MIN_EVENTS in all: up to the last of them
+    assert len(labelled_rows(drawn, few, 0.1)) == 401
+    assert len(labelled_rows(drawn, np.zeros(1000), 0.1)) == 100  # none at all: the fraction
+
+
 def test_retrieval_on_a_cohort_without_images_says_so_instead_of_failing():
     """An EHR-only cohort (a registry table: no sample has an image) evaluates: the retrieval rows
     say there is no sample with both modalities."""
