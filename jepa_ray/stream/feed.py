@@ -141,9 +141,10 @@ def sequence_dataset(
     shards: ShardSet, cfg: PipelineConfig, *, train: bool, start: Cursor, epochs: int, ledger: Any,
     cpus: float | None = None, verbose: bool = False,
 ):  # fmt: skip
-    """The ordered Ray Dataset of the sequence from `start` over `epochs` epochs."""
+    """The ordered Ray Dataset of the sequence from `start` over `epochs` epochs; with `cpus`, at
+    most that many of its tasks (one CPU each) run at once."""
     import ray
-    from ray.data import ExecutionResources
+    from ray.data import ExecutionResources, TaskPoolStrategy
 
     from jepa_ray.console import ray_data_progress
     from jepa_ray.storage import pyarrow_filesystem
@@ -157,8 +158,14 @@ def sequence_dataset(
             skip = start.row if (epoch, unit) == (start.epoch, start.unit) else 0
             items.append({"epoch": epoch, "unit": unit, "skip": skip})
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # With reservation off (below) Ray Data does not hold its tasks to `resource_limits`: a run's
+    # stream, primed before its worker group's placement group exists, took every CPU of a 2-CPU
+    # node and kept the group waiting past Ray Train's 60 s start timeout (measured). A task
+    # pool's size is a cap it keeps.
+    compute = TaskPoolStrategy(size=max(1, int(cpus))) if cpus is not None else None
     ds = ds.map_batches(
         _read_units,
+        compute=compute,
         batch_size=1,
         batch_format="numpy",
         fn_kwargs={
@@ -170,6 +177,7 @@ def sequence_dataset(
     )
     ds = ds.map_batches(
         _transform,
+        compute=compute,
         batch_size=None,  # each block the reader yields is one call, all of one unit
         batch_format="numpy",
         fn_kwargs={"spec": shards.spec, "cfg": cfg, "train": train, "ledger": ledger},

@@ -99,6 +99,29 @@ def test_a_primed_sequence_is_carried_on_by_a_start_at_its_cursor_and_replaced_b
     assert _take(ray, feed, gen, 1, 2)[0] == _draw(ray, feed, cfg, 1, cursor, 2)[0]
 
 
+def test_a_primed_stream_leaves_the_cpus_it_was_not_given_free(ray_session, feed, split, cfg):
+    """A feed given 1 CPU (what a run's workers leave of this 2-CPU cluster) runs at most one task
+    at a time: the worker group's placement group, requested after the stream is primed, finds its
+    CPU free. (Ray Data does not hold tasks to `resource_limits` with reservation off: both CPUs
+    went to the stream and the group's start timed out.)"""
+    import time
+
+    ray = ray_session
+    idle = time.monotonic() + 20  # an earlier test's actors may still be going away
+    while (free := ray.available_resources().get("CPU", 0.0)) < 2.0 and time.monotonic() < idle:
+        time.sleep(0.2)
+    assert free == 2.0, "the shared cluster must be idle for this measurement"
+    epochs = 6
+    ray.get(feed.prime.remote((0, 0, 0), epochs * split.samples, epochs * split.samples))
+    lowest, busy, deadline = free, 0, time.monotonic() + 5
+    while time.monotonic() < deadline:
+        now = ray.available_resources().get("CPU", 0.0)
+        lowest, busy = min(lowest, now), busy + (now < free)
+        time.sleep(0.05)
+    assert busy > 0  # the stream ran while it was watched
+    assert lowest >= 1.0, f"the primed stream held {free - lowest:g} CPUs"
+
+
 def test_units_cover_the_shards_once_and_hold_at_least_the_shuffle_buffer(split):
     one = Order(split, seed=3, shuffle_buffer=0, train=True)
     assert sorted(n for u in one.units(0) for n in u) == sorted(one.names)
