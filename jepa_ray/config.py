@@ -740,7 +740,11 @@ class EvalConfig(_Strict):
     )
     knn_k: int = Field(10, ge=1, description="Neighbours of the kNN probe (cosine).")
     recall_at: list[int] = Field([1, 5, 10], description="k of the retrieval recall@k.")
-    random_baseline: bool = Field(True, description="Also evaluate a random-init encoder of the same shape.")
+    random_baseline: bool = Field(
+        True,
+        description="Also evaluate a random-init encoder of the same shape: the run's own initial weights "
+        "(drawn from its pipeline.seed, as the export records), or drawn from eval.seed.",
+    )
     endpoint: str | None = Field(
         None, description="Time-to-event outcome of the survival heads; default: death, else the first."
     )

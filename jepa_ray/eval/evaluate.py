@@ -102,6 +102,13 @@ def load_split(path: Path) -> Split:
     return one_per_subject(read_embeddings(path))
 
 
+def random_init_source(pretrained: EncoderSource, seed: int) -> EncoderSource:
+    """The random-init baseline of `pretrained`: the very weights its run started from where the
+    export records their seed (`init_seed`: then "pretrained vs random init" is what pretraining
+    did to one start, paired), else a random init of its shape drawn from `seed` (eval.seed)."""
+    return EncoderSource("random_init", None, pretrained.info, seed=pretrained.info.get("init_seed", seed))
+
+
 def evaluate(
     encoder: str,
     data: str,
@@ -123,7 +130,7 @@ def evaluate(
     pretrained = resolve_encoder(encoder, cfg, out)
     sources = [pretrained]
     if ec.random_baseline:
-        sources.append(EncoderSource("random_init", None, pretrained.info, seed=ec.seed))
+        sources.append(random_init_source(pretrained, ec.seed))
     sources += baseline_sources(list(baselines), cfg, out)
     factors, z = _latents(latents, cfg) if latents else ((), None)  # a bad file fails before any embedding
     wanted = list(dict.fromkeys([ec.fit_split, ec.val_split, *ec.report_splits]))

@@ -125,6 +125,8 @@ def _export(ckpt: Path, url: str, out: Path) -> tuple[Path, Path]:
         },
         "step": state["step"],
         "checkpoint": url,
+        # the seed its initial weights were drawn from: evaluate's random init is that start
+        "init_seed": pipeline.get("seed", 0),
     }
     info = weights.with_suffix(".json")
     info.write_text(json.dumps(meta, indent=2))

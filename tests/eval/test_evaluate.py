@@ -492,6 +492,31 @@ def test_the_real_table_benchmark_judges_the_criterion_over_splits():
     assert few["0.5"]["pretrained_minus_raw_cox"]["mean"] == pytest.approx(-0.01)
 
 
+def test_the_random_init_baseline_is_the_weights_the_run_started_from():
+    """An export records the seed its run drew its initial weights from; evaluate's random init is
+    then exactly that start (pretrained vs random init: what pretraining did to it), and a
+    random init drawn from eval.seed for an export that does not say."""
+    from jepa_ray.eval.embed import EncoderSource
+    from jepa_ray.eval.evaluate import random_init_source
+    from jepa_ray.train.loop import initial_model
+
+    cfg = load_config(overrides=["pipeline.seed=3", "pipeline.image_size=32", "pipeline.patch_size=8"])
+    dims = {"channels": 1, "image_size": 32, "patch_size": 8, "vocab_size": 5, "n_num": 3, "cat_sizes": [4, 5],
+            "max_static_codes": 8, "max_events": 16}  # fmt: skip
+    start = initial_model(cfg, dims).state_dict()
+    info = {"dims": dims, "model": cfg.model.model_dump(mode="json"), "init_seed": 3}
+    source = random_init_source(EncoderSource("pretrained", None, info), seed=0)
+    assert source.seed == 3 and source.name == "random_init"
+    built = source.build().state_dict()
+    assert built.keys() == start.keys()
+    for name, w in start.items():
+        torch.testing.assert_close(built[name], w, rtol=0, atol=0, msg=name)
+    other = random_init_source(EncoderSource("pretrained", None, {**info, "init_seed": 4}), seed=0).build()
+    assert any(not torch.equal(w, start[name]) for name, w in other.state_dict().items())  # another start
+    info.pop("init_seed")
+    assert random_init_source(EncoderSource("pretrained", None, info), seed=7).seed == 7
+
+
 def test_a_few_label_read_out_labels_enough_events_to_fit_on():
     """`bench_real_ehr.labelled_rows`: the first fraction of the drawn rows, at least MIN_LABELLED
     of them, and more where those hold fewer than MIN_EVENTS events (a table with rare events)."""

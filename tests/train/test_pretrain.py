@@ -195,6 +195,7 @@ def _check_export(info, probe: Path, objective: str, steps: int, tmp_path: Path)
 
     weights, meta = export(info.run_url, tmp_path / f"encoder-{objective}")
     assert weights.suffix == ".safetensors" and json.loads(meta.read_text())["step"] == steps
+    assert json.loads(meta.read_text())["init_seed"] == 0  # pipeline.seed: evaluate's random init
     model = load_jepa(weights)
     saved = torch.load(probe, weights_only=False)
     with torch.no_grad():
