@@ -439,7 +439,12 @@ def main() -> int:
     )
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.mask.ehr_mask_ratio=0.8")
     args = ap.parse_args()
-    if args.splits < 1 or args.seeds < 1 or args.cv_repeats < 1 or (args.steps or 1) < 1:
+    if (
+        args.splits < 1
+        or args.seeds < 1
+        or args.cv_repeats < 1
+        or (args.steps is not None and args.steps < 1)
+    ):
         ap.error("--steps, --splits, --seeds and --cv-repeats take a count of at least 1")
     if not all(0 < f < 1 for f in args.label_fractions):
         ap.error(f"--label-fractions: each fraction must lie in (0, 1), not {args.label_fractions}")
@@ -464,7 +469,7 @@ def main() -> int:
                 args.table,
                 where,
                 overrides,
-                args.steps or (100 if args.quick else 400),
+                args.steps if args.steps is not None else 100 if args.quick else 400,
                 cv_repeats=args.cv_repeats,
                 label_fractions=args.label_fractions,
             )
