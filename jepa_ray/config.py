@@ -487,6 +487,16 @@ class PipelineConfig(_Strict):
         return out
 
 
+# name: (width, depth, heads); the predictor defaults to half the width and a third of the depth
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (64, 2, 4),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
 class ModelConfig(_Strict):
     """The multimodal JEPA: a shared encoder trunk over image patches and EHR tokens, a predictor."""
 
@@ -535,6 +545,13 @@ class ModelConfig(_Strict):
         "what the tokens carry instead of shrinking them onto what is easiest to predict. EHR tokens are "
         "left out (on GBSG2 they cost ~0.02 Harrell); a batch without images and an mae run train on "
         "their own loss alone. 0: the plain JEPA loss.",
+    )
+    target_layers: int = Field(
+        1,
+        ge=1,
+        description="JEPA targets from the last K encoder blocks: each block's output layer-normed, "
+        "then averaged (data2vec, Baevski et al. 2022); 1: the encoder's final output (I-JEPA). At "
+        "most the encoder's depth; unused by an mae run.",
     )
     activation_checkpointing: int = Field(
         0,
@@ -586,6 +603,13 @@ class ModelConfig(_Strict):
         if not 0 <= v[0] <= v[1] <= 1:
             raise ValueError("need 0 <= start <= end <= 1")
         return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        depth = self.depth or PRESETS[self.preset][1]
+        if self.target_layers > depth:
+            raise ValueError(f"model.target_layers={self.target_layers} exceeds the encoder's {depth} blocks")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -744,6 +768,15 @@ class EvalConfig(_Strict):
         True,
         description="Also evaluate a random-init encoder of the same shape: the run's own initial weights "
         "(drawn from its pipeline.seed, as the export records), or drawn from eval.seed.",
+    )
+    random_starts: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="Random-init encoders evaluated (with eval.random_baseline): the run's own start "
+        "(random_init) and random_starts - 1 others of its shape drawn from the next seeds "
+        "(random_init_2, ...). On a small table one start's read-out can sit far from a typical "
+        "start's, so 'beats random init' is better judged against several.",
     )
     endpoint: str | None = Field(
         None, description="Time-to-event outcome of the survival heads; default: death, else the first."

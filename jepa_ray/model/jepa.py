@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jepa_ray.config import ModelConfig
+from jepa_ray.config import PRESETS, ModelConfig
 from jepa_ray.model.mae import ReconstructionHeads
 from jepa_ray.model.masks import mask_indices
 from jepa_ray.model.tokenizers import MIXED_BATCH, EhrTokenizer, ImageTokenizer, InputDims
-from jepa_ray.model.vit import PRESETS, Trunk, init_weights, learned, sincos_grid
+from jepa_ray.model.vit import Trunk, init_weights, learned, sincos_grid
 
 POLICIES = {0: "image_intra", 1: "ehr_intra", 2: "hide_image", 3: "hide_ehr"}
 
@@ -80,6 +80,7 @@ class Encoder(nn.Module):
         img_idx: torch.Tensor | None = None,
         img_keep: torch.Tensor | None = None,
         ehr_visible: torch.Tensor | None = None,
+        layers: int = 1,
     ) -> dict[str, torch.Tensor]:
         """Encode the visible tokens only.
 
@@ -87,7 +88,8 @@ class Encoder(nn.Module):
         image); ehr_visible (B, L) bool (default: every valid EHR token). Returns tokens
         (B, 1 + K + E, D) = [global | patches | EHR], their keep mask, the index tensors used and the
         positions of every EHR slot (B, L, D), which the predictor's mask tokens carry;
-        EHR slots that are padding (`ehr_valid` False) are never attended to.
+        EHR slots that are padding (`ehr_valid` False) are never attended to. layers > 1: tokens are
+        the layer-normed mean of the last `layers` blocks' outputs (`Trunk.layer_average`, no gradient).
         """
         image = batch["image"]
         b = image.shape[0]
@@ -106,7 +108,7 @@ class Encoder(nn.Module):
         x = torch.cat([self.global_token.expand(b, -1, -1), patches, ehr], dim=1)
         keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=image.device), img_keep, ehr_keep], dim=1)
         return {
-            "tokens": self.trunk(x, keep),
+            "tokens": self.trunk(x, keep) if layers == 1 else self.trunk.layer_average(x, keep, layers),
             "keep": keep,
             "img_idx": img_idx,
             "img_keep": img_keep,
@@ -353,7 +355,9 @@ class JEPA(nn.Module):
         if self.reconstructs:
             return None, None
         self.target.eval()
-        out = self.target(batch, ehr_visible=torch.ones_like(batch["ehr_valid"]))
+        out = self.target(
+            batch, ehr_visible=torch.ones_like(batch["ehr_valid"]), layers=self.cfg.target_layers
+        )
         z = F.layer_norm(out["tokens"].float(), (self.width,))
         n = self.dims.patches
         return z[:, 1 : 1 + n], z[:, 1 + n :]

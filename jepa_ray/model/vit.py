@@ -14,15 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name: (width, depth, heads); the predictor defaults to half the width and a third of the depth
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "tiny": (64, 2, 4),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}
-
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """(...,) float positions -> (..., dim) sin-cos features (dim even), frequencies 1 .. 1/10000."""
@@ -102,6 +93,21 @@ class Trunk(nn.Module):
             else:
                 x = block(x, keep)
         return self.norm(x)
+
+    @torch.no_grad()
+    def layer_average(self, x: torch.Tensor, keep: torch.Tensor | None, last: int) -> torch.Tensor:
+        """The mean of the last `last` blocks' outputs, each layer-normed without affine (data2vec's
+        targets); last=1 is the final norm's output."""
+        if last == 1:
+            return self.forward(x, keep)
+        if not 1 <= last <= len(self.blocks):
+            raise ValueError(f"cannot average the last {last} of {len(self.blocks)} blocks")
+        total = torch.zeros_like(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, keep)
+            if i >= len(self.blocks) - last:
+                total = total + F.layer_norm(x, x.shape[-1:])
+        return total / last
 
 
 def learned(*shape: int) -> nn.Parameter:

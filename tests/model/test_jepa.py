@@ -285,3 +285,46 @@ def test_padding_ehr_slots_do_not_reach_the_target_encoder(split, samples):
     c_img, c_ehr = model.targets(changed)
     torch.testing.assert_close(c_img[batch["has_image"]], z_img[batch["has_image"]])
     torch.testing.assert_close(c_ehr[batch["ehr_valid"]], z_ehr[batch["ehr_valid"]])
+
+
+def test_multi_block_targets_average_each_blocks_normed_output(split, samples):
+    batch = make_batch(split, samples)
+    last_only = _model(split, depth=3)
+    averaged = _model(split, depth=3, target_layers=2)
+    averaged.load_state_dict(last_only.state_dict())  # the same weights: only the targets differ
+    with torch.no_grad():
+        _, z_ehr1 = last_only.targets(batch)
+        z_img2, z_ehr2 = averaged.targets(batch)
+        # the same average by hand: the target encoder's blocks run one by one
+        enc = averaged.target
+        out = enc(batch, ehr_visible=torch.ones_like(batch["ehr_valid"]))
+        keep = out["keep"]
+        b = batch["image"].shape[0]
+        x = torch.cat(
+            [
+                enc.global_token.expand(b, -1, -1),
+                enc.image(batch["image"]),
+                torch.gather(
+                    enc.ehr(batch)[0], 1, out["ehr_idx"].unsqueeze(-1).expand(-1, -1, averaged.width)
+                ),
+            ],
+            dim=1,
+        )
+        outs = []
+        for block in enc.trunk.blocks:
+            x = block(x, keep)
+            outs.append(torch.nn.functional.layer_norm(x, x.shape[-1:]))
+        expected = torch.nn.functional.layer_norm((outs[1] + outs[2]) / 2, x.shape[-1:])
+    n = averaged.dims.patches
+    torch.testing.assert_close(z_img2, expected[:, 1 : 1 + n], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z_ehr2, expected[:, 1 + n :], atol=1e-5, rtol=1e-4)
+    assert (z_ehr1 - z_ehr2).abs().max() > 1e-2  # the setting changes the targets
+    assert torch.isfinite(averaged(batch)["loss"])
+    # one block is the encoder's final output, as before the setting existed
+    torch.testing.assert_close(enc.trunk.layer_average(x, keep, 1), enc.trunk(x, keep))
+
+
+def test_more_target_blocks_than_the_encoder_has_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"model\.target_layers=3 exceeds the encoder's 2 blocks"):
+        ModelConfig(target_layers=3)
+    assert ModelConfig(preset="small", target_layers=3).target_layers == 3
