@@ -20,7 +20,8 @@ ratio >= 0.95. The stricter check (`learns`): pretraining scores at least the ra
 and at least the raw-feature Cox model - 0.02 Harrell.
 
     python benchmarks/bench_real_ehr.py [--quick] [--table whas500] [--splits 5] [--seeds 3]
-        [--cv-repeats 5] [--label-fractions 0.05,0.1,0.2,0.5] [--out FILE.json] [config overrides]
+        [--cv-repeats 5] [--label-fractions 0.05,0.1,0.2,0.5] [--random-starts 5] [--out FILE.json]
+        [config overrides]
 
 One test split of GBSG2 holds about 150 patients and 64 events: its c-index interval is about
 +-0.06 wide, and the raw Cox model scores 0.654, 0.691 or 0.706 on three splits drawn by three
@@ -32,6 +33,9 @@ a ridge Cox model, 5-fold over every patient with follow-up), about four times t
 test split; the criterion is judged on it too (`learns_cv`). The same read-out with only a
 fraction of each training part labelled (`--label-fractions`) shows the few-label regime the
 product is for; those rows are reported beside the criterion, not judged by it.
+`--random-starts K` reads K random inits beside each run (its own start and K - 1 others of its
+shape): on GBSG2 one start's read-out can sit 0.01-0.02 from another's, more than pretraining moves
+it, so the summary also sets pretraining against the mean of the starts.
 
 `--table` takes another real survival table that ships with scikit-survival, written as a registry
 would be: one static row per patient in the table's own dtypes, no MEDS events (`prepare` with
@@ -280,24 +284,33 @@ def cross_validated(
     the same for the three representations, so their differences are paired."""
     import numpy as np
 
-    from jepa_ray.eval.evaluate import load_split
+    from jepa_ray.eval.evaluate import load_split, random_start_names
     from jepa_ray.eval.features import raw_ehr_features
     from jepa_ray.eval.survival import RidgeCox, harrell
 
     parts = ("train", "val", "test")
+    metrics = eval_dir / "metrics.json"
+    encoders = json.loads(metrics.read_text())["encoders"] if metrics.exists() else ["random_init"]
+    starts = random_start_names(encoders)  # the run's own start, then any others (eval.random_starts)
     tables = {
         name: {s: load_split(eval_dir / "embeddings" / name / f"{s}.parquet") for s in parts}
-        for name in ("pretrained", "random_init")
+        for name in ("pretrained", *starts)
     }
     manifest = json.loads((eval_dir.parent / "shards" / "manifest.json").read_text())
     raw = raw_ehr_features(tables["random_init"], manifest, "train")
     ref = tables["random_init"]
     endpoint = next(iter(ref["train"].meta[0]["tte"]))
+    # every row in key order: the partitions into folds then depend on the patients alone, not on
+    # the order the embedding pass wrote them (which varies between runs), so that two runs on the
+    # same table (another seed, another objective) are read on the same folds
     keys = np.concatenate([ref[s].cols["key"] for s in parts])
-    time = np.concatenate([ref[s].tte(endpoint)[0] for s in parts])
-    event = np.concatenate([ref[s].tte(endpoint)[1] for s in parts])
-    xs = {"raw_ehr_cox": np.concatenate([raw[s] for s in parts])}
-    for name, row in (("pretrained", "ehr"), ("random_init", "random_init:ehr")):
+    by_key = np.argsort(keys, kind="stable")
+    keys = keys[by_key]
+    time = np.concatenate([ref[s].tte(endpoint)[0] for s in parts])[by_key]
+    event = np.concatenate([ref[s].tte(endpoint)[1] for s in parts])[by_key]
+    xs = {"raw_ehr_cox": np.concatenate([raw[s] for s in parts])[by_key]}
+    rows = [*ROWS, *(f"{name}:ehr" for name in starts[1:])]
+    for name, row in (("pretrained", "ehr"), *((name, f"{name}:ehr") for name in starts)):
         x = np.concatenate([tables[name][s].cols["emb_ehr"] for s in parts]).astype(float)
         order = {k: i for i, k in enumerate(np.concatenate([tables[name][s].cols["key"] for s in parts]))}
         xs[row] = x[[order[k] for k in keys]]
@@ -348,11 +361,12 @@ def cross_validated(
         }
 
     out = {"n": len(time), "events": int(event.sum()), "folds": folds, "repeats": repeats}
-    for row in ROWS:
+    out["random_starts"] = [f"{name}:ehr" for name in starts]
+    for row in rows:
         out[row] = read(xs[row][ok], 1.0)
     if fractions:
         out["label_fractions"] = {
-            str(fraction): {row: read(xs[row][ok], fraction) for row in ROWS} for fraction in fractions
+            str(fraction): {row: read(xs[row][ok], fraction) for row in rows} for fraction in fractions
         }
     return out
 
@@ -383,18 +397,34 @@ def summarise(docs: list[dict]) -> dict:
             "learns_in": sum(learns(r) for r in h),
         }
 
+    def against_starts(cvs: list[dict], read) -> dict:
+        """Pretrained against the mean of each run's random starts (with eval.random_starts > 1)."""
+        if not all(len(cv.get("random_starts", [])) > 1 for cv in cvs):
+            return {}
+        runs = [(read(cv, "ehr"), [read(cv, row) for row in cv["random_starts"]]) for cv in cvs]
+        return {
+            "random_starts": len(runs[0][1]),
+            "mean_of_starts": spread([np.mean(starts) for _, starts in runs]),
+            "pretrained_minus_mean_of_starts": spread([p - np.mean(starts) for p, starts in runs]),
+            "pretrained_at_least_mean_of_starts_in": sum(p >= np.mean(starts) for p, starts in runs),
+            "starts_at_most_pretrained": [sum(x <= p for x in starts) for p, starts in runs],
+        }
+
     out = {"runs": len(docs), **over([{k: d["results"]["test"][k]["harrell"] for k in ROWS} for d in docs])}
     if all("cv" in d["results"] for d in docs):
         cvs = [d["results"]["cv"] for d in docs]
         out["cv"] = over([{k: cv[k]["harrell"] for k in ROWS} for cv in cvs])
+        out["cv"] |= against_starts(cvs, lambda cv, row: cv[row]["harrell"])
         fractions = [set(cv.get("label_fractions", {})) for cv in cvs]
         if fractions[0] and all(f == fractions[0] for f in fractions):  # the few-label read-outs
             out["cv"]["label_fractions"] = {}
             for f in sorted(fractions[0], key=float):
                 h = [{k: cv["label_fractions"][f][k]["harrell"] for k in ROWS} for cv in cvs]
-                out["cv"]["label_fractions"][f] = over(h) | {
-                    "pretrained_at_least_random_init_in": sum(r["ehr"] >= r["random_init:ehr"] for r in h)
-                }
+                out["cv"]["label_fractions"][f] = (
+                    over(h)
+                    | {"pretrained_at_least_random_init_in": sum(r["ehr"] >= r["random_init:ehr"] for r in h)}
+                    | against_starts(cvs, lambda cv, row, f=f: cv["label_fractions"][f][row]["harrell"])
+                )
     return out
 
 
@@ -437,15 +467,25 @@ def main() -> int:
         help="fractions of each training part labelled in the few-label whole-table read-outs, comma "
         f"separated; '' for none (default {','.join(map(str, LABEL_FRACTIONS))})",
     )
+    ap.add_argument(
+        "--random-starts",
+        type=int,
+        default=1,
+        help="random-init encoders read beside each run: its own start and K - 1 others of its shape "
+        "(eval.random_starts); the summary then sets pretraining against their mean (default 1)",
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.mask.ehr_mask_ratio=0.8")
     args = ap.parse_args()
     if (
         args.splits < 1
         or args.seeds < 1
         or args.cv_repeats < 1
+        or args.random_starts < 1
         or (args.steps is not None and args.steps < 1)
     ):
-        ap.error("--steps, --splits, --seeds and --cv-repeats take a count of at least 1")
+        ap.error("--steps, --splits, --seeds, --cv-repeats and --random-starts take a count of at least 1")
+    if args.random_starts > 1:
+        args.overrides = [f"eval.random_starts={args.random_starts}", *args.overrides]
     if not all(0 < f < 1 for f in args.label_fractions):
         ap.error(f"--label-fractions: each fraction must lie in (0, 1), not {args.label_fractions}")
     salt = os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
@@ -499,12 +539,25 @@ def main() -> int:
                 f"{d['ci95'][1]:+.3f}]"
             )
         print(f"cross-validated: learns in {cv['learns_in']} of {len(docs)}")
+        if "random_starts" in cv:
+            d = cv["pretrained_minus_mean_of_starts"]
+            print(
+                f"cross-validated, pretrained minus the mean of {cv['random_starts']} random starts: "
+                f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (at least their mean in "
+                f"{cv['pretrained_at_least_mean_of_starts_in']} of {len(docs)}; starts at or below it per run: "
+                f"{cv['starts_at_most_pretrained']})"
+            )
         for f, few in cv.get("label_fractions", {}).items():
             d, e = few["pretrained_minus_random_init"], few["pretrained_minus_raw_cox"]
             print(
                 f"  {float(f):.0%} of the labels: pretrained - random init {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, "
                 f"{d['ci95'][1]:+.3f}] (at least random init in {few['pretrained_at_least_random_init_in']} of "
                 f"{len(docs)}), pretrained - raw Cox {e['mean']:+.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]"
+                + (
+                    f", pretrained - mean of starts {few['pretrained_minus_mean_of_starts']['mean']:+.3f}"
+                    if "random_starts" in few
+                    else ""
+                )
             )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -532,6 +585,13 @@ def print_run(doc: dict) -> None:
         f"{cv.get('repeats', 1)} partitions, ridge Cox on each): "
         + ", ".join(f"{name} {cv[name]['harrell']:.3f}" for name in ROWS)
     )
+    if len(cv.get("random_starts", [])) > 1:
+        starts = [cv[row]["harrell"] for row in cv["random_starts"]]
+        print(
+            f"  {len(starts)} random starts (own first): "
+            + ", ".join(f"{h:.3f}" for h in starts)
+            + f"; pretrained - their mean {cv['ehr']['harrell'] - sum(starts) / len(starts):+.3f}"
+        )
     for f, few in cv.get("label_fractions", {}).items():
         print(
             f"  {float(f):.0%} of the labels ({few['ehr']['labelled']} per training part): "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,22 @@ def random_init_source(pretrained: EncoderSource, seed: int) -> EncoderSource:
     return EncoderSource("random_init", None, pretrained.info, seed=pretrained.info.get("init_seed", seed))
 
 
+def random_start_sources(pretrained: EncoderSource, seed: int, starts: int) -> list[EncoderSource]:
+    """`starts` random inits of `pretrained`'s shape: its own start (`random_init_source`), then
+    random_init_2, random_init_3, ... drawn from the seeds after it."""
+    own = random_init_source(pretrained, seed)
+    others = [
+        EncoderSource(f"random_init_{i + 1}", None, pretrained.info, seed=own.seed + i)
+        for i in range(1, starts)
+    ]
+    return [own, *others]
+
+
+def random_start_names(names: list[str]) -> list[str]:
+    """The random-init encoders among evaluated encoder names, own start first."""
+    return [n for n in names if n == "random_init" or re.fullmatch(r"random_init_\d+", n)]
+
+
 def evaluate(
     encoder: str,
     data: str,
@@ -130,7 +147,7 @@ def evaluate(
     pretrained = resolve_encoder(encoder, cfg, out)
     sources = [pretrained]
     if ec.random_baseline:
-        sources.append(random_init_source(pretrained, ec.seed))
+        sources += random_start_sources(pretrained, ec.seed, ec.random_starts)
     sources += baseline_sources(list(baselines), cfg, out)
     factors, z = _latents(latents, cfg) if latents else ((), None)  # a bad file fails before any embedding
     wanted = list(dict.fromkeys([ec.fit_split, ec.val_split, *ec.report_splits]))

@@ -394,7 +394,7 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
     doc = run(
         "gbsg2",
         tmp_path,
-        ["eval.bootstrap=20", "eval.survival_epochs=60"],
+        ["eval.bootstrap=20", "eval.survival_epochs=60", "eval.random_starts=2"],
         steps=4,
         cv_alphas=(100.0,),
         cv_repeats=2,
@@ -430,8 +430,19 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
         assert r["harrell"] == pytest.approx(np.mean(r["repeats"]), abs=1e-4)
         assert r["repeats"][0] != r["repeats"][1]  # another partition, other folds
     assert cv["raw_ehr_cox"]["harrell"] > 0.62  # about 0.68 over the whole table
+    # a second random start, another draw of the same shape, read on the same folds
+    assert cv["random_starts"] == ["random_init:ehr", "random_init_2:ehr"]
+    second = cv["random_init_2:ehr"]
+    assert len(second["folds"]) == 10 and 0.5 < second["harrell"] < 0.85
+    assert second["folds"] != cv["random_init:ehr"]["folds"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["encoders"] == [
+        "pretrained",
+        "random_init",
+        "random_init_2",
+    ]
     # a fifth of each training part labelled (686 x 4/5 x 1/5 = 110 patients), the same for each row
     few = cv["label_fractions"]["0.2"]
+    assert "random_init_2:ehr" in few
     for name in ROWS:
         r = few[name]
         assert r["labelled"] == 110 and len(r["folds"]) == 10 and 0.5 < r["harrell"] < 0.85
@@ -439,6 +450,17 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
     assert few["raw_ehr_cox"]["harrell"] < cv["raw_ehr_cox"]["harrell"]  # fewer labels, a weaker model
     h = {name: cv[name]["harrell"] for name in ROWS}
     assert doc["learns_cv"] == (h["ehr"] >= h["random_init:ehr"] and h["ehr"] >= h["raw_ehr_cox"] - 0.02)
+    # the folds are drawn over the patients, not over the order the embedding pass wrote them in
+    # (which differs between runs): the cached rows shuffled, the read-out is the same, fold by fold
+    import pyarrow.parquet as pq
+    from bench_real_ehr import cross_validated
+
+    for cached in (tmp_path / "eval" / "embeddings").glob("*/*.parquet"):
+        table = pq.read_table(cached)
+        pq.write_table(table.take(np.random.default_rng(1).permutation(table.num_rows)), cached)
+    again = cross_validated(tmp_path / "eval", alphas=(100.0,), repeats=2)
+    for row in (*ROWS, "random_init_2:ehr"):
+        assert again[row]["folds"] == cv[row]["folds"], row
 
 
 def test_the_real_table_benchmark_judges_the_criterion_over_splits():
@@ -490,6 +512,20 @@ def test_the_real_table_benchmark_judges_the_criterion_over_splits():
         and few["0.5"]["pretrained_at_least_random_init_in"] == 1
     )
     assert few["0.5"]["pretrained_minus_raw_cox"]["mean"] == pytest.approx(-0.01)
+    assert "random_starts" not in s["cv"]  # one start per run: nothing to average
+    # several random starts per run: pretraining against their mean, and where it ranks among them
+    with_starts = []
+    for ehr, starts in ((0.68, (0.67, 0.69, 0.68)), (0.70, (0.71, 0.72, 0.70))):
+        d = doc(0.70, 0.66, 0.70, cv=(ehr, starts[0], 0.68))
+        cv = d["results"]["cv"]
+        cv["random_starts"] = ["random_init:ehr", "random_init_2:ehr", "random_init_3:ehr"]
+        cv["random_init_2:ehr"], cv["random_init_3:ehr"] = ({"harrell": h} for h in starts[1:])
+        with_starts.append(d)
+    s = summarise(with_starts)["cv"]
+    assert s["random_starts"] == 3 and s["starts_at_most_pretrained"] == [2, 1]
+    assert s["pretrained_minus_mean_of_starts"]["values"] == [0.0, -0.01]
+    assert s["pretrained_at_least_mean_of_starts_in"] == 1
+    assert s["mean_of_starts"]["mean"] == pytest.approx((0.68 + 0.71) / 2)
 
 
 def test_the_random_init_baseline_is_the_weights_the_run_started_from():
@@ -497,7 +533,7 @@ def test_the_random_init_baseline_is_the_weights_the_run_started_from():
     then exactly that start (pretrained vs random init: what pretraining did to it), and a
     random init drawn from eval.seed for an export that does not say."""
     from jepa_ray.eval.embed import EncoderSource
-    from jepa_ray.eval.evaluate import random_init_source
+    from jepa_ray.eval.evaluate import random_init_source, random_start_names, random_start_sources
     from jepa_ray.train.loop import initial_model
 
     cfg = load_config(overrides=["pipeline.seed=3", "pipeline.image_size=32", "pipeline.patch_size=8"])
@@ -513,6 +549,17 @@ def test_the_random_init_baseline_is_the_weights_the_run_started_from():
         torch.testing.assert_close(built[name], w, rtol=0, atol=0, msg=name)
     other = random_init_source(EncoderSource("pretrained", None, {**info, "init_seed": 4}), seed=0).build()
     assert any(not torch.equal(w, start[name]) for name, w in other.state_dict().items())  # another start
+    # eval.random_starts: the own start first, then the seeds after it, each a start of its own
+    starts = random_start_sources(EncoderSource("pretrained", None, info), seed=0, starts=3)
+    assert [(s.name, s.seed) for s in starts] == [
+        ("random_init", 3),
+        ("random_init_2", 4),
+        ("random_init_3", 5),
+    ]
+    assert random_start_names(["pretrained", "mae", "random_init", "random_init_2", "random_init_x"]) == [
+        "random_init",
+        "random_init_2",
+    ]
     info.pop("init_seed")
     assert random_init_source(EncoderSource("pretrained", None, info), seed=7).seed == 7
 
