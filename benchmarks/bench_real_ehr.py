@@ -406,8 +406,8 @@ def summarise(docs: list[dict]) -> dict:
             "random_starts": len(runs[0][1]),
             "mean_of_starts": spread([np.mean(starts) for _, starts in runs]),
             "pretrained_minus_mean_of_starts": spread([p - np.mean(starts) for p, starts in runs]),
-            "pretrained_at_least_mean_of_starts_in": sum(p >= np.mean(starts) for p, starts in runs),
-            "starts_at_most_pretrained": [sum(x <= p for x in starts) for p, starts in runs],
+            "pretrained_at_least_mean_of_starts_in": sum(bool(p >= np.mean(starts)) for p, starts in runs),
+            "starts_at_most_pretrained": [sum(bool(x <= p) for x in starts) for p, starts in runs],
         }
 
     out = {"runs": len(docs), **over([{k: d["results"]["test"][k]["harrell"] for k in ROWS} for d in docs])}

@@ -150,7 +150,12 @@ class Predictor(nn.Module):
         self.ehr_pos = nn.Linear(enc_width, width)
         self.trunk = Trunk(width, depth, heads, mlp_ratio)
         self.proj = nn.Linear(width, enc_width)
-        self.heads = ReconstructionHeads(dims, enc_width) if reconstruct else None
+        self.heads = None
+        if reconstruct:
+            # drawn off the global generator, so that an MAE's encoder starts from the very weights a
+            # JEPA of the same seed starts from (init_weights redraws the heads, after the encoder)
+            with torch.random.fork_rng(devices=[]):
+                self.heads = ReconstructionHeads(dims, enc_width)
 
     def forward(
         self,

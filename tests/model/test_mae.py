@@ -187,3 +187,22 @@ def test_a_mixed_mae_reconstructs_each_kind_on_its_own_grid(ct_shards):
         }
         noisy_one = dict(one, volume=one["volume"] + 1.0)  # radiographs only: the volume array is unused
         assert float(model(noisy_one)["loss"]) == pytest.approx(float(model(one)["loss"]), rel=1e-6)
+
+
+def test_an_mae_starts_from_the_encoder_a_jepa_of_the_same_seed_starts_from(split):
+    """The comparison JEPA vs MAE is paired: same seed, same initial encoder (and so the same
+    random-init baseline); only the predictor's job differs."""
+    dims = split.spec.model_dims(_pipeline_cfg())
+    built = {}
+    for objective in ("jepa", "mae"):
+        torch.manual_seed(5)
+        built[objective] = JEPA(dims, ModelConfig(objective=objective))
+    jepa, mae = (built[o].context.state_dict() for o in ("jepa", "mae"))
+    assert jepa.keys() == mae.keys()
+    for name, w in jepa.items():
+        torch.testing.assert_close(mae[name], w, rtol=0, atol=0, msg=name)
+    # the decoder's heads are drawn too (not left at their default init), and differ by seed
+    torch.manual_seed(6)
+    other = JEPA(dims, ModelConfig(objective="mae"))
+    assert not torch.equal(other.predictor.heads.value.weight, built["mae"].predictor.heads.value.weight)
+    assert built["mae"].predictor.heads.value.bias.abs().max() == 0  # init_weights: zero biases
