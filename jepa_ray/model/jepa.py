@@ -89,7 +89,8 @@ class Encoder(nn.Module):
         (B, 1 + K + E, D) = [global | patches | EHR], their keep mask, the index tensors used and the
         positions of every EHR slot (B, L, D), which the predictor's mask tokens carry;
         EHR slots that are padding (`ehr_valid` False) are never attended to. layers > 1: tokens are
-        the layer-normed mean of the last `layers` blocks' outputs (`Trunk.layer_average`, no gradient).
+        the mean of the last `layers` blocks' outputs, each layer-normed (`Trunk.layer_average`, no
+        gradient).
         """
         image = batch["image"]
         b = image.shape[0]
