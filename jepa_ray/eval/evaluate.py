@@ -76,8 +76,9 @@ def baseline_sources(baselines: list[str], cfg: Config, out: Path) -> list[Encod
 
 
 def first_studies(meta: list[dict[str, Any]], keys: list[str]) -> np.ndarray:
-    """Indices (sorted) of one sample per subject: its earliest study, i.e. the longest follow-up of
-    any endpoint; ties by key, for determinism."""
+    """Indices of one sample per subject: its earliest study, i.e. the longest follow-up of any
+    endpoint; ties by key. Returned in key order, so what is read from them (folds, probes) depends
+    on the samples alone, not on the order an embedding pass wrote them in."""
     order = sorted(
         range(len(meta)),
         key=lambda i: (-max([t["days"] for t in meta[i].get("tte", {}).values()] or [0]), keys[i]),
@@ -87,7 +88,7 @@ def first_studies(meta: list[dict[str, Any]], keys: list[str]) -> np.ndarray:
         if meta[i]["subject"] not in seen:
             seen.add(meta[i]["subject"])
             keep.append(i)
-    return np.array(sorted(keep), dtype=np.intp)
+    return np.array(sorted(keep, key=lambda i: keys[i]), dtype=np.intp)
 
 
 def one_per_subject(cols: dict[str, np.ndarray]) -> Split:

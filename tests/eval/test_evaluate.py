@@ -614,3 +614,26 @@ def test_retrieval_on_a_cohort_without_images_says_so_instead_of_failing():
         out["test"]["image_to_ehr_linear"]["n"] == 0
         and "with both modalities" in out["test"]["image_to_ehr_linear"]["note"]
     )
+
+
+def test_one_sample_per_subject_comes_out_in_key_order_whatever_order_it_was_written_in():
+    """An embedding pass writes rows in whatever order Ray Data finished them; the rows the probes
+    fold over must not depend on that, or two runs of `evaluate` on one encoder disagree."""
+    from jepa_ray.eval.evaluate import one_per_subject
+
+    rng = np.random.default_rng(0)
+    # 30 subjects, 1-3 studies each; the earliest study has the longest follow-up
+    keys, meta = [], []
+    for s in range(30):
+        for visit in range(int(rng.integers(1, 4))):
+            keys.append(f"s{s:02d}-v{visit}")
+            meta.append(json.dumps({"subject": f"s{s:02d}", "tte": {"death": {"days": 900 - 100 * visit}}}))
+    cols = {"key": np.array(keys), "meta": np.array(meta), "emb": rng.normal(size=(len(keys), 4))}
+    first = one_per_subject(cols)
+    assert list(first.cols["key"]) == [f"s{s:02d}-v0" for s in range(30)]
+    for _ in range(3):
+        perm = rng.permutation(len(keys))
+        shuffled = one_per_subject({k: v[perm] for k, v in cols.items()})
+        assert list(shuffled.cols["key"]) == list(first.cols["key"])
+        np.testing.assert_array_equal(shuffled.cols["emb"], first.cols["emb"])
+        assert shuffled.dropped_later_studies == len(keys) - 30
