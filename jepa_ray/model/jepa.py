@@ -153,10 +153,7 @@ class Predictor(nn.Module):
         self.proj = nn.Linear(width, enc_width)
         self.heads = None
         if reconstruct:
-            # drawn off the global generator, so that an MAE's encoder starts from the very weights a
-            # JEPA of the same seed starts from (init_weights redraws the heads, after the encoder)
-            with torch.random.fork_rng(devices=[]):
-                self.heads = ReconstructionHeads(dims, enc_width)
+            self.heads = ReconstructionHeads(dims, enc_width)
 
     def forward(
         self,
@@ -325,11 +322,18 @@ class JEPA(nn.Module):
             cfg.learned_positions,
             cfg.norm_eps,
         )
-        predictor = Predictor(
-            dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio, reconstruct=cfg.objective == "mae"
-        )
+        # the predictor (and an MAE's decoder heads) is drawn from a generator of its own, seeded by
+        # one draw from the global one: the encoder a seed starts from is then the same whatever the
+        # predictor's depth, width or job, so a sweep over them (or JEPA vs MAE) compares one start
+        predictor_seed = int(torch.randint(0, 2**62, ()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(predictor_seed)
+            predictor = Predictor(
+                dims, width, p_width, p_depth, p_heads, cfg.mlp_ratio, reconstruct=cfg.objective == "mae"
+            )
+            init_weights(predictor)
+        init_weights(context)
         self.student = Student(context, predictor, cfg.loss, cfg.sigreg)
-        init_weights(self.student)
         self.target = copy.deepcopy(context)
         for p in self.target.parameters():
             p.requires_grad_(False)

@@ -186,6 +186,30 @@ def test_smooth_l1_option_and_predictor_depth(split, samples):
     assert len(deep.predictor.trunk.blocks) == 5
 
 
+def test_the_encoder_a_seed_starts_from_does_not_depend_on_the_predictor(split):
+    """A sweep over predictor depth or width (and JEPA vs MAE) must compare one initial encoder:
+    otherwise it ranks random starts, which on a narrow table spread more than pretraining moves
+    one. The predictor itself is drawn anew with its shape, and differs between seeds."""
+    shapes = [{}, {"predictor_depth": 6}, {"predictor_width": 96, "predictor_heads": 3}, {"objective": "mae"}]
+    built = [_model(split, **shape) for shape in shapes]
+    first = built[0].context.state_dict()
+    for model, shape in zip(built[1:], shapes[1:], strict=True):
+        for name, w in model.context.state_dict().items():
+            torch.testing.assert_close(w, first[name], rtol=0, atol=0, msg=f"{shape}: {name}")
+        # the target encoder starts as a copy of the context encoder
+        torch.testing.assert_close(model.target.state_dict(), model.context.state_dict(), rtol=0, atol=0)
+    assert len(built[1].predictor.trunk.blocks) == 6
+    torch.manual_seed(1)
+    other = JEPA(split.spec.model_dims(_pipeline_cfg()), ModelConfig())
+    assert not torch.equal(other.context.trunk.blocks[0].mlp[0].weight, built[0].context.trunk.blocks[0].mlp[0].weight)
+    assert not torch.equal(other.predictor.trunk.blocks[0].mlp[0].weight, built[0].predictor.trunk.blocks[0].mlp[0].weight)
+    # every linear layer was drawn (std 0.02), none left at PyTorch's default init
+    for model in built:
+        for name, m in model.student.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                assert 0.01 < float(m.weight.std()) < 0.03, name
+
+
 def test_sigreg_measures_distance_from_a_standard_normal():
     g = torch.Generator().manual_seed(0)
     normal = torch.randn(2000, 32, generator=g)
