@@ -29,6 +29,28 @@ _FIXED = (
     "ray_address",
 )
 _MAX_GRID_CHECK = 4096
+# at a SIGReg weight of at least this, SIGReg's gradient on the image encoder's weights is tens to
+# hundreds of times the prediction's: the predictor's shape then does not change the image encoder
+# (benchmarks/README.md, Sweeps: the depths' encoders read the same to within 0.0003 R²)
+SIGREG_OWNS_ENCODER = 1e-3
+
+
+def predictor_sweep_warning(cfg: Config) -> str | None:
+    """A warning for a space that varies the predictor's shape while SIGReg, at every swept weight,
+    is heavy enough to train the image encoder alone; None otherwise."""
+    space = cfg.tune.space
+    swept = sorted(k for k in space if k.startswith("model.predictor_"))
+    if not swept:
+        return None
+    weights = space["model.sigreg"].candidates() if "model.sigreg" in space else [cfg.model.sigreg]
+    if min(weights) < SIGREG_OWNS_ENCODER:
+        return None
+    return (
+        f"tune.space sweeps {', '.join(swept)} at model.sigreg >= {min(weights):g}: on image data "
+        f"SIGReg's gradient then trains the image encoder alone, and every predictor shape yields the "
+        f"same encoder (the trials differ only in their predictors; docs/sweeps.md). Sweep "
+        f"model.sigreg below {SIGREG_OWNS_ENCODER:g} with it, or sweep something else."
+    )
 
 
 def _leaf_exists(data: dict[str, Any], key: str) -> bool:

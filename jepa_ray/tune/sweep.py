@@ -22,7 +22,7 @@ from typing import Any
 from jepa_ray.config import VAL_LOSS_CONFOUNDED, VAL_LOSS_KINDS, Config
 from jepa_ray.errors import ConfigError
 from jepa_ray.tune.results import SweepInfo
-from jepa_ray.tune.space import check_space, trial_config, trials_planned, tune_space
+from jepa_ray.tune.space import check_space, predictor_sweep_warning, trial_config, trials_planned, tune_space
 
 log = logging.getLogger("jepa_ray.tune")
 
@@ -182,6 +182,8 @@ def sweep(cfg: Config, *, name: str | None = None, resume: bool = False, verbose
     from jepa_ray.train.trainer import FREE_WAIT_S, check_resources, run_url, storage_target
 
     check_space(cfg)
+    if warning := predictor_sweep_warning(cfg):
+        log.warning(warning)
     name = sweep_name(cfg, name)
     check_resources(cfg, beside=("each trial's actor", DRIVER_CPU), free_wait_s=FREE_WAIT_S)
     url = run_url(cfg, name)

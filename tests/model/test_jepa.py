@@ -201,8 +201,12 @@ def test_the_encoder_a_seed_starts_from_does_not_depend_on_the_predictor(split):
     assert len(built[1].predictor.trunk.blocks) == 6
     torch.manual_seed(1)
     other = JEPA(split.spec.model_dims(_pipeline_cfg()), ModelConfig())
-    assert not torch.equal(other.context.trunk.blocks[0].mlp[0].weight, built[0].context.trunk.blocks[0].mlp[0].weight)
-    assert not torch.equal(other.predictor.trunk.blocks[0].mlp[0].weight, built[0].predictor.trunk.blocks[0].mlp[0].weight)
+    assert not torch.equal(
+        other.context.trunk.blocks[0].mlp[0].weight, built[0].context.trunk.blocks[0].mlp[0].weight
+    )
+    assert not torch.equal(
+        other.predictor.trunk.blocks[0].mlp[0].weight, built[0].predictor.trunk.blocks[0].mlp[0].weight
+    )
     # every linear layer was drawn (std 0.02), none left at PyTorch's default init
     for model in built:
         for name, m in model.student.named_modules():

@@ -311,3 +311,24 @@ def test_a_collapsed_trials_row_has_no_objective_and_says_why():
     assert (a["objective"], a["collapsed"], b["objective"], b["collapsed"]) == (-0.6, False, None, True)
     assert "objective_samples" not in a  # a label-free objective counts no labelled samples
     assert best_row(rows)["trial"] == "a" and runner_up_gap(rows, best_row(rows)) is None
+
+
+def test_a_predictor_sweep_under_a_heavy_sigreg_weight_is_warned_about():
+    """At the default SIGReg weight the predictor's shape does not change the image encoder, so a
+    sweep over it would spend every trial on one encoder; a sweep that takes SIGReg below the
+    threshold, or leaves the predictor alone, is not warned about."""
+    from jepa_ray.tune.space import SIGREG_OWNS_ENCODER, predictor_sweep_warning
+
+    warned = predictor_sweep_warning(_cfg(GRID))
+    assert warned is not None and "model.predictor_depth" in warned and "model.sigreg" in warned
+    wide = "tune.space={model.predictor_width: {values: [32, 64]}, model.predictor_depth: {values: [1, 2]}}"
+    assert "model.predictor_depth, model.predictor_width" in predictor_sweep_warning(_cfg(wide))
+    assert predictor_sweep_warning(_cfg(GRID, f"model.sigreg={SIGREG_OWNS_ENCODER / 10}")) is None
+    with_sigreg = (
+        "tune.space={model.predictor_depth: {values: [1, 2]}, model.sigreg: {values: [0.05, 0.0001]}}"
+    )
+    assert predictor_sweep_warning(_cfg(with_sigreg)) is None
+    heavy = "tune.space={model.predictor_depth: {values: [1, 2]}, model.sigreg: {values: [0.05, 0.01]}}"
+    assert "model.sigreg >= 0.01" in predictor_sweep_warning(_cfg(heavy))
+    masks_only = "tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6]}}"
+    assert predictor_sweep_warning(_cfg(masks_only)) is None
