@@ -536,15 +536,19 @@ class ModelConfig(_Strict):
         "this field existed loads as linear.",
     )
     sigreg: float = Field(
-        0.05,
+        3e-4,
         ge=0,
         lt=1,
         description="Weight lambda of SIGReg (Balestriero & LeCun 2025, LeJEPA) in the JEPA loss, "
         "(1 - lambda) * prediction + lambda * SIGReg: random 1-D projections of the context encoder's "
         "image-patch tokens are pulled toward a standard normal (Epps-Pulley test), so pretraining keeps "
-        "what the tokens carry instead of shrinking them onto what is easiest to predict. EHR tokens are "
-        "left out (on GBSG2 they cost ~0.02 Harrell); a batch without images and an mae run train on "
-        "their own loss alone. 0: the plain JEPA loss.",
+        "what the tokens carry instead of shrinking them onto what is easiest to predict. The statistic "
+        "is N x a distance, N the visible patch tokens on the rank, so its pull grows with the batch and "
+        "the image: at 0.05 (LeJEPA's) and ~310 tokens a step it trained the encoder alone (30-340x the "
+        "prediction's gradient) and the predictor's shape did not matter; 3e-4 lets both train it "
+        "(benchmarks/README.md, learning). Retune with many more tokens per rank. EHR tokens are left "
+        "out (on GBSG2 they cost ~0.02 Harrell); a batch without images and an mae run train on their "
+        "own loss alone. 0: the plain JEPA loss.",
     )
     target_layers: int = Field(
         1,

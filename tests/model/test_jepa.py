@@ -236,12 +236,12 @@ def test_sigreg_measures_distance_from_a_standard_normal():
 def test_sigreg_joins_the_jepa_loss_only(split, samples):
     batch = make_batch(split, samples)
     plain = _model(split, sigreg=0).eval()
-    out = _model(split).eval()(batch)  # default model.sigreg = 0.05
+    out = _model(split, sigreg=0.05).eval()(batch)
     assert float(out["prediction_loss"]) == pytest.approx(float(plain(batch)["loss"]))
     total = 0.95 * float(out["prediction_loss"]) + 0.05 * float(out["sigreg"])
     assert float(out["loss"]) == pytest.approx(total)
     assert float(out["sigreg"]) > 0
-    again = _model(split).eval()(batch)  # eval mode: fixed directions, a deterministic loss
+    again = _model(split, sigreg=0.05).eval()(batch)  # eval mode: fixed directions, a deterministic loss
     assert float(again["loss"]) == float(out["loss"])
     mae = _model(split, objective="mae")(batch)
     assert "sigreg" not in mae and "prediction_loss" not in mae
@@ -295,7 +295,8 @@ def test_a_few_hundred_cpu_steps_lower_the_loss_without_collapse(split, small_sh
     model = _model(split)
     losses = train_in_memory(model, samples, split.spec, cfg, steps=150)
     assert np.isfinite(losses).all()
-    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:10])
+    # measured: 0.99 -> 0.53 at model.sigreg 3e-4 (0.05 weighed in SIGReg's fast early fall: < 0.5)
+    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:10])
     evaluation = collate(transform_batch(raw_batch(samples), split.spec, cfg, train=False, epoch=0))
     stats = embedding_stats(model.encode(evaluation, "both")["pooled"])
     assert stats["std"] > 0.05 and stats["rankme"] > 3

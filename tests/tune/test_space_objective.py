@@ -314,15 +314,18 @@ def test_a_collapsed_trials_row_has_no_objective_and_says_why():
 
 
 def test_a_predictor_sweep_under_a_heavy_sigreg_weight_is_warned_about():
-    """At the default SIGReg weight the predictor's shape does not change the image encoder, so a
-    sweep over it would spend every trial on one encoder; a sweep that takes SIGReg below the
-    threshold, or leaves the predictor alone, is not warned about."""
+    """At LeJEPA's SIGReg weight (0.05) the predictor's shape does not change the image encoder, so
+    a sweep over it would spend every trial on one encoder; at the default weight, or with a sweep
+    that takes SIGReg below the threshold, or one that leaves the predictor alone, no warning."""
     from jepa_ray.tune.space import SIGREG_OWNS_ENCODER, predictor_sweep_warning
 
-    warned = predictor_sweep_warning(_cfg(GRID))
+    warned = predictor_sweep_warning(_cfg(GRID, "model.sigreg=0.05"))
     assert warned is not None and "model.predictor_depth" in warned and "model.sigreg" in warned
     wide = "tune.space={model.predictor_width: {values: [32, 64]}, model.predictor_depth: {values: [1, 2]}}"
-    assert "model.predictor_depth, model.predictor_width" in predictor_sweep_warning(_cfg(wide))
+    assert "model.predictor_depth, model.predictor_width" in predictor_sweep_warning(
+        _cfg(wide, f"model.sigreg={SIGREG_OWNS_ENCODER}")
+    )
+    assert _cfg(GRID).model.sigreg < SIGREG_OWNS_ENCODER and predictor_sweep_warning(_cfg(GRID)) is None
     assert predictor_sweep_warning(_cfg(GRID, f"model.sigreg={SIGREG_OWNS_ENCODER / 10}")) is None
     with_sigreg = (
         "tune.space={model.predictor_depth: {values: [1, 2]}, model.sigreg: {values: [0.05, 0.0001]}}"
