@@ -37,6 +37,15 @@ def _mae(split, **model) -> JEPA:
     return JEPA(split.spec.model_dims(_pipeline_cfg()), ModelConfig(objective="mae", **model))
 
 
+def _varying_pixel_heads(model: JEPA) -> None:
+    """Against per-patch normalised pixels a near-zero prediction scores ~1 (the patch mean) for any
+    content, so a content check first gives the pixel heads weights whose predictions vary across a
+    patch."""
+    with torch.no_grad():
+        for h in model.predictor.heads.pixels:
+            torch.nn.init.normal_(h.weight, std=1.0)
+
+
 def test_patches_follow_the_patch_embeddings_grid_order():
     torch.manual_seed(0)
     image = torch.randn(2, 3, 8, 12)
@@ -63,10 +72,7 @@ def test_the_loss_is_the_hidden_contents_and_needs_no_target_encoder(split, samp
     model = _mae(split).eval()
     assert model.targets(batch) == (None, None)
     with torch.no_grad():  # scoped: a failed assertion must not leave gradients off for later tests
-        # against per-patch normalised pixels a near-zero prediction scores ~1 for any content, so
-        # the pixel heads first get weights that make predictions vary across a patch
-        for h in model.predictor.heads.pixels:
-            torch.nn.init.normal_(h.weight, std=1.0)
+        _varying_pixel_heads(model)
         out = model(batch)
         assert torch.isfinite(out["loss"]) and out["loss"] > 0
         assert out["targets"] == batch["img_tgt_keep"].sum() + batch["ehr_tgt"].sum()
@@ -191,14 +197,11 @@ def test_a_mixed_mae_reconstructs_each_kind_on_its_own_grid(ct_shards):
     out = model(batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and all(h.weight.grad.abs().sum() > 0 for h in pixels)
-    # a hidden tubelet's content moves the loss of the volumes only. Against per-patch normalised
-    # targets a near-zero prediction scores the same for any content (the loss of the patch mean is
-    # 1), so the heads are first given weights that make predictions vary across a patch's pixels
+    # a hidden tubelet's content moves the loss of the volumes only
     ct = batch["is_volume"]
     noisy = dict(batch, volume=batch["volume"] + torch.randn_like(batch["volume"]))
+    _varying_pixel_heads(model)
     with torch.no_grad():
-        for h in pixels:
-            torch.nn.init.normal_(h.weight, std=1.0)
         assert abs(float(model(noisy)["loss"]) - float(model(batch)["loss"])) > 1e-3
         one = {
             k: v[~ct] if torch.is_tensor(v) else [x for x, c in zip(v, ct, strict=True) if not c]
