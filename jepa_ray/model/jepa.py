@@ -195,10 +195,13 @@ def sigreg(
     x: torch.Tensor, slices: int = SIGREG_SLICES, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """SIGReg (Balestriero & LeCun 2025): how far rows of x (N, D) are from a standard normal in D
-    dimensions, seen through `slices` random unit directions. For each 1-D projection, the
-    Epps-Pulley statistic N * integral of |mean_n exp(i t x_n) - exp(-t^2/2)|^2 exp(-t^2/2) dt
-    (trapezoid rule on SIGREG_T); the mean over directions. About 1 per direction for a standard
-    normal sample of any size, growing with N for a collapsed or badly scaled one. Differentiable."""
+    dimensions, seen through `slices` random unit directions. For each 1-D projection, the distance
+    integral of |mean_n exp(i t x_n) - exp(-t^2/2)|^2 exp(-t^2/2) dt (trapezoid rule on SIGREG_T);
+    the mean over directions. The Epps-Pulley test statistic is N times this; the distance is what
+    the loss weighs, because like the prediction loss (a mean over targets) it does not grow with
+    the tokens a rank sees, so one weight holds from a 2-CPU run to a GPU rank with 20x the tokens.
+    About 1.06 / N for a standard normal sample (the sampling noise of a mean of N), about the same
+    for any N on a collapsed, shrunk or shifted one (0.03 and up). Differentiable."""
     x = x.float()
     d = torch.randn(x.shape[1], slices, generator=generator, device=generator.device if generator else None)
     d = (d / d.norm(dim=0, keepdim=True)).to(x.device)
@@ -206,7 +209,7 @@ def sigreg(
     phi = torch.exp(-0.5 * t * t)  # the standard normal's characteristic function, also the window
     xt = (x @ d).unsqueeze(-1) * t  # (N, slices, T)
     err = (xt.cos().mean(0) - phi).square() + xt.sin().mean(0).square()  # (slices, T)
-    return torch.trapezoid(err * phi, t, dim=-1).mean() * x.shape[0]
+    return torch.trapezoid(err * phi, t, dim=-1).mean()
 
 
 def momentum_at(step: int, total: int, ema: tuple[float, float]) -> float:

@@ -314,12 +314,13 @@ def test_a_collapsed_trials_row_has_no_objective_and_says_why():
 
 
 def test_a_predictor_sweep_under_a_heavy_sigreg_weight_is_warned_about():
-    """At LeJEPA's SIGReg weight (0.05) the predictor's shape does not change the image encoder, so
-    a sweep over it would spend every trial on one encoder; at the default weight, or with a sweep
-    that takes SIGReg below the threshold, or one that leaves the predictor alone, no warning."""
+    """At a heavy SIGReg weight (LeJEPA's 0.05 on its statistic is ~0.94 on the distance) the
+    predictor's shape does not change the image encoder, so a sweep over it would spend every trial
+    on one encoder; at the default weight, or with a sweep that takes SIGReg below the threshold, or
+    one that leaves the predictor alone, no warning."""
     from jepa_ray.tune.space import SIGREG_OWNS_ENCODER, predictor_sweep_warning
 
-    warned = predictor_sweep_warning(_cfg(GRID, "model.sigreg=0.05"))
+    warned = predictor_sweep_warning(_cfg(GRID, "model.sigreg=0.9"))
     assert warned is not None and "model.predictor_depth" in warned and "model.sigreg" in warned
     wide = "tune.space={model.predictor_width: {values: [32, 64]}, model.predictor_depth: {values: [1, 2]}}"
     assert "model.predictor_depth, model.predictor_width" in predictor_sweep_warning(
@@ -327,11 +328,9 @@ def test_a_predictor_sweep_under_a_heavy_sigreg_weight_is_warned_about():
     )
     assert _cfg(GRID).model.sigreg < SIGREG_OWNS_ENCODER and predictor_sweep_warning(_cfg(GRID)) is None
     assert predictor_sweep_warning(_cfg(GRID, f"model.sigreg={SIGREG_OWNS_ENCODER / 10}")) is None
-    with_sigreg = (
-        "tune.space={model.predictor_depth: {values: [1, 2]}, model.sigreg: {values: [0.05, 0.0001]}}"
-    )
+    with_sigreg = "tune.space={model.predictor_depth: {values: [1, 2]}, model.sigreg: {values: [0.9, 0.1]}}"
     assert predictor_sweep_warning(_cfg(with_sigreg)) is None
-    heavy = "tune.space={model.predictor_depth: {values: [1, 2]}, model.sigreg: {values: [0.05, 0.01]}}"
-    assert "model.sigreg >= 0.01" in predictor_sweep_warning(_cfg(heavy))
+    heavy = "tune.space={model.predictor_depth: {values: [1, 2]}, model.sigreg: {values: [0.9, 0.3]}}"
+    assert "model.sigreg >= 0.3" in predictor_sweep_warning(_cfg(heavy))
     masks_only = "tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6]}}"
     assert predictor_sweep_warning(_cfg(masks_only)) is None
