@@ -140,6 +140,19 @@ def trials_planned(cfg: Config) -> int:
     return tc.num_samples
 
 
+def typed_values(cfg: Config, key: str, values: list[Any]) -> list[Any]:
+    """`values` as the config reads them at `key` (YAML reads 1e-5 as the string '1e-05', which the
+    config turns into a float): so a trial's parameters, the results table and best.yaml hold numbers."""
+    base = cfg.model_dump(mode="json")
+    out = []
+    for value in values:
+        node: Any = Config.model_validate(with_params(base, {key: value})).model_dump(mode="json")
+        for part in key.split("."):
+            node = node[part]
+        out.append(node)
+    return out
+
+
 def tune_space(cfg: Config) -> dict[str, Any]:
     """Ray Tune's param_space: dotted key -> grid_search / a sampler."""
     from ray import tune
@@ -147,11 +160,8 @@ def tune_space(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, d in cfg.tune.space.items():
         if d.values is not None:
-            out[key] = (
-                tune.grid_search(list(d.values))
-                if cfg.tune.searcher == "grid"
-                else tune.choice(list(d.values))
-            )
+            values = typed_values(cfg, key, list(d.values))
+            out[key] = tune.grid_search(values) if cfg.tune.searcher == "grid" else tune.choice(values)
         elif d.uniform is not None:
             out[key] = tune.uniform(*d.uniform)
         elif d.loguniform is not None:

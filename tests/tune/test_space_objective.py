@@ -13,7 +13,14 @@ from lifelines.utils import concordance_index
 from jepa_ray.config import load_config
 from jepa_ray.errors import ConfigError
 from jepa_ray.tune.objective import cv_cindex, measure, pick_label, probe_auroc
-from jepa_ray.tune.results import _markdown, best_config, best_row, runner_up_gap, spearman
+from jepa_ray.tune.results import (
+    _markdown,
+    best_config,
+    best_row,
+    candidate_spearman,
+    runner_up_gap,
+    spearman,
+)
 from jepa_ray.tune.space import check_space, trials_planned, tune_space
 
 GRID = (
@@ -112,6 +119,15 @@ def test_grid_and_samplers_become_tune_space():
     assert trials_planned(cfg) == 12
     space = tune_space(cfg)
     assert space["pipeline.mask.mask_ratio"] == {"grid_search": [0.4, 0.6]}
+    # YAML reads 1e-5 as a string; the trials (and the results table, best.yaml) get the number
+    exponent = _cfg(
+        "tune.space={train.lr: {values: [1e-5, 0.001]}, train.weight_decay: {values: [[0, 1e-2]]}}"
+    )
+    assert exponent.tune.space["train.lr"].values == ["1e-5", 0.001]
+    typed = tune_space(exponent)
+    assert typed["train.lr"] == {"grid_search": [1e-5, 0.001]}
+    assert typed["train.weight_decay"] == {"grid_search": [[0.0, 0.01]]}
+    assert all(type(v) is float for v in typed["train.lr"]["grid_search"])
     cfg = _cfg(
         "tune.searcher=random",
         "tune.num_samples=5",
@@ -334,3 +350,50 @@ def test_a_predictor_sweep_under_a_heavy_sigreg_weight_is_warned_about():
     assert "model.sigreg >= 0.3" in predictor_sweep_warning(_cfg(heavy))
     masks_only = "tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6]}}"
     assert predictor_sweep_warning(_cfg(masks_only)) is None
+
+
+def test_a_labelled_sweep_reports_how_each_label_free_objective_ranks_its_trials():
+    """tune.measure_all under a labelled objective: each label-free objective's Spearman with it,
+    taken at the last step every trial reached (a trial ASHA stopped at step 4 sets it)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    def result(trial, steps, objective, val_loss, rankme):
+        df = pd.DataFrame(
+            {
+                "step": steps,
+                "objective": objective,
+                "lf_val_loss": val_loss,
+                "lf_val_loss_se": [0.01] * len(steps),
+                "lf_rankme": rankme,
+            }
+        )
+        return SimpleNamespace(metrics_dataframe=df, metrics={"trial_id": trial}, path=trial)
+
+    grid = [
+        result("a", [4, 8], [0.60, 0.70], [-0.9, -0.8], [12.0, 11.0]),
+        result("b", [4, 8], [0.65, 0.66], [-0.7, -0.9], [10.0, 13.0]),
+        result("c", [4], [0.55], [-1.0], [14.0]),  # stopped at the first rung
+        result("d", [4, 8], [0.70, 0.50], [-0.6, -0.5], [9.0, 8.0]),
+    ]
+    got = candidate_spearman(grid)
+    # at step 4 the objective orders c < a < b < d; val_loss agrees, RankMe reverses it
+    assert got == {
+        "rankme": {"rho": pytest.approx(-1.0), "step": 4, "trials": 4},
+        "val_loss": {"rho": pytest.approx(1.0), "step": 4, "trials": 4},
+    }
+    at8 = candidate_spearman(grid, at=8)  # among the 3 that reached step 8: a 0.70, b 0.66, d 0.50
+    assert at8["val_loss"]["trials"] == 3 and at8["val_loss"]["rho"] == pytest.approx(-0.5)
+    cfg = _cfg("tune.space={pipeline.mask.mask_ratio: {values: [0.4, 0.6]}}")
+    md = _markdown(cfg, [], None, None, {"kind": "probe_auroc", "label": "sick"}, None, got)
+    assert (
+        "Spearman correlation of val_loss with the objective across trials: +1.00 (4 trials, at step 4)" in md
+    )
+    assert "Spearman correlation of rankme with the objective across trials: -1.00" in md
+    assert "Spearman correlation of RankMe" not in md  # the candidates' table replaces the RankMe line
+    few = candidate_spearman(grid[:2])  # two trials cannot be ranked
+    assert few == {"rankme": None, "val_loss": None}
+    assert "val_loss with the objective across trials: not enough trials" in _markdown(
+        cfg, [], None, None, {"kind": "probe_auroc"}, None, few
+    )
