@@ -199,9 +199,10 @@ def sigreg(
     integral of |mean_n exp(i t x_n) - exp(-t^2/2)|^2 exp(-t^2/2) dt (trapezoid rule on SIGREG_T);
     the mean over directions. The Epps-Pulley test statistic is N times this; the distance is what
     the loss weighs, because like the prediction loss (a mean over targets) it does not grow with
-    the tokens a rank sees, so one weight holds from a 2-CPU run to a GPU rank with 20x the tokens.
-    About 1.06 / N for a standard normal sample (the sampling noise of a mean of N), about the same
-    for any N on a collapsed, shrunk or shifted one (0.03 and up). Differentiable."""
+    the tokens a rank sees: a weight's balance against the prediction is the same on a 2-CPU run
+    and on a GPU rank with 20x the tokens. About 1.06 / N for a standard normal sample (the
+    sampling noise of a mean of N); the same at any N for a collapsed, shrunk or shifted one (0.1 to
+    0.5 for those of its tests). Differentiable."""
     x = x.float()
     d = torch.randn(x.shape[1], slices, generator=generator, device=generator.device if generator else None)
     d = (d / d.norm(dim=0, keepdim=True)).to(x.device)
