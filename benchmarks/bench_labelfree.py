@@ -207,6 +207,24 @@ def collapse_check(args, train, spec, probe, val, z, groups, seeds: list[int]) -
     return 0
 
 
+def probe_set(work: Path, shards: Path, cfg) -> tuple:
+    """What the reference reads: the learning cohort's training split (`bl.cohort` in `work`) as
+    (spec, samples, evaluation batches of its images, their ground-truth latents (N, 4), their
+    subjects: the probe's fold groups)."""
+    import pandas as pd
+
+    from jepa_ray.ingest.deid import Pseudonymizer
+
+    spec, train = bl.load_split(shards, "train", cfg)
+    latents = pd.read_parquet(work / "cohort" / "latents.parquet")
+    pz = Pseudonymizer(os.environ["JEPA_RAY_SALT"].encode())
+    truth = {pz.subject(r.subject_id): [getattr(r, f) for f in bl.FACTORS] for r in latents.itertuples()}
+    keys = [k for k, f in train.items() if "image" in f]
+    groups = [json.loads(train[k]["meta"])["subject"] for k in keys]
+    z = np.array([truth[s] for s in groups], float)
+    return spec, train, bl.batches_of(train, keys, spec, cfg), z, groups
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=2)
@@ -231,25 +249,16 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    import pandas as pd
     import torch
 
     from jepa_ray.config import load_config
-    from jepa_ray.ingest.deid import Pseudonymizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-labelfree-"))
     shards = bl.cohort(work, args.subjects)
     cfg = load_config(overrides=BASE).pipeline
-    spec, train = bl.load_split(shards, "train", cfg)
+    spec, train, probe, z, groups = probe_set(work, shards, cfg)
     _, val_samples = bl.load_split(shards, "val", cfg)
-    latents = pd.read_parquet(work / "cohort" / "latents.parquet")
-    pz = Pseudonymizer(os.environ["JEPA_RAY_SALT"].encode())
-    truth = {pz.subject(r.subject_id): [getattr(r, f) for f in bl.FACTORS] for r in latents.itertuples()}
-    keys = [k for k, f in train.items() if "image" in f]
-    groups = [json.loads(train[k]["meta"])["subject"] for k in keys]
-    z = np.array([truth[s] for s in groups], float)
-    probe = bl.batches_of(train, keys, spec, cfg)
     val = bl.batches_of(val_samples, list(val_samples), spec, cfg, size=16)
 
     rows = []

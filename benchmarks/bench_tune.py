@@ -1,21 +1,29 @@
-"""A Ray Tune sweep of mask ratio x predictor depth on the synthetic cohort: what ASHA saves, which
-setting wins, and which label-free objective (rankme, lidar, lidar_context, val_loss) agrees with a
-labelled one.
+"""The label-free objective through `jepa-ray tune` itself: does a Ray Tune sweep, ranked without
+labels, rank its trials the way the ground truth does? And what ASHA saves, which setting wins.
 
-System: `jepa_ray.tune.sweep` on a local Ray (all CPUs), trials of one Ray Train worker (ZeRO-2,
-tiny model, 32 px), objective = out-of-fold logistic-probe AUROC of cardiomegaly on the validation
-split, measured every --eval-every steps; ASHA (grace --grace steps, reduction factor 2).
-Baselines: the grid point of the default config (mask ratio 0.5, predictor depth 2), measured in
-the same sweep; best / default compares both at the last step the default trial reached (ASHA may
-stop it early, and the objective moves with training). Compute: steps run vs every trial run to
-the end. Every report also measures each label-free objective (tune.measure_all); the output
-gives each one's Spearman correlation with the probe AUROC across trials at every step all trials
-reached. --no-asha runs every trial to the end, so that they compare at every step, and then
-checks each trial's last checkpoint on every validation sample against a steadier labelled
-reference (the probe averaged over two labels and five fold splits). --from DIR recomputes that
-analysis for a finished sweep into the FILE.json of the run that made it.
+System: `jepa_ray.tune.sweep` on a local Ray (all CPUs) with the shipped tune-demo.yaml (trials of
+one Ray Train worker, ZeRO-2, tiny model, 32 px), on the learning benchmark's cohort (1,600
+subjects, `bench_learning.cohort`; --workdir reuses one), over mask ratio (0.3 / 0.5 / 0.7 / 0.85)
+x learning rate (`--grid lr`, the axes tune-demo.yaml ships; 3e-4 / 1e-3 / 3e-3) or x predictor
+depth (`--grid depth`: 1 / 2 / 4), --steps of batch --batch per trial (default 300 x 32, as
+`bench_labelfree.py` trains each setting in one process). Ranked by what `jepa-ray tune` picks for
+the grid (val_loss, lidar_context for a predictor sweep) or by --objective (probe_auroc: the
+cardiomegaly probe on 128 validation samples); every report also measures each label-free
+objective (tune.measure_all). ASHA (grace --grace steps, reduction factor 2) unless --no-asha.
 
-    python benchmarks/bench_tune.py [--quick] [--no-asha] [--out FILE.json] [--from SWEEP_DIR]
+Reference, with --no-asha (every trial run to the end): at each trial's last checkpoint, the
+ground-truth factors read from the training split's images by the learning benchmark's read-outs
+(the attentive probe averaged over --probe-seeds fits, the linear and grid ridges) and a labelled
+probe AUROC on every validation sample (two labels x five fold splits); reported: Spearman across
+trials of the sweep's own ranking, of every label-free objective as the sweep measured it and on
+every validation sample, with each reference. Baselines: the default grid point (mask ratio 0.5,
+the config's value of the other axis), measured in the same sweep; compute: steps run against
+every trial run to the end. With a labelled --objective, each label-free objective's agreement
+with it at every report. --from DIR recomputes the analysis for a finished sweep into the FILE.json
+of the run that made it.
+
+    python benchmarks/bench_tune.py [--grid lr|depth] [--objective NAME] [--no-asha] [--quick]
+        [--workdir DIR] [--out FILE.json] [--from SWEEP_DIR]
 
 Writes the sweep's results table and heat map into a folder named after FILE.json (results/tune/).
 """
@@ -32,12 +40,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_learning as bl  # sets the benchmarks' salt
+from bench_labelfree import GRIDS, MASK_RATIOS
 from bench_prepare import hardware
-
-os.environ.setdefault("JEPA_RAY_SALT", "benchmark-salt-not-secret-0123456789abcdef")
-MASK_RATIOS = (0.3, 0.5, 0.7, 0.85)
-DEPTHS = (1, 2, 4)
-DEFAULT = (0.5, 2)
 
 
 def trial_metrics(sweep_dir: Path) -> dict[str, list[dict[str, float]]]:
@@ -114,15 +119,24 @@ def agreement(metrics: dict[str, list[dict[str, float]]], early: int) -> dict:
 
 
 def final_check(
-    sweep_dir: Path, labels: tuple[str, ...] = ("cardiomegaly", "abnormal_lung"), seeds: int = 5
+    sweep_dir: Path,
+    work: Path,
+    probe_seeds: int = 1,
+    labels: tuple[str, ...] = ("cardiomegaly", "abnormal_lung"),
+    seeds: int = 5,
 ) -> dict:
-    """At each trial's last checkpoint, on every validation sample: a steadier labelled reference
-    (out-of-fold probe AUROC averaged over `labels` and `seeds` fold splits) and every label-free
-    objective (plus alpha-ReQ: -|alpha - 1|, alpha the power-law decay of the embeddings'
-    eigenspectrum); each one's Spearman correlation with that reference across trials, and the
-    sweep's own probe's (one label, one split, 128 samples)."""
+    """At each trial's last checkpoint: the ground truth's reference (the learning benchmark's
+    read-outs of the cohort's 4 latent factors over the training split's images, `bench_labelfree`'s:
+    the attentive probe averaged over `probe_seeds` fits, the linear and grid ridges), a labelled one
+    (out-of-fold probe AUROC on every validation sample, averaged over `labels` and `seeds` fold
+    splits), every label-free objective on every validation sample (plus alpha-ReQ: -|alpha - 1|,
+    alpha the power-law decay of the embeddings' eigenspectrum) and the sweep's own score of the
+    trial at its last report (`sweep`: what `jepa-ray tune` ranked it by; `sweep_lf_<name>`: each
+    label-free objective as the sweep measured it, tune.measure_all). Each score's Spearman
+    correlation with each reference across trials."""
     import numpy as np
     import torch
+    from bench_labelfree import probe_set
     from scipy.stats import spearmanr
 
     from jepa_ray.config import Config
@@ -134,7 +148,8 @@ def final_check(
     from jepa_ray.tune.objective import LABEL_FREE, batch_outcomes, measure, probe_auroc
 
     summary = json.loads((sweep_dir / "sweep.json").read_text())
-    batches, out = None, {}
+    reports = trial_metrics(sweep_dir)
+    batches, probe, out = None, None, {}
     with tempfile.TemporaryDirectory(prefix="bench-tune-final-") as tmp:
         for row in summary["trials"]:
             ckpt = find_checkpoint(sweep_dir / "trials" / row["trial"])
@@ -148,6 +163,7 @@ def final_check(
                     for i in range(0, len(keys), 16)
                 ]  # fmt: skip
                 metas = batch_outcomes(batches)
+                _, _, probe, z, groups = probe_set(work, Path(str(cfg.train.shards)), cfg.pipeline)
             weights, _ = export(ckpt, Path(tmp) / row["trial"])
             model = load_jepa(weights)
             m = measure(
@@ -158,26 +174,54 @@ def final_check(
             for label in labels:
                 y = np.array([float((mt.get("labels") or {}).get(label, np.nan)) for mt in metas])
                 ok = ~np.isnan(y)
-                aucs += [probe_auroc(x[ok], y[ok], seed=s) for s in range(seeds)]
+                if ok.sum() >= 10 and len(set(y[ok])) == 2:
+                    aucs += [probe_auroc(x[ok], y[ok], seed=s) for s in range(seeds)]
             ev = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
             ev = ev[ev > ev[0] * 1e-6]
             alpha = -np.polyfit(np.log(np.arange(1, len(ev) + 1)), np.log(ev), 1)[0]
+            pooled, tokens = bl.image_views(model, probe)
+            read = bl.readouts(pooled, tokens, z, groups, seed=0, probe_seeds=probe_seeds)
+            last = reports[row["trial"]][-1] if reports.get(row["trial"]) else {}
             out[row["trial"]] = {
-                "reference": float(np.mean(aucs)),
-                "sweep_probe": row["objective"],
+                "setting": {k: row[k] for k in summary["space"]},
+                "steps": row["steps"],
+                "reference": {
+                    r: float(np.mean(list(read[r].values()))) for r in ("attentive", "grid", "linear")
+                },
+                "readouts": read,
+                "labelled_auroc": float(np.mean(aucs)) if aucs else None,
+                "sweep": row["objective"],
+                **{f"sweep_lf_{n}": last.get(f"lf_{n}") for n in LABEL_FREE},
                 **{n: m[f"lf_{n}"] for n in LABEL_FREE},
                 "alpha": float(alpha),
                 "alpha_req": -abs(float(alpha) - 1.0),
             }
-    ref = [v["reference"] for v in out.values()]
-    names = ["sweep_probe", *LABEL_FREE, "alpha_req"]
+            print(
+                f"  {row['trial']} {out[row['trial']]['setting']}: attentive R² "
+                + " ".join(f"{v:+.3f}" for v in read["attentive"].values())
+                + f", sweep's score {row['objective']}",
+                flush=True,
+            )
+    rows = list(out.values())
+    refs = {
+        **{r: [v["reference"][r] for v in rows] for r in ("attentive", "grid", "linear")},
+        "labelled_auroc": [v["labelled_auroc"] for v in rows],
+    }
+    names = ["sweep", *(f"sweep_lf_{n}" for n in LABEL_FREE), *LABEL_FREE, "alpha_req"]
+
+    def rho(a: list, b: list) -> float | None:
+        ok = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+        if len(ok) < 3:
+            return None
+        return round(float(spearmanr([x for x, _ in ok], [y for _, y in ok]).statistic), 3)
+
     return {
         "samples": len(metas),
         "labels": list(labels),
         "seeds": seeds,
-        "spearman_with_reference": {
-            n: round(float(spearmanr([v[n] for v in out.values()], ref).statistic), 3) for n in names
-        },
+        "probe_seeds": probe_seeds,
+        "objective": summary["objective"].get("kind"),
+        "spearman": {ref: {n: rho([v[n] for v in rows], vals) for n in names} for ref, vals in refs.items()},
         "trials": out,
     }
 
@@ -206,73 +250,94 @@ def print_agreement(a: dict) -> None:
 
 def print_final(f: dict) -> None:
     print(
-        f"At the last checkpoint, on all {f['samples']} validation samples, against the probe AUROC "
-        f"averaged over {', '.join(f['labels'])} x {f['seeds']} fold splits:"
+        f"At each trial's last checkpoint: Spearman across trials of each score (sweep: what the sweep "
+        f"ranked by, {f['objective']}; sweep_lf_*: as the sweep measured them; the rest on all "
+        f"{f['samples']} validation samples) with each reference:"
     )
-    print("  " + ", ".join(f"{n} {v:+.2f}" for n, v in f["spearman_with_reference"].items()))
+    for ref, per in f["spearman"].items():
+        print(f"  {ref:<15}" + ", ".join(f"{n} {v:+.2f}" for n, v in per.items() if v is not None))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 x 2 grid, 200 subjects, 60 steps")
-    ap.add_argument("--subjects", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--eval-every", type=int, default=15)
-    ap.add_argument("--grace", type=int, default=30)
-    ap.add_argument("--no-asha", action="store_true", help="run every trial to the end")
+    ap.add_argument(
+        "--grid",
+        choices=sorted(GRIDS),
+        default="lr",
+        help="the axis beside the mask ratio: the learning rate (the shipped tune-demo.yaml's) or the "
+        "predictor's depth",
+    )
+    ap.add_argument(
+        "--objective",
+        default=None,
+        help="what ranks the trials (tune.objective); default: what `jepa-ray tune` picks for the grid "
+        "(val_loss; lidar_context for the depth grid). probe_auroc: ranked by the cardiomegaly probe",
+    )
+    ap.add_argument(
+        "--subjects", type=int, default=None, help="default 1,600 (the learning benchmark's cohort)"
+    )
+    ap.add_argument("--steps", type=int, default=None, help="default 300 (bench_labelfree's)")
+    ap.add_argument("--batch", type=int, default=32, help="per trial (bench_labelfree's)")
+    ap.add_argument("--eval-every", type=int, default=None, help="default steps / 5")
+    ap.add_argument("--grace", type=int, default=None, help="ASHA's first rung; default 2 reports")
+    ap.add_argument("--no-asha", action="store_true", help="run every trial to the end, then check each")
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches of 16 measured")
+    ap.add_argument(
+        "--probe-seeds", type=int, default=3, help="fits of the attentive probe averaged into the reference"
+    )
     ap.add_argument(
         "--from",
         dest="from_sweep",
         type=Path,
         default=None,
-        help="only (re)compute the agreement of the objectives of a finished sweep DIR into --out",
+        help="only (re)compute the analysis of a finished sweep DIR into --out (needs its --workdir)",
     )
     ap.add_argument("--skip-final", action="store_true", help="with --from: no last-checkpoint check")
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None, help="reuse the learning benchmark's cohort")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    subjects = args.subjects or (200 if args.quick else 400)
-    steps = args.steps or (60 if args.quick else 150)
-    masks, depths = ((0.3, 0.5), (1, 2)) if args.quick else (MASK_RATIOS, DEPTHS)
+    subjects = args.subjects or (200 if args.quick else 1600)
+    steps = args.steps or (60 if args.quick else 300)
+    every = args.eval_every or max(steps // 5, 1)
+    grace = args.grace or 2 * every
+    axis, values = GRIDS[args.grid]
+    key = {"lr": "train.lr", "predictor_depth": "model.predictor_depth"}[axis]
+    masks, values = ((0.3, 0.7), values[::2]) if args.quick else (MASK_RATIOS, values)
+    labelled = args.objective in ("probe_auroc", "cindex")
     if args.from_sweep is not None:  # the report of the run that made the sweep gains the analysis
-        a = agreement(trial_metrics(args.from_sweep), args.grace)
-        print_agreement(a)
         report = json.loads(args.out.read_text())
+        a = agreement(trial_metrics(args.from_sweep), grace) if labelled else None
+        if a is not None:
+            print_agreement(a)
         skip = args.skip_final or report["config"].get("asha", True)
-        final = None if skip else final_check(args.from_sweep)
+        final = None if skip else final_check(args.from_sweep, args.workdir, args.probe_seeds)
         if final is not None:
             print_final(final)
-        report["results"].pop("spearman_label_free_auroc_by_step", None)  # what `agreement` now holds
         report["results"]["agreement"] = a
         report["results"]["final_check"] = final
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
         return 0
 
     import ray
 
-    from jepa_ray.config import SynthConfig, load_config
-    from jepa_ray.ingest.prepare import prepare
-    from jepa_ray.synth.cohort import cohort_inputs, write_cohort
+    from jepa_ray.config import load_config
+    from jepa_ray.stream.pipeline import open_split
     from jepa_ray.tune.sweep import sweep
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-tune-"))
     t0 = time.perf_counter()
-    write_cohort(work / "cohort", SynthConfig(subjects=subjects, seed=5, sites=3, min_size=128, max_size=256))
+    shards = bl.cohort(work, subjects)
+    setup_s = time.perf_counter() - t0
     ray.init(
         num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING"
     )
-    shards = work / "shards"
-    if not (shards / "manifest.json").exists():
-        pc = load_config(
-            overrides=["prepare.image.size=64", "prepare.shards.max_samples=32", "prepare.split.val=0.3"]
-        ).prepare
-        prepare(str(shards), pc, **cohort_inputs(work / "cohort"))
-    setup_s = time.perf_counter() - t0
-
-    space = (
-        f"tune.space={{pipeline.mask.mask_ratio: {{values: {list(masks)}}}, "
-        f"model.predictor_depth: {{values: {list(depths)}}}}}"
+    space = f"tune.space={{pipeline.mask.mask_ratio: {{values: {list(masks)}}}, {key}: {{values: {list(values)}}}}}"
+    objective = (
+        [f"tune.objective={args.objective}"]
+        + (["tune.label=cardiomegaly"] if args.objective == "probe_auroc" else [])
+        if args.objective
+        else []
     )
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "jepa_ray" / "configs" / "tune-demo.yaml",
@@ -282,36 +347,36 @@ def main() -> int:
             f"train.steps={steps}",
             f"train.warmup_steps={max(steps // 10, 1)}",
             f"train.checkpoint_every={steps}",
+            f"pipeline.batch_size={args.batch}",
             space,
-            "tune.objective=probe_auroc",
-            "tune.label=cardiomegaly",
-            f"tune.eval_every={args.eval_every}",
+            *objective,
+            f"tune.eval_every={every}",
             f"tune.eval_batches={args.eval_batches}",
-            f"tune.asha.grace_period={args.grace}",
+            f"tune.asha.grace_period={grace}",
             f"tune.asha.enabled={not args.no_asha}",
             "tune.measure_all=true",
         ],
     )
-    from jepa_ray.stream.pipeline import open_split
-
     val_samples = open_split(str(shards), "val").samples
     name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     t = time.perf_counter()
     info = sweep(cfg, name=name)
     sweep_s = time.perf_counter() - t
     ray.shutdown()
-    agree = agreement(trial_metrics(Path(info.url)), args.grace)
-    final = final_check(Path(info.url)) if args.no_asha else None  # ASHA leaves no common last checkpoint
+    kind = json.loads((Path(info.url) / "sweep.json").read_text())["objective"]["kind"]
+    agree = agreement(trial_metrics(Path(info.url)), grace) if labelled else None
+    t = time.perf_counter()  # ASHA leaves no common last checkpoint to check
+    final = final_check(Path(info.url), work, args.probe_seeds) if args.no_asha else None
+    check_s = time.perf_counter() - t
 
     rows = info.rows
-    default = next(
-        (r for r in rows if (r["pipeline.mask.mask_ratio"], r["model.predictor_depth"]) == DEFAULT), None
-    )
+    base = {"pipeline.mask.mask_ratio": 0.5, key: getattr(cfg.train if axis == "lr" else cfg.model, axis)}
+    default = next((r for r in rows if all(r[k] == v for k, v in base.items())), None)
     ran = sum(r["steps"] for r in rows)
     full = len(rows) * steps
     best = info.best
     ratio, at = None, None
-    if best is not None and default is not None:
+    if best is not None and default is not None and labelled:
         at = default["steps"]
 
         def value_at(trial: str) -> float | None:
@@ -320,25 +385,25 @@ def main() -> int:
 
         b, d = value_at(best["trial"]), value_at(default["trial"])
         ratio = b / d if b is not None and d else None
-    print(f"{len(rows)} trials in {sweep_s:.0f} s; setup (synth + prepare) {setup_s:.0f} s")
+    print(f"{len(rows)} trials in {sweep_s:.0f} s, ranked by {kind}; setup (cohort) {setup_s:.0f} s")
     print(f"steps run / steps without early stopping: {ran} / {full} = {ran / full:.2f}")
     print(f"stopped early by ASHA: {sum(r['stopped_early'] for r in rows)} of {len(rows)}")
     if best is not None:
+        print(f"best: {', '.join(f'{k} {best[k]}' for k in base)}: {kind} {best['objective']:.4f}")
+    if default is not None and default["objective"] is not None:
         print(
-            f"best: mask_ratio {best['pipeline.mask.mask_ratio']}, predictor_depth "
-            f"{best['model.predictor_depth']}: AUROC {best['objective']:.3f}"
+            f"default ({', '.join(f'{k} {v}' for k, v in base.items())}): {kind} {default['objective']:.4f} after {default['steps']} steps"
         )
-    if default is not None:
-        print(f"default (mask 0.5, depth 2): AUROC {default['objective']:.3f} after {default['steps']} steps")
     if ratio is not None:
         print(f"best / default, both at step {at}: {ratio:.2f}")
     gap = info.gap
     if gap is not None and gap["se"] is not None:
         print(
             f"best beyond noise: {'yes' if gap['beyond_noise'] else 'no'} "
-            f"(gap {gap['gap']:.3f} to the runner-up, 2 SE {2 * gap['se']:.3f})"
+            f"(gap {gap['gap']:.4f} to the runner-up, 2 SE {2 * gap['se']:.4f})"
         )
-    print_agreement(agree)
+    if agree is not None:
+        print_agreement(agree)
     if final is not None:
         print_final(final)
     report = {
@@ -347,25 +412,28 @@ def main() -> int:
         "config": {
             "subjects": subjects,
             "steps": steps,
-            "eval_every": args.eval_every,
-            "grace_period": args.grace,
+            "batch": args.batch,
+            "eval_every": every,
+            "grace_period": grace,
             "mask_ratios": list(masks),
-            "predictor_depths": list(depths),
-            "objective": "probe_auroc (cardiomegaly)",
+            key: list(values),
+            "objective": kind + (" (cardiomegaly)" if kind == "probe_auroc" else ""),
             "asha": not args.no_asha,
             "eval_batches": args.eval_batches,
+            "probe_seeds": args.probe_seeds,
             "val_samples": val_samples,
             "setup_s": setup_s,
         },
         "results": {
             "trials": rows,
             "sweep_s": sweep_s,
+            "final_check_s": check_s,
             "steps_run": ran,
             "steps_without_early_stopping": full,
             "compute_fraction": ran / full,
             "best": best,
             "default": default,
-            "spearman_rankme_auroc": info.spearman,
+            "spearman_rankme_objective": info.spearman,
             "best_vs_runner_up": info.gap,
             "agreement": agree,
             "final_check": final,
@@ -375,7 +443,7 @@ def main() -> int:
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
         keep = args.out.parent / args.out.stem  # results/tune/ for results/tune.json
         keep.mkdir(exist_ok=True)
         for fname in ("results.csv", "results.md", "heatmap.png"):
