@@ -45,6 +45,41 @@ from bench_labelfree import GRIDS, MASK_RATIOS
 from bench_prepare import hardware
 
 
+def rho(xs: list, ys: list) -> float | None:
+    """Spearman correlation over the pairs where both are known; None with fewer than 3 such pairs
+    or either side constant."""
+    from scipy.stats import spearmanr
+
+    ok = [(x, y) for x, y in zip(xs, ys, strict=True) if x is not None and y is not None]
+    if len(ok) < 3 or len({x for x, _ in ok}) < 2 or len({y for _, y in ok}) < 2:
+        return None
+    return round(float(spearmanr([x for x, _ in ok], [y for _, y in ok]).statistic), 3)
+
+
+REFERENCES = ("attentive", "grid", "linear")
+
+
+def against_references(trials: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """{reference: {score: Spearman across trials}} for `final_check`'s rows: every score (the
+    sweep's own, each label-free objective as the sweep measured it and on every validation sample,
+    alpha-ReQ) against the ground truth's read-outs and the labelled AUROC. The sweep's score of a
+    trial it ranked last for collapse (None) counts as the lowest, as `jepa-ray tune` ranks it."""
+    rows = list(trials.values())
+    refs = {
+        **{r: [v["reference"][r] for v in rows] for r in REFERENCES},
+        "labelled_auroc": [v["labelled_auroc"] for v in rows],
+    }
+    lf = sorted({k.removeprefix("sweep_lf_") for v in rows for k in v if k.startswith("sweep_lf_")})
+    names = ["sweep", *(f"sweep_lf_{n}" for n in lf), *lf, "alpha_req"]
+
+    def col(name: str) -> list:
+        if name == "sweep":
+            return [float("-inf") if v["sweep"] is None else v["sweep"] for v in rows]
+        return [v.get(name) for v in rows]
+
+    return {ref: {n: rho(col(n), vals) for n in names} for ref, vals in refs.items()}
+
+
 def trial_metrics(sweep_dir: Path) -> dict[str, list[dict[str, float]]]:
     """trial -> every report it logged (its run's metrics.csv), in step order."""
     import csv
@@ -68,7 +103,6 @@ def agreement(metrics: dict[str, list[dict[str, float]]], early: int) -> dict:
     Scores: every lf_* objective (fixed masks), and the trial's own validation loss (its own masks,
     negated) and first-batch RankMe as baselines."""
     import numpy as np
-    from scipy.stats import spearmanr
 
     at = {t: {int(r["step"]): r for r in rs} for t, rs in metrics.items()}
     common = sorted(set.intersection(*(set(a) for a in at.values())))
@@ -77,12 +111,6 @@ def agreement(metrics: dict[str, list[dict[str, float]]], early: int) -> dict:
     )
     sign = {"val_loss": -1.0}
     scores = [*keys, "val_loss", "val_rankme"]
-
-    def rho(xs: list, ys: list) -> float | None:
-        ok = [(x, y) for x, y in zip(xs, ys, strict=True) if x is not None and y is not None]
-        if len(ok) < 3 or len({x for x, _ in ok}) < 2 or len({y for _, y in ok}) < 2:
-            return None
-        return round(float(spearmanr([x for x, _ in ok], [y for _, y in ok]).statistic), 3)
 
     def col(key: str, step: int) -> list:
         return [None if at[t][step].get(key) is None else sign.get(key, 1.0) * at[t][step][key] for t in at]
@@ -137,7 +165,6 @@ def final_check(
     import numpy as np
     import torch
     from bench_labelfree import probe_set
-    from scipy.stats import spearmanr
 
     from jepa_ray.config import Config
     from jepa_ray.model.io import load_jepa
@@ -185,9 +212,7 @@ def final_check(
             out[row["trial"]] = {
                 "setting": {k: row[k] for k in summary["space"]},
                 "steps": row["steps"],
-                "reference": {
-                    r: float(np.mean(list(read[r].values()))) for r in ("attentive", "grid", "linear")
-                },
+                "reference": {r: float(np.mean(list(read[r].values()))) for r in REFERENCES},
                 "readouts": read,
                 "labelled_auroc": float(np.mean(aucs)) if aucs else None,
                 "sweep": row["objective"],
@@ -202,26 +227,13 @@ def final_check(
                 + f", sweep's score {row['objective']}",
                 flush=True,
             )
-    rows = list(out.values())
-    refs = {
-        **{r: [v["reference"][r] for v in rows] for r in ("attentive", "grid", "linear")},
-        "labelled_auroc": [v["labelled_auroc"] for v in rows],
-    }
-    names = ["sweep", *(f"sweep_lf_{n}" for n in LABEL_FREE), *LABEL_FREE, "alpha_req"]
-
-    def rho(a: list, b: list) -> float | None:
-        ok = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-        if len(ok) < 3:
-            return None
-        return round(float(spearmanr([x for x, _ in ok], [y for _, y in ok]).statistic), 3)
-
     return {
         "samples": len(metas),
         "labels": list(labels),
         "seeds": seeds,
         "probe_seeds": probe_seeds,
         "objective": summary["objective"].get("kind"),
-        "spearman": {ref: {n: rho([v[n] for v in rows], vals) for n in names} for ref, vals in refs.items()},
+        "spearman": against_references(out),
         "trials": out,
     }
 

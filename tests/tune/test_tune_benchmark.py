@@ -1,0 +1,61 @@
+"""The analysis of benchmarks/bench_tune.py's last-checkpoint check: Spearman across a sweep's
+trials of each score with each reference, a trial the sweep ranked last for collapse counting as
+its lowest."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_tune as bench
+
+
+def _trial(quality: float, sweep: float | None, lf: dict[str, float | None], auroc: float | None) -> dict:
+    return {
+        "reference": {"attentive": quality, "grid": quality / 2, "linear": -quality},
+        "labelled_auroc": auroc,
+        "sweep": sweep,
+        **{f"sweep_lf_{n}": v for n, v in lf.items()},
+        **lf,
+        "alpha_req": 0.0,
+    }
+
+
+def test_each_score_is_ranked_against_each_reference_across_the_trials():
+    qualities = [0.30, 0.35, 0.40, 0.45, 0.50]
+    trials = {
+        f"t{i}": _trial(
+            q,
+            sweep=-1.0 + q,  # the sweep's own objective follows the truth
+            lf={"val_loss": -1.0 + q, "rankme": 10.0 - 10 * q, "lidar": None if i == 0 else float(i % 2)},
+            auroc=0.6 + (0.1 if i == 3 else 0.0),
+        )
+        for i, q in enumerate(qualities)
+    }
+    out = bench.against_references(trials)
+    assert set(out) == {"attentive", "grid", "linear", "labelled_auroc"}
+    assert out["attentive"]["sweep"] == 1.0 and out["attentive"]["val_loss"] == 1.0
+    assert out["attentive"]["sweep_lf_val_loss"] == 1.0
+    assert out["attentive"]["rankme"] == -1.0 and out["linear"]["rankme"] == 1.0
+    assert out["grid"]["sweep"] == 1.0  # a monotone transform of the truth ranks the same
+    # lidar unknown for one trial: ranked over the four known (1, 0, 1, 0 against rising quality)
+    assert out["attentive"]["lidar"] == pytest.approx(-0.447, abs=1e-3)
+    assert out["attentive"]["alpha_req"] is None  # constant: no ranking
+    assert out["labelled_auroc"]["sweep"] == pytest.approx(0.354, abs=1e-3)
+
+
+def test_a_trial_ranked_last_for_collapse_is_the_sweeps_lowest_not_left_out():
+    # the truth's best trial collapsed by the sweep's guard (objective None): tune ranks it last
+    trials = {
+        "a": _trial(0.1, sweep=-0.9, lf={"val_loss": -0.9}, auroc=None),
+        "b": _trial(0.2, sweep=-0.8, lf={"val_loss": -0.8}, auroc=None),
+        "c": _trial(0.3, sweep=-0.7, lf={"val_loss": -0.7}, auroc=None),
+        "d": _trial(0.4, sweep=None, lf={"val_loss": -0.6}, auroc=None),
+    }
+    out = bench.against_references(trials)
+    assert out["attentive"]["sweep"] == pytest.approx(-0.2)  # left out it would read +1.0
+    assert out["attentive"]["val_loss"] == 1.0  # the objective itself, unguarded
+    assert out["labelled_auroc"]["sweep"] is None  # no labelled reference at all
