@@ -22,8 +22,8 @@ every trial run to the end. With a labelled --objective, each label-free objecti
 with it at every report. --from DIR recomputes the analysis for a finished sweep into the FILE.json
 of the run that made it.
 
-    python benchmarks/bench_tune.py [--grid lr|depth] [--objective NAME] [--no-asha] [--quick]
-        [--workdir DIR] [--out FILE.json] [--from SWEEP_DIR]
+    python benchmarks/bench_tune.py [--grid lr|depth] [--objective NAME] [--no-asha] [--seed S]
+        [--quick] [--workdir DIR] [--out FILE.json] [--from SWEEP_DIR]
 
 Writes the sweep's results table and heat map into a folder named after FILE.json (results/tune/).
 """
@@ -207,7 +207,7 @@ def final_check(
             ev = ev[ev > ev[0] * 1e-6]
             alpha = -np.polyfit(np.log(np.arange(1, len(ev) + 1)), np.log(ev), 1)[0]
             pooled, tokens = bl.image_views(model, probe)
-            read = bl.readouts(pooled, tokens, z, groups, seed=0, probe_seeds=probe_seeds)
+            read = bl.readouts(pooled, tokens, z, groups, seed=cfg.pipeline.seed, probe_seeds=probe_seeds)
             last = reports[row["trial"]][-1] if reports.get(row["trial"]) else {}
             out[row["trial"]] = {
                 "setting": {k: row[k] for k in summary["space"]},
@@ -296,6 +296,12 @@ def main() -> int:
     ap.add_argument("--no-asha", action="store_true", help="run every trial to the end, then check each")
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches of 16 measured")
     ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="pipeline.seed of every trial: its initialisation, data order, masks",
+    )
+    ap.add_argument(
         "--probe-seeds", type=int, default=3, help="fits of the attentive probe averaged into the reference"
     )
     ap.add_argument(
@@ -360,6 +366,7 @@ def main() -> int:
             f"train.warmup_steps={max(steps // 10, 1)}",
             f"train.checkpoint_every={steps}",
             f"pipeline.batch_size={args.batch}",
+            f"pipeline.seed={args.seed}",
             space,
             *objective,
             f"tune.eval_every={every}",
@@ -432,6 +439,7 @@ def main() -> int:
             "objective": kind + (" (cardiomegaly)" if kind == "probe_auroc" else ""),
             "asha": not args.no_asha,
             "eval_batches": args.eval_batches,
+            "seed": args.seed,
             "probe_seeds": args.probe_seeds,
             "val_samples": val_samples,
             "setup_s": setup_s,
