@@ -324,7 +324,11 @@ def main() -> int:
     masks, values = ((0.3, 0.7), values[::2]) if args.quick else (MASK_RATIOS, values)
     labelled = args.objective in ("probe_auroc", "cindex")
     if args.from_sweep is not None:  # the report of the run that made the sweep gains the analysis
+        if args.out is None or not args.out.exists():
+            ap.error("--from needs --out: the JSON of the run that made the sweep")
         report = json.loads(args.out.read_text())
+        if not (args.skip_final or report["config"].get("asha", True)) and args.workdir is None:
+            ap.error("--from without --skip-final needs --workdir: the cohort the reference reads")
         a = agreement(trial_metrics(args.from_sweep), grace) if labelled else None
         if a is not None:
             print_agreement(a)
