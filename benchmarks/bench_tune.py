@@ -168,9 +168,6 @@ def final_check(
 
     from jepa_ray.config import Config
     from jepa_ray.model.io import load_jepa
-    from jepa_ray.stream.local import raw_batch, read_samples
-    from jepa_ray.stream.pipeline import collate, open_split
-    from jepa_ray.stream.transform import transform_batch
     from jepa_ray.train.export import export, find_checkpoint
     from jepa_ray.tune.objective import LABEL_FREE, batch_outcomes, measure, probe_auroc
 
@@ -182,13 +179,8 @@ def final_check(
             ckpt = find_checkpoint(sweep_dir / "trials" / row["trial"])
             cfg = Config.model_validate(json.loads((ckpt / "state.json").read_text())["config"])
             if batches is None:  # the validation split, unmasked crops (train=False), batches of 16
-                split = open_split(str(cfg.train.shards), "val")
-                samples = {k: v for p in split.paths for k, v in read_samples(p).items()}
-                keys = sorted(samples)
-                batches = [
-                    collate(transform_batch(raw_batch({k: samples[k] for k in keys[i : i + 16]}), split.spec, cfg.pipeline, train=False, epoch=0))
-                    for i in range(0, len(keys), 16)
-                ]  # fmt: skip
+                spec, samples = bl.load_split(Path(str(cfg.train.shards)), "val", cfg.pipeline)
+                batches = bl.batches_of(samples, sorted(samples), spec, cfg.pipeline, size=16)
                 metas = batch_outcomes(batches)
                 _, _, probe, z, groups = probe_set(work, Path(str(cfg.train.shards)), cfg.pipeline)
             weights, _ = export(ckpt, Path(tmp) / row["trial"])
