@@ -321,7 +321,9 @@ def main() -> int:
         report = json.loads(args.out.read_text())
         if not (args.skip_final or report["config"].get("asha", True)) and args.workdir is None:
             ap.error("--from without --skip-final needs --workdir: the cohort the reference reads")
-        a = agreement(trial_metrics(args.from_sweep), grace) if labelled else None
+        kind = json.loads((args.from_sweep / "sweep.json").read_text())["objective"]["kind"]
+        # the sweep's own objective, not --objective: agreement with a labelled one only
+        a = agreement(trial_metrics(args.from_sweep), grace) if kind in ("probe_auroc", "cindex") else None
         if a is not None:
             print_agreement(a)
         skip = args.skip_final or report["config"].get("asha", True)
