@@ -19,8 +19,10 @@ trials of the sweep's own ranking, of every label-free objective as the sweep me
 every validation sample, with each reference. Baselines: the default grid point (mask ratio 0.5,
 the config's value of the other axis), measured in the same sweep; compute: steps run against
 every trial run to the end. With a labelled --objective, each label-free objective's agreement
-with it at every report. --from DIR recomputes the analysis for a finished sweep into the FILE.json
-of the run that made it.
+with it at every report. The attentive reference's own reliability across trials (its single probe
+fits against one another) bounds what any score can reach against it. --from DIR recomputes the
+analysis for a finished sweep into the FILE.json of the run that made it (with --skip-final, from
+the last-checkpoint reads that FILE.json already holds).
 
     python benchmarks/bench_tune.py [--grid lr|depth] [--objective NAME] [--no-asha] [--seed S]
         [--quick] [--workdir DIR] [--out FILE.json] [--from SWEEP_DIR]
@@ -78,6 +80,36 @@ def against_references(trials: dict[str, dict]) -> dict[str, dict[str, float | N
         return [v.get(name) for v in rows]
 
     return {ref: {n: rho(col(n), vals) for n in names} for ref, vals in refs.items()}
+
+
+def reference_reliability(trials: dict[str, dict]) -> dict | None:
+    """How far the attentive reference can be trusted to rank the trials, from its single probe fits
+    (`attentive_per_probe_seed`, each one's R² averaged over the factors): the mean Spearman across
+    trials between two fits (r), the Spearman-Brown reliability of their mean (k fits: k r / (1 +
+    (k - 1) r)) and its square root, the highest correlation any score can reach with the fits' mean
+    when the fits differ by noise alone (the reference's noise ceiling). None with fewer than 2 fits."""
+    from itertools import combinations
+
+    import numpy as np
+
+    rows = list(trials.values())
+    fits = [v["readouts"].get("attentive_per_probe_seed") or [] for v in rows]
+    k = min(len(f) for f in fits) if fits else 0
+    if k < 2:
+        return None
+    per_fit = [[float(np.mean(list(f[i].values()))) for f in fits] for i in range(k)]
+    pairs = [rho(a, b) for a, b in combinations(per_fit, 2)]
+    if any(r is None for r in pairs):
+        return None
+    r = float(np.mean(pairs))
+    reliability = k * r / (1 + (k - 1) * r) if r > 0 else 0.0
+    return {
+        "fits": k,
+        "fit_vs_fit": [round(x, 3) for x in pairs],
+        "mean_fit_vs_fit": round(r, 3),
+        "reliability": round(reliability, 3),
+        "ceiling": round(float(np.sqrt(reliability)), 3),
+    }
 
 
 def trial_metrics(sweep_dir: Path) -> dict[str, list[dict[str, float]]]:
@@ -226,6 +258,7 @@ def final_check(
         "probe_seeds": probe_seeds,
         "objective": summary["objective"].get("kind"),
         "spearman": against_references(out),
+        "attentive_reliability": reference_reliability(out),
         "trials": out,
     }
 
@@ -260,6 +293,13 @@ def print_final(f: dict) -> None:
     )
     for ref, per in f["spearman"].items():
         print(f"  {ref:<15}" + ", ".join(f"{n} {v:+.2f}" for n, v in per.items() if v is not None))
+    rel = f.get("attentive_reliability")
+    if rel is not None:
+        print(
+            f"the attentive reference's single fits agree across trials at {rel['mean_fit_vs_fit']:+.2f} "
+            f"(Spearman, mean of pairs); the mean of {rel['fits']} has reliability {rel['reliability']:.2f}: "
+            f"no score can agree with it beyond ~{rel['ceiling']:+.2f}"
+        )
 
 
 def main() -> int:
@@ -303,7 +343,11 @@ def main() -> int:
         default=None,
         help="only (re)compute the analysis of a finished sweep DIR into --out (needs its --workdir)",
     )
-    ap.add_argument("--skip-final", action="store_true", help="with --from: no last-checkpoint check")
+    ap.add_argument(
+        "--skip-final",
+        action="store_true",
+        help="with --from: read no checkpoint; re-analyse the reads the --out JSON holds, if any",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="reuse the learning benchmark's cohort")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -328,6 +372,13 @@ def main() -> int:
             print_agreement(a)
         skip = args.skip_final or report["config"].get("asha", True)
         final = None if skip else final_check(args.from_sweep, args.workdir, args.probe_seeds)
+        kept = report["results"].get("final_check")
+        if final is None and kept is not None:  # re-analyse the checkpoints' reads already made
+            final = {
+                **kept,
+                "spearman": against_references(kept["trials"]),
+                "attentive_reliability": reference_reliability(kept["trials"]),
+            }
         if final is not None:
             print_final(final)
         report["results"]["agreement"] = a

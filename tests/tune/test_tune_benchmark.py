@@ -59,3 +59,24 @@ def test_a_trial_ranked_last_for_collapse_is_the_sweeps_lowest_not_left_out():
     assert out["attentive"]["sweep"] == pytest.approx(-0.2)  # left out it would read +1.0
     assert out["attentive"]["val_loss"] == 1.0  # the objective itself, unguarded
     assert out["labelled_auroc"]["sweep"] is None  # no labelled reference at all
+
+
+def _fits(trials: dict, per_fit: list[list[float]]) -> dict:
+    """Give each trial attentive single fits whose mean over the factors is per_fit[k][trial]."""
+    for i, v in enumerate(trials.values()):
+        v["readouts"] = {"attentive_per_probe_seed": [{"a": f[i], "b": f[i]} for f in per_fit]}
+    return trials
+
+
+def test_the_reference_noise_ceiling_follows_how_its_single_fits_agree():
+    trials = {f"t{i}": _trial(0.1 * i, sweep=None, lf={}, auroc=None) for i in range(5)}
+    same = bench.reference_reliability(_fits(trials, [[1, 2, 3, 4, 5]] * 3))
+    assert same["fits"] == 3 and same["mean_fit_vs_fit"] == 1.0 and same["ceiling"] == 1.0
+    # two fits that agree at Spearman 0.8: the mean of two is reliable at 2 * 0.8 / 1.8 = 0.889
+    half = bench.reference_reliability(_fits(trials, [[1, 2, 3, 4, 5], [2, 1, 4, 3, 5]]))
+    assert half["fit_vs_fit"] == [0.8] and half["reliability"] == pytest.approx(0.889)
+    assert half["ceiling"] == pytest.approx(0.943, abs=1e-3)
+    # fits that disagree: nothing can rank against their mean
+    against = bench.reference_reliability(_fits(trials, [[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]]))
+    assert against["reliability"] == 0.0 and against["ceiling"] == 0.0
+    assert bench.reference_reliability(_fits(trials, [[1, 2, 3, 4, 5]])) is None  # one fit
