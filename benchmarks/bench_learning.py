@@ -177,16 +177,31 @@ def oof_knn(x: np.ndarray, z: np.ndarray, groups: list, k: int = 20, folds: int 
 
 
 def oof_readouts(
-    pooled: np.ndarray, tokens: np.ndarray, z: np.ndarray, groups: list, seed: int, probe_seeds: int = 1
+    pooled: np.ndarray,
+    tokens: np.ndarray,
+    z: np.ndarray,
+    groups: list,
+    seed: int,
+    probe_seeds: int = 1,
+    per_factor: bool = False,
 ) -> dict[str, np.ndarray]:
     """{readout: out-of-fold predictions (N, F, fits)}: one fit of each ridge and of kNN, `probe_seeds`
     fits of the attentive probe (seeds seed * probe_seeds + k): its own initialisation and batch
     order move a faint factor's R² by more than the encoders differ (on the learning cohort's seed-2
-    encoders, the mass: 0.215-0.248 at random init over three probe seeds)."""
+    encoders, the mass: 0.215-0.248 at random init over three probe seeds). One probe reads every
+    factor (its query, values and epochs shared, chosen by their summed loss), or with `per_factor`
+    one probe per factor (V-JEPA's evaluation: a probe per task)."""
     from jepa_ray.eval.attentive import oof_attentive
     from jepa_ray.eval.probes import oof_latent
 
-    attentive = [oof_attentive(tokens, z, groups, seed=seed * probe_seeds + k) for k in range(probe_seeds)]
+    def attentive_fit(s: int) -> np.ndarray:
+        if not per_factor:
+            return oof_attentive(tokens, z, groups, seed=s)
+        return np.concatenate(
+            [oof_attentive(tokens, z[:, j : j + 1], groups, seed=s) for j in range(z.shape[1])], 1
+        )
+
+    attentive = [attentive_fit(seed * probe_seeds + k) for k in range(probe_seeds)]
     return {
         "linear": oof_latent(pooled, z, groups)[..., None],
         "grid": oof_latent(tokens.reshape(len(tokens), -1), z, groups)[..., None],
@@ -279,10 +294,16 @@ def paired_cells(by_factor: dict) -> str:
 
 
 def readouts(
-    pooled: np.ndarray, tokens: np.ndarray, z: np.ndarray, groups: list, seed: int, probe_seeds: int = 1
+    pooled: np.ndarray,
+    tokens: np.ndarray,
+    z: np.ndarray,
+    groups: list,
+    seed: int,
+    probe_seeds: int = 1,
+    per_factor: bool = False,
 ) -> dict:
     """{readout: {factor: out-of-fold R²}} (`oof_readouts`, `scores`)."""
-    return scores(oof_readouts(pooled, tokens, z, groups, seed, probe_seeds), z)
+    return scores(oof_readouts(pooled, tokens, z, groups, seed, probe_seeds, per_factor), z)
 
 
 def held_splits(held: dict, model=None) -> dict:
@@ -626,6 +647,11 @@ def main() -> int:
         default=1,
         help="fits of the attentive probe averaged per encoder (default 1)",
     )
+    ap.add_argument(
+        "--attentive-per-factor",
+        action="store_true",
+        help="one attentive probe per factor instead of one reading all four",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     subjects = args.subjects or (1000 if args.quick else 1600)
@@ -680,7 +706,11 @@ def main() -> int:
 
     raw_pooled, raw_patches = raw_views(probe_batches, cfg.patch_size)
     resamples = subject_resamples(groups)  # the same for every encoder: intervals are paired
-    ceiling = scores(oof_readouts(raw_pooled, raw_patches, z, groups, 0, args.probe_seeds), z, resamples)
+    ceiling = scores(
+        oof_readouts(raw_pooled, raw_patches, z, groups, 0, args.probe_seeds, args.attentive_per_factor),
+        z,
+        resamples,
+    )
     print(
         "raw input: "
         + "  ".join(f"{r} " + " ".join(f"{v:+.2f}" for v in ceiling[r].values()) for r in READOUTS),
@@ -725,7 +755,9 @@ def main() -> int:
                 losses = train_on_samples(model, train, spec, cfg, steps, lr=rate, batch=32, seed=seed)
             train_s = time.perf_counter() - t
             pooled, tokens = image_views(model, probe_batches)
-            preds[arm] = oof_readouts(pooled, tokens, z, groups, seed, args.probe_seeds)
+            preds[arm] = oof_readouts(
+                pooled, tokens, z, groups, seed, args.probe_seeds, args.attentive_per_factor
+            )
             run[arm] = scores(preds[arm], z, resamples)
             run[arm]["train_s"] = train_s
             run[arm]["rankme"] = embedding_stats(torch.from_numpy(pooled))["rankme"]
@@ -874,6 +906,7 @@ def main() -> int:
             "seeds": seeds,
             "first_seed": args.first_seed,
             "probe_seeds": args.probe_seeds,
+            "attentive_per_factor": args.attentive_per_factor,
             "arms": args.arms,
             "ema": list(args.ema or ModelConfig().ema),
             "model": "tiny",

@@ -222,3 +222,25 @@ def test_the_learning_benchmarks_grid_readout_reads_a_factor_spread_over_positio
         )
     ]
     assert bench.cells_won(runs, "grid") == [True, False, False, True]
+
+
+def test_the_learning_benchmarks_attentive_probe_per_factor_reads_each_factor_by_its_own_probe(monkeypatch):
+    """With per_factor, the attentive read-out of factor j is the probe fit on factor j alone (its
+    own query, values and epochs), in the factors' order, one column per fit."""
+    import numpy as np
+    from sklearn.metrics import r2_score
+
+    from jepa_ray.eval.attentive import oof_attentive
+
+    bench = _bench_learning(monkeypatch)
+    rng = np.random.default_rng(1)
+    n, positions, dim = 120, 4, 8
+    z = rng.standard_normal((n, 4))
+    tokens = 0.3 * rng.standard_normal((n, positions, dim))
+    tokens[:, :, :4] += z[:, None, :]  # every factor in every position, one channel each
+    groups = [f"s{i // 2}" for i in range(n)]
+    preds = bench.oof_readouts(tokens.mean(1), tokens, z, groups, seed=1, probe_seeds=2, per_factor=True)
+    assert preds["attentive"].shape == (n, 4, 2)
+    alone = oof_attentive(tokens, z[:, 3:4], groups, seed=2 * 1 + 1)[:, 0]
+    np.testing.assert_allclose(preds["attentive"][:, 3, 1], alone, rtol=1e-6)
+    assert min(r2_score(z[:, j], preds["attentive"][:, j, 0]) for j in range(4)) > 0.5
