@@ -86,8 +86,9 @@ def reference_reliability(trials: dict[str, dict]) -> dict | None:
     """How far the attentive reference can be trusted to rank the trials, from its single probe fits
     (`attentive_per_probe_seed`, each one's R² averaged over the factors): the mean Spearman across
     trials between two fits (r), the Spearman-Brown reliability of their mean (k fits: k r / (1 +
-    (k - 1) r)) and its square root, the highest correlation any score can reach with the fits' mean
-    when the fits differ by noise alone (the reference's noise ceiling). None with fewer than 2 fits."""
+    (k - 1) r)) and its square root, the correlation a score that ranks as the noise-free reference
+    does would have with the fits' mean (the reference's noise ceiling: a score above it agrees with
+    the fits' noise too). None with fewer than 2 fits."""
     from itertools import combinations
 
     import numpy as np
@@ -298,7 +299,7 @@ def print_final(f: dict) -> None:
         print(
             f"the attentive reference's single fits agree across trials at {rel['mean_fit_vs_fit']:+.2f} "
             f"(Spearman, mean of pairs); the mean of {rel['fits']} has reliability {rel['reliability']:.2f}: "
-            f"no score can agree with it beyond ~{rel['ceiling']:+.2f}"
+            f"a score ranking as the noise-free reference does would agree with it at ~{rel['ceiling']:+.2f}"
         )
 
 
