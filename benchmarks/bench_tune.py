@@ -20,7 +20,8 @@ every validation sample, with each reference. Baselines: the default grid point 
 the config's value of the other axis), measured in the same sweep; compute: steps run against
 every trial run to the end. With a labelled --objective, each label-free objective's agreement
 with it at every report. The attentive reference's own reliability across trials (its single probe
-fits against one another) bounds what any score can reach against it. --from DIR recomputes the
+fits against one another) and what a score ranking as the noise-free reference would reach against
+it. --from DIR recomputes the
 analysis for a finished sweep into the FILE.json of the run that made it (with --skip-final, from
 the last-checkpoint reads that FILE.json already holds).
 
@@ -364,14 +365,14 @@ def main() -> int:
         if args.out is None or not args.out.exists():
             ap.error("--from needs --out: the JSON of the run that made the sweep")
         report = json.loads(args.out.read_text())
-        if not (args.skip_final or report["config"].get("asha", True)) and args.workdir is None:
+        skip = args.skip_final or report["config"].get("asha", True)  # ASHA leaves no common last step
+        if not skip and args.workdir is None:
             ap.error("--from without --skip-final needs --workdir: the cohort the reference reads")
         kind = json.loads((args.from_sweep / "sweep.json").read_text())["objective"]["kind"]
         # the sweep's own objective, not --objective: agreement with a labelled one only
         a = agreement(trial_metrics(args.from_sweep), grace) if kind in ("probe_auroc", "cindex") else None
         if a is not None:
             print_agreement(a)
-        skip = args.skip_final or report["config"].get("asha", True)
         final = None if skip else final_check(args.from_sweep, args.workdir, args.probe_seeds)
         kept = report["results"].get("final_check")
         if final is None and kept is not None:  # re-analyse the checkpoints' reads already made
