@@ -23,10 +23,11 @@ with it at every report. The attentive reference's own reliability across trials
 fits against one another) and what a score ranking as the noise-free reference would reach against
 it. --from DIR recomputes the
 analysis for a finished sweep into the FILE.json of the run that made it (with --skip-final, from
-the last-checkpoint reads that FILE.json already holds).
+the last-checkpoint reads that FILE.json already holds; with --candidates, also ranks more
+label-free measures read from each trial's last checkpoint: `candidate_scores`).
 
     python benchmarks/bench_tune.py [--grid lr|depth] [--objective NAME] [--no-asha] [--seed S]
-        [--quick] [--workdir DIR] [--out FILE.json] [--from SWEEP_DIR]
+        [--quick] [--workdir DIR] [--out FILE.json] [--from SWEEP_DIR [--skip-final] [--candidates]]
 
 Writes the sweep's results table and heat map into a folder named after FILE.json (results/tune/).
 """
@@ -73,7 +74,8 @@ def against_references(trials: dict[str, dict]) -> dict[str, dict[str, float | N
         "labelled_auroc": [v["labelled_auroc"] for v in rows],
     }
     lf = sorted({k.removeprefix("sweep_lf_") for v in rows for k in v if k.startswith("sweep_lf_")})
-    names = ["sweep", *(f"sweep_lf_{n}" for n in lf), *lf, "alpha_req"]
+    cand = sorted({k for v in rows for k in v if k.startswith("cand_")})
+    names = ["sweep", *(f"sweep_lf_{n}" for n in lf), *lf, "alpha_req", *cand]
 
     def col(name: str) -> list:
         if name == "sweep":
@@ -81,6 +83,105 @@ def against_references(trials: dict[str, dict]) -> dict[str, dict[str, float | N
         return [v.get(name) for v in rows]
 
     return {ref: {n: rho(col(n), vals) for n in names} for ref, vals in refs.items()}
+
+
+def token_spreads(z, valid):
+    """(B,) numpy: each sample's spread of its layer-normed latents z (B, T, D) around their own
+    mean (mean squared deviation per dimension) over its `valid` (B, T) tokens; 0 when every token
+    of a sample is the same vector, about 1 for unrelated ones; nan for a sample with fewer than 2.
+    How much a sample's patch latents differ from one another: what an attentive read-out has
+    beyond the pooled embedding."""
+    import torch
+
+    w = valid.unsqueeze(-1).to(z.dtype)
+    n = w.sum(1)  # (B, 1)
+    mean = (z * w).sum(1) / n.clamp(min=1)
+    dev = ((z - mean.unsqueeze(1)).square().mean(-1, keepdim=True) * w).sum(1) / n.clamp(min=1)
+    return torch.where(n >= 2, dev, torch.nan).squeeze(-1).numpy()
+
+
+def candidate_scores(model, batches: list[dict], mask: dict | None) -> dict[str, float]:
+    """Label-free measures tried as sweep objectives beside `jepa_ray.tune.labelfree`'s, on one
+    checkpoint's validation batches (higher is better): `target_spread` (`token_spreads` of the
+    target encoder's patch latents, the JEPA's targets, over the samples with an image), `prediction` (the prediction loss alone on
+    the reference masks, negated: val_loss without SIGReg), `explained_spread` (target_spread minus
+    that loss: the within-image target variance the predictor accounts for, both in the targets'
+    per-dimension units) and `pixel_pcs` (out-of-fold ridge R² of the top 8 principal components of
+    the validation images' pixels from the pooled image embedding, samples with an image: how much of the images' main
+    variation the encoder keeps)."""
+    import numpy as np
+    import torch
+
+    from jepa_ray.config import MaskConfig
+    from jepa_ray.model.jepa import image_slots
+    from jepa_ray.tune.labelfree import reference_masks
+
+    ref = MaskConfig.model_validate(mask or {})
+    model.eval()
+    spreads, losses, counts, pooled, pixels = [], [], [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            b = reference_masks(batch, model.dims.grids, ref, 0)
+            z_img, z_ehr = model.targets(b)
+            out = model.student(b, z_img, z_ehr)
+            losses.append(float(out.get("prediction_loss", out["loss"])))
+            counts.append(float(out["targets"]))
+            spreads.append(token_spreads(z_img.float(), image_slots(b, model.dims)))
+            has = batch["has_image"].bool()
+            pooled.append(model.encode(batch, "image")["pooled"][has].float().numpy())
+            pixels.append(batch["image"][has].float().flatten(1).numpy())
+    spread = float(np.nanmean(np.concatenate(spreads)))  # over the samples with an image
+    loss = float(np.average(losses, weights=counts))
+    x, pix = np.concatenate(pooled), np.concatenate(pixels)
+    u, sv, _ = np.linalg.svd(pix - pix.mean(0), full_matrices=False)
+    return {
+        "target_spread": spread,
+        "prediction": -loss,
+        "explained_spread": spread - loss,
+        "pixel_pcs": ridge_r2(x, u[:, :8] * sv[:8]),
+    }
+
+
+def ridge_r2(x, y, alphas=(0.01, 0.1, 1.0, 10.0, 100.0), folds: int = 5) -> float:
+    """Out-of-fold R² (mean over y's columns) of a ridge on standardised x, the best of `alphas`;
+    folds over a fixed permutation of the rows."""
+    import numpy as np
+
+    idx = np.random.default_rng(0).permutation(len(x))
+    best = -np.inf
+    for a in alphas:
+        pred = np.zeros_like(y)
+        for f in np.array_split(idx, folds):
+            tr = np.setdiff1d(idx, f)
+            mx, sd, my = x[tr].mean(0), x[tr].std(0) + 1e-8, y[tr].mean(0)
+            xs = (x[tr] - mx) / sd
+            w = np.linalg.solve(xs.T @ xs + a * np.eye(x.shape[1]), xs.T @ (y[tr] - my))
+            pred[f] = (x[f] - mx) / sd @ w + my
+        r2 = 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+        best = max(best, float(r2.mean()))
+    return best
+
+
+def add_candidates(sweep_dir: Path, trials: dict[str, dict]) -> None:
+    """In place: `cand_<name>` of `candidate_scores` for each trial row of a finished sweep, at its
+    last checkpoint, on every validation sample (batches of 16, as `final_check` reads them)."""
+    from jepa_ray.config import Config
+    from jepa_ray.model.io import load_jepa
+    from jepa_ray.train.export import export, find_checkpoint
+
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    batches = None
+    with tempfile.TemporaryDirectory(prefix="bench-tune-candidates-") as tmp:
+        for trial, row in trials.items():
+            ckpt = find_checkpoint(sweep_dir / "trials" / trial)
+            if batches is None:
+                cfg = Config.model_validate(json.loads((ckpt / "state.json").read_text())["config"])
+                spec, samples = bl.load_split(Path(str(cfg.train.shards)), "val", cfg.pipeline)
+                batches = bl.batches_of(samples, sorted(samples), spec, cfg.pipeline, size=16)
+            weights, _ = export(ckpt, Path(tmp) / trial)
+            scores = candidate_scores(load_jepa(weights), batches, summary["objective"]["mask"])
+            row.update({f"cand_{k}": v for k, v in scores.items()})
+            print(f"  {trial} {row['setting']}: " + ", ".join(f"{k} {v:+.4f}" for k, v in scores.items()))
 
 
 def reference_reliability(trials: dict[str, dict]) -> dict | None:
@@ -350,6 +451,12 @@ def main() -> int:
         action="store_true",
         help="with --from: read no checkpoint; re-analyse the reads the --out JSON holds, if any",
     )
+    ap.add_argument(
+        "--candidates",
+        action="store_true",
+        help="with --from: also score candidate_scores' label-free measures on each trial's last "
+        "checkpoint (no probe is refitted) and rank them against the references the --out JSON holds",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="reuse the learning benchmark's cohort")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -374,12 +481,14 @@ def main() -> int:
         if a is not None:
             print_agreement(a)
         final = None if skip else final_check(args.from_sweep, args.workdir, args.probe_seeds)
-        kept = report["results"].get("final_check")
-        if final is None and kept is not None:  # re-analyse the checkpoints' reads already made
+        final = final or report["results"].get("final_check")  # else the checkpoints' reads already made
+        if final is not None:
+            if args.candidates:
+                add_candidates(args.from_sweep, final["trials"])
             final = {
-                **kept,
-                "spearman": against_references(kept["trials"]),
-                "attentive_reliability": reference_reliability(kept["trials"]),
+                **final,
+                "spearman": against_references(final["trials"]),
+                "attentive_reliability": reference_reliability(final["trials"]),
             }
         if final is not None:
             print_final(final)

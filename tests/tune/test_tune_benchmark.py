@@ -80,3 +80,54 @@ def test_the_reference_noise_ceiling_follows_how_its_single_fits_agree():
     against = bench.reference_reliability(_fits(trials, [[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]]))
     assert against["reliability"] == 0.0 and against["ceiling"] == 0.0
     assert bench.reference_reliability(_fits(trials, [[1, 2, 3, 4, 5]])) is None  # one fit
+
+
+def test_token_spread_is_zero_for_identical_tokens_and_ignores_padding():
+    import numpy as np
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 6, 64, generator=g)
+    z = (z - z.mean(-1, keepdim=True)) / z.std(-1, keepdim=True, unbiased=False)  # layer-normed
+    z[0] = z[0, :1]  # sample 0: one vector six times
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    valid[1, 3:] = False  # sample 1: three tokens and three padding slots
+    valid[2, 1:] = False  # sample 2: a single token
+    before = bench.token_spreads(z, valid)
+    z[1, 3:] = 1e3  # what lies in padding does not count
+    after = bench.token_spreads(z, valid)
+    assert after[0] == pytest.approx(0.0, abs=1e-6)
+    # three unrelated unit-variance vectors around their own mean: (1 - 1/3) of their variance
+    assert after[1] == pytest.approx(2 / 3, abs=0.15) and after[1] == before[1]
+    assert np.isnan(after[2])
+
+
+def test_candidate_measures_are_ranked_beside_the_objectives():
+    trials = {
+        f"t{i}": {**_trial(q, sweep=q, lf={}, auroc=None), "cand_target_spread": -q}
+        for i, q in enumerate([0.1, 0.2, 0.3, 0.4])
+    }
+    out = bench.against_references(trials)
+    assert out["attentive"]["cand_target_spread"] == -1.0 and out["linear"]["cand_target_spread"] == 1.0
+
+
+def test_candidate_measures_of_a_tiny_jepa(small_shards):
+    import math
+
+    import bench_learning as bl
+    import torch
+
+    from jepa_ray.config import ModelConfig, load_config
+    from jepa_ray.model.jepa import JEPA
+
+    cfg = load_config(overrides=["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_events=12"])
+    spec, samples = bl.load_split(small_shards, "train", cfg.pipeline)
+    batches = bl.batches_of(samples, sorted(samples)[:48], spec, cfg.pipeline, size=16)
+    torch.manual_seed(0)
+    model = JEPA(spec.model_dims(cfg.pipeline), ModelConfig(preset="tiny", width=96, depth=3, heads=4))
+    out = bench.candidate_scores(model, batches, None)
+    assert set(out) == {"target_spread", "prediction", "explained_spread", "pixel_pcs"}
+    assert all(math.isfinite(v) for v in out.values()), out
+    assert 0 < out["target_spread"] < 1.5 and out["prediction"] < 0 and out["pixel_pcs"] <= 1
+    assert out["explained_spread"] == pytest.approx(out["target_spread"] + out["prediction"])
+    assert bench.candidate_scores(model, batches, None) == out  # fixed masks, no randomness
