@@ -19,7 +19,7 @@ the test split; meeting the goal (embeddings keep what a clinician's Cox model f
 ratio >= 0.95. The stricter check (`learns`): pretraining scores at least the random-init encoder
 and at least the raw-feature Cox model - 0.02 Harrell.
 
-    python benchmarks/bench_real_ehr.py [--quick] [--table whas500] [--splits 5] [--seeds 3]
+    python benchmarks/bench_real_ehr.py [--quick] [--table whas500] [--splits 5] [--seeds 3] [--first-seed S]
         [--cv-repeats 5] [--label-fractions 0.05,0.1,0.2,0.5] [--random-starts 5] [--out FILE.json]
         [config overrides]
 
@@ -459,6 +459,12 @@ def main() -> int:
         "--seeds", type=int, default=1, help="pretraining seeds per split, pipeline.seed 0 .. N-1 (default 1)"
     )
     ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the first pretraining seed: --seeds N runs pipeline.seed F .. F+N-1 (default 0)",
+    )
+    ap.add_argument(
         "--cv-repeats",
         type=int,
         default=CV_REPEATS,
@@ -483,11 +489,15 @@ def main() -> int:
     if (
         args.splits < 1
         or args.seeds < 1
+        or args.first_seed < 0
         or args.cv_repeats < 1
         or args.random_starts < 1
         or (args.steps is not None and args.steps < 1)
     ):
-        ap.error("--steps, --splits, --seeds, --cv-repeats and --random-starts take a count of at least 1")
+        ap.error(
+            "--steps, --splits, --seeds, --cv-repeats and --random-starts take a count of at least 1, "
+            "--first-seed one of at least 0"
+        )
     if args.random_starts > 1:
         args.overrides = [f"eval.random_starts={args.random_starts}", *args.overrides]
     if not all(0 < f < 1 for f in args.label_fractions):
@@ -505,10 +515,11 @@ def main() -> int:
     for split in range(args.splits):
         # prepare reads the salt as it starts; split 0 keeps the given one
         os.environ["JEPA_RAY_SALT"] = salt if split == 0 else f"{salt}-split{split}"
-        for seed in range(args.seeds):
-            many = args.splits > 1 or args.seeds > 1
+        seeded = args.seeds > 1 or args.first_seed > 0
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            many = args.splits > 1 or seeded
             where = workdir / f"split{split}-seed{seed}" if many else workdir
-            overrides = [f"pipeline.seed={seed}", *args.overrides] if args.seeds > 1 else args.overrides
+            overrides = [f"pipeline.seed={seed}", *args.overrides] if seeded else args.overrides
             doc = run(
                 args.table,
                 where,
@@ -517,14 +528,20 @@ def main() -> int:
                 cv_repeats=args.cv_repeats,
                 label_fractions=args.label_fractions,
             )
-            doc["split"], doc["seed"] = split, seed if args.seeds > 1 else None
+            doc["split"], doc["seed"] = split, seed if seeded else None
             docs.append(doc)
             print_run(doc)
     os.environ["JEPA_RAY_SALT"] = salt
     ray.shutdown()
     doc = dict(docs[0]) if len(docs) == 1 else {"name": "real_ehr", "config": dict(docs[0]["config"])}
     doc["hardware"] = hardware()
-    doc["config"].update(quick=args.quick, splits=args.splits, seeds=args.seeds, overrides=args.overrides)
+    doc["config"].update(
+        quick=args.quick,
+        splits=args.splits,
+        seeds=args.seeds,
+        first_seed=args.first_seed,
+        overrides=args.overrides,
+    )
     if len(docs) > 1:
         doc["runs"] = docs
         doc["summary"] = summary = summarise(docs)

@@ -4,7 +4,8 @@
     target  = LayerNorm(EMA-Encoder(every patch + every EHR token))       # no gradient
     pred    = Predictor(context, mask tokens at the target positions)     # (B, Tq, D)
     loss    = mean over target tokens of ||pred - target||^2 (or smooth-L1)
-    loss    = (1 - lambda) * loss + lambda * SIGReg(context image tokens)  # model.sigreg = lambda
+    loss    = (1 - lambda) * loss + lambda * (SIGReg(context image tokens) + SIGReg(context EHR tokens))
+              # model.sigreg = lambda; the EHR term with model.sigreg_ehr (default)
 
 One trunk embeds image and EHR tokens together, so each attends to the other when both are
 visible; with one modality hidden (cross-modal policy) the context holds only the other. The EMA
@@ -224,12 +225,15 @@ class Student(nn.Module):
     the EMA target encoder stays outside it. With a reconstructing predictor (model.objective=mae)
     the loss is against the hidden content itself and takes no latents."""
 
-    def __init__(self, context: Encoder, predictor: Predictor, loss: str, sigreg: float = 0.0) -> None:
+    def __init__(
+        self, context: Encoder, predictor: Predictor, loss: str, sigreg: float = 0.0, sigreg_ehr: bool = False
+    ) -> None:
         super().__init__()
         self.context = context
         self.predictor = predictor
         self.loss = loss
         self.sigreg = 0.0 if predictor.heads is not None else sigreg  # never on a reconstruction
+        self.sigreg_ehr = sigreg_ehr
         # the seed of SIGReg's random directions for the next training forward (the training loop
         # sets one per micro-batch of the data sequence, so a resumed or resized run draws the
         # directions an uninterrupted one would); None: the global generator
@@ -261,14 +265,20 @@ class Student(nn.Module):
         loss = (per_token * keep).sum() / count.clamp(min=1)
         out = {"loss": loss, "targets": count.detach()}
         if self.sigreg:
-            # the visible image-patch tokens of every sample (EHR tokens are left out: on GBSG2 they
-            # cost the pretrained encoder ~0.02 Harrell); in eval mode the directions are fixed, so
-            # a validation loss is a deterministic function of the model and the batch
+            # the visible image-patch tokens of every sample, and (sigreg_ehr) the visible EHR tokens,
+            # each set a distance of its own; in eval mode the directions are fixed, so a validation
+            # loss is a deterministic function of the model and the batch
             seed = self.noise_seed if self.training else 0
             fixed = None if seed is None else torch.Generator().manual_seed(seed)
-            patches = ctx["tokens"][:, 1 : 1 + ctx["img_keep"].shape[1]][ctx["img_keep"]]
-            if len(patches) > 1:  # a batch without images trains on the prediction loss alone
-                reg = sigreg(patches, generator=fixed)
+            n_img = ctx["img_keep"].shape[1]
+            sets = [ctx["tokens"][:, 1 : 1 + n_img][ctx["img_keep"]]]
+            if self.sigreg_ehr:
+                sets.append(ctx["tokens"][:, 1 + n_img :][ctx["ehr_keep"]])
+            terms = [sigreg(x, generator=fixed) for x in sets if len(x) > 1]
+            if (
+                terms
+            ):  # a batch without images (or EHR tokens, where they count) trains on the prediction alone
+                reg = torch.stack(terms).sum()
                 out["loss"] = (1 - self.sigreg) * loss + self.sigreg * reg
                 out["prediction_loss"], out["sigreg"] = loss.detach(), reg.detach()
         per_sample = ((per_token * keep).sum(1) / keep.sum(1).clamp(min=1)).detach()
@@ -337,7 +347,7 @@ class JEPA(nn.Module):
             )
             init_weights(predictor)
         init_weights(context)
-        self.student = Student(context, predictor, cfg.loss, cfg.sigreg)
+        self.student = Student(context, predictor, cfg.loss, cfg.sigreg, cfg.sigreg_ehr)
         self.target = copy.deepcopy(context)
         for p in self.target.parameters():
             p.requires_grad_(False)

@@ -253,9 +253,35 @@ def test_sigreg_joins_the_jepa_loss_only(split, samples):
     assert float(again["loss"]) == float(out["loss"])
     mae = _model(split, objective="mae")(batch)
     assert "sigreg" not in mae and "prediction_loss" not in mae
-    ehr_only = make_batch(split, samples, drop="image")  # nothing to regularise: the plain loss
-    out = _model(split).eval()(ehr_only)
+    ehr_only = make_batch(split, samples, drop="image")  # patches only: nothing to regularise
+    out = _model(split, sigreg_ehr=False).eval()(ehr_only)
     assert "sigreg" not in out and float(out["loss"]) == pytest.approx(float(plain(ehr_only)["loss"]))
+    assert "sigreg" in _model(split).eval()(ehr_only)  # the default regularises the EHR tokens too
+
+
+def test_sigreg_over_ehr_tokens_is_a_term_of_its_own(split, samples):
+    from jepa_ray.model.jepa import sigreg
+
+    batch, ehr_only = make_batch(split, samples), make_batch(split, samples, drop="image")
+    plain = _model(split, sigreg=0).eval()
+    model = _model(split, sigreg=0.1, sigreg_ehr=True).eval()
+    out = model(ehr_only)  # an EHR-only batch is regularised too, on its EHR tokens alone
+    assert float(out["prediction_loss"]) == pytest.approx(float(plain(ehr_only)["loss"]))
+    assert float(out["sigreg"]) > 0
+    assert float(out["loss"]) == pytest.approx(
+        0.9 * float(out["prediction_loss"]) + 0.1 * float(out["sigreg"])
+    )
+    # with images: the patches' term and the EHR tokens' term, each a distance of its own
+    image_only = _model(split, sigreg=0.1, sigreg_ehr=False).eval()(batch)
+    both = model(batch)
+    ctx = model.context(batch, batch["img_ctx_idx"], batch["img_ctx_keep"], batch["ehr_ctx"])
+    n = ctx["img_keep"].shape[1]
+    patches, ehr = ctx["tokens"][:, 1 : 1 + n][ctx["img_keep"]], ctx["tokens"][:, 1 + n :][ctx["ehr_keep"]]
+    fixed = torch.Generator().manual_seed(0)  # eval mode: one fixed stream of directions, patches first
+    assert float(sigreg(patches, generator=fixed)) == pytest.approx(float(image_only["sigreg"]))
+    expected = float(image_only["sigreg"]) + float(sigreg(ehr, generator=fixed))
+    assert float(both["sigreg"]) == pytest.approx(expected, rel=1e-5)
+    assert float(both["prediction_loss"]) == pytest.approx(float(image_only["prediction_loss"]))
 
 
 def test_embedding_stats_see_collapse():
