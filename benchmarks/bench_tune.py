@@ -103,12 +103,13 @@ def token_spreads(z, valid):
 def candidate_scores(model, batches: list[dict], mask: dict | None) -> dict[str, float]:
     """Label-free measures tried as sweep objectives beside `jepa_ray.tune.labelfree`'s, on one
     checkpoint's validation batches (higher is better): `target_spread` (`token_spreads` of the
-    target encoder's patch latents, the JEPA's targets, over the samples with an image), `prediction` (the prediction loss alone on
-    the reference masks, negated: val_loss without SIGReg), `explained_spread` (target_spread minus
-    that loss: the within-image target variance the predictor accounts for, both in the targets'
-    per-dimension units) and `pixel_pcs` (out-of-fold ridge R² of the top 8 principal components of
-    the validation images' pixels from the pooled image embedding, samples with an image: how much of the images' main
-    variation the encoder keeps)."""
+    target encoder's patch latents, the JEPA's targets, over the samples with an image),
+    `prediction` (the prediction loss alone on the reference masks, negated: val_loss without
+    SIGReg), `explained_spread` (target_spread minus that loss: the within-image target variance the
+    predictor accounts for, both in the targets' per-dimension units) and `pixel_pcs` (out-of-fold
+    ridge R² of the top 8 principal components of the validation images' pixels from the pooled
+    image embedding, over the samples with an image: how much of the images' main variation the
+    encoder keeps)."""
     import numpy as np
     import torch
 

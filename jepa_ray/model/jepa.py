@@ -274,10 +274,10 @@ class Student(nn.Module):
             sets = [ctx["tokens"][:, 1 : 1 + n_img][ctx["img_keep"]]]
             if self.sigreg_ehr:
                 sets.append(ctx["tokens"][:, 1 + n_img :][ctx["ehr_keep"]])
+            # a batch with no such tokens (no images, and no EHR tokens where they count) trains on
+            # the prediction alone
             terms = [sigreg(x, generator=fixed) for x in sets if len(x) > 1]
-            if (
-                terms
-            ):  # a batch without images (or EHR tokens, where they count) trains on the prediction alone
+            if terms:
                 reg = torch.stack(terms).sum()
                 out["loss"] = (1 - self.sigreg) * loss + self.sigreg * reg
                 out["prediction_loss"], out["sigreg"] = loss.detach(), reg.detach()
