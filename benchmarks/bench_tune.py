@@ -107,13 +107,14 @@ def candidate_scores(model, batches: list[dict], mask: dict | None) -> dict[str,
     `prediction` (the prediction loss alone on the reference masks, negated: val_loss without
     SIGReg), `explained_spread` (target_spread minus that loss: the within-image target variance the
     predictor accounts for, both in the targets' per-dimension units) and `pixel_pcs` (out-of-fold
-    ridge R² of the top 8 principal components of the validation images' pixels from the pooled
-    image embedding, over the samples with an image: how much of the images' main variation the
-    encoder keeps)."""
+    ridge R², `cv_latent_r2` with one sample per fold group, of the top 8 principal components of
+    the validation images' pixels from the pooled image embedding, over the samples with an image:
+    how much of the images' main variation the encoder keeps)."""
     import numpy as np
     import torch
 
     from jepa_ray.config import MaskConfig
+    from jepa_ray.eval.probes import cv_latent_r2
     from jepa_ray.model.jepa import image_slots
     from jepa_ray.tune.labelfree import reference_masks
 
@@ -139,28 +140,8 @@ def candidate_scores(model, batches: list[dict], mask: dict | None) -> dict[str,
         "target_spread": spread,
         "prediction": -loss,
         "explained_spread": spread - loss,
-        "pixel_pcs": ridge_r2(x, u[:, :8] * sv[:8]),
+        "pixel_pcs": float(np.mean(cv_latent_r2(x, u[:, :8] * sv[:8], groups=list(range(len(x)))))),
     }
-
-
-def ridge_r2(x, y, alphas=(0.01, 0.1, 1.0, 10.0, 100.0), folds: int = 5) -> float:
-    """Out-of-fold R² (mean over y's columns) of a ridge on standardised x, the best of `alphas`;
-    folds over a fixed permutation of the rows."""
-    import numpy as np
-
-    idx = np.random.default_rng(0).permutation(len(x))
-    best = -np.inf
-    for a in alphas:
-        pred = np.zeros_like(y)
-        for f in np.array_split(idx, folds):
-            tr = np.setdiff1d(idx, f)
-            mx, sd, my = x[tr].mean(0), x[tr].std(0) + 1e-8, y[tr].mean(0)
-            xs = (x[tr] - mx) / sd
-            w = np.linalg.solve(xs.T @ xs + a * np.eye(x.shape[1]), xs.T @ (y[tr] - my))
-            pred[f] = (x[f] - mx) / sd @ w + my
-        r2 = 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
-        best = max(best, float(r2.mean()))
-    return best
 
 
 def add_candidates(sweep_dir: Path, trials: dict[str, dict]) -> None:
