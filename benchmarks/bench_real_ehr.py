@@ -68,6 +68,15 @@ ROWS = {  # the test split's c-index rows the benchmark compares, and how it pri
     "random_init:ehr": "Cox on random-init EHR embeddings",
     "raw_ehr_cox": "Cox on raw features (baseline)",
 }
+# the cross-validated read-out's ceilings: supervised models that are not linear in the raw features,
+# read on the same folds: what the covariates hold for the hazard given every label, the room an
+# encoder's features have above the linear Cox model (reported, not judged)
+CEILINGS = {
+    "raw_spline_cox": "ridge Cox on hinge features of the raw covariates",
+    "raw_forest": "random survival forest on the raw covariates",
+}
+KNOT_QUANTILES = (0.2, 0.4, 0.6, 0.8)  # a spline column's hinges, at these quantiles of its fit rows
+FOREST = {"n_estimators": 200, "min_samples_leaf": 15, "max_features": "sqrt"}
 # --table: scikit-survival loaders of real registries (static covariates + one survival endpoint)
 REGISTRIES = {
     "whas500": ("load_whas500", "Worcester Heart Attack Study (500 patients, death after MI)"),
@@ -264,6 +273,55 @@ def labelled_rows(drawn, event, fraction: float):
     return np.sort(drawn[:take])
 
 
+class SplineCox:
+    """A ridge Cox model on the raw features and, for every column with more distinct values on
+    the fit rows than it has knots, the hinges max(x - q, 0) at KNOT_QUANTILES of them: a piecewise
+    linear hazard in each covariate, its shape fit to the labels (missing values stay missing, for
+    `RidgeCox` to impute). The read-out a random encoder's nonlinear features approximate."""
+
+    def __init__(self, x, time, event, alpha: float) -> None:
+        import numpy as np
+
+        from jepa_ray.eval.survival import RidgeCox
+
+        self.knots = []
+        for j in range(x.shape[1]):
+            seen = x[~np.isnan(x[:, j]), j]
+            if len(np.unique(seen)) > len(KNOT_QUANTILES) + 1:
+                self.knots.append((j, np.unique(np.quantile(seen, KNOT_QUANTILES))))
+        self.cox = RidgeCox(self.design(x), time, event, alpha=alpha)
+
+    def design(self, x):
+        import numpy as np
+
+        return np.concatenate([x, *(np.maximum(x[:, [j]] - q, 0.0) for j, q in self.knots)], axis=1)
+
+    def risk(self, x):
+        return self.cox.risk(self.design(x))
+
+
+class ForestCox:
+    """A random survival forest (FOREST, seed 0) on the raw features, missing values filled with
+    the fit rows' column means; `alpha` is unused (one setting: the forest needs no penalty)."""
+
+    def __init__(self, x, time, event, alpha: float | None = None) -> None:
+        import numpy as np
+        from sksurv.ensemble import RandomSurvivalForest
+        from sksurv.util import Surv
+
+        self.mean = np.nan_to_num(np.nanmean(np.where(np.isnan(x).all(0), 0.0, x), axis=0))
+        self.model = RandomSurvivalForest(**FOREST, random_state=0, n_jobs=1)
+        self.model.fit(self.filled(x), Surv.from_arrays(event.astype(bool), time))
+
+    def filled(self, x):
+        import numpy as np
+
+        return np.where(np.isnan(x), self.mean, x)
+
+    def risk(self, x):
+        return self.model.predict(self.filled(x))
+
+
 def cross_validated(
     eval_dir: Path,
     folds: int = 5,
@@ -285,7 +343,12 @@ def cross_validated(
     `fractions` (each below 1): the same read-out with only that fraction of each training part
     labelled (`labelled_rows`), scored on the whole held-out fold: the few-label regime
     self-supervised pretraining is for. The labelled rows are drawn by (partition, fold, fraction),
-    the same for the three representations, so their differences are paired."""
+    the same for the three representations, so their differences are paired.
+
+    Beside them, on the same folds and labelled rows, the ceilings of CEILINGS: `SplineCox` (the
+    penalty chosen as for the others) and `ForestCox` on the raw features, supervised models whose
+    hazard is not linear in the covariates. They say how much room above the linear Cox model the
+    table leaves to any representation of its covariates."""
     import numpy as np
 
     from jepa_ray.eval.evaluate import load_split, random_start_names
@@ -313,6 +376,9 @@ def cross_validated(
     time = np.concatenate([ref[s].tte(endpoint)[0] for s in parts])[by_key]
     event = np.concatenate([ref[s].tte(endpoint)[1] for s in parts])[by_key]
     xs = {"raw_ehr_cox": np.concatenate([raw[s] for s in parts])[by_key]}
+    xs |= dict.fromkeys(CEILINGS, xs["raw_ehr_cox"])
+    models = {"raw_spline_cox": SplineCox, "raw_forest": ForestCox}
+    grids = {"raw_forest": (None,)}
     rows = [*ROWS, *(f"{name}:ehr" for name in starts[1:])]
     for name, row in (("pretrained", "ehr"), *((name, f"{name}:ehr") for name in starts)):
         x = np.concatenate([tables[name][s].cols["emb_ehr"] for s in parts]).astype(float)
@@ -322,25 +388,25 @@ def cross_validated(
     time, event = time[ok], event[ok]
     partitions = [np.random.default_rng(seed + r).permutation(len(time)) % folds for r in range(repeats)]
 
-    def fit_score(x, train, test, alpha):
-        model = RidgeCox(x[train], time[train], event[train], alpha=alpha)
-        return harrell(time[test], event[test], model.risk(x[test]))
+    def fit_score(x, train, test, alpha, model=RidgeCox):
+        fit = model(x[train], time[train], event[train], alpha=alpha)
+        return harrell(time[test], event[test], fit.risk(x[test]))
 
-    def inner_score(x, train, alpha, few):
+    def inner_score(x, train, alpha, few, model):
         """The penalty's mean c-index over a 3-fold split of `train`; with `few` labelled rows a
         fold may hold no event or a fit fail: those folds are left out (NaN)."""
         inner = np.arange(len(train)) % 3
         scores = []
         for i in range(3):
             try:
-                scores.append(fit_score(x, train[inner != i], train[inner == i], alpha))
+                scores.append(fit_score(x, train[inner != i], train[inner == i], alpha, model))
             except (ValueError, ArithmeticError, np.linalg.LinAlgError):
                 if not few:
                     raise
                 scores.append(np.nan)
         return np.nanmean(scores) if np.isfinite(scores).any() else -np.inf
 
-    def read(x, fraction: float) -> dict:
+    def read(x, fraction: float, model=RidgeCox, grid=alphas) -> dict:
         scores, chosen, labelled = [], [], []
         few = fraction < 1
         for (r, fold), f in itertools.product(enumerate(partitions), range(folds)):
@@ -350,9 +416,9 @@ def cross_validated(
                 train = labelled_rows(rng.permutation(train), event, fraction)
             labelled.append(len(train))
             alpha = (
-                alphas[0] if len(alphas) == 1 else max(alphas, key=lambda a: inner_score(x, train, a, few))
+                grid[0] if len(grid) == 1 else max(grid, key=lambda a: inner_score(x, train, a, few, model))
             )
-            scores.append(fit_score(x, train, test, alpha))
+            scores.append(fit_score(x, train, test, alpha, model))
             chosen.append(alpha)
         return {
             "harrell": float(np.mean(scores)),
@@ -366,11 +432,16 @@ def cross_validated(
 
     out = {"n": len(time), "events": int(event.sum()), "folds": folds, "repeats": repeats}
     out["random_starts"] = [f"{name}:ehr" for name in starts]
+    rows += list(CEILINGS)
+
+    def read_row(row: str, fraction: float) -> dict:
+        return read(xs[row][ok], fraction, models.get(row, RidgeCox), grids.get(row, alphas))
+
     for row in rows:
-        out[row] = read(xs[row][ok], 1.0)
+        out[row] = read_row(row, 1.0)
     if fractions:
         out["label_fractions"] = {
-            str(fraction): {row: read(xs[row][ok], fraction) for row in rows} for fraction in fractions
+            str(fraction): {row: read_row(row, fraction) for row in rows} for fraction in fractions
         }
     return out
 
@@ -419,6 +490,11 @@ def summarise(docs: list[dict]) -> dict:
         cvs = [d["results"]["cv"] for d in docs]
         out["cv"] = over([{k: cv[k]["harrell"] for k in ROWS} for cv in cvs])
         out["cv"] |= against_starts(cvs, lambda cv, row: cv[row]["harrell"])
+        if all(row in cv for cv in cvs for row in CEILINGS):  # runs from before the ceilings have none
+            out["cv"]["ceilings"] = {row: spread([cv[row]["harrell"] for cv in cvs]) for row in CEILINGS} | {
+                f"pretrained_minus_{row}": spread([cv["ehr"]["harrell"] - cv[row]["harrell"] for cv in cvs])
+                for row in CEILINGS
+            }
         fractions = [set(cv.get("label_fractions", {})) for cv in cvs]
         if fractions[0] and all(f == fractions[0] for f in fractions):  # the few-label read-outs
             out["cv"]["label_fractions"] = {}
@@ -606,6 +682,11 @@ def print_run(doc: dict) -> None:
         f"{cv.get('repeats', 1)} partitions, ridge Cox on each): "
         + ", ".join(f"{name} {cv[name]['harrell']:.3f}" for name in ROWS)
     )
+    if all(row in cv for row in CEILINGS):
+        print(
+            "  ceilings, supervised on the raw features: "
+            + ", ".join(f"{CEILINGS[row]} {cv[row]['harrell']:.3f}" for row in CEILINGS)
+        )
     if len(cv.get("random_starts", [])) > 1:
         starts = [cv[row]["harrell"] for row in cv["random_starts"]]
         print(

@@ -448,6 +448,14 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
         assert r["labelled"] == 110 and len(r["folds"]) == 10 and 0.5 < r["harrell"] < 0.85
         assert r["folds"] != cv[name]["folds"]  # fitted on fewer patients
     assert few["raw_ehr_cox"]["harrell"] < cv["raw_ehr_cox"]["harrell"]  # fewer labels, a weaker model
+    # the ceilings, supervised on the raw features, read on the same folds and labelled rows
+    from bench_real_ehr import CEILINGS
+
+    for name in CEILINGS:
+        assert len(cv[name]["folds"]) == 10 and 0.6 < cv[name]["harrell"] < 0.85, name
+        assert few[name]["labelled"] == 110 and few[name]["harrell"] < cv[name]["harrell"], name
+    assert cv["raw_spline_cox"]["alpha"] == [100.0] * 10 and cv["raw_forest"]["alpha"] == [None] * 10
+    assert cv["raw_spline_cox"]["folds"] != cv["raw_ehr_cox"]["folds"]  # another model on the same rows
     h = {name: cv[name]["harrell"] for name in ROWS}
     assert doc["learns_cv"] == (h["ehr"] >= h["random_init:ehr"] and h["ehr"] >= h["raw_ehr_cox"] - 0.02)
     # the folds are drawn over the patients, not over the order the embedding pass wrote them in
@@ -587,6 +595,40 @@ def test_a_few_label_read_out_labels_enough_events_to_fit_on():
     few[drawn[[3, 400]]] = 1  # fewer than MIN_EVENTS in all: up to the last of them
     assert len(labelled_rows(drawn, few, 0.1)) == 401
     assert len(labelled_rows(drawn, np.zeros(1000), 0.1)) == 100  # none at all: the fraction
+
+
+def test_the_real_table_ceilings_read_a_hazard_that_is_not_linear_in_a_covariate():
+    """`bench_real_ehr`'s ceilings: a U-shaped hazard in one covariate (both extremes at risk), which
+    a linear Cox model cannot rank, the hinge-feature Cox model and the forest can; both take
+    missing values and score rows they were not fit on."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_real_ehr import ForestCox, SplineCox
+
+    from jepa_ray.eval.survival import RidgeCox, harrell
+
+    rng = np.random.default_rng(0)
+    n = 600
+    x = np.column_stack([rng.normal(size=n), rng.normal(size=n), rng.integers(0, 2, n).astype(float)])
+    truth = 2.0 * np.abs(x[:, 0])
+    time = rng.exponential(1.0 / np.exp(truth - 1.0))
+    event = (rng.random(n) < 0.8).astype(float)
+    x[rng.random(n) < 0.05, 1] = np.nan  # a covariate missing for some patients
+    fit, held = np.arange(400), np.arange(400, n)
+    scores = {}
+    for name, model in (("linear", RidgeCox), ("spline", SplineCox), ("forest", ForestCox)):
+        m = model(x[fit], time[fit], event[fit], alpha=10.0)
+        risk = m.risk(x[held])
+        assert risk.shape == (len(held),) and np.isfinite(risk).all(), name
+        scores[name] = harrell(time[held], event[held], risk)
+    best = harrell(time[held], event[held], truth[held])  # the true hazard's ranking
+    assert best > 0.7 and scores["linear"] < 0.6, (best, scores)
+    assert scores["spline"] > best - 0.04 and scores["forest"] > best - 0.07, (best, scores)
+    spline = SplineCox(x[fit], time[fit], event[fit], alpha=10.0)
+    assert [j for j, _ in spline.knots] == [0, 1]  # the binary column gets no hinge
+    assert spline.design(x[held]).shape == (len(held), 3 + 2 * 4)
 
 
 def test_retrieval_on_a_cohort_without_images_says_so_instead_of_failing():
