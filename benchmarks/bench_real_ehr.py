@@ -32,7 +32,10 @@ Every run also reads the three representations alike over the whole table (`cros
 a ridge Cox model, 5-fold over every patient with follow-up), about four times the patients of one
 test split; the criterion is judged on it too (`learns_cv`). The same read-out with only a
 fraction of each training part labelled (`--label-fractions`) shows the few-label regime the
-product is for; those rows are reported beside the criterion, not judged by it.
+product is for; those rows are reported beside the criterion, not judged by it. Beside them, on
+the same folds, two supervised models of the raw covariates that are not linear in them (CEILINGS:
+hinge-feature Cox, random survival forest) say how much hazard the table holds beyond the linear
+Cox model: the room any representation of its covariates has.
 `--random-starts K` reads K random inits beside each run (its own start and K - 1 others of its
 shape): on GBSG2 one start's read-out can sit 0.01-0.02 from another's, more than pretraining moves
 it, so the summary also sets pretraining against the mean of the starts.
