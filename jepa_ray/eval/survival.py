@@ -424,13 +424,19 @@ class _Strategy:
 # ---- the classical baseline ------------------------------------------------------------------------
 
 
+def fill_values(x: np.ndarray) -> np.ndarray:
+    """Each column's mean over the rows of `x` that have it (0 for a column missing in every row):
+    what a model fit on `x` puts in place of a missing value."""
+    return np.nan_to_num(np.nanmean(np.where(np.isnan(x).all(0), 0.0, x), axis=0))
+
+
 class RidgeCox:
     """Ridge Cox (scikit-survival) on a feature matrix (raw EHR features, embeddings): fit-split
     mean imputation + missing indicators, standardised; `risk(x)` scores new rows. `alpha`: the
     ridge penalty (1: the classical baseline of `evaluate`)."""
 
     def __init__(self, x: np.ndarray, time: np.ndarray, event: np.ndarray, alpha: float = 1.0) -> None:
-        self.mean = np.nan_to_num(np.nanmean(np.where(np.isnan(x).all(0), 0.0, x), axis=0))
+        self.mean = fill_values(x)
         self.indicators = np.isnan(x).any(0)
         z = self._design(x)
         self.keep = z.std(0) > 1e-9

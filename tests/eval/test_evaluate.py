@@ -381,7 +381,7 @@ def test_bad_inputs_are_named(cohort, encoder, tmp_path, ray_session):
         evaluate(str(encoder), str(shards), cfg, tmp_path / "e", latents=str(strangers))
 
 
-def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
+def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session, monkeypatch):
     """`benchmarks/bench_real_ehr.py`'s own path on GBSG2 (bundled with scikit-survival), a few
     steps: the shards it prepares and the three c-index rows it compares. An evaluation change that
     breaks an EHR-only cohort fails here, not two days later in a benchmark rerun."""
@@ -466,9 +466,22 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session):
     for cached in (tmp_path / "eval" / "embeddings").glob("*/*.parquet"):
         table = pq.read_table(cached)
         pq.write_table(table.take(np.random.default_rng(1).permutation(table.num_rows)), cached)
+    # ... and the rows that do not depend on the encoder are read once per table and folds (a
+    # multi-seed run's later seeds reuse them): no ceiling is fit again
+    import bench_real_ehr
+
+    def unfit(*_, **__):
+        raise AssertionError("a raw-feature row was fit again")
+
+    monkeypatch.setattr(bench_real_ehr, "ForestCox", unfit)
+    monkeypatch.setattr(bench_real_ehr, "SplineCox", unfit)
     again = cross_validated(tmp_path / "eval", alphas=(100.0,), repeats=2)
-    for row in (*ROWS, "random_init_2:ehr"):
+    for row in (*ROWS, "random_init_2:ehr", *CEILINGS):
         assert again[row]["folds"] == cv[row]["folds"], row
+    again["raw_forest"]["folds"].clear()  # a caller's copy: the kept read is not changed
+    assert cross_validated(tmp_path / "eval", alphas=(100.0,), repeats=2)["raw_forest"] == cv["raw_forest"]
+    with pytest.raises(AssertionError, match="fit again"):  # other folds: read anew
+        cross_validated(tmp_path / "eval", alphas=(100.0,), repeats=2, seed=1)
 
 
 def test_the_real_table_benchmark_judges_the_criterion_over_splits():
@@ -617,16 +630,16 @@ def test_the_real_table_ceilings_read_a_hazard_that_is_not_linear_in_a_covariate
     event = (rng.random(n) < 0.8).astype(float)
     x[rng.random(n) < 0.05, 1] = np.nan  # a covariate missing for some patients
     fit, held = np.arange(400), np.arange(400, n)
-    scores = {}
+    scores, fitted = {}, {}
     for name, model in (("linear", RidgeCox), ("spline", SplineCox), ("forest", ForestCox)):
-        m = model(x[fit], time[fit], event[fit], alpha=10.0)
+        m = fitted[name] = model(x[fit], time[fit], event[fit], alpha=10.0)
         risk = m.risk(x[held])
         assert risk.shape == (len(held),) and np.isfinite(risk).all(), name
         scores[name] = harrell(time[held], event[held], risk)
     best = harrell(time[held], event[held], truth[held])  # the true hazard's ranking
     assert best > 0.7 and scores["linear"] < 0.6, (best, scores)
     assert scores["spline"] > best - 0.04 and scores["forest"] > best - 0.07, (best, scores)
-    spline = SplineCox(x[fit], time[fit], event[fit], alpha=10.0)
+    spline = fitted["spline"]
     assert [j for j, _ in spline.knots] == [0, 1]  # the binary column gets no hinge
     assert spline.design(x[held]).shape == (len(held), 3 + 2 * 4)
 
