@@ -89,13 +89,20 @@ class Embedder:
     list of encoders it holds them all and names each one's columns `<i>/<column>` (i: its place
     in the list): the batch is read and transformed once for all of them."""
 
-    def __init__(self, source: EncoderSource | list[EncoderSource], regions: int, use_gpu: bool) -> None:
+    def __init__(
+        self,
+        source: EncoderSource | list[EncoderSource],
+        regions: int,
+        use_gpu: bool,
+        encoder: str = "target",
+    ) -> None:
         import torch
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.several = isinstance(source, list)
         self.models = [s.build().to(self.device) for s in (source if self.several else [source])]
         self.regions = regions
+        self.encoder = encoder  # which of each export's encoders is read (eval.encoder)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -106,7 +113,7 @@ class Embedder:
         out = {}
         with torch.no_grad():
             for i, model in enumerate(self.models):
-                cols = embed_batch(model, b, self.regions)
+                cols = embed_batch(model, b, self.regions, self.encoder)
                 out |= {f"{i}/{k}" if self.several else k: v.cpu().numpy() for k, v in cols.items()}
         out["key"], out["meta"] = batch["key"], batch["meta"]
         for passed in (SPLIT, "shard"):  # routing columns, when the dataset carries them
@@ -117,8 +124,10 @@ class Embedder:
         return out
 
 
-def embed_batch(model, b: dict[str, Any], regions: int) -> dict[str, Any]:
-    """Every embedding column of one collated batch (torch, no grad)."""
+def embed_batch(model, b: dict[str, Any], regions: int, encoder: str = "target") -> dict[str, Any]:
+    """Every embedding column of one collated batch (torch, no grad); `encoder`: the model's target
+    or context encoder gives the embeddings (the retrieval predictions always use the context
+    encoder and predictor, as in training)."""
     import torch
     import torch.nn.functional as F
 
@@ -126,7 +135,7 @@ def embed_batch(model, b: dict[str, Any], regions: int) -> dict[str, Any]:
 
     dims, width = model.dims, model.width
     n, bsz = dims.patches, b["image"].shape[0]
-    image, ehr, joint = (model.encode(b, m) for m in ("image", "ehr", "both"))
+    image, ehr, joint = (model.encode(b, m, encoder) for m in ("image", "ehr", "both"))
     patches = image["tokens"][:, 1 : 1 + n]  # (B, N, D)
     img_tokens = _regions(patches, dims, regions, b.get("is_volume"))
     ehr_tokens = _ehr_slots(model, b, ehr)  # (B, L, D), zeros at padding
@@ -268,6 +277,7 @@ def _extract_group(
                 "shards": sorted(shards.expected.items()),
                 "pipeline": pcfg.model_dump(mode="json"),
                 "regions": cfg.eval.regions,
+                "read": cfg.eval.encoder,
             }
             if _cached(path, key):
                 log.info("%s/%s: cached embeddings %s", source.name, split, path)
@@ -321,7 +331,12 @@ def embedded(datasets: list, source: EncoderSource | list[EncoderSource], cfg: C
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     ds = ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={"source": source, "regions": cfg.eval.regions, "use_gpu": cfg.eval.use_gpu},
+        fn_constructor_kwargs={
+            "source": source,
+            "regions": cfg.eval.regions,
+            "use_gpu": cfg.eval.use_gpu,
+            "encoder": cfg.eval.encoder,
+        },
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.eval.actors),

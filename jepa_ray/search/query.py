@@ -253,7 +253,7 @@ def vector_of_dicom(index: Index, path: str, cfg: Config) -> tuple[np.ndarray, d
     pcfg = eval_pipeline(cfg, info)
     batch = collate(transform_batch(raw, spec, pcfg, train=False, epoch=0))
     with torch.no_grad():
-        out = embed_batch(model, batch, cfg.eval.regions)
+        out = embed_batch(model, batch, cfg.eval.regions, "target")  # as the index was built
     dicom = dec["meta"].get("dicom") or {}
     columns = {
         k: v.float().numpy() for k, v in out.items() if k in ("emb_image", "img_tokens", COLUMNS[modality])

@@ -349,6 +349,21 @@ def test_encoders_embedded_in_one_pass_get_what_each_gets_alone(cohort, encoder,
     assert again == together and again["mae"]["test"].exists()
     changed = {k for k, t in stamps.items() if again[k[0]][k[1]].stat().st_mtime_ns != t}
     assert changed == {("mae", "test")}
+    # eval.encoder=context: the encoder the gradient trained is read instead of the EMA target; the
+    # cached target reads are not taken for it. A trained JEPA's two encoders differ; an MAE export's
+    # target encoder is its context encoder, so it reads the same either way
+    tgt = {name: read_embeddings(together[name]["test"]) for name in ("pretrained", "mae")}
+    context = load_config(overrides=[*PIPELINE, *EVAL, "eval.encoder=context"])
+    read = extract_many(sources, shards, ["test"], context, tmp_path / "together")
+    assert read["pretrained"]["test"].stat().st_mtime_ns != stamps[("pretrained", "test")]
+    ctx = {name: read_embeddings(read[name]["test"]) for name in ("pretrained", "mae")}
+    for name in ("pretrained", "mae"):
+        assert list(ctx[name]["key"]) == list(tgt[name]["key"]), name
+    for col in ("emb_image", "emb_ehr"):
+        np.testing.assert_allclose(ctx["mae"][col], tgt["mae"][col], atol=1e-5, err_msg=col)
+        assert np.abs(ctx["pretrained"][col] - tgt["pretrained"][col]).max() > 1e-3, col
+    with pytest.raises(ConfigError, match=r"eval.encoder: Input should be .target. or .context."):
+        load_config(overrides=["eval.encoder=online"])
 
 
 def test_bad_inputs_are_named(cohort, encoder, tmp_path, ray_session):
