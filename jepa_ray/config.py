@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jepa_ray.errors import ConfigError
 
+ReadEncoder = Literal["target", "context"]  # which of an export's two encoders a read uses
+
 MIN_SALT_CHARS = 32  # shorter salts are refused: see jepa_ray.ingest.deid
 
 
@@ -771,7 +773,7 @@ class EvalConfig(_Strict):
         ge=1,
         description="Image tokens kept for fusion heads: patch tokens average-pooled to a regions x regions grid.",
     )
-    encoder: Literal["target", "context"] = Field(
+    encoder: ReadEncoder = Field(
         "target",
         description="Which of the export's encoders is read: target (the EMA encoder, what I-JEPA "
         "evaluates) or context (the encoder the gradient trained). In a short run the EMA target is an "

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jepa_ray.config import Config, PipelineConfig
+from jepa_ray.config import Config, PipelineConfig, ReadEncoder
 from jepa_ray.console import ray_data_progress
 from jepa_ray.errors import ConfigError
 
@@ -94,7 +94,7 @@ class Embedder:
         source: EncoderSource | list[EncoderSource],
         regions: int,
         use_gpu: bool,
-        encoder: str = "target",
+        encoder: ReadEncoder = "target",
     ) -> None:
         import torch
 
@@ -124,7 +124,7 @@ class Embedder:
         return out
 
 
-def embed_batch(model, b: dict[str, Any], regions: int, encoder: str = "target") -> dict[str, Any]:
+def embed_batch(model, b: dict[str, Any], regions: int, encoder: ReadEncoder = "target") -> dict[str, Any]:
     """Every embedding column of one collated batch (torch, no grad); `encoder`: the model's target
     or context encoder gives the embeddings (the retrieval predictions always use the context
     encoder and predictor, as in training)."""
@@ -322,10 +322,17 @@ def _cached(path: Path, key: dict) -> bool:
     return path.exists() and stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(key))
 
 
-def embedded(datasets: list, source: EncoderSource | list[EncoderSource], cfg: Config, verbose: bool = False):
+def embedded(
+    datasets: list,
+    source: EncoderSource | list[EncoderSource],
+    cfg: Config,
+    verbose: bool = False,
+    encoder: ReadEncoder | None = None,
+):
     """The datasets (transformed batches) unioned and embedded by an actor pool of `source`, or
     of several encoders at once (`Embedder`; `eval.actors` actors, `eval.batch_size`, one GPU each
-    with `eval.use_gpu`): one execution."""
+    with `eval.use_gpu`): one execution. `encoder`: which of each export's encoders is read
+    (default: `eval.encoder`)."""
     import ray.data
 
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -335,7 +342,7 @@ def embedded(datasets: list, source: EncoderSource | list[EncoderSource], cfg: C
             "source": source,
             "regions": cfg.eval.regions,
             "use_gpu": cfg.eval.use_gpu,
-            "encoder": cfg.eval.encoder,
+            "encoder": encoder or cfg.eval.encoder,
         },
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",

@@ -235,7 +235,7 @@ def _segmentation(sources: list[EncoderSource], data: str, reports: list[str], c
                 except ShardError:
                     read[cached] = None
             if read[cached] is not None:
-                splits[split] = encode(model, read[cached], pcfg)
+                splits[split] = encode(model, read[cached], pcfg, ec.encoder)
         if ec.fit_split not in splits or len(splits) < 2:
             log.info("segmentation: too few annotated samples (splits with masks: %s)", sorted(splits))
             return {}

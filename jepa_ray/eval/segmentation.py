@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jepa_ray.eval.probes import bootstrap_ci
+
+if TYPE_CHECKING:
+    from jepa_ray.config import ReadEncoder
 
 log = logging.getLogger("jepa_ray.eval")
 
@@ -245,8 +248,9 @@ def annotated(shards, cfg) -> Annotated | None:
     return Annotated(batches, keep, keys, np.stack(planes), list(names))
 
 
-def encode(model, data: Annotated, cfg) -> SegSplit:
-    """The annotated samples' frozen patch tokens from `model` (eval mode), (n, *grid, D)."""
+def encode(model, data: Annotated, cfg, encoder: ReadEncoder = "target") -> SegSplit:
+    """The annotated samples' frozen patch tokens from `model` (eval mode), (n, *grid, D), read
+    from its `encoder` (eval.encoder)."""
     import math
 
     import torch
@@ -260,16 +264,16 @@ def encode(model, data: Annotated, cfg) -> SegSplit:
         if not kept:
             continue
         with torch.no_grad():
-            enc = model.encode(collate(batch), "image")
+            enc = model.encode(collate(batch), "image", encoder)
         tok = enc["tokens"][:, 1 : 1 + n].float().reshape(-1, *grid, enc["tokens"].shape[-1])
         tokens += [tok[j].numpy() for j in kept]
     return SegSplit(data.keys, np.stack(tokens), data.masks, data.names)
 
 
-def load_split(model, shards, cfg) -> SegSplit | None:
-    """`annotated` then `encode`: one split's tokens from `model` and its masks."""
+def load_split(model, shards, cfg, encoder: ReadEncoder = "target") -> SegSplit | None:
+    """`annotated` then `encode`: one split's tokens from `model`'s `encoder` and its masks."""
     data = annotated(shards, cfg)
-    return None if data is None else encode(model, data, cfg)
+    return None if data is None else encode(model, data, cfg, encoder)
 
 
 def _meta(raw) -> dict:

@@ -108,6 +108,15 @@ def test_annotated_shards_become_tokens_and_masks_in_the_encoders_grid(
     heart = s.names.index("heart")
     lungs = [s.names.index("right_lung"), s.names.index("left_lung")]
     assert all(s.masks[i, heart].any() and s.masks[i, lungs].any() for i in range(n_images))
+    # eval.encoder=context reads the trained encoder: once the two differ, so do the tokens; the
+    # target read is unchanged
+    with torch.no_grad():
+        for p in model.context.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    ctx, again = load_split(model, split, cfg.pipeline, "context"), load_split(model, split, cfg.pipeline)
+    assert ctx.keys == s.keys and ctx.tokens.shape == s.tokens.shape
+    np.testing.assert_array_equal(again.tokens, s.tokens)
+    assert np.abs(ctx.tokens - s.tokens).mean() > 0.1 * np.abs(s.tokens).mean()
 
 
 def _ct_volumes(root, shards: list[str]) -> int:
