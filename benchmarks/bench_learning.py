@@ -37,7 +37,7 @@ same out-of-fold predictions per seed (`paired`) and averaged over seeds (`paire
 the share of cells where the JEPA beats both with intervals above zero. benchmarks/README.md
 reports every other figure beside them, with its spread over seeds.
 
-    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--lr LR] [--set K=V] [--out F]
+    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--lr LR] [--set K=V] [--read-context] [--out F]
 """
 
 from __future__ import annotations
@@ -133,15 +133,16 @@ def batches_of(samples: dict, keys: list[str], spec, cfg, size: int = 128) -> li
     ]
 
 
-def image_views(model, batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled (N, D) and patch tokens (N, P, D) of the target encoder seeing the image only."""
+def image_views(model, batches: list[dict], encoder: str = "target") -> tuple[np.ndarray, np.ndarray]:
+    """Pooled (N, D) and patch tokens (N, P, D) of the target (or context) encoder seeing the image
+    only."""
     import torch
 
     model.eval()
     pooled, tokens = [], []
     with torch.no_grad():
         for b in batches:
-            out = model.encode(b, "image")
+            out = model.encode(b, "image", encoder)
             pooled.append(out["pooled"].float().numpy())
             tokens.append(out["tokens"][:, 1 : 1 + model.dims.patches].float().numpy())
     model.train()
@@ -621,6 +622,12 @@ def main() -> int:
     )
     ap.add_argument("--no-downstream", action="store_true", help="skip retrieval and the Cox heads")
     ap.add_argument(
+        "--read-context",
+        action="store_true",
+        help="also read the JEPA arm's context encoder (the one the gradient trained; eval.encoder=context) "
+        "beside its EMA target, paired with the target and with random init",
+    )
+    ap.add_argument(
         "--downstream-arms", nargs="+", default=["jepa"], choices=ARMS, help="arms scored downstream (slow)"
     )
     ap.add_argument("--workdir", type=Path, default=None, help="reuse a cohort and its shards")
@@ -771,12 +778,31 @@ def main() -> int:
                 + f"  rankme {run[arm]['rankme']:.1f}  ({train_s:.0f} s)",
                 flush=True,
             )
+        if args.read_context and "jepa" in models:
+            pooled, tokens = image_views(models["jepa"], probe_batches, "context")
+            preds["jepa_context"] = oof_readouts(
+                pooled, tokens, z, groups, seed, args.probe_seeds, args.attentive_per_factor
+            )
+            run["jepa_context"] = scores(preds["jepa_context"], z, resamples)
+            print(
+                f"seed {seed} jepa (context encoder) "
+                + "  ".join(
+                    f"{r} " + " ".join(f"{v:+.2f}" for v in run["jepa_context"][r].values()) for r in READOUTS
+                ),
+                flush=True,
+            )
         if "jepa" in preds:
             run["paired"] = {
                 f"jepa-{other}": paired([(preds["jepa"], preds[other])], z, resamples)
                 for other in ("random", "mae")
                 if other in preds
             }
+            if "jepa_context" in preds:
+                run["paired"] |= {
+                    f"jepa_context-{other}": paired([(preds["jepa_context"], preds[other])], z, resamples)
+                    for other in ("jepa", "random")
+                    if other in preds
+                }
             for name, by_readout in run["paired"].items():
                 for r in ("attentive", "grid"):
                     print(f"seed {seed} {name:<11} {r:<9} " + paired_cells(by_readout[r]), flush=True)
@@ -828,6 +854,14 @@ def main() -> int:
             for other in ("random", "mae")
             if other in args.arms
         }
+        if args.read_context:
+            stats["paired_over_seeds"] |= {
+                f"jepa_context-{other}": paired(
+                    [(p["jepa_context"], p[other]) for p in seed_preds], z, resamples
+                )
+                for other in ("jepa", "random")
+                if other in args.arms
+            }
         for name, by_readout in stats["paired_over_seeds"].items():
             for r in ("attentive", "grid"):
                 print(f"mean over seeds {name:<11} {r:<9} " + paired_cells(by_readout[r]))

@@ -244,3 +244,35 @@ def test_the_learning_benchmarks_attentive_probe_per_factor_reads_each_factor_by
     alone = oof_attentive(tokens, z[:, 3:4], groups, seed=2 * 1 + 1)[:, 0]
     np.testing.assert_allclose(preds["attentive"][:, 3, 1], alone, rtol=1e-6)
     assert min(r2_score(z[:, j], preds["attentive"][:, j, 0]) for j in range(4)) > 0.5
+
+
+def test_the_learning_benchmark_reads_the_encoder_it_is_asked_for(monkeypatch):
+    """`image_views` reads the target encoder unless asked for the context one (--read-context),
+    the image alone, in eval mode, and leaves the model training again."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    bench = _bench_learning(monkeypatch)
+
+    class Model(torch.nn.Module):
+        dims = SimpleNamespace(patches=2)
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def encode(self, b, modality, encoder="target"):
+            self.calls.append((modality, encoder, self.training))
+            tokens = torch.full((len(b["x"]), 4, 3), 1.0 if encoder == "target" else 2.0)
+            tokens[:, 0] = -1.0  # the global token, left out of the patch tokens
+            return {"tokens": tokens, "pooled": tokens[:, 1:].mean(1)}
+
+    model = Model()
+    batches = [{"x": [0, 1]}, {"x": [2]}]
+    pooled, tokens = bench.image_views(model, batches)
+    assert model.calls == [("image", "target", False)] * 2 and model.training
+    assert pooled.shape == (3, 3) and tokens.shape == (3, 2, 3) and np.all(tokens == 1.0)
+    _, tokens = bench.image_views(model, batches, "context")
+    assert model.calls[2:] == [("image", "context", False)] * 2 and np.all(tokens == 2.0)
