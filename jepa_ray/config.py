@@ -773,11 +773,12 @@ class EvalConfig(_Strict):
         ge=1,
         description="Image tokens kept for fusion heads: patch tokens average-pooled to a regions x regions grid.",
     )
-    encoder: ReadEncoder = Field(
-        "target",
+    encoder: Literal["auto", "target", "context"] = Field(
+        "auto",
         description="Which of the export's encoders is read: target (the EMA encoder, what I-JEPA "
-        "evaluates) or context (the encoder the gradient trained). On EHR tables read with few labels "
-        "the context encoder reads better (10% labelled: GBSG2 +0.008 Harrell over six seeds, WHAS500 "
+        "evaluates), context (the encoder the gradient trained), or auto: context where the data hold "
+        "no images (an EHR-only evaluation), else target. On EHR tables read with few labels the "
+        "context encoder reads better (10% labelled: GBSG2 +0.008 Harrell over six seeds, WHAS500 "
         "+0.012 to +0.024 over three; alike with every label), on the images the target does (attentive "
         "R² -0.028 on two of four factors under context); benchmarks/README.md, real EHR. A random "
         "init's two encoders are the same; an mae export's too.",

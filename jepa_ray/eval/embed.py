@@ -263,6 +263,9 @@ def _extract_group(
             opened[split] = open_split(data, split, cfg.train.storage)
         except ShardError as e:
             log.warning("%s", e)
+    if not opened:
+        return
+    read = read_encoder(cfg.eval.encoder, next(iter(opened.values())).manifest)
     pending: dict[int, dict[str, dict]] = {}  # source index -> split -> its cache key
     for i, source in enumerate(sources):
         fingerprint = source.fingerprint()  # hashes the weights file: once, not per split
@@ -277,7 +280,7 @@ def _extract_group(
                 "shards": sorted(shards.expected.items()),
                 "pipeline": pcfg.model_dump(mode="json"),
                 "regions": cfg.eval.regions,
-                "read": cfg.eval.encoder,
+                "read": read,
             }
             if _cached(path, key):
                 log.info("%s/%s: cached embeddings %s", source.name, split, path)
@@ -303,7 +306,7 @@ def _extract_group(
         ]
         # progress bars off: one log line per split instead (below)
         several = [sources[i] for i in todo]
-        ds = embedded(tagged, several if len(several) > 1 else several[0], cfg, verbose)
+        ds = embedded(tagged, several if len(several) > 1 else several[0], cfg, read, verbose)
         rows = _write_parquet(
             ds.iter_batches(batch_format="numpy", batch_size=None), targets, len(several) > 1
         )
@@ -316,6 +319,18 @@ def _extract_group(
         paths[source.name][split] = target
 
 
+def read_encoder(setting: str, manifest: dict) -> ReadEncoder:
+    """`eval.encoder` for this data: `auto` reads the context encoder where the shards hold no image
+    or volume (an EHR-only evaluation: with few labels it reads better there) and the EMA target
+    otherwise (better on images); `target` and `context` are taken as they are."""
+    if setting in ("target", "context"):
+        return setting  # type: ignore[return-value]
+    if setting != "auto":
+        raise ConfigError(f"eval.encoder: auto, target or context, not {setting!r}")
+    counts = manifest.get("counts", {})
+    return "target" if counts.get("image", 0) or counts.get("volume", 0) else "context"
+
+
 def _cached(path: Path, key: dict) -> bool:
     """Whether `path` holds embeddings made under `key` (its stamp beside it says so)."""
     stamp = path.with_suffix(".json")
@@ -326,13 +341,13 @@ def embedded(
     datasets: list,
     source: EncoderSource | list[EncoderSource],
     cfg: Config,
+    encoder: ReadEncoder,
     verbose: bool = False,
-    encoder: ReadEncoder | None = None,
 ):
     """The datasets (transformed batches) unioned and embedded by an actor pool of `source`, or
     of several encoders at once (`Embedder`; `eval.actors` actors, `eval.batch_size`, one GPU each
     with `eval.use_gpu`): one execution. `encoder`: which of each export's encoders is read
-    (default: `eval.encoder`)."""
+    (`read_encoder`)."""
     import ray.data
 
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -342,7 +357,7 @@ def embedded(
             "source": source,
             "regions": cfg.eval.regions,
             "use_gpu": cfg.eval.use_gpu,
-            "encoder": encoder or cfg.eval.encoder,
+            "encoder": encoder,
         },
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",

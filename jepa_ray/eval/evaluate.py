@@ -29,7 +29,7 @@ from jepa_ray.config import Config
 from jepa_ray.errors import ConfigError
 from jepa_ray.eval import attentive, probes
 from jepa_ray.eval.compare import align
-from jepa_ray.eval.embed import EncoderSource, eval_pipeline, extract_many, read_embeddings
+from jepa_ray.eval.embed import EncoderSource, eval_pipeline, extract_many, read_embeddings, read_encoder
 from jepa_ray.eval.features import raw_ehr_features
 from jepa_ray.eval.samples import Split
 
@@ -143,6 +143,12 @@ def evaluate(
     from jepa_ray.shards.manifest import read_manifest
     from jepa_ray.storage import Store
 
+    manifest = read_manifest(Store(data, cfg.train.storage))
+    # eval.encoder=auto settled once for this data, so the embeddings and the segmentation heads
+    # read the same encoder
+    read = read_encoder(cfg.eval.encoder, manifest)
+    log.info("evaluate: reading each export's %s encoder (eval.encoder=%s)", read, cfg.eval.encoder)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"encoder": read})})
     ec = cfg.eval
     out.mkdir(parents=True, exist_ok=True)
     pretrained = resolve_encoder(encoder, cfg, out)
@@ -152,7 +158,6 @@ def evaluate(
     sources += baseline_sources(list(baselines), cfg, out)
     factors, z = _latents(latents, cfg) if latents else ((), None)  # a bad file fails before any embedding
     wanted = list(dict.fromkeys([ec.fit_split, ec.val_split, *ec.report_splits]))
-    manifest = read_manifest(Store(data, cfg.train.storage))
     label_names = list(manifest["ehr"].get("labels", []))
     embedded = extract_many(sources, data, wanted, cfg, out, verbose=verbose)  # one pass for all
     tables = {name: {s: load_split(p) for s, p in paths.items()} for name, paths in embedded.items()}
@@ -167,7 +172,7 @@ def evaluate(
             "pick a divisor, or eval.attentive=false"
         )
     metrics: dict[str, Any] = {
-        "encoder": {"weights": pretrained.weights, "step": pretrained.info.get("step")},
+        "encoder": {"weights": pretrained.weights, "step": pretrained.info.get("step"), "read": read},
         "data": data,
         "counts": _counts(splits),
         "probe": {},

@@ -403,6 +403,8 @@ class JEPA(nn.Module):
         """
         if modality not in ("image", "ehr", "both"):
             raise ValueError(f"modality must be image, ehr or both, not {modality!r}")
+        if encoder not in ("target", "context"):
+            raise ValueError(f"encoder must be target or context, not {encoder!r}")
         enc = self.target if encoder == "target" else self.context
         b, n = batch["image"].shape[0], self.dims.patches
         img_idx = torch.arange(n, device=batch["image"].device).expand(b, n)

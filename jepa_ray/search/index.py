@@ -427,7 +427,7 @@ def _embed_shards(
             datasets.append(build_dataset(subset, pcfg, train=False, ledger=ledger, keep_shard=True))
         # an index and its queries read the export's target encoder whatever eval.encoder says, so
         # that a query is embedded as the archive was (jepa_ray.search.query)
-        ds = embedded(datasets, source, cfg, verbose, encoder="target")
+        ds = embedded(datasets, source, cfg, "target", verbose)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             vec = vectors_from(batch, cfg.index.modality, cfg.index.vectors)
             for i, shard in enumerate(batch["shard"]):

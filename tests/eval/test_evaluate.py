@@ -91,6 +91,7 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
 
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved) >= {"cindex", "probe", "retrieval", "latent_r2", "counts"}
+    assert saved["encoder"]["read"] == "target"  # eval.encoder=auto on data with images
     assert all((out / p).stat().st_size > 5000 for p in ("cindex.png", "probe.png", "retrieval.png"))
     report = (out / "report.md").read_text()
     assert "co_attention" in report and "external" in report and "random_init" in report
@@ -333,6 +334,12 @@ def test_encoders_embedded_in_one_pass_get_what_each_gets_alone(cohort, encoder,
     assert sorted(together) == ["mae", "pretrained"] and all(
         sorted(p) == ["test", "train"] for p in together.values()
     )
+    # the default (eval.encoder=auto) reads the EMA target on data with images
+    assert cfg.eval.encoder == "auto" and all(
+        json.loads(p.with_suffix(".json").read_text())["read"] == "target"
+        for by in together.values()
+        for p in by.values()
+    )
     for source in sources:
         alone = read_embeddings(extract(source, shards, ["test"], cfg, tmp_path / "alone")["test"])
         both = read_embeddings(together[source.name]["test"])
@@ -362,8 +369,25 @@ def test_encoders_embedded_in_one_pass_get_what_each_gets_alone(cohort, encoder,
     for col in ("emb_image", "emb_ehr"):
         np.testing.assert_allclose(ctx["mae"][col], tgt["mae"][col], atol=1e-5, err_msg=col)
         assert np.abs(ctx["pretrained"][col] - tgt["pretrained"][col]).max() > 1e-3, col
-    with pytest.raises(ConfigError, match=r"eval.encoder: Input should be .target. or .context."):
+    for name in ("pretrained", "mae"):  # the stamps say which encoder the cache holds now
+        assert json.loads(read[name]["test"].with_suffix(".json").read_text())["read"] == "context"
+    with pytest.raises(ConfigError, match=r"eval.encoder: Input should be .auto., .target. or .context."):
         load_config(overrides=["eval.encoder=online"])
+
+
+def test_auto_reads_the_context_encoder_where_the_data_hold_no_image():
+    from jepa_ray.eval.embed import read_encoder
+
+    ehr_only = {"counts": {"samples": 500, "ehr": 500, "image": 0, "volume": 0}}
+    assert read_encoder("auto", ehr_only) == "context"
+    assert read_encoder("auto", {"counts": {"samples": 3}}) == "context"  # a manifest without image counts
+    assert read_encoder("auto", {"counts": {"image": 0, "volume": 2}}) == "target"  # CT volumes are images
+    assert read_encoder("auto", {"counts": {"image": 1, "volume": 0}}) == "target"
+    for setting in ("target", "context"):  # an explicit setting is kept whatever the data
+        assert read_encoder(setting, ehr_only) == setting
+        assert read_encoder(setting, {"counts": {"image": 4}}) == setting
+    with pytest.raises(ConfigError, match=r"eval.encoder: auto, target or context, not 'online'"):
+        read_encoder("online", ehr_only)
 
 
 def test_bad_inputs_are_named(cohort, encoder, tmp_path, ray_session):
@@ -450,11 +474,12 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session, monkeyp
     second = cv["random_init_2:ehr"]
     assert len(second["folds"]) == 10 and 0.5 < second["harrell"] < 0.85
     assert second["folds"] != cv["random_init:ehr"]["folds"]
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["encoders"] == [
-        "pretrained",
-        "random_init",
-        "random_init_2",
-    ]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["encoders"] == ["pretrained", "random_init", "random_init_2"]
+    # data without images: the default (eval.encoder=auto) reads the context encoder
+    assert metrics["encoder"]["read"] == "context"
+    stamp = tmp_path / "eval" / "embeddings" / "pretrained" / "test.json"
+    assert json.loads(stamp.read_text())["read"] == "context"
     # a fifth of each training part labelled (686 x 4/5 x 1/5 = 110 patients), the same for each row
     few = cv["label_fractions"]["0.2"]
     assert "random_init_2:ehr" in few
