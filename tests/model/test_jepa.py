@@ -104,6 +104,8 @@ def test_encode_modalities_and_shapes(split, samples):
     assert not torch.allclose(image["pooled"][paired], both["pooled"][paired])
     with pytest.raises(ValueError, match="modality"):
         model.encode(batch, "text")
+    with pytest.raises(ValueError, match="encoder must be target or context, not 'auto'"):
+        model.encode(batch, "both", "auto")  # eval.encoder=auto is settled before any encoder reads
 
 
 def test_no_gradient_reaches_the_target_and_ema_follows_the_rule(split, samples):
