@@ -323,12 +323,12 @@ def read_encoder(setting: str, manifest: dict) -> ReadEncoder:
     """`eval.encoder` for this data: `auto` reads the context encoder where the shards hold no image
     or volume (an EHR-only evaluation: with few labels it reads better there) and the EMA target
     otherwise (better on images); `target` and `context` are taken as they are."""
-    if setting in ("target", "context"):
-        return setting  # type: ignore[return-value]
-    if setting != "auto":
+    if setting not in ("auto", "target", "context"):
         raise ConfigError(f"eval.encoder: auto, target or context, not {setting!r}")
-    counts = manifest.get("counts", {})
-    return "target" if counts.get("image", 0) or counts.get("volume", 0) else "context"
+    if setting == "auto":
+        counts = manifest.get("counts", {})
+        setting = "target" if counts.get("image", 0) or counts.get("volume", 0) else "context"
+    return "target" if setting == "target" else "context"
 
 
 def _cached(path: Path, key: dict) -> bool:
