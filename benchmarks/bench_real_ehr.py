@@ -66,8 +66,6 @@ TARGET = 0.95
 CV_ALPHAS = (10.0, 100.0, 1000.0, 10000.0)  # ridge penalties the cross-validated read-out chooses among
 CV_REPEATS = 5  # partitions into folds the cross-validated read-out averages over
 LABEL_FRACTIONS = (0.05, 0.1, 0.2, 0.5)  # few-label read-outs: the fraction of each training part labelled
-MIN_LABELLED = 24  # the fewest labelled rows a few-label read-out fits on (8 per inner fold)
-MIN_EVENTS = 6  # ... and the fewest events among them (2 per inner fold): a Cox fit needs events
 ROWS = {  # the test split's c-index rows the benchmark compares, and how it prints them
     "ehr": "Cox on JEPA EHR embeddings",
     "random_init:ehr": "Cox on random-init EHR embeddings",
@@ -267,19 +265,6 @@ def learns(h: dict[str, float]) -> bool:
     return h["ehr"] >= h["random_init:ehr"] and h["ehr"] >= h["raw_ehr_cox"] - 0.02
 
 
-def labelled_rows(drawn, event, fraction: float):
-    """The labelled rows of a few-label read-out, sorted: the first `fraction` of the `drawn`
-    training rows (at least MIN_LABELLED), and as many more as bring in MIN_EVENTS events, so that
-    a table with rare events still gets a fit with events in it (all of them when fewer exist)."""
-    import numpy as np
-
-    take = min(max(round(fraction * len(drawn)), MIN_LABELLED), len(drawn))
-    seen = np.cumsum(event[drawn] > 0)
-    if seen.size and seen[take - 1] < MIN_EVENTS:
-        take = max(take, int(np.searchsorted(seen, min(MIN_EVENTS, seen[-1]))) + 1)
-    return np.sort(drawn[:take])
-
-
 class SplineCox:
     """A ridge Cox model on the raw features and, for every column with more distinct values on
     the fit rows than it has knots, the hinges max(x - q, 0) at KNOT_QUANTILES of them: a piecewise
@@ -361,6 +346,7 @@ def cross_validated(
 
     from jepa_ray.eval.evaluate import load_split, random_start_names
     from jepa_ray.eval.features import raw_ehr_features
+    from jepa_ray.eval.fewlabel import inner_cindex, labelled_rows
     from jepa_ray.eval.survival import RidgeCox, harrell
 
     parts = ("train", "val", "test")
@@ -400,20 +386,6 @@ def cross_validated(
         fit = model(x[train], time[train], event[train], alpha=alpha)
         return harrell(time[test], event[test], fit.risk(x[test]))
 
-    def inner_score(x, train, alpha, few, model):
-        """The penalty's mean c-index over a 3-fold split of `train`; with `few` labelled rows a
-        fold may hold no event or a fit fail: those folds are left out (NaN)."""
-        inner = np.arange(len(train)) % 3
-        scores = []
-        for i in range(3):
-            try:
-                scores.append(fit_score(x, train[inner != i], train[inner == i], alpha, model))
-            except (ValueError, ArithmeticError, np.linalg.LinAlgError):
-                if not few:
-                    raise
-                scores.append(np.nan)
-        return np.nanmean(scores) if np.isfinite(scores).any() else -np.inf
-
     def read(x, fraction: float, model=RidgeCox, grid=alphas) -> dict:
         scores, chosen, labelled = [], [], []
         few = fraction < 1
@@ -424,7 +396,12 @@ def cross_validated(
                 train = labelled_rows(rng.permutation(train), event, fraction)
             labelled.append(len(train))
             alpha = (
-                grid[0] if len(grid) == 1 else max(grid, key=lambda a: inner_score(x, train, a, few, model))
+                grid[0]
+                if len(grid) == 1
+                else max(
+                    grid,
+                    key=lambda a: inner_cindex(x[train], time[train], event[train], a, model, tolerant=few),
+                )
             )
             scores.append(fit_score(x, train, test, alpha, model))
             chosen.append(alpha)

@@ -478,11 +478,12 @@ def evaluate(
 
 
 def _print_evaluation(metrics: dict, out: Path) -> None:
-    from jepa_ray.eval.report import comparison, summary
+    from jepa_ray.eval.report import comparison, few_labels, summary
 
     for make, title in (
         (summary, "evaluation"),
         (comparison, "pretrained minus each other encoder (paired, 95% CI)"),
+        (few_labels, "few labels: read-outs refit on a fraction of the labels (paired, 95% CI)"),
     ):
         header, rows = make(metrics)
         if not rows:

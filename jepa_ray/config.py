@@ -831,7 +831,32 @@ class EvalConfig(_Strict):
         "positions, which pooling and the attentive probe miss); past 4,096 features through their "
         "principal components, fit within each training fold.",
     )
+    label_fractions: list[float] = Field(
+        [],
+        description="Few-label read-outs: each a fraction (0-1, exclusive) of the fit split's labelled "
+        "subjects that the linear read-outs (ridge Cox on the time-to-event outcome, logistic on each "
+        "label, ridge on each latent factor; the raw-EHR Cox beside them) are refit on, for every "
+        "encoder on the same rows, e.g. [0.05, 0.1, 0.2]: where pretraining should pay, and the "
+        "paired difference with each other encoder says whether it does beyond noise. Empty: none.",
+    )
+    label_draws: int = Field(
+        5,
+        ge=1,
+        le=100,
+        description="Draws of the labelled subset per few-label fraction; each encoder's score is the mean "
+        "over them (one draw of a few dozen subjects moves a c-index by hundredths).",
+    )
     seed: int = Field(0, description="Seed of heads, probes and bootstrap.")
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f < 1]
+        if bad:
+            raise ValueError(
+                f"each fraction must lie strictly between 0 and 1 (1 is every label, read already): got {bad}"
+            )
+        return sorted(set(v))
 
 
 class SearchDim(_Strict):

@@ -203,6 +203,8 @@ def evaluate(
     if any(v.get("masks") for v in manifest.get("splits", {}).values()):
         metrics["segmentation"] = _segmentation(sources, data, reports, cfg)
     metrics.update(_survival(tables, raw, reports, cfg))
+    if ec.label_fractions:
+        metrics["few_labels"] = _few_labels(tables, raw, factors, z, label_names, reports, cfg)
     metrics["comparison"] = _compare(tables, factors, z, label_names, reports, cfg, fitted)
     if z is not None:
         metrics["latent_r2_cv"], paired = _latent_oof(tables, factors, z, reports, cfg)
@@ -561,6 +563,33 @@ def stack_tokens(parts: dict[str, np.ndarray], encoder: str) -> np.ndarray:
     return np.concatenate(list(parts.values()))
 
 
+def _endpoint(splits: dict[str, Split], cfg: Config) -> str | None:
+    """The time-to-event outcome the heads read: eval.endpoint, else death, else the first the
+    shards carry; None when they carry none."""
+    endpoints = sorted({k for s in splits.values() for m in s.meta for k in m.get("tte", {})})
+    if not endpoints:
+        return None
+    endpoint = cfg.eval.endpoint or ("death" if "death" in endpoints else endpoints[0])
+    if endpoint not in endpoints:
+        raise ConfigError(f"eval.endpoint {endpoint!r}: the shards carry {', '.join(endpoints)}")
+    return endpoint
+
+
+def _few_labels(
+    tables: dict[str, dict[str, Split]], raw: dict[str, np.ndarray], factors: tuple[str, ...],
+    z: dict[str, np.ndarray] | None, labels: list[str], reports: list[str], cfg: Config,
+) -> dict:  # fmt: skip
+    """The read-outs refit on eval.label_fractions of the fit split's labelled subjects, for every
+    encoder on the same draws, paired with the pretrained one (`jepa_ray.eval.fewlabel`)."""
+    from jepa_ray.eval import fewlabel
+
+    ec = cfg.eval
+    tasks = fewlabel.tasks_of(tables["pretrained"], _endpoint(tables["pretrained"], cfg), labels, factors, z)
+    return fewlabel.few_label_reads(
+        tables, raw, tasks, ec.fit_split, reports, ec.label_fractions, ec.label_draws, ec.bootstrap, ec.seed
+    )
+
+
 def _survival(
     tables: dict[str, dict[str, Split]], raw: dict[str, np.ndarray], reports: list[str], cfg: Config
 ) -> dict:
@@ -569,12 +598,9 @@ def _survival(
     from jepa_ray.eval.features import fusion_inputs
     from jepa_ray.eval.survival import evaluate_survival
 
-    endpoints = sorted({k for s in tables["pretrained"].values() for m in s.meta for k in m.get("tte", {})})
-    if not endpoints:
+    endpoint = _endpoint(tables["pretrained"], cfg)
+    if endpoint is None:
         return {"cindex": {}, "survival": {"note": "no time-to-event outcome in the shards"}}
-    endpoint = cfg.eval.endpoint or ("death" if "death" in endpoints else endpoints[0])
-    if endpoint not in endpoints:
-        raise ConfigError(f"eval.endpoint {endpoint!r}: the shards carry {', '.join(endpoints)}")
     ec = cfg.eval
     kwargs = dict(
         fit_split=ec.fit_split,

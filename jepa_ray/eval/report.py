@@ -127,6 +127,43 @@ def comparison(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def few_labels(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The few-label read-outs as (header, rows): per task, input, fraction and split the
+    pretrained encoder's draw-mean score, and for each other encoder (and the raw-EHR Cox) its
+    score and the paired difference with its 95% interval and whether it is beyond noise."""
+    from jepa_ray.eval.compare import verdict
+
+    few = metrics.get("few_labels") or {}
+    header = [
+        "task",
+        "input",
+        "labelled",
+        "split",
+        "pretrained",
+        "versus",
+        "its score",
+        "pretrained minus it",
+    ]
+    rows = []
+    for task, by_input in few.get("tasks", {}).items():
+        for inp, by_fraction in by_input.items():
+            if "note" in by_fraction:
+                rows.append([task, inp, "–", "–", by_fraction["note"], "", "", ""])
+                continue
+            for fraction, r in by_fraction.items():
+                labelled = f"{float(fraction):.0%}: {r['labelled']} of {r['of']}"
+                for other, by_split in r["versus"].items():
+                    for split, d in by_split.items():
+                        ci = d.get("ci95")
+                        interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+                        name = {"random_init": "random init", "raw_ehr_cox": "raw EHR Cox"}.get(other, other)
+                        rows.append(
+                            [task, inp, labelled, split, f"{d['a']:.3f}", name, f"{d['b']:.3f}",
+                             f"{d['difference']:+.3f}{interval} {verdict(d)}"]
+                        )  # fmt: skip
+    return header, rows
+
+
 def _factors(r2: dict[str, Any]) -> list[str]:
     """The latent factors of a latent_r2 table ({encoder: {split: {"r2": {factor: R²}}}}), in order."""
     for by_split in r2.values():
@@ -242,6 +279,20 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         lines += [
             "A difference is beyond noise when its interval excludes zero: both encoders' probes are",
             "scored on the same held-out samples, resampled together.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    header, rows = few_labels(metrics)
+    if rows:
+        few = metrics["few_labels"]
+        lines += ["", "## Few labels (linear read-outs refit on a fraction of the fit split's labels)", ""]
+        lines += [
+            f"Each score is the mean over {few['draws']} draws of the labelled subjects (the same rows for",
+            "every encoder); the interval is the paired bootstrap over the held-out samples of the mean",
+            "difference. Time-to-event: Harrell's c-index of a ridge Cox model; labels: AUROC of a logistic",
+            "probe; latent factors: R² of a ridge probe.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),

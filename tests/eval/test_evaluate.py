@@ -14,6 +14,7 @@ from shardkit import raw_samples, train_in_memory
 from jepa_ray.config import ModelConfig, load_config
 from jepa_ray.errors import ConfigError
 from jepa_ray.eval.evaluate import evaluate
+from jepa_ray.eval.fewlabel import MIN_LABELLED
 from jepa_ray.model.io import save_jepa
 from jepa_ray.model.jepa import JEPA
 from jepa_ray.stream.pipeline import open_split
@@ -83,7 +84,8 @@ def mae(cohort, tmp_path_factory):
 
 def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, mae, tmp_path, ray_session):
     cohort_dir, shards = cohort
-    cfg = load_config(overrides=[*PIPELINE, *EVAL])
+    few = ["eval.label_fractions=[0.4]", "eval.label_draws=2"]
+    cfg = load_config(overrides=[*PIPELINE, *EVAL, *few])
     out = tmp_path / "eval"
     m = evaluate(
         str(encoder), str(shards), cfg, out, latents=str(cohort_dir / "latents.parquet"), baselines=[str(mae)]
@@ -210,6 +212,31 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     )
     assert "| latent R² mass, grid, out-of-fold |" in report
 
+    # the few-label read-outs: every encoder refit on the same 40% of the fit split's labels, paired
+    few_labels = m["few_labels"]["tasks"]
+    labels = list(m["probe"]["pretrained"]["joint"])
+    factors = list(m["latent_r2"]["pretrained"]["test"]["r2"])
+    assert set(few_labels) == {
+        "c-index death",
+        *(f"AUROC {x}" for x in labels),
+        *(f"R² {f}" for f in factors),
+    }
+    surv = few_labels["c-index death"]["ehr"]["0.4"]
+    assert MIN_LABELLED <= surv["labelled"] < surv["of"] and set(surv["versus"]) == {
+        "random_init",
+        "mae",
+        "raw_ehr_cox",
+    }
+    for other, by_split in surv["versus"].items():
+        for split in ("test", "external"):
+            d = by_split[split]
+            assert d["a"] == pytest.approx(surv["scores"]["pretrained"][split]["mean"])
+            assert d["b"] == pytest.approx(surv["scores"][other][split]["mean"])
+            assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] and 0 <= d["a"] <= 1
+    mass = few_labels["R² mass"]["image"]["0.4"]["scores"]
+    assert set(mass) == {"pretrained", "random_init", "mae"} and len(mass["mae"]["test"]["draws"]) == 2
+    assert "## Few labels" in report and "| c-index death | ehr | 40%: " in report
+
     # the command line, on the same output: cached embeddings reused, a one-screen summary
     from typer.testing import CliRunner
 
@@ -218,13 +245,14 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     stamp = (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns
     args = ["evaluate", "--encoder", str(encoder), "--data", str(shards), "--out", str(out)]
     args += ["--latents", str(cohort_dir / "latents.parquet")]
-    result = CliRunner().invoke(app, [*args, *PIPELINE, *EVAL, "eval.bootstrap=0"])
+    result = CliRunner().invoke(app, [*args, *PIPELINE, *EVAL, *few, "eval.bootstrap=0"])
     assert result.exit_code == 0, result.output
     assert "co_attention" in result.output and "latent R² cardiac" in result.output
     assert "pretrained minus" in result.output and "no interval" in result.output  # eval.bootstrap=0
     assert (
         result.output.count("  attentive") == 4 and "image attentive" in result.output
     )  # beside ridge (one row per latent factor), linear
+    assert "few labels" in result.output and "raw EHR Cox" in result.output
     assert (out / "embeddings" / "pretrained" / "test.parquet").stat().st_mtime_ns == stamp
 
 
