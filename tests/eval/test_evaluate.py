@@ -710,6 +710,10 @@ def test_the_real_table_ceilings_read_a_hazard_that_is_not_linear_in_a_covariate
     spline = fitted["spline"]
     assert [j for j, _ in spline.knots] == [0, 1]  # the binary column gets no hinge
     assert spline.design(x[held]).shape == (len(held), 3 + 2 * 4)
+    # with 27 labelled rows (GBSG2's 5% read-out) the forest's leaves shrink so that it still splits
+    few = ForestCox(x[:27], time[:27], event[:27])
+    assert few.model.min_samples_leaf == 4 and fitted["forest"].model.min_samples_leaf == 15
+    assert harrell(time[held], event[held], few.risk(x[held])) > 0.55  # 0.500 with leaves of 15
 
 
 def test_retrieval_on_a_cohort_without_images_says_so_instead_of_failing():
