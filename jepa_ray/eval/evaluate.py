@@ -585,9 +585,11 @@ def _few_labels(
 
     ec = cfg.eval
     tasks = fewlabel.tasks_of(tables["pretrained"], _endpoint(tables["pretrained"], cfg), labels, factors, z)
+    starts = random_start_names(list(tables))
     return fewlabel.few_label_reads(
-        tables, raw, tasks, ec.fit_split, reports, ec.label_fractions, ec.label_draws, ec.bootstrap, ec.seed
-    )
+        tables, raw, tasks, ec.fit_split, reports, ec.label_fractions, ec.label_draws, ec.bootstrap, ec.seed,
+        groups={fewlabel.STARTS_MEAN: starts},
+    )  # fmt: skip
 
 
 def _survival(

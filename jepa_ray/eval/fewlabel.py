@@ -31,6 +31,7 @@ COX_ALPHAS = (10.0, 100.0, 1000.0, 10000.0)  # ridge penalties the Cox read-out 
 INNER_FOLDS = 3
 INPUT_COLUMNS = {"image": "emb_image", "ehr": "emb_ehr"}
 RAW = "raw_ehr_cox"  # the row of the raw EHR features (time-to-event on the EHR input)
+STARTS_MEAN = "random_starts_mean"  # every random start compared as one, by their mean score
 
 
 def labelled_rows(drawn: np.ndarray, flag: np.ndarray, fraction: float, both: bool = False) -> np.ndarray:
@@ -157,12 +158,14 @@ def few_label_reads(
     bootstrap: int,
     seed: int,
     reference: str = "pretrained",
+    groups: dict[str, list[str]] | None = None,
 ) -> dict:
     """Every task's few-label read-out for every encoder of `tables` (and the raw EHR features
     `raw`, in the reference's sample order, on the EHR input's time-to-event task): {"fractions",
     "draws", "min_labelled", "tasks": {task: {input: {fraction: {"labelled", "scores": {encoder:
     {split: {"mean", "draws"}}}, "versus": {other: {split: paired difference}}}}}}}, or a "note"
-    where a task cannot be read."""
+    where a task cannot be read. `groups`: name -> encoders compared as one, by their mean score
+    (e.g. every random start: one start's read-out can sit far from a typical start's)."""
     ref = tables[reference]
     # every encoder's columns put in the reference's sample order, split by split
     orders = {
@@ -226,15 +229,22 @@ def few_label_reads(
                     }
                     for name, by_split in preds.items()
                 }
+                against = {other: [other] for other in preds if other != reference}
+                against |= {name: members for name, members in (groups or {}).items() if len(members) > 1}
                 versus = {
                     other: {
                         split: _paired(
-                            score, valid, held[split][1], preds[reference][split], ps, bootstrap, seed
+                            score,
+                            valid,
+                            held[split][1],
+                            preds[reference][split],
+                            [preds[m][split] for m in members],
+                            bootstrap,
+                            seed,
                         )
-                        for split, ps in by_split.items()
+                        for split in held
                     }
-                    for other, by_split in preds.items()
-                    if other != reference
+                    for other, members in against.items()
                 }
                 res[str(fraction)] = {
                     "labelled": round(float(np.mean(labelled))),
@@ -251,24 +261,27 @@ def _summary(values: list[float]) -> dict:
 
 
 def _paired(
-    score, valid, y, preds_a: list[np.ndarray], preds_b: list[np.ndarray], bootstrap: int, seed: int
+    score, valid, y, preds_a: list[np.ndarray], preds_b: list[list[np.ndarray]], bootstrap: int, seed: int
 ) -> dict:
-    """The draw-mean score of a minus b, and its paired bootstrap 95% interval over the held-out
-    samples (each resample scores every draw of both on the same samples)."""
-    a = float(np.mean([score(y, p) for p in preds_a]))
-    b = float(np.mean([score(y, p) for p in preds_b]))
+    """The draw-mean score of a minus that of b (the mean over b's encoders, each a list of draws),
+    and its paired bootstrap 95% interval over the held-out samples (each resample scores every
+    draw of every encoder on the same samples)."""
+
+    def mean_score(yy, preds: list[np.ndarray], idx=slice(None)) -> float:
+        return float(np.mean([score(yy, p[idx]) for p in preds]))
+
+    a = mean_score(y, preds_a)
+    b = float(np.mean([mean_score(y, ps) for ps in preds_b]))
     n = len(y[0]) if isinstance(y, tuple) else len(y)
     out = {"a": a, "b": b, "difference": a - b, "n": n}
+    if len(preds_b) > 1:
+        out["of"] = len(preds_b)
     if bootstrap == 0:
         return out | {"ci95": None, "beyond_noise": None}
     diffs = []
     for idx in bootstrap_indices(n, bootstrap, seed, lambda idx: valid(_take(y, idx))):
         yy = _take(y, idx)
-        diffs.append(
-            np.mean(
-                [score(yy, pa[idx]) - score(yy, pb[idx]) for pa, pb in zip(preds_a, preds_b, strict=True)]
-            )
-        )
+        diffs.append(mean_score(yy, preds_a, idx) - np.mean([mean_score(yy, ps, idx) for ps in preds_b]))
     if not diffs:
         return out | {"ci95": None, "beyond_noise": None}
     lo, hi = np.percentile(diffs, [2.5, 97.5])

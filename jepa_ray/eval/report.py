@@ -156,7 +156,11 @@ def few_labels(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                     for split, d in by_split.items():
                         ci = d.get("ci95")
                         interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
-                        name = {"random_init": "random init", "raw_ehr_cox": "raw EHR Cox"}.get(other, other)
+                        name = {
+                            "random_init": "random init",
+                            "raw_ehr_cox": "raw EHR Cox",
+                            "random_starts_mean": f"mean of {d.get('of')} random starts",
+                        }.get(other, other)
                         rows.append(
                             [task, inp, labelled, split, f"{d['a']:.3f}", name, f"{d['b']:.3f}",
                              f"{d['difference']:+.3f}{interval} {verdict(d)}"]

@@ -461,7 +461,12 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session, monkeyp
     doc = run(
         "gbsg2",
         tmp_path,
-        ["eval.bootstrap=20", "eval.survival_epochs=60", "eval.random_starts=2"],
+        [
+            "eval.bootstrap=20",
+            "eval.survival_epochs=60",
+            "eval.random_starts=2",
+            "eval.label_fractions=[0.1]",
+        ],
         steps=4,
         cv_alphas=(100.0,),
         cv_repeats=2,
@@ -506,6 +511,20 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session, monkeyp
     assert metrics["encoders"] == ["pretrained", "random_init", "random_init_2"]
     # data without images: the default (eval.encoder=auto) reads the context encoder
     assert metrics["encoder"]["read"] == "context"
+    # evaluate's few-label read-out on an EHR-only table: the EHR input alone, the raw covariates'
+    # Cox model beside the encoders, and the two starts compared as one by their mean
+    few_eval = metrics["few_labels"]["tasks"]["c-index recurrence"]
+    assert set(few_eval) == {"ehr"}
+    tenth = few_eval["ehr"]["0.1"]
+    assert tenth["of"] == metrics["counts"]["train"]["subjects"] and tenth["labelled"] == round(
+        0.1 * tenth["of"]
+    )
+    versus = tenth["versus"]
+    assert set(versus) == {"random_init", "random_init_2", "raw_ehr_cox", "random_starts_mean"}
+    both = versus["random_starts_mean"]["test"]
+    assert both["of"] == 2 and both["b"] == pytest.approx(
+        (versus["random_init"]["test"]["b"] + versus["random_init_2"]["test"]["b"]) / 2
+    )
     stamp = tmp_path / "eval" / "embeddings" / "pretrained" / "test.json"
     assert json.loads(stamp.read_text())["read"] == "context"
     # a fifth of each training part labelled (686 x 4/5 x 1/5 = 110 patients), the same for each row

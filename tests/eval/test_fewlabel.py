@@ -86,7 +86,10 @@ def test_a_planted_signal_reads_through_a_fraction_of_the_labels_paired_on_the_s
     tables, raw, z = _tables()
     tasks = tasks_of(tables["pretrained"], "death", ["finding"], ("u", "noise"), z)
     assert set(tasks) == {"c-index death", "AUROC finding", "R² u", "R² noise"}
-    out = few_label_reads(tables, raw, tasks, "train", ["test"], [0.1, 0.5], draws=3, bootstrap=100, seed=0)
+    groups = {"random_starts_mean": ["random_init", "copy"], "alone": ["random_init"]}
+    out = few_label_reads(
+        tables, raw, tasks, "train", ["test"], [0.1, 0.5], draws=3, bootstrap=100, seed=0, groups=groups
+    )
     surv = out["tasks"]["c-index death"]["ehr"]
     assert surv["0.1"]["labelled"] >= 40 and surv["0.5"]["labelled"] == 200 and surv["0.1"]["of"] == 400
     for fraction in ("0.1", "0.5"):
@@ -99,6 +102,11 @@ def test_a_planted_signal_reads_through_a_fraction_of_the_labels_paired_on_the_s
         # the same embeddings in another sample order: the same rows, draws and predictions
         same = r["versus"]["copy"]["test"]
         assert same["difference"] == pytest.approx(0, abs=1e-9) and not same["beyond_noise"]
+        # several encoders compared as one (every random start): by their mean score; a group of one
+        # is that encoder's own row already
+        mean = r["versus"]["random_starts_mean"]["test"]
+        assert mean["of"] == 2 and mean["b"] == pytest.approx((d["b"] + same["b"]) / 2)
+        assert mean["a"] == d["a"] and "alone" not in r["versus"]
         # the raw-EHR Cox on the EHR input, fit on the same rows (here the signal column itself)
         assert r["scores"]["raw_ehr_cox"]["test"]["mean"] > 0.7
     assert "raw_ehr_cox" not in out["tasks"]["c-index death"]["image"]["0.1"]["scores"]
@@ -113,6 +121,7 @@ def test_a_planted_signal_reads_through_a_fraction_of_the_labels_paired_on_the_s
         r[:4] == ["c-index death", "ehr", "10%: 40 of 400", "test"] for r in rows
     )
     assert any("better" in r[-1] and r[5] == "random init" for r in rows)
+    assert any(r[5] == "mean of 2 random starts" for r in rows)
     assert "## Few labels" in report_markdown({"few_labels": out})
 
 
