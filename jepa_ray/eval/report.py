@@ -151,6 +151,9 @@ def few_labels(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 rows.append([task, inp, "–", "–", by_fraction["note"], "", "", ""])
                 continue
             for fraction, r in by_fraction.items():
+                if "note" in r:
+                    rows.append([task, inp, f"{float(fraction):.0%}", "–", r["note"], "", "", ""])
+                    continue
                 labelled = f"{float(fraction):.0%}: {r['labelled']} of {r['of']}"
                 for other, by_split in r["versus"].items():
                     for split, d in by_split.items():

@@ -143,6 +143,28 @@ def test_tasks_the_data_cannot_support_are_noted_not_fit():
     assert d["ci95"] is None and d["beyond_noise"] is None  # bootstrap off
 
 
+def test_a_read_out_that_cannot_be_fit_is_noted_and_the_rest_goes_on(monkeypatch):
+    from jepa_ray.eval import fewlabel
+
+    tables, raw, _ = _tables(n_fit=200, n_test=100)
+    fit = fewlabel._fit
+
+    def failing(kind, x, y):
+        if kind == "survival" and len(x) < 50:  # the 10% draws (24 rows) fail, the half ones fit
+            raise ArithmeticError("the Cox fit did not converge")
+        return fit(kind, x, y)
+
+    monkeypatch.setattr(fewlabel, "_fit", failing)
+    tasks = tasks_of(tables["pretrained"], "death", ["finding"], (), None)
+    out = few_label_reads(tables, raw, tasks, "train", ["test"], [0.1, 0.5], draws=2, bootstrap=0, seed=0)
+    surv = out["tasks"]["c-index death"]["ehr"]
+    assert "did not converge" in surv["0.1"]["note"] and "24 labelled subjects" in surv["0.1"]["note"]
+    assert surv["0.5"]["labelled"] == 100 and "versus" in surv["0.5"]  # the other fraction is read
+    assert "versus" in out["tasks"]["AUROC finding"]["ehr"]["0.1"]  # and the other task
+    rows = few_labels({"few_labels": out})[1]
+    assert any(r[2] == "10%" and "did not converge" in r[4] for r in rows)
+
+
 @pytest.mark.parametrize("bad", ["[0.0]", "[1.0]", "[0.1, 1.5]", "[-0.2]"])
 def test_fractions_outside_zero_one_are_refused_naming_the_setting(bad):
     with pytest.raises(ConfigError, match=r"eval\.label_fractions.*strictly between 0 and 1"):
