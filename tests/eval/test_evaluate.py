@@ -674,13 +674,10 @@ def test_the_random_init_baseline_is_the_weights_the_run_started_from():
 
 
 def test_a_few_label_read_out_labels_enough_events_to_fit_on():
-    """`bench_real_ehr.labelled_rows`: the first fraction of the drawn rows, at least MIN_LABELLED
-    of them, and more where those hold fewer than MIN_EVENTS events (a table with rare events)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from bench_real_ehr import MIN_EVENTS, MIN_LABELLED, labelled_rows
+    """`labelled_rows` (evaluate's few-label read-out and `bench_real_ehr`'s): the first fraction of
+    the drawn rows, at least MIN_LABELLED of them, and more where those hold fewer than MIN_EVENTS
+    events (a table with rare events)."""
+    from jepa_ray.eval.fewlabel import MIN_EVENTS, MIN_LABELLED, labelled_rows
 
     drawn = np.random.default_rng(0).permutation(1000)
     common = (np.arange(1000) % 2).astype(float)  # every second row an event
