@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.metrics import r2_score
 
-from jepa_ray.eval.probes import bootstrap_indices
+from jepa_ray.eval.probes import bootstrap_indices, two_classes
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
@@ -102,10 +102,6 @@ def verdict(d: dict) -> str:
     return "better" if d["difference"] > 0 else "worse"
 
 
-def _two_classes(y: np.ndarray) -> bool:
-    return 0 < int(np.sum(y)) < len(y)
-
-
 def _fit(readout: str, task: str, x_fit: np.ndarray, y_fit: np.ndarray, settings):
     """A probe fit on (x_fit, y_fit) as a function of x: linear (ridge / logistic on pooled
     embeddings) or attentive (on image tokens)."""
@@ -113,13 +109,7 @@ def _fit(readout: str, task: str, x_fit: np.ndarray, y_fit: np.ndarray, settings
 
     if readout == "attentive":
         return attentive.fit_attentive(x_fit, y_fit, task=task, settings=settings).predict
-    if task == "binary":
-        return probes.logistic_probe(x_fit, y_fit)
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), RidgeCV(alphas=probes.ALPHA_GRID)).fit(x_fit, y_fit).predict
+    return probes.linear_probe(task, x_fit, y_fit)
 
 
 def compare_encoders(
@@ -152,7 +142,7 @@ def compare_encoders(
             kind, target = tasks[task]
             fit = tables[name][fit_split]
             rows, y = target(fit)
-            ok = len(y) >= 4 and (kind != "binary" or _two_classes(y))
+            ok = len(y) >= 4 and (kind != "binary" or two_classes(y))
             probes[name, task, readout] = (
                 _fit(readout, kind, _view(fit, readout)[rows], y, settings) if ok else None
             )
@@ -165,7 +155,7 @@ def compare_encoders(
         out[other] = {}
         for task, (kind, target) in tasks.items():
             metric = auroc_score if kind == "binary" else r2_score
-            valid = _two_classes if kind == "binary" else None
+            valid = two_classes if kind == "binary" else None
             res: dict = {}
             for readout in readouts:
                 pa, pb = probe(reference, task, readout), probe(other, task, readout)
@@ -176,7 +166,7 @@ def compare_encoders(
                     a, b = tables[reference][split], tables[other][split]
                     order = align(np.asarray(a.cols["key"]), np.asarray(b.cols["key"]))
                     rows, y = target(a)
-                    if len(y) < 2 or (kind == "binary" and not _two_classes(y)):
+                    if len(y) < 2 or (kind == "binary" and not two_classes(y)):
                         continue
                     xa, xb = _view(a, readout)[rows], _view(b, readout)[order][rows]
                     res[readout][split] = paired_difference(metric, y, pa(xa), pb(xb), bootstrap, seed, valid)

@@ -318,7 +318,7 @@ def _probes(
 
             f = rows(fit)
             y = fit.label(label)[f].astype(int)
-            if not probes._two_classes(y):
+            if not probes.two_classes(y):
                 out[inp][label] = {"note": f"one class only in {ec.fit_split}"}
                 continue
             score = probes.logistic_probe(fit.cols[col][f], y)

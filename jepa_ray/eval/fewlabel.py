@@ -80,32 +80,22 @@ def ridge_cox(x, time, event, alphas=COX_ALPHAS) -> Callable[[np.ndarray], np.nd
 def _fit(kind: str, x: np.ndarray, y) -> Callable[[np.ndarray], np.ndarray]:
     if kind == "survival":
         return ridge_cox(x, *y)
-    if kind == "binary":
-        from jepa_ray.eval.probes import logistic_probe
+    from jepa_ray.eval.probes import linear_probe
 
-        return logistic_probe(x, y)
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from jepa_ray.eval.probes import ALPHA_GRID
-
-    return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHA_GRID)).fit(x, y).predict
+    return linear_probe(kind, x, y)
 
 
 def _metric(kind: str) -> tuple[Callable, Callable]:
     """(score(y, prediction), valid(y)) of a task kind; y of a survival task is (time, event)."""
     from sklearn.metrics import r2_score
 
-    from jepa_ray.eval.probes import auroc_score
-    from jepa_ray.eval.survival import harrell
+    from jepa_ray.eval.probes import auroc_score, two_classes
+    from jepa_ray.eval.survival import cindex_defined, harrell
 
     if kind == "survival":
-        return (lambda y, r: harrell(y[0], y[1], r)), (
-            lambda y: bool(y[1].any()) and bool((y[0][y[1]].min() < y[0]).any())
-        )
+        return (lambda y, r: harrell(y[0], y[1], r)), (lambda y: cindex_defined(*y))
     if kind == "binary":
-        return auroc_score, lambda y: 0 < int(np.sum(y)) < len(y)
+        return auroc_score, two_classes
     return r2_score, lambda y: len(y) >= 2
 
 

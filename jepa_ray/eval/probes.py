@@ -79,19 +79,21 @@ def auroc_score(y: np.ndarray, score: np.ndarray) -> float:
     return float((rankdata(score)[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def _two_classes(y: np.ndarray, _score: np.ndarray | None = None) -> bool:
-    return 0 < int(y.sum()) < len(y)
+def two_classes(y: np.ndarray, _score: np.ndarray | None = None) -> bool:
+    """Whether binary labels hold both classes (an AUROC is defined); the unused second argument lets
+    it serve as a bootstrap's validity check on (y, score)."""
+    return 0 < int(np.sum(y)) < len(y)
 
 
 def auroc(y: np.ndarray, score: np.ndarray, bootstrap: int, seed: int) -> dict:
     """AUROC with its bootstrap CI and counts; None where a split holds one class only."""
     y = y.astype(bool)
     out = {"n": len(y), "positives": int(y.sum())}
-    if not _two_classes(y):
+    if not two_classes(y):
         return out | {"auroc": None, "ci95": None, "note": "one class only"}
     return out | {
         "auroc": auroc_score(y, score),
-        "ci95": bootstrap_ci(auroc_score, (y, score), bootstrap, seed, _two_classes),
+        "ci95": bootstrap_ci(auroc_score, (y, score), bootstrap, seed, two_classes),
     }
 
 
@@ -99,7 +101,7 @@ def _auroc_scorer(estimator, x: np.ndarray, y: np.ndarray) -> float:
     """The cross-validation's scorer: `auroc_score` of the estimator's decision function (sklearn's
     "roc_auc" scorer gives the same values, its input checks costing half a probe's fit time on
     small samples); NaN on a fold that holds one class."""
-    return auroc_score(y, estimator.decision_function(x)) if _two_classes(np.asarray(y)) else float("nan")
+    return auroc_score(y, estimator.decision_function(x)) if two_classes(np.asarray(y)) else float("nan")
 
 
 def logistic_probe(x_fit: np.ndarray, y_fit: np.ndarray):
@@ -120,6 +122,14 @@ def logistic_probe(x_fit: np.ndarray, y_fit: np.ndarray):
         else LogisticRegression(max_iter=2000),
     ).fit(x_fit, y_fit)
     return model.decision_function
+
+
+def linear_probe(task: str, x_fit: np.ndarray, y_fit: np.ndarray):
+    """The linear read-out of a task as a function of x: `logistic_probe` for "binary" labels, a
+    standardised ridge (alpha by leave-one-out over ALPHA_GRID) for a continuous target."""
+    if task == "binary":
+        return logistic_probe(x_fit, y_fit)
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHA_GRID)).fit(x_fit, y_fit).predict
 
 
 def knn_scores(x_fit: np.ndarray, y_fit: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:

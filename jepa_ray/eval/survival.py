@@ -133,7 +133,7 @@ def bootstrap_cindex(
     if n == 0:
         return None
     size = len(time)
-    draws = bootstrap_indices(size, n, seed, lambda idx: _comparable(time[idx], event[idx]))
+    draws = bootstrap_indices(size, n, seed, lambda idx: cindex_defined(time[idx], event[idx]))
     if not draws:
         return None
     c = np.asarray([np.bincount(idx, minlength=size) for idx in draws], dtype=float)  # (resamples, samples)
@@ -462,7 +462,7 @@ def _scores(
     out = {"n": len(time), "events": int(event.sum())}
     if not event.any():
         return out | {"note": "no events"}
-    if not _comparable(time, event):
+    if not cindex_defined(time, event):
         return out | {"note": "no comparable pairs (no event before another sample's time)"}
     out["harrell"] = harrell(time, event, risk)
     out["uno"] = uno(*train, time, event, risk)
@@ -474,7 +474,7 @@ def _scores(
     return out
 
 
-def _comparable(time: np.ndarray, event: np.ndarray) -> bool:
+def cindex_defined(time: np.ndarray, event: np.ndarray) -> bool:
     """Whether a c-index is defined: some event happens before another sample's time."""
     return bool(event.any()) and bool((time[event.astype(bool)].min() < time).any())
 

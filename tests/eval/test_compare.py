@@ -7,10 +7,7 @@ import pytest
 from sklearn.metrics import r2_score, roc_auc_score
 
 from jepa_ray.eval.compare import align, paired_difference, verdict
-
-
-def _two_classes(y: np.ndarray) -> bool:
-    return 0 < y.sum() < len(y)
+from jepa_ray.eval.probes import two_classes
 
 
 def test_a_real_difference_is_beyond_noise_and_a_tie_is_not():
@@ -33,7 +30,7 @@ def test_pairing_sees_a_small_consistent_gain_that_separate_intervals_miss():
     y = rng.integers(0, 2, 300)
     base = y + rng.normal(size=300) * 1.2
     better = base + 0.25 * y  # the same errors, a slightly better separation on every sample
-    d = paired_difference(roc_auc_score, y, better, base, 300, 0, valid=_two_classes)
+    d = paired_difference(roc_auc_score, y, better, base, 300, 0, valid=two_classes)
     assert d["beyond_noise"] and 0 < d["difference"] < 0.1
 
 

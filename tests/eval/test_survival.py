@@ -67,7 +67,7 @@ def test_the_bootstrap_intervals_score_the_same_resamples_as_scikit_survival(row
     event = rng.random(n) < 0.6
     risk = np.round(rng.standard_normal(n) - 0.03 * time, 1)  # tied risks
     train_time, train_event = rng.integers(1, 45, 300).astype(float), rng.random(300) < 0.5
-    valid = lambda t, e, r: survival._comparable(t, e)  # noqa: E731
+    valid = lambda t, e, r: survival.cindex_defined(t, e)  # noqa: E731
     for weight, metric in (
         (np.ones(n), harrell),
         (
