@@ -354,7 +354,12 @@ def cross_validated(
     from jepa_ray.eval.fewlabel import inner_cindex, labelled_rows
     from jepa_ray.eval.survival import RidgeCox, harrell
 
-    parts = ("train", "val", "test")
+    # the splits the run has (a table prepared with `prepare.split.val=0` has no val split)
+    parts = tuple(
+        s
+        for s in ("train", "val", "test")
+        if (eval_dir / "embeddings" / "pretrained" / f"{s}.parquet").exists()
+    )
     metrics = eval_dir / "metrics.json"
     encoders = json.loads(metrics.read_text())["encoders"] if metrics.exists() else ["random_init"]
     starts = random_start_names(encoders)  # the run's own start, then any others (eval.random_starts)
