@@ -1,5 +1,5 @@
 """Module boundaries of the package, read from its source: no private name is imported across
-modules, and no two modules import each other (directly or around a longer loop, type-only imports
+modules or reached through an imported module (`probes._helper`), and no two modules import each other (directly or around a longer loop, type-only imports
 included)."""
 
 from __future__ import annotations
@@ -76,6 +76,36 @@ def test_no_private_name_is_imported_across_modules():
         for source, name in imports
         if name.startswith("_") and not name.endswith("__") and source != module
     ]
+    assert not crossing, crossing
+
+
+def test_no_private_name_is_reached_through_an_imported_module():
+    mods = _modules()
+    crossing = []
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text())
+        bound: dict[str, str] = {}  # local name -> the jepa_ray module it stands for
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("jepa_ray")
+            ):
+                for alias in node.names:
+                    if f"{node.module}.{alias.name}" in mods:
+                        bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                bound |= {a.asname: a.name for a in node.names if a.asname and a.name in mods}
+        crossing += [
+            f"{name} reaches {node.attr} of {bound[node.value.id]}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+            and bound[node.value.id] != name
+            and node.attr.startswith("_")
+            and not node.attr.endswith("__")
+        ]
     assert not crossing, crossing
 
 
