@@ -569,6 +569,10 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session, monkeyp
     assert cross_validated(tmp_path / "eval", alphas=(100.0,), repeats=2)["raw_forest"] == cv["raw_forest"]
     with pytest.raises(AssertionError, match="fit again"):  # other folds: read anew
         cross_validated(tmp_path / "eval", alphas=(100.0,), repeats=2, seed=1)
+    # --no-ceilings (a table of thousands of rows): the same read-out on other folds fits no ceiling
+    lean = cross_validated(tmp_path / "eval", alphas=(100.0,), repeats=2, seed=1, ceilings=False)
+    assert not set(CEILINGS) & set(lean) and all(len(lean[row]["folds"]) == 10 for row in ROWS)
+    assert lean["ehr"]["folds"] != cv["ehr"]["folds"]  # other folds, read anew
 
 
 def test_the_real_table_benchmark_judges_the_criterion_over_splits():
