@@ -24,7 +24,8 @@ pooling averages away; on the raw input, the ridge on every pixel, the raw-pixel
 attentive (a cross-attention pooling head trained on the frozen patch tokens,
 `jepa_ray.eval.attentive`), kNN (cosine, k=20, on the pooled embedding). Downstream, on held-out subjects (one study per subject, as `evaluate`):
 image -> EHR retrieval recall@5 on the test split against its chance level, and Cox heads under
-every fusion strategy (Harrell's c-index on test and external, fit on train, stopped on val).
+every fusion strategy (Harrell's c-index on test and external, fit on train, stopped on val; again
+on their subjects with both modalities, where every strategy reads the same subjects).
 With the downstream part, two bounds: what a small supervised CNN reads of each latent from the
 same pixels (`supervised_ceiling`), and the fusion margin an image read-out of a given R² allows
 (`fusion_bound`: the true latents blurred to that R² beside the raw EHR, ridge Cox).
@@ -66,6 +67,7 @@ SPLITS = ("train", "val", "test", "external")
 RETRIEVAL_K = 5
 FUSION = ("late_fusion", "contrastive", "cross_attention", "co_attention")
 UNIMODAL = ("image", "ehr")
+PAIRED = ("test_paired", "external_paired")  # the subjects with both modalities
 
 
 def cohort(work: Path, subjects: int, synth: list[str] = ()) -> Path:
@@ -516,7 +518,8 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
     """Retrieval recall@5 (test: the predictor's image -> EHR prediction; test and external: a ridge
     map fit on train to the raw EHR features from the pooled image embedding (`mapped`) and from
     the 4 x 4 grid of patch tokens (`mapped_tokens`, `evaluate`'s linear read-out)) and Cox c-index
-    per strategy (test, external) of one encoder."""
+    per strategy (test, external and their subjects with both modalities, `with_paired`) of one
+    encoder."""
     from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
     from jepa_ray.eval.probes import recall_at
     from jepa_ray.eval.survival import evaluate_survival
@@ -534,12 +537,13 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
     retrieval["mapped_tokens"] = mapped_recall(
         {k: splits[k].cols["img_tokens"].reshape(len(splits[k]), -1) for k in pair}, ehr, pair
     )
+    inputs, raw = with_paired({k: fusion_inputs(s, "death") for k, s in splits.items()}, ehr)
     surv = evaluate_survival(
-        {k: fusion_inputs(s, "death") for k, s in splits.items()},
-        raw=ehr,
+        inputs,
+        raw=raw,
         fit_split="train",
         val_split="val",
-        report_splits=("test", "external"),
+        report_splits=("test", "external", *PAIRED),
         bootstrap=0,
         seed=seed,
     )
@@ -548,6 +552,18 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
         for strategy, by_split in surv["cindex"].items()
     }
     return {"retrieval": retrieval, "cindex": cindex}
+
+
+def with_paired(inputs: dict, raw: dict) -> tuple[dict, dict]:
+    """The held splits' fusion inputs and raw EHR features, plus test's and external's subjects
+    with both modalities as splits of their own (`PAIRED`): scored there, every strategy reads the
+    same subjects, as the fusion bound does; on the whole split a unimodal head scores only the
+    subjects with its modality and fusion scores them all."""
+    inputs, raw = dict(inputs), dict(raw)
+    for split, paired_split in zip(("test", "external"), PAIRED, strict=True):
+        rows = np.flatnonzero(inputs[split].has_image & inputs[split].has_ehr)
+        inputs[paired_split], raw[paired_split] = inputs[split].take(rows), raw[split][rows]
+    return inputs, raw
 
 
 def over_chance(r: dict) -> float:
@@ -819,7 +835,9 @@ def main() -> int:
                     f" from the tokens {over_chance(r['mapped_tokens']['test']):.2f}"
                     f" (external {over_chance(r['mapped_tokens']['external']):.2f})"
                     "  fusion - unimodal:"
-                    f" test {fusion_margin(d['cindex'], 'test'):+.3f}  external {fusion_margin(d['cindex'], 'external'):+.3f}",
+                    f" test {fusion_margin(d['cindex'], 'test'):+.3f}  external {fusion_margin(d['cindex'], 'external'):+.3f}"
+                    " (subjects with both modalities:"
+                    f" {fusion_margin(d['cindex'], PAIRED[0]):+.3f} / {fusion_margin(d['cindex'], PAIRED[1]):+.3f})",
                     flush=True,
                 )
         runs.append(run)
@@ -884,7 +902,7 @@ def main() -> int:
         }
         results["fusion_margin"] = {
             s: [fusion_margin(r["jepa"]["downstream"]["cindex"], s) for r in runs]
-            for s in ("test", "external")
+            for s in ("test", "external", *PAIRED)
         }
         sup = results["supervised_ceiling"] = supervised_ceiling(held, truth)
         print(

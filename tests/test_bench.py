@@ -276,3 +276,41 @@ def test_the_learning_benchmark_reads_the_encoder_it_is_asked_for(monkeypatch):
     assert pooled.shape == (3, 3) and tokens.shape == (3, 2, 3) and np.all(tokens == 1.0)
     _, tokens = bench.image_views(model, batches, "context")
     assert model.calls[2:] == [("image", "context", False)] * 2 and np.all(tokens == 2.0)
+
+
+def test_the_learning_benchmark_scores_fusion_again_on_the_subjects_with_both_modalities(monkeypatch):
+    """On a whole split a unimodal head scores only the subjects with its modality and fusion
+    scores them all; `with_paired` adds each reported split's subjects with both modalities as a
+    split of its own, their raw EHR rows aligned, and leaves the splits it was given as they were."""
+    import numpy as np
+
+    from jepa_ray.eval.survival import FusionInputs
+
+    bench = _bench_learning(monkeypatch)
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> FusionInputs:
+        return FusionInputs(
+            img_tokens=rng.standard_normal((n, 4, 8)),
+            ehr_tokens=rng.standard_normal((n, 3, 8)),
+            ehr_keep=np.ones((n, 3), bool),
+            has_image=rng.random(n) < 0.7,
+            has_ehr=rng.random(n) < 0.8,
+            img_pooled=rng.standard_normal((n, 8)),
+            ehr_pooled=rng.standard_normal((n, 8)),
+            time=np.arange(1.0, n + 1),
+            event=rng.random(n) < 0.5,
+        )
+
+    inputs = {"train": split(50), "test": split(40), "external": split(30)}
+    raw = {k: np.arange(len(v.time), dtype=float)[:, None] * [1.0, -1.0] for k, v in inputs.items()}
+    got, got_raw = bench.with_paired(inputs, raw)
+    assert set(got) == {"train", "test", "external", *bench.PAIRED} and "test_paired" not in inputs
+    for whole, paired in zip(("test", "external"), bench.PAIRED, strict=True):
+        rows = np.flatnonzero(inputs[whole].has_image & inputs[whole].has_ehr)
+        assert 0 < len(rows) < len(inputs[whole].time)
+        assert np.array_equal(got[paired].time, inputs[whole].time[rows])
+        assert got[paired].has_image.all() and got[paired].has_ehr.all()
+        assert np.array_equal(got[paired].img_tokens, inputs[whole].img_tokens[rows])
+        assert np.array_equal(got_raw[paired][:, 0], rows)  # the raw row of the same subject
+        assert got[whole] is inputs[whole] and got_raw[whole] is raw[whole]
