@@ -67,7 +67,7 @@ SPLITS = ("train", "val", "test", "external")
 RETRIEVAL_K = 5
 FUSION = ("late_fusion", "contrastive", "cross_attention", "co_attention")
 UNIMODAL = ("image", "ehr")
-PAIRED = ("test_paired", "external_paired")  # the subjects with both modalities
+PAIRED = ("test_paired", "external_paired")  # their subjects with both modalities (`with_paired`)
 
 
 def cohort(work: Path, subjects: int, synth: list[str] = ()) -> Path:
@@ -522,7 +522,7 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
     encoder."""
     from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
     from jepa_ray.eval.probes import recall_at
-    from jepa_ray.eval.survival import evaluate_survival
+    from jepa_ray.eval.survival import evaluate_survival, with_paired
 
     splits = held_splits(held, model)
     test = splits["test"]
@@ -537,7 +537,9 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
     retrieval["mapped_tokens"] = mapped_recall(
         {k: splits[k].cols["img_tokens"].reshape(len(splits[k]), -1) for k in pair}, ehr, pair
     )
-    inputs, raw = with_paired({k: fusion_inputs(s, "death") for k, s in splits.items()}, ehr)
+    inputs, raw = with_paired(
+        {k: fusion_inputs(s, "death") for k, s in splits.items()}, ehr, ("test", "external")
+    )
     surv = evaluate_survival(
         inputs,
         raw=raw,
@@ -552,18 +554,6 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
         for strategy, by_split in surv["cindex"].items()
     }
     return {"retrieval": retrieval, "cindex": cindex}
-
-
-def with_paired(inputs: dict, raw: dict) -> tuple[dict, dict]:
-    """The held splits' fusion inputs and raw EHR features, plus test's and external's subjects
-    with both modalities as splits of their own (`PAIRED`): scored there, every strategy reads the
-    same subjects, as the fusion bound does; on the whole split a unimodal head scores only the
-    subjects with its modality and fusion scores them all."""
-    inputs, raw = dict(inputs), dict(raw)
-    for split, paired_split in zip(("test", "external"), PAIRED, strict=True):
-        rows = np.flatnonzero(inputs[split].has_image & inputs[split].has_ehr)
-        inputs[paired_split], raw[paired_split] = inputs[split].take(rows), raw[split][rows]
-    return inputs, raw
 
 
 def over_chance(r: dict) -> float:

@@ -596,9 +596,11 @@ def _survival(
     tables: dict[str, dict[str, Split]], raw: dict[str, np.ndarray], reports: list[str], cfg: Config
 ) -> dict:
     """Time-to-event heads on every encoder's embeddings (random init under a `random_init:` prefix)
-    and the classical Cox model on the raw EHR features `raw`."""
+    and the classical Cox model on the raw EHR features `raw`, on each reported split and again on
+    its samples with both modalities ("<split>_paired"), where every strategy scores the same
+    samples."""
     from jepa_ray.eval.features import fusion_inputs
-    from jepa_ray.eval.survival import evaluate_survival
+    from jepa_ray.eval.survival import evaluate_survival, with_paired
 
     endpoint = _endpoint(tables["pretrained"], cfg)
     if endpoint is None:
@@ -607,20 +609,20 @@ def _survival(
     kwargs = dict(
         fit_split=ec.fit_split,
         val_split=ec.val_split,
-        report_splits=tuple(reports),
         bootstrap=ec.bootstrap,
         seed=ec.seed,
         epochs=ec.survival_epochs,
     )
     splits = tables["pretrained"]
-    res = evaluate_survival({k: fusion_inputs(s, endpoint) for k, s in splits.items()}, raw=raw, **kwargs)
+    inputs, raw = with_paired({k: fusion_inputs(s, endpoint) for k, s in splits.items()}, raw, reports)
+    kwargs["report_splits"] = (*reports, *(f"{s}_paired" for s in reports if f"{s}_paired" in inputs))
+    res = evaluate_survival(inputs, raw=raw, **kwargs)
     cindex, counts = res["cindex"], {"pretrained": res["counts"]}
     for name, by_split in tables.items():
         if name == "pretrained":
             continue
-        other = evaluate_survival(
-            {k: fusion_inputs(s, endpoint) for k, s in by_split.items()}, prefix=f"{name}:", **kwargs
-        )
+        inputs, _ = with_paired({k: fusion_inputs(s, endpoint) for k, s in by_split.items()}, None, reports)
+        other = evaluate_survival(inputs, prefix=f"{name}:", **kwargs)
         cindex.update(other["cindex"])
         counts[name] = other["counts"]
     return {"cindex": cindex, "survival": {"endpoint": endpoint, "counts": counts}}

@@ -465,6 +465,27 @@ class RidgeCox:
 # ---- evaluation ------------------------------------------------------------------------------------
 
 
+def with_paired(
+    inputs: dict[str, FusionInputs], raw: dict[str, np.ndarray] | None, splits
+) -> tuple[dict[str, FusionInputs], dict[str, np.ndarray] | None]:
+    """`inputs` (and the raw EHR features `raw`, aligned by row) plus, for each split of `splits`
+    that has any, its samples with both modalities as a split of its own, "<split>_paired". On a whole split a
+    unimodal head scores only the samples with its modality and a fusion strategy scores them
+    all; on the paired split every strategy scores the same samples, so their c-indices compare."""
+    inputs = dict(inputs)
+    raw = dict(raw) if raw is not None else None
+    for split in splits:
+        if split not in inputs:
+            continue
+        rows = np.flatnonzero(inputs[split].has_image & inputs[split].has_ehr)
+        if len(rows) == 0:  # one modality only (an EHR table, an image archive): nothing to pair
+            continue
+        inputs[f"{split}_paired"] = inputs[split].take(rows)
+        if raw is not None:
+            raw[f"{split}_paired"] = raw[split][rows]
+    return inputs, raw
+
+
 def _scores(
     time: np.ndarray, event: np.ndarray, risk: np.ndarray, train: tuple[np.ndarray, np.ndarray], bootstrap: int,
     seed: int,
@@ -556,6 +577,9 @@ def evaluate_survival(
                 "excluded_no_ehr": int((ok[split] & ~d.has_ehr).sum()),
                 "excluded_no_followup": int((~ok[split]).sum()),
             }
+            if not rows.any():
+                cindex["raw_ehr_cox"][split] = {"note": "no samples with EHR and follow-up"}
+                continue
             cindex["raw_ehr_cox"][split] = _scores(
                 d.time[rows], d.event[rows], base.risk(raw[split][rows]), train, bootstrap, seed
             )

@@ -112,6 +112,15 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
                 lo, hi = r["ci95"]["harrell"]
                 assert lo <= r["harrell"] <= hi
     assert 0 <= m["cindex"]["raw_ehr_cox"]["test"]["harrell"] <= 1
+    # again on the subjects with both modalities: every strategy scores the same subjects
+    for split in ("test", "external"):
+        paired = {
+            s: m["cindex"][s][f"{split}_paired"] for s in ("image", "ehr", "late_fusion", "raw_ehr_cox")
+        }
+        assert len({r["n"] for r in paired.values()}) == 1, paired
+        assert 0 < paired["image"]["n"] <= m["counts"][split]["both"]
+        assert paired["late_fusion"]["n"] <= m["cindex"]["late_fusion"][split]["n"]
+    assert m["cindex"]["late_fusion"]["test_paired"]["n"] < m["cindex"]["late_fusion"]["test"]["n"]
 
     probe = m["probe"]["pretrained"]["joint"]["cardiomegaly"]["linear"]["test"]
     assert 0 <= probe["auroc"] <= 1 and probe["n"] <= m["counts"]["test"]["subjects"]

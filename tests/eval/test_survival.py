@@ -314,3 +314,36 @@ def test_a_head_stops_once_its_validation_likelihood_has_not_improved_for_patien
     assert heads["steps None"] == 1000
     assert heads["steps 50"] == 60  # best at the first check (step 10), then 50 steps
     assert torch.equal(heads[50].out.weight, heads[None].out.weight)  # the same first-checked weights
+
+
+def test_paired_splits_hold_the_samples_with_both_modalities_and_their_raw_rows():
+    """`with_paired` adds "<split>_paired" for each split asked for: its samples with both
+    modalities, their raw EHR rows aligned; the splits it was given stay as they were."""
+    rng = np.random.default_rng(9)
+    inputs = {"train": _problem(60, rng, missing=0.5), "test": _problem(50, rng, missing=0.5)}
+    raw = {k: np.arange(len(v.time), dtype=float)[:, None] * [1.0, -1.0] for k, v in inputs.items()}
+    got, got_raw = survival.with_paired(inputs, raw, ("test", "external"))
+    assert set(got) == {"train", "test", "test_paired"} == set(got_raw)
+    rows = np.flatnonzero(inputs["test"].has_image & inputs["test"].has_ehr)
+    assert 0 < len(rows) < 50
+    assert np.array_equal(got["test_paired"].time, inputs["test"].time[rows])
+    assert np.array_equal(got["test_paired"].img_tokens, inputs["test"].img_tokens[rows])
+    assert got["test_paired"].has_image.all() and got["test_paired"].has_ehr.all()
+    assert np.array_equal(got_raw["test_paired"][:, 0], rows)  # the raw row of the same sample
+    assert got["test"] is inputs["test"] and "test_paired" not in inputs
+    assert survival.with_paired(inputs, None, ("test",))[1] is None
+    inputs["test"].has_image[:] = False  # an EHR table: nothing to pair, no empty split
+    assert set(survival.with_paired(inputs, raw, ("test",))[0]) == {"train", "test"}
+
+
+def test_a_split_without_ehr_gets_a_note_from_the_raw_cox_model_not_a_crash():
+    rng = np.random.default_rng(10)
+    splits = {"train": _problem(300, rng), "test": _problem(100, rng)}
+    splits["test"].has_ehr[:] = False
+    raw = {k: v.ehr_pooled.astype(float) for k, v in splits.items()}
+    res = evaluate_survival(
+        splits, raw=raw, strategies=("image",), report_splits=("test",), bootstrap=0, epochs=20
+    )
+    assert res["cindex"]["raw_ehr_cox"]["test"] == {"note": "no samples with EHR and follow-up"}
+    assert res["counts"]["raw_ehr_cox"]["test"]["excluded_no_ehr"] == 100
+    assert 0 <= res["cindex"]["image"]["test"]["harrell"] <= 1
