@@ -354,7 +354,7 @@ class _Strategy:
                 m: (parts or {}).get(m) or _Strategy(m, fit, val, steps, seed) for m in ("image", "ehr")
             }
             # two weights of a convex likelihood: fit to its optimum, not early-stopped (Adam's
-            # 300 steps from a random start left one seed's image weight at 0.17 of its optimum 0.67)
+            # 300 steps from a random start left one seed's image weight at 0.17, its optimum 0.67)
             self.model = fit_linear_cox(self._unimodal(fit, rows_f, fit_stats=True), tf, ef)
         elif name == "contrastive":
             self._fit_projections(fit, steps)
@@ -469,9 +469,10 @@ def with_paired(
     inputs: dict[str, FusionInputs], raw: dict[str, np.ndarray] | None, splits
 ) -> tuple[dict[str, FusionInputs], dict[str, np.ndarray] | None]:
     """`inputs` (and the raw EHR features `raw`, aligned by row) plus, for each split of `splits`
-    that has any, its samples with both modalities as a split of its own, "<split>_paired". On a whole split a
-    unimodal head scores only the samples with its modality and a fusion strategy scores them
-    all; on the paired split every strategy scores the same samples, so their c-indices compare."""
+    that has any, its samples with both modalities as a split of its own, "<split>_paired". On a
+    whole split a unimodal head scores only the samples with its modality and a fusion strategy
+    scores them all; on the paired split every strategy scores the same samples, so their
+    c-indices compare."""
     inputs = dict(inputs)
     raw = dict(raw) if raw is not None else None
     for split in splits:
