@@ -514,12 +514,12 @@ def fusion_bound(pairs: dict, r2: dict[str, dict], reps: int = 20) -> dict:
     return out
 
 
-def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
+def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1) -> dict:
     """Retrieval recall@5 (test: the predictor's image -> EHR prediction; test and external: a ridge
     map fit on train to the raw EHR features from the pooled image embedding (`mapped`) and from
     the 4 x 4 grid of patch tokens (`mapped_tokens`, `evaluate`'s linear read-out)) and Cox c-index
-    per strategy (test, external and their subjects with both modalities, `with_paired`) of one
-    encoder."""
+    per strategy (test, external and their subjects with both modalities, `with_paired`; each head
+    the mean of `head_seeds` fits, as `evaluate`'s) of one encoder."""
     from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
     from jepa_ray.eval.probes import recall_at
     from jepa_ray.eval.survival import evaluate_survival, with_paired
@@ -548,6 +548,7 @@ def downstream(model, held: dict, manifest: dict, seed: int) -> dict:
         report_splits=("test", "external", *PAIRED),
         bootstrap=0,
         seed=seed,
+        head_seeds=head_seeds,
     )
     cindex = {
         strategy: {split: r.get("harrell") for split, r in by_split.items()}
@@ -665,6 +666,12 @@ def main() -> int:
         action="store_true",
         help="one attentive probe per factor instead of one reading all four",
     )
+    ap.add_argument(
+        "--head-seeds",
+        type=int,
+        default=None,
+        help="fits averaged per time-to-event head (default: evaluate's eval.survival_head_seeds, 5)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     subjects = args.subjects or (1000 if args.quick else 1600)
@@ -675,13 +682,14 @@ def main() -> int:
     import pandas as pd
     import torch
 
-    from jepa_ray.config import ModelConfig, StorageConfig, load_config
+    from jepa_ray.config import EvalConfig, ModelConfig, StorageConfig, load_config
     from jepa_ray.ingest.deid import Pseudonymizer
     from jepa_ray.model.jepa import JEPA, embedding_stats
     from jepa_ray.shards.manifest import read_manifest
     from jepa_ray.storage import Store
     from jepa_ray.train.local import train_on_samples
 
+    head_seeds = args.head_seeds or EvalConfig().survival_head_seeds
     torch.set_num_threads(os.cpu_count() or 1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-learning-"))
     t0 = time.perf_counter()
@@ -816,7 +824,7 @@ def main() -> int:
             for arm, model in models.items():
                 if arm not in args.downstream_arms:
                     continue
-                run[arm]["downstream"] = downstream(model, held, manifest, seed)
+                run[arm]["downstream"] = downstream(model, held, manifest, seed, head_seeds)
                 d = run[arm]["downstream"]
                 r = d["retrieval"]
                 print(
@@ -960,6 +968,7 @@ def main() -> int:
             "lr": lr,
             "mae_lr": args.mae_lr or lr,
             "downstream": do_downstream,
+            "head_seeds": head_seeds,
             "setup_s": setup_s,
         },
         "results": results,

@@ -809,6 +809,17 @@ class EvalConfig(_Strict):
         None, description="Time-to-event outcome of the survival heads; default: death, else the first."
     )
     survival_epochs: int = Field(300, ge=1, description="Training steps of each time-to-event head.")
+    survival_head_seeds: int = Field(
+        5,
+        ge=1,
+        le=16,
+        description="Fits of each trained time-to-event head (seeds eval.seed, eval.seed + 1, ...), scored by "
+        "their mean risk; late fusion combines the mean risks. One attentive image head's c-index moves "
+        "with its initialisation alone (sd 0.007-0.022, range up to 0.064 over ten fits on "
+        "bench_learning's cohort), more than the effects it is read for; the mean of 5 fits moves about "
+        "half as much (sd 0.006) and reads about 0.01 higher, at about 4.5 times the heads' time "
+        "(benchmarks/README.md, learning).",
+    )
     attentive: bool = Field(
         True,
         description="Also fit an attentive probe on the image tokens (one learned query attends to the "

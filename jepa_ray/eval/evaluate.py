@@ -612,6 +612,7 @@ def _survival(
         bootstrap=ec.bootstrap,
         seed=ec.seed,
         epochs=ec.survival_epochs,
+        head_seeds=ec.survival_head_seeds,
     )
     splits = tables["pretrained"]
     inputs, raw = with_paired({k: fusion_inputs(s, endpoint) for k, s in splits.items()}, raw, reports)

@@ -23,6 +23,7 @@ PIPELINE = ["pipeline.image_size=32", "pipeline.patch_size=8", "pipeline.max_eve
 EVAL = [
     "eval.bootstrap=20",
     "eval.survival_epochs=20",
+    "eval.survival_head_seeds=2",
     "eval.attentive_epochs=8",
     "eval.batch_size=32",
     "eval.segmentation_steps=40",

@@ -347,3 +347,30 @@ def test_a_split_without_ehr_gets_a_note_from_the_raw_cox_model_not_a_crash():
     assert res["cindex"]["raw_ehr_cox"]["test"] == {"note": "no samples with EHR and follow-up"}
     assert res["counts"]["raw_ehr_cox"]["test"]["excluded_no_ehr"] == 100
     assert 0 <= res["cindex"]["image"]["test"]["harrell"] <= 1
+
+
+def test_head_seeds_score_each_head_by_the_mean_risk_of_that_many_fits():
+    """head_seeds=3: the image head's risk is the mean of three fits from seeds 4, 5 and 6, each
+    what a single fit from that seed gives; late fusion is fit once, on those mean risks."""
+    rng = np.random.default_rng(11)
+    splits = {"train": _problem(300, rng), "val": _problem(80, rng), "test": _problem(150, rng)}
+    res = evaluate_survival(
+        splits, strategies=("image", "ehr", "late_fusion"), report_splits=("test",), bootstrap=0, epochs=30,
+        seed=4, head_seeds=3,
+    )  # fmt: skip
+    test, rows = splits["test"], np.arange(150)
+    single = [
+        survival._Strategy("image", splits["train"], splits["val"], 30, s).risk(test, rows) for s in (4, 5, 6)
+    ]
+    assert not np.allclose(single[0], single[1])  # the seeds differ, so the mean is not one fit
+    expected = harrell(test.time, test.event, np.mean(single, axis=0))
+    assert res["cindex"]["image"]["test"]["harrell"] == pytest.approx(expected, abs=1e-9)
+    one = evaluate_survival(
+        splits, strategies=("image",), report_splits=("test",), bootstrap=0, epochs=30, seed=4
+    )
+    assert one["cindex"]["image"]["test"]["harrell"] == pytest.approx(
+        harrell(test.time, test.event, single[0]), abs=1e-9
+    )
+    assert res["cindex"]["late_fusion"]["test"]["harrell"] > res["cindex"]["image"]["test"]["harrell"]
+    with pytest.raises(ValueError, match="head_seeds must be at least 1, got 0"):
+        evaluate_survival(splits, report_splits=("test",), head_seeds=0)
