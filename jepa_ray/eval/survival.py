@@ -431,16 +431,15 @@ class _Strategy:
             return (zi * wi + ze * we) / (wi + we).clamp(min=1)
 
 
-# ---- the classical baseline ------------------------------------------------------------------------
-
-
 class _Ensemble:
     """`n` fits of one strategy from consecutive seeds, its risk their mean: the c-index of an
     attention head moves by several hundredths with its initialisation alone, more than the effects
     it is read for; the mean of a few fits moves less."""
 
-    def __init__(self, name: str, fit: FusionInputs, val: FusionInputs | None, steps: int, seed: int, n: int,
-                 parts: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, fit: FusionInputs, val: FusionInputs | None, steps: int, seed: int, n: int,
+        parts: dict[str, _Strategy | _Ensemble] | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.members = [_Strategy(name, fit, val, steps, seed + i, parts=parts) for i in range(n)]
 
@@ -449,6 +448,9 @@ class _Ensemble:
 
     def risk(self, d: FusionInputs, rows: np.ndarray) -> np.ndarray:
         return np.mean([m.risk(d, rows) for m in self.members], axis=0)
+
+
+# ---- the classical baseline ------------------------------------------------------------------------
 
 
 def fill_values(x: np.ndarray) -> np.ndarray:
