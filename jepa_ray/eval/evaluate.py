@@ -615,6 +615,7 @@ def _survival(
         head_seeds=ec.survival_head_seeds,
     )
     splits = tables["pretrained"]
+    raw_all = raw  # rows of the pretrained tables; another encoder's are the same samples in key order
     inputs, raw = with_paired({k: fusion_inputs(s, endpoint) for k, s in splits.items()}, raw, reports)
     kwargs["report_splits"] = (*reports, *(f"{s}_paired" for s in reports if f"{s}_paired" in inputs))
     res = evaluate_survival(inputs, raw=raw, **kwargs)
@@ -622,8 +623,11 @@ def _survival(
     for name, by_split in tables.items():
         if name == "pretrained":
             continue
-        inputs, _ = with_paired({k: fusion_inputs(s, endpoint) for k, s in by_split.items()}, None, reports)
-        other = evaluate_survival(inputs, prefix=f"{name}:", **kwargs)
+        same = all(np.array_equal(by_split[k].cols["key"], splits[k].cols["key"]) for k in by_split)
+        inputs, other_raw = with_paired(
+            {k: fusion_inputs(s, endpoint) for k, s in by_split.items()}, raw_all if same else None, reports
+        )
+        other = evaluate_survival(inputs, raw=other_raw, prefix=f"{name}:", **kwargs)
         cindex.update(other["cindex"])
         counts[name] = other["counts"]
     return {"cindex": cindex, "survival": {"endpoint": endpoint, "counts": counts}}

@@ -16,6 +16,9 @@ over the samples' pairs). Strategies and missing modalities:
     co_attention     both directions, pooled, concatenated  as cross_attention, each direction
     raw_ehr_cox      classical Cox (ridge) on raw EHR       samples without EHR: excluded, counted
                      features, missing values imputed
+    image_with_raw_ehr  Cox on the image head's risk and the   a missing modality's risk is its training mean
+                     raw-EHR Cox model's (late fusion with
+                     the clinical model), fit to its optimum
 
 Samples without follow-up for the endpoint (no time) are excluded from every strategy and counted.
 """
@@ -481,6 +484,37 @@ class RidgeCox:
         return self.model.predict(self.std(self._design(x)[:, self.keep]).numpy())
 
 
+class _ImageWithRaw:
+    """Late fusion of the image head with the raw-EHR Cox model: what the image adds to the
+    classical model of the EHR, the question a clinic asks of an imaging encoder. Two weights on
+    the standardised risks, fit to the optimum of the partial likelihood as `late_fusion`'s."""
+
+    name = "image_with_raw_ehr"
+
+    def __init__(self, image, base: RidgeCox, fit: FusionInputs, raw_fit: np.ndarray) -> None:
+        self.image, self.base = image, base
+        self.stats: list[tuple[float, float]] = []
+        self.model = fit_linear_cox(self._risks(fit, raw_fit, fit_stats=True), fit.time, fit.event)
+
+    def _risks(self, d: FusionInputs, raw: np.ndarray, fit_stats: bool = False) -> torch.Tensor:
+        """(n, 2) standardised image and raw-EHR risks; a missing modality gets 0 (its training mean)."""
+        rows = np.arange(len(d.time))
+        cols = []
+        for j, present in enumerate((d.has_image, d.has_ehr)):
+            r = np.zeros(len(rows))
+            if present.any():
+                r[present] = self.image.risk(d, rows[present]) if j == 0 else self.base.risk(raw[present])
+            if fit_stats:
+                self.stats.append((r[present].mean(), r[present].std() + 1e-6))
+            mean, std = self.stats[j]
+            cols.append(np.where(present, (r - mean) / std, 0.0))
+        return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
+
+    def risk(self, d: FusionInputs, raw: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.model(self._risks(d, raw)).numpy().astype(float)
+
+
 # ---- evaluation ------------------------------------------------------------------------------------
 
 
@@ -551,6 +585,9 @@ def evaluate_survival(
 ) -> dict:  # fmt: skip
     """Fit every strategy on `fit_split` (early stopping on `val_split`) and score the reported
     splits: {"cindex": {prefix+strategy: {split: {...}}}, "counts": {prefix+strategy: {split: {...}}}}.
+    With `raw` (the raw EHR features, aligned by row): the classical Cox model on them
+    (`raw_ehr_cox`, only without a prefix: it reads no encoder) and, where the image head was fit,
+    its late fusion with the image head (prefix+`image_with_raw_ehr`).
     head_seeds: fits per trained head (seeds seed, seed + 1, ...), scored by their mean risk; late
     fusion, fit exactly, combines the unimodal heads' mean risks once."""
     if head_seeds < 1:
@@ -594,7 +631,30 @@ def evaluate_survival(
     if raw is not None:
         ok = {k: ~np.isnan(splits[k].time) & (splits[k].time > 0) for k in splits}
         rf = ok[fit_split] & splits[fit_split].has_ehr
+        if not rf.any() or not splits[fit_split].event[rf].any():
+            if not prefix:
+                note = {"note": f"no samples with EHR, follow-up and an event in the {fit_split!r} split"}
+                cindex["raw_ehr_cox"] = {split: note for split in report_splits}
+            return {"cindex": cindex, "counts": counts}
         base = RidgeCox(raw[fit_split][rf], splits[fit_split].time[rf], splits[fit_split].event[rf])
+        if "image" in fitted and fit.has_ehr.any():
+            both = _ImageWithRaw(fitted["image"], base, fit, raw[fit_split][ok[fit_split]])
+            name = prefix + both.name
+            cindex[name], counts[name] = {}, {}
+            for split in report_splits:
+                if split not in splits:
+                    continue
+                d = followed[split]
+                counts[name][split] = {
+                    "scored": len(d.time),
+                    "excluded_no_image": 0,
+                    "excluded_no_ehr": 0,
+                    "excluded_no_followup": int(len(splits[split].time) - len(d.time)),
+                }
+                risk = both.risk(d, raw[split][ok[split]])
+                cindex[name][split] = _scores(d.time, d.event, risk, train, bootstrap, seed)
+        if prefix:  # the classical model reads no encoder: scored once, without a prefix
+            return {"cindex": cindex, "counts": counts}
         cindex["raw_ehr_cox"], counts["raw_ehr_cox"] = {}, {}
         for split in report_splits:
             if split not in splits:

@@ -105,7 +105,16 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     # the held-out site's imaged subjects (EHR-only subjects have no site)
     assert m["counts"]["external"]["subjects"] == int(((subjects["site"] == 2) & subjects["has_image"]).sum())
 
-    for strategy in ("image", "ehr", "late_fusion", "contrastive", "cross_attention", "co_attention"):
+    strategies = (
+        "image",
+        "ehr",
+        "late_fusion",
+        "contrastive",
+        "cross_attention",
+        "co_attention",
+        "image_with_raw_ehr",
+    )
+    for strategy in strategies:
         for name in (strategy, f"random_init:{strategy}"):
             for split in ("test", "external"):
                 r = m["cindex"][name][split]
@@ -116,7 +125,8 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
     # again on the subjects with both modalities: every strategy scores the same subjects
     for split in ("test", "external"):
         paired = {
-            s: m["cindex"][s][f"{split}_paired"] for s in ("image", "ehr", "late_fusion", "raw_ehr_cox")
+            s: m["cindex"][s][f"{split}_paired"]
+            for s in ("image", "ehr", "late_fusion", "raw_ehr_cox", "image_with_raw_ehr")
         }
         assert len({r["n"] for r in paired.values()}) == 1, paired
         assert 0 < paired["image"]["n"] <= m["counts"][split]["both"]
