@@ -1,7 +1,8 @@
 """Time-to-event heads on frozen embeddings under four fusion strategies, and their c-indices.
 
 Every head is a Cox model trained with the partial likelihood of torchsurv (Efron ties) on the fit
-split, stopped early on the validation split; Harrell's and Uno's c-index come from
+split, stopped early on the validation split (with `head_seeds` > 1, the mean risk of that many
+fits from consecutive seeds); Harrell's and Uno's c-index come from
 scikit-survival, with percentile-bootstrap 95% intervals (the resamples scored at once, as counts
 over the samples' pairs). Strategies and missing modalities:
 
@@ -16,7 +17,8 @@ over the samples' pairs). Strategies and missing modalities:
     co_attention     both directions, pooled, concatenated  as cross_attention, each direction
     raw_ehr_cox      classical Cox (ridge) on raw EHR       samples without EHR: excluded, counted
                      features, missing values imputed
-    image_with_raw_ehr  Cox on the image head's risk and the   a missing modality's risk is its training mean
+    image_with_raw_ehr
+                     Cox on the image head's risk and the   a missing modality's risk is its training mean
                      raw-EHR Cox model's (late fusion with
                      the clinical model), fit to its optimum
 
@@ -491,7 +493,9 @@ class _ImageWithRaw:
 
     name = "image_with_raw_ehr"
 
-    def __init__(self, image, base: RidgeCox, fit: FusionInputs, raw_fit: np.ndarray) -> None:
+    def __init__(
+        self, image: _Strategy | _Ensemble, base: RidgeCox, fit: FusionInputs, raw_fit: np.ndarray
+    ) -> None:
         self.image, self.base = image, base
         self.stats: list[tuple[float, float]] = []
         self.model = fit_linear_cox(self._risks(fit, raw_fit, fit_stats=True), fit.time, fit.event)
