@@ -328,12 +328,29 @@ def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> tor
     return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
 
 
+def _standard_risks(sources, stats: list[tuple[float, float]], fit_stats: bool) -> torch.Tensor:
+    """(n, k) risks of k sources, each standardised by its training mean and spread, the late
+    combiners' input; a sample a source cannot score (a missing modality) gets 0, its training mean.
+    sources: (present (n,) bool, risk of the present rows given that mask) per source; stats: each
+    source's (mean, std), appended to with `fit_stats` (the fit split)."""
+    cols = []
+    for j, (present, risk) in enumerate(sources):
+        r = np.zeros(len(present))
+        if present.any():
+            r[present] = risk(present)
+        if fit_stats:
+            stats.append((r[present].mean(), r[present].std() + 1e-6))
+        mean, std = stats[j]
+        cols.append(np.where(present, (r - mean) / std, 0.0))
+    return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
+
+
 class _Strategy:
     """A fitted strategy: risk(inputs, rows) -> (rows,) scores, for the rows it can score."""
 
     def __init__(
         self, name: str, fit: FusionInputs, val: FusionInputs | None, steps: int, seed: int,
-        parts: dict[str, _Strategy | _Ensemble] | None = None,
+        parts: dict[str, _Ensemble] | None = None,
     ) -> None:  # fmt: skip
         """parts: late fusion's unimodal heads when already fit (same data, steps and seed), else
         it fits its own."""
@@ -393,18 +410,15 @@ class _Strategy:
             return self.model(x).numpy().astype(float)
 
     def _unimodal(self, d: FusionInputs, rows: np.ndarray, fit_stats: bool = False) -> torch.Tensor:
-        """(rows, 2) standardised unimodal risks; a missing modality gets 0 (its training mean)."""
-        cols = []
-        for m, part in self.parts.items():
-            present = d.has_image[rows] if m == "image" else d.has_ehr[rows]
-            r = np.zeros(len(rows))
-            if present.any():
-                r[present] = part.risk(d, rows[present])
-            if fit_stats:
-                setattr(self, f"_{m}_stats", (r[present].mean(), r[present].std() + 1e-6))
-            mean, std = getattr(self, f"_{m}_stats")
-            cols.append(np.where(present, (r - mean) / std, 0.0))
-        return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
+        """(rows, 2) standardised image and EHR head risks (`_standard_risks`)."""
+        image, ehr = self.parts["image"], self.parts["ehr"]
+        sources = (
+            (d.has_image[rows], lambda p: image.risk(d, rows[p])),
+            (d.has_ehr[rows], lambda p: ehr.risk(d, rows[p])),
+        )
+        if fit_stats:
+            self.stats: list[tuple[float, float]] = []
+        return _standard_risks(sources, self.stats, fit_stats)
 
     def _fit_projections(self, fit: FusionInputs, steps: int) -> None:
         self.std_i, self.std_e = (
@@ -443,7 +457,7 @@ class _Ensemble:
 
     def __init__(
         self, name: str, fit: FusionInputs, val: FusionInputs | None, steps: int, seed: int, n: int,
-        parts: dict[str, _Strategy | _Ensemble] | None = None,
+        parts: dict[str, _Ensemble] | None = None,
     ) -> None:  # fmt: skip
         self.name = name
         self.members = [_Strategy(name, fit, val, steps, seed + i, parts=parts) for i in range(n)]
@@ -493,26 +507,19 @@ class _ImageWithRaw:
 
     name = "image_with_raw_ehr"
 
-    def __init__(
-        self, image: _Strategy | _Ensemble, base: RidgeCox, fit: FusionInputs, raw_fit: np.ndarray
-    ) -> None:
+    def __init__(self, image: _Ensemble, base: RidgeCox, fit: FusionInputs, raw_fit: np.ndarray) -> None:
         self.image, self.base = image, base
         self.stats: list[tuple[float, float]] = []
         self.model = fit_linear_cox(self._risks(fit, raw_fit, fit_stats=True), fit.time, fit.event)
 
     def _risks(self, d: FusionInputs, raw: np.ndarray, fit_stats: bool = False) -> torch.Tensor:
-        """(n, 2) standardised image and raw-EHR risks; a missing modality gets 0 (its training mean)."""
+        """(n, 2) standardised image-head and raw-EHR risks (`_standard_risks`)."""
         rows = np.arange(len(d.time))
-        cols = []
-        for j, present in enumerate((d.has_image, d.has_ehr)):
-            r = np.zeros(len(rows))
-            if present.any():
-                r[present] = self.image.risk(d, rows[present]) if j == 0 else self.base.risk(raw[present])
-            if fit_stats:
-                self.stats.append((r[present].mean(), r[present].std() + 1e-6))
-            mean, std = self.stats[j]
-            cols.append(np.where(present, (r - mean) / std, 0.0))
-        return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
+        sources = (
+            (d.has_image, lambda p: self.image.risk(d, rows[p])),
+            (d.has_ehr, lambda p: self.base.risk(raw[p])),
+        )
+        return _standard_risks(sources, self.stats, fit_stats)
 
     def risk(self, d: FusionInputs, raw: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -605,18 +612,14 @@ def evaluate_survival(
     train = (fit.time, fit.event)
     cindex: dict[str, dict] = {}
     counts: dict[str, dict] = {}
-    fitted: dict[str, _Strategy] = {}  # the unimodal heads, which late fusion combines
+    fitted: dict[str, _Ensemble] = {}  # the unimodal heads, which late fusion combines
     for name in strategies:
         missing = _cannot_fit(name, fit)
         if missing:
             cindex[prefix + name] = {split: {"note": missing} for split in report_splits}
             continue
         n = 1 if name == "late_fusion" else head_seeds
-        model = fitted[name] = (
-            _Strategy(name, fit, val, epochs, seed, parts=fitted)
-            if n == 1
-            else _Ensemble(name, fit, val, epochs, seed, n, parts=fitted)
-        )
+        model = fitted[name] = _Ensemble(name, fit, val, epochs, seed, n, parts=fitted)
         cindex[prefix + name], counts[prefix + name] = {}, {}
         for split in report_splits:
             if split not in splits:
