@@ -202,10 +202,14 @@ def evaluate(
                 )
     if any(v.get("masks") for v in manifest.get("splits", {}).values()):
         metrics["segmentation"] = _segmentation(sources, data, reports, cfg)
-    metrics.update(_survival(tables, raw, reports, cfg))
+    survival = _survival(tables, raw, reports, cfg)
+    cindex_pairs = survival.pop("comparison", {})
+    metrics.update(survival)
     if ec.label_fractions:
         metrics["few_labels"] = _few_labels(tables, raw, factors, z, label_names, reports, cfg)
     metrics["comparison"] = _compare(tables, factors, z, label_names, reports, cfg, fitted)
+    for other, by_task in cindex_pairs.items():
+        metrics["comparison"].setdefault(other, {}).update(by_task)
     if z is not None:
         metrics["latent_r2_cv"], paired = _latent_oof(tables, factors, z, reports, cfg)
         for other, by_task in paired.items():
@@ -598,7 +602,10 @@ def _survival(
     """Time-to-event heads on every encoder's embeddings (random init under a `random_init:` prefix)
     and the classical Cox model on the raw EHR features `raw`, on each reported split and again on
     its samples with both modalities ("<split>_paired"), where every strategy scores the same
-    samples."""
+    samples; and under "comparison", the pretrained encoder's c-index against each other one's,
+    strategy by strategy, on the samples both scored of each reported split: {other: {"c-index
+    <endpoint>": {strategy: {split: paired_cindex}}}}, the paired bootstrap saying which differences
+    are beyond noise."""
     from jepa_ray.eval.features import fusion_inputs
     from jepa_ray.eval.survival import evaluate_survival, with_paired
 
@@ -613,13 +620,15 @@ def _survival(
         seed=ec.seed,
         epochs=ec.survival_epochs,
         head_seeds=ec.survival_head_seeds,
+        keep_risks=True,
     )
     splits = tables["pretrained"]
     raw_all = raw  # rows of the pretrained tables; another encoder's are the same samples in key order
     inputs, raw = with_paired({k: fusion_inputs(s, endpoint) for k, s in splits.items()}, raw, reports)
     kwargs["report_splits"] = (*reports, *(f"{s}_paired" for s in reports if f"{s}_paired" in inputs))
     res = evaluate_survival(inputs, raw=raw, **kwargs)
-    cindex, counts = res["cindex"], {"pretrained": res["counts"]}
+    ref = (inputs, _fusion_keys(splits, inputs), res.pop("risks"))
+    cindex, counts, comparison = res["cindex"], {"pretrained": res["counts"]}, {}
     for name, by_split in tables.items():
         if name == "pretrained":
             continue
@@ -630,7 +639,53 @@ def _survival(
         other = evaluate_survival(inputs, raw=other_raw, prefix=f"{name}:", **kwargs)
         cindex.update(other["cindex"])
         counts[name] = other["counts"]
-    return {"cindex": cindex, "survival": {"endpoint": endpoint, "counts": counts}}
+        theirs = (_fusion_keys(by_split, inputs), other["risks"])
+        pairs = _paired_cindex(ref, theirs, f"{name}:", ec.bootstrap, ec.seed)
+        comparison[name] = {f"c-index {endpoint}": pairs}
+    return {"cindex": cindex, "survival": {"endpoint": endpoint, "counts": counts}, "comparison": comparison}
+
+
+def _fusion_keys(tables: dict[str, Split], inputs: dict) -> dict[str, np.ndarray]:
+    """The sample key of every row of each split of `inputs` (`with_paired`'s output over `tables`):
+    a split's own keys, or for "<split>_paired" those of its samples with both modalities."""
+    keys = {}
+    for k in inputs:
+        if k in tables:
+            keys[k] = np.asarray(tables[k].cols["key"])
+        else:
+            whole = k.removesuffix("_paired")
+            both = inputs[whole].has_image & inputs[whole].has_ehr
+            keys[k] = np.asarray(tables[whole].cols["key"])[np.flatnonzero(both)]
+    return keys
+
+
+def _paired_cindex(ref: tuple, other: tuple, prefix: str, bootstrap: int, seed: int) -> dict:
+    """{strategy: {split: paired_cindex}} of the pretrained encoder's risks against another's on the
+    samples both scored (matched by key), on the whole splits (a "<split>_paired" split is a subset
+    of the same samples): ref (inputs, keys, risks), other (keys, risks), the risks as
+    `evaluate_survival(keep_risks=True)` returns them."""
+    from jepa_ray.eval.survival import cindex_defined, paired_cindex
+
+    inputs, keys, risks = ref
+    other_keys, other_risks = other
+    out: dict = {}
+    for name, by_split in risks.items():
+        theirs = other_risks.get(prefix + name, {})
+        for split, (rows, risk) in by_split.items():
+            if split not in theirs or split.endswith("_paired"):  # a subset of the same samples
+                continue
+            rows_b, risk_b = theirs[split]
+            at = {k: j for j, k in enumerate(other_keys[split][rows_b])}
+            mine = [i for i, k in enumerate(keys[split][rows]) if k in at]
+            if not mine:
+                continue
+            a = np.asarray(mine)
+            b = np.array([at[k] for k in keys[split][rows][a]])
+            time, event = inputs[split].time[rows[a]], inputs[split].event[rows[a]]
+            if not cindex_defined(time, event):
+                continue
+            out.setdefault(name, {})[split] = paired_cindex(time, event, risk[a], risk_b[b], bootstrap, seed)
+    return out
 
 
 def _compare(

@@ -132,32 +132,62 @@ def bootstrap_cindex(
 ) -> list[float] | None:  # fmt: skip
     """Percentile 95% interval of the weighted c-index (weight 1: Harrell's; `uno_weights`: Uno's)
     over n bootstrap resamples (`probes.bootstrap_indices`, as `probes.bootstrap_ci` draws them;
-    those without a comparable pair redrawn) scored together: a resample is a
-    vector of counts c, its c-index c'Nc / c'Dc with D[i, j] = w_i where i's event comes before j's
-    time (or at it, j censored) and N = D x (1 if risk_i > risk_j, 1/2 if tied), as scikit-survival
-    counts pairs. Memory stays (rows x samples) per block of D's rows. None if n == 0."""
+    those without a comparable pair redrawn), scored together (`resampled_cindex`). None if n == 0."""
     if n == 0:
         return None
-    size = len(time)
-    draws = bootstrap_indices(size, n, seed, lambda idx: cindex_defined(time[idx], event[idx]))
-    if not draws:
+    draws = bootstrap_indices(len(time), n, seed, lambda idx: cindex_defined(time[idx], event[idx]))
+    c = resampled_cindex(time, event, risk[None], weight, draws, tied_tol, rows)[0]
+    c = c[np.isfinite(c)]
+    if not len(c):
         return None
-    c = np.asarray([np.bincount(idx, minlength=size) for idx in draws], dtype=float)  # (resamples, samples)
+    lo, hi = np.percentile(c, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def paired_cindex(
+    time: np.ndarray, event: np.ndarray, risk_a: np.ndarray, risk_b: np.ndarray, n: int, seed: int
+) -> dict:
+    """Harrell's c-index of two risk scores of the same samples (two encoders' heads), their
+    difference and its paired bootstrap 95% interval: each resample scores both, so the interval
+    leaves out the draw of samples both share ("beyond_noise": it excludes 0). The form of
+    `compare.paired_difference`: {"a", "b", "difference", "ci95", "beyond_noise", "n"}."""
+    a, b = harrell(time, event, risk_a), harrell(time, event, risk_b)
+    out = {"a": a, "b": b, "difference": a - b, "n": len(time)}
+    draws = (
+        bootstrap_indices(len(time), n, seed, lambda idx: cindex_defined(time[idx], event[idx])) if n else []
+    )
+    c = resampled_cindex(time, event, np.stack([risk_a, risk_b]), np.ones(len(time)), draws)
+    diff = (c[0] - c[1])[np.isfinite(c[0] - c[1])]
+    if not len(diff):
+        return out | {"ci95": None, "beyond_noise": None}
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return out | {"ci95": [float(lo), float(hi)], "beyond_noise": bool(lo > 0 or hi < 0)}
+
+
+def resampled_cindex(
+    time: np.ndarray, event: np.ndarray, risks: np.ndarray, weight: np.ndarray, draws: list[np.ndarray],
+    tied_tol: float = 1e-8, rows: int = 256,
+) -> np.ndarray:  # fmt: skip
+    """(k, len(draws)) weighted c-index of each of the k risk vectors `risks` (k, samples) on each
+    resample `draws` (index arrays), NaN where a resample has no comparable pair. A resample is a
+    vector of counts c, its c-index c'Nc / c'Dc with D[i, j] = w_i where i's event comes before j's
+    time (or at it, j censored) and N = D x (1 if risk_i > risk_j, 1/2 if tied), as scikit-survival
+    counts pairs. Memory stays (rows x samples) per block of D's rows."""
+    size = len(time)
+    c = np.asarray([np.bincount(idx, minlength=size) for idx in draws], dtype=float).reshape(len(draws), size)
     ev = event.astype(bool)
-    num, den = np.zeros(len(c)), np.zeros(len(c))
+    num, den = np.zeros((len(risks), len(c))), np.zeros(len(c))
     for lo in range(0, size, rows):
         i = slice(lo, lo + rows)
         ti = time[i, None]
         d = (ev[i, None] & ((time[None, :] > ti) | ((time[None, :] == ti) & ~ev[None, :]))) * weight[i, None]
-        diff = risk[i, None] - risk[None, :]
-        nm = d * np.where(np.abs(diff) <= tied_tol, 0.5, (diff > 0).astype(float))
-        num += (c[:, i] * (c @ nm.T)).sum(1)
         den += (c[:, i] * (c @ d.T)).sum(1)
-    ok = den > 0
-    if not ok.any():
-        return None
-    lo_, hi_ = np.percentile(num[ok] / den[ok], [2.5, 97.5])
-    return [float(lo_), float(hi_)]
+        for k, risk in enumerate(risks):
+            diff = risk[i, None] - risk[None, :]
+            nm = d * np.where(np.abs(diff) <= tied_tol, 0.5, (diff > 0).astype(float))
+            num[k] += (c[:, i] * (c @ nm.T)).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
 
 
 # ---- heads -----------------------------------------------------------------------------------------
@@ -589,10 +619,15 @@ def _cannot_fit(name: str, fit: FusionInputs) -> str | None:
     return None
 
 
+def _result(cindex: dict, counts: dict, risks: dict | None) -> dict:
+    """`evaluate_survival`'s answer, with the kept risks when asked for."""
+    return {"cindex": cindex, "counts": counts} | ({"risks": risks} if risks is not None else {})
+
+
 def evaluate_survival(
     splits: dict[str, FusionInputs], *, raw: dict[str, np.ndarray] | None = None, strategies=STRATEGIES,
     fit_split: str = "train", val_split: str = "val", report_splits=("test", "external"), bootstrap: int = 200,
-    seed: int = 0, epochs: int = 300, prefix: str = "", head_seeds: int = 1,
+    seed: int = 0, epochs: int = 300, prefix: str = "", head_seeds: int = 1, keep_risks: bool = False,
 ) -> dict:  # fmt: skip
     """Fit every strategy on `fit_split` (early stopping on `val_split`) and score the reported
     splits: {"cindex": {prefix+strategy: {split: {...}}}, "counts": {prefix+strategy: {split: {...}}}}.
@@ -600,18 +635,23 @@ def evaluate_survival(
     (`raw_ehr_cox`, only without a prefix: it reads no encoder) and, where the image head was fit,
     its late fusion with the image head (prefix+`image_with_raw_ehr`).
     head_seeds: fits per trained head (seeds seed, seed + 1, ...), scored by their mean risk; late
-    fusion, fit exactly, combines the unimodal heads' mean risks once."""
+    fusion, fit exactly, combines the unimodal heads' mean risks once.
+    keep_risks: also return {"risks": {prefix+strategy: {split: (rows, risk)}}}, each strategy's
+    risk of the rows of `splits[split]` it scored (the trained strategies and `image_with_raw_ehr`),
+    to compare encoders on the same samples (`paired_cindex`)."""
     if head_seeds < 1:
         raise ValueError(f"head_seeds must be at least 1, got {head_seeds}")
     for name, d in splits.items():
         d.check(name)
     if fit_split not in splits:
         raise ValueError(f"no {fit_split!r} split to fit the time-to-event heads on")
-    followed = {k: d.take(np.flatnonzero(~np.isnan(d.time) & (d.time > 0))) for k, d in splits.items()}
+    kept = {k: np.flatnonzero(~np.isnan(d.time) & (d.time > 0)) for k, d in splits.items()}  # with follow-up
+    followed = {k: d.take(kept[k]) for k, d in splits.items()}
     fit, val = followed[fit_split], followed.get(val_split)
     train = (fit.time, fit.event)
     cindex: dict[str, dict] = {}
     counts: dict[str, dict] = {}
+    risks: dict[str, dict] = {}
     fitted: dict[str, _Ensemble] = {}  # the unimodal heads, which late fusion combines
     for name in strategies:
         missing = _cannot_fit(name, fit)
@@ -634,6 +674,7 @@ def evaluate_survival(
                 "excluded_no_followup": int(len(splits[split].time) - len(d.time)),
             }
             risk = model.risk(d, rows) if len(rows) else np.zeros(0)
+            risks.setdefault(prefix + name, {})[split] = (kept[split][rows], risk)
             cindex[prefix + name][split] = _scores(d.time[rows], d.event[rows], risk, train, bootstrap, seed)
     if raw is not None:
         ok = {k: ~np.isnan(splits[k].time) & (splits[k].time > 0) for k in splits}
@@ -642,7 +683,7 @@ def evaluate_survival(
             if not prefix:
                 note = {"note": f"no samples with EHR, follow-up and an event in the {fit_split!r} split"}
                 cindex["raw_ehr_cox"] = {split: note for split in report_splits}
-            return {"cindex": cindex, "counts": counts}
+            return _result(cindex, counts, risks if keep_risks else None)
         base = RidgeCox(raw[fit_split][rf], splits[fit_split].time[rf], splits[fit_split].event[rf])
         if "image" in fitted and fit.has_ehr.any():
             both = _ImageWithRaw(fitted["image"], base, fit, raw[fit_split][ok[fit_split]])
@@ -659,9 +700,10 @@ def evaluate_survival(
                     "excluded_no_followup": int(len(splits[split].time) - len(d.time)),
                 }
                 risk = both.risk(d, raw[split][ok[split]])
+                risks.setdefault(name, {})[split] = (kept[split], risk)
                 cindex[name][split] = _scores(d.time, d.event, risk, train, bootstrap, seed)
         if prefix:  # the classical model reads no encoder: scored once, without a prefix
-            return {"cindex": cindex, "counts": counts}
+            return _result(cindex, counts, risks if keep_risks else None)
         cindex["raw_ehr_cox"], counts["raw_ehr_cox"] = {}, {}
         for split in report_splits:
             if split not in splits:
@@ -679,4 +721,4 @@ def evaluate_survival(
             cindex["raw_ehr_cox"][split] = _scores(
                 d.time[rows], d.event[rows], base.risk(raw[split][rows]), train, bootstrap, seed
             )
-    return {"cindex": cindex, "counts": counts}
+    return _result(cindex, counts, risks if keep_risks else None)

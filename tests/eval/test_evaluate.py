@@ -215,9 +215,25 @@ def test_evaluate_writes_every_metric_the_report_and_the_plots(cohort, encoder, 
         assert grid["b"] == pytest.approx(oof["grid"]["frailty"]) and grid["difference"] == pytest.approx(
             grid["a"] - grid["b"]
         )
+        # the time-to-event heads, strategy by strategy, on the samples both encoders scored: a and b
+        # the c-indices of the c-index table, and the paired interval around their difference
+        for strategy, split in (
+            ("image", "test"),
+            ("late_fusion", "external"),
+            ("co_attention", "test"),
+        ):
+            c = m["comparison"][other]["c-index death"][strategy][split]
+            assert c["a"] == pytest.approx(m["cindex"][strategy][split]["harrell"])
+            assert c["b"] == pytest.approx(m["cindex"][f"{other}:{strategy}"][split]["harrell"])
+            assert c["n"] == m["cindex"][strategy][split]["n"]
+            lo, hi = c["ci95"]
+            assert lo <= c["difference"] <= hi and c["beyond_noise"] == (lo > 0 or hi < 0)
+        assert "raw_ehr_cox" not in m["comparison"][other]["c-index death"]  # it reads no encoder
+        assert "test_paired" not in m["comparison"][other]["c-index death"]["late_fusion"]
     assert (
         "Pretrained against the other encoders" in report and "| latent R² lung, attentive, test |" in report
     )
+    assert "| c-index death, late_fusion, external |" in report
     assert (
         "| latent R² lung, attentive, out-of-fold |" in report
         and "out-of-fold (train, val, test, external)" in report

@@ -82,6 +82,58 @@ def test_the_bootstrap_intervals_score_the_same_resamples_as_scikit_survival(row
     assert survival.bootstrap_cindex(time, censored, risk, np.ones(n), 20, seed=3) is None
 
 
+def test_the_paired_interval_scores_both_risks_on_the_same_resamples():
+    """paired_cindex: the two c-indices, and the percentiles of their difference over the very
+    resamples `bootstrap_cindex` draws, each scoring both risks; a risk that orders the samples is
+    beyond noise against one that does not, and a risk against itself is no difference at all."""
+    from jepa_ray.eval.probes import bootstrap_indices
+
+    rng = np.random.default_rng(5)
+    n = 120
+    time = rng.integers(1, 50, n).astype(float)  # tied times
+    event = rng.random(n) < 0.6
+    good = np.round(-time / 10 + rng.standard_normal(n), 1)  # earlier events, higher risk; ties
+    noise = np.round(rng.standard_normal(n), 1)
+    d = survival.paired_cindex(time, event, good, noise, 80, seed=3)
+    assert d["a"] == pytest.approx(harrell(time, event, good)) and d["b"] == pytest.approx(
+        harrell(time, event, noise)
+    )
+    assert d["difference"] == pytest.approx(d["a"] - d["b"]) and d["n"] == n
+    draws = bootstrap_indices(n, 80, 3, lambda idx: survival.cindex_defined(time[idx], event[idx]))
+    slow = [harrell(time[i], event[i], good[i]) - harrell(time[i], event[i], noise[i]) for i in draws]
+    assert d["ci95"] == pytest.approx(list(np.percentile(slow, [2.5, 97.5])), abs=1e-12)
+    assert d["a"] > 0.7 and d["beyond_noise"] and d["ci95"][0] > 0
+    same = survival.paired_cindex(time, event, good, good.copy(), 50, seed=3)
+    assert same["difference"] == 0 and same["ci95"] == [0, 0] and same["beyond_noise"] is False
+    off = survival.paired_cindex(time, event, good, noise, 0, seed=3)
+    assert off["ci95"] is None and off["beyond_noise"] is None and off["difference"] == d["difference"]
+
+
+def test_kept_risks_are_the_scored_rows_of_each_split_and_give_its_c_index():
+    """keep_risks: each strategy's risks with the rows of the split they belong to, which leave out
+    the samples a head cannot score (no image) and those without follow-up."""
+    rng = np.random.default_rng(13)
+    splits = {"train": _problem(300, rng), "val": _problem(80, rng), "test": _problem(200, rng, missing=0.3)}
+    splits["test"].time[:10] = np.nan  # no follow-up
+    res = evaluate_survival(
+        splits, strategies=("image", "ehr", "late_fusion"), report_splits=("test",), bootstrap=0, epochs=20,
+        keep_risks=True,
+    )  # fmt: skip
+    test = splits["test"]
+    for name in ("image", "ehr", "late_fusion"):
+        rows, risk = res["risks"][name]["test"]
+        assert len(rows) == len(risk) == res["cindex"][name]["test"]["n"]
+        assert res["cindex"][name]["test"]["harrell"] == pytest.approx(
+            harrell(test.time[rows], test.event[rows], risk)
+        )
+        assert not np.isnan(test.time[rows]).any()
+    image_rows = res["risks"]["image"]["test"][0]
+    assert test.has_image[image_rows].all() and len(image_rows) == int((test.has_image[10:]).sum())
+    assert "risks" not in evaluate_survival(
+        splits, strategies=("ehr",), report_splits=("test",), bootstrap=0, epochs=5
+    )
+
+
 def _problem(
     n: int, rng, missing: float = 0.0, img_weight: float = 1.0, ehr_weight: float = 1.0
 ) -> FusionInputs:
