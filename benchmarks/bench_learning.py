@@ -519,7 +519,8 @@ def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1
     map fit on train to the raw EHR features from the pooled image embedding (`mapped`) and from
     the 4 x 4 grid of patch tokens (`mapped_tokens`, `evaluate`'s linear read-out)) and Cox c-index
     per strategy (test, external and their subjects with both modalities, `with_paired`; each head
-    the mean of `head_seeds` fits, as `evaluate`'s) of one encoder."""
+    the mean of `head_seeds` fits, as `evaluate`'s) of one encoder; under "risks" each strategy's
+    {split: (rows, time, event, risk)}, for `cindex_over_seeds` (not for the JSON)."""
     from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
     from jepa_ray.eval.probes import recall_at
     from jepa_ray.eval.survival import evaluate_survival, with_paired
@@ -549,12 +550,49 @@ def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1
         bootstrap=0,
         seed=seed,
         head_seeds=head_seeds,
+        keep_risks=True,
     )
+    risks = {
+        strategy: {
+            split: (rows, inputs[split].time[rows], inputs[split].event[rows], r)
+            for split, (rows, r) in by.items()
+        }
+        for strategy, by in surv["risks"].items()
+    }
     cindex = {
         strategy: {split: r.get("harrell") for split, r in by_split.items()}
         for strategy, by_split in surv["cindex"].items()
     }
-    return {"retrieval": retrieval, "cindex": cindex}
+    return {"retrieval": retrieval, "cindex": cindex, "risks": risks}
+
+
+def cindex_over_seeds(seed_risks: list[dict], others: list[str]) -> dict:
+    """{"jepa-<other>": {strategy: {split: paired_cindex}}}: the JEPA's c-index minus another arm's,
+    averaged over seeds, with the 95% interval of BOOTSTRAP resamples of the held-out subjects, each
+    resample scoring every seed's heads of both arms. Every seed is scored on the same subjects, so
+    the seeds' agreement alone does not average over the draw of those subjects; this interval does.
+    seed_risks: per seed, {arm: `downstream`'s "risks"}."""
+    from jepa_ray.eval.survival import paired_cindex
+
+    out: dict = {}
+    for other in others:
+        res: dict = {}
+        for strategy, by_split in seed_risks[0]["jepa"].items():
+            for split in by_split:
+                runs = [
+                    (r["jepa"][strategy][split], r[other].get(strategy, {}).get(split)) for r in seed_risks
+                ]
+                rows = runs[0][0][0]
+                if any(
+                    b is None or not (np.array_equal(a[0], rows) and np.array_equal(b[0], rows))
+                    for a, b in runs
+                ):
+                    continue  # not the same subjects in every seed and arm: nothing to pair
+                _, time, event, _ = runs[0][0]
+                a, b = np.stack([a[3] for a, _ in runs]), np.stack([b[3] for _, b in runs])
+                res.setdefault(strategy, {})[split] = paired_cindex(time, event, a, b, BOOTSTRAP, 0)
+        out[f"jepa-{other}"] = res
+    return out
 
 
 def over_chance(r: dict) -> float:
@@ -760,8 +798,9 @@ def main() -> int:
             flush=True,
         )
 
-    runs, seed_preds = [], []
+    runs, seed_preds, seed_risks = [], [], []
     for seed in range(args.first_seed, args.first_seed + seeds):
+        seed_risks.append({})
         run: dict = {"seed": seed}
         models, preds = {}, {}
         for arm in args.arms:
@@ -830,8 +869,8 @@ def main() -> int:
             for arm, model in models.items():
                 if arm not in args.downstream_arms:
                     continue
-                run[arm]["downstream"] = downstream(model, held, manifest, seed, head_seeds)
-                d = run[arm]["downstream"]
+                d = run[arm]["downstream"] = downstream(model, held, manifest, seed, head_seeds)
+                seed_risks[-1][arm] = d.pop("risks")
                 r = d["retrieval"]
                 print(
                     f"seed {seed} {arm:<6} recall@{RETRIEVAL_K} / chance: predictor {over_chance(r):.2f},"
@@ -947,6 +986,20 @@ def main() -> int:
                 f"JEPA image head with the raw-EHR Cox model - that model alone ({s}) per seed: "
                 + " ".join(f"{x:+.3f}" for x in v)
             )
+    others = [a for a in args.downstream_arms if a != "jepa" and a in args.arms]
+    if do_downstream and "jepa" in args.downstream_arms and "jepa" in args.arms and others:
+        results["cindex_over_seeds"] = cindex_over_seeds(seed_risks, others)
+        for name, by_strategy in results["cindex_over_seeds"].items():
+            for strategy in ("image", "late_fusion", "image_with_raw_ehr"):
+                cells = by_strategy.get(strategy, {})
+                print(
+                    f"mean over seeds {name} c-index {strategy}: "
+                    + "  ".join(
+                        f"{split} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                        for split, d in cells.items()
+                        if d["ci95"]
+                    )
+                )
     if set(args.arms) == set(ARMS):
         grid = cells_won(runs, "grid")
         results["grid_ratio"] = float(np.mean(grid))

@@ -276,3 +276,38 @@ def test_the_learning_benchmark_reads_the_encoder_it_is_asked_for(monkeypatch):
     assert pooled.shape == (3, 3) and tokens.shape == (3, 2, 3) and np.all(tokens == 1.0)
     _, tokens = bench.image_views(model, batches, "context")
     assert model.calls[2:] == [("image", "context", False)] * 2 and np.all(tokens == 2.0)
+
+
+def test_the_learning_benchmark_pairs_the_c_index_over_seeds_on_the_same_subjects(monkeypatch):
+    """`cindex_over_seeds`: the JEPA's c-index minus another arm's averaged over seeds, its interval
+    that of subject resamples each scoring every seed's both arms; a strategy whose rows differ
+    between seeds or arms is left out rather than paired across different subjects."""
+    import numpy as np
+
+    from jepa_ray.eval.survival import harrell
+
+    bench = _bench_learning(monkeypatch)
+    rng = np.random.default_rng(2)
+    n = 150
+    time = rng.integers(1, 60, n).astype(float)
+    event = rng.random(n) < 0.6
+    rows = np.arange(n) * 2  # rows of the split each head scored
+
+    def arm(signal: float) -> dict:
+        risk = signal * -time / 20 + rng.standard_normal(n)
+        return {
+            "image": {"test": (rows, time, event, risk)},
+            "ehr": {"test": (rows if signal else rows + 1, time, event, risk)},  # other rows in random init
+        }
+
+    seed_risks = [{"jepa": arm(1.0), "random": arm(0.0)} for _ in range(3)]
+    out = bench.cindex_over_seeds(seed_risks, ["random"])["jepa-random"]
+    d = out["image"]["test"]
+    per_seed = [
+        harrell(time, event, r["jepa"]["image"]["test"][3])
+        - harrell(time, event, r["random"]["image"]["test"][3])
+        for r in seed_risks
+    ]
+    assert d["difference"] == pytest.approx(np.mean(per_seed)) and d["n"] == n
+    assert d["beyond_noise"] and 0 < d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    assert "ehr" not in out

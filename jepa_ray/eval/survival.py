@@ -150,14 +150,25 @@ def paired_cindex(
     """Harrell's c-index of two risk scores of the same samples (two encoders' heads), their
     difference and its paired bootstrap 95% interval: each resample scores both, so the interval
     leaves out the draw of samples both share ("beyond_noise": it excludes 0). The form of
-    `compare.paired_difference`: {"a", "b", "difference", "ci95", "beyond_noise", "n"}."""
-    a, b = harrell(time, event, risk_a), harrell(time, event, risk_b)
+    `compare.paired_difference`: {"a", "b", "difference", "ci95", "beyond_noise", "n"}.
+    risk_a, risk_b: (samples,), or (runs, samples) for several runs (seeds) scored on the same
+    samples, pair by pair: then a and b are the runs' mean c-indices and the interval is that of
+    the mean difference, every run scored on each resample (seeds that share their held-out
+    subjects do not average away the draw of those subjects)."""
+    ra, rb = np.atleast_2d(risk_a), np.atleast_2d(risk_b)
+    if ra.shape != rb.shape or ra.shape[1] != len(time):
+        raise ValueError(
+            f"paired risks need one per sample and run: {ra.shape}, {rb.shape}, {len(time)} samples"
+        )
+    a = float(np.mean([harrell(time, event, r) for r in ra]))
+    b = float(np.mean([harrell(time, event, r) for r in rb]))
     out = {"a": a, "b": b, "difference": a - b, "n": len(time)}
     draws = (
         bootstrap_indices(len(time), n, seed, lambda idx: cindex_defined(time[idx], event[idx])) if n else []
     )
-    c = resampled_cindex(time, event, np.stack([risk_a, risk_b]), np.ones(len(time)), draws)
-    diff = (c[0] - c[1])[np.isfinite(c[0] - c[1])]
+    c = resampled_cindex(time, event, np.concatenate([ra, rb]), np.ones(len(time)), draws)
+    diff = c[: len(ra)].mean(0) - c[len(ra) :].mean(0)
+    diff = diff[np.isfinite(diff)]
     if not len(diff):
         return out | {"ci95": None, "beyond_noise": None}
     lo, hi = np.percentile(diff, [2.5, 97.5])

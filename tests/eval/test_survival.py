@@ -107,6 +107,24 @@ def test_the_paired_interval_scores_both_risks_on_the_same_resamples():
     assert same["difference"] == 0 and same["ci95"] == [0, 0] and same["beyond_noise"] is False
     off = survival.paired_cindex(time, event, good, noise, 0, seed=3)
     assert off["ci95"] is None and off["beyond_noise"] is None and off["difference"] == d["difference"]
+    # several runs on the same samples: the mean difference, each resample scoring every run
+    runs_a = np.stack([good, np.round(-time / 10 + rng.standard_normal(n), 1)])
+    runs_b = np.stack([noise, np.round(rng.standard_normal(n), 1)])
+    m = survival.paired_cindex(time, event, runs_a, runs_b, 80, seed=3)
+    per_run = [harrell(time, event, a) - harrell(time, event, b) for a, b in zip(runs_a, runs_b, strict=True)]
+    assert m["difference"] == pytest.approx(np.mean(per_run))
+    slow = [
+        np.mean(
+            [
+                harrell(time[i], event[i], a[i]) - harrell(time[i], event[i], b[i])
+                for a, b in zip(runs_a, runs_b, strict=True)
+            ]
+        )
+        for i in draws
+    ]
+    assert m["ci95"] == pytest.approx(list(np.percentile(slow, [2.5, 97.5])), abs=1e-12)
+    with pytest.raises(ValueError, match="one per sample and run"):
+        survival.paired_cindex(time, event, runs_a, noise, 10, seed=3)
 
 
 def test_kept_risks_are_the_scored_rows_of_each_split_and_give_its_c_index():
