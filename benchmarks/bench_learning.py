@@ -25,7 +25,10 @@ attentive (a cross-attention pooling head trained on the frozen patch tokens,
 `jepa_ray.eval.attentive`), kNN (cosine, k=20, on the pooled embedding). Downstream, on held-out subjects (one study per subject, as `evaluate`):
 image -> EHR retrieval recall@5 on the test split against its chance level, and Cox heads under
 every fusion strategy (Harrell's c-index on test and external, fit on train, stopped on val; again
-on their subjects with both modalities, where every strategy reads the same subjects).
+on their subjects with both modalities, where every strategy reads the same subjects). With more
+than one --downstream-arms, `cindex_over_seeds`: the JEPA's c-index minus each other arm's,
+averaged over seeds, with the interval of 1,000 resamples of the held-out subjects (every seed
+is scored on the same subjects, so only resampling them says whether a lead is beyond noise).
 With the downstream part, two bounds: what a small supervised CNN reads of each latent from the
 same pixels (`supervised_ceiling`), and the fusion margin an image read-out of a given R² allows
 (`fusion_bound`: the true latents blurred to that R² beside the raw EHR, ridge Cox).
