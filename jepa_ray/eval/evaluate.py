@@ -627,7 +627,7 @@ def _survival(
     inputs, raw = with_paired({k: fusion_inputs(s, endpoint) for k, s in splits.items()}, raw, reports)
     kwargs["report_splits"] = (*reports, *(f"{s}_paired" for s in reports if f"{s}_paired" in inputs))
     res = evaluate_survival(inputs, raw=raw, **kwargs)
-    ref = (inputs, _fusion_keys(splits, inputs), res.pop("risks"))
+    ref = (inputs, _keys(splits), res.pop("risks"))
     cindex, counts, comparison = res["cindex"], {"pretrained": res["counts"]}, {}
     for name, by_split in tables.items():
         if name == "pretrained":
@@ -639,24 +639,15 @@ def _survival(
         other = evaluate_survival(inputs, raw=other_raw, prefix=f"{name}:", **kwargs)
         cindex.update(other["cindex"])
         counts[name] = other["counts"]
-        theirs = (_fusion_keys(by_split, inputs), other["risks"])
+        theirs = (_keys(by_split), other["risks"])
         pairs = _paired_cindex(ref, theirs, f"{name}:", ec.bootstrap, ec.seed)
         comparison[name] = {f"c-index {endpoint}": pairs}
     return {"cindex": cindex, "survival": {"endpoint": endpoint, "counts": counts}, "comparison": comparison}
 
 
-def _fusion_keys(tables: dict[str, Split], inputs: dict) -> dict[str, np.ndarray]:
-    """The sample key of every row of each split of `inputs` (`with_paired`'s output over `tables`):
-    a split's own keys, or for "<split>_paired" those of its samples with both modalities."""
-    keys = {}
-    for k in inputs:
-        if k in tables:
-            keys[k] = np.asarray(tables[k].cols["key"])
-        else:
-            whole = k.removesuffix("_paired")
-            both = inputs[whole].has_image & inputs[whole].has_ehr
-            keys[k] = np.asarray(tables[whole].cols["key"])[np.flatnonzero(both)]
-    return keys
+def _keys(tables: dict[str, Split]) -> dict[str, np.ndarray]:
+    """Each split's sample keys, row by row."""
+    return {k: np.asarray(t.cols["key"]) for k, t in tables.items()}
 
 
 def _paired_cindex(ref: tuple, other: tuple, prefix: str, bootstrap: int, seed: int) -> dict:

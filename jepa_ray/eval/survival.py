@@ -4,7 +4,8 @@ Every head is a Cox model trained with the partial likelihood of torchsurv (Efro
 split, stopped early on the validation split (with `head_seeds` > 1, the mean risk of that many
 fits from consecutive seeds); Harrell's and Uno's c-index come from
 scikit-survival, with percentile-bootstrap 95% intervals (the resamples scored at once, as counts
-over the samples' pairs). Strategies and missing modalities:
+over the samples' pairs); `paired_cindex` sets two encoders' risks of the same samples against each
+other on the same resamples. Strategies and missing modalities:
 
     image            Cox on the image tokens, pooled by a   samples without an image: excluded, counted
                      learned query (attentive pooling)
