@@ -517,16 +517,19 @@ def fusion_bound(pairs: dict, r2: dict[str, dict], reps: int = 20) -> dict:
     return out
 
 
-def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1) -> dict:
+def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1, cross_fit: int = 0) -> dict:
     """Retrieval recall@5 (test: the predictor's image -> EHR prediction; test and external: a ridge
     map fit on train to the raw EHR features from the pooled image embedding (`mapped`) and from
     the 4 x 4 grid of patch tokens (`mapped_tokens`, `evaluate`'s linear read-out)) and Cox c-index
     per strategy (test, external and their subjects with both modalities, `with_paired`; each head
     the mean of `head_seeds` fits, as `evaluate`'s) of one encoder; under "risks" each strategy's
-    {split: (rows, time, event, risk)}, for `cindex_over_seeds` (not for the JSON)."""
+    {split: (rows, time, event, risk)}, for `cindex_over_seeds` (not for the JSON). With
+    `cross_fit` K: the image, EHR and late-fusion heads cross-fitted over the internal site's
+    train, val and test subjects in K folds (`survival.cross_fitted`), scored on those with both
+    modalities as split "internal_cv", their risks under "cross_fit" (for `cross_fit_over_seeds`)."""
     from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
     from jepa_ray.eval.probes import recall_at
-    from jepa_ray.eval.survival import evaluate_survival, with_paired
+    from jepa_ray.eval.survival import cross_fitted, evaluate_survival, paired_cindex, with_paired
 
     splits = held_splits(held, model)
     test = splits["test"]
@@ -566,7 +569,16 @@ def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1
         strategy: {split: r.get("harrell") for split, r in by_split.items()}
         for strategy, by_split in surv["cindex"].items()
     }
-    return {"retrieval": retrieval, "cindex": cindex, "risks": risks}
+    out = {"retrieval": retrieval, "cindex": cindex, "risks": risks}
+    if cross_fit:
+        cf = out["cross_fit"] = cross_fitted(
+            {k: inputs[k] for k in SPLITS[:3]}, folds=cross_fit, seed=seed, head_seeds=head_seeds
+        )
+        p = cf["paired"]
+        for strategy, risk in cf["risks"].items():
+            d = paired_cindex(cf["time"][p], cf["event"][p], risk[p], risk[p], 0, 0, strata=cf["fold"][p])
+            cindex[strategy]["internal_cv"] = d["a"]
+    return out
 
 
 def cindex_over_seeds(seed_risks: list[dict], others: list[str]) -> dict:
@@ -595,6 +607,44 @@ def cindex_over_seeds(seed_risks: list[dict], others: list[str]) -> dict:
                 a, b = np.stack([a[3] for a, _ in runs]), np.stack([b[3] for _, b in runs])
                 res.setdefault(strategy, {})[split] = paired_cindex(time, event, a, b, BOOTSTRAP, 0)
         out[f"jepa-{other}"] = res
+    return out
+
+
+def cross_fit_over_seeds(seed_cf: list[dict]) -> dict:
+    """Over seeds, on the internal site's cross-fitted subjects with both modalities (every seed
+    and arm on the same folds): late fusion minus each unimodal head per arm
+    ({"late_fusion-unimodal": {arm: {unimodal: ...}}}), and the JEPA minus each other arm per
+    strategy ({"jepa-<other>": {strategy: ...}}); means over seeds with the interval of BOOTSTRAP resamples of the
+    subjects, pairs counted within a fold. seed_cf: per seed, {arm: `downstream`'s "cross_fit"}."""
+    from jepa_ray.eval.survival import paired_cindex
+
+    first = seed_cf[0][next(iter(seed_cf[0]))]
+    p = first["paired"]
+    time, event, fold = first["time"][p], first["event"][p], first["fold"][p]
+    for by_arm in seed_cf:
+        for cf in by_arm.values():
+            if not (np.array_equal(cf["fold"], first["fold"]) and np.array_equal(cf["time"], first["time"])):
+                raise ValueError("cross-fitted risks over seeds must share their subjects and folds")
+
+    def runs(arm: str, strategy: str) -> np.ndarray:
+        return np.stack([by_arm[arm]["risks"][strategy][p] for by_arm in seed_cf])
+
+    out: dict = {
+        "late_fusion-unimodal": {
+            arm: {
+                uni: paired_cindex(
+                    time, event, runs(arm, "late_fusion"), runs(arm, uni), BOOTSTRAP, 0, strata=fold
+                )
+                for uni in UNIMODAL
+            }
+            for arm in seed_cf[0]
+        }
+    }
+    for other in [a for a in seed_cf[0] if a != "jepa"] if "jepa" in seed_cf[0] else []:
+        out[f"jepa-{other}"] = {
+            s: paired_cindex(time, event, runs("jepa", s), runs(other, s), BOOTSTRAP, 0, strata=fold)
+            for s in first["risks"]
+        }
     return out
 
 
@@ -719,6 +769,15 @@ def main() -> int:
         default=None,
         help="fits averaged per time-to-event head (default: evaluate's eval.survival_head_seeds, 5)",
     )
+    ap.add_argument(
+        "--cross-fit",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also cross-fit the image, EHR and late-fusion heads over the internal site's train, val "
+        "and test subjects in K folds (split internal_cv: ~800 subjects with both modalities, not "
+        "the test split's ~120)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     subjects = args.subjects or (1000 if args.quick else 1600)
@@ -801,9 +860,10 @@ def main() -> int:
             flush=True,
         )
 
-    runs, seed_preds, seed_risks = [], [], []
+    runs, seed_preds, seed_risks, seed_cf = [], [], [], []
     for seed in range(args.first_seed, args.first_seed + seeds):
         seed_risks.append({})
+        seed_cf.append({})
         run: dict = {"seed": seed}
         models, preds = {}, {}
         for arm in args.arms:
@@ -872,8 +932,12 @@ def main() -> int:
             for arm, model in models.items():
                 if arm not in args.downstream_arms:
                     continue
-                d = run[arm]["downstream"] = downstream(model, held, manifest, seed, head_seeds)
+                d = run[arm]["downstream"] = downstream(
+                    model, held, manifest, seed, head_seeds, args.cross_fit
+                )
                 seed_risks[-1][arm] = d.pop("risks")
+                if args.cross_fit:
+                    seed_cf[-1][arm] = d.pop("cross_fit")
                 r = d["retrieval"]
                 print(
                     f"seed {seed} {arm:<6} recall@{RETRIEVAL_K} / chance: predictor {over_chance(r):.2f},"
@@ -883,7 +947,12 @@ def main() -> int:
                     "  fusion - unimodal:"
                     f" test {fusion_margin(d['cindex'], 'test'):+.3f}  external {fusion_margin(d['cindex'], 'external'):+.3f}"
                     " (subjects with both modalities:"
-                    f" {fusion_margin(d['cindex'], PAIRED[0]):+.3f} / {fusion_margin(d['cindex'], PAIRED[1]):+.3f})",
+                    f" {fusion_margin(d['cindex'], PAIRED[0]):+.3f} / {fusion_margin(d['cindex'], PAIRED[1]):+.3f})"
+                    + (
+                        f"  cross-fitted internal {fusion_margin(d['cindex'], 'internal_cv'):+.3f}"
+                        if args.cross_fit
+                        else ""
+                    ),
                     flush=True,
                 )
         runs.append(run)
@@ -948,7 +1017,7 @@ def main() -> int:
         }
         results["fusion_margin"] = {
             s: [fusion_margin(r["jepa"]["downstream"]["cindex"], s) for r in runs]
-            for s in ("test", "external", *PAIRED)
+            for s in ("test", "external", *PAIRED, *(["internal_cv"] if args.cross_fit else []))
         }
         results["clinical_margin"] = {
             s: [clinical_margin(r["jepa"]["downstream"]["cindex"], s) for r in runs]
@@ -1003,6 +1072,22 @@ def main() -> int:
                         if d["ci95"]
                     )
                 )
+    if do_downstream and args.cross_fit and seed_cf[0]:
+        results["cross_fit_over_seeds"] = cross_fit_over_seeds(seed_cf)
+        cf_rows = {
+            f"{arm}: late_fusion-": c
+            for arm, c in results["cross_fit_over_seeds"]["late_fusion-unimodal"].items()
+        }
+        cf_rows |= {k: c for k, c in results["cross_fit_over_seeds"].items() if k != "late_fusion-unimodal"}
+        for name, cells in cf_rows.items():
+            print(
+                f"mean over seeds, cross-fitted internal ({args.cross_fit} folds) {name}: "
+                + "  ".join(
+                    f"{k} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                    for k, d in cells.items()
+                    if d["ci95"]
+                )
+            )
     if set(args.arms) == set(ARMS):
         grid = cells_won(runs, "grid")
         results["grid_ratio"] = float(np.mean(grid))
@@ -1040,6 +1125,7 @@ def main() -> int:
             "mae_lr": args.mae_lr or lr,
             "downstream": do_downstream,
             "head_seeds": head_seeds,
+            "cross_fit": args.cross_fit,
             "setup_s": setup_s,
         },
         "results": results,

@@ -311,3 +311,48 @@ def test_the_learning_benchmark_pairs_the_c_index_over_seeds_on_the_same_subject
     assert d["difference"] == pytest.approx(np.mean(per_seed)) and d["n"] == n
     assert d["beyond_noise"] and 0 < d["ci95"][0] <= d["difference"] <= d["ci95"][1]
     assert "ehr" not in out
+
+
+def test_the_learning_benchmark_pairs_cross_fitted_risks_within_folds_over_seeds(monkeypatch):
+    """`cross_fit_over_seeds`: late fusion minus each unimodal head per arm and the JEPA minus each
+    other arm per strategy, averaged over seeds on the cross-fitted subjects with both modalities,
+    pairs counted within a fold (a fold's shifted risks change nothing); different folds refused."""
+    import numpy as np
+
+    from jepa_ray.eval.survival import paired_cindex
+
+    bench = _bench_learning(monkeypatch)
+    rng = np.random.default_rng(4)
+    n = 160
+    time = rng.integers(1, 60, n).astype(float)
+    event = rng.random(n) < 0.6
+    fold = np.arange(n) % 4
+    paired = rng.random(n) < 0.8
+
+    def arm(signal: float) -> dict:
+        image = signal * -time / 20 + rng.standard_normal(n) + 3.0 * fold  # each fold on its own scale
+        ehr = -time / 40 + rng.standard_normal(n)
+        fused = image + ehr - 3.0 * fold
+        risks = {"image": image, "ehr": ehr, "late_fusion": fused}
+        return {"fold": fold, "time": time, "event": event, "paired": paired, "risks": risks}
+
+    seed_cf = [{"jepa": arm(1.0), "random": arm(0.0)} for _ in range(3)]
+    out = bench.cross_fit_over_seeds(seed_cf)
+    assert set(out) == {"late_fusion-unimodal", "jepa-random"} and set(out["late_fusion-unimodal"]) == {
+        "jepa",
+        "random",
+    }
+    p = paired
+    d = out["jepa-random"]["image"]
+    per_seed = [
+        paired_cindex(time[p], event[p], r["jepa"]["risks"]["image"][p], r["random"]["risks"]["image"][p], 0, 0,
+                      strata=fold[p])["difference"]
+        for r in seed_cf
+    ]  # fmt: skip
+    assert d["difference"] == pytest.approx(np.mean(per_seed)) and d["n"] == p.sum()
+    assert d["beyond_noise"] and d["difference"] > 0.1  # unstratified, the folds' offsets would swamp it
+    fused = out["late_fusion-unimodal"]["random"]["image"]  # random init's image head reads noise
+    assert fused["beyond_noise"] and fused["difference"] > 0.03 and out["jepa-random"]["ehr"]["ci95"]
+    seed_cf[1]["random"]["fold"] = (fold + 1) % 4
+    with pytest.raises(ValueError, match="share their subjects and folds"):
+        bench.cross_fit_over_seeds(seed_cf)

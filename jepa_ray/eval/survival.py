@@ -146,8 +146,9 @@ def bootstrap_cindex(
 
 
 def paired_cindex(
-    time: np.ndarray, event: np.ndarray, risk_a: np.ndarray, risk_b: np.ndarray, n: int, seed: int
-) -> dict:
+    time: np.ndarray, event: np.ndarray, risk_a: np.ndarray, risk_b: np.ndarray, n: int, seed: int,
+    strata: np.ndarray | None = None,
+) -> dict:  # fmt: skip
     """Harrell's c-index of two risk scores of the same samples (two encoders' heads), their
     difference and its paired bootstrap 95% interval: each resample scores both, so the interval
     leaves out the draw of samples both share ("beyond_noise": it excludes 0). The form of
@@ -155,19 +156,24 @@ def paired_cindex(
     risk_a, risk_b: (samples,), or (runs, samples) for several runs (seeds) scored on the same
     samples, pair by pair: then a and b are the runs' mean c-indices and the interval is that of
     the mean difference, every run scored on each resample (seeds that share their held-out
-    subjects do not average away the draw of those subjects)."""
+    subjects do not average away the draw of those subjects).
+    strata: one label per sample; pairs are then counted only within a stratum (the folds of a
+    cross-fit, whose risks come from different fits and are not on one scale)."""
     ra, rb = np.atleast_2d(risk_a), np.atleast_2d(risk_b)
     if ra.shape != rb.shape or ra.shape[1] != len(time):
         raise ValueError(
             f"paired risks need one per sample and run: {ra.shape}, {rb.shape}, {len(time)} samples"
         )
-    a = float(np.mean([harrell(time, event, r) for r in ra]))
-    b = float(np.mean([harrell(time, event, r) for r in rb]))
+    every = [np.arange(len(time))]
+    whole = resampled_cindex(time, event, np.concatenate([ra, rb]), np.ones(len(time)), every, strata=strata)[
+        :, 0
+    ]
+    a, b = float(whole[: len(ra)].mean()), float(whole[len(ra) :].mean())
     out = {"a": a, "b": b, "difference": a - b, "n": len(time)}
     draws = (
         bootstrap_indices(len(time), n, seed, lambda idx: cindex_defined(time[idx], event[idx])) if n else []
     )
-    c = resampled_cindex(time, event, np.concatenate([ra, rb]), np.ones(len(time)), draws)
+    c = resampled_cindex(time, event, np.concatenate([ra, rb]), np.ones(len(time)), draws, strata=strata)
     diff = c[: len(ra)].mean(0) - c[len(ra) :].mean(0)
     diff = diff[np.isfinite(diff)]
     if not len(diff):
@@ -178,13 +184,14 @@ def paired_cindex(
 
 def resampled_cindex(
     time: np.ndarray, event: np.ndarray, risks: np.ndarray, weight: np.ndarray, draws: list[np.ndarray],
-    tied_tol: float = 1e-8, rows: int = 256,
+    tied_tol: float = 1e-8, rows: int = 256, strata: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """(k, len(draws)) weighted c-index of each of the k risk vectors `risks` (k, samples) on each
     resample `draws` (index arrays), NaN where a resample has no comparable pair. A resample is a
     vector of counts c, its c-index c'Nc / c'Dc with D[i, j] = w_i where i's event comes before j's
     time (or at it, j censored) and N = D x (1 if risk_i > risk_j, 1/2 if tied), as scikit-survival
-    counts pairs. Memory stays (rows x samples) per block of D's rows."""
+    counts pairs; with `strata` (one label per sample) D keeps only the pairs within a stratum.
+    Memory stays (rows x samples) per block of D's rows."""
     size = len(time)
     c = np.asarray([np.bincount(idx, minlength=size) for idx in draws], dtype=float).reshape(len(draws), size)
     ev = event.astype(bool)
@@ -193,6 +200,8 @@ def resampled_cindex(
         i = slice(lo, lo + rows)
         ti = time[i, None]
         d = (ev[i, None] & ((time[None, :] > ti) | ((time[None, :] == ti) & ~ev[None, :]))) * weight[i, None]
+        if strata is not None:
+            d = d * (strata[i, None] == strata[None, :])
         den += (c[:, i] * (c @ d.T)).sum(1)
         for k, risk in enumerate(risks):
             diff = risk[i, None] - risk[None, :]
@@ -566,6 +575,62 @@ class _ImageWithRaw:
     def risk(self, d: FusionInputs, raw: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return self.model(self._risks(d, raw)).numpy().astype(float)
+
+
+# ---- cross-fitting ---------------------------------------------------------------------------------
+
+
+def cross_fitted(
+    splits: dict[str, FusionInputs], *, pool=("train", "val", "test"), folds: int = 5,
+    strategies=("image", "ehr", "late_fusion"), val_fraction: float = 0.12, epochs: int = 300, seed: int = 0,
+    head_seeds: int = 1, fold_seed: int = 0,
+) -> dict:  # fmt: skip
+    """Out-of-fold risks over every subject of the `pool` splits (one site's labelled subjects): a
+    test split of a hundred subjects cannot resolve a c-index difference of a hundredth, and the
+    subjects the heads were fit on can be scored too, each by heads fit without it. The pooled
+    subjects with follow-up are dealt into `folds` folds (by `fold_seed`, so every encoder and seed
+    gets the same folds); each fold is scored by heads fit on the others, `val_fraction` of those
+    held back for early stopping, as `evaluate_survival` fits them. The folds' risks come from
+    different fits, so c-indices count pairs within a fold (`paired_cindex(..., strata=fold)`).
+    Returns {"origin": (n,) split names, "row": (n,) rows of those splits, "fold", "time", "event",
+    "paired": (n,) both modalities, "risks": {strategy: (n,) risk, NaN where it cannot score}}."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    missing = [k for k in pool if k not in splits]
+    if missing:
+        raise ValueError(f"no {missing} split to pool for cross-fitting (splits: {sorted(splits)})")
+    for name in pool:
+        splits[name].check(name)
+    names = [f.name for f in fields(FusionInputs)]
+    whole = FusionInputs(**{f: np.concatenate([getattr(splits[k], f) for k in pool]) for f in names})
+    origin = np.concatenate([np.full(len(splits[k].time), k, dtype=object) for k in pool])
+    row = np.concatenate([np.arange(len(splits[k].time)) for k in pool])
+    ok = np.flatnonzero(~np.isnan(whole.time) & (whole.time > 0))
+    whole, origin, row = whole.take(ok), origin[ok], row[ok]
+    n = len(whole.time)
+    if n < 2 * folds:
+        raise ValueError(f"{n} subjects with follow-up in {list(pool)}: too few for {folds} folds")
+    fold = np.random.default_rng(fold_seed).permutation(n) % folds
+    risks = {name: np.full(n, np.nan) for name in strategies}
+    for k in range(folds):
+        rest = np.random.default_rng([fold_seed, k]).permutation(np.flatnonzero(fold != k))
+        held = round(val_fraction * len(rest))
+        fit, val = whole.take(np.sort(rest[held:])), whole.take(np.sort(rest[:held])) if held else None
+        scored = np.flatnonzero(fold == k)
+        fitted: dict[str, _Ensemble] = {}
+        for name in strategies:
+            missing_why = _cannot_fit(name, fit)
+            if missing_why:
+                raise ValueError(f"fold {k}: cannot fit {name}: {missing_why}")
+            m = 1 if name == "late_fusion" else head_seeds
+            model = fitted[name] = _Ensemble(name, fit, val, epochs, seed, m, parts=fitted)
+            rows = model.rows(whole, scored)
+            if len(rows):
+                risks[name][rows] = model.risk(whole, rows)
+    return {
+        "origin": origin, "row": row, "fold": fold, "time": whole.time, "event": whole.event,
+        "paired": whole.has_image & whole.has_ehr, "risks": risks,
+    }  # fmt: skip
 
 
 # ---- evaluation ------------------------------------------------------------------------------------

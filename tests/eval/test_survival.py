@@ -127,6 +127,42 @@ def test_the_paired_interval_scores_both_risks_on_the_same_resamples():
         survival.paired_cindex(time, event, runs_a, noise, 10, seed=3)
 
 
+def _pair_counts(time, event, risk):
+    """Harrell's comparable and concordant pairs (ties in risk: one half), by a slow loop."""
+    comp = conc = 0.0
+    for i in range(len(time)):
+        for j in range(len(time)):
+            if event[i] and (time[j] > time[i] or (time[j] == time[i] and not event[j])):
+                comp += 1
+                conc += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
+    return comp, conc
+
+
+def test_strata_count_only_the_pairs_within_a_stratum():
+    """strata (the folds of a cross-fit): the c-index of the pairs within each stratum, pooled;
+    a shift of one stratum's risks, which moves the unstratified c-index, leaves it unchanged."""
+    rng = np.random.default_rng(9)
+    n = 90
+    time = rng.integers(1, 40, n).astype(float)
+    event = rng.random(n) < 0.6
+    risk = np.round(-time / 10 + rng.standard_normal(n), 1)
+    strata = rng.integers(0, 3, n)
+    shifted = risk + 5.0 * (strata == 1)
+    counts = [_pair_counts(time[strata == s], event[strata == s], risk[strata == s]) for s in range(3)]
+    expected = sum(c for _, c in counts) / sum(p for p, _ in counts)
+    every = [np.arange(n)]
+    both = survival.resampled_cindex(time, event, np.stack([risk, shifted]), np.ones(n), every, strata=strata)
+    assert both[:, 0] == pytest.approx([expected, expected], abs=1e-12)
+    assert harrell(time, event, shifted) != pytest.approx(expected, abs=1e-3)  # the shift shows unstratified
+    d = survival.paired_cindex(time, event, shifted, risk, 40, seed=1, strata=strata)
+    assert d["a"] == pytest.approx(expected) and d["difference"] == pytest.approx(0, abs=1e-12)
+    assert d["ci95"] == pytest.approx([0, 0], abs=1e-12)
+    one = survival.paired_cindex(time, event, risk, shifted, 40, seed=1, strata=np.zeros(n))
+    assert one["a"] == pytest.approx(harrell(time, event, risk)) and one["b"] == pytest.approx(
+        harrell(time, event, shifted)
+    )
+
+
 def test_kept_risks_are_the_scored_rows_of_each_split_and_give_its_c_index():
     """keep_risks: each strategy's risks with the rows of the split they belong to, which leave out
     the samples a head cannot score (no image) and those without follow-up."""
@@ -490,3 +526,58 @@ def test_the_image_head_fused_with_the_raw_ehr_cox_model_beats_both():
         splits, raw=raw, strategies=("ehr",), report_splits=("test",), bootstrap=0, epochs=20
     )
     assert set(alone["cindex"]) == {"ehr", "raw_ehr_cox"}
+
+
+def test_cross_fitting_scores_every_pooled_subject_once_by_heads_that_never_saw_it(monkeypatch):
+    """cross_fitted: each subject of the pooled splits (with follow-up) in one fold, scored by heads
+    fit and stopped on the other folds' subjects only; the fused risk orders a problem whose hazard
+    each modality carries half of better than either head; unscorable rows are NaN."""
+    rng = np.random.default_rng(21)
+    splits = {"train": _problem(260, rng, missing=0.2), "val": _problem(60, rng), "test": _problem(80, rng)}
+    splits["test"].time[:5] = np.nan  # no follow-up: left out
+    seen: list[tuple[set, set]] = []  # (times fit or stopped on, times scored) per fit
+    real_init, real_risk = survival._Ensemble.__init__, survival._Ensemble.risk
+
+    def init(self, name, fit, val, *a, **k):
+        real_init(self, name, fit, val, *a, **k)
+        self.seen = (set(fit.time) | set(val.time), set())
+        seen.append(self.seen)
+
+    def risk(self, d, rows):
+        if len(d.time) == 395:  # the pooled subjects (late fusion also reads its parts' fit rows)
+            self.seen[1].update(d.time[rows])
+        return real_risk(self, d, rows)
+
+    monkeypatch.setattr(survival._Ensemble, "__init__", init)
+    monkeypatch.setattr(survival._Ensemble, "risk", risk)
+    out = survival.cross_fitted(splits, folds=4, epochs=120, seed=0)
+    n = 260 + 60 + 75
+    assert len(out["time"]) == n and sorted(np.bincount(out["fold"])) == [98, 99, 99, 99]
+    for o, r, t in zip(out["origin"], out["row"], out["time"], strict=True):
+        assert splits[o].time[r] == t  # origin and row lead back to the subject
+    assert len(seen) == 4 * 3
+    for fitted_on, scored in seen:
+        assert scored and not (fitted_on & scored)
+    last = out["fold"] == 3
+    assert not (fitted_on & set(out["time"][last])) and len(fitted_on) == n - last.sum()
+    image, ehr, fused = (out["risks"][k] for k in ("image", "ehr", "late_fusion"))
+    paired = out["paired"]
+    no_image = ~np.array([splits[o].has_image[r] for o, r in zip(out["origin"], out["row"], strict=True)])
+    assert no_image.any() and np.isnan(image[no_image]).all()
+    assert np.isfinite(fused).all() and np.isfinite(image[paired]).all() and np.isfinite(ehr[paired]).all()
+    t, e, f = out["time"][paired], out["event"][paired], out["fold"][paired]
+    d_img = survival.paired_cindex(t, e, fused[paired], image[paired], 200, 0, strata=f)
+    d_ehr = survival.paired_cindex(t, e, fused[paired], ehr[paired], 200, 0, strata=f)
+    assert 0.6 < d_img["b"] < d_img["a"] and 0.6 < d_ehr["b"] < d_ehr["a"]
+    assert d_img["beyond_noise"] and d_ehr["beyond_noise"]
+
+
+def test_cross_fitting_names_what_it_cannot_do():
+    rng = np.random.default_rng(2)
+    splits = {"train": _problem(40, rng), "val": _problem(10, rng)}
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        survival.cross_fitted(splits, pool=("train", "val"), folds=1)
+    with pytest.raises(ValueError, match=r"no \['test'\] split"):
+        survival.cross_fitted(splits)
+    with pytest.raises(ValueError, match="too few for 30 folds"):
+        survival.cross_fitted(splits, pool=("train", "val"), folds=30)
