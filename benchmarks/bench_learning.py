@@ -29,6 +29,10 @@ on their subjects with both modalities, where every strategy reads the same subj
 than one --downstream-arms, `cindex_over_seeds`: the JEPA's c-index minus each other arm's,
 averaged over seeds, with the interval of 1,000 resamples of the held-out subjects (every seed
 is scored on the same subjects, so only resampling them says whether a lead is beyond noise).
+With --cross-fit K, the image, EHR and late-fusion heads are also cross-fitted over the internal
+site's every labelled subject (split internal_cv; ~800 with both modalities against the test
+split's ~120), and `cross_fit_over_seeds` sets late fusion against each single head and the JEPA
+against each other arm there, pairs counted within a fold.
 With the downstream part, two bounds: what a small supervised CNN reads of each latent from the
 same pixels (`supervised_ceiling`), and the fusion margin an image read-out of a given R² allows
 (`fusion_bound`: the true latents blurred to that R² beside the raw EHR, ridge Cox).
@@ -41,7 +45,7 @@ same out-of-fold predictions per seed (`paired`) and averaged over seeds (`paire
 the share of cells where the JEPA beats both with intervals above zero. benchmarks/README.md
 reports every other figure beside them, with its spread over seeds.
 
-    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--lr LR] [--set K=V] [--read-context] [--out F]
+    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--lr LR] [--set K=V] [--read-context] [--cross-fit K] [--out F]
 """
 
 from __future__ import annotations
