@@ -644,7 +644,8 @@ def cross_fit_over_seeds(seed_cf: list[dict]) -> dict:
             for arm in seed_cf[0]
         }
     }
-    for other in [a for a in seed_cf[0] if a != "jepa"] if "jepa" in seed_cf[0] else []:
+    others = [a for a in seed_cf[0] if a != "jepa"] if "jepa" in seed_cf[0] else []
+    for other in others:
         out[f"jepa-{other}"] = {
             s: paired_cindex(time, event, runs("jepa", s), runs(other, s), BOOTSTRAP, 0, strata=fold)
             for s in first["risks"]

@@ -24,6 +24,9 @@ other on the same resamples. Strategies and missing modalities:
                      the clinical model), fit to its optimum
 
 Samples without follow-up for the endpoint (no time) are excluded from every strategy and counted.
+
+`cross_fitted` scores every labelled subject of a site instead of a held-out split alone: each of
+K folds by heads fit on the others, its c-indices counting pairs within a fold (`strata`).
 """
 
 from __future__ import annotations
