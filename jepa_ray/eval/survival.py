@@ -599,6 +599,8 @@ def cross_fitted(
     "paired": (n,) both modalities, "risks": {strategy: (n,) risk, NaN where it cannot score}}."""
     if folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    if not 0 <= val_fraction < 0.5:
+        raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
     missing = [k for k in pool if k not in splits]
     if missing:
         raise ValueError(f"no {missing} split to pool for cross-fitting (splits: {sorted(splits)})")

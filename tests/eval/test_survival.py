@@ -577,6 +577,8 @@ def test_cross_fitting_names_what_it_cannot_do():
     splits = {"train": _problem(40, rng), "val": _problem(10, rng)}
     with pytest.raises(ValueError, match="at least 2 folds"):
         survival.cross_fitted(splits, pool=("train", "val"), folds=1)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 0.5\)"):
+        survival.cross_fitted(splits, pool=("train", "val"), val_fraction=0.9)
     with pytest.raises(ValueError, match=r"no \['test'\] split"):
         survival.cross_fitted(splits)
     with pytest.raises(ValueError, match="too few for 30 folds"):
