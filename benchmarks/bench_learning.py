@@ -533,7 +533,7 @@ def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1
     modalities as split "internal_cv", their risks under "cross_fit" (for `cross_fit_over_seeds`)."""
     from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
     from jepa_ray.eval.probes import recall_at
-    from jepa_ray.eval.survival import cross_fitted, evaluate_survival, paired_cindex, with_paired
+    from jepa_ray.eval.survival import cross_fitted, evaluate_survival, harrell, with_paired
 
     splits = held_splits(held, model)
     test = splits["test"]
@@ -580,8 +580,7 @@ def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1
         )
         p = cf["paired"]
         for strategy, risk in cf["risks"].items():
-            d = paired_cindex(cf["time"][p], cf["event"][p], risk[p], risk[p], 0, 0, strata=cf["fold"][p])
-            cindex[strategy]["internal_cv"] = d["a"]
+            cindex[strategy]["internal_cv"] = harrell(cf["time"][p], cf["event"][p], risk[p], cf["fold"][p])
     return out
 
 

@@ -94,9 +94,13 @@ class FusionInputs:
         return FusionInputs(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
-def harrell(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's c-index (higher risk = earlier event; tied risks count one half)."""
-    return float(concordance_index_censored(event.astype(bool), time, risk)[0])
+def harrell(time: np.ndarray, event: np.ndarray, risk: np.ndarray, strata: np.ndarray | None = None) -> float:
+    """Harrell's c-index (higher risk = earlier event; tied risks count one half); with `strata`
+    (one label per sample, e.g. cross-fitting's folds) over the pairs within a stratum only."""
+    if strata is None:
+        return float(concordance_index_censored(event.astype(bool), time, risk)[0])
+    every = [np.arange(len(time))]
+    return float(resampled_cindex(time, event, risk[None], np.ones(len(time)), every, strata=strata)[0, 0])
 
 
 def uno(

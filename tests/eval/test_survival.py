@@ -154,6 +154,7 @@ def test_strata_count_only_the_pairs_within_a_stratum():
     both = survival.resampled_cindex(time, event, np.stack([risk, shifted]), np.ones(n), every, strata=strata)
     assert both[:, 0] == pytest.approx([expected, expected], abs=1e-12)
     assert harrell(time, event, shifted) != pytest.approx(expected, abs=1e-3)  # the shift shows unstratified
+    assert harrell(time, event, shifted, strata) == pytest.approx(expected, abs=1e-12)
     d = survival.paired_cindex(time, event, shifted, risk, 40, seed=1, strata=strata)
     assert d["a"] == pytest.approx(expected) and d["difference"] == pytest.approx(0, abs=1e-12)
     assert d["ci95"] == pytest.approx([0, 0], abs=1e-12)
