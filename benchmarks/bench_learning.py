@@ -24,7 +24,8 @@ pooling averages away; on the raw input, the ridge on every pixel, the raw-pixel
 attentive (a cross-attention pooling head trained on the frozen patch tokens,
 `jepa_ray.eval.attentive`), kNN (cosine, k=20, on the pooled embedding). Downstream, on held-out subjects (one study per subject, as `evaluate`):
 image -> EHR retrieval recall@5 on the test split against its chance level, and Cox heads under
-every fusion strategy (Harrell's c-index on test and external, fit on train, stopped on val; again
+every fusion strategy (Harrell's c-index on test and external, fit on train, stopped on val, or
+with --survival-stopping committee fit on train and val as committees of --head-seeds members; again
 on their subjects with both modalities, where every strategy reads the same subjects). With more
 than one --downstream-arms, `cindex_over_seeds`: the JEPA's c-index minus each other arm's,
 averaged over seeds, with the interval of 1,000 resamples of the held-out subjects (every seed
@@ -521,13 +522,22 @@ def fusion_bound(pairs: dict, r2: dict[str, dict], reps: int = 20) -> dict:
     return out
 
 
-def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1, cross_fit: int = 0) -> dict:
+def downstream(
+    model,
+    held: dict,
+    manifest: dict,
+    seed: int,
+    head_seeds: int = 1,
+    cross_fit: int = 0,
+    stopping: str = "val",
+) -> dict:
     """Retrieval recall@5 (test: the predictor's image -> EHR prediction; test and external: a ridge
     map fit on train to the raw EHR features from the pooled image embedding (`mapped`) and from
     the 4 x 4 grid of patch tokens (`mapped_tokens`, `evaluate`'s linear read-out)) and Cox c-index
     per strategy (test, external and their subjects with both modalities, `with_paired`; each head
-    the mean of `head_seeds` fits, as `evaluate`'s) of one encoder; under "risks" each strategy's
-    {split: (rows, time, event, risk)}, for `cindex_over_seeds` (not for the JSON). With
+    the mean of `head_seeds` fits, stopped as `stopping` says (`evaluate_survival`)) of one
+    encoder; under "risks" each strategy's {split: (rows, time, event, risk)}, for
+    `cindex_over_seeds` (not for the JSON). With
     `cross_fit` K: the image, EHR and late-fusion heads cross-fitted over the internal site's
     train, val and test subjects in K folds (`survival.cross_fitted`), scored on those with both
     modalities as split "internal_cv", their risks under "cross_fit" (for `cross_fit_over_seeds`)."""
@@ -561,6 +571,7 @@ def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1
         seed=seed,
         head_seeds=head_seeds,
         keep_risks=True,
+        stopping=stopping,
     )
     risks = {
         strategy: {
@@ -576,7 +587,11 @@ def downstream(model, held: dict, manifest: dict, seed: int, head_seeds: int = 1
     out = {"retrieval": retrieval, "cindex": cindex, "risks": risks}
     if cross_fit:
         cf = out["cross_fit"] = cross_fitted(
-            {k: inputs[k] for k in SPLITS[:3]}, folds=cross_fit, seed=seed, head_seeds=head_seeds
+            {k: inputs[k] for k in SPLITS[:3]},
+            folds=cross_fit,
+            seed=seed,
+            head_seeds=head_seeds,
+            stopping=stopping,
         )
         p = cf["paired"]
         for strategy, risk in cf["risks"].items():
@@ -774,6 +789,14 @@ def main() -> int:
         help="fits averaged per time-to-event head (default: evaluate's eval.survival_head_seeds, 5)",
     )
     ap.add_argument(
+        "--survival-stopping",
+        choices=["val", "committee"],
+        default="val",
+        help="how the time-to-event heads stop early, as evaluate's eval.survival_stopping: on the val "
+        "split (default), or committees of --head-seeds members each stopped on its own part of the "
+        "subjects they learn from",
+    )
+    ap.add_argument(
         "--cross-fit",
         type=int,
         default=0,
@@ -937,7 +960,7 @@ def main() -> int:
                 if arm not in args.downstream_arms:
                     continue
                 d = run[arm]["downstream"] = downstream(
-                    model, held, manifest, seed, head_seeds, args.cross_fit
+                    model, held, manifest, seed, head_seeds, args.cross_fit, args.survival_stopping
                 )
                 seed_risks[-1][arm] = d.pop("risks")
                 if args.cross_fit:
@@ -1129,6 +1152,7 @@ def main() -> int:
             "mae_lr": args.mae_lr or lr,
             "downstream": do_downstream,
             "head_seeds": head_seeds,
+            "survival_stopping": args.survival_stopping,
             "cross_fit": args.cross_fit,
             "setup_s": setup_s,
         },

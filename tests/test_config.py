@@ -74,6 +74,11 @@ def test_example_configs_load():
         ),
         (["pipeline.mask.mask_ratio=1.5"], r"pipeline\.mask\.mask_ratio: .*less than 1"),
         (["pipeline.mask.policy.cross_modl=1"], r"pipeline\.mask\.policy\.cross_modl: unknown key"),
+        (
+            ["eval.survival_stopping=committee", "eval.survival_head_seeds=1"],
+            r"eval: .*survival_stopping=committee needs survival_head_seeds of at least 2",
+        ),
+        (["eval.survival_stopping=test"], r"eval\.survival_stopping: .*'val' or 'committee'"),
     ],
 )
 def test_pipeline_settings_are_checked_naming_the_key(override, message):

@@ -620,6 +620,7 @@ def _survival(
         seed=ec.seed,
         epochs=ec.survival_epochs,
         head_seeds=ec.survival_head_seeds,
+        stopping=ec.survival_stopping,
         keep_risks=True,
     )
     splits = tables["pretrained"]
@@ -642,7 +643,9 @@ def _survival(
         theirs = (_keys(by_split), other["risks"])
         pairs = _paired_cindex(ref, theirs, f"{name}:", ec.bootstrap, ec.seed)
         comparison[name] = {f"c-index {endpoint}": pairs}
-    return {"cindex": cindex, "survival": {"endpoint": endpoint, "counts": counts}, "comparison": comparison}
+    heads = {"stopping": ec.survival_stopping, "fits": ec.survival_head_seeds, "steps": ec.survival_epochs}
+    survival = {"endpoint": endpoint, "heads": heads, "counts": counts}
+    return {"cindex": cindex, "survival": survival, "comparison": comparison}
 
 
 def _keys(tables: dict[str, Split]) -> dict[str, np.ndarray]:

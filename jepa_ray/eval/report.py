@@ -204,6 +204,15 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     surv = metrics.get("survival", {})
     if surv.get("endpoint"):
         lines += [f"Endpoint: `{surv['endpoint']}`.", ""]
+    heads = surv.get("heads")
+    if heads:
+        stops = (
+            f"committees of {heads['fits']} members, each stopped early on its own part of the fit and "
+            "validation splits"
+            if heads["stopping"] == "committee"
+            else f"the mean of {heads['fits']} fit(s), stopped early on the validation split"
+        )
+        lines += [f"Trained heads: {stops}; at most {heads['steps']} steps.", ""]
     lines += ["| strategy | split | n | events | Harrell | Uno |", "|---|---|---|---|---|---|"]
     for strategy, by_split in metrics.get("cindex", {}).items():
         for split, r in by_split.items():

@@ -511,20 +511,70 @@ class _Strategy:
 class _Ensemble:
     """`n` fits of one strategy from consecutive seeds, its risk their mean: the c-index of an
     attention head moves by several hundredths with its initialisation alone, more than the effects
-    it is read for; the mean of a few fits moves less."""
+    it is read for; the mean of a few fits moves less.
+
+    committee: `fit` holds every labelled subject and `val` is unused; member i is fit on all but
+    the i-th of `n` parts (`committee_parts`) and stopped early on that part. One head stopped on
+    one validation split of ~100 subjects moves with which subjects those are (bench_learning's
+    JEPA image head by 0.023 per seed between two draws); the committee stops on every subject
+    once. Late fusion is one exact fit on its unimodal parts' mean risks; parts it is not given are
+    fit here, `n` members each."""
 
     def __init__(
         self, name: str, fit: FusionInputs, val: FusionInputs | None, steps: int, seed: int, n: int,
-        parts: dict[str, _Ensemble] | None = None,
+        parts: dict[str, _Ensemble] | None = None, committee: bool = False,
     ) -> None:  # fmt: skip
         self.name = name
-        self.members = [_Strategy(name, fit, val, steps, seed + i, parts=parts) for i in range(n)]
+        if committee:
+            val = None
+        if name == "late_fusion":
+            parts = {
+                m: (parts or {}).get(m) or _Ensemble(m, fit, val, steps, seed, n, committee=committee)
+                for m in ("image", "ehr")
+            }
+            self.members = [_Strategy(name, fit, val, steps, seed, parts=parts)]
+        elif committee:
+            part = committee_parts(fit.event, n, seed)
+            self.members = [
+                _Strategy(name, fit.take(part != i), fit.take(part == i), steps, seed + i) for i in range(n)
+            ]
+        else:
+            self.members = [_Strategy(name, fit, val, steps, seed + i) for i in range(n)]
 
     def rows(self, d: FusionInputs, idx: np.ndarray) -> np.ndarray:
         return self.members[0].rows(d, idx)
 
     def risk(self, d: FusionInputs, rows: np.ndarray) -> np.ndarray:
         return np.mean([m.risk(d, rows) for m in self.members], axis=0)
+
+
+def committee_parts(event: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """(len(event),) part 0..n-1 of each subject: shuffled by `seed`, then dealt in turn, the events
+    first, so every part stops on about as many events."""
+    order = np.random.default_rng(seed).permutation(len(event))
+    order = order[np.argsort(~np.asarray(event, dtype=bool)[order], kind="stable")]
+    part = np.empty(len(event), dtype=int)
+    part[order] = np.arange(len(event)) % n
+    return part
+
+
+def _concat(parts: list[FusionInputs]) -> FusionInputs:
+    """The samples of `parts`, one after another."""
+    return FusionInputs(
+        **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(FusionInputs)}
+    )
+
+
+STOPPING = ("val", "committee")
+
+
+def _check_stopping(stopping: str, head_seeds: int) -> bool:
+    """Whether the heads are committees; ValueError for an unknown mode or a one-member committee."""
+    if stopping not in STOPPING:
+        raise ValueError(f"stopping must be one of {STOPPING}, got {stopping!r}")
+    if stopping == "committee" and head_seeds < 2:
+        raise ValueError(f"a committee needs at least 2 members (head_seeds), got {head_seeds}")
+    return stopping == "committee"
 
 
 # ---- the classical baseline ------------------------------------------------------------------------
@@ -590,28 +640,30 @@ class _ImageWithRaw:
 def cross_fitted(
     splits: dict[str, FusionInputs], *, pool=("train", "val", "test"), folds: int = 5,
     strategies=("image", "ehr", "late_fusion"), val_fraction: float = 0.12, epochs: int = 300, seed: int = 0,
-    head_seeds: int = 1, fold_seed: int = 0,
+    head_seeds: int = 1, fold_seed: int = 0, stopping: str = "val",
 ) -> dict:  # fmt: skip
     """Out-of-fold risks over every subject of the `pool` splits (one site's labelled subjects): a
     test split of a hundred subjects cannot resolve a c-index difference of a hundredth, and the
     subjects the heads were fit on can be scored too, each by heads fit without it. The pooled
     subjects with follow-up are dealt into `folds` folds (by `fold_seed`, so every encoder and seed
     gets the same folds); each fold is scored by heads fit on the others, `val_fraction` of those
-    held back for early stopping, as `evaluate_survival` fits them. The folds' risks come from
-    different fits, so c-indices count pairs within a fold (`paired_cindex(..., strata=fold)`).
+    held back for early stopping, as `evaluate_survival` fits them (`stopping="committee"`: no
+    subjects held back, each head a committee of `head_seeds` members stopped on different parts of
+    the other folds). The folds' risks come from different fits, so c-indices count pairs within a
+    fold (`paired_cindex(..., strata=fold)`).
     Returns {"origin": (n,) split names, "row": (n,) rows of those splits, "fold", "time", "event",
     "paired": (n,) both modalities, "risks": {strategy: (n,) risk, NaN where it cannot score}}."""
     if folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
     if not 0 <= val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
+    committee = _check_stopping(stopping, head_seeds)
     missing = [k for k in pool if k not in splits]
     if missing:
         raise ValueError(f"no {missing} split to pool for cross-fitting (splits: {sorted(splits)})")
     for name in pool:
         splits[name].check(name)
-    names = [f.name for f in fields(FusionInputs)]
-    whole = FusionInputs(**{f: np.concatenate([getattr(splits[k], f) for k in pool]) for f in names})
+    whole = _concat([splits[k] for k in pool])
     origin = np.concatenate([np.full(len(splits[k].time), k, dtype=object) for k in pool])
     row = np.concatenate([np.arange(len(splits[k].time)) for k in pool])
     ok = np.flatnonzero(~np.isnan(whole.time) & (whole.time > 0))
@@ -623,7 +675,7 @@ def cross_fitted(
     risks = {name: np.full(n, np.nan) for name in strategies}
     for k in range(folds):
         rest = np.random.default_rng([fold_seed, k]).permutation(np.flatnonzero(fold != k))
-        held = round(val_fraction * len(rest))
+        held = 0 if committee else round(val_fraction * len(rest))
         fit, val = whole.take(np.sort(rest[held:])), whole.take(np.sort(rest[:held])) if held else None
         scored = np.flatnonzero(fold == k)
         fitted: dict[str, _Ensemble] = {}
@@ -631,8 +683,9 @@ def cross_fitted(
             missing_why = _cannot_fit(name, fit)
             if missing_why:
                 raise ValueError(f"fold {k}: cannot fit {name}: {missing_why}")
-            m = 1 if name == "late_fusion" else head_seeds
-            model = fitted[name] = _Ensemble(name, fit, val, epochs, seed, m, parts=fitted)
+            model = fitted[name] = _Ensemble(
+                name, fit, val, epochs, seed, head_seeds, parts=fitted, committee=committee
+            )
             rows = model.rows(whole, scored)
             if len(rows):
                 risks[name][rows] = model.risk(whole, rows)
@@ -714,6 +767,7 @@ def evaluate_survival(
     splits: dict[str, FusionInputs], *, raw: dict[str, np.ndarray] | None = None, strategies=STRATEGIES,
     fit_split: str = "train", val_split: str = "val", report_splits=("test", "external"), bootstrap: int = 200,
     seed: int = 0, epochs: int = 300, prefix: str = "", head_seeds: int = 1, keep_risks: bool = False,
+    stopping: str = "val",
 ) -> dict:  # fmt: skip
     """Fit every strategy on `fit_split` (early stopping on `val_split`) and score the reported
     splits: {"cindex": {prefix+strategy: {split: {...}}}, "counts": {prefix+strategy: {split: {...}}}}.
@@ -722,18 +776,26 @@ def evaluate_survival(
     its late fusion with the image head (prefix+`image_with_raw_ehr`).
     head_seeds: fits per trained head (seeds seed, seed + 1, ...), scored by their mean risk; late
     fusion, fit exactly, combines the unimodal heads' mean risks once.
+    stopping: "val" (above) or "committee": every head, and the raw-EHR Cox model, is fit on
+    `fit_split` and `val_split` together, each trained head a committee of `head_seeds` members,
+    member i stopped early on the i-th part of those subjects and fit on the rest (`_Ensemble`).
     keep_risks: also return {"risks": {prefix+strategy: {split: (rows, risk)}}}, each strategy's
     risk of the rows of `splits[split]` it scored (the trained strategies and `image_with_raw_ehr`),
     to compare encoders on the same samples (`paired_cindex`)."""
     if head_seeds < 1:
         raise ValueError(f"head_seeds must be at least 1, got {head_seeds}")
+    committee = _check_stopping(stopping, head_seeds)
     for name, d in splits.items():
         d.check(name)
     if fit_split not in splits:
         raise ValueError(f"no {fit_split!r} split to fit the time-to-event heads on")
     kept = {k: np.flatnonzero(~np.isnan(d.time) & (d.time > 0)) for k, d in splits.items()}  # with follow-up
     followed = {k: d.take(kept[k]) for k, d in splits.items()}
-    fit, val = followed[fit_split], followed.get(val_split)
+    # the splits the heads learn from: with a committee the validation subjects are fit on too
+    pooled = [fit_split] + (
+        [val_split] if committee and val_split in splits and val_split != fit_split else []
+    )
+    fit, val = _concat([followed[k] for k in pooled]), followed.get(val_split)
     train = (fit.time, fit.event)
     cindex: dict[str, dict] = {}
     counts: dict[str, dict] = {}
@@ -744,8 +806,9 @@ def evaluate_survival(
         if missing:
             cindex[prefix + name] = {split: {"note": missing} for split in report_splits}
             continue
-        n = 1 if name == "late_fusion" else head_seeds
-        model = fitted[name] = _Ensemble(name, fit, val, epochs, seed, n, parts=fitted)
+        model = fitted[name] = _Ensemble(
+            name, fit, val, epochs, seed, head_seeds, parts=fitted, committee=committee
+        )
         cindex[prefix + name], counts[prefix + name] = {}, {}
         for split in report_splits:
             if split not in splits:
@@ -764,15 +827,16 @@ def evaluate_survival(
             cindex[prefix + name][split] = _scores(d.time[rows], d.event[rows], risk, train, bootstrap, seed)
     if raw is not None:
         ok = {k: ~np.isnan(splits[k].time) & (splits[k].time > 0) for k in splits}
-        rf = ok[fit_split] & splits[fit_split].has_ehr
-        if not rf.any() or not splits[fit_split].event[rf].any():
+        raw_fit = np.concatenate([raw[k][ok[k]] for k in pooled])  # rows of `fit`
+        rf = fit.has_ehr
+        if not rf.any() or not fit.event[rf].any():
             if not prefix:
                 note = {"note": f"no samples with EHR, follow-up and an event in the {fit_split!r} split"}
                 cindex["raw_ehr_cox"] = {split: note for split in report_splits}
             return _result(cindex, counts, risks if keep_risks else None)
-        base = RidgeCox(raw[fit_split][rf], splits[fit_split].time[rf], splits[fit_split].event[rf])
+        base = RidgeCox(raw_fit[rf], fit.time[rf], fit.event[rf])
         if "image" in fitted and fit.has_ehr.any():
-            both = _ImageWithRaw(fitted["image"], base, fit, raw[fit_split][ok[fit_split]])
+            both = _ImageWithRaw(fitted["image"], base, fit, raw_fit)
             name = prefix + both.name
             cindex[name], counts[name] = {}, {}
             for split in report_splits:

@@ -529,10 +529,12 @@ def test_the_image_head_fused_with_the_raw_ehr_cox_model_beats_both():
     assert set(alone["cindex"]) == {"ehr", "raw_ehr_cox"}
 
 
-def test_cross_fitting_scores_every_pooled_subject_once_by_heads_that_never_saw_it(monkeypatch):
+@pytest.mark.parametrize("stopping", ["val", "committee"])
+def test_cross_fitting_scores_every_pooled_subject_once_by_heads_that_never_saw_it(monkeypatch, stopping):
     """cross_fitted: each subject of the pooled splits (with follow-up) in one fold, scored by heads
-    fit and stopped on the other folds' subjects only; the fused risk orders a problem whose hazard
-    each modality carries half of better than either head; unscorable rows are NaN."""
+    fit and stopped on the other folds' subjects only (a committee's members too); the fused risk
+    orders a problem whose hazard each modality carries half of better than either head; unscorable
+    rows are NaN."""
     rng = np.random.default_rng(21)
     splits = {"train": _problem(260, rng, missing=0.2), "val": _problem(60, rng), "test": _problem(80, rng)}
     splits["test"].time[:5] = np.nan  # no follow-up: left out
@@ -541,7 +543,7 @@ def test_cross_fitting_scores_every_pooled_subject_once_by_heads_that_never_saw_
 
     def init(self, name, fit, val, *a, **k):
         real_init(self, name, fit, val, *a, **k)
-        self.seen = (set(fit.time) | set(val.time), set())
+        self.seen = (set(fit.time) | (set(val.time) if val is not None else set()), set())
         seen.append(self.seen)
 
     def risk(self, d, rows):
@@ -551,7 +553,9 @@ def test_cross_fitting_scores_every_pooled_subject_once_by_heads_that_never_saw_
 
     monkeypatch.setattr(survival._Ensemble, "__init__", init)
     monkeypatch.setattr(survival._Ensemble, "risk", risk)
-    out = survival.cross_fitted(splits, folds=4, epochs=120, seed=0)
+    out = survival.cross_fitted(
+        splits, folds=4, epochs=120, seed=0, stopping=stopping, head_seeds=2 if stopping == "committee" else 1
+    )
     n = 260 + 60 + 75
     assert len(out["time"]) == n and sorted(np.bincount(out["fold"])) == [98, 99, 99, 99]
     for o, r, t in zip(out["origin"], out["row"], out["time"], strict=True):
@@ -584,3 +588,60 @@ def test_cross_fitting_names_what_it_cannot_do():
         survival.cross_fitted(splits)
     with pytest.raises(ValueError, match="too few for 30 folds"):
         survival.cross_fitted(splits, pool=("train", "val"), folds=30)
+    with pytest.raises(ValueError, match="a committee needs at least 2 members"):
+        survival.cross_fitted(splits, pool=("train", "val"), stopping="committee")
+    with pytest.raises(ValueError, match="stopping must be one of"):
+        survival.cross_fitted(splits, pool=("train", "val"), stopping="test")
+
+
+def test_committee_parts_deal_every_subject_once_and_the_events_evenly():
+    event = np.random.default_rng(3).random(103) < 0.3
+    part = survival.committee_parts(event, 5, seed=7)
+    assert sorted(np.unique(part)) == [0, 1, 2, 3, 4]
+    assert np.ptp(np.bincount(part)) <= 1 and np.ptp(np.bincount(part[event])) <= 1
+    assert np.array_equal(part, survival.committee_parts(event, 5, seed=7))
+    assert not np.array_equal(part, survival.committee_parts(event, 5, seed=8))
+
+
+def test_a_committee_stops_each_member_on_its_own_part_of_train_and_val(monkeypatch):
+    """stopping="committee": the heads and the raw-EHR Cox model learn from train and val together;
+    member i of each head is fit on all but part i and stopped on part i, so every subject is
+    stopped on once and never by a member fit on it; the heads still read the planted hazard."""
+    rng = np.random.default_rng(31)
+    splits = {"train": _problem(240, rng, missing=0.2), "val": _problem(60, rng), "test": _problem(300, rng)}
+    raw = {k: _raw_of(d, rng) for k, d in splits.items()}
+    members: dict[str, list] = {}
+    real_init = survival._Strategy.__init__
+
+    def init(self, name, fit, val, *a, **k):
+        real_init(self, name, fit, val, *a, **k)
+        members.setdefault(name, []).append((fit, val))
+
+    ridge_rows = []
+    real_ridge = survival.RidgeCox.__init__
+
+    def ridge(self, x, *a, **k):
+        ridge_rows.append(len(x))
+        real_ridge(self, x, *a, **k)
+
+    monkeypatch.setattr(survival._Strategy, "__init__", init)
+    monkeypatch.setattr(survival.RidgeCox, "__init__", ridge)
+    res = evaluate_survival(
+        splits, raw=raw, strategies=("image", "ehr", "late_fusion"), report_splits=("test",), bootstrap=0,
+        epochs=80, head_seeds=3, stopping="committee",
+    )  # fmt: skip
+    learnt = set(splits["train"].time) | set(splits["val"].time)
+    for name in ("image", "ehr"):
+        assert len(members[name]) == 3
+        stopped = [set(v.time) for _, v in members[name]]
+        for fit, val in members[name]:
+            assert not set(fit.time) & set(val.time) and set(fit.time) | set(val.time) == learnt
+        assert set().union(*stopped) == learnt and sum(map(len, stopped)) == len(learnt)
+    assert [v for _, v in members["late_fusion"]] == [None]  # one exact fit on the pooled subjects
+    assert ridge_rows == [int(splits["train"].has_ehr.sum() + splits["val"].has_ehr.sum())]
+    c = {k: v["test"]["harrell"] for k, v in res["cindex"].items()}
+    assert min(c["image"], c["ehr"]) > 0.62 and c["late_fusion"] > max(c["image"], c["ehr"]), c
+    with pytest.raises(ValueError, match="a committee needs at least 2 members"):
+        evaluate_survival(splits, strategies=("ehr",), report_splits=("test",), stopping="committee")
+    with pytest.raises(ValueError, match="stopping must be one of"):
+        evaluate_survival(splits, strategies=("ehr",), report_splits=("test",), stopping="early")
