@@ -449,11 +449,7 @@ class _Strategy:
 
     def rows(self, d: FusionInputs, idx: np.ndarray) -> np.ndarray:
         """The rows of `idx` this strategy scores (unimodal: those with the modality)."""
-        if self.name == "image":
-            return idx[d.has_image[idx]]
-        if self.name == "ehr":
-            return idx[d.has_ehr[idx]]
-        return idx
+        return idx[_scorable(self.name, d)[idx]]
 
     def risk(self, d: FusionInputs, rows: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -533,8 +529,10 @@ class _Ensemble:
                 for m in ("image", "ehr")
             }
             self.members = [_Strategy(name, fit, val, steps, seed, parts=parts)]
-        elif committee:
-            part = committee_parts(fit.event, n, seed)
+        elif committee:  # parts of the subjects this strategy learns from
+            scorable = _scorable(name, fit)
+            part = np.full(len(fit.time), -1)
+            part[scorable] = committee_parts(fit.event[scorable], n, seed)
             self.members = [
                 _Strategy(name, fit.take(part != i), fit.take(part == i), steps, seed + i) for i in range(n)
             ]
@@ -546,6 +544,11 @@ class _Ensemble:
 
     def risk(self, d: FusionInputs, rows: np.ndarray) -> np.ndarray:
         return np.mean([m.risk(d, rows) for m in self.members], axis=0)
+
+
+def _scorable(name: str, d: FusionInputs) -> np.ndarray:
+    """(n,) bool: the samples of `d` a strategy scores (unimodal: those with its modality)."""
+    return {"image": d.has_image, "ehr": d.has_ehr}.get(name, np.ones(len(d.time), dtype=bool))
 
 
 def committee_parts(event: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -680,7 +683,7 @@ def cross_fitted(
         scored = np.flatnonzero(fold == k)
         fitted: dict[str, _Ensemble] = {}
         for name in strategies:
-            missing_why = _cannot_fit(name, fit)
+            missing_why = _cannot_fit(name, fit, committee)
             if missing_why:
                 raise ValueError(f"fold {k}: cannot fit {name}: {missing_why}")
             model = fitted[name] = _Ensemble(
@@ -744,10 +747,14 @@ def cindex_defined(time: np.ndarray, event: np.ndarray) -> bool:
     return bool(event.any()) and bool((time[event.astype(bool)].min() < time).any())
 
 
-def _cannot_fit(name: str, fit: FusionInputs) -> str | None:
+def _cannot_fit(name: str, fit: FusionInputs, committee: bool = False) -> str | None:
     """Why a strategy cannot be trained on the fit split (None when it can)."""
     if not fit.event.any():
         return "no events in the fit split"
+    committees = ("image", "ehr") if name == "late_fusion" else (name,)  # late fusion: of its parts
+    if committee and any(fit.event[_scorable(m, fit)].sum() < 2 for m in committees):
+        # two events or more, dealt to different parts: every member is fit on one
+        return "fewer than 2 events among the samples it scores: a committee's members need one each"
     needs = {"image": ("image",), "ehr": ("ehr",)}.get(name, ("image", "ehr"))
     paired = fit.has_image & fit.has_ehr
     for m in needs:
@@ -802,7 +809,7 @@ def evaluate_survival(
     risks: dict[str, dict] = {}
     fitted: dict[str, _Ensemble] = {}  # the unimodal heads, which late fusion combines
     for name in strategies:
-        missing = _cannot_fit(name, fit)
+        missing = _cannot_fit(name, fit, committee)
         if missing:
             cindex[prefix + name] = {split: {"note": missing} for split in report_splits}
             continue

@@ -605,8 +605,9 @@ def test_committee_parts_deal_every_subject_once_and_the_events_evenly():
 
 def test_a_committee_stops_each_member_on_its_own_part_of_train_and_val(monkeypatch):
     """stopping="committee": the heads and the raw-EHR Cox model learn from train and val together;
-    member i of each head is fit on all but part i and stopped on part i, so every subject is
-    stopped on once and never by a member fit on it; the heads still read the planted hazard."""
+    member i of each head is fit on all but part i and stopped on part i, so every subject the head
+    scores is stopped on once and never by a member fit on it; the heads still read the planted
+    hazard; too few events to give every member one is a note."""
     rng = np.random.default_rng(31)
     splits = {"train": _problem(240, rng, missing=0.2), "val": _problem(60, rng), "test": _problem(300, rng)}
     raw = {k: _raw_of(d, rng) for k, d in splits.items()}
@@ -636,11 +637,32 @@ def test_a_committee_stops_each_member_on_its_own_part_of_train_and_val(monkeypa
         stopped = [set(v.time) for _, v in members[name]]
         for fit, val in members[name]:
             assert not set(fit.time) & set(val.time) and set(fit.time) | set(val.time) == learnt
-        assert set().union(*stopped) == learnt and sum(map(len, stopped)) == len(learnt)
+        has = {
+            t
+            for d in (splits["train"], splits["val"])
+            for t, h in zip(d.time, d.has_image if name == "image" else d.has_ehr, strict=True)
+            if h
+        }  # the subjects this head scores, each stopped on by one member
+        assert set().union(*stopped) == has and sum(map(len, stopped)) == len(has) < len(learnt)
     assert [v for _, v in members["late_fusion"]] == [None]  # one exact fit on the pooled subjects
     assert ridge_rows == [int(splits["train"].has_ehr.sum() + splits["val"].has_ehr.sum())]
     c = {k: v["test"]["harrell"] for k, v in res["cindex"].items()}
     assert min(c["image"], c["ehr"]) > 0.62 and c["late_fusion"] > max(c["image"], c["ehr"]), c
+    # one event to deal: no member of a committee left without one to fit on, a note instead
+    few = {k: d.take(np.arange(40)) for k, d in splits.items()}
+    few["train"].event[:] = False
+    few["val"].event[:] = False
+    few["train"].event[np.flatnonzero(few["train"].has_ehr)[0]] = True
+    res = evaluate_survival(
+        few,
+        strategies=("ehr", "late_fusion"),
+        report_splits=("test",),
+        epochs=5,
+        head_seeds=2,
+        stopping="committee",
+    )
+    assert "fewer than 2 events" in res["cindex"]["ehr"]["test"]["note"]
+    assert "fewer than 2 events" in res["cindex"]["late_fusion"]["test"]["note"]
     with pytest.raises(ValueError, match="a committee needs at least 2 members"):
         evaluate_survival(splits, strategies=("ehr",), report_splits=("test",), stopping="committee")
     with pytest.raises(ValueError, match="stopping must be one of"):
