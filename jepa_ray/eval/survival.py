@@ -681,14 +681,9 @@ def cross_fitted(
         held = 0 if committee else round(val_fraction * len(rest))
         fit, val = whole.take(np.sort(rest[held:])), whole.take(np.sort(rest[:held])) if held else None
         scored = np.flatnonzero(fold == k)
-        fitted: dict[str, _Ensemble] = {}
-        for name in strategies:
-            missing_why = _cannot_fit(name, fit, committee)
-            if missing_why:
-                raise ValueError(f"fold {k}: cannot fit {name}: {missing_why}")
-            model = fitted[name] = _Ensemble(
-                name, fit, val, epochs, seed, head_seeds, parts=fitted, committee=committee
-            )
+        for name, model in _fit_all(strategies, fit, val, epochs, seed, head_seeds, committee).items():
+            if isinstance(model, str):
+                raise ValueError(f"fold {k}: cannot fit {name}: {model}")
             rows = model.rows(whole, scored)
             if len(rows):
                 risks[name][rows] = model.risk(whole, rows)
@@ -765,6 +760,20 @@ def _cannot_fit(name: str, fit: FusionInputs, committee: bool = False) -> str | 
     return None
 
 
+def _fit_all(
+    strategies, fit: FusionInputs, val: FusionInputs | None, epochs: int, seed: int, head_seeds: int, committee: bool
+) -> dict[str, _Ensemble | str]:  # fmt: skip
+    """Each strategy fit (`_Ensemble`), or why it cannot be; late fusion combines the unimodal
+    heads fit before it."""
+    fitted: dict[str, _Ensemble | str] = {}
+    for name in strategies:
+        parts = {k: m for k, m in fitted.items() if isinstance(m, _Ensemble)}
+        fitted[name] = _cannot_fit(name, fit, committee) or _Ensemble(
+            name, fit, val, epochs, seed, head_seeds, parts=parts, committee=committee
+        )
+    return fitted
+
+
 def _result(cindex: dict, counts: dict, risks: dict | None) -> dict:
     """`evaluate_survival`'s answer, with the kept risks when asked for."""
     return {"cindex": cindex, "counts": counts} | ({"risks": risks} if risks is not None else {})
@@ -807,15 +816,11 @@ def evaluate_survival(
     cindex: dict[str, dict] = {}
     counts: dict[str, dict] = {}
     risks: dict[str, dict] = {}
-    fitted: dict[str, _Ensemble] = {}  # the unimodal heads, which late fusion combines
-    for name in strategies:
-        missing = _cannot_fit(name, fit, committee)
-        if missing:
-            cindex[prefix + name] = {split: {"note": missing} for split in report_splits}
+    fitted = _fit_all(strategies, fit, val, epochs, seed, head_seeds, committee)
+    for name, model in fitted.items():
+        if isinstance(model, str):
+            cindex[prefix + name] = {split: {"note": model} for split in report_splits}
             continue
-        model = fitted[name] = _Ensemble(
-            name, fit, val, epochs, seed, head_seeds, parts=fitted, committee=committee
-        )
         cindex[prefix + name], counts[prefix + name] = {}, {}
         for split in report_splits:
             if split not in splits:
@@ -842,7 +847,7 @@ def evaluate_survival(
                 cindex["raw_ehr_cox"] = {split: note for split in report_splits}
             return _result(cindex, counts, risks if keep_risks else None)
         base = RidgeCox(raw_fit[rf], fit.time[rf], fit.event[rf])
-        if "image" in fitted and fit.has_ehr.any():
+        if isinstance(fitted.get("image"), _Ensemble) and fit.has_ehr.any():
             both = _ImageWithRaw(fitted["image"], base, fit, raw_fit)
             name = prefix + both.name
             cindex[name], counts[name] = {}, {}
