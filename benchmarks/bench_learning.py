@@ -823,6 +823,8 @@ def main() -> int:
     from jepa_ray.train.local import train_on_samples
 
     head_seeds = args.head_seeds or EvalConfig().survival_head_seeds
+    if args.survival_stopping == "committee" and head_seeds < 2:
+        raise SystemExit(f"--survival-stopping committee needs --head-seeds of at least 2, got {head_seeds}")
     torch.set_num_threads(os.cpu_count() or 1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-learning-"))
     t0 = time.perf_counter()

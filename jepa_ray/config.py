@@ -814,7 +814,7 @@ class EvalConfig(_Strict):
         ge=1,
         le=16,
         description="Fits of each trained time-to-event head (seeds eval.seed, eval.seed + 1, ...), scored by "
-        "their mean risk; late fusion combines the mean risks. One attentive image head's c-index moves "
+        "their mean risk (with eval.survival_stopping=committee: its members); late fusion combines the mean risks. One attentive image head's c-index moves "
         "with its initialisation alone (sd 0.007-0.022, range up to 0.064 over ten fits on "
         "bench_learning's cohort), more than the effects it is read for; the mean of 5 fits moves about "
         "half as much (sd 0.006) and reads about 0.01 higher, at about 4.5 times the heads' time "

@@ -120,6 +120,21 @@ def test_the_gpu_rows_script_runs_its_benchmarks_and_writes_json(tmp_path):
     assert "ZeRO-2 engine / bare bf16" in (tmp_path / "gpu.log").read_text()
 
 
+def test_the_learning_benchmark_refuses_a_one_member_committee_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_learning.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--survival-stopping", "committee", "--head-seeds", "1",
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "committee needs --head-seeds of at least 2, got 1" in r.stderr
+    assert not (tmp_path / "work").exists()  # no cohort written
+
+
 def _bench_learning(monkeypatch):
     """benchmarks/bench_learning.py as a module; it sets a salt and a path on import, both undone
     after the test."""
