@@ -410,8 +410,7 @@ class _Strategy:
         self, name: str, fit: FusionInputs, val: FusionInputs | None, steps: int, seed: int,
         parts: dict[str, _Ensemble] | None = None,
     ) -> None:  # fmt: skip
-        """parts: late fusion's unimodal heads when already fit (same data, steps and seed), else
-        it fits its own."""
+        """parts: late fusion's unimodal heads, fit on the same data (`_Ensemble` fits any not given)."""
         self.name = name
         torch.manual_seed(seed)
         rows_f = self.rows(fit, np.arange(len(fit.time)))
@@ -430,9 +429,7 @@ class _Strategy:
                 _Linear(self.std.mean.shape[0]), self.std(fit.ehr_pooled[rows_f]), tf, ef, xv, tv, ev, steps
             )
         elif name == "late_fusion":
-            self.parts = {
-                m: (parts or {}).get(m) or _Strategy(m, fit, val, steps, seed) for m in ("image", "ehr")
-            }
+            self.parts = {m: (parts or {})[m] for m in ("image", "ehr")}
             # two weights of a convex likelihood: fit to its optimum, not early-stopped (Adam's
             # 300 steps from a random start left one seed's image weight at 0.17, its optimum 0.67)
             self.model = fit_linear_cox(self._unimodal(fit, rows_f, fit_stats=True), tf, ef)
