@@ -46,7 +46,7 @@ same out-of-fold predictions per seed (`paired`) and averaged over seeds (`paire
 the share of cells where the JEPA beats both with intervals above zero. benchmarks/README.md
 reports every other figure beside them, with its spread over seeds.
 
-    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--lr LR] [--set K=V] [--read-context] [--cross-fit K] [--out F]
+    python benchmarks/bench_learning.py [--quick] [--subjects N] [--steps S] [--seeds K] [--lr LR] [--set K=V] [--read-context] [--cross-fit K] [--survival-stopping val|committee] [--out F]
 """
 
 from __future__ import annotations
