@@ -30,10 +30,11 @@ on their subjects with both modalities, where every strategy reads the same subj
 than one --downstream-arms, `cindex_over_seeds`: the JEPA's c-index minus each other arm's,
 averaged over seeds, with the interval of 1,000 resamples of the held-out subjects (every seed
 is scored on the same subjects, so only resampling them says whether a lead is beyond noise).
-With --cross-fit K, the image, EHR and late-fusion heads are also cross-fitted over the internal
-site's every labelled subject (split internal_cv; ~800 with both modalities against the test
-split's ~120), and `cross_fit_over_seeds` sets late fusion against each single head and the JEPA
-against each other arm there, pairs counted within a fold.
+With --cross-fit K, the image, EHR and late-fusion heads, the raw-EHR Cox model and the image head
+fused with it are also cross-fitted over the internal site's every labelled subject (split
+internal_cv; ~800 with both modalities against the test split's ~120), and `cross_fit_over_seeds`
+sets late fusion against each single head, the image head with the raw-EHR model against that
+model alone, and the JEPA against each other arm there, pairs counted within a fold.
 With the downstream part, two bounds: what a small supervised CNN reads of each latent from the
 same pixels (`supervised_ceiling`), and the fusion margin an image read-out of a given R² allows
 (`fusion_bound`: the true latents blurred to that R² beside the raw EHR, ridge Cox).
@@ -538,8 +539,9 @@ def downstream(
     the mean of `head_seeds` fits, stopped as `stopping` says (`evaluate_survival`)) of one
     encoder; under "risks" each strategy's {split: (rows, time, event, risk)}, for
     `cindex_over_seeds` (not for the JSON). With
-    `cross_fit` K: the image, EHR and late-fusion heads cross-fitted over the internal site's
-    train, val and test subjects in K folds (`survival.cross_fitted`), scored on those with both
+    `cross_fit` K: the image, EHR and late-fusion heads, the raw-EHR Cox model and the image head
+    fused with it cross-fitted over the internal site's train, val and test subjects in K folds
+    (`survival.cross_fitted`), scored on those with both
     modalities as split "internal_cv", their risks under "cross_fit" (for `cross_fit_over_seeds`)."""
     from jepa_ray.eval.features import fusion_inputs, raw_ehr_features
     from jepa_ray.eval.probes import recall_at
@@ -592,6 +594,7 @@ def downstream(
             seed=seed,
             head_seeds=head_seeds,
             stopping=stopping,
+            raw={k: raw[k] for k in SPLITS[:3]},
         )
         p = cf["paired"]
         for strategy, risk in cf["risks"].items():
@@ -632,7 +635,9 @@ def cross_fit_over_seeds(seed_cf: list[dict]) -> dict:
     """Over seeds, on the internal site's cross-fitted subjects with both modalities (every seed
     and arm on the same folds): late fusion minus each unimodal head per arm
     ({"late_fusion-unimodal": {arm: {unimodal: ...}}}), and the JEPA minus each other arm per
-    strategy ({"jepa-<other>": {strategy: ...}}); means over seeds with the interval of BOOTSTRAP resamples of the
+    strategy ({"jepa-<other>": {strategy: ...}}); where the raw-EHR Cox model was cross-fitted too,
+    the image head fused with it minus it per arm ({"image_with_raw_ehr-raw_ehr_cox": {arm: ...}});
+    means over seeds with the interval of BOOTSTRAP resamples of the
     subjects, pairs counted within a fold. seed_cf: per seed, {arm: `downstream`'s "cross_fit"}."""
     from jepa_ray.eval.survival import paired_cindex
 
@@ -658,6 +663,19 @@ def cross_fit_over_seeds(seed_cf: list[dict]) -> dict:
             for arm in seed_cf[0]
         }
     }
+    if "image_with_raw_ehr" in first["risks"]:  # the image head's worth to the classical EHR model
+        out["image_with_raw_ehr-raw_ehr_cox"] = {
+            arm: paired_cindex(
+                time,
+                event,
+                runs(arm, "image_with_raw_ehr"),
+                runs(arm, "raw_ehr_cox"),
+                BOOTSTRAP,
+                0,
+                strata=fold,
+            )
+            for arm in seed_cf[0]
+        }
     others = [a for a in seed_cf[0] if a != "jepa"] if "jepa" in seed_cf[0] else []
     for other in others:
         out[f"jepa-{other}"] = {
@@ -1050,7 +1068,7 @@ def main() -> int:
         }
         results["clinical_margin"] = {
             s: [clinical_margin(r["jepa"]["downstream"]["cindex"], s) for r in runs]
-            for s in ("test", "external", *PAIRED)
+            for s in ("test", "external", *PAIRED, *(["internal_cv"] if args.cross_fit else []))
         }
         sup = results["supervised_ceiling"] = supervised_ceiling(held, truth)
         print(
@@ -1107,7 +1125,15 @@ def main() -> int:
             f"{arm}: late_fusion-": c
             for arm, c in results["cross_fit_over_seeds"]["late_fusion-unimodal"].items()
         }
-        cf_rows |= {k: c for k, c in results["cross_fit_over_seeds"].items() if k != "late_fusion-unimodal"}
+        cf_rows |= {
+            f"{arm}: image_with_raw_ehr-": {"raw_ehr_cox": c}
+            for arm, c in results["cross_fit_over_seeds"].get("image_with_raw_ehr-raw_ehr_cox", {}).items()
+        }
+        cf_rows |= {
+            k: c
+            for k, c in results["cross_fit_over_seeds"].items()
+            if k not in ("late_fusion-unimodal", "image_with_raw_ehr-raw_ehr_cox")
+        }
         for name, cells in cf_rows.items():
             print(
                 f"mean over seeds, cross-fitted internal ({args.cross_fit} folds) {name}: "

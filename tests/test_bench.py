@@ -348,15 +348,23 @@ def test_the_learning_benchmark_pairs_cross_fitted_risks_within_folds_over_seeds
         image = signal * -time / 20 + rng.standard_normal(n) + 3.0 * fold  # each fold on its own scale
         ehr = -time / 40 + rng.standard_normal(n)
         fused = image + ehr - 3.0 * fold
-        risks = {"image": image, "ehr": ehr, "late_fusion": fused}
+        risks = {
+            "image": image,
+            "ehr": ehr,
+            "late_fusion": fused,
+            "raw_ehr_cox": ehr,
+            "image_with_raw_ehr": fused,
+        }
         return {"fold": fold, "time": time, "event": event, "paired": paired, "risks": risks}
 
     seed_cf = [{"jepa": arm(1.0), "random": arm(0.0)} for _ in range(3)]
     out = bench.cross_fit_over_seeds(seed_cf)
-    assert set(out) == {"late_fusion-unimodal", "jepa-random"} and set(out["late_fusion-unimodal"]) == {
-        "jepa",
-        "random",
-    }
+    assert set(out) == {"late_fusion-unimodal", "image_with_raw_ehr-raw_ehr_cox", "jepa-random"}
+    assert (
+        set(out["late_fusion-unimodal"]) == set(out["image_with_raw_ehr-raw_ehr_cox"]) == {"jepa", "random"}
+    )
+    clinical = out["image_with_raw_ehr-raw_ehr_cox"]["jepa"]  # the JEPA's image head reads the hazard
+    assert clinical["beyond_noise"] and clinical["difference"] > 0.03
     p = paired
     d = out["jepa-random"]["image"]
     per_seed = [

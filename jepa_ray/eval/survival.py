@@ -640,7 +640,7 @@ class _ImageWithRaw:
 def cross_fitted(
     splits: dict[str, FusionInputs], *, pool=("train", "val", "test"), folds: int = 5,
     strategies=("image", "ehr", "late_fusion"), val_fraction: float = 0.12, epochs: int = 300, seed: int = 0,
-    head_seeds: int = 1, fold_seed: int = 0, stopping: str = "val",
+    head_seeds: int = 1, fold_seed: int = 0, stopping: str = "val", raw: dict[str, np.ndarray] | None = None,
 ) -> dict:  # fmt: skip
     """Out-of-fold risks over every subject of the `pool` splits (one site's labelled subjects): a
     test split of a hundred subjects cannot resolve a c-index difference of a hundredth, and the
@@ -651,6 +651,9 @@ def cross_fitted(
     subjects held back, each head a committee of `head_seeds` members stopped on different parts of
     the other folds). The folds' risks come from different fits, so c-indices count pairs within a
     fold (`paired_cindex(..., strata=fold)`).
+    raw: the raw EHR features of the `pool` splits (aligned by row, as `evaluate_survival`'s): each
+    fold is then also scored by the classical Cox model on them (`raw_ehr_cox`, fit on the subjects
+    the heads are fit on) and, with an image head, by that head fused with it (`image_with_raw_ehr`).
     Returns {"origin": (n,) split names, "row": (n,) rows of those splits, "fold", "time", "event",
     "paired": (n,) both modalities, "risks": {strategy: (n,) risk, NaN where it cannot score}}."""
     if folds < 2:
@@ -663,27 +666,45 @@ def cross_fitted(
         raise ValueError(f"no {missing} split to pool for cross-fitting (splits: {sorted(splits)})")
     for name in pool:
         splits[name].check(name)
+    if raw is not None and any(k not in raw for k in pool):
+        raise ValueError(f"raw EHR features of {[k for k in pool if k not in raw]} are missing")
     whole = _concat([splits[k] for k in pool])
     origin = np.concatenate([np.full(len(splits[k].time), k, dtype=object) for k in pool])
     row = np.concatenate([np.arange(len(splits[k].time)) for k in pool])
     ok = np.flatnonzero(~np.isnan(whole.time) & (whole.time > 0))
     whole, origin, row = whole.take(ok), origin[ok], row[ok]
+    raw_whole = None if raw is None else np.concatenate([raw[k] for k in pool])[ok]
     n = len(whole.time)
     if n < 2 * folds:
         raise ValueError(f"{n} subjects with follow-up in {list(pool)}: too few for {folds} folds")
     fold = np.random.default_rng(fold_seed).permutation(n) % folds
-    risks = {name: np.full(n, np.nan) for name in strategies}
+    with_raw = (
+        () if raw is None else ("raw_ehr_cox", *(["image_with_raw_ehr"] if "image" in strategies else []))
+    )
+    risks = {name: np.full(n, np.nan) for name in (*strategies, *with_raw)}
     for k in range(folds):
         rest = np.random.default_rng([fold_seed, k]).permutation(np.flatnonzero(fold != k))
         held = 0 if committee else round(val_fraction * len(rest))
-        fit, val = whole.take(np.sort(rest[held:])), whole.take(np.sort(rest[:held])) if held else None
+        fit_rows = np.sort(rest[held:])
+        fit, val = whole.take(fit_rows), whole.take(np.sort(rest[:held])) if held else None
         scored = np.flatnonzero(fold == k)
-        for name, model in _fit_all(strategies, fit, val, epochs, seed, head_seeds, committee).items():
+        fitted = _fit_all(strategies, fit, val, epochs, seed, head_seeds, committee)
+        for name, model in fitted.items():
             if isinstance(model, str):
                 raise ValueError(f"fold {k}: cannot fit {name}: {model}")
             rows = model.rows(whole, scored)
             if len(rows):
                 risks[name][rows] = model.risk(whole, rows)
+        if raw_whole is not None:
+            rf = fit.has_ehr
+            if not fit.event[rf].any():
+                raise ValueError(f"fold {k}: cannot fit raw_ehr_cox: no subjects with EHR and an event")
+            base = RidgeCox(raw_whole[fit_rows][rf], fit.time[rf], fit.event[rf])
+            ehr_rows = scored[whole.has_ehr[scored]]
+            risks["raw_ehr_cox"][ehr_rows] = base.risk(raw_whole[ehr_rows])
+            if "image_with_raw_ehr" in risks:
+                both = _ImageWithRaw(fitted["image"], base, fit, raw_whole[fit_rows])
+                risks["image_with_raw_ehr"][scored] = both.risk(whole.take(scored), raw_whole[scored])
     return {
         "origin": origin, "row": row, "fold": fold, "time": whole.time, "event": whole.event,
         "paired": whole.has_image & whole.has_ehr, "risks": risks,
