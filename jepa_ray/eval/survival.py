@@ -96,9 +96,18 @@ class FusionInputs:
 
 def harrell(time: np.ndarray, event: np.ndarray, risk: np.ndarray, strata: np.ndarray | None = None) -> float:
     """Harrell's c-index (higher risk = earlier event; tied risks count one half); with `strata`
-    (one label per sample, e.g. cross-fitting's folds) over the pairs within a stratum only."""
-    if strata is None:
-        return float(concordance_index_censored(event.astype(bool), time, risk)[0])
+    (one label per sample, e.g. cross-fitting's folds) over the pairs within a stratum only; NaN
+    when no pair is comparable. Raises ValueError when every sample is censored or a risk is not
+    one finite number per sample."""
+    risk = np.asarray(risk, dtype=float)
+    if risk.shape != (len(time),) or len(event) != len(time):
+        raise ValueError(f"c-index: {len(time)} times, {len(event)} events and risks of shape {risk.shape}")
+    if not np.isfinite(risk).all():
+        raise ValueError(f"c-index: {int((~np.isfinite(risk)).sum())} of {len(risk)} risks are not finite")
+    if not np.asarray(event).any():
+        raise ValueError(f"c-index: all {len(time)} samples are censored")
+    if strata is None and len(time) > 1000:  # past ~1,000 samples scikit-survival's loop is the quicker
+        return float(concordance_index_censored(np.asarray(event).astype(bool), time, risk)[0])
     every = [np.arange(len(time))]
     return float(resampled_cindex(time, event, risk[None], np.ones(len(time)), every, strata=strata)[0, 0])
 
@@ -198,15 +207,17 @@ def resampled_cindex(
     vector of counts c, its c-index c'Nc / c'Dc with D[i, j] = w_i where i's event comes before j's
     time (or at it, j censored) and N = D x (1 if risk_i > risk_j, 1/2 if tied), as scikit-survival
     counts pairs; with `strata` (one label per sample) D keeps only the pairs within a stratum.
-    Memory stays (rows x samples) per block of D's rows."""
+    Only the rows of events can be non-zero, so only they are built; memory stays (rows x samples)
+    per block of them."""
     size = len(time)
     c = np.asarray([np.bincount(idx, minlength=size) for idx in draws], dtype=float).reshape(len(draws), size)
-    ev = event.astype(bool)
+    ev = np.asarray(event).astype(bool)
+    events = np.flatnonzero(ev)
     num, den = np.zeros((len(risks), len(c))), np.zeros(len(c))
-    for lo in range(0, size, rows):
-        i = slice(lo, lo + rows)
+    for lo in range(0, len(events), rows):
+        i = events[lo : lo + rows]
         ti = time[i, None]
-        d = (ev[i, None] & ((time[None, :] > ti) | ((time[None, :] == ti) & ~ev[None, :]))) * weight[i, None]
+        d = (((time[None, :] > ti) | ((time[None, :] == ti) & ~ev[None, :]))) * weight[i, None]
         if strata is not None:
             d = d * (strata[i, None] == strata[None, :])
         den += (c[:, i] * (c @ d.T)).sum(1)

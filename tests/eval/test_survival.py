@@ -20,6 +20,26 @@ def test_harrell_matches_lifelines_with_ties_and_censoring():
         risk = rng.integers(0, 8, 300).astype(float)  # many tied risks
         # lifelines takes predicted survival times: higher means later, hence -risk
         assert harrell(time, event, risk) == pytest.approx(concordance_index(time, -risk, event), abs=1e-6)
+    # and scikit-survival's, which counts a censored sample at an event's time as comparable
+    from sksurv.metrics import concordance_index_censored
+
+    for n in (7, 60, 700, 1500):  # both ways of counting (the second past 1,000 samples)
+        time = rng.integers(1, 30, n).astype(float)
+        event = rng.random(n) < 0.4
+        event[0] = True
+        risk = np.round(rng.standard_normal(n), 1)
+        assert harrell(time, event, risk) == pytest.approx(concordance_index_censored(event, time, risk)[0], abs=1e-12)
+
+
+def test_harrell_refuses_what_it_cannot_score():
+    time, event = np.arange(1.0, 6.0), np.array([1, 0, 1, 0, 0], bool)
+    with pytest.raises(ValueError, match="2 of 5 risks are not finite"):
+        harrell(time, event, np.array([0.1, np.nan, 0.3, np.inf, 0.0]))
+    with pytest.raises(ValueError, match="5 times, 5 events and risks of shape \\(4,\\)"):
+        harrell(time, event, np.zeros(4))
+    with pytest.raises(ValueError, match="all 5 samples are censored"):
+        harrell(time, np.zeros(5, bool), np.zeros(5))
+    assert np.isnan(harrell(np.ones(3), np.array([1, 1, 1], bool), np.arange(3.0)))  # no comparable pair
 
 
 def _uno_reference(train_t, train_e, t, e, r, tau):
