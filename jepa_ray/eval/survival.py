@@ -597,26 +597,96 @@ def fill_values(x: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.nanmean(np.where(np.isnan(x).all(0), 0.0, x), axis=0))
 
 
+class _BreslowCox:
+    """The ridge Cox objective of scikit-survival's CoxPHSurvivalAnalysis (Breslow's ties; the mean
+    negative partial log-likelihood + alpha |w|^2 / 2n), its value, gradient and Hessian summed over
+    the risk sets with cumulative sums instead of a loop over the samples."""
+
+    def __init__(self, x: np.ndarray, time: np.ndarray, event: np.ndarray, alpha: float) -> None:
+        order = np.argsort(-time, kind="mergesort")  # latest first: a risk set is a prefix
+        self.x, time, event = x[order], time[order], event[order].astype(bool)
+        # the tie groups of times, latest first; each event's group's risk set ends at its last row
+        starts = np.flatnonzero(np.r_[True, time[1:] != time[:-1]])
+        group = np.cumsum(np.r_[True, time[1:] != time[:-1]]) - 1
+        self.ends = np.r_[starts[1:], len(time)] - 1
+        self.d = np.bincount(group, weights=event, minlength=len(starts))  # events per group
+        self.xsum = np.zeros((len(starts), x.shape[1]))
+        np.add.at(self.xsum, group[event], self.x[event])
+        self.group, self.alpha, self.n = group, alpha, len(time)
+        self.at = self.d > 0
+
+    def loss(self, w: np.ndarray) -> float:
+        xw = self.x @ w
+        s0 = np.cumsum(np.exp(xw))[self.ends][self.at]
+        partial = (self.xsum[self.at] @ w - self.d[self.at] * np.log(s0)).sum()
+        return float(-partial / self.n + self.alpha * (w @ w) / (2 * self.n))
+
+    def gradient_hessian(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e = np.exp(self.x @ w)
+        s0 = np.cumsum(e)[self.ends][self.at]
+        s1 = np.cumsum(e[:, None] * self.x, 0)[self.ends][self.at]
+        z, d = s1 / s0[:, None], self.d[self.at]
+        grad = -(self.xsum[self.at] - d[:, None] * z).sum(0) / self.n + self.alpha * w / self.n
+        # sum over event groups g of d_g S2_g / S0_g = X' diag(e_k c_k) X, c_k the sum of d_g / S0_g
+        # over the groups whose risk set holds k (those no later than k's time)
+        per_group = np.zeros(len(self.d))
+        per_group[self.at] = d / s0
+        c = np.cumsum(per_group[::-1])[::-1][self.group]
+        hess = (self.x * (e * c)[:, None]).T @ self.x - (z * d[:, None]).T @ z
+        return grad, hess / self.n + np.eye(len(w)) * self.alpha / self.n
+
+
+def ridge_cox_coefficients(
+    x: np.ndarray, time: np.ndarray, event: np.ndarray, alpha: float, n_iter: int = 200, tol: float = 1e-9
+) -> np.ndarray:  # fmt: skip
+    """The coefficients of a ridge Cox model (Breslow's ties), by scikit-survival's Newton iteration
+    (from 0, step halving when the loss rises, stopped when it changes by less than `tol` relative):
+    its CoxPHSurvivalAnalysis's fit, quicker on many rows."""
+    problem = _BreslowCox(x, time, event, alpha)
+    w = w_prev = np.zeros(x.shape[1])
+    loss = float("inf")
+    for _ in range(n_iter):
+        grad, hess = problem.gradient_hessian(w)
+        delta = np.linalg.solve(hess, grad)
+        if not np.isfinite(delta).all():
+            raise ValueError("ridge Cox: the Newton direction is not finite")
+        w_new = w - delta
+        loss_new = problem.loss(w_new)
+        if loss_new > loss:
+            w = (w_prev + w) / 2
+            loss = problem.loss(w)
+            continue
+        w_prev, w = w, w_new
+        if abs(1 - loss_new / loss) < tol:
+            break
+        loss = loss_new
+    return w
+
+
 class RidgeCox:
-    """Ridge Cox (scikit-survival) on a feature matrix (raw EHR features, embeddings): fit-split
+    """Ridge Cox (Breslow's ties) on a feature matrix (raw EHR features, embeddings): fit-split
     mean imputation + missing indicators, standardised; `risk(x)` scores new rows. `alpha`: the
     ridge penalty (1: the classical baseline of `evaluate`)."""
 
     def __init__(self, x: np.ndarray, time: np.ndarray, event: np.ndarray, alpha: float = 1.0) -> None:
+        if len(time) < 2 or not np.asarray(event).any():
+            raise ValueError(f"ridge Cox: {len(time)} rows with {int(np.sum(event))} events cannot be fit")
         self.mean = fill_values(x)
         self.indicators = np.isnan(x).any(0)
         z = self._design(x)
         self.keep = z.std(0) > 1e-9
+        if not self.keep.any():
+            raise ValueError(f"ridge Cox: none of the {x.shape[1]} features varies over the {len(time)} rows")
         self.std = _Standard(z[:, self.keep])
-        self.model = CoxPHSurvivalAnalysis(alpha=alpha, n_iter=200)
-        self.model.fit(self.std(z[:, self.keep]).numpy(), Surv.from_arrays(event.astype(bool), time))
+        design = self.std(z[:, self.keep]).numpy().astype(float)
+        self.coef = ridge_cox_coefficients(design, np.asarray(time, float), np.asarray(event), alpha)
 
     def _design(self, x: np.ndarray) -> np.ndarray:
         miss = np.isnan(x)
         return np.concatenate([np.where(miss, self.mean, x), miss[:, self.indicators].astype(float)], 1)
 
     def risk(self, x: np.ndarray) -> np.ndarray:
-        return self.model.predict(self.std(self._design(x)[:, self.keep]).numpy())
+        return self.std(self._design(x)[:, self.keep]).numpy().astype(float) @ self.coef
 
 
 class _ImageWithRaw:

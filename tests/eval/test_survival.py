@@ -42,6 +42,29 @@ def test_harrell_refuses_what_it_cannot_score():
     assert np.isnan(harrell(np.ones(3), np.array([1, 1, 1], bool), np.arange(3.0)))  # no comparable pair
 
 
+def test_the_ridge_cox_fit_is_scikit_survivals():
+    """RidgeCox's Newton fit (Breslow's ties, the ridge on the mean partial likelihood) lands on
+    scikit-survival's CoxPHSurvivalAnalysis coefficients, tied times and all; rows it cannot fit
+    on are refused by name."""
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+    from sksurv.util import Surv
+
+    from jepa_ray.eval.survival import RidgeCox, ridge_cox_coefficients
+
+    rng = np.random.default_rng(4)
+    for n, p, alpha in ((40, 3, 1.0), (400, 12, 10.0), (150, 20, 0.01)):
+        x = rng.standard_normal((n, p))
+        time = rng.integers(1, 30, n).astype(float)  # many tied times
+        event = rng.random(n) < 0.5
+        time[event] = np.maximum(1, np.round(time[event] + 5 - 2 * x[event, 0]))  # a signal; ties kept
+        ref = CoxPHSurvivalAnalysis(alpha=alpha, n_iter=200).fit(x, Surv.from_arrays(event, time)).coef_
+        assert ridge_cox_coefficients(x, time, event, alpha) == pytest.approx(ref, abs=1e-8)
+    with pytest.raises(ValueError, match="40 rows with 0 events"):
+        RidgeCox(x[:40], time[:40], np.zeros(40, bool))
+    with pytest.raises(ValueError, match="none of the 2 features varies"):
+        RidgeCox(np.ones((40, 2)), time[:40], event[:40])
+
+
 def _uno_reference(train_t, train_e, t, e, r, tau):
     """Uno et al. (2011): sum over events i before tau and later j of G(T_i)^-2 [r_i > r_j] (1/2 for
     tied risks) / the same without the indicator; G = Kaplan-Meier of the censoring on the training
