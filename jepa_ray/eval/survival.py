@@ -217,7 +217,7 @@ def resampled_cindex(
     for lo in range(0, len(events), rows):
         i = events[lo : lo + rows]
         ti = time[i, None]
-        d = (((time[None, :] > ti) | ((time[None, :] == ti) & ~ev[None, :]))) * weight[i, None]
+        d = ((time[None, :] > ti) | ((time[None, :] == ti) & ~ev[None, :])) * weight[i, None]
         if strata is not None:
             d = d * (strata[i, None] == strata[None, :])
         den += (c[:, i] * (c @ d.T)).sum(1)
@@ -715,6 +715,20 @@ class _ImageWithRaw:
             return self.model(self._risks(d, raw)).numpy().astype(float)
 
 
+def _with_raw(
+    fitted: dict, fit: FusionInputs, raw_fit: np.ndarray
+) -> tuple[RidgeCox, _ImageWithRaw | None] | str:
+    """The raw-EHR Cox model, fit on the subjects of `fit` with EHR (`raw_fit`: the raw features of
+    `fit`'s rows), and, where an image head was fit, that head fused with it; or why the model
+    cannot be fit."""
+    rf = fit.has_ehr
+    if not fit.event[rf].any():
+        return "no subjects with EHR, follow-up and an event"
+    base = RidgeCox(raw_fit[rf], fit.time[rf], fit.event[rf])
+    image = fitted.get("image")
+    return base, _ImageWithRaw(image, base, fit, raw_fit) if isinstance(image, _Ensemble) else None
+
+
 # ---- cross-fitting ---------------------------------------------------------------------------------
 
 
@@ -777,14 +791,13 @@ def cross_fitted(
             if len(rows):
                 risks[name][rows] = model.risk(whole, rows)
         if raw_whole is not None:
-            rf = fit.has_ehr
-            if not fit.event[rf].any():
-                raise ValueError(f"fold {k}: cannot fit raw_ehr_cox: no subjects with EHR and an event")
-            base = RidgeCox(raw_whole[fit_rows][rf], fit.time[rf], fit.event[rf])
+            models = _with_raw(fitted, fit, raw_whole[fit_rows])
+            if isinstance(models, str):
+                raise ValueError(f"fold {k}: cannot fit raw_ehr_cox: {models}")
+            base, both = models
             ehr_rows = scored[whole.has_ehr[scored]]
             risks["raw_ehr_cox"][ehr_rows] = base.risk(raw_whole[ehr_rows])
-            if "image_with_raw_ehr" in risks:
-                both = _ImageWithRaw(fitted["image"], base, fit, raw_whole[fit_rows])
+            if both is not None:
                 risks["image_with_raw_ehr"][scored] = both.risk(whole.take(scored), raw_whole[scored])
     return {
         "origin": origin, "row": row, "fold": fold, "time": whole.time, "event": whole.event,
@@ -939,15 +952,14 @@ def evaluate_survival(
     if raw is not None:
         ok = {k: ~np.isnan(splits[k].time) & (splits[k].time > 0) for k in splits}
         raw_fit = np.concatenate([raw[k][ok[k]] for k in pooled])  # rows of `fit`
-        rf = fit.has_ehr
-        if not rf.any() or not fit.event[rf].any():
+        models = _with_raw(fitted, fit, raw_fit)
+        if isinstance(models, str):
             if not prefix:
-                note = {"note": f"no samples with EHR, follow-up and an event in the {fit_split!r} split"}
+                note = {"note": f"{models} in the {fit_split!r} split"}
                 cindex["raw_ehr_cox"] = {split: note for split in report_splits}
             return _result(cindex, counts, risks if keep_risks else None)
-        base = RidgeCox(raw_fit[rf], fit.time[rf], fit.event[rf])
-        if isinstance(fitted.get("image"), _Ensemble) and fit.has_ehr.any():
-            both = _ImageWithRaw(fitted["image"], base, fit, raw_fit)
+        base, both = models
+        if both is not None:
             name = prefix + both.name
             cindex[name], counts[name] = {}, {}
             for split in report_splits:

@@ -28,7 +28,9 @@ def test_harrell_matches_lifelines_with_ties_and_censoring():
         event = rng.random(n) < 0.4
         event[0] = True
         risk = np.round(rng.standard_normal(n), 1)
-        assert harrell(time, event, risk) == pytest.approx(concordance_index_censored(event, time, risk)[0], abs=1e-12)
+        assert harrell(time, event, risk) == pytest.approx(
+            concordance_index_censored(event, time, risk)[0], abs=1e-12
+        )
 
 
 def test_harrell_refuses_what_it_cannot_score():
