@@ -596,10 +596,35 @@ def downstream(
             stopping=stopping,
             raw={k: raw[k] for k in SPLITS[:3]},
         )
+        cf["risks"]["ehr_embedding_cox"] = embedding_cox(cf, inputs)
         p = cf["paired"]
         for strategy, risk in cf["risks"].items():
-            cindex[strategy]["internal_cv"] = harrell(cf["time"][p], cf["event"][p], risk[p], cf["fold"][p])
+            cindex.setdefault(strategy, {})["internal_cv"] = harrell(
+                cf["time"][p], cf["event"][p], risk[p], cf["fold"][p]
+            )
     return out
+
+
+EMBEDDING_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+def embedding_cox(cf: dict, inputs: dict) -> np.ndarray:
+    """Out-of-fold risks of a ridge Cox model on the pooled EHR embedding, on the folds of `cf`
+    (`survival.cross_fitted`'s result over `inputs`), each fold's model fit to the optimum of its
+    partial likelihood on the other folds' subjects with EHR, its penalty the best of
+    EMBEDDING_ALPHAS by an inner 3-fold c-index; NaN where a subject has no EHR. Beside the EHR
+    head (a linear Cox layer on the same standardised embedding, trained by Adam and stopped early)
+    and the raw-EHR Cox model: whether the head or the embedding loses what the raw features read."""
+    from jepa_ray.eval.fewlabel import ridge_cox
+
+    x = np.stack([inputs[o].ehr_pooled[r] for o, r in zip(cf["origin"], cf["row"], strict=True)])
+    has = np.array([inputs[o].has_ehr[r] for o, r in zip(cf["origin"], cf["row"], strict=True)], bool)
+    risk = np.full(len(x), np.nan)
+    for k in np.unique(cf["fold"]):
+        fit, scored = has & (cf["fold"] != k), has & (cf["fold"] == k)
+        model = ridge_cox(x[fit], cf["time"][fit], cf["event"][fit], EMBEDDING_ALPHAS)
+        risk[scored] = model(x[scored])
+    return risk
 
 
 def cindex_over_seeds(seed_risks: list[dict], others: list[str]) -> dict:
@@ -637,6 +662,7 @@ def cross_fit_over_seeds(seed_cf: list[dict]) -> dict:
     ({"late_fusion-unimodal": {arm: {unimodal: ...}}}), and the JEPA minus each other arm per
     strategy ({"jepa-<other>": {strategy: ...}}); where the raw-EHR Cox model was cross-fitted too,
     the image head fused with it minus it per arm ({"image_with_raw_ehr-raw_ehr_cox": {arm: ...}});
+    where `embedding_cox` was, the EHR head minus it and it minus the raw-EHR Cox model per arm;
     means over seeds with the interval of BOOTSTRAP resamples of the
     subjects, pairs counted within a fold. seed_cf: per seed, {arm: `downstream`'s "cross_fit"}."""
     from jepa_ray.eval.survival import paired_cindex
@@ -652,37 +678,38 @@ def cross_fit_over_seeds(seed_cf: list[dict]) -> dict:
     def runs(arm: str, strategy: str) -> np.ndarray:
         return np.stack([by_arm[arm]["risks"][strategy][p] for by_arm in seed_cf])
 
+    def diff(arm_a: str, strategy_a: str, arm_b: str, strategy_b: str) -> dict:
+        a, b = runs(arm_a, strategy_a), runs(arm_b, strategy_b)
+        return paired_cindex(time, event, a, b, BOOTSTRAP, 0, strata=fold)
+
+    arms = list(seed_cf[0])
     out: dict = {
-        "late_fusion-unimodal": {
-            arm: {
-                uni: paired_cindex(
-                    time, event, runs(arm, "late_fusion"), runs(arm, uni), BOOTSTRAP, 0, strata=fold
-                )
-                for uni in UNIMODAL
-            }
-            for arm in seed_cf[0]
-        }
+        "late_fusion-unimodal": {arm: {u: diff(arm, "late_fusion", arm, u) for u in UNIMODAL} for arm in arms}
     }
     if "image_with_raw_ehr" in first["risks"]:  # the image head's worth to the classical EHR model
         out["image_with_raw_ehr-raw_ehr_cox"] = {
-            arm: paired_cindex(
-                time,
-                event,
-                runs(arm, "image_with_raw_ehr"),
-                runs(arm, "raw_ehr_cox"),
-                BOOTSTRAP,
-                0,
-                strata=fold,
-            )
-            for arm in seed_cf[0]
+            arm: diff(arm, "image_with_raw_ehr", arm, "raw_ehr_cox") for arm in arms
         }
-    others = [a for a in seed_cf[0] if a != "jepa"] if "jepa" in seed_cf[0] else []
-    for other in others:
-        out[f"jepa-{other}"] = {
-            s: paired_cindex(time, event, runs("jepa", s), runs(other, s), BOOTSTRAP, 0, strata=fold)
-            for s in first["risks"]
-        }
+    if "ehr_embedding_cox" in first["risks"]:  # the EHR head against the optimum on its embedding
+        out["ehr-ehr_embedding_cox"] = {arm: diff(arm, "ehr", arm, "ehr_embedding_cox") for arm in arms}
+        if "raw_ehr_cox" in first["risks"]:
+            out["ehr_embedding_cox-raw_ehr_cox"] = {
+                arm: diff(arm, "ehr_embedding_cox", arm, "raw_ehr_cox") for arm in arms
+            }
+    for other in [a for a in arms if a != "jepa"] if "jepa" in arms else []:
+        out[f"jepa-{other}"] = {s: diff("jepa", s, other, s) for s in first["risks"]}
     return out
+
+
+def differences(tree: dict, path: str = ""):
+    """(path, paired difference) of every `paired_cindex` result in a nested dict of them, the
+    path its keys joined by spaces."""
+    for key, value in tree.items():
+        name = f"{path} {key}".strip()
+        if "difference" in value:
+            yield name, value
+        else:
+            yield from differences(value, name)
 
 
 def over_chance(r: dict) -> float:
@@ -1121,28 +1148,12 @@ def main() -> int:
                 )
     if do_downstream and args.cross_fit and seed_cf[0]:
         results["cross_fit_over_seeds"] = cross_fit_over_seeds(seed_cf)
-        cf_rows = {
-            f"{arm}: late_fusion-": c
-            for arm, c in results["cross_fit_over_seeds"]["late_fusion-unimodal"].items()
-        }
-        cf_rows |= {
-            f"{arm}: image_with_raw_ehr-": {"raw_ehr_cox": c}
-            for arm, c in results["cross_fit_over_seeds"].get("image_with_raw_ehr-raw_ehr_cox", {}).items()
-        }
-        cf_rows |= {
-            k: c
-            for k, c in results["cross_fit_over_seeds"].items()
-            if k not in ("late_fusion-unimodal", "image_with_raw_ehr-raw_ehr_cox")
-        }
-        for name, cells in cf_rows.items():
-            print(
-                f"mean over seeds, cross-fitted internal ({args.cross_fit} folds) {name}: "
-                + "  ".join(
-                    f"{k} {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                    for k, d in cells.items()
-                    if d["ci95"]
+        for name, d in differences(results["cross_fit_over_seeds"]):
+            if d["ci95"]:
+                print(
+                    f"mean over seeds, cross-fitted internal ({args.cross_fit} folds) {name}: "
+                    f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
                 )
-            )
     if set(args.arms) == set(ARMS):
         grid = cells_won(runs, "grid")
         results["grid_ratio"] = float(np.mean(grid))

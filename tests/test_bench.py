@@ -328,6 +328,35 @@ def test_the_learning_benchmark_pairs_the_c_index_over_seeds_on_the_same_subject
     assert "ehr" not in out
 
 
+def test_the_embedding_cox_read_is_out_of_fold_and_skips_subjects_without_ehr(monkeypatch):
+    """`embedding_cox`: a ridge Cox model on the pooled EHR embedding, fit on the other folds'
+    subjects with EHR: it reads a hazard the embedding carries, a fold's own outcomes never reach
+    its risks, and a subject without EHR gets none."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    bench = _bench_learning(monkeypatch)
+    rng = np.random.default_rng(2)
+    n = 300
+    emb = rng.standard_normal((n, 8))
+    time = np.exp(1.0 - emb[:, 0] + 0.5 * rng.standard_normal(n))
+    event = rng.random(n) < 0.7
+    has = rng.random(n) < 0.9
+    inputs = {k: SimpleNamespace(ehr_pooled=emb[i::2], has_ehr=has[i::2]) for i, k in enumerate(("a", "b"))}
+    origin = np.array(["a", "b"] * (n // 2), dtype=object)
+    row = np.arange(n) // 2  # subject i is row i // 2 of split a (even) or b (odd)
+    cf = {"origin": origin, "row": row, "fold": rng.permutation(n) % 4, "time": time, "event": event}
+    risk = bench.embedding_cox(cf, inputs)
+    assert np.isnan(risk[~has]).all() and np.isfinite(risk[has]).all()
+    from jepa_ray.eval.survival import harrell
+
+    assert harrell(time[has], event[has], risk[has], cf["fold"][has]) > 0.7
+    own = cf["fold"] == 0
+    shuffled = dict(cf, time=np.where(own, rng.permutation(time), time))
+    assert bench.embedding_cox(shuffled, inputs)[own & has] == pytest.approx(risk[own & has])
+
+
 def test_the_learning_benchmark_pairs_cross_fitted_risks_within_folds_over_seeds(monkeypatch):
     """`cross_fit_over_seeds`: late fusion minus each unimodal head per arm and the JEPA minus each
     other arm per strategy, averaged over seeds on the cross-fitted subjects with both modalities,
@@ -354,12 +383,18 @@ def test_the_learning_benchmark_pairs_cross_fitted_risks_within_folds_over_seeds
             "late_fusion": fused,
             "raw_ehr_cox": ehr,
             "image_with_raw_ehr": fused,
+            "ehr_embedding_cox": ehr + 1.5 * rng.standard_normal(n),
         }
         return {"fold": fold, "time": time, "event": event, "paired": paired, "risks": risks}
 
     seed_cf = [{"jepa": arm(1.0), "random": arm(0.0)} for _ in range(3)]
     out = bench.cross_fit_over_seeds(seed_cf)
-    assert set(out) == {"late_fusion-unimodal", "image_with_raw_ehr-raw_ehr_cox", "jepa-random"}
+    assert set(out) == {
+        "late_fusion-unimodal", "image_with_raw_ehr-raw_ehr_cox", "ehr-ehr_embedding_cox",
+        "ehr_embedding_cox-raw_ehr_cox", "jepa-random",
+    }  # fmt: skip
+    noisier = out["ehr_embedding_cox-raw_ehr_cox"]["jepa"]  # the raw model's risk plus noise
+    assert noisier["difference"] < 0 and out["ehr-ehr_embedding_cox"]["jepa"]["difference"] > 0
     assert (
         set(out["late_fusion-unimodal"]) == set(out["image_with_raw_ehr-raw_ehr_cox"]) == {"jepa", "random"}
     )
@@ -376,6 +411,10 @@ def test_the_learning_benchmark_pairs_cross_fitted_risks_within_folds_over_seeds
     assert d["beyond_noise"] and d["difference"] > 0.1  # unstratified, the folds' offsets would swamp it
     fused = out["late_fusion-unimodal"]["random"]["image"]  # random init's image head reads noise
     assert fused["beyond_noise"] and fused["difference"] > 0.03 and out["jepa-random"]["ehr"]["ci95"]
+    # what the benchmark prints: every difference, named by its path
+    named = dict(bench.differences(out))
+    assert len(named) == 2 * 2 + 2 + 2 + 2 + 6 and named["late_fusion-unimodal random image"] is fused
+    assert named["image_with_raw_ehr-raw_ehr_cox jepa"] is clinical and named["jepa-random image"] is d
     seed_cf[1]["random"]["fold"] = (fold + 1) % 4
     with pytest.raises(ValueError, match="share their subjects and folds"):
         bench.cross_fit_over_seeds(seed_cf)
