@@ -596,7 +596,9 @@ def downstream(
             stopping=stopping,
             raw={k: raw[k] for k in SPLITS[:3]},
         )
-        cf["risks"]["ehr_embedding_cox"] = embedding_cox(cf, inputs)
+        pool = {k: inputs[k] for k in SPLITS[:3]}
+        for read in EMBEDDING_READS:
+            cf["risks"][read] = embedding_cox(cf, pool, read)
         p = cf["paired"]
         for strategy, risk in cf["risks"].items():
             cindex.setdefault(strategy, {})["internal_cv"] = harrell(
@@ -606,18 +608,37 @@ def downstream(
 
 
 EMBEDDING_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+# what `embedding_cox` reads of the EHR encoder's output, per subject
+EMBEDDING_READS = {
+    "ehr_embedding_cox": "the pooled embedding (the mean of the kept EHR tokens, as the EHR head reads)",
+    "ehr_embedding_count_cox": "the pooled embedding and the log of how many EHR tokens were kept",
+    "ehr_meanmax_count_cox": "the mean and the maximum of the kept EHR tokens and their log count",
+}
 
 
-def embedding_cox(cf: dict, inputs: dict) -> np.ndarray:
-    """Out-of-fold risks of a ridge Cox model on the pooled EHR embedding, on the folds of `cf`
-    (`survival.cross_fitted`'s result over `inputs`), each fold's model fit to the optimum of its
-    partial likelihood on the other folds' subjects with EHR, its penalty the best of
-    EMBEDDING_ALPHAS by an inner 3-fold c-index; NaN where a subject has no EHR. Beside the EHR
-    head (a linear Cox layer on the same standardised embedding, trained by Adam and stopped early)
-    and the raw-EHR Cox model: whether the head or the embedding loses what the raw features read."""
+def embedding_features(d, read: str) -> np.ndarray:
+    """The features `read` (a key of EMBEDDING_READS) of FusionInputs `d`, one row per subject."""
+    count = np.log1p(d.ehr_keep.sum(1, keepdims=True).astype(float))
+    if read == "ehr_embedding_cox":
+        return d.ehr_pooled
+    if read == "ehr_embedding_count_cox":
+        return np.concatenate([d.ehr_pooled, count], 1)
+    kept = np.where(d.ehr_keep[..., None], d.ehr_tokens, -np.inf).max(1)
+    return np.concatenate([d.ehr_pooled, np.where(np.isfinite(kept), kept, 0.0), count], 1)
+
+
+def embedding_cox(cf: dict, inputs: dict, read: str = "ehr_embedding_cox") -> np.ndarray:
+    """Out-of-fold risks of a ridge Cox model on what `read` takes of the EHR encoder's output
+    (EMBEDDING_READS), on the folds of `cf` (`survival.cross_fitted`'s result over `inputs`), each
+    fold's model fit to the optimum of its partial likelihood on the other folds' subjects with
+    EHR, its penalty the best of EMBEDDING_ALPHAS by an inner 3-fold c-index; NaN where a subject
+    has no EHR. Beside the EHR head (a linear Cox layer on the standardised pooled embedding,
+    trained by Adam and stopped early) and the raw-EHR Cox model: whether the head, the pooling or
+    the embedding loses what the raw features read."""
     from jepa_ray.eval.fewlabel import ridge_cox
 
-    x = np.stack([inputs[o].ehr_pooled[r] for o, r in zip(cf["origin"], cf["row"], strict=True)])
+    features = {k: embedding_features(v, read) for k, v in inputs.items()}
+    x = np.stack([features[o][r] for o, r in zip(cf["origin"], cf["row"], strict=True)])
     has = np.array([inputs[o].has_ehr[r] for o, r in zip(cf["origin"], cf["row"], strict=True)], bool)
     risk = np.full(len(x), np.nan)
     for k in np.unique(cf["fold"]):
@@ -662,7 +683,8 @@ def cross_fit_over_seeds(seed_cf: list[dict]) -> dict:
     ({"late_fusion-unimodal": {arm: {unimodal: ...}}}), and the JEPA minus each other arm per
     strategy ({"jepa-<other>": {strategy: ...}}); where the raw-EHR Cox model was cross-fitted too,
     the image head fused with it minus it per arm ({"image_with_raw_ehr-raw_ehr_cox": {arm: ...}});
-    where `embedding_cox` was, the EHR head minus it and it minus the raw-EHR Cox model per arm;
+    where `embedding_cox` was, the EHR head minus its read of the pooled embedding and each of its
+    reads minus the raw-EHR Cox model per arm;
     means over seeds with the interval of BOOTSTRAP resamples of the
     subjects, pairs counted within a fold. seed_cf: per seed, {arm: `downstream`'s "cross_fit"}."""
     from jepa_ray.eval.survival import paired_cindex
@@ -692,10 +714,8 @@ def cross_fit_over_seeds(seed_cf: list[dict]) -> dict:
         }
     if "ehr_embedding_cox" in first["risks"]:  # the EHR head against the optimum on its embedding
         out["ehr-ehr_embedding_cox"] = {arm: diff(arm, "ehr", arm, "ehr_embedding_cox") for arm in arms}
-        if "raw_ehr_cox" in first["risks"]:
-            out["ehr_embedding_cox-raw_ehr_cox"] = {
-                arm: diff(arm, "ehr_embedding_cox", arm, "raw_ehr_cox") for arm in arms
-            }
+        for read in [r for r in EMBEDDING_READS if r in first["risks"] and "raw_ehr_cox" in first["risks"]]:
+            out[f"{read}-raw_ehr_cox"] = {arm: diff(arm, read, arm, "raw_ehr_cox") for arm in arms}
     for other in [a for a in arms if a != "jepa"] if "jepa" in arms else []:
         out[f"jepa-{other}"] = {s: diff("jepa", s, other, s) for s in first["risks"]}
     return out

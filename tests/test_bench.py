@@ -343,7 +343,16 @@ def test_the_embedding_cox_read_is_out_of_fold_and_skips_subjects_without_ehr(mo
     time = np.exp(1.0 - emb[:, 0] + 0.5 * rng.standard_normal(n))
     event = rng.random(n) < 0.7
     has = rng.random(n) < 0.9
-    inputs = {k: SimpleNamespace(ehr_pooled=emb[i::2], has_ehr=has[i::2]) for i, k in enumerate(("a", "b"))}
+    kept = rng.integers(1, 9, n)  # EHR tokens kept per subject
+    keep = np.arange(8)[None, :] < kept[:, None]
+    tokens = rng.standard_normal((n, 8, 3))
+
+    def split(i: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            ehr_pooled=emb[i::2], has_ehr=has[i::2], ehr_keep=keep[i::2], ehr_tokens=tokens[i::2]
+        )
+
+    inputs = {"a": split(0), "b": split(1)}
     origin = np.array(["a", "b"] * (n // 2), dtype=object)
     row = np.arange(n) // 2  # subject i is row i // 2 of split a (even) or b (odd)
     cf = {"origin": origin, "row": row, "fold": rng.permutation(n) % 4, "time": time, "event": event}
@@ -355,6 +364,15 @@ def test_the_embedding_cox_read_is_out_of_fold_and_skips_subjects_without_ehr(mo
     own = cf["fold"] == 0
     shuffled = dict(cf, time=np.where(own, rng.permutation(time), time))
     assert bench.embedding_cox(shuffled, inputs)[own & has] == pytest.approx(risk[own & has])
+    # the reads beside the pooled embedding: a hazard in how many tokens were kept is read only by
+    # those that take the count, and the maximum of the kept tokens is taken over kept ones only
+    cf = dict(cf, time=np.exp(1.0 - kept + 0.5 * rng.standard_normal(n)))
+    reads = {r: bench.embedding_cox(cf, inputs, r) for r in bench.EMBEDDING_READS}
+    c = {r: harrell(cf["time"][has], event[has], v[has], cf["fold"][has]) for r, v in reads.items()}
+    assert c["ehr_embedding_cox"] < 0.6 < 0.75 < min(c["ehr_embedding_count_cox"], c["ehr_meanmax_count_cox"])
+    x = bench.embedding_features(inputs["a"], "ehr_meanmax_count_cox")
+    first = inputs["a"].ehr_keep.sum(1) == 1  # one token kept: its maximum is that token
+    assert x.shape == (n // 2, 8 + 3 + 1) and np.allclose(x[first, 8:11], inputs["a"].ehr_tokens[first, 0])
 
 
 def test_the_learning_benchmark_pairs_cross_fitted_risks_within_folds_over_seeds(monkeypatch):
