@@ -339,6 +339,11 @@ def held_splits(held: dict, model=None) -> dict:
                         k: v.float().numpy() if v.is_floating_point() else v.numpy()
                         for k, v in embed_batch(model, b, 4).items()
                     }
+                    # the target tokenizer's tokens of the static features' slots (`embedding_cox`)
+                    n_static = model.dims.n_num + len(model.dims.cat_sizes)
+                    out["ehr_tokenizer_static"] = (
+                        model.target.ehr(b)[0][:, :n_static].flatten(1).float().numpy()
+                    )
                 else:
                     pooled = torch.nn.functional.adaptive_avg_pool2d(b["image"].float(), 8)
                     out = {
@@ -596,9 +601,14 @@ def downstream(
             stopping=stopping,
             raw={k: raw[k] for k in SPLITS[:3]},
         )
-        pool = {k: inputs[k] for k in SPLITS[:3]}
-        for read in EMBEDDING_READS:
-            cf["risks"][read] = embedding_cox(cf, pool, read)
+        n_static = model.dims.n_num + len(model.dims.cat_sizes)
+        has_ehr = {k: inputs[k].has_ehr for k in SPLITS[:3]}
+        for read in EMBEDDING_READS if n_static else list(EMBEDDING_READS)[:3]:
+            features = {
+                k: embedding_features(inputs[k], read, n_static, splits[k].cols.get("ehr_tokenizer_static"))
+                for k in SPLITS[:3]
+            }
+            cf["risks"][read] = embedding_cox(cf, features, has_ehr)
         p = cf["paired"]
         for strategy, risk in cf["risks"].items():
             cindex.setdefault(strategy, {})["internal_cv"] = harrell(
@@ -613,33 +623,41 @@ EMBEDDING_READS = {
     "ehr_embedding_cox": "the pooled embedding (the mean of the kept EHR tokens, as the EHR head reads)",
     "ehr_embedding_count_cox": "the pooled embedding and the log of how many EHR tokens were kept",
     "ehr_meanmax_count_cox": "the mean and the maximum of the kept EHR tokens and their log count",
+    "ehr_static_slots_cox": "the encoder's tokens of the static features' slots, side by side",
+    "ehr_tokenizer_static_cox": "the tokenizer's tokens of those slots, before the encoder",
 }
 
 
-def embedding_features(d, read: str) -> np.ndarray:
-    """The features `read` (a key of EMBEDDING_READS) of FusionInputs `d`, one row per subject."""
+def embedding_features(d, read: str, n_static: int = 0, tokenizer: np.ndarray | None = None) -> np.ndarray:
+    """The features `read` (a key of EMBEDDING_READS) of FusionInputs `d`, one row per subject;
+    `n_static`: how many static-feature slots lead the EHR layout; `tokenizer`: the tokenizer's
+    (n, n_static * D) tokens of those slots."""
     count = np.log1p(d.ehr_keep.sum(1, keepdims=True).astype(float))
     if read == "ehr_embedding_cox":
         return d.ehr_pooled
     if read == "ehr_embedding_count_cox":
         return np.concatenate([d.ehr_pooled, count], 1)
+    if read == "ehr_static_slots_cox":
+        return d.ehr_tokens[:, :n_static].reshape(len(d.ehr_tokens), -1)
+    if read == "ehr_tokenizer_static_cox":
+        return tokenizer
     kept = np.where(d.ehr_keep[..., None], d.ehr_tokens, -np.inf).max(1)
     return np.concatenate([d.ehr_pooled, np.where(np.isfinite(kept), kept, 0.0), count], 1)
 
 
-def embedding_cox(cf: dict, inputs: dict, read: str = "ehr_embedding_cox") -> np.ndarray:
-    """Out-of-fold risks of a ridge Cox model on what `read` takes of the EHR encoder's output
-    (EMBEDDING_READS), on the folds of `cf` (`survival.cross_fitted`'s result over `inputs`), each
-    fold's model fit to the optimum of its partial likelihood on the other folds' subjects with
-    EHR, its penalty the best of EMBEDDING_ALPHAS by an inner 3-fold c-index; NaN where a subject
-    has no EHR. Beside the EHR head (a linear Cox layer on the standardised pooled embedding,
-    trained by Adam and stopped early) and the raw-EHR Cox model: whether the head, the pooling or
-    the embedding loses what the raw features read."""
+def embedding_cox(cf: dict, features: dict, has_ehr: dict) -> np.ndarray:
+    """Out-of-fold risks of a ridge Cox model on `features` ({split: (n, F)}, `embedding_features`
+    of the splits `cf` pooled; `has_ehr`: {split: (n,) bool}), on the folds of `cf`
+    (`survival.cross_fitted`'s result), each fold's model fit to the optimum of its partial
+    likelihood on the other folds' subjects with EHR, its penalty the best of EMBEDDING_ALPHAS by an
+    inner 3-fold c-index; NaN where a subject has no EHR. Beside the EHR head (a linear Cox layer on
+    the standardised pooled embedding, trained by Adam and stopped early) and the raw-EHR Cox model:
+    whether the head, the pooling, the encoder or the tokenizer loses what the raw features read."""
     from jepa_ray.eval.fewlabel import ridge_cox
 
-    features = {k: embedding_features(v, read) for k, v in inputs.items()}
-    x = np.stack([features[o][r] for o, r in zip(cf["origin"], cf["row"], strict=True)])
-    has = np.array([inputs[o].has_ehr[r] for o, r in zip(cf["origin"], cf["row"], strict=True)], bool)
+    pairs = list(zip(cf["origin"], cf["row"], strict=True))
+    x = np.stack([features[o][r] for o, r in pairs])
+    has = np.array([has_ehr[o][r] for o, r in pairs], bool)
     risk = np.full(len(x), np.nan)
     for k in np.unique(cf["fold"]):
         fit, scored = has & (cf["fold"] != k), has & (cf["fold"] == k)

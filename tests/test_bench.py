@@ -356,23 +356,33 @@ def test_the_embedding_cox_read_is_out_of_fold_and_skips_subjects_without_ehr(mo
     origin = np.array(["a", "b"] * (n // 2), dtype=object)
     row = np.arange(n) // 2  # subject i is row i // 2 of split a (even) or b (odd)
     cf = {"origin": origin, "row": row, "fold": rng.permutation(n) % 4, "time": time, "event": event}
-    risk = bench.embedding_cox(cf, inputs)
+    has_ehr = {k: v.has_ehr for k, v in inputs.items()}
+
+    def read(cf: dict, name: str = "ehr_embedding_cox") -> np.ndarray:
+        features = {k: bench.embedding_features(v, name, 2, v.ehr_tokens[:, :2].reshape(len(v.ehr_tokens), -1) * 2)
+                    for k, v in inputs.items()}  # fmt: skip
+        return bench.embedding_cox(cf, features, has_ehr)
+
+    risk = read(cf)
     assert np.isnan(risk[~has]).all() and np.isfinite(risk[has]).all()
     from jepa_ray.eval.survival import harrell
 
     assert harrell(time[has], event[has], risk[has], cf["fold"][has]) > 0.7
     own = cf["fold"] == 0
     shuffled = dict(cf, time=np.where(own, rng.permutation(time), time))
-    assert bench.embedding_cox(shuffled, inputs)[own & has] == pytest.approx(risk[own & has])
+    assert read(shuffled)[own & has] == pytest.approx(risk[own & has])
     # the reads beside the pooled embedding: a hazard in how many tokens were kept is read only by
     # those that take the count, and the maximum of the kept tokens is taken over kept ones only
     cf = dict(cf, time=np.exp(1.0 - kept + 0.5 * rng.standard_normal(n)))
-    reads = {r: bench.embedding_cox(cf, inputs, r) for r in bench.EMBEDDING_READS}
+    reads = {r: read(cf, r) for r in bench.EMBEDDING_READS}
     c = {r: harrell(cf["time"][has], event[has], v[has], cf["fold"][has]) for r, v in reads.items()}
     assert c["ehr_embedding_cox"] < 0.6 < 0.75 < min(c["ehr_embedding_count_cox"], c["ehr_meanmax_count_cox"])
     x = bench.embedding_features(inputs["a"], "ehr_meanmax_count_cox")
     first = inputs["a"].ehr_keep.sum(1) == 1  # one token kept: its maximum is that token
     assert x.shape == (n // 2, 8 + 3 + 1) and np.allclose(x[first, 8:11], inputs["a"].ehr_tokens[first, 0])
+    # the static slots lead the layout: the encoder's read takes them side by side
+    static = bench.embedding_features(inputs["a"], "ehr_static_slots_cox", 2)
+    assert static.shape == (n // 2, 2 * 3) and np.array_equal(static[:, 3:], inputs["a"].ehr_tokens[:, 1])
 
 
 def test_the_learning_benchmark_pairs_cross_fitted_risks_within_folds_over_seeds(monkeypatch):
