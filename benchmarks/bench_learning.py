@@ -603,7 +603,7 @@ def downstream(
         )
         n_static = model.dims.n_num + len(model.dims.cat_sizes)
         has_ehr = {k: inputs[k].has_ehr for k in SPLITS[:3]}
-        for read in EMBEDDING_READS if n_static else list(EMBEDDING_READS)[:3]:
+        for read in [r for r in EMBEDDING_READS if n_static or "static" not in r]:  # a layout with statics
             features = {
                 k: embedding_features(inputs[k], read, n_static, splits[k].cols.get("ehr_tokenizer_static"))
                 for k in SPLITS[:3]
@@ -632,15 +632,15 @@ def embedding_features(d, read: str, n_static: int = 0, tokenizer: np.ndarray | 
     """The features `read` (a key of EMBEDDING_READS) of FusionInputs `d`, one row per subject;
     `n_static`: how many static-feature slots lead the EHR layout; `tokenizer`: the tokenizer's
     (n, n_static * D) tokens of those slots."""
-    count = np.log1p(d.ehr_keep.sum(1, keepdims=True).astype(float))
     if read == "ehr_embedding_cox":
         return d.ehr_pooled
-    if read == "ehr_embedding_count_cox":
-        return np.concatenate([d.ehr_pooled, count], 1)
     if read == "ehr_static_slots_cox":
         return d.ehr_tokens[:, :n_static].reshape(len(d.ehr_tokens), -1)
     if read == "ehr_tokenizer_static_cox":
         return tokenizer
+    count = np.log1p(d.ehr_keep.sum(1, keepdims=True).astype(float))
+    if read == "ehr_embedding_count_cox":
+        return np.concatenate([d.ehr_pooled, count], 1)
     kept = np.where(d.ehr_keep[..., None], d.ehr_tokens, -np.inf).max(1)
     return np.concatenate([d.ehr_pooled, np.where(np.isfinite(kept), kept, 0.0), count], 1)
 

@@ -606,8 +606,8 @@ class _BreslowCox:
         order = np.argsort(-time, kind="mergesort")  # latest first: a risk set is a prefix
         self.x, time, event = x[order], time[order], event[order].astype(bool)
         # the tie groups of times, latest first; each event's group's risk set ends at its last row
-        starts = np.flatnonzero(np.r_[True, time[1:] != time[:-1]])
-        group = np.cumsum(np.r_[True, time[1:] != time[:-1]]) - 1
+        new_time = np.r_[True, time[1:] != time[:-1]]
+        starts, group = np.flatnonzero(new_time), np.cumsum(new_time) - 1
         self.ends = np.r_[starts[1:], len(time)] - 1
         self.d = np.bincount(group, weights=event, minlength=len(starts))  # events per group
         self.xsum = np.zeros((len(starts), x.shape[1]))
