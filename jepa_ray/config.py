@@ -537,6 +537,15 @@ class ModelConfig(_Strict):
         "then learns to predict from the slot alone); Gorishniy et al. 2022. An export written before "
         "this field existed loads as linear.",
     )
+    event_values: Literal["per_code", "shared"] = Field(
+        "per_code",
+        description="per_code: an EHR event's value also moves its token along a learned direction "
+        "of its own code, besides the embedding every event value shares, so that a mean over the "
+        "tokens keeps each code's values apart (a lab's level, not only how often it was measured); "
+        "shared: the shared embedding only, where a BNP and a CRP of the same standardised value "
+        "differ only by their codes' small embeddings. An export written before this field existed "
+        "loads as shared.",
+    )
     sigreg: float = Field(
         0.1,
         ge=0,

@@ -135,20 +135,50 @@ def test_the_learning_benchmark_refuses_a_one_member_committee_before_any_work(t
     assert not (tmp_path / "work").exists()  # no cohort written
 
 
-def _bench_learning(monkeypatch):
-    """benchmarks/bench_learning.py as a module; it sets a salt and a path on import, both undone
-    after the test."""
+def _bench_learning(monkeypatch, script: str = "bench_learning"):
+    """benchmarks/<script>.py as a module; it sets a salt and a path on import, both undone after
+    the test."""
     import importlib.util
     import sys
     from pathlib import Path
 
     monkeypatch.setenv("JEPA_RAY_SALT", "test-salt-not-secret-0123456789abcdef0123")
     monkeypatch.setattr(sys, "path", list(sys.path))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_learning.py"
-    spec = importlib.util.spec_from_file_location("bench_learning", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(script, path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+def test_the_ehr_reads_take_the_raw_features_by_part_and_score_out_of_fold(monkeypatch):
+    """bench_ehr_reads: the raw features' parts are their columns (statics, counts, means), the
+    one mean is over the valued codes with 0 for none; a hazard planted in a mean value is read
+    out of fold from the means and not from the statics."""
+    import numpy as np
+
+    bench = _bench_learning(monkeypatch, "bench_ehr_reads")
+    rng = np.random.default_rng(0)
+    n = 400
+    statics, counts, means = (
+        rng.normal(size=(n, 3)),
+        rng.poisson(2, size=(n, 4)).astype(float),
+        rng.normal(size=(n, 2)),
+    )
+    means[:5, 1] = np.nan  # no value of that code
+    parts = bench.raw_parts(np.concatenate([statics, counts, means], 1), n_static=3, n_valued=2)
+    np.testing.assert_array_equal(parts["statics"], statics)
+    np.testing.assert_array_equal(parts["counts"], counts)
+    np.testing.assert_array_equal(parts["means"], means)
+    np.testing.assert_allclose(parts["one_mean"][:, 0], np.nan_to_num(means).mean(1))
+    time_ = rng.exponential(size=n) / np.exp(1.5 * np.nan_to_num(means[:, 0]))
+    event = rng.random(n) < 0.8
+    fold = np.arange(n) % 5
+    scored = np.ones(n, bool)
+    read = bench.cross_fit_cindex(parts["means"], time_, event, scored, fold)
+    blind = bench.cross_fit_cindex(parts["statics"], time_, event, scored, fold, (1.0, 100.0))
+    assert read > 0.75 and 0.4 < blind < 0.6, (read, blind)
+    assert bench.cross_fit_cindex(parts["means"], time_, event, scored & (fold > 0), fold) != read
 
 
 def test_the_fusion_bounds_read_out_has_the_r2_it_is_asked_for(monkeypatch):

@@ -40,20 +40,29 @@ def raw_ehr_features(
     categories, and for the fit split's most frequent codes the count and the mean standardised
     value in the sample's EHR window (NaN when none). NaN rows for samples without EHR."""
     spec = FeatureSpec.from_manifest(manifest)
-    n_num, n_cat = len(spec.num_names), len(spec.cat_sizes)
-    first_code = n_num + n_cat
-    fit = splits[fit_split].cols
-    valid = fit["ehr_valid"].astype(bool)
+    top, valued = frequent_codes(splits[fit_split], manifest)
+    return {
+        name: _features(s.cols, len(spec.num_names), spec.cat_sizes, top, valued)
+        for name, s in splits.items()
+    }
+
+
+def frequent_codes(fit: Split, manifest: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(the TOP_CODES codes most samples of `fit` have, those of them with numeric values): the codes
+    whose counts and mean values `raw_ehr_features` takes, in its column order."""
+    spec = FeatureSpec.from_manifest(manifest)
+    first_code = len(spec.num_names) + len(spec.cat_sizes)
+    c = fit.cols
+    valid = c["ehr_valid"].astype(bool)
     per_sample = [
-        set(fit["ehr_code"][i, first_code:][valid[i, first_code:]].tolist()) for i in range(len(valid))
+        set(c["ehr_code"][i, first_code:][valid[i, first_code:]].tolist()) for i in range(len(valid))
     ]
     freq: dict[int, int] = {}
     for codes in per_sample:
         for code in codes:
             freq[code] = freq.get(code, 0) + 1
     top = sorted(freq, key=lambda k: (-freq[k], k))[:TOP_CODES]
-    valued = [k for k in top if spec.code_std[k] != 1.0 or spec.code_mean[k] != 0.0]
-    return {name: _features(s.cols, n_num, spec.cat_sizes, top, valued) for name, s in splits.items()}
+    return top, [k for k in top if spec.code_std[k] != 1.0 or spec.code_mean[k] != 0.0]
 
 
 def _features(c: dict[str, np.ndarray], n_num: int, cat_sizes: list[int], top: list[int], valued: list[int]):

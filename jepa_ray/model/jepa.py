@@ -67,11 +67,12 @@ class Encoder(nn.Module):
         numeric: str = "linear",
         learned_positions: bool = False,
         eps: float = 1e-5,
+        event_values: str = "shared",
     ) -> None:
         super().__init__()
         self.dims = dims
         self.image = ImageTokenizer(dims, width, learned_positions)
-        self.ehr = EhrTokenizer(dims, width, numeric)
+        self.ehr = EhrTokenizer(dims, width, numeric, event_values)
         self.global_token = learned(1, 1, width)
         self.trunk = Trunk(width, depth, heads, mlp_ratio, checkpoint, eps)
 
@@ -335,6 +336,7 @@ class JEPA(nn.Module):
             cfg.numeric_embedding,
             cfg.learned_positions,
             cfg.norm_eps,
+            cfg.event_values,
         )
         # the predictor (and an MAE's decoder heads) is drawn from a generator of its own, seeded by
         # one draw from the global one: the encoder a seed starts from is then the same whatever the

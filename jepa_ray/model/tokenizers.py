@@ -129,6 +129,10 @@ class ImageTokenizer(nn.Module):
 
 
 NUMERIC_EMBEDDINGS = ("linear", "periodic", "piecewise")  # model.numeric_embedding
+EVENT_VALUES = ("per_code", "shared")  # model.event_values
+# per_code: the init std of each code's value direction, about the periodic embedding's output RMS
+# at init (ReLU of ~N(0, 0.5)), so a code's value moves its token as much as the value itself does
+CODE_VALUE_STD = 0.5
 PERIODIC_FREQUENCIES = 16  # k: a value enters as cos and sin of 2*pi*c*x at k learned frequencies c
 PERIODIC_SIGMA = 0.5  # initial frequencies ~ N(0, sigma^2), per feature (Gorishniy et al. 2022)
 # piecewise-linear bin edges on the standardised scale: standard-normal quantiles at i/8 (ends +-2.5),
@@ -196,13 +200,23 @@ class EhrTokenizer(nn.Module):
     static code: code embedding + a static-code vector; event: code embedding + value (embedded as
     a static numeric one is, every event value sharing one embedding; or a no-value vector) +
     sin-cos of log days before the index. Every token also gets the EHR modality vector.
+
+    event_values="per_code": an event's value also moves its token along a learned direction of its
+    own code (value x direction[code]). The shared embedding alone makes a BNP of +2 and a CRP of +2
+    the same vector but for their codes' small embeddings, so a mean over the tokens mixes every
+    code's values into one; with a direction per code the mean keeps each code's values apart (what
+    a Cox model on per-code mean values reads).
     """
 
-    def __init__(self, dims: InputDims, width: int, numeric: str = "linear") -> None:
+    def __init__(
+        self, dims: InputDims, width: int, numeric: str = "linear", event_values: str = "shared"
+    ) -> None:
         super().__init__()
         if numeric not in NUMERIC_EMBEDDINGS:
             raise ValueError(f"numeric embedding {numeric!r}: choose one of {', '.join(NUMERIC_EMBEDDINGS)}")
-        self.dims, self.numeric_embedding = dims, numeric
+        if event_values not in EVENT_VALUES:
+            raise ValueError(f"event values {event_values!r}: choose one of {', '.join(EVENT_VALUES)}")
+        self.dims, self.numeric_embedding, self.event_values = dims, numeric, event_values
         n_num, n_cat = dims.n_num, len(dims.cat_sizes)
         self.feature = learned(n_num + n_cat, width)  # static feature identities
         if numeric == "linear":
@@ -216,6 +230,10 @@ class EhrTokenizer(nn.Module):
             self.cat_offsets.append(self.cat_offsets[-1] + size)
         self.categories = nn.Embedding(max(self.cat_offsets[-1], 1), width)
         self.codes = nn.Embedding(dims.vocab_size, width, padding_idx=0)
+        if event_values == "per_code":  # a parameter, not an nn.Embedding: kept out of the 0.02 init
+            self.code_values = nn.Parameter(
+                nn.init.trunc_normal_(torch.empty(dims.vocab_size, width), std=CODE_VALUE_STD)
+            )
         self.kind = learned(4, width)  # numeric, categorical, static code, event
         self.slot = learned(dims.ehr_tokens, width)  # which position in the layout
         self.time = nn.Linear(32, width)
@@ -235,6 +253,10 @@ class EhrTokenizer(nn.Module):
             del self.numeric
             self.numeric_embedding = "linear"
             self.value = nn.Parameter(torch.empty_like(state_dict[prefix + "value"]))
+        # one written before model.event_values existed has no per-code value directions: shared
+        if self.event_values == "per_code" and prefix + "code_values" not in state_dict:
+            del self.code_values
+            self.event_values = "shared"
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _values(self, value: torch.Tensor) -> torch.Tensor:
@@ -280,4 +302,6 @@ class EhrTokenizer(nn.Module):
         rest = slice(n_num + n_cat, None)
         x[:, rest] += self.codes(code[:, rest])
         x[:, ev] += present[:, ev] * embedded[:, n_num:] + (1 - present[:, ev]) * self.no_value
+        if self.event_values == "per_code":  # padding and no-value events hold value 0: nothing added
+            x[:, ev] += (present[:, ev] * value[:, ev].unsqueeze(-1)) * self.code_values[code[:, ev]]
         return x, pos

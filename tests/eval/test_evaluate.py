@@ -504,6 +504,7 @@ def test_the_real_table_benchmark_runs_end_to_end(tmp_path, ray_session, monkeyp
         [
             "eval.bootstrap=20",
             "eval.survival_epochs=60",
+            "eval.survival_head_seeds=1",
             "eval.random_starts=2",
             "eval.label_fractions=[0.1]",
         ],

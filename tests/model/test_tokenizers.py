@@ -124,3 +124,73 @@ def test_an_export_without_numeric_embedding_loads_as_linear(tmp_path):
     del meta["model"]["numeric_embedding"]
     path.with_suffix(".json").write_text(json.dumps(meta))
     assert torch.allclose(load_jepa(path).context.ehr(batch)[0], old.context.ehr(batch)[0])
+
+
+def test_an_event_value_moves_its_token_along_its_own_codes_direction():
+    """per_code: the same standardised value of two codes differs by more than the codes' own
+    embeddings, and a mean over a sample's event tokens tells which code carried the high value;
+    shared: it does not (the two samples' means are the same but for the codes' embeddings)."""
+    torch.manual_seed(0)
+    per_code, shared = (
+        EhrTokenizer(DIMS, WIDTH, "periodic", "per_code"),
+        EhrTokenizer(DIMS, WIDTH, "periodic"),
+    )
+    shared.load_state_dict({k: v for k, v in per_code.state_dict().items() if k != "code_values"})
+    ev = slice(DIMS.ehr_tokens - DIMS.max_events, None)
+    # two samples with the same codes (3 and 4) and values, swapped between the codes
+    b = _batch(torch.zeros(2, DIMS.n_num))
+    b["ehr_code"][:, ev] = torch.tensor([[3, 3, 4, 4], [3, 3, 4, 4]])
+    b["ehr_value"][:, ev] = torch.tensor([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0]])
+    for tok, apart in ((per_code, True), (shared, False)):
+        x, pos = tok(b)
+        mean = x[:, ev].mean(1)
+        assert torch.allclose(mean[0], mean[1], atol=1e-6) != apart
+    x, pos = per_code(b)
+    y, _ = shared(b)
+    expected = 2.0 * per_code.code_values[3]  # sample 0's first event: value 2 of code 3
+    assert torch.allclose(x[0, ev][0] - y[0, ev][0], expected, atol=1e-6)
+    assert torch.equal(x[:, :4], y[:, :4])  # the statics' tokens are the same
+    assert torch.equal(pos, shared(b)[1])  # positions carry no value
+
+
+def test_an_event_without_a_value_or_a_padding_slot_gets_no_code_value():
+    tok = EhrTokenizer(DIMS, WIDTH, "periodic", "per_code")
+    b = _batch(torch.zeros(1, DIMS.n_num))
+    ev = slice(DIMS.ehr_tokens - DIMS.max_events, None)
+    b["ehr_value_present"][:, ev] = False
+    b["ehr_value"][:, ev] = 0.0
+    b["ehr_code"][0, -1] = 0  # padding
+    x, _ = tok(b)
+    plain = EhrTokenizer(DIMS, WIDTH, "periodic")
+    plain.load_state_dict({k: v for k, v in tok.state_dict().items() if k != "code_values"})
+    assert torch.equal(x, plain(b)[0])
+
+
+def test_unknown_event_values_are_refused_naming_them():
+    with pytest.raises(ValueError, match="by_unit"):
+        EhrTokenizer(DIMS, WIDTH, "periodic", "by_unit")
+
+
+def test_an_export_without_event_values_loads_as_shared(tmp_path):
+    import json
+
+    from jepa_ray.config import ModelConfig
+    from jepa_ray.model.io import load_jepa, save_jepa
+    from jepa_ray.model.jepa import JEPA
+
+    torch.manual_seed(0)
+    old = JEPA(DIMS, ModelConfig(preset="tiny", width=32, depth=1, heads=2, event_values="shared"))
+    assert ModelConfig().event_values == "per_code"  # what a config that does not say gives
+    path = save_jepa(old, tmp_path / "old.safetensors", pipeline={})
+    meta = json.loads(path.with_suffix(".json").read_text())
+    del meta["model"]["event_values"]  # as written before the field existed
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    loaded = load_jepa(path)
+    assert loaded.target.ehr.event_values == "shared" and not hasattr(loaded.target.ehr, "code_values")
+    b = _batch(torch.tensor([[0.3, -1.0, 2.0]]))
+    assert torch.allclose(loaded.target.ehr(b)[0], old.target.ehr(b)[0])
+    new = JEPA(DIMS, ModelConfig(preset="tiny", width=32, depth=1, heads=2))
+    path = save_jepa(new, tmp_path / "new.safetensors", pipeline={})
+    again = load_jepa(path)
+    assert again.target.ehr.event_values == "per_code"
+    assert torch.equal(again.target.ehr.code_values, new.target.ehr.code_values)
