@@ -69,14 +69,13 @@ class EncoderSource:
         """The JEPA in eval mode (plain PyTorch)."""
         import torch
 
-        from jepa_ray.config import ModelConfig
-        from jepa_ray.model.io import load_jepa
+        from jepa_ray.model.io import export_model_config, load_jepa
         from jepa_ray.model.jepa import JEPA
 
         if self.weights is not None:
             return load_jepa(self.weights)
         torch.manual_seed(self.seed)
-        return JEPA(self.info["dims"], ModelConfig.model_validate(self.info["model"])).eval()
+        return JEPA(self.info["dims"], export_model_config(self.info["model"])).eval()
 
 
 def eval_pipeline(cfg: Config, info: dict[str, Any]) -> PipelineConfig:

@@ -12,6 +12,16 @@ from pathlib import Path
 from jepa_ray.config import ModelConfig
 from jepa_ray.model.jepa import JEPA
 
+# model settings an export written before they existed was trained with (what the model did then)
+FORMER_DEFAULTS = {"numeric_embedding": "linear", "event_values": "shared"}
+
+
+def export_model_config(model: dict) -> ModelConfig:
+    """The ModelConfig an export's metadata ("model") describes: a setting it predates takes the
+    value it was trained with, not today's default, so that its weights load and its random-init
+    baseline has its shape and its start."""
+    return ModelConfig.model_validate(FORMER_DEFAULTS | model)
+
 
 def load_jepa(path: str | Path) -> JEPA:
     """A JEPA whose context and target encoders hold the exported weights (eval mode)."""
@@ -19,7 +29,7 @@ def load_jepa(path: str | Path) -> JEPA:
 
     weights = Path(path)
     info = json.loads(weights.with_suffix(".json").read_text())
-    model = JEPA(info["dims"], ModelConfig.model_validate(info["model"]))
+    model = JEPA(info["dims"], export_model_config(info["model"]))
     tensors = load_file(str(weights))
     context = {k[len("context.") :]: v for k, v in tensors.items() if k.startswith("context.")}
     target = {k[len("target.") :]: v for k, v in tensors.items() if k.startswith("target.")}

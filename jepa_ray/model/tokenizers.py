@@ -253,10 +253,6 @@ class EhrTokenizer(nn.Module):
             del self.numeric
             self.numeric_embedding = "linear"
             self.value = nn.Parameter(torch.empty_like(state_dict[prefix + "value"]))
-        # one written before model.event_values existed has no per-code value directions: shared
-        if self.event_values == "per_code" and prefix + "code_values" not in state_dict:
-            del self.code_values
-            self.event_values = "shared"
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _values(self, value: torch.Tensor) -> torch.Tensor:

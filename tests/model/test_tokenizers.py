@@ -189,6 +189,14 @@ def test_an_export_without_event_values_loads_as_shared(tmp_path):
     assert loaded.target.ehr.event_values == "shared" and not hasattr(loaded.target.ehr, "code_values")
     b = _batch(torch.tensor([[0.3, -1.0, 2.0]]))
     assert torch.allclose(loaded.target.ehr(b)[0], old.target.ehr(b)[0])
+    # evaluate's random-init baseline of that export has its shape and its start: the run's own
+    # initial weights, drawn from the same seed
+    from jepa_ray.eval.embed import EncoderSource
+
+    start = EncoderSource("random_init", None, meta, seed=0).build()
+    assert start.target.ehr.event_values == "shared"
+    for name, w in old.state_dict().items():
+        torch.testing.assert_close(start.state_dict()[name], w, msg=name)
     new = JEPA(DIMS, ModelConfig(preset="tiny", width=32, depth=1, heads=2))
     path = save_jepa(new, tmp_path / "new.safetensors", pipeline={})
     again = load_jepa(path)
