@@ -107,9 +107,9 @@ def test_val_loss_uses_the_same_masks_whatever_the_trials_mask_ratio(val):
     assert a["objective_se"] > 0
     # the reference mask setting, not the trial's, decides: another reference, another value
     c = measure(model, low, "val_loss", None, mask={"mask_ratio": 0.7})
-    # 100x the tolerance the same reference is held to above (an untrained model's loss moves by
-    # ~1e-3 between references at a small SIGReg weight)
-    assert c["objective"] != pytest.approx(a["objective"], rel=1e-4)
+    # 10x the tolerance the same reference is held to above (an untrained model's loss moves by
+    # 7e-5 to 1e-3 between references at a small SIGReg weight, by the draw of its initial weights)
+    assert c["objective"] != pytest.approx(a["objective"], rel=1e-5)
 
 
 def test_a_reconstruction_model_is_measured_too(val):
