@@ -341,7 +341,7 @@ class JEPA(nn.Module):
         # the predictor (and an MAE's decoder heads) is drawn from a generator of its own, seeded by
         # one draw from the global one: the encoder a seed starts from is then the same whatever the
         # predictor's depth, width or job, so a sweep over them (or JEPA vs MAE) compares one start
-        predictor_seed = int(torch.randint(0, 2**62, ()))
+        predictor_seed = int(torch.randint(0, 2**62, (), device="cpu"))  # also under a meta device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(predictor_seed)
             predictor = Predictor(

@@ -146,9 +146,9 @@ def _preflight(cfg: Config, dims: dict) -> None:
         )
 
 
-def _feed(cfg: Config, ledger: Any = None, verbose: bool = False) -> tuple[Any, dict]:
-    """The run's `Feed` actor over the train (and val, when present) split, and the model input
-    dims. Both splits count their skipped samples in `ledger` (a new `SkipLedger` actor when None).
+def _feed(cfg: Config, url: str, ledger: Any = None, verbose: bool = False) -> tuple[Any, dict, bool]:
+    """The run's `Feed` actor over the train (and val, when present) split, the model input dims,
+    and whether the run at `url` resumes (its checkpoints checked to fit the model first). Both splits count their skipped samples in `ledger` (a new `SkipLedger` actor when None).
     The feed's Ray Data execution may use the CPUs the workers leave."""
     import ray
 
@@ -169,11 +169,15 @@ def _feed(cfg: Config, ledger: Any = None, verbose: bool = False) -> tuple[Any, 
             f"{tc.shards}: {train.samples} training samples over {tc.max_workers} workers is less than one "
             f"batch of pipeline.batch_size={cfg.pipeline.batch_size} per worker"
         )
-    _preflight(cfg, train.spec.model_dims(cfg.pipeline))
+    dims = train.spec.model_dims(cfg.pipeline)
+    _preflight(cfg, dims)
+    resumes = _has_checkpoints(url, tc.storage)
+    if resumes:
+        _check_resume(url, cfg, dims)
     ledger = ledger if ledger is not None else new_ledger(cfg.pipeline.max_bad_samples)
     cpus = max(ray.cluster_resources().get("CPU", 1.0) - tc.min_workers * tc.cpus_per_worker, 1.0)
     feed = new_feed(train, val, cfg.pipeline, ledger, cpus, verbose, tc.max_workers)
-    return feed, train.spec.model_dims(cfg.pipeline)
+    return feed, dims, resumes
 
 
 def _has_checkpoints(url: str, storage) -> bool:
@@ -186,6 +190,61 @@ def _has_checkpoints(url: str, storage) -> bool:
         return bool(store.fs.glob(store.path("checkpoint_*")))
     except (FileNotFoundError, OSError):
         return True
+
+
+def _check_resume(url: str, cfg: Config, dims: dict) -> None:
+    """ConfigError, before any worker starts, when the run at `url` resumes from a checkpoint whose
+    model has other weights (names or shapes) than this config's: it names the model settings and
+    the data's dimensions that differ (the values the checkpoint was trained with, then this
+    config's). Without it the workers fail on DeepSpeed's missing-key error, naming no setting. A
+    checkpoint that predates a setting was trained with its former value (`model.io`)."""
+    import json
+
+    from jepa_ray.storage import Store
+    from jepa_ray.train.engine import STATE_FILE
+
+    store = Store(url, cfg.train.storage)
+    try:
+        found = sorted(store.fs.glob(store.path(f"checkpoint_*/{STATE_FILE}")))
+        state = json.loads(store.fs.cat(found[-1])) if found else None
+    except (FileNotFoundError, OSError, ValueError):
+        return  # unreadable here: the workers' restore names what is wrong with it
+    if not state or "dims" not in state or "model" not in state.get("config", {}):
+        return
+    from jepa_ray.model.io import export_model_config
+    from jepa_ray.model.tokenizers import InputDims
+
+    dims = json.loads(json.dumps(dims))  # as the checkpoint recorded them (lists, not tuples)
+    was = export_model_config(state["config"]["model"])
+    if _weight_shapes(state["dims"], was) == _weight_shapes(dims, cfg.model):
+        return
+    settings = [
+        f"model.{k}={getattr(was, k)!r} (now {getattr(cfg.model, k)!r})"
+        for k in type(was).model_fields
+        if getattr(was, k) != getattr(cfg.model, k)
+    ]
+    sizes = [
+        f"{k} {state['dims'].get(k)!r} (now {dims.get(k)!r})"
+        for k in InputDims.__dataclass_fields__  # not what follows from them (ehr_tokens)
+        if state["dims"].get(k) != dims.get(k)
+    ]
+    raise ConfigError(
+        f"{url}: this run's checkpoints hold a model of other weights than this config builds; "
+        f"it was trained with "
+        + "; ".join(settings + [f"the data's {s}" for s in sizes])
+        + ". Resume it with the settings it was trained with, or start a new run under another name"
+    )
+
+
+def _weight_shapes(dims: dict, model) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every weight of the JEPA `dims` and `model` build (on the meta device: no
+    memory, no initialisation)."""
+    import torch
+
+    from jepa_ray.model.jepa import JEPA
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in JEPA(dims, model).state_dict().items()}
 
 
 def _prime(feed: Any, cfg: Config) -> None:
@@ -242,13 +301,14 @@ def build_trainer(
             raise ValueError("hooks that replace the shards' batches must give the model input dims")
         _preflight(cfg, hooks.dims)
         feed, dims = None, hooks.dims
+        _check_resume(run_url(cfg, name), cfg, dims)
     else:
         if tc.shards is None:
             raise ConfigError(
                 "train.shards: no shards given (a directory or s3:// URL written by `jepa-ray prepare`)"
             )
-        feed, dims = _feed(cfg, ledger, verbose)
-        if not _has_checkpoints(run_url(cfg, name), tc.storage):
+        feed, dims, resumes = _feed(cfg, run_url(cfg, name), ledger, verbose)
+        if not resumes:
             _prime(feed, cfg)
     loop_config = {
         "config": cfg.model_dump(mode="json"),

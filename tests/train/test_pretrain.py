@@ -321,6 +321,42 @@ def test_cpus_held_by_something_else_are_refused_not_waited_on_forever(
     build_trainer(_cfg(small_shards, tmp_path), name="freed")  # free again: accepted
 
 
+def test_resuming_a_checkpoint_of_another_model_is_refused_naming_what_differs(
+    small_shards, tmp_path, ray_session
+):
+    """A run checkpointed before model.event_values existed (its config has no such field: one
+    value embedding shared by every code, no per-code table) and resumed under today's default is
+    refused before any worker starts, naming the setting and the value it was trained with (else
+    the workers fail on DeepSpeed's missing-key error); resumed with that value it is accepted."""
+    import json
+
+    import ray
+
+    cfg = _cfg(small_shards, tmp_path)
+    dims = open_split(str(small_shards), "train").spec.model_dims(cfg.pipeline)
+    old = cfg.model_dump(mode="json")
+    del old["model"]["event_values"]
+    ckpt = tmp_path / "runs" / "old" / "checkpoint_2026-01-01_00-00-00.000000"
+    ckpt.mkdir(parents=True)
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": 3, "dims": dims, "config": old}))
+    with pytest.raises(
+        ConfigError, match=r"runs/old: .*trained with model.event_values='shared' \(now 'per_code'\)\."
+    ):
+        build_trainer(cfg, name="old")
+    # other data (more events a sample) too: named beside the setting
+    with pytest.raises(
+        ConfigError, match=r"'per_code'\); the data's max_events 12 \(now 16\)\. Resume it with"
+    ):
+        build_trainer(_cfg(small_shards, tmp_path, "pipeline.max_events=16"), name="old")
+    trainer = build_trainer(_cfg(small_shards, tmp_path, "model.event_values=shared"), name="old")
+    ray.kill(trainer.train_loop_config["feed"])
+    # a setting that changes no weight (the loss) resumes as it is
+    trainer = build_trainer(
+        _cfg(small_shards, tmp_path, "model.event_values=shared", "model.loss=smooth_l1"), name="old"
+    )
+    ray.kill(trainer.train_loop_config["feed"])
+
+
 @pytest.mark.parametrize(
     "path",
     sorted(
