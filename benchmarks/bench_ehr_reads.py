@@ -62,14 +62,11 @@ def cross_fit_cindex(
 ) -> float:
     """Harrell's c-index within folds, on the `scored` rows, of out-of-fold ridge Cox risks (alpha 1,
     the raw baseline's; or the best of `alphas` by an inner c-index)."""
-    from jepa_ray.eval.fewlabel import ridge_cox
+    from bench_learning import out_of_fold_cox
+
     from jepa_ray.eval.survival import harrell
 
-    risk = np.full(len(x), np.nan)
-    for k in np.unique(fold):
-        fit = fold != k
-        model = ridge_cox(x[fit], time_[fit], event[fit], alphas or (1.0,))
-        risk[fold == k] = model(x[fold == k])
+    risk = out_of_fold_cox(x, time_, event, fold, np.ones(len(x), bool), alphas or (1.0,))
     return float(harrell(time_[scored], event[scored], risk[scored], fold[scored]))
 
 

@@ -653,15 +653,23 @@ def embedding_cox(cf: dict, features: dict, has_ehr: dict) -> np.ndarray:
     inner 3-fold c-index; NaN where a subject has no EHR. Beside the EHR head (a linear Cox layer on
     the standardised pooled embedding, trained by Adam and stopped early) and the raw-EHR Cox model:
     whether the head, the pooling, the encoder or the tokenizer loses what the raw features read."""
-    from jepa_ray.eval.fewlabel import ridge_cox
-
     pairs = list(zip(cf["origin"], cf["row"], strict=True))
     x = np.stack([features[o][r] for o, r in pairs])
     has = np.array([has_ehr[o][r] for o, r in pairs], bool)
+    return out_of_fold_cox(x, cf["time"], cf["event"], cf["fold"], has, EMBEDDING_ALPHAS)
+
+
+def out_of_fold_cox(
+    x: np.ndarray, time_: np.ndarray, event: np.ndarray, fold: np.ndarray, rows: np.ndarray, alphas
+) -> np.ndarray:
+    """Each fold's risks from a ridge Cox model (its penalty the best of `alphas` by an inner
+    c-index) fit on the other folds, all on the `rows` (bool mask); NaN elsewhere."""
+    from jepa_ray.eval.fewlabel import ridge_cox
+
     risk = np.full(len(x), np.nan)
-    for k in np.unique(cf["fold"]):
-        fit, scored = has & (cf["fold"] != k), has & (cf["fold"] == k)
-        model = ridge_cox(x[fit], cf["time"][fit], cf["event"][fit], EMBEDDING_ALPHAS)
+    for k in np.unique(fold):
+        fit, scored = rows & (fold != k), rows & (fold == k)
+        model = ridge_cox(x[fit], time_[fit], event[fit], alphas)
         risk[scored] = model(x[scored])
     return risk
 

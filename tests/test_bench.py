@@ -135,7 +135,7 @@ def test_the_learning_benchmark_refuses_a_one_member_committee_before_any_work(t
     assert not (tmp_path / "work").exists()  # no cohort written
 
 
-def _bench_learning(monkeypatch, script: str = "bench_learning"):
+def _bench_script(monkeypatch, script: str = "bench_learning"):
     """benchmarks/<script>.py as a module; it sets a salt and a path on import, both undone after
     the test."""
     import importlib.util
@@ -157,7 +157,7 @@ def test_the_ehr_reads_take_the_raw_features_by_part_and_score_out_of_fold(monke
     out of fold from the means and not from the statics."""
     import numpy as np
 
-    bench = _bench_learning(monkeypatch, "bench_ehr_reads")
+    bench = _bench_script(monkeypatch, "bench_ehr_reads")
     rng = np.random.default_rng(0)
     n = 400
     statics, counts, means = (
@@ -186,7 +186,7 @@ def test_the_fusion_bounds_read_out_has_the_r2_it_is_asked_for(monkeypatch):
     only what it says if the read-out's R² against the latent is that value, 0 and 1 included."""
     import numpy as np
 
-    bench = _bench_learning(monkeypatch)
+    bench = _bench_script(monkeypatch)
     z = np.random.default_rng(0).standard_normal(200_000)
     for r2 in (0.0, 0.12, 0.34, 0.9, 1.0):
         x = bench.read_at(z, r2, np.random.default_rng(1))
@@ -202,7 +202,7 @@ def test_the_learning_benchmarks_intervals_resample_subjects_and_pair_the_encode
     import numpy as np
     from sklearn.metrics import r2_score
 
-    bench = _bench_learning(monkeypatch)
+    bench = _bench_script(monkeypatch)
     rng = np.random.default_rng(0)
     subjects, studies = 200, 2
     groups = np.repeat([f"s{i}" for i in range(subjects)], studies).tolist()
@@ -248,7 +248,7 @@ def test_the_learning_benchmarks_grid_readout_reads_a_factor_spread_over_positio
     import numpy as np
     from sklearn.metrics import r2_score
 
-    bench = _bench_learning(monkeypatch)
+    bench = _bench_script(monkeypatch)
     rng = np.random.default_rng(0)
     n, positions, dim = 400, 4, 8
     z = rng.standard_normal((n, 4))
@@ -277,7 +277,7 @@ def test_the_learning_benchmarks_attentive_probe_per_factor_reads_each_factor_by
 
     from jepa_ray.eval.attentive import oof_attentive
 
-    bench = _bench_learning(monkeypatch)
+    bench = _bench_script(monkeypatch)
     rng = np.random.default_rng(1)
     n, positions, dim = 120, 4, 8
     z = rng.standard_normal((n, 4))
@@ -299,7 +299,7 @@ def test_the_learning_benchmark_reads_the_encoder_it_is_asked_for(monkeypatch):
     import numpy as np
     import torch
 
-    bench = _bench_learning(monkeypatch)
+    bench = _bench_script(monkeypatch)
 
     class Model(torch.nn.Module):
         dims = SimpleNamespace(patches=2)
@@ -331,7 +331,7 @@ def test_the_learning_benchmark_pairs_the_c_index_over_seeds_on_the_same_subject
 
     from jepa_ray.eval.survival import harrell
 
-    bench = _bench_learning(monkeypatch)
+    bench = _bench_script(monkeypatch)
     rng = np.random.default_rng(2)
     n = 150
     time = rng.integers(1, 60, n).astype(float)
@@ -366,7 +366,7 @@ def test_the_embedding_cox_read_is_out_of_fold_and_skips_subjects_without_ehr(mo
 
     import numpy as np
 
-    bench = _bench_learning(monkeypatch)
+    bench = _bench_script(monkeypatch)
     rng = np.random.default_rng(2)
     n = 300
     emb = rng.standard_normal((n, 8))
@@ -423,7 +423,7 @@ def test_the_learning_benchmark_pairs_cross_fitted_risks_within_folds_over_seeds
 
     from jepa_ray.eval.survival import paired_cindex
 
-    bench = _bench_learning(monkeypatch)
+    bench = _bench_script(monkeypatch)
     rng = np.random.default_rng(4)
     n = 160
     time = rng.integers(1, 60, n).astype(float)

@@ -127,9 +127,10 @@ def test_an_export_without_numeric_embedding_loads_as_linear(tmp_path):
 
 
 def test_an_event_value_moves_its_token_along_its_own_codes_direction():
-    """per_code: the same standardised value of two codes differs by more than the codes' own
-    embeddings, and a mean over a sample's event tokens tells which code carried the high value;
-    shared: it does not (the two samples' means are the same but for the codes' embeddings)."""
+    """per_code: a mean over a sample's event tokens tells which of two codes carried the high
+    value; shared: it does not (two samples with the same codes, the values swapped between them,
+    have the same mean). What per_code adds to an event's token is exactly its value times its
+    code's direction, and nothing to the statics' tokens or to the positions."""
     torch.manual_seed(0)
     per_code, shared = (
         EhrTokenizer(DIMS, WIDTH, "periodic", "per_code"),
@@ -142,7 +143,7 @@ def test_an_event_value_moves_its_token_along_its_own_codes_direction():
     b["ehr_code"][:, ev] = torch.tensor([[3, 3, 4, 4], [3, 3, 4, 4]])
     b["ehr_value"][:, ev] = torch.tensor([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0]])
     for tok, apart in ((per_code, True), (shared, False)):
-        x, pos = tok(b)
+        x, _ = tok(b)
         mean = x[:, ev].mean(1)
         assert torch.allclose(mean[0], mean[1], atol=1e-6) != apart
     x, pos = per_code(b)
