@@ -31,9 +31,10 @@ def start_cluster(worker_nodes: int, worker_cpus: int, resources: dict | None = 
     from ray.cluster_utils import Cluster
 
     # Right after a node is lost, Ray Train's elastic policy may still count it and try the old
-    # size once, until the worker group's start times out (60 s by default); the nodes' processes
-    # read this at start-up (a cluster's: from its `ray start` environment)
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+    # size once, until the group's placement group times out (60 s by default; it times the
+    # placement group's wait only, which here is at once whenever the resources are there); the
+    # nodes' processes read this at start-up (a cluster's: from its `ray start` environment)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "6"
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

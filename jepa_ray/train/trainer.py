@@ -175,7 +175,10 @@ def _feed(cfg: Config, url: str, ledger: Any = None, verbose: bool = False) -> t
     if resumes:
         _check_resume(url, cfg, dims)
     ledger = ledger if ledger is not None else new_ledger(cfg.pipeline.max_bad_samples)
-    cpus = max(ray.cluster_resources().get("CPU", 1.0) - tc.min_workers * tc.cpus_per_worker, 1.0)
+    # the CPUs the largest group leaves: an elastic run's data must never hold the CPUs its group
+    # needs to start at full size or to grow back (its placement group would wait for the data's
+    # tasks, past Ray Train's start timeout)
+    cpus = max(ray.cluster_resources().get("CPU", 1.0) - tc.max_workers * tc.cpus_per_worker, 1.0)
     feed = new_feed(train, val, cfg.pipeline, ledger, cpus, verbose, tc.max_workers)
     return feed, dims, resumes
 

@@ -321,6 +321,21 @@ def test_cpus_held_by_something_else_are_refused_not_waited_on_forever(
     build_trainer(_cfg(small_shards, tmp_path), name="freed")  # free again: accepted
 
 
+def test_an_elastic_runs_data_leaves_the_cpus_of_its_largest_group(small_shards, tmp_path, ray_session):
+    """train.num_workers=[1, 2] at 0.5 CPU a worker on 2 CPUs: the data pipeline's budget is the
+    one CPU that 2 workers leave, not the 1.5 that 1 leaves; with 1.5 its tasks could hold a CPU
+    the full group needs, and the group's placement group would wait past Ray Train's start
+    timeout (on a three-node cluster: 15 s lost at every start, tests/train/nodeloss.py)."""
+    import ray
+
+    for workers, budget in (("[1, 2]", 1.0), ("1", 1.5)):
+        cfg = _cfg(small_shards, tmp_path, f"train.num_workers={workers}", "train.global_batch=8")
+        trainer = build_trainer(cfg, name=f"budget-{len(workers)}", free_check=False)
+        feed = trainer.train_loop_config["feed"]
+        assert ray.get(feed.__ray_call__.remote(lambda self: self.cpus)) == budget, workers
+        ray.kill(feed)
+
+
 def test_resuming_a_checkpoint_of_another_model_is_refused_naming_what_differs(
     small_shards, tmp_path, ray_session
 ):
