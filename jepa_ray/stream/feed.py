@@ -21,7 +21,7 @@ Position. Every row carries (epoch, unit, index in the unit's order). A checkpoi
 cursor after the last row of its last micro-batch; a resumed run, at any world size, restarts the
 sequence there: that unit is read again and its first `index` samples are dropped before decoding.
 So over an interrupted run every epoch delivers every training sample exactly once, with no
-samples dropped at epoch ends; samples skipped as damaged are the ledger's (`reader.SkipLedger`).
+samples dropped at epoch ends; samples skipped as damaged are the ledger's (`ledger.SkipLedger`).
 Its cost: a unit is held whole in its read task (at most `prepare.shards.max_bytes` of raw bytes
 per shard), and a resume re-reads (without decoding) the part of one unit already seen.
 """
@@ -99,7 +99,8 @@ class Order:
 def _read_units(items: dict[str, np.ndarray], *, order: Order, filesystem: Any, ledger: Any, limit: int):
     """Ray Data map: each item (epoch, unit, skip) -> its unit's raw samples in the unit's order from
     `skip` on, in blocks of ROWS_PER_BLOCK, with the POSITION columns."""
-    from jepa_ray.stream.reader import raw_block, report_bad, tar_samples
+    from jepa_ray.stream.ledger import report_bad
+    from jepa_ray.stream.reader import raw_block, tar_samples
 
     for epoch, unit, skip in zip(items["epoch"], items["unit"], items["skip"], strict=True):
         epoch, unit, skip = int(epoch), int(unit), int(skip)
@@ -121,7 +122,7 @@ def _read_units(items: dict[str, np.ndarray], *, order: Order, filesystem: Any, 
 
 def _transform(batch: dict[str, np.ndarray], *, spec, cfg: PipelineConfig, train: bool, ledger: Any):
     """Ray Data map: one block of raw samples (all of one unit) -> model inputs, POSITION kept."""
-    from jepa_ray.stream.reader import report_bad
+    from jepa_ray.stream.ledger import report_bad
     from jepa_ray.stream.transform import transform_batch
 
     epoch = int(batch["_epoch"][0]) if len(batch["_epoch"]) else 0

@@ -97,13 +97,13 @@ def new_ledger(limit: int):
     """A `SkipLedger` actor (no CPU, on this node: `here`) counting the samples skipped per epoch."""
     import ray
 
-    from jepa_ray.stream.reader import SkipLedger
+    from jepa_ray.stream.ledger import SkipLedger
 
     return ray.remote(num_cpus=0)(SkipLedger).options(scheduling_strategy=here()).remote(limit)
 
 
 def _transform(batch, spec, cfg, train, ledger, keep_shard=False):
-    from jepa_ray.stream.reader import current_epoch, report_bad
+    from jepa_ray.stream.ledger import current_epoch, report_bad
 
     def on_bad(shard: str, key: str, reason: str) -> None:
         report_bad(ledger, cfg.max_bad_samples, shard, key, reason)

@@ -1,11 +1,11 @@
-"""Reading shards with Ray Data: a webdataset reader that survives damaged tars, and its ledger.
+"""Reading shards with Ray Data: a webdataset reader that survives damaged tars.
 
 Why not `ray.data.read_webdataset`: on a truncated tar it fails the read task and loses the
 samples it had already parsed (up to 511), and with `max_errored_blocks` the damage vanishes
 uncounted; a tar whose header is corrupt mid-file simply ends early (Python's `tarfile` stops at
 a bad header), so the loss is silent. This reader parses the same webdataset layout (a sample's
 files adjacent, `<key>.<field>`), keeps every complete sample before the damage, checks the count
-against the manifest, and reports what is lost to a `SkipLedger`, which fails the epoch once more
+against the manifest, and reports what is lost to a `SkipLedger` (`jepa_ray.stream.ledger`), which fails the epoch once more
 than `pipeline.max_bad_samples` are gone.
 """
 
@@ -20,66 +20,11 @@ from typing import Any, ClassVar
 
 from ray.data.datasource import FileBasedDatasource
 
-from jepa_ray.errors import ShardError
+from jepa_ray.stream.ledger import report_bad
 
 logger = logging.getLogger(__name__)
 
 FIELDS = ("image", "ehr", "meta")  # <key>.image.npy, <key>.ehr.npz, <key>.meta.json
-
-
-def current_epoch() -> int:
-    """The index of the running execution of the dataset: 0 for the first epoch, then 1, 2, ...
-
-    The same counter drives Ray Data's per-epoch file shuffle (`FileShuffleConfig`), so crops and
-    masks change from epoch to epoch in step with the file order.
-    """
-    from ray.data import DataContext
-
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
-
-
-class SkipLedger:
-    """Samples skipped per epoch (a Ray actor); `record` fails once the epoch's total passes the limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.records: dict[int, dict[tuple[str, str], dict[str, Any]]] = {}
-
-    def record(self, epoch: int, shard: str, key: str, reason: str, lost: int = 1) -> int:
-        """Note a loss (idempotent per shard and key, so retried tasks do not count twice); the total."""
-        self.records.setdefault(epoch, {})[(shard, key)] = {
-            "shard": shard,
-            "key": key,
-            "reason": reason,
-            "lost": lost,
-        }
-        return self.total(epoch)
-
-    def total(self, epoch: int) -> int:
-        return sum(r["lost"] for r in self.records.get(epoch, {}).values())
-
-    def summary(self, epoch: int | None = None) -> dict[str, Any]:
-        """{"skipped": n, "records": [...]} for one epoch, or per epoch when `epoch` is None."""
-        if epoch is None:
-            return {e: self.summary(e) for e in sorted(self.records)}
-        return {"skipped": self.total(epoch), "records": list(self.records.get(epoch, {}).values())}
-
-
-def report_bad(
-    ledger: Any, limit: int, shard: str, key: str, reason: str, lost: int = 1, epoch: int | None = None
-) -> None:
-    """Log a skipped sample (or tail of a shard), count it in `epoch` (default: the running
-    execution's), and fail once the epoch's count passes the limit."""
-    import ray
-
-    epoch = current_epoch() if epoch is None else epoch
-    logger.warning("epoch %d: skipped %d sample(s) of shard %s at %s: %s", epoch, lost, shard, key, reason)
-    total = ray.get(ledger.record.remote(epoch, shard, key, reason, lost)) if ledger is not None else lost
-    if total > limit:
-        raise ShardError(
-            f"epoch {epoch}: {total} samples skipped, more than pipeline.max_bad_samples={limit}; "
-            f"the last: shard {shard}, {key}: {reason}. Check the shards with `jepa-ray inspect --verify`."
-        )
 
 
 class ShardDatasource(FileBasedDatasource):
