@@ -279,16 +279,16 @@ def test_the_learning_benchmarks_attentive_probe_per_factor_reads_each_factor_by
 
     bench = _bench_script(monkeypatch)
     rng = np.random.default_rng(1)
-    n, positions, dim = 120, 4, 8
-    z = rng.standard_normal((n, 4))
+    n, positions, dim, factors = 120, 4, 8, 2  # two factors: the order is seen, at half the fits
+    z = rng.standard_normal((n, factors))
     tokens = 0.3 * rng.standard_normal((n, positions, dim))
-    tokens[:, :, :4] += z[:, None, :]  # every factor in every position, one channel each
+    tokens[:, :, :factors] += z[:, None, :]  # every factor in every position, one channel each
     groups = [f"s{i // 2}" for i in range(n)]
     preds = bench.oof_readouts(tokens.mean(1), tokens, z, groups, seed=1, probe_seeds=2, per_factor=True)
-    assert preds["attentive"].shape == (n, 4, 2)
-    alone = oof_attentive(tokens, z[:, 3:4], groups, seed=2 * 1 + 1)[:, 0]
-    np.testing.assert_allclose(preds["attentive"][:, 3, 1], alone, rtol=1e-6)
-    assert min(r2_score(z[:, j], preds["attentive"][:, j, 0]) for j in range(4)) > 0.5
+    assert preds["attentive"].shape == (n, factors, 2)
+    alone = oof_attentive(tokens, z[:, 1:2], groups, seed=2 * 1 + 1)[:, 0]  # the second factor, second seed
+    np.testing.assert_allclose(preds["attentive"][:, 1, 1], alone, rtol=1e-6)
+    assert min(r2_score(z[:, j], preds["attentive"][:, j, 0]) for j in range(factors)) > 0.5
 
 
 def test_the_learning_benchmark_reads_the_encoder_it_is_asked_for(monkeypatch):

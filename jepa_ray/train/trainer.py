@@ -148,8 +148,9 @@ def _preflight(cfg: Config, dims: dict) -> None:
 
 def _feed(cfg: Config, url: str, ledger: Any = None, verbose: bool = False) -> tuple[Any, dict, bool]:
     """The run's `Feed` actor over the train (and val, when present) split, the model input dims,
-    and whether the run at `url` resumes (its checkpoints checked to fit the model first). Both splits count their skipped samples in `ledger` (a new `SkipLedger` actor when None).
-    The feed's Ray Data execution may use the CPUs the workers leave."""
+    and whether the run at `url` resumes (its checkpoints checked to fit the model first). Both
+    splits count their skipped samples in `ledger` (a new `SkipLedger` actor when None). The
+    feed's Ray Data execution may use the CPUs the largest worker group leaves."""
     import ray
 
     from jepa_ray.errors import ShardError
@@ -218,14 +219,17 @@ def _check_resume(url: str, cfg: Config, dims: dict) -> None:
     from jepa_ray.model.tokenizers import InputDims
 
     dims = json.loads(json.dumps(dims))  # as the checkpoint recorded them (lists, not tuples)
-    was = export_model_config(state["config"]["model"])
-    if _weight_shapes(state["dims"], was) == _weight_shapes(dims, cfg.model):
+    was, now = export_model_config(state["config"]["model"]), cfg.model
+    shapes = _weight_shapes(dims, now)
+    if _weight_shapes(state["dims"], was) == shapes:
         return
-    settings = [
-        f"model.{k}={getattr(was, k)!r} (now {getattr(cfg.model, k)!r})"
-        for k in type(was).model_fields
-        if getattr(was, k) != getattr(cfg.model, k)
+    differ = [k for k in type(now).model_fields if getattr(was, k) != getattr(now, k)]
+    # the settings that change the weights on their own (not the loss or a schedule changed beside
+    # them); all that differ when none does alone
+    shaping = [
+        k for k in differ if _weight_shapes(dims, now.model_copy(update={k: getattr(was, k)})) != shapes
     ]
+    settings = [f"model.{k}={getattr(was, k)!r} (now {getattr(now, k)!r})" for k in shaping or differ]
     sizes = [
         f"{k} {state['dims'].get(k)!r} (now {dims.get(k)!r})"
         for k in InputDims.__dataclass_fields__  # not what follows from them (ehr_tokens)

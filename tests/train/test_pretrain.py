@@ -358,6 +358,11 @@ def test_resuming_a_checkpoint_of_another_model_is_refused_naming_what_differs(
         ConfigError, match=r"runs/old: .*trained with model.event_values='shared' \(now 'per_code'\)\."
     ):
         build_trainer(cfg, name="old")
+    # a setting that changes no weight (the loss) changed beside it is not named
+    with pytest.raises(
+        ConfigError, match=r"trained with model.event_values='shared' \(now 'per_code'\)\. Resume"
+    ):
+        build_trainer(_cfg(small_shards, tmp_path, "model.loss=smooth_l1"), name="old")
     # other data (more events a sample) too: named beside the setting
     with pytest.raises(
         ConfigError, match=r"'per_code'\); the data's max_events 12 \(now 16\)\. Resume it with"
