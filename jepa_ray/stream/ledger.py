@@ -12,7 +12,7 @@ from typing import Any
 
 from jepa_ray.errors import ShardError
 
-logger = logging.getLogger("jepa_ray.stream.reader")
+logger = logging.getLogger("jepa_ray.stream.reader")  # the reader's losses: the name they always had
 
 
 def current_epoch() -> int:

@@ -5,8 +5,8 @@ samples it had already parsed (up to 511), and with `max_errored_blocks` the dam
 uncounted; a tar whose header is corrupt mid-file simply ends early (Python's `tarfile` stops at
 a bad header), so the loss is silent. This reader parses the same webdataset layout (a sample's
 files adjacent, `<key>.<field>`), keeps every complete sample before the damage, checks the count
-against the manifest, and reports what is lost to a `SkipLedger` (`jepa_ray.stream.ledger`), which fails the epoch once more
-than `pipeline.max_bad_samples` are gone.
+against the manifest, and reports what is lost to a `SkipLedger` (`jepa_ray.stream.ledger`), which
+fails the epoch once more than `pipeline.max_bad_samples` are gone.
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def test_sweep_stops_trials_early_and_writes_a_runnable_best(tune_shards, tmp_pa
         tmp_path,
         f"train.steps={STEPS}",
         f"train.checkpoint_every={STEPS}",
-        f"tune.space={{pipeline.mask.mask_ratio: {{values: [0.5]}}, train.lr: {{values: [{GOOD_LR}, {MID_LR}, {IDLE_LR}]}}}}",
+        "tune.space={pipeline.mask.mask_ratio: {values: [0.5]}, "
+        f"train.lr: {{values: [{GOOD_LR}, {MID_LR}, {IDLE_LR}]}}}}",
         "tune.objective=val_loss",
         f"tune.eval_every={EVERY}",
         f"tune.asha.grace_period={EVERY}",
