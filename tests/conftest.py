@@ -54,7 +54,7 @@ def _no_placement_group_outlives_its_test(request):
 
     deadline = time.monotonic() + 20
     while live() and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(0.2)
     for pg_id in live():
         warnings.warn(f"{request.node.nodeid} left placement group {pg_id} behind: removed", stacklevel=1)
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))

@@ -21,7 +21,7 @@ import itertools
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,30 +42,9 @@ from jepa_ray.train.engine import (
     load_deepspeed,
     save_checkpoint,
 )
+from jepa_ray.train.hooks import Hooks
 
 log = logging.getLogger("jepa_ray.train")
-
-BatchSource = Callable[[int, int, int], Iterable[dict]]  # (rank, world, epoch) -> that epoch's batches
-
-
-class Hooks:
-    """What a caller may add to the loop; this base adds nothing. A sweep's trials measure their
-    objective at every report (`jepa_ray.tune.objective.ObjectiveHooks`); tests fix every step's
-    data, kill a worker mid-run or save what an export must reproduce. Hooks travel to the workers
-    inside the loop config, so they must pickle."""
-
-    batches: BatchSource | None = None  # replaces Ray Data: every rank's batches, per epoch
-    dims: dict | None = None  # the model input dims, needed with `batches` (there are no shards)
-    val_batches: int = 0  # validation batches `on_report` reads, loaded beside train.val_batches
-
-    def after_step(self, worker: Worker) -> None:
-        """After every optimizer step, before that step's report (if any)."""
-
-    def on_report(self, worker: Worker, metrics: dict[str, float]) -> None:
-        """May add to a report's metrics before they are logged and reported."""
-
-    def at_end(self, worker: Worker) -> None:
-        """After the last step, on every rank."""
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -19,7 +19,7 @@ from jepa_ray.console import train_log_level
 from jepa_ray.errors import ConfigError
 
 if TYPE_CHECKING:
-    from jepa_ray.train.loop import Hooks
+    from jepa_ray.train.hooks import Hooks
 
 log = logging.getLogger("jepa_ray.train")
 
@@ -110,7 +110,7 @@ def _wait_for_free_cpus(need: float, what: str, wait_s: float) -> None:
             return
         if time.monotonic() >= deadline:
             break
-        time.sleep(1.0)
+        time.sleep(0.25)
     try:
         groups = [
             g for g in ray.util.placement_group_table().values() if g.get("state") not in ("REMOVED", None)

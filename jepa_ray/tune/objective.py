@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from jepa_ray.errors import ConfigError
-from jepa_ray.train.loop import Hooks, Worker, to_device
+from jepa_ray.train.loop import Worker
 
 FOLDS = 5
 LABEL_FREE = ("rankme", "lidar", "lidar_context", "val_loss")
@@ -197,25 +197,3 @@ def embedding_start(worker: Worker, batches: list[dict[str, Any]]) -> dict[str, 
     x = pooled_embeddings(model, batches)
     del model
     return health(x)
-
-
-class ObjectiveHooks(Hooks):
-    """A trial's hook into its training loop: at every report, rank 0 measures the objective on its
-    first validation batches (the target encoder is whole on every rank, even under ZeRO-3).
-    `objective`: kind, label, batches, and optionally mask and candidates (see `measure`). The
-    collapse guard's reference is measured at the first report, from the rebuilt starting encoder."""
-
-    def __init__(self, objective: dict[str, Any]) -> None:
-        self.objective = objective
-        self.val_batches = objective["batches"]
-        self.start: dict[str, float] | None = None
-
-    def on_report(self, worker: Worker, metrics: dict[str, float]) -> None:
-        if worker.rank != 0:
-            return
-        o = self.objective
-        batches = [to_device(b, worker.device) for b in worker.val[: o["batches"]]]
-        if self.start is None and o["kind"] in LABEL_FREE:
-            self.start = embedding_start(worker, batches)
-        extra = {"mask": o.get("mask"), "candidates": o.get("candidates", ()), "start": self.start}
-        metrics.update(measure(worker.model, batches, o["kind"], o["label"], **extra))

@@ -151,7 +151,7 @@ def run_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from jepa_ray.train.trainer import build_trainer
-    from jepa_ray.tune.objective import ObjectiveHooks
+    from jepa_ray.tune.hooks import ObjectiveHooks
 
     cfg = trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()

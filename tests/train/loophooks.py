@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import ray.cloudpickle
 import torch
 
-from jepa_ray.train.loop import Hooks, Worker, to_device
+from jepa_ray.train.hooks import Hooks
+from jepa_ray.train.loop import Worker, to_device
 
 # Ray workers cannot import this module (it lives in tests/): its hooks travel by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
