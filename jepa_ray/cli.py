@@ -340,10 +340,11 @@ def _print_sweep(info) -> None:
 
     for r in rows:
         best = info.best is not None and r["trial"] == info.best["trial"]
-        status = "error" if r["status"] == "ERROR" else "early" if r["stopped_early"] else "done"
+        status = {"ERROR": "error", "UNFINISHED": "unfinished"}.get(r["status"])
+        status = status or ("early" if r["stopped_early"] else "done")
         table.add_row(
             ("* " if best else "  ") + str(r["trial"]),
-            *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys),
+            *(f"{r[k]:.4g}" if isinstance(r[k], float) else "-" if r[k] is None else str(r[k]) for k in keys),
             "collapsed" if r.get("collapsed") else number(r["objective"], 4),
             number(r.get("objective_se"), 4),
             str(r["steps"]),
@@ -352,7 +353,7 @@ def _print_sweep(info) -> None:
     console.print(table)
     console.print(
         "* best: the highest objective among the trials that ran the most steps; ± SE: its bootstrap "
-        "standard error; early: stopped by ASHA"
+        "standard error; early: stopped by ASHA; unfinished: the sweep was interrupted (--resume runs it on)"
     )
     if info.best is not None:
         from jepa_ray.tune.results import noise_line

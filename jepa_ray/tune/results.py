@@ -60,9 +60,15 @@ def trial_rows(cfg: Config, grid: Any, objective: dict[str, Any]) -> list[dict[s
     rows = []
     for result in grid:
         m = result.metrics or {}
-        params = {k: result.config.get(k) for k in keys}
+        # a trial that has not reported yet (the sweep was interrupted first) has no config here
+        params = {k: (result.config or {}).get(k) for k in keys}
         step = int(m.get("step") or 0)
         failed = result.error is not None
+        # A trial ended when it ran all its steps, or when its scheduler stopped it: Tune marks that
+        # result done (it marks a trial's end done too, but after saving its state: a resumed sweep
+        # reads a finished trial's last result without it). A trial still running, or not yet
+        # started, when the sweep was interrupted is neither.
+        ended = step >= cfg.train.steps or bool(m.get("done"))
         row = {
             "trial": m.get("trial_id") or Path(result.path).name,
             **params,
@@ -73,8 +79,8 @@ def trial_rows(cfg: Config, grid: Any, objective: dict[str, Any]) -> list[dict[s
             **({"collapsed": bool(m["collapsed"])} if "collapsed" in m else {}),
             **{k: _finite(v) for k, v in sorted(m.items()) if k.startswith("lf_")},
             "steps": step,
-            "stopped_early": (not failed) and step < cfg.train.steps,
-            "status": "ERROR" if failed else "TERMINATED",
+            "stopped_early": (not failed) and ended and step < cfg.train.steps,
+            "status": "ERROR" if failed else "TERMINATED" if ended else "UNFINISHED",
         }
         if objective["kind"] in ("probe_auroc", "cindex"):  # the labelled ones: how many carried it
             row["objective_samples"] = int(m.get("objective_samples") or 0)
@@ -247,6 +253,11 @@ def _markdown(
     failed = [r for r in rows if r["status"] == "ERROR"]
     for r in failed:
         lines.append(f"Failed: {r['trial']}: {r.get('error', '')}")
+    unfinished = [str(r["trial"]) for r in rows if r["status"] == "UNFINISHED"]
+    if unfinished:
+        lines.append(
+            f"Unfinished (the sweep was interrupted; `jepa-ray tune --resume` runs them on): {', '.join(unfinished)}."
+        )
     collapsed = [r["trial"] for r in rows if r.get("collapsed")]
     if collapsed:
         lines.append(
@@ -288,7 +299,7 @@ def heatmap(cfg: Config, rows: list[dict[str, Any]], path: Path) -> Path:
         return _objective_per_value(cfg, rows, axes[0], path)
 
     def levels(key: str) -> list[Any]:  # values may be lists (e.g. a target scale range)
-        seen = {json.dumps(r[key]): r[key] for r in rows}
+        seen = {json.dumps(r[key]): r[key] for r in rows if r[key] is not None}
         return [seen[k] for k in sorted(seen, key=lambda k: (str(type(seen[k])), str(seen[k])))]
 
     xs, ys = levels(axes[0]), levels(axes[1])

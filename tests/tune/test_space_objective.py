@@ -314,6 +314,7 @@ def test_a_collapsed_trials_row_has_no_objective_and_says_why():
             "objective": objective,
             "objective_se": 0.01,
             "rankme": 9.0,
+            "done": True,
         }
         metrics |= {"spread": 0.6, "collapsed": float(collapsed)}
         return SimpleNamespace(
@@ -327,6 +328,90 @@ def test_a_collapsed_trials_row_has_no_objective_and_says_why():
     assert (a["objective"], a["collapsed"], b["objective"], b["collapsed"]) == (-0.6, False, None, True)
     assert "objective_samples" not in a  # a label-free objective counts no labelled samples
     assert best_row(rows)["trial"] == "a" and runner_up_gap(rows, best_row(rows)) is None
+
+
+def test_a_trial_the_sweeps_interruption_cut_short_is_unfinished_not_stopped_early(tmp_path):
+    """A trial ended when it ran all its steps or ASHA stopped it (Tune marks that result `done`);
+    one running, or not yet started, when the sweep was interrupted is UNFINISHED, named in the
+    summary, and never counted as stopped by ASHA."""
+    from types import SimpleNamespace
+
+    from jepa_ray.tune.results import heatmap, trial_rows
+
+    cfg = _cfg(
+        "tune.space={pipeline.mask.mask_ratio: {values: [0.3, 0.5]}, model.predictor_depth: {values: [1, 2]}}",
+        "train.steps=100",
+    )
+
+    def result(trial, step, done, error=None):
+        metrics = {"trial_id": trial, "step": step, "objective": -0.7, "objective_se": 0.01} if step else {}
+        metrics |= {"trial_id": trial, **({"done": True} if done else {})}
+        # Tune's Result carries a trial's config with its reports: none before the first
+        config = {"pipeline.mask.mask_ratio": 0.5, "model.predictor_depth": 1} if step else None
+        return SimpleNamespace(metrics=metrics, config=config, error=error, path=trial)
+
+    grid = [result("a", 100, True), result("b", 40, True), result("c", 60, False), result("d", 0, False)]
+    grid.append(result("f", 100, False))  # finished before the interruption: read back without `done`
+    rows = trial_rows(
+        cfg, [*grid, result("e", 20, False, error=RuntimeError("worker died"))], {"kind": "val_loss"}
+    )
+    assert [(r["trial"], r["status"], r["stopped_early"]) for r in rows] == [
+        ("a", "TERMINATED", False),
+        ("b", "TERMINATED", True),  # ASHA's stop
+        ("c", "UNFINISHED", False),  # running when the sweep was interrupted
+        ("d", "UNFINISHED", False),  # not started
+        ("e", "ERROR", False),
+        ("f", "TERMINATED", False),
+    ]
+    assert rows[3]["pipeline.mask.mask_ratio"] is None
+    text = _markdown(
+        cfg,
+        rows,
+        best_row(rows),
+        None,
+        {"kind": "val_loss", "label": None},
+        runner_up_gap(rows, best_row(rows)),
+    )
+    assert "Stopped early by ASHA: 1 of 6." in text
+    assert "Unfinished (the sweep was interrupted; `jepa-ray tune --resume` runs them on): c, d." in text
+    # the heat map is drawn from the trials that reported (the unstarted one's parameters are unknown)
+    assert heatmap(cfg, rows, tmp_path / "heatmap.png").stat().st_size > 5000
+
+
+def test_a_trials_hooks_reach_ray_trains_controller_without_torch():
+    """Ray Train's controller (one per run and per sweep trial, on the head node) unpickles the loop
+    config, the trial's hooks with it: a fresh process loads what a sweep sends without importing
+    torch or the training loop."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle
+
+    from jepa_ray.tune.hooks import ObjectiveHooks
+
+    cfg = _cfg()
+    objective = {
+        "kind": "val_loss",
+        "label": None,
+        "batches": 2,
+        "mask": cfg.pipeline.mask.model_dump(mode="json"),
+    }
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "dims": {"patches": 16},
+        "hooks": ObjectiveHooks(objective),
+    }
+    code = (
+        "import pickle, sys; c = pickle.loads(sys.stdin.buffer.read()); "
+        "print(c['hooks'].val_batches, [m for m in ('torch', 'jepa_ray.train.loop') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=ray.cloudpickle.dumps(loop_config),
+        capture_output=True,
+        check=True,
+    )
+    assert out.stdout.decode().split() == ["2", "[]"], out.stderr.decode()[-2000:]
 
 
 def test_a_predictor_sweep_under_a_heavy_sigreg_weight_is_warned_about():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -211,13 +212,18 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(
     out, _ = proc.communicate(timeout=120)
     done = finished()
     assert len(done) == 1, out.decode()[-3000:]
+    # its outputs so far: the trial the interrupt cut short is unfinished, not stopped by ASHA
+    assert re.search(r"_00001 +0\.7 .* unfinished", out.decode()), out.decode()[-3000:]
     fs.invalidate_cache()
     # a rerun would rewrite the run's metrics and start a new TensorBoard event file
     before = {d: (fs.cat(f"{d}/metrics/metrics.csv"), fs.glob(f"{d}/metrics/tensorboard/*")) for d in done}
 
     info = sweep(cfg, name="resumable", resume=True)
     assert info.url == f"s3://{root}"
-    assert len(info.rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 6 for r in info.rows)
+    statuses = [(r["trial"], r["status"], r["steps"]) for r in info.rows]
+    assert len(info.rows) == 2 and all(r["status"] == "TERMINATED" and r["steps"] == 6 for r in info.rows), (
+        statuses
+    )
     assert all(r["objective_se"] > 0 for r in info.rows)  # the default objective, with its SE
     # val_loss by default, guarded against collapse by the starting encoder (rebuilt on resume)
     assert cfg.tune.objective == "val_loss" and all(r["objective"] < 0 for r in info.rows)
