@@ -393,12 +393,13 @@ def finish_sweep(cfg, parent: str, url: str, trials: str, rows: list[dict], arti
     children = mlflow.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000
     )
-    stopped = {r["trial"]: bool(r.get("stopped_early")) for r in rows}
+    # a trial that ran all its steps can be stopped at its last report (ASHA stops at max_t); one
+    # stopped early, or cut short by the sweep's interruption, was killed
+    finished = {r["trial"]: r.get("status") == "TERMINATED" and not r.get("stopped_early") for r in rows}
     for child in children:
         if child.info.status == "RUNNING":  # its workers were stopped before they ended it
             trial = child.data.tags.get("jepa_ray.run_url", "").rstrip("/").rsplit("/", 1)[-1]
-            # a trial that ran all its steps can be stopped at its last report (ASHA stops at max_t)
-            mlflow.set_terminated(child.info.run_id, "KILLED" if stopped.get(trial, True) else "FINISHED")
+            mlflow.set_terminated(child.info.run_id, "FINISHED" if finished.get(trial) else "KILLED")
     for path in artifacts:
         if path.exists():
             mlflow.log_artifact(parent, str(path))

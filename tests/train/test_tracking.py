@@ -177,3 +177,38 @@ def test_wandb_files_on_s3_are_uploaded_again_only_when_they_changed(tmp_path, m
     files.close()
     assert sent == ["bucket/runs/r1/wandb/offline-run-1/files/metrics.csv"]
     assert not (tmp_path / "stage").exists()  # the staging directory goes with the run
+
+
+def test_an_interrupted_sweeps_cut_short_trial_is_killed_in_mlflow_not_finished(tmp_path, mlflow_server):
+    """The end of a sweep (also an interrupted one's) closes the trials' MLflow runs its workers
+    left RUNNING: FINISHED for a trial that ran all its steps, KILLED for one ASHA stopped early
+    and for one the interruption cut short (a resume reopens it)."""
+    from mlflow import MlflowClient
+
+    from jepa_ray.train.tracking import finish_sweep, sweep_parent
+
+    cfg = load_config(
+        overrides=[
+            "train.tracker=mlflow",
+            f"train.tracking_uri={mlflow_server}",
+            "train.experiment=interrupted-sweep",
+            f"train.storage_path={tmp_path}",
+        ]
+    )
+    url = str(tmp_path / "sweep")
+    parent = sweep_parent(cfg, "sweep", url)
+    mlflow = MlflowClient(tracking_uri=mlflow_server)
+    experiment = mlflow.get_run(parent).info.experiment_id
+    children = {}
+    for trial in ("done", "early", "cut"):
+        tags = {"mlflow.parentRunId": parent, "jepa_ray.run_url": f"{url}/trials/{trial}"}
+        children[trial] = mlflow.create_run(experiment, tags=tags).info.run_id
+    rows = [
+        {"trial": "done", "status": "TERMINATED", "stopped_early": False, "steps": 100},
+        {"trial": "early", "status": "TERMINATED", "stopped_early": True, "steps": 40},
+        {"trial": "cut", "status": "UNFINISHED", "stopped_early": False, "steps": 60},
+    ]
+    finish_sweep(cfg, parent, url, f"{url}/trials", rows, [])
+    status = {trial: mlflow.get_run(run_id).info.status for trial, run_id in children.items()}
+    assert status == {"done": "FINISHED", "early": "KILLED", "cut": "KILLED"}
+    assert mlflow.get_run(parent).info.status == "FINISHED"
