@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1143,6 +1144,24 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 does: PyYAML follows YAML 1.1, where an
+    exponent without a dot (`1e-05`, `3e4`) is a string, so a sweep's `values: [1e-05]` reached the
+    trials, Tune's state and the trackers as the string '1e-05'."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as jepa-ray reads every config and override (`YamlLoader`)."""
+    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """Parse `a.b=value` strings; values are read as YAML scalars/lists (`x=3`, `y=[a, b]`)."""
     parsed = []
@@ -1151,7 +1170,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key.path=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = read_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
         parsed.append((key.strip(), value))
@@ -1201,7 +1220,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"by name from any directory: {shipped})"
             ) from e
         try:
-            loaded = yaml.safe_load(text)
+            loaded = read_yaml(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
         if loaded is None:

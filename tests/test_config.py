@@ -112,6 +112,21 @@ def test_the_default_tune_objective_fits_the_sweep_and_the_zero_stage():
     assert load_config(overrides=["train.zero_stage=3", "tune.objective=rankme"]).tune.objective == "rankme"
 
 
+def test_numbers_in_exponent_notation_are_numbers_in_configs_and_overrides(tmp_path):
+    """YAML 1.1 (PyYAML's) reads `1e-05` as a string; jepa-ray reads it as YAML 1.2 does, so a
+    sweep's values reach the trials, Tune and the trackers as numbers; quoted, it stays a string."""
+    space = "{train.lr: {values: [1e-05, 3E-4, 2.5e-3]}, train.weight_decay: {values: [1e-4, '1e-4']}}"
+    cfg = load_config(overrides=[f"tune.space={space}", "train.lr=5e-4", "train.steps=2e3"])
+    assert cfg.tune.space["train.lr"].values == [1e-05, 3e-4, 2.5e-3]
+    assert all(isinstance(v, float) for v in cfg.tune.space["train.lr"].values)
+    assert cfg.tune.space["train.weight_decay"].values == [1e-4, "1e-4"]
+    assert cfg.train.lr == 5e-4 and cfg.train.steps == 2000
+    path = tmp_path / "sweep.yaml"
+    path.write_text("train:\n  lr: 1e-5\ntune:\n  space:\n    train.lr: {values: [1e-05, 1e-4]}\n")
+    from_file = load_config(path)
+    assert from_file.train.lr == 1e-5 and from_file.tune.space["train.lr"].values == [1e-05, 1e-4]
+
+
 def test_run_and_sweep_names_are_plain_directory_names():
     from jepa_ray.train.trainer import run_name
     from jepa_ray.tune.sweep import sweep_name
