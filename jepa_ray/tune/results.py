@@ -68,7 +68,8 @@ def trial_rows(cfg: Config, grid: Any, objective: dict[str, Any]) -> list[dict[s
         # result done (it marks a trial's end done too, but after saving its state: a resumed sweep
         # reads a finished trial's last result without it). A trial still running, or not yet
         # started, when the sweep was interrupted is neither.
-        ended = step >= cfg.train.steps or bool(m.get("done"))
+        planned = int((result.config or {}).get("train.steps") or cfg.train.steps)  # a swept one too
+        ended = step >= planned or bool(m.get("done"))
         row = {
             "trial": m.get("trial_id") or Path(result.path).name,
             **params,
@@ -79,7 +80,7 @@ def trial_rows(cfg: Config, grid: Any, objective: dict[str, Any]) -> list[dict[s
             **({"collapsed": bool(m["collapsed"])} if "collapsed" in m else {}),
             **{k: _finite(v) for k, v in sorted(m.items()) if k.startswith("lf_")},
             "steps": step,
-            "stopped_early": (not failed) and ended and step < cfg.train.steps,
+            "stopped_early": (not failed) and ended and step < planned,
             "status": "ERROR" if failed else "TERMINATED" if ended else "UNFINISHED",
         }
         if objective["kind"] in ("probe_auroc", "cindex"):  # the labelled ones: how many carried it

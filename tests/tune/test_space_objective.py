@@ -343,15 +343,16 @@ def test_a_trial_the_sweeps_interruption_cut_short_is_unfinished_not_stopped_ear
         "train.steps=100",
     )
 
-    def result(trial, step, done, error=None):
+    def result(trial, step, done, error=None, **config):
         metrics = {"trial_id": trial, "step": step, "objective": -0.7, "objective_se": 0.01} if step else {}
         metrics |= {"trial_id": trial, **({"done": True} if done else {})}
         # Tune's Result carries a trial's config with its reports: none before the first
-        config = {"pipeline.mask.mask_ratio": 0.5, "model.predictor_depth": 1} if step else None
+        config = {"pipeline.mask.mask_ratio": 0.5, "model.predictor_depth": 1, **config} if step else None
         return SimpleNamespace(metrics=metrics, config=config, error=error, path=trial)
 
     grid = [result("a", 100, True), result("b", 40, True), result("c", 60, False), result("d", 0, False)]
     grid.append(result("f", 100, False))  # finished before the interruption: read back without `done`
+    grid.append(result("g", 50, False, **{"train.steps": 50}))  # its own (swept) number of steps
     rows = trial_rows(
         cfg, [*grid, result("e", 20, False, error=RuntimeError("worker died"))], {"kind": "val_loss"}
     )
@@ -362,6 +363,7 @@ def test_a_trial_the_sweeps_interruption_cut_short_is_unfinished_not_stopped_ear
         ("d", "UNFINISHED", False),  # not started
         ("e", "ERROR", False),
         ("f", "TERMINATED", False),
+        ("g", "TERMINATED", False),
     ]
     assert rows[3]["pipeline.mask.mask_ratio"] is None
     text = _markdown(
@@ -372,7 +374,7 @@ def test_a_trial_the_sweeps_interruption_cut_short_is_unfinished_not_stopped_ear
         {"kind": "val_loss", "label": None},
         runner_up_gap(rows, best_row(rows)),
     )
-    assert "Stopped early by ASHA: 1 of 6." in text
+    assert "Stopped early by ASHA: 1 of 7." in text
     assert "Unfinished (the sweep was interrupted; `jepa-ray tune --resume` runs them on): c, d." in text
     # the heat map is drawn from the trials that reported (the unstarted one's parameters are unknown)
     assert heatmap(cfg, rows, tmp_path / "heatmap.png").stat().st_size > 5000
