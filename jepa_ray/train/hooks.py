@@ -6,11 +6,9 @@ hundreds of MB on the head node, once per run or sweep trial)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from jepa_ray.train.loop import Worker
-
+Worker = Any  # a `jepa_ray.train.loop.Worker` (not imported: the loop imports this module)
 BatchSource = Callable[[int, int, int], Iterable[dict]]  # (rank, world, epoch) -> that epoch's batches
 
 

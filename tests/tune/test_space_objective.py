@@ -119,11 +119,11 @@ def test_grid_and_samplers_become_tune_space():
     assert trials_planned(cfg) == 12
     space = tune_space(cfg)
     assert space["pipeline.mask.mask_ratio"] == {"grid_search": [0.4, 0.6]}
-    # YAML reads 1e-5 as a string; the trials (and the results table, best.yaml) get the number
+    # 1e-5 is a number in the config already (read as YAML 1.2), and typed again for the trials
     exponent = _cfg(
         "tune.space={train.lr: {values: [1e-5, 0.001]}, train.weight_decay: {values: [[0, 1e-2]]}}"
     )
-    assert exponent.tune.space["train.lr"].values == ["1e-5", 0.001]
+    assert exponent.tune.space["train.lr"].values == [1e-5, 0.001]
     typed = tune_space(exponent)
     assert typed["train.lr"] == {"grid_search": [1e-5, 0.001]}
     assert typed["train.weight_decay"] == {"grid_search": [[0.0, 0.01]]}
